@@ -1,0 +1,59 @@
+"""Plain references for linear attention: the token recurrence (ground truth) and the quadratic form.
+
+Legend: B batch, T tokens, H heads, K key dim, V value dim.
+Both take expanded heads (q, k, v with the same H) and use plain autograd. They are slow on purpose:
+tests compare the chunked kernel against `recurrent_linear_attn`, and the CPU benchmark uses
+`quadratic_linear_attn` as the baseline the chunked path must beat.
+"""
+
+import torch
+from torch import Tensor
+
+from lasp.kernels.protocol import state_dtype
+
+
+def recurrent_linear_attn(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    log_decay: Tensor | None = None,
+    causal: bool = True,
+    scale: float | None = None,
+    initial_state: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """S_t = lambda S_{t-1} + k_t v_t^T, o_t = s q_t^T S_t, token by token -> (o [B,T,H,V], S [B,H,K,V]).
+
+    Non-causal: o_t = s q_t^T (S0 + sum_j k_j v_j^T) for every t, no decay.
+    """
+    B, T, H, K = q.shape
+    dt = state_dtype(q.dtype)
+    scale = K**-0.5 if scale is None else scale
+    qf, kf, vf = q.to(dt), k.to(dt), v.to(dt)
+    S = q.new_zeros(B, H, K, v.shape[-1], dtype=dt) if initial_state is None else initial_state.to(dt)
+    lam = None if log_decay is None else torch.exp(log_decay.to(dt))[None, :, None, None]
+    if not causal:
+        S = S + torch.einsum("bthk,bthv->bhkv", kf, vf)
+        return (scale * torch.einsum("bthk,bhkv->bthv", qf, S)).to(q.dtype), S
+    outs = []
+    for t in range(T):
+        S = (S if lam is None else lam * S) + kf[:, t, :, :, None] * vf[:, t, :, None, :]
+        outs.append(scale * torch.einsum("bhk,bhkv->bhv", qf[:, t], S))
+    return torch.stack(outs, dim=1).to(q.dtype), S
+
+
+def quadratic_linear_attn(
+    q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor | None = None, scale: float | None = None
+) -> Tensor:
+    """Causal o = s ((q k^T) * decay mask) v, materialising the T x T matrix per head -> [B,T,H,V]."""
+    T, K = q.shape[1], q.shape[-1]
+    scale = K**-0.5 if scale is None else scale
+    dt = state_dtype(q.dtype)
+    i = torch.arange(T, device=q.device)
+    diff = (i[:, None] - i[None, :]).to(dt)
+    if log_decay is None:
+        mask = (diff >= 0).to(dt)[None]
+    else:
+        expo = log_decay.to(dt)[:, None, None] * diff
+        mask = torch.exp(torch.where(diff >= 0, expo, torch.full((), -torch.inf, dtype=dt)))
+    scores = torch.einsum("bihk,bjhk->bhij", q.to(dt), k.to(dt)) * mask
+    return (scale * torch.einsum("bhij,bjhv->bihv", scores, v.to(dt))).to(q.dtype)

@@ -1,0 +1,145 @@
+"""`linear_attn`: single-device linear attention with its own backward, built on the kernel protocol.
+
+Legend: B batch, T tokens, H heads (of q), Hkv heads of k and v, K key dim, V value dim.
+"""
+
+import torch
+from torch import Tensor
+
+from lasp.kernels.linear_attn.chunk import TorchChunkKernel
+from lasp.kernels.protocol import LinearAttnKernel, state_dtype
+
+DEFAULT_KERNEL: LinearAttnKernel = TorchChunkKernel()
+
+
+def check_linear_attn_args(
+    q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor | None, causal: bool, scale: float | None
+) -> tuple[Tensor, Tensor, float]:
+    """Validate the shared arguments of every linear-attention op; return (k, v, scale).
+
+    k and v with fewer heads than q (GQA / MQA) are repeated to q's heads here, so autograd sums
+    their gradients back over each group.
+    """
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.dim() != 4:
+            raise ValueError(f"{name} must be [B, T, H, D], got shape {tuple(x.shape)}")
+    if q.shape[:2] != k.shape[:2] or q.shape[:2] != v.shape[:2]:
+        raise ValueError(
+            f"q, k, v must share batch and length: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    if q.shape[1] < 1:
+        raise ValueError(f"sequence length must be >= 1, got q {tuple(q.shape)}")
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q and k need the same head dim: q {tuple(q.shape)}, k {tuple(k.shape)}")
+    if k.shape[2] != v.shape[2]:
+        raise ValueError(f"k and v need the same number of heads: k {tuple(k.shape)}, v {tuple(v.shape)}")
+    H, Hkv = q.shape[2], k.shape[2]
+    if H % Hkv:
+        raise ValueError(f"q heads ({H}) must be a multiple of k/v heads ({Hkv})")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not q.dtype.is_floating_point:
+        raise ValueError(f"q, k, v must be floating point, got {q.dtype}")
+    if log_decay is not None:
+        if not causal:
+            raise ValueError("decay needs causal=True: bidirectional linear attention has no decay")
+        if tuple(log_decay.shape) != (H,):
+            raise ValueError(f"log_decay must have shape [H] = [{H}], got {tuple(log_decay.shape)}")
+        if log_decay.requires_grad:
+            raise ValueError("log_decay is a fixed per-head constant here; pass it detached (no grad)")
+        if not bool(torch.isfinite(log_decay).all()) or bool((log_decay > 0).any()):
+            raise ValueError(f"log_decay must be finite and <= 0 (decay in (0, 1]), got {log_decay.tolist()}")
+    if Hkv != H:
+        k = k.repeat_interleave(H // Hkv, dim=2)
+        v = v.repeat_interleave(H // Hkv, dim=2)
+    return k, v, (q.shape[-1] ** -0.5 if scale is None else float(scale))
+
+
+class _LinearAttnFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, log_decay, scale, causal, initial_state, want_final, kernel):
+        sdt = state_dtype(q.dtype)
+        s0 = None if initial_state is None else initial_state.to(sdt)
+        if causal:
+            o = kernel.intra_fwd(q, k, v, log_decay, scale)
+            if s0 is not None:
+                o = o + kernel.inter_fwd(q, s0, log_decay, scale)
+            final = kernel.chunk_state(k, v, log_decay) if want_final else None
+            if final is not None and s0 is not None:
+                decay = kernel.chunk_decay(log_decay, q.shape[1])
+                final = final + (s0 if decay is None else s0 * decay.to(sdt).view(-1, 1, 1))
+            saved_state = s0
+        else:
+            state = kernel.chunk_state(k, v, None)
+            if s0 is not None:
+                state = state + s0
+            o = kernel.inter_fwd(q, state, None, scale)
+            final = state if want_final else None
+            saved_state = state
+        ctx.save_for_backward(q, k, v, log_decay, saved_state)
+        ctx.scale, ctx.causal, ctx.kernel = scale, causal, kernel
+        ctx.has_s0 = initial_state is not None
+        ctx.s0_dtype = None if initial_state is None else initial_state.dtype
+        ctx.set_materialize_grads(False)
+        if want_final:
+            return o, final.to(sdt)
+        return o
+
+    @staticmethod
+    def backward(ctx, do, dfinal=None):
+        q, k, v, log_decay, state = ctx.saved_tensors
+        kernel, scale = ctx.kernel, ctx.scale
+        if do is None:
+            do = torch.zeros(*q.shape[:3], v.shape[-1], dtype=v.dtype, device=v.device)
+        ds0 = None
+        if ctx.causal:
+            dq, dk, dv = kernel.intra_bwd(q, k, v, log_decay, scale, do)
+            if ctx.has_s0:
+                dq_s, ds0 = kernel.inter_bwd(q, state, log_decay, scale, do)
+                dq = dq + dq_s
+            if dfinal is not None:
+                dk_f, dv_f = kernel.chunk_state_bwd(k, v, log_decay, dfinal)
+                dk, dv = dk + dk_f, dv + dv_f
+                if ctx.has_s0:
+                    decay = kernel.chunk_decay(log_decay, q.shape[1])
+                    dfs = dfinal.to(ds0.dtype)
+                    ds0 = ds0 + (dfs if decay is None else dfs * decay.to(ds0.dtype).view(-1, 1, 1))
+        else:
+            dq, dstate = kernel.inter_bwd(q, state, None, scale, do)
+            if dfinal is not None:
+                dstate = dstate + dfinal.to(dstate.dtype)
+            dk, dv = kernel.chunk_state_bwd(k, v, None, dstate)
+            ds0 = dstate if ctx.has_s0 else None
+        if ds0 is not None:
+            ds0 = ds0.to(ctx.s0_dtype)
+        return dq, dk, dv, None, None, None, ds0, None, None
+
+
+def linear_attn(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    log_decay: Tensor | None = None,
+    causal: bool = True,
+    scale: float | None = None,
+    initial_state: Tensor | None = None,
+    output_final_state: bool = False,
+    kernel: LinearAttnKernel | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Linear attention on one device (DESIGN.md section 1).
+
+    q, k: [B, T, H, K] (k may have fewer heads, H % Hkv == 0); v: [B, T, Hkv, V]; log_decay: [H],
+    values <= 0, or None; scale defaults to K**-0.5; initial_state: [B, H, K, V].
+    Causal: o_t = s q_t^T S_t with S_t = lambda S_{t-1} + k_t v_t^T (the current token included).
+    Bidirectional (causal=False): o = s q (S0 + sum over all tokens of k v^T); no decay.
+    Returns o [B, T, H, V], plus the final state [B, H, K, V] (float32, or float64 for float64
+    inputs) when `output_final_state`.
+    """
+    k, v, scale = check_linear_attn_args(q, k, v, log_decay, causal, scale)
+    if initial_state is not None:
+        want = (q.shape[0], q.shape[2], q.shape[3], v.shape[3])
+        if tuple(initial_state.shape) != want:
+            raise ValueError(f"initial_state must be [B, H, K, V] = {list(want)}, got {list(initial_state.shape)}")
+    kernel = DEFAULT_KERNEL if kernel is None else kernel
+    return _LinearAttnFn.apply(q, k, v, log_decay, scale, causal, initial_state, output_final_state, kernel)

@@ -1,0 +1,27 @@
+"""Decayed exclusive scans over a sequence of [B, H, K, V] states.
+
+Used inside the chunked kernel (scan over blocks) and by the SP algorithms (scan over the gathered chunk
+states of all ranks). The recurrence is the same at both levels: h_n = D * h_{n-1} + x_{n-1}.
+"""
+
+import torch
+from torch import Tensor
+
+
+def exclusive_scan(
+    x: Tensor, decay_H: Tensor | None, dim: int, reverse: bool = False, initial: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Decayed exclusive prefix (or suffix, `reverse=True`) sums of x along `dim`, and the carry out.
+
+    Slices of x along `dim` are [B, H, K, V]; decay_H is [H] (None means 1); `initial` is the carry in
+    (zero when None). Forward: out_0 = h, out_n = D * out_{n-1} + x_{n-1}, and the carry out is
+    D * out_{N-1} + x_{N-1}. Reverse runs the same recurrence from the last index down.
+    """
+    n = x.shape[dim]
+    out = torch.empty_like(x)
+    d = None if decay_H is None else decay_H.to(x.dtype).view(-1, 1, 1)
+    h = torch.zeros_like(x.select(dim, 0)) if initial is None else initial.to(x.dtype)
+    for i in range(n - 1, -1, -1) if reverse else range(n):
+        out.select(dim, i).copy_(h)
+        h = x.select(dim, i) + (h if d is None else h * d)
+    return out, h
