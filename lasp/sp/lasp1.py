@@ -1,0 +1,110 @@
+"""LASP-1: the ring baseline. The running state hops point-to-point from chunk to chunk in global order.
+
+Legend: B batch, T local tokens, H heads, K key dim, V value dim, n chunks per rank.
+
+Forward: each rank computes its intra-chunk output first (it does not depend on other ranks), then waits
+for the incoming state of each of its chunks from the owner of the previous chunk, adds the inter-chunk
+term and sends the outgoing state on. Backward runs the same chain in reverse for the state gradients.
+Contiguous: W-1 sequential hops each way; zigzag: 2(W-1). It exists for comparison with LASP-2,
+which does the same scan with one all-gather.
+"""
+
+import torch
+from torch import Tensor
+
+from lasp.distributed import group_rank, group_size, recv, send
+from lasp.kernels import DEFAULT_KERNEL, LinearAttnKernel, linear_attn
+from lasp.kernels.linear_attn import check_linear_attn_args
+from lasp.sp.layout import SeqLayout, merge_local_chunks, split_local_chunks
+
+
+def _chain_scan(x_nBHKV: Tensor, decay_H: Tensor | None, lay: SeqLayout, group, reverse: bool) -> Tensor:
+    """Decayed exclusive prefix (suffix if `reverse`) of every chunk's x in global order, passed hop by
+    hop between owners. Returns this rank's entries [n, B, H, K, V]."""
+    rank, num = group_rank(group), lay.num_chunks
+    mine = lay.chunks_of(rank)
+    step = -1 if reverse else 1
+    d = None if decay_H is None else decay_H.to(x_nBHKV.dtype).view(-1, 1, 1)
+    out = torch.empty_like(x_nBHKV)
+    carry = None
+    for i in sorted(range(len(mine)), key=lambda i: mine[i], reverse=reverse):
+        c = mine[i]
+        prev, nxt = c - step, c + step
+        if not 0 <= prev < num:
+            incoming = torch.zeros_like(x_nBHKV[i])
+        elif lay.owner(prev) == rank:
+            incoming = carry
+        else:
+            incoming = recv(x_nBHKV[i], lay.owner(prev), group)
+        out[i] = incoming
+        carry = x_nBHKV[i] + (incoming if d is None else incoming * d)
+        if 0 <= nxt < num and lay.owner(nxt) != rank:
+            send(carry, lay.owner(nxt), group)
+    return out
+
+
+def _chain_total(x_nBHKV: Tensor, lay: SeqLayout, group) -> Tensor:
+    """Sum over all chunks for each local chunk: prefix hops, then suffix hops."""
+    before = _chain_scan(x_nBHKV, None, lay, group, reverse=False)
+    after = _chain_scan(x_nBHKV, None, lay, group, reverse=True)
+    return before + x_nBHKV + after
+
+
+class _Lasp1Fn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, log_decay, scale, causal, group, lay: SeqLayout, kernel: LinearAttnKernel):
+        n = lay.chunks_per_rank
+        qc, kc, vc = (split_local_chunks(x, n) for x in (q, k, v))
+        m = kernel.chunk_state(kc, vc, log_decay)
+        m = m.view(n, -1, *m.shape[1:])
+        if causal:
+            o = kernel.intra_fwd(qc, kc, vc, log_decay, scale)
+            decay = kernel.chunk_decay(log_decay, qc.shape[1])
+            s_in = _chain_scan(m, decay, lay, group, reverse=False).flatten(0, 1)
+            o = o + kernel.inter_fwd(qc, s_in, log_decay, scale)
+        else:
+            s_in = _chain_total(m, lay, group).flatten(0, 1)
+            o = kernel.inter_fwd(qc, s_in, None, scale)
+        ctx.save_for_backward(qc, kc, vc, log_decay, s_in)
+        ctx.scale, ctx.causal, ctx.group, ctx.lay, ctx.kernel = scale, causal, group, lay, kernel
+        return merge_local_chunks(o, n)
+
+    @staticmethod
+    def backward(ctx, do):
+        qc, kc, vc, log_decay, s_in = ctx.saved_tensors
+        kernel, lay, scale, n = ctx.kernel, ctx.lay, ctx.scale, ctx.lay.chunks_per_rank
+        g = log_decay if ctx.causal else None
+        doc = split_local_chunks(do, n)
+        dq, ds = kernel.inter_bwd(qc, s_in, g, scale, doc)
+        ds = ds.view(n, -1, *ds.shape[1:])
+        if ctx.causal:
+            dq_i, dk, dv = kernel.intra_bwd(qc, kc, vc, g, scale, doc)
+            decay = kernel.chunk_decay(g, qc.shape[1])
+            dm = _chain_scan(ds, decay, lay, ctx.group, reverse=True).flatten(0, 1)
+            dk_s, dv_s = kernel.chunk_state_bwd(kc, vc, g, dm)
+            dq, dk, dv = dq + dq_i, dk + dk_s, dv + dv_s
+        else:
+            dk, dv = kernel.chunk_state_bwd(kc, vc, None, _chain_total(ds, lay, ctx.group).flatten(0, 1))
+        return (*(merge_local_chunks(x, n) for x in (dq, dk, dv)), None, None, None, None, None, None)
+
+
+def lasp1_linear_attn(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    group=None,
+    layout: str = "contiguous",
+    log_decay: Tensor | None = None,
+    causal: bool = True,
+    scale: float | None = None,
+    kernel: LinearAttnKernel | None = None,
+) -> Tensor:
+    """LASP-1 (ring, point-to-point) linear attention; same contract as `lasp2_linear_attn`."""
+    k, v, scale = check_linear_attn_args(q, k, v, log_decay, causal, scale)
+    lay = SeqLayout(layout, group_size(group))
+    lay.check_local_length(q.shape[1])
+    kernel = DEFAULT_KERNEL if kernel is None else kernel
+    if lay.world_size == 1:
+        return linear_attn(q, k, v, log_decay=log_decay, causal=causal, scale=scale, kernel=kernel)
+    return _Lasp1Fn.apply(q, k, v, log_decay, scale, causal, group, lay, kernel)

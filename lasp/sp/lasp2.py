@@ -1,0 +1,107 @@
+"""LASP-2: sequence-parallel linear attention with one all-gather of fixed-size states per direction.
+
+Legend: B batch, T local tokens, H heads, K key dim, V value dim, W ranks, n chunks per rank,
+C = W*n global chunks, L tokens per chunk.
+
+Forward (DESIGN.md section 1): each rank computes the states M of its chunks and starts ONE all-gather;
+while it is in flight it computes the intra-chunk output; then it scans the gathered states in GLOBAL
+chunk order (so any layout is right) and adds the inter-chunk term. Backward mirrors it with the state
+gradients G and a suffix scan. Every rank joins both collectives, even one whose output does not depend
+on the gathered states (rank 0, causal, contiguous): the autograd Function always runs its backward.
+"""
+
+import torch
+from torch import Tensor
+
+from lasp.distributed import all_gather_async, group_rank, group_size
+from lasp.kernels import DEFAULT_KERNEL, LinearAttnKernel, linear_attn
+from lasp.kernels.linear_attn import check_linear_attn_args
+from lasp.kernels.scan import exclusive_scan
+from lasp.sp.layout import SeqLayout, merge_local_chunks, split_local_chunks
+
+
+def _in_global_order(gathered_WnBHKV: Tensor, lay: SeqLayout) -> Tensor:
+    return gathered_WnBHKV[gathered_WnBHKV.new_tensor(lay.gather_index(), dtype=torch.long)]
+
+
+def _mine(states_CBHKV: Tensor, lay: SeqLayout, rank: int) -> Tensor:
+    """This rank's chunks' rows of a global-order tensor, flattened chunk-major: [n*B, H, K, V]."""
+    return states_CBHKV[list(lay.chunks_of(rank))].flatten(0, 1)
+
+
+def _total(states_CBHKV: Tensor, n: int) -> Tensor:
+    """The bidirectional state (sum over all chunks), repeated for each local chunk: [n*B, H, K, V]."""
+    return states_CBHKV.sum(0).repeat(n, 1, 1, 1)
+
+
+class _Lasp2Fn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, log_decay, scale, causal, group, lay: SeqLayout, kernel: LinearAttnKernel):
+        n, rank = lay.chunks_per_rank, group_rank(group)
+        qc, kc, vc = (split_local_chunks(x, n) for x in (q, k, v))
+        m = kernel.chunk_state(kc, vc, log_decay)
+        gathered, work = all_gather_async(m.view(n, -1, *m.shape[1:]), group)
+        o = kernel.intra_fwd(qc, kc, vc, log_decay, scale) if causal else None
+        work.wait()
+        states = _in_global_order(gathered, lay)
+        if causal:
+            decay = kernel.chunk_decay(log_decay, qc.shape[1])
+            s_in = _mine(exclusive_scan(states, decay, dim=0)[0], lay, rank)
+            o = o + kernel.inter_fwd(qc, s_in, log_decay, scale)
+        else:
+            s_in = _total(states, n)
+            o = kernel.inter_fwd(qc, s_in, None, scale)
+        ctx.save_for_backward(qc, kc, vc, log_decay, s_in)
+        ctx.scale, ctx.causal, ctx.group, ctx.lay, ctx.kernel = scale, causal, group, lay, kernel
+        return merge_local_chunks(o, n)
+
+    @staticmethod
+    def backward(ctx, do):
+        qc, kc, vc, log_decay, s_in = ctx.saved_tensors
+        kernel, lay, scale, n = ctx.kernel, ctx.lay, ctx.scale, ctx.lay.chunks_per_rank
+        g = log_decay if ctx.causal else None
+        doc = split_local_chunks(do, n)
+        dq, ds = kernel.inter_bwd(qc, s_in, g, scale, doc)
+        gathered, work = all_gather_async(ds.view(n, -1, *ds.shape[1:]), ctx.group)
+        if ctx.causal:
+            dq_i, dk, dv = kernel.intra_bwd(qc, kc, vc, g, scale, doc)
+            dq = dq + dq_i
+        work.wait()
+        grads = _in_global_order(gathered, lay)
+        if ctx.causal:
+            decay = kernel.chunk_decay(g, qc.shape[1])
+            dm = _mine(exclusive_scan(grads, decay, dim=0, reverse=True)[0], lay, group_rank(ctx.group))
+            dk_s, dv_s = kernel.chunk_state_bwd(kc, vc, g, dm)
+            dk, dv = dk + dk_s, dv + dv_s
+        else:
+            dk, dv = kernel.chunk_state_bwd(kc, vc, None, _total(grads, n))
+        return (*(merge_local_chunks(x, n) for x in (dq, dk, dv)), None, None, None, None, None, None)
+
+
+def lasp2_linear_attn(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    group=None,
+    layout: str = "contiguous",
+    log_decay: Tensor | None = None,
+    causal: bool = True,
+    scale: float | None = None,
+    kernel: LinearAttnKernel | None = None,
+) -> Tensor:
+    """LASP-2 linear attention over the sequence-parallel `group` (None = the default group).
+
+    Each rank passes its local shard (see `shard_sequence`): q, k [B, T, H, K] (k, v may have fewer
+    heads, GQA), v [B, T, Hkv, V], split by `layout` (`contiguous` or `zigzag`). Returns this rank's
+    shard of `linear_attn` on the whole sequence; the gradients of q, k, v are the shards of the full
+    gradients. One all-gather of B*H*K*V-sized states per local chunk forward, one backward, whatever T.
+    With no process group initialised, or a group of one rank, this is `linear_attn`.
+    """
+    k, v, scale = check_linear_attn_args(q, k, v, log_decay, causal, scale)
+    lay = SeqLayout(layout, group_size(group))
+    lay.check_local_length(q.shape[1])
+    kernel = DEFAULT_KERNEL if kernel is None else kernel
+    if lay.world_size == 1:
+        return linear_attn(q, k, v, log_decay=log_decay, causal=causal, scale=scale, kernel=kernel)
+    return _Lasp2Fn.apply(q, k, v, log_decay, scale, causal, group, lay, kernel)

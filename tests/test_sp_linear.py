@@ -1,0 +1,110 @@
+"""LASP-2 and LASP-1 on W gloo processes reproduce single-process linear attention exactly.
+
+Every case runs on all ranks of a DistPool: each rank builds the full inputs from one seed, computes the
+single-process reference with `linear_attn`, runs the SP op on its shard under the profiler, and
+compares its shard of the output and of the q, k, v gradients. The test then counts the communication.
+"""
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from lasp import SeqLayout, lasp1_linear_attn, lasp2_linear_attn, linear_attn, shard_sequence
+from tests.dist import assert_close_rel, comm_events
+
+ALGOS = {"lasp2": lasp2_linear_attn, "lasp1": lasp1_linear_attn}
+DTYPES = {"f64": torch.float64, "f32": torch.float32}
+TOL = {"f64": 1e-10, "f32": 1e-5}
+MODES = {"causal": (True, False), "decay": (True, True), "bidirectional": (False, False)}
+
+
+def case_sp_linear(algo, layout, mode, dtype, chunk_len, B=2, H=4, Hkv=2, K=6, V=5, block=8):
+    from lasp.kernels import TorchChunkKernel
+
+    rank, W = dist.get_rank(), dist.get_world_size()
+    causal, with_decay = MODES[mode]
+    dt = DTYPES[dtype]
+    N = chunk_len * SeqLayout(layout, W).num_chunks
+    gen = torch.Generator().manual_seed(1234)
+    q, k, v, do = (torch.randn(*s, generator=gen, dtype=dt) for s in [(B, N, H, K), (B, N, Hkv, K), (B, N, Hkv, V), (B, N, H, V)])
+    log_decay = -torch.linspace(0.02, 0.9, H, dtype=dt) if with_decay else None
+    kernel = TorchChunkKernel(block=block, segment_blocks=2)
+
+    full = [x.clone().requires_grad_() for x in (q, k, v)]
+    o_ref = linear_attn(*full, log_decay=log_decay, causal=causal, kernel=kernel)
+    o_ref.backward(do)
+
+    shard = lambda x: shard_sequence(x, rank=rank, world_size=W, layout=layout)  # noqa: E731
+    local = [shard(x).requires_grad_() for x in (q, k, v)]
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    with torch.profiler.profile(activities=activities, record_shapes=True) as pf:
+        o = ALGOS[algo](*local, layout=layout, log_decay=log_decay, causal=causal, kernel=kernel)
+    with torch.profiler.profile(activities=activities, record_shapes=True) as pb:
+        o.backward(shard(do))
+
+    assert_close_rel(o, shard(o_ref), TOL[dtype], "o")
+    for name, got, ref in zip("qkv", local, full):
+        assert_close_rel(got.grad, shard(ref.grad), TOL[dtype], f"d{name}")
+    return {"fwd": comm_events(pf), "bwd": comm_events(pb)}
+
+
+def _hops(layout, W, mode):
+    per_chain = (W - 1) * (1 if layout == "contiguous" else 2)
+    return per_chain * (2 if mode == "bidirectional" else 1)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+@pytest.mark.parametrize("W", [1, 2, 3, 4])
+@pytest.mark.parametrize("algo", list(ALGOS))
+def test_sp_linear_matches_single_process(dist_pool, algo, W, layout, mode, dtype):
+    chunk_len = 13 if W % 2 else 37
+    results = dist_pool(W).run(
+        "tests.test_sp_linear:case_sp_linear", algo=algo, layout=layout, mode=mode, dtype=dtype, chunk_len=chunk_len
+    )
+    n = SeqLayout(layout, W).chunks_per_rank
+    state_shape = [n, 2, 4, 6, 5]  # [n, B, H, K, V]: no T in it
+    if W == 1:
+        assert all(r["fwd"] == [] and r["bwd"] == [] for r in results)
+    elif algo == "lasp2":
+        for r in results:
+            assert r["fwd"] == [("gloo:all_gather", [state_shape])], r["fwd"]
+            assert r["bwd"] == [("gloo:all_gather", [state_shape])], r["bwd"]
+    else:
+        for phase in ("fwd", "bwd"):
+            events = [name for r in results for name, _ in r[phase]]
+            assert set(events) <= {"gloo:send", "gloo:recv"}, events
+            assert events.count("gloo:send") == events.count("gloo:recv") == _hops(layout, W, mode)
+            assert all(shapes == [[2, 4, 6, 5]] for r in results for _, shapes in r[phase])
+
+
+def test_lasp2_bytes_do_not_depend_on_length(dist_pool):
+    pool = dist_pool(2)
+    short, long = (
+        pool.run("tests.test_sp_linear:case_sp_linear", algo="lasp2", layout="zigzag", mode="decay", dtype="f32", chunk_len=n)
+        for n in (5, 150)
+    )
+    assert [r["fwd"] for r in short] == [r["fwd"] for r in long]
+    assert [r["bwd"] for r in short] == [r["bwd"] for r in long]
+
+
+def case_bad_local_length():
+    q = torch.randn(1, 7, 2, 4)
+    try:
+        lasp2_linear_attn(q, q, q, layout="zigzag")
+    except ValueError as e:
+        return str(e)
+    return "no error"
+
+
+def test_lasp2_rejects_a_length_the_layout_cannot_split(dist_pool):
+    msgs = dist_pool(2).run("tests.test_sp_linear:case_bad_local_length")
+    assert all("local length 7 (sequence length 14)" in m and "zigzag" in m and "2 ranks" in m for m in msgs)
+
+
+def test_without_process_group_it_is_linear_attn():
+    assert not dist.is_initialized()
+    q, k, v = (torch.randn(1, 10, 2, 4, dtype=torch.float64) for _ in range(3))
+    for fn in ALGOS.values():
+        torch.testing.assert_close(fn(q, k, v, layout="zigzag"), linear_attn(q, k, v), atol=0, rtol=0)
