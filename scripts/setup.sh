@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Sourced by run.sh and test.sh: creates .venv in the repo root when it is missing and installs the
+# pinned dependencies (again only when the pins or pyproject.toml change). CPU pins unless a GPU answers.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$ROOT/.venv"
+PY="$VENV/bin/python"
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  PINS="$ROOT/requirements/constraints-gpu.txt"
+else
+  PINS="$ROOT/requirements/constraints-cpu.txt"
+fi
+if [ ! -x "$PY" ]; then
+  BASE_PY="$(command -v python3.11 || command -v python3)"
+  "$BASE_PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "LASP needs Python >= 3.11" >&2; exit 1; }
+  echo "creating $VENV" >&2
+  "$BASE_PY" -m venv "$VENV"
+fi
+STAMP="$VENV/.lasp-installed"
+WANT="$(cat "$PINS" "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)"
+if [ "$(cat "$STAMP" 2>/dev/null || true)" != "$WANT" ]; then
+  echo "installing pinned dependencies from ${PINS#"$ROOT"/}" >&2
+  "$PY" -m pip install --quiet --disable-pip-version-check -c "$PINS" -e "$ROOT[test,bench]"
+  echo "$WANT" > "$STAMP"
+fi

@@ -1,0 +1,45 @@
+"""The import rules of DESIGN.md section 5: dependencies point down only."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PKG = Path(__file__).resolve().parent.parent / "lasp"
+# subpackage -> the lasp subpackages it may import (besides itself)
+ALLOWED = {
+    "distributed": set(),
+    "kernels": set(),
+    "sp": {"kernels", "distributed"},
+    "model": {"kernels"},
+    "parallel": {"model", "sp", "kernels", "distributed"},
+}
+NO_TORCH_DISTRIBUTED = {"kernels", "model"}
+
+
+def _imports(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+FILES = sorted(p for p in PKG.rglob("*.py") if p.relative_to(PKG).parts[0] in ALLOWED)
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: str(p.relative_to(PKG)))
+def test_imports_point_down(path):
+    sub = path.relative_to(PKG).parts[0]
+    for name in _imports(path):
+        parts = name.split(".")
+        if parts[0] == "lasp" and len(parts) > 1:
+            assert parts[1] in ALLOWED[sub] | {sub}, f"lasp/{sub} must not import {name}"
+        if sub in NO_TORCH_DISTRIBUTED:
+            assert not name.startswith("torch.distributed"), f"lasp/{sub} must not use {name}"
+
+
+def test_there_are_files_to_check():
+    assert {p.relative_to(PKG).parts[0] for p in FILES} >= {"kernels", "sp", "distributed"}
