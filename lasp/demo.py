@@ -75,7 +75,7 @@ def _run(rank: int, args, store_path: str) -> None:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m lasp.demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--world-size", type=int, default=2, help="processes in the sequence-parallel group")
     p.add_argument("--seq-len", type=int, default=4096, help="global sequence length")
     p.add_argument("--heads", type=int, default=4)

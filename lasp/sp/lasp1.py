@@ -12,9 +12,9 @@ which does the same scan with one all-gather.
 import torch
 from torch import Tensor
 
-from lasp.distributed import group_rank, group_size, recv, send
-from lasp.kernels import DEFAULT_KERNEL, LinearAttnKernel, linear_attn
-from lasp.kernels.linear_attn import check_linear_attn_args
+from lasp.distributed import group_rank, recv, send
+from lasp.kernels import LinearAttnKernel
+from lasp.sp.dispatch import run_sp_linear_attn
 from lasp.sp.layout import SeqLayout, merge_local_chunks, split_local_chunks
 
 
@@ -101,10 +101,6 @@ def lasp1_linear_attn(
     kernel: LinearAttnKernel | None = None,
 ) -> Tensor:
     """LASP-1 (ring, point-to-point) linear attention; same contract as `lasp2_linear_attn`."""
-    k, v, scale = check_linear_attn_args(q, k, v, log_decay, causal, scale)
-    lay = SeqLayout(layout, group_size(group))
-    lay.check_local_length(q.shape[1])
-    kernel = DEFAULT_KERNEL if kernel is None else kernel
-    if lay.world_size == 1:
-        return linear_attn(q, k, v, log_decay=log_decay, causal=causal, scale=scale, kernel=kernel)
-    return _Lasp1Fn.apply(q, k, v, log_decay, scale, causal, group, lay, kernel)
+    return run_sp_linear_attn(
+        _Lasp1Fn, q, k, v, group=group, layout=layout, log_decay=log_decay, causal=causal, scale=scale, kernel=kernel
+    )

@@ -13,10 +13,10 @@ on the gathered states (rank 0, causal, contiguous): the autograd Function alway
 import torch
 from torch import Tensor
 
-from lasp.distributed import all_gather_async, group_rank, group_size
-from lasp.kernels import DEFAULT_KERNEL, LinearAttnKernel, linear_attn
-from lasp.kernels.linear_attn import check_linear_attn_args
+from lasp.distributed import all_gather_async, group_rank
+from lasp.kernels import LinearAttnKernel
 from lasp.kernels.scan import exclusive_scan
+from lasp.sp.dispatch import run_sp_linear_attn
 from lasp.sp.layout import SeqLayout, merge_local_chunks, split_local_chunks
 
 
@@ -98,10 +98,6 @@ def lasp2_linear_attn(
     gradients. One all-gather of B*H*K*V-sized states per local chunk forward, one backward, whatever T.
     With no process group initialised, or a group of one rank, this is `linear_attn`.
     """
-    k, v, scale = check_linear_attn_args(q, k, v, log_decay, causal, scale)
-    lay = SeqLayout(layout, group_size(group))
-    lay.check_local_length(q.shape[1])
-    kernel = DEFAULT_KERNEL if kernel is None else kernel
-    if lay.world_size == 1:
-        return linear_attn(q, k, v, log_decay=log_decay, causal=causal, scale=scale, kernel=kernel)
-    return _Lasp2Fn.apply(q, k, v, log_decay, scale, causal, group, lay, kernel)
+    return run_sp_linear_attn(
+        _Lasp2Fn, q, k, v, group=group, layout=layout, log_decay=log_decay, causal=causal, scale=scale, kernel=kernel
+    )
