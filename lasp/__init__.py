@@ -1,13 +1,29 @@
-"""LASP: exact sequence-parallel linear attention (LASP-2) for very long sequences."""
+"""LASP: exact sequence-parallel linear attention (LASP-2) and hybrid softmax layers (LASP-2H)."""
 
 from lasp.kernels import linear_attn
-from lasp.sp import SeqLayout, lasp1_linear_attn, lasp2_linear_attn, shard_sequence, unshard_sequence
+from lasp.kernels.softmax_attn import softmax_attn
+from lasp.sp import (
+    SeqLayout,
+    lasp1_linear_attn,
+    lasp2_linear_attn,
+    lasp2h_softmax_attn,
+    ring_softmax_attn,
+    shard_sequence,
+    ulysses_linear_attn,
+    ulysses_softmax_attn,
+    unshard_sequence,
+)
 
 __all__ = [
     "SeqLayout",
     "lasp1_linear_attn",
     "lasp2_linear_attn",
+    "lasp2h_softmax_attn",
     "linear_attn",
+    "ring_softmax_attn",
     "shard_sequence",
+    "softmax_attn",
+    "ulysses_linear_attn",
+    "ulysses_softmax_attn",
     "unshard_sequence",
 ]

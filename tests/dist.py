@@ -119,3 +119,9 @@ def comm_events(prof) -> list[tuple[str, list]]:
         for e in prof.events()
         if e.name.startswith("gloo:") or e.name.startswith("nccl:")
     ]
+
+
+def c10d_ops(prof) -> list[str]:
+    """Names of the torch.distributed operations the code asked for (c10d::*), whatever the backend does
+    underneath (gloo runs a reduce-scatter as an all-reduce, for instance)."""
+    return [e.name for e in prof.events() if e.name.startswith("c10d::")]

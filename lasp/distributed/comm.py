@@ -8,7 +8,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+# torch 2.13 renamed the *_into_tensor collectives to *_single; older releases only have the old names.
+all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 def is_distributed() -> bool:
@@ -32,16 +34,21 @@ def all_gather_async(x: Tensor, group=None) -> tuple[Tensor, dist.Work]:
     """
     x = x.contiguous()
     out = x.new_empty(group_size(group) * x.shape[0], *x.shape[1:])
-    return out, _all_gather_single(out, x, group=group, async_op=True)
+    return out, all_gather_single(out, x, group=group, async_op=True)
+
+
+def global_rank(group, rank: int) -> int:
+    """The default-group rank of group rank `rank`."""
+    return dist.get_global_rank(group if group is not None else dist.group.WORLD, rank)
 
 
 def send(x: Tensor, dst: int, group=None) -> None:
     """Blocking send of x to group rank `dst`."""
-    dist.send(x.contiguous(), dst=dist.get_global_rank(group or dist.group.WORLD, dst), group=group)
+    dist.send(x.contiguous(), dst=global_rank(group, dst), group=group)
 
 
 def recv(like: Tensor, src: int, group=None) -> Tensor:
     """Blocking receive, from group rank `src`, of a tensor shaped like `like`."""
     out = torch.empty_like(like, memory_format=torch.contiguous_format)
-    dist.recv(out, src=dist.get_global_rank(group or dist.group.WORLD, src), group=group)
+    dist.recv(out, src=global_rank(group, src), group=group)
     return out

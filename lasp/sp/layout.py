@@ -57,6 +57,10 @@ class SeqLayout:
         pos = {c: r * self.chunks_per_rank + i for r in range(self.world_size) for i, c in enumerate(self.chunks_of(r))}
         return [pos[c] for c in range(self.num_chunks)]
 
+    def rank_major_chunks(self) -> list[int]:
+        """Global chunk ids in the order of a rank-major gather of every rank's local chunks."""
+        return [c for r in range(self.world_size) for c in self.chunks_of(r)]
+
     def check_global_length(self, n: int) -> int:
         """Raise unless a sequence of n tokens splits evenly; return the chunk length."""
         if n < self.num_chunks or n % self.num_chunks:
@@ -87,16 +91,33 @@ def shard_sequence(x: Tensor, *, rank: int, world_size: int, layout: str, dim: i
 
 def unshard_sequence(shards: list[Tensor] | tuple[Tensor, ...], *, layout: str, dim: int = 1) -> Tensor:
     """Inverse of `shard_sequence`: the full sequence from every rank's shard, in rank order."""
-    lay = SeqLayout(layout, len(shards))
     lengths = {s.shape[dim] for s in shards}
     if len(lengths) != 1:
         raise ValueError(f"shards must all have the same length along dim {dim}, got {sorted(lengths)}")
-    chunk = lay.check_local_length(lengths.pop())
-    by_id = {}
-    for r, s in enumerate(shards):
-        for i, c in enumerate(lay.chunks_of(r)):
-            by_id[c] = s.narrow(dim, i * chunk, chunk)
-    return torch.cat([by_id[c] for c in range(lay.num_chunks)], dim=dim)
+    lay = SeqLayout(layout, len(shards))
+    lay.check_local_length(lengths.pop())
+    stacked = torch.stack([s.movedim(dim, 0) for s in shards])  # [W, T, ...]
+    return stacked_to_global(stacked.unsqueeze(1), lay).squeeze(0).movedim(0, dim)
+
+
+def stacked_to_global(x_WBT: Tensor, lay: SeqLayout) -> Tensor:
+    """Every rank's local tensor stacked in rank order, [W, B, T, ...] -> the full sequence [B, W*T, ...]."""
+    W, B, T = x_WBT.shape[:3]
+    n, rest = lay.chunks_per_rank, x_WBT.shape[3:]
+    L = T // n
+    chunks = x_WBT.reshape(W, B, n, L, *rest).transpose(1, 2).reshape(W * n, B, L, *rest)
+    chunks = chunks[torch.tensor(lay.gather_index(), device=x_WBT.device)]
+    return chunks.transpose(0, 1).reshape(B, W * T, *rest)
+
+
+def global_to_stacked(x_BN: Tensor, lay: SeqLayout) -> Tensor:
+    """Inverse of `stacked_to_global`: [B, N, ...] -> every rank's local tensor in rank order [W, B, N/W, ...]."""
+    B, N = x_BN.shape[:2]
+    W, n, rest = lay.world_size, lay.chunks_per_rank, x_BN.shape[2:]
+    L = N // lay.num_chunks
+    chunks = x_BN.reshape(B, lay.num_chunks, L, *rest).transpose(0, 1)
+    chunks = chunks[torch.tensor(lay.rank_major_chunks(), device=x_BN.device)]
+    return chunks.reshape(W, n, B, L, *rest).transpose(1, 2).reshape(W, B, n * L, *rest)
 
 
 def split_local_chunks(x_BTHD: Tensor, n: int) -> Tensor:

@@ -1,0 +1,85 @@
+"""Autograd-aware collectives over an explicit group: each forward has the collective its gradient needs.
+
+    all_gather_stack:  x -> [W, *x.shape] (all ranks' x);  backward: reduce-scatter of the gradient.
+    all_to_all_stack:  x [W, ...] -> [W, ...], piece j goes to rank j;  backward: the same all-to-all.
+    ring_shift:        x -> the x of rank r-1 (sent to r+1);  backward: the gradient goes the other way.
+"""
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from lasp.distributed.comm import all_gather_single, global_rank, group_rank, group_size, reduce_scatter_single
+
+
+class _AllGatherStack(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        x = x.contiguous().unsqueeze(0)
+        out = x.new_empty(group_size(group), *x.shape[1:])
+        all_gather_single(out, x, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        out = grad.new_empty(1, *grad.shape[1:])
+        reduce_scatter_single(out, grad.contiguous(), group=ctx.group)
+        return out.squeeze(0), None
+
+
+class _AllToAllStack(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+        dist.all_to_all_single(out, x.contiguous(), group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        out = torch.empty_like(grad, memory_format=torch.contiguous_format)
+        dist.all_to_all_single(out, grad.contiguous(), group=ctx.group)
+        return out, None
+
+
+def _shift(x: Tensor, group, offset: int) -> Tensor:
+    """Send x to group rank r+offset and return what rank r-offset sent (both at once, no deadlock)."""
+    W, r = group_size(group), group_rank(group)
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    ops = [
+        dist.P2POp(dist.isend, x, global_rank(group, (r + offset) % W), group),
+        dist.P2POp(dist.irecv, out, global_rank(group, (r - offset) % W), group),
+    ]
+    for work in dist.batch_isend_irecv(ops):
+        work.wait()
+    return out
+
+
+class _RingShift(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _shift(x, group, 1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _shift(grad, ctx.group, -1), None
+
+
+def all_gather_stack(x: Tensor, group=None) -> Tensor:
+    """Every rank's x stacked in rank order: [W, *x.shape]. Gradient: reduce-scatter."""
+    return _AllGatherStack.apply(x, group)
+
+
+def all_to_all_stack(x: Tensor, group=None) -> Tensor:
+    """x [W, ...]: piece j goes to rank j; returns [W, ...] whose piece j came from rank j."""
+    if x.shape[0] != group_size(group):
+        raise ValueError(f"all_to_all_stack needs a leading dim of {group_size(group)} (the group size), got {tuple(x.shape)}")
+    return _AllToAllStack.apply(x, group)
+
+
+def ring_shift(x: Tensor, group=None) -> Tensor:
+    """Pass x one rank forward around the ring: returns rank r-1's x. Gradient flows back."""
+    return _RingShift.apply(x, group)

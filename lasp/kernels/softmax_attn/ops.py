@@ -1,0 +1,119 @@
+"""Softmax attention blocks. Legend: B batch, Tq query tokens, Tk key tokens, Hq query heads,
+Hkv key/value heads (Hq % Hkv == 0: GQA / MQA), D head dim of q and k, Dv head dim of v.
+
+Causal masks here are aligned to the END of the keys: query i sits at key position Tk - Tq + i and sees
+keys 0..Tk-Tq+i. That is the diagonal block plus everything before it, which is what a chunk of queries
+needs when given the keys of all earlier tokens and of its own chunk.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.attention.bias import causal_lower_right
+
+
+def check_softmax_attn_args(q: Tensor, k: Tensor, v: Tensor, scale: float | None) -> float:
+    """Validate shapes shared by every softmax attention op; return the scale (default D**-0.5)."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.dim() != 4:
+            raise ValueError(f"{name} must be [B, T, H, D], got shape {tuple(x.shape)}")
+    if q.shape[:2] != k.shape[:2] or k.shape[:2] != v.shape[:2]:
+        raise ValueError(
+            f"q, k, v must share batch and length: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    if q.shape[1] < 1:
+        raise ValueError(f"sequence length must be >= 1, got q {tuple(q.shape)}")
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q and k need the same head dim: q {tuple(q.shape)}, k {tuple(k.shape)}")
+    if k.shape[2] != v.shape[2]:
+        raise ValueError(f"k and v need the same number of heads: k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"q heads ({q.shape[2]}) must be a multiple of k/v heads ({k.shape[2]})")
+    if not (q.dtype == k.dtype == v.dtype) or not q.dtype.is_floating_point:
+        raise ValueError(f"q, k, v must share a floating-point dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    return q.shape[-1] ** -0.5 if scale is None else float(scale)
+
+
+def softmax_attn(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, scale: float | None = None) -> Tensor:
+    """Softmax attention through torch SDPA: q [B, Tq, Hq, D], k [B, Tk, Hkv, D], v [B, Tk, Hkv, Dv]
+    -> [B, Tq, Hq, Dv]. With Tq < Tk the causal mask is end-aligned (see module doc)."""
+    Tq, Tk = q.shape[1], k.shape[1]
+    if Tq > Tk:
+        raise ValueError(f"more queries ({Tq}) than keys ({Tk})")
+    mask, is_causal = None, False
+    if causal:
+        if Tq == Tk:
+            is_causal = True
+        else:
+            mask = causal_lower_right(Tq, Tk)
+    o = F.scaled_dot_product_attention(
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        attn_mask=mask,
+        is_causal=is_causal,
+        scale=scale,
+        enable_gqa=q.shape[2] != k.shape[2],
+    )
+    return o.transpose(1, 2)
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _scores(q: Tensor, k: Tensor, causal: bool, scale: float) -> Tensor:
+    """Scaled, end-aligned-masked scores [B, Hkv, G, Tq, Tk] in float32 or better (G = Hq / Hkv)."""
+    B, Tq, Hq, D = q.shape
+    Tk, Hkv = k.shape[1], k.shape[2]
+    dt = _acc(q.dtype)
+    s = torch.einsum("bqhgd,bkhd->bhgqk", q.to(dt).view(B, Tq, Hkv, Hq // Hkv, D), k.to(dt)) * scale
+    if causal:
+        keep = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tq)
+        s = s.masked_fill(~keep, float("-inf"))
+    return s
+
+
+def _per_head(x_BTH: Tensor, Hkv: int) -> Tensor:
+    """[B, Tq, Hq] -> [B, Hkv, G, Tq] to broadcast against scores."""
+    B, T, Hq = x_BTH.shape
+    return x_BTH.view(B, T, Hkv, Hq // Hkv).permute(0, 2, 3, 1)
+
+
+def attn_with_lse(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+    """One block of attention -> (o [B, Tq, Hq, Dv], lse [B, Tq, Hq]), both float32 or better.
+
+    Scores are materialised (Tq x Tk per head): this is the block form Ring Attention merges.
+    """
+    B, Tq, Hq, _ = q.shape
+    s = _scores(q, k, causal, scale)
+    lse = torch.logsumexp(s, dim=-1)
+    o = torch.einsum("bhgqk,bkhd->bqhgd", torch.exp(s - lse[..., None]), v.to(s.dtype))
+    return o.reshape(B, Tq, Hq, v.shape[-1]), lse.permute(0, 3, 1, 2).reshape(B, Tq, Hq)
+
+
+def attn_block_bwd(
+    q: Tensor, k: Tensor, v: Tensor, do: Tensor, lse: Tensor, delta: Tensor, *, causal: bool, scale: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of one block's share of attention whose final softmax statistics are known.
+
+    lse [B, Tq, Hq]: log-sum-exp over ALL keys; delta [B, Tq, Hq] = sum(do * o, -1) of the final
+    output. Returns (dq, dk, dv) of this block in float32 or better (the flash-attention backward).
+    """
+    B, Tq, Hq, D = q.shape
+    Hkv = k.shape[2]
+    s = _scores(q, k, causal, scale)
+    p = torch.exp(s - _per_head(lse, Hkv)[..., None])
+    dog = do.to(s.dtype).view(B, Tq, Hkv, Hq // Hkv, -1)
+    dv = torch.einsum("bhgqk,bqhgd->bkhd", p, dog)
+    ds = p * (torch.einsum("bqhgd,bkhd->bhgqk", dog, v.to(s.dtype)) - _per_head(delta, Hkv)[..., None])
+    dq = torch.einsum("bhgqk,bkhd->bqhgd", ds, k.to(s.dtype)).reshape(B, Tq, Hq, D) * scale
+    dk = torch.einsum("bhgqk,bqhgd->bkhd", ds, q.to(s.dtype).view(B, Tq, Hkv, Hq // Hkv, D)) * scale
+    return dq, dk, dv
+
+
+def merge_partials(o1: Tensor, lse1: Tensor, o2: Tensor, lse2: Tensor) -> tuple[Tensor, Tensor]:
+    """Combine two attention results over disjoint key sets (online softmax): -> (o, lse)."""
+    lse = torch.logaddexp(lse1, lse2)
+    w1, w2 = torch.exp(lse1 - lse)[..., None], torch.exp(lse2 - lse)[..., None]
+    return o1 * w1 + o2 * w2, lse

@@ -1,0 +1,49 @@
+"""LASP-2H: softmax attention layers of a hybrid model, sequence-parallel on the same layout as LASP-2.
+
+Legend: B batch, T local tokens, N global tokens, Hq query heads, Hkv key/value heads, L chunk length.
+
+Forward: ONE all-gather of the local K and V (only the KV heads, packed in one buffer), put in global
+order, then each local chunk of queries attends, through torch SDPA, to the keys up to the end of that
+chunk with an end-aligned causal mask: the mask comes from global positions, so contiguous and zigzag are
+both exact, and no rank builds an N x N mask. Backward (autograd of the gather): ONE reduce-scatter
+returns dK and dV to their owners.
+"""
+
+import torch
+from torch import Tensor
+
+from lasp.distributed import all_gather_stack, group_rank, group_size
+from lasp.kernels.softmax_attn import check_softmax_attn_args, softmax_attn
+from lasp.sp.kv import pack_kv, unpack_kv
+from lasp.sp.layout import SeqLayout, stacked_to_global
+
+
+def lasp2h_softmax_attn(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    group=None,
+    layout: str = "zigzag",
+    causal: bool = True,
+    scale: float | None = None,
+) -> Tensor:
+    """LASP-2H softmax attention over `group` (None = the default group).
+
+    q [B, T, Hq, D], k [B, T, Hkv, D], v [B, T, Hkv, Dv] are this rank's shards under `layout`
+    (Hq % Hkv == 0). Returns this rank's shard of softmax attention on the whole sequence.
+    """
+    scale = check_softmax_attn_args(q, k, v, scale)
+    lay = SeqLayout(layout, group_size(group))
+    L = lay.check_local_length(q.shape[1])
+    if lay.world_size == 1:
+        return softmax_attn(q, k, v, causal=causal, scale=scale)
+    kv_full = stacked_to_global(all_gather_stack(pack_kv(k, v), group), lay)
+    k_full, v_full = unpack_kv(kv_full, k.shape[2], k.shape[3])
+    if not causal:
+        return softmax_attn(q, k_full, v_full, causal=False, scale=scale)
+    outs = []
+    for i, c in enumerate(lay.chunks_of(group_rank(group))):
+        end = (c + 1) * L
+        outs.append(softmax_attn(q[:, i * L : (i + 1) * L], k_full[:, :end], v_full[:, :end], scale=scale))
+    return torch.cat(outs, dim=1)

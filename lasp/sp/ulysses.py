@@ -1,0 +1,88 @@
+"""DeepSpeed-Ulysses: all-to-all from sequence-split to head-split, attend on whole sequences, and back.
+
+Legend: B batch, T local tokens, N = W*T global tokens, H heads, h = H / W heads per rank.
+
+q, k, v each go through one all-to-all ([B, T, H, D] on every rank -> [B, N, h, D]), the single-device op
+runs on the whole sequence for this rank's heads, and one all-to-all brings the output back: 4 per layer
+forward, 4 backward (autograd of the all-to-all is the same all-to-all). Heads must divide by W; k/v heads
+that do not (GQA with few KV heads) are repeated up to the query heads first.
+"""
+
+from collections.abc import Callable
+
+from torch import Tensor
+
+from lasp.distributed import all_to_all_stack, group_rank, group_size
+from lasp.kernels import linear_attn
+from lasp.kernels.linear_attn import check_linear_attn_args
+from lasp.kernels.softmax_attn import check_softmax_attn_args, softmax_attn
+from lasp.sp.layout import SeqLayout, global_to_stacked, stacked_to_global
+
+
+def _seq_to_heads(x_BTHD: Tensor, lay: SeqLayout, group) -> Tensor:
+    B, T, H, D = x_BTHD.shape
+    W = lay.world_size
+    pieces = x_BTHD.reshape(B, T, W, H // W, D).permute(2, 0, 1, 3, 4)  # piece j: head group j
+    return stacked_to_global(all_to_all_stack(pieces, group), lay)
+
+
+def _heads_to_seq(x_BNhD: Tensor, lay: SeqLayout, group) -> Tensor:
+    back = all_to_all_stack(global_to_stacked(x_BNhD, lay), group)  # piece j: my tokens, head group j
+    W, B, T, h, D = back.shape
+    return back.permute(1, 2, 0, 3, 4).reshape(B, T, W * h, D)
+
+
+def _check_heads(H: int, W: int) -> None:
+    if H % W:
+        raise ValueError(f"Ulysses splits heads across the group: {H} heads are not divisible by {W} ranks")
+
+
+def _run(op: Callable[..., Tensor], q: Tensor, k: Tensor, v: Tensor, lay: SeqLayout, group, **kwargs) -> Tensor:
+    if k.shape[2] % lay.world_size:
+        rep = q.shape[2] // k.shape[2]
+        k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
+    qh, kh, vh = (_seq_to_heads(x, lay, group) for x in (q, k, v))
+    return _heads_to_seq(op(qh, kh, vh, **kwargs), lay, group)
+
+
+def ulysses_softmax_attn(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    group=None,
+    layout: str = "zigzag",
+    causal: bool = True,
+    scale: float | None = None,
+) -> Tensor:
+    """Ulysses softmax attention over `group`; same contract as `lasp2h_softmax_attn`, plus Hq % W == 0."""
+    scale = check_softmax_attn_args(q, k, v, scale)
+    lay = SeqLayout(layout, group_size(group))
+    lay.check_local_length(q.shape[1])
+    _check_heads(q.shape[2], lay.world_size)
+    if lay.world_size == 1:
+        return softmax_attn(q, k, v, causal=causal, scale=scale)
+    return _run(softmax_attn, q, k, v, lay, group, causal=causal, scale=scale)
+
+
+def ulysses_linear_attn(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    group=None,
+    layout: str = "contiguous",
+    log_decay: Tensor | None = None,
+    causal: bool = True,
+    scale: float | None = None,
+) -> Tensor:
+    """Ulysses linear attention over `group`; same contract as `lasp2_linear_attn`, plus H % W == 0."""
+    k, v, scale = check_linear_attn_args(q, k, v, log_decay, causal, scale)
+    lay = SeqLayout(layout, group_size(group))
+    lay.check_local_length(q.shape[1])
+    _check_heads(q.shape[2], lay.world_size)
+    if lay.world_size == 1:
+        return linear_attn(q, k, v, log_decay=log_decay, causal=causal, scale=scale)
+    h = q.shape[2] // lay.world_size
+    mine = None if log_decay is None else log_decay[group_rank(group) * h : (group_rank(group) + 1) * h]
+    return _run(linear_attn, q, k, v, lay, group, log_decay=mine, causal=causal, scale=scale)
