@@ -6,6 +6,7 @@ Legend: B batch, T tokens, H heads (of q), Hkv heads of k and v, K key dim, V va
 import torch
 from torch import Tensor
 
+from lasp.kernels.checks import check_qkv
 from lasp.kernels.linear_attn.chunk import TorchChunkKernel
 from lasp.kernels.protocol import LinearAttnKernel, state_dtype
 
@@ -20,26 +21,8 @@ def check_linear_attn_args(
     k and v with fewer heads than q (GQA / MQA) are repeated to q's heads here, so autograd sums
     their gradients back over each group.
     """
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if x.dim() != 4:
-            raise ValueError(f"{name} must be [B, T, H, D], got shape {tuple(x.shape)}")
-    if q.shape[:2] != k.shape[:2] or q.shape[:2] != v.shape[:2]:
-        raise ValueError(
-            f"q, k, v must share batch and length: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
-        )
-    if q.shape[1] < 1:
-        raise ValueError(f"sequence length must be >= 1, got q {tuple(q.shape)}")
-    if q.shape[-1] != k.shape[-1]:
-        raise ValueError(f"q and k need the same head dim: q {tuple(q.shape)}, k {tuple(k.shape)}")
-    if k.shape[2] != v.shape[2]:
-        raise ValueError(f"k and v need the same number of heads: k {tuple(k.shape)}, v {tuple(v.shape)}")
+    check_qkv(q, k, v)
     H, Hkv = q.shape[2], k.shape[2]
-    if H % Hkv:
-        raise ValueError(f"q heads ({H}) must be a multiple of k/v heads ({Hkv})")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not q.dtype.is_floating_point:
-        raise ValueError(f"q, k, v must be floating point, got {q.dtype}")
     if log_decay is not None:
         if not causal:
             raise ValueError("decay needs causal=True: bidirectional linear attention has no decay")

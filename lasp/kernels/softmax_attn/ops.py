@@ -11,26 +11,12 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention.bias import causal_lower_right
 
+from lasp.kernels.checks import check_qkv
+
 
 def check_softmax_attn_args(q: Tensor, k: Tensor, v: Tensor, scale: float | None) -> float:
     """Validate shapes shared by every softmax attention op; return the scale (default D**-0.5)."""
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if x.dim() != 4:
-            raise ValueError(f"{name} must be [B, T, H, D], got shape {tuple(x.shape)}")
-    if q.shape[:2] != k.shape[:2] or k.shape[:2] != v.shape[:2]:
-        raise ValueError(
-            f"q, k, v must share batch and length: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
-        )
-    if q.shape[1] < 1:
-        raise ValueError(f"sequence length must be >= 1, got q {tuple(q.shape)}")
-    if q.shape[-1] != k.shape[-1]:
-        raise ValueError(f"q and k need the same head dim: q {tuple(q.shape)}, k {tuple(k.shape)}")
-    if k.shape[2] != v.shape[2]:
-        raise ValueError(f"k and v need the same number of heads: k {tuple(k.shape)}, v {tuple(v.shape)}")
-    if q.shape[2] % k.shape[2]:
-        raise ValueError(f"q heads ({q.shape[2]}) must be a multiple of k/v heads ({k.shape[2]})")
-    if not (q.dtype == k.dtype == v.dtype) or not q.dtype.is_floating_point:
-        raise ValueError(f"q, k, v must share a floating-point dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    check_qkv(q, k, v)
     return q.shape[-1] ** -0.5 if scale is None else float(scale)
 
 
