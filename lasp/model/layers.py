@@ -1,0 +1,80 @@
+"""Building blocks of Linear-Llama: RMSNorm, SwiGLU MLP, RoPE, decays and feature maps.
+
+Legend: B batch, T tokens, H heads, D head dim.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x)), no biases."""
+
+    def __init__(self, hidden: int, inner: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inner, bias=False)
+        self.up_proj = nn.Linear(hidden, inner, bias=False)
+        self.down_proj = nn.Linear(inner, hidden, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def rope(x_BTHD: Tensor, positions_BT: Tensor, theta: float) -> Tensor:
+    """Rotary embedding (rotate-half form) at the given global token positions."""
+    D = x_BTHD.shape[-1]
+    inv = 1.0 / theta ** (torch.arange(0, D, 2, device=x_BTHD.device, dtype=torch.float64) / D)
+    ang = positions_BT.to(torch.float64)[..., None] * inv  # [B, T, D/2]
+    cos = torch.cos(ang).repeat(1, 1, 2)[:, :, None, :].to(x_BTHD.dtype)
+    sin = torch.sin(ang).repeat(1, 1, 2)[:, :, None, :].to(x_BTHD.dtype)
+    x1, x2 = x_BTHD[..., : D // 2], x_BTHD[..., D // 2 :]
+    return x_BTHD * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+def _alibi_slopes(n: int) -> list[float]:
+    def power_of_2(m):
+        start = 2 ** (-(2 ** -(math.log2(m) - 3)))
+        return [start * start**i for i in range(m)]
+
+    if math.log2(n).is_integer():
+        return power_of_2(n)
+    closest = 2 ** math.floor(math.log2(n))
+    return power_of_2(closest) + _alibi_slopes(2 * closest)[0::2][: n - closest]
+
+
+def log_decay(variant: str, num_heads: int, layer: int, num_layers: int) -> Tensor | None:
+    """Per-head log-decay [H] (float64, <= 0) of a linear-attention layer, or None for `basic`.
+
+    lightning: ALiBi slopes scaled down with depth as in TransNormerLLM / Lightning Attention;
+    retention: RetNet's gamma_h = 1 - 2^(-5-h).
+    """
+    if variant == "basic":
+        return None
+    if variant == "lightning":
+        depth = 1 - layer / max(num_layers - 1, 1) + 1e-5
+        return -torch.tensor(_alibi_slopes(num_heads), dtype=torch.float64) * depth
+    if variant == "retention":
+        return torch.log(1 - 2.0 ** (-5 - torch.arange(num_heads, dtype=torch.float64)))
+    raise ValueError(f"unknown linear variant {variant!r}")
+
+
+FEATURE_MAPS = {
+    "identity": lambda x: x,
+    "elu1": lambda x: F.elu(x) + 1,
+    "relu": F.relu,
+    "silu": F.silu,
+}
