@@ -1,0 +1,78 @@
+"""How a run is parallelised: a typed dataclass, checked against the model and the world before any work."""
+
+from dataclasses import dataclass
+
+from lasp.model.config import ModelConfig
+from lasp.sp.layout import LAYOUTS
+
+
+@dataclass
+class ParallelConfig:
+    """Sizes of the TP x SP x PP x DP mesh (rank order, fastest first: tp, sp, dp, pp)."""
+
+    tp: int = 1
+    """Tensor-parallel ranks: attention heads, KV heads, MLP width and vocabulary are split across them."""
+    sp: int = 1
+    """Sequence-parallel ranks (megatron-core's context-parallel group): LASP-2 / LASP-2H."""
+    pp: int = 1
+    """Pipeline stages: the layers are split into this many equal stages."""
+    dp: int = 1
+    """Data-parallel replicas: the global batch is split across them."""
+    sp_layout: str = "zigzag"
+    """Token split of the SP group, the same for every layer: contiguous or zigzag."""
+    microbatches: int = 1
+    """Microbatches per step (the pipeline schedule runs 1F1B over them when pp > 1)."""
+    zero_stage: int = 0
+    """0: gradients all-reduced over the DP x SP ranks (plain data parallelism); 1-3: DeepSpeed ZeRO."""
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.sp * self.pp * self.dp
+
+    def problems(self, model: ModelConfig, world_size: int, seq_len: int, global_batch: int) -> list[str]:
+        """Everything wrong with running `model` this way on `world_size` ranks, each with its numbers."""
+        p = []
+        for name in ("tp", "sp", "pp", "dp", "microbatches"):
+            if getattr(self, name) < 1:
+                p.append(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
+        if p:
+            return p
+        if self.world_size != world_size:
+            p.append(
+                f"world size {world_size} != tp x sp x pp x dp = {self.tp} x {self.sp} x {self.pp} x {self.dp} "
+                f"= {self.world_size}"
+            )
+        if model.num_heads % self.tp:
+            p.append(f"model.num_heads ({model.num_heads}) is not divisible by parallel.tp ({self.tp})")
+        if model.num_kv_heads % self.tp:
+            p.append(f"model.num_kv_heads ({model.num_kv_heads}) is not divisible by parallel.tp ({self.tp})")
+        if model.ffn_hidden_size % self.tp:
+            p.append(f"model.ffn_hidden_size ({model.ffn_hidden_size}) is not divisible by parallel.tp ({self.tp})")
+        if model.vocab_size % self.tp:
+            p.append(f"model.vocab_size ({model.vocab_size}) is not divisible by parallel.tp ({self.tp})")
+        if model.num_layers % self.pp:
+            p.append(f"model.num_layers ({model.num_layers}) is not divisible by parallel.pp ({self.pp}) stages")
+        if self.sp_layout not in LAYOUTS:
+            p.append(f"parallel.sp_layout must be one of {', '.join(LAYOUTS)}, got {self.sp_layout!r}")
+        else:
+            chunks = self.sp * (2 if self.sp_layout == "zigzag" else 1)
+            if seq_len % chunks:
+                p.append(
+                    f"sequence length {seq_len} is not divisible by the {self.sp_layout} layout over "
+                    f"parallel.sp = {self.sp} ranks (needs a multiple of {chunks})"
+                )
+        if global_batch % (self.dp * self.microbatches):
+            p.append(
+                f"global batch {global_batch} is not divisible by parallel.dp x parallel.microbatches = "
+                f"{self.dp} x {self.microbatches}"
+            )
+        if self.zero_stage not in (0, 1, 2, 3):
+            p.append(f"parallel.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        elif self.zero_stage and self.pp > 1:
+            p.append(f"parallel.zero_stage {self.zero_stage} needs parallel.pp = 1, got {self.pp}")
+        return p
+
+    def check(self, model: ModelConfig, world_size: int, seq_len: int, global_batch: int) -> None:
+        problems = self.problems(model, world_size, seq_len, global_batch)
+        if problems:
+            raise ValueError("invalid parallel layout:\n  " + "\n  ".join(problems))

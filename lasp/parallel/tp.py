@@ -1,0 +1,123 @@
+"""Tensor parallelism with megatron-core layers, applied to a built single-device model.
+
+Each nn.Linear / nn.Embedding is replaced by its megatron-core counterpart holding this rank's shard of
+the SAME weights, so a parallel model starts exactly where the single-device one does:
+q/k/v, gate/up and the LM head are column-parallel (heads, MLP width and vocabulary split), o and down
+are row-parallel, the embedding is vocab-parallel, and the loss is a vocab-parallel cross-entropy.
+Parameters whose gradient covers only the local heads (the per-head output norm) are marked
+`tp_partial_grad` so the gradient sync sums them over the TP group.
+"""
+
+import torch
+import torch.distributed as dist
+from megatron.core import tensor_parallel
+from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
+from megatron.core.model_parallel_config import ModelParallelConfig
+from torch import Tensor, nn
+
+from lasp.model.llama import LinearAttention, LinearLlama
+
+
+class _Megatron(nn.Module):
+    """Drops the (output, bias) tuple of a megatron linear layer."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+
+    @property
+    def weight(self) -> nn.Parameter:
+        return self.layer.weight
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.layer(x)[0]
+
+
+def _shard(w: Tensor, dim: int, rank: int, size: int) -> Tensor:
+    return w.chunk(size, dim=dim)[rank]
+
+
+def _adopt(new: nn.Parameter, old: nn.Parameter, dim: int, rank: int, size: int) -> None:
+    """Copy this rank's shard of `old` into `new` and remember where it came from (`full_name`, `tp_dim`)."""
+    with torch.no_grad():
+        new.copy_(_shard(old, dim, rank, size))
+    new.full_name = getattr(old, "full_name", None)
+    new.tp_dim = dim
+
+
+def _column(lin: nn.Linear, cfg: ModelParallelConfig, group, rank: int, size: int) -> _Megatron:
+    layer = tensor_parallel.ColumnParallelLinear(
+        lin.in_features, lin.out_features, config=cfg, init_method=nn.init.zeros_, bias=False,
+        gather_output=False, tp_group=group,
+    )
+    _adopt(layer.weight, lin.weight, 0, rank, size)
+    return _Megatron(layer)
+
+
+def _row(lin: nn.Linear, cfg: ModelParallelConfig, group, rank: int, size: int) -> _Megatron:
+    layer = tensor_parallel.RowParallelLinear(
+        lin.in_features, lin.out_features, config=cfg, init_method=nn.init.zeros_, bias=False,
+        input_is_parallel=True, skip_bias_add=False, tp_group=group,
+    )
+    _adopt(layer.weight, lin.weight, 1, rank, size)
+    return _Megatron(layer)
+
+
+def megatron_config(tp: int, pp: int, sp: int, dtype: torch.dtype, hidden: int, num_layers: int, heads: int):
+    """The megatron-core config the layers and the pipeline schedules read."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    return TransformerConfig(
+        num_layers=num_layers, hidden_size=hidden, num_attention_heads=heads,
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, context_parallel_size=sp,
+        params_dtype=dtype, pipeline_dtype=dtype, use_cpu_initialization=True, perform_initialization=False,
+        gradient_accumulation_fusion=False, calculate_per_token_loss=True,
+        batch_p2p_sync=False, deallocate_pipeline_outputs=False,
+    )
+
+
+def apply_tp(model: LinearLlama, cfg: ModelParallelConfig, group, rank: int, size: int) -> None:
+    """Swap `model`'s layers for this TP rank's shards, in place."""
+    if size == 1:
+        return
+    for block in model.layers:
+        mixer, mlp = block.mixer, block.mlp
+        for name in ("q_proj", "k_proj", "v_proj"):
+            setattr(mixer, name, _column(getattr(mixer, name), cfg, group, rank, size))
+        mixer.o_proj = _row(mixer.o_proj, cfg, group, rank, size)
+        if isinstance(mixer, LinearAttention):
+            if mixer.log_decay is not None:
+                mixer.log_decay = _shard(mixer.log_decay, 0, rank, size).clone()
+            if mixer.out_norm is not None:
+                mixer.out_norm.weight.tp_partial_grad = True
+        mlp.gate_proj = _column(mlp.gate_proj, cfg, group, rank, size)
+        mlp.up_proj = _column(mlp.up_proj, cfg, group, rank, size)
+        mlp.down_proj = _row(mlp.down_proj, cfg, group, rank, size)
+    tied = model.cfg.tie_embeddings
+    emb = tensor_parallel.VocabParallelEmbedding(
+        model.embed.num_embeddings, model.embed.embedding_dim, init_method=nn.init.zeros_, config=cfg, tp_group=group
+    )
+    _adopt(emb.weight, model.embed.weight, 0, rank, size)
+    model.lm_head = _column(model.lm_head, cfg, group, rank, size)
+    model.embed = emb
+    if tied:
+        model.lm_head.layer.weight = emb.weight
+
+
+def vocab_parallel_loss_sum(logits: Tensor, labels: Tensor, group, rank: int) -> Tensor:
+    """Summed cross-entropy of vocab-sharded logits [B, T, V/tp] (labels -100 are ignored).
+
+    megatron-core's vocab_parallel_cross_entropy computes in float32 whatever the input; this keeps
+    float64 (and upcasts half precision), so TP matches one process to float64 rounding. Every TP rank
+    computes the same loss; the all-reduces pass gradients straight through (megatron's convention).
+    """
+    lf = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+    vocab_local = lf.shape[-1]
+    m = lf.detach().amax(-1)
+    dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+    sum_exp = reduce_from_tensor_model_parallel_region(torch.exp(lf - m[..., None]).sum(-1), group=group)
+    local = labels - rank * vocab_local
+    mine = (local >= 0) & (local < vocab_local)
+    target = lf.gather(-1, local.clamp(0, vocab_local - 1)[..., None]).squeeze(-1) * mine
+    target = reduce_from_tensor_model_parallel_region(target, group=group)
+    return ((m + torch.log(sum_exp) - target) * (labels != -100)).sum()

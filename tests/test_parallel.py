@@ -1,0 +1,114 @@
+"""Linear-Llama under TP x SP x PP x DP on gloo processes: loss and every gradient equal one process."""
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from lasp.model import LinearLlama, ModelConfig, lm_loss_sum
+from tests.dist import assert_close_rel
+
+MODEL = dict(vocab_size=256, hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2, ffn_hidden_size=128,
+             layer_pattern="LLLS")
+SEQ, BATCH = 96, 2
+TOL = {"f64": 1e-9, "f32": 2e-4}
+
+
+def _reference(cfg, tokens, dtype, steps, lr):
+    torch.manual_seed(0)
+    model = LinearLlama(cfg).to(dtype)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = lm_loss_sum(model(tokens[:, :-1]), tokens[:, 1:]) / tokens[:, 1:].numel()
+        loss.backward()
+        losses.append(loss.item())
+        if steps > 1:
+            opt.step()
+    return model, losses
+
+
+def case_parallel(tp, sp, pp, dp, layout="zigzag", dtype="f64", microbatches=1, steps=1, lr=1e-2, **model_kw):
+    from lasp.parallel import ParallelConfig, init_groups, parallelize, train_step
+
+    dt = {"f64": torch.float64, "f32": torch.float32}[dtype]
+    cfg = ModelConfig(**{**MODEL, **model_kw})
+    pcfg = ParallelConfig(tp=tp, sp=sp, pp=pp, dp=dp, sp_layout=layout, microbatches=microbatches)
+    pcfg.check(cfg, dist.get_world_size(), SEQ, BATCH)
+    tokens = torch.randint(0, cfg.vocab_size, (BATCH, SEQ + 1), generator=torch.Generator().manual_seed(7))
+    ref, ref_losses = _reference(cfg, tokens, dt, steps, lr)
+    ref_grads = {n: p.grad for n, p in ref.named_parameters()}
+
+    groups = init_groups(pcfg)
+    torch.manual_seed(0)
+    stage = parallelize(LinearLlama(cfg).to(dt), pcfg, groups)
+    opt = torch.optim.AdamW(stage.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        losses.append(train_step(stage, tokens, pcfg, groups))
+        if steps > 1:
+            opt.step()
+    checked = 0
+    if steps == 1:
+        for p in stage.parameters():
+            want = ref_grads[p.full_name]
+            if getattr(p, "tp_dim", None) is not None:
+                want = want.chunk(tp, dim=p.tp_dim)[groups.tp_rank]
+            assert_close_rel(p.grad, want, TOL[dtype], p.full_name)
+            checked += 1
+    if stage.is_last:
+        for got, want in zip(losses, ref_losses):
+            assert abs(got.item() - want) <= TOL[dtype] * abs(want), (losses, ref_losses)
+    return {"checked": checked, "last": stage.is_last, "losses": [float(x) for x in losses] if stage.is_last else None}
+
+
+LAYOUTS = [(2, 1, 1, 1), (1, 2, 1, 1), (1, 4, 1, 1), (1, 1, 2, 1), (1, 1, 1, 2), (2, 2, 1, 1), (1, 2, 2, 1),
+           (2, 1, 2, 1), (1, 2, 1, 2)]
+
+
+@pytest.mark.parametrize("tp, sp, pp, dp", LAYOUTS, ids=[f"tp{a}-sp{b}-pp{c}-dp{d}" for a, b, c, d in LAYOUTS])
+def test_one_step_matches_single_process(dist_pool, tp, sp, pp, dp):
+    res = dist_pool(tp * sp * pp * dp).run("tests.test_parallel:case_parallel", tp=tp, sp=sp, pp=pp, dp=dp)
+    n_params = len(list(LinearLlama(ModelConfig(**MODEL)).parameters()))
+    assert sum(r["checked"] for r in res) == n_params * tp * sp * dp
+    assert any(r["last"] for r in res)
+
+
+@pytest.mark.parametrize(
+    "tp, sp, pp, dp, extra",
+    [
+        (1, 2, 2, 1, dict(microbatches=2, layout="contiguous")),
+        (2, 1, 2, 1, dict(tie_embeddings=True, microbatches=2)),
+        (2, 2, 1, 1, dict(dtype="f32", linear_variant="retention", feature_map="elu1")),
+        (1, 2, 1, 2, dict(dtype="f32", linear_variant="basic", tie_embeddings=True)),
+    ],
+    ids=["1f1b-2mb-contiguous", "tied-tp-pp", "f32-retention", "f32-tied-dp"],
+)
+def test_variants_match_single_process(dist_pool, tp, sp, pp, dp, extra):
+    dist_pool(tp * sp * pp * dp).run("tests.test_parallel:case_parallel", tp=tp, sp=sp, pp=pp, dp=dp, **extra)
+
+
+def test_five_steps_follow_the_single_process_loss_curve(dist_pool):
+    res = dist_pool(4).run("tests.test_parallel:case_parallel", tp=1, sp=2, pp=2, dp=1, steps=5, microbatches=2)
+    curves = [r["losses"] for r in res if r["last"]]
+    assert len(curves) == 2 and len(curves[0]) == 5 and curves[0][-1] < curves[0][0]
+
+
+@pytest.mark.parametrize(
+    "kwargs, world, seq, batch, parts",
+    [
+        (dict(tp=3), 3, 96, 2, ["num_heads (4) is not divisible by parallel.tp (3)",
+                                "num_kv_heads (2) is not divisible by parallel.tp (3)"]),
+        (dict(pp=3), 3, 96, 2, ["num_layers (4) is not divisible by parallel.pp (3)"]),
+        (dict(sp=4, sp_layout="zigzag"), 4, 100, 2, ["sequence length 100", "multiple of 8"]),
+        (dict(tp=2, dp=2), 8, 96, 2, ["world size 8 != tp x sp x pp x dp = 2 x 1 x 1 x 2 = 4"]),
+        (dict(dp=2, microbatches=2), 2, 96, 2, ["global batch 2 is not divisible by parallel.dp x parallel.microbatches"]),
+    ],
+)
+def test_bad_layouts_name_the_numbers(kwargs, world, seq, batch, parts):
+    from lasp.parallel import ParallelConfig
+
+    with pytest.raises(ValueError) as e:
+        ParallelConfig(**kwargs).check(ModelConfig(**MODEL), world, seq, batch)
+    assert all(p in str(e.value) for p in parts), str(e.value)
