@@ -7,8 +7,10 @@ VENV="$ROOT/.venv"
 PY="$VENV/bin/python"
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
   PINS="$ROOT/requirements/constraints-gpu.txt"
+  DS_ENV=(DS_BUILD_OPS=0)
 else
   PINS="$ROOT/requirements/constraints-cpu.txt"
+  DS_ENV=(DS_BUILD_OPS=0 DS_ACCELERATOR=cpu)
 fi
 if [ ! -x "$PY" ]; then
   BASE_PY="$(command -v python3.11 || command -v python3)"
@@ -17,9 +19,12 @@ if [ ! -x "$PY" ]; then
   "$BASE_PY" -m venv "$VENV"
 fi
 STAMP="$VENV/.lasp-installed"
-WANT="$(cat "$PINS" "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)"
+WANT="$(cat "$PINS" "$ROOT/pyproject.toml" "${BASH_SOURCE[0]}" | sha256sum | cut -d' ' -f1)"
 if [ "$(cat "$STAMP" 2>/dev/null || true)" != "$WANT" ]; then
   echo "installing pinned dependencies from ${PINS#"$ROOT"/}" >&2
+  "$PY" -m pip install --quiet --disable-pip-version-check -c "$PINS" setuptools
   "$PY" -m pip install --quiet --disable-pip-version-check -c "$PINS" -e "$ROOT[test,bench]"
+  # DeepSpeed (ZeRO) builds no ops at install time and must see the installed torch: no build isolation.
+  env "${DS_ENV[@]}" "$PY" -m pip install --quiet --disable-pip-version-check --no-build-isolation -c "$PINS" deepspeed
   echo "$WANT" > "$STAMP"
 fi

@@ -11,6 +11,7 @@ import importlib
 import os
 import queue
 import tempfile
+import time
 import traceback
 
 import torch.multiprocessing as mp
@@ -21,6 +22,8 @@ CASE_TIMEOUT_S = 240
 
 def _worker(rank: int, world_size: int, store_path: str, tasks, results) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # what torchrun would export; DeepSpeed reads LOCAL_RANK
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
     import torch
     import torch.distributed as dist
 
@@ -67,13 +70,16 @@ class DistPool:
 
     def _collect(self, what: str) -> list:
         out, errors = {}, []
+        deadline = time.monotonic() + CASE_TIMEOUT_S
         while len(out) < self.world_size:
             try:
-                rank, ok, value = self._results.get(timeout=CASE_TIMEOUT_S)
+                rank, ok, value = self._results.get(timeout=1.0)
             except queue.Empty:
                 dead = [r for r, p in enumerate(self._procs) if not p.is_alive()]
-                self.close()
-                raise TimeoutError(f"{what}: no answer in {CASE_TIMEOUT_S}s (dead ranks: {dead})") from None
+                if dead or time.monotonic() > deadline:
+                    self.close()
+                    raise TimeoutError(f"{what}: no answer from every rank (dead ranks: {dead})") from None
+                continue
             out[rank] = value
             if not ok:
                 errors.append(f"--- rank {rank} ---\n{value}")

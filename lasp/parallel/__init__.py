@@ -13,6 +13,7 @@ from lasp.parallel.groups import ParallelGroups, init_groups
 from lasp.parallel.pipeline import PipelineStage, forward_backward
 from lasp.parallel.sp import apply_sp
 from lasp.parallel.tp import apply_tp, megatron_config, vocab_parallel_loss_sum
+from lasp.parallel.zero import zero_engine, zero_train_step
 
 
 def parallelize(model: LinearLlama, cfg: ParallelConfig, groups: ParallelGroups) -> PipelineStage:
@@ -55,6 +56,8 @@ def train_step(stage: PipelineStage, tokens: torch.Tensor, cfg: ParallelConfig, 
 
 
 __all__ = [
+    "zero_engine",
+    "zero_train_step",
     "ParallelConfig",
     "ParallelGroups",
     "PipelineStage",
