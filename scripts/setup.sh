@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sourced by run.sh and test.sh: creates .venv in the repo root when it is missing and installs the
-# pinned dependencies (again only when the pins or pyproject.toml change). CPU pins unless a GPU answers.
+# pinned dependencies (again only when the pins, pyproject.toml or this script change). CPU pins unless a
+# GPU answers.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$ROOT/.venv"
