@@ -30,6 +30,7 @@ def _reference(cfg, tokens, dtype, steps, lr):
 
 def case_parallel(tp, sp, pp, dp, layout="zigzag", dtype="f64", microbatches=1, steps=1, lr=1e-2, **model_kw):
     from lasp.parallel import ParallelConfig, init_groups, parallelize, train_step
+    from lasp.parallel.mesh import coords
 
     dt = {"f64": torch.float64, "f32": torch.float32}[dtype]
     cfg = ModelConfig(**{**MODEL, **model_kw})
@@ -40,6 +41,8 @@ def case_parallel(tp, sp, pp, dp, layout="zigzag", dtype="f64", microbatches=1, 
     ref_grads = {n: p.grad for n, p in ref.named_parameters()}
 
     groups = init_groups(pcfg)
+    c = coords(pcfg)[dist.get_rank()]  # the picture in the README is megatron's mesh
+    assert (c.tp, c.sp, c.dp, c.pp) == (groups.tp_rank, groups.sp_rank, groups.dp_rank, groups.pp_rank)
     torch.manual_seed(0)
     stage = parallelize(LinearLlama(cfg).to(dt), pcfg, groups)
     opt = torch.optim.AdamW(stage.parameters(), lr=lr)

@@ -1,0 +1,74 @@
+"""Which rank holds what: the TP x SP x PP x DP mesh as a picture.
+
+    python -m lasp.parallel.mesh --tp 2 --sp 2 --pp 2 --dp 1 [--seq-len 96 --layers 4 --heads 4 --batch 2]
+
+Rank order is megatron-core's default (tp-cp-ep-dp-pp, fastest first): consecutive ranks share
+everything but their TP shard, then their SP shard, then their DP replica; the pipeline stage changes
+slowest.
+"""
+
+import argparse
+from dataclasses import dataclass
+
+from lasp.parallel.config import ParallelConfig
+from lasp.sp.layout import SeqLayout
+
+
+@dataclass(frozen=True)
+class Coord:
+    tp: int
+    sp: int
+    dp: int
+    pp: int
+
+
+def coords(cfg: ParallelConfig) -> list[Coord]:
+    """Mesh coordinates of every global rank, in rank order."""
+    out = []
+    for rank in range(cfg.world_size):
+        r, tp = divmod(rank, cfg.tp)
+        r, sp = divmod(r, cfg.sp)
+        pp, dp = divmod(r, cfg.dp)
+        out.append(Coord(tp, sp, dp, pp))
+    return out
+
+
+def describe(cfg: ParallelConfig, seq_len: int, layers: int, heads: int, batch: int) -> str:
+    """One line per rank: its coordinates, layers, heads, batch rows and token chunks."""
+    lay = SeqLayout(cfg.sp_layout, cfg.sp)
+    chunk = seq_len // lay.num_chunks
+    lines = [f"tp={cfg.tp} sp={cfg.sp} ({cfg.sp_layout}) pp={cfg.pp} dp={cfg.dp}: {cfg.world_size} ranks"]
+    lines.append("rank | tp sp dp pp | layers  | heads   | batch rows | tokens")
+    for rank, c in enumerate(coords(cfg)):
+        per_l, per_h, per_b = layers // cfg.pp, heads // cfg.tp, batch // cfg.dp
+        toks = " + ".join(f"[{i * chunk}, {(i + 1) * chunk})" for i in lay.chunks_of(c.sp))
+        lines.append(
+            f"{rank:4d} | {c.tp:2d} {c.sp:2d} {c.dp:2d} {c.pp:2d} | {c.pp * per_l}-{(c.pp + 1) * per_l - 1:<5d} | "
+            f"{c.tp * per_h}-{(c.tp + 1) * per_h - 1:<5d} | {c.dp * per_b}-{(c.dp + 1) * per_b - 1:<8d} | {toks}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m lasp.parallel.mesh", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    for name in ("tp", "sp", "pp", "dp"):
+        p.add_argument(f"--{name}", type=int, default=1)
+    p.add_argument("--sp-layout", default="zigzag")
+    p.add_argument("--seq-len", type=int, default=96)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--batch", type=int, default=2)
+    a = p.parse_args(argv)
+    cfg = ParallelConfig(tp=a.tp, sp=a.sp, pp=a.pp, dp=a.dp, sp_layout=a.sp_layout)
+    from lasp.model.config import ModelConfig
+
+    model = ModelConfig(num_layers=a.layers, num_heads=a.heads, num_kv_heads=a.heads, hidden_size=16 * a.heads)
+    problems = cfg.problems(model, cfg.world_size, a.seq_len, a.batch)
+    if problems:
+        p.error("; ".join(problems))
+    print(describe(cfg, a.seq_len, a.layers, a.heads, a.batch))
+
+
+if __name__ == "__main__":
+    main()
