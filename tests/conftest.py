@@ -2,19 +2,19 @@ import pytest
 
 from tests.dist import DistPool
 
-_pools: dict[int, DistPool] = {}
 
-
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def dist_pool():
-    """get(W) -> a live DistPool of W gloo processes, started once and shared by all tests."""
+    """get(W) -> a live DistPool of W gloo processes, started once per test module (so processes that
+    imported megatron-core or DeepSpeed do not linger beside the next module's)."""
+    pools: dict[int, DistPool] = {}
 
     def get(world_size: int) -> DistPool:
-        pool = _pools.get(world_size)
+        pool = pools.get(world_size)
         if pool is None or not pool.alive or not pool._procs:
-            pool = _pools[world_size] = DistPool(world_size)
+            pool = pools[world_size] = DistPool(world_size)
         return pool
 
     yield get
-    for pool in _pools.values():
+    for pool in pools.values():
         pool.close()

@@ -25,21 +25,46 @@ class ParallelGroups:
     dp_rank: int
 
 
+_current: tuple[int, int, int] | None = None
+
+
+def _release_groups() -> None:
+    """Destroy the process groups of a previous mesh (each holds threads and sockets), then megatron's
+    record of them."""
+    seen = set()
+    for value in vars(ps).values():
+        for g in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(g, dist.ProcessGroup) and id(g) not in seen and g != dist.group.WORLD:
+                seen.add(id(g))
+                try:
+                    dist.destroy_process_group(g)
+                except (ValueError, RuntimeError):
+                    pass  # not a group this rank belongs to
+    ps.destroy_model_parallel()
+
+
 def init_groups(cfg: ParallelConfig) -> ParallelGroups:
-    """Build the mesh on the initialised default group (rank order tp-cp-ep-dp-pp, megatron's default)."""
+    """Build the mesh on the initialised default group (rank order tp-cp-ep-dp-pp, megatron's default).
+
+    Calling it again with the same tp/sp/pp sizes reuses the groups; other sizes replace them."""
+    global _current
     if not dist.is_initialized():
         raise RuntimeError("init_groups needs torch.distributed initialised (torchrun or init_process_group)")
     if dist.get_world_size() != cfg.world_size:
         raise ValueError(
             f"world size {dist.get_world_size()} != tp x sp x pp x dp = {cfg.tp} x {cfg.sp} x {cfg.pp} x {cfg.dp}"
         )
-    ps.destroy_model_parallel()
-    ps.initialize_model_parallel(
-        tensor_model_parallel_size=cfg.tp,
-        pipeline_model_parallel_size=cfg.pp,
-        context_parallel_size=cfg.sp,
-        order="tp-cp-ep-dp-pp",
-    )
+    sizes = (cfg.tp, cfg.sp, cfg.pp)
+    if _current != sizes:
+        _release_groups()
+        ps.initialize_model_parallel(
+            tensor_model_parallel_size=cfg.tp,
+            pipeline_model_parallel_size=cfg.pp,
+            context_parallel_size=cfg.sp,
+            order="tp-cp-ep-dp-pp",
+            create_gloo_process_groups=False,  # the default backend already is gloo on CPU
+        )
+        _current = sizes
     return ParallelGroups(
         tp=ps.get_tensor_model_parallel_group(),
         sp=ps.get_context_parallel_group(),
