@@ -18,7 +18,7 @@ TOL = {"f64": 1e-10, "f32": 1e-5}
 MODES = {"causal": (True, False), "decay": (True, True), "bidirectional": (False, False)}
 
 
-def case_sp_linear(algo, layout, mode, dtype, chunk_len, B=2, H=4, Hkv=2, K=6, V=5, block=8):
+def case_sp_linear(algo, layout, mode, dtype, chunk_len, B=2, H=4, Hkv=2, K=6, V=5, block=8, backend="torch"):
     from lasp.kernels import TorchChunkKernel
 
     rank, W = dist.get_rank(), dist.get_world_size()
@@ -28,7 +28,12 @@ def case_sp_linear(algo, layout, mode, dtype, chunk_len, B=2, H=4, Hkv=2, K=6, V
     gen = torch.Generator().manual_seed(1234)
     q, k, v, do = (torch.randn(*s, generator=gen, dtype=dt) for s in [(B, N, H, K), (B, N, Hkv, K), (B, N, Hkv, V), (B, N, H, V)])
     log_decay = -torch.linspace(0.02, 0.9, H, dtype=dt) if with_decay else None
-    kernel = TorchChunkKernel(block=block, segment_blocks=2)
+    if backend == "triton":  # the pool was started with TRITON_INTERPRET=1 (or on a GPU)
+        from lasp.kernels.linear_attn.triton_chunk import TritonChunkKernel
+
+        kernel = TritonChunkKernel(block=16)
+    else:
+        kernel = TorchChunkKernel(block=block, segment_blocks=2)
 
     full = [x.clone().requires_grad_() for x in (q, k, v)]
     o_ref = linear_attn(*full, log_decay=log_decay, causal=causal, kernel=kernel)

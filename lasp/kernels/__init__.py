@@ -1,5 +1,6 @@
 """Single-device math. Nothing here knows about ranks or process groups."""
 
+from lasp.kernels.backend import BACKENDS, get_kernel
 from lasp.kernels.linear_attn import (
     DEFAULT_KERNEL,
     TorchChunkKernel,
@@ -10,6 +11,8 @@ from lasp.kernels.linear_attn import (
 from lasp.kernels.protocol import LinearAttnKernel, state_dtype
 
 __all__ = [
+    "BACKENDS",
+    "get_kernel",
     "DEFAULT_KERNEL",
     "LinearAttnKernel",
     "TorchChunkKernel",

@@ -1,0 +1,98 @@
+"""Triton kernels against the PyTorch path: on a GPU when there is one, else in Triton's CPU interpreter
+(small sizes, float32: the interpreter's tl.dot is wrong on bf16)."""
+
+import os
+
+import pytest
+import torch
+
+ON_GPU = torch.cuda.is_available()
+if not ON_GPU:
+    os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are defined
+triton = pytest.importorskip("triton")
+
+from lasp.kernels import TorchChunkKernel, get_kernel, linear_attn  # noqa: E402
+from lasp.kernels.linear_attn.triton_chunk import TritonChunkKernel  # noqa: E402
+from tests.dist import assert_close_rel  # noqa: E402
+
+DEVICE = "cuda" if ON_GPU else "cpu"
+DECAY = torch.tensor([-0.05, -0.7, 0.0])
+REF = TorchChunkKernel(block=8, segment_blocks=2)
+
+
+def _inputs(T, K, V, dtype=torch.float32, B=2, H=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mk = lambda *s: torch.randn(*s, generator=g).to(DEVICE, dtype)  # noqa: E731
+    return mk(B, T, H, K), mk(B, T, H, K), mk(B, T, H, V), mk(B, T, H, V), mk(B, H, K, V).float()
+
+
+@pytest.mark.parametrize("decay", [False, True], ids=["nodecay", "decay"])
+@pytest.mark.parametrize("T, K, V", [(1, 16, 16), (37, 8, 12), (70, 16, 32)])
+def test_protocol_matches_pytorch(T, K, V, decay):
+    tk = TritonChunkKernel(block=16)
+    q, k, v, do, S = _inputs(T, K, V)
+    g = DECAY.to(DEVICE) if decay else None
+    pairs = [
+        ([tk.chunk_state(k, v, g)], [REF.chunk_state(k, v, g)]),
+        ([tk.intra_fwd(q, k, v, g, 0.3)], [REF.intra_fwd(q, k, v, g, 0.3)]),
+        ([tk.inter_fwd(q, S, g, 0.3)], [REF.inter_fwd(q, S, g, 0.3)]),
+        (tk.inter_bwd(q, S, g, 0.3, do), REF.inter_bwd(q, S, g, 0.3, do)),
+        (tk.chunk_state_bwd(k, v, g, S), REF.chunk_state_bwd(k, v, g, S)),
+        (tk.intra_bwd(q, k, v, g, 0.3, do), REF.intra_bwd(q, k, v, g, 0.3, do)),
+    ]
+    for got, want in pairs:
+        for a, b in zip(got, want):
+            assert a.shape == b.shape and a.dtype == b.dtype
+            assert_close_rel(a, b, 2e-5)
+
+
+def test_linear_attn_with_states_through_triton():
+    q, k, v, do, s0 = _inputs(45, 16, 16)
+    args = [x.clone().requires_grad_() for x in (q, k, v, s0)]
+    ref = [x.clone().requires_grad_() for x in (q, k, v, s0)]
+    kw = dict(log_decay=DECAY.to(DEVICE), output_final_state=True)
+    o, sT = linear_attn(*args[:3], initial_state=args[3], kernel=TritonChunkKernel(block=16), **kw)
+    o_ref, sT_ref = linear_attn(*ref[:3], initial_state=ref[3], kernel=REF, **kw)
+    ((o * do).sum() + sT.sum()).backward()
+    ((o_ref * do).sum() + sT_ref.sum()).backward()
+    for a, b in zip([o, sT] + [x.grad for x in args], [o_ref, sT_ref] + [x.grad for x in ref]):
+        assert_close_rel(a, b, 2e-5)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("D", [64, 128])
+def test_half_precision_on_gpu(dtype, D):
+    q, k, v, do, _ = _inputs(1000, D, D, dtype=dtype)
+    tk = TritonChunkKernel()
+    o = tk.intra_fwd(q, k, v, DECAY.to(DEVICE), D**-0.5)
+    o_ref = REF.intra_fwd(*(x.float() for x in (q, k, v)), DECAY.to(DEVICE), D**-0.5)
+    assert o.dtype == dtype
+    assert_close_rel(o.float(), o_ref, 2e-2)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+def test_lasp2_runs_the_same_algorithm_on_triton_kernels(dist_pool, layout):
+    if ON_GPU:
+        pytest.skip("the gloo pool runs on CPU; on a GPU the protocol tests above cover the kernels")
+    res = dist_pool(2).run(
+        "tests.test_sp_linear:case_sp_linear", algo="lasp2", layout=layout, mode="decay", dtype="f32",
+        chunk_len=21, K=16, V=16, backend="triton",
+    )
+    assert all(len(r["fwd"]) == 1 and len(r["bwd"]) == 1 for r in res)
+
+
+def test_backend_choice():
+    assert get_kernel("torch").name == "torch"
+    assert get_kernel("auto").name == ("triton" if ON_GPU else "torch")
+    assert get_kernel("triton").name == "triton"  # a GPU, or the interpreter this module switched on
+    with pytest.raises(ValueError, match="one of auto, torch, triton"):
+        get_kernel("cuda")
+
+
+def test_triton_without_gpu_is_a_clear_error(monkeypatch):
+    if ON_GPU:
+        pytest.skip("a GPU is present")
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
+        get_kernel("triton")
