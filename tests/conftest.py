@@ -1,6 +1,15 @@
-import pytest
+import os
 
-from tests.dist import DistPool
+import torch
+
+# Without a GPU, Triton kernels run in Triton's CPU interpreter. Triton reads this when it is first
+# imported (torch.nn.attention imports it), so it is set here, before any test module is collected.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from tests.dist import DistPool  # noqa: E402
 
 
 @pytest.fixture(scope="module")

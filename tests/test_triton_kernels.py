@@ -1,14 +1,10 @@
 """Triton kernels against the PyTorch path: on a GPU when there is one, else in Triton's CPU interpreter
 (small sizes, float32: the interpreter's tl.dot is wrong on bf16)."""
 
-import os
-
 import pytest
 import torch
 
-ON_GPU = torch.cuda.is_available()
-if not ON_GPU:
-    os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are defined
+ON_GPU = torch.cuda.is_available()  # without one, conftest.py switched Triton to its interpreter
 triton = pytest.importorskip("triton")
 
 from lasp.kernels import TorchChunkKernel, get_kernel, linear_attn  # noqa: E402
