@@ -12,8 +12,9 @@ returns dK and dV to their owners.
 import torch
 from torch import Tensor
 
-from lasp.distributed import all_gather_stack, group_rank, group_size
-from lasp.kernels.softmax_attn import check_softmax_attn_args, softmax_attn
+from lasp.distributed import all_gather_stack, group_rank
+from lasp.kernels.softmax_attn import softmax_attn
+from lasp.sp.dispatch import run_sp_softmax_attn
 from lasp.sp.kv import pack_kv, unpack_kv
 from lasp.sp.layout import SeqLayout, stacked_to_global
 
@@ -33,11 +34,11 @@ def lasp2h_softmax_attn(
     q [B, T, Hq, D], k [B, T, Hkv, D], v [B, T, Hkv, Dv] are this rank's shards under `layout`
     (Hq % Hkv == 0). Returns this rank's shard of softmax attention on the whole sequence.
     """
-    scale = check_softmax_attn_args(q, k, v, scale)
-    lay = SeqLayout(layout, group_size(group))
-    L = lay.check_local_length(q.shape[1])
-    if lay.world_size == 1:
-        return softmax_attn(q, k, v, causal=causal, scale=scale)
+    return run_sp_softmax_attn(_lasp2h, q, k, v, group=group, layout=layout, causal=causal, scale=scale)
+
+
+def _lasp2h(q: Tensor, k: Tensor, v: Tensor, lay: SeqLayout, group, causal: bool, scale: float) -> Tensor:
+    L = q.shape[1] // lay.chunks_per_rank
     kv_full = stacked_to_global(all_gather_stack(pack_kv(k, v), group), lay)
     k_full, v_full = unpack_kv(kv_full, k.shape[2], k.shape[3])
     if not causal:

@@ -11,14 +11,9 @@ together with their dK/dV accumulators, W-1 steps, and one last step brings the 
 import torch
 from torch import Tensor
 
-from lasp.distributed import group_rank, group_size, ring_shift
-from lasp.kernels.softmax_attn import (
-    attn_block_bwd,
-    attn_with_lse,
-    check_softmax_attn_args,
-    merge_partials,
-    softmax_attn,
-)
+from lasp.distributed import group_rank, ring_shift
+from lasp.kernels.softmax_attn import attn_block_bwd, attn_with_lse, merge_partials
+from lasp.sp.dispatch import run_sp_softmax_attn
 from lasp.sp.kv import pack_kv, unpack_kv
 from lasp.sp.layout import SeqLayout
 
@@ -95,9 +90,7 @@ def ring_softmax_attn(
     scale: float | None = None,
 ) -> Tensor:
     """Ring Attention over `group`; same contract as `lasp2h_softmax_attn`."""
-    scale = check_softmax_attn_args(q, k, v, scale)
-    lay = SeqLayout(layout, group_size(group))
-    lay.check_local_length(q.shape[1])
-    if lay.world_size == 1:
-        return softmax_attn(q, k, v, causal=causal, scale=scale)
-    return _RingAttnFn.apply(q, k, v, causal, scale, group, lay)
+    return run_sp_softmax_attn(
+        lambda q, k, v, lay, group, causal, scale: _RingAttnFn.apply(q, k, v, causal, scale, group, lay),
+        q, k, v, group=group, layout=layout, causal=causal, scale=scale,
+    )

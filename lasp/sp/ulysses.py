@@ -15,7 +15,8 @@ from torch import Tensor
 from lasp.distributed import all_to_all_stack, group_rank, group_size
 from lasp.kernels import linear_attn
 from lasp.kernels.linear_attn import check_linear_attn_args
-from lasp.kernels.softmax_attn import check_softmax_attn_args, softmax_attn
+from lasp.kernels.softmax_attn import softmax_attn
+from lasp.sp.dispatch import check_heads_divisible, run_sp_softmax_attn
 from lasp.sp.layout import SeqLayout, global_to_stacked, stacked_to_global
 
 
@@ -30,11 +31,6 @@ def _heads_to_seq(x_BNhD: Tensor, lay: SeqLayout, group) -> Tensor:
     back = all_to_all_stack(global_to_stacked(x_BNhD, lay), group)  # piece j: my tokens, head group j
     W, B, T, h, D = back.shape
     return back.permute(1, 2, 0, 3, 4).reshape(B, T, W * h, D)
-
-
-def _check_heads(H: int, W: int) -> None:
-    if H % W:
-        raise ValueError(f"Ulysses splits heads across the group: {H} heads are not divisible by {W} ranks")
 
 
 def _run(op: Callable[..., Tensor], q: Tensor, k: Tensor, v: Tensor, lay: SeqLayout, group, **kwargs) -> Tensor:
@@ -56,13 +52,10 @@ def ulysses_softmax_attn(
     scale: float | None = None,
 ) -> Tensor:
     """Ulysses softmax attention over `group`; same contract as `lasp2h_softmax_attn`, plus Hq % W == 0."""
-    scale = check_softmax_attn_args(q, k, v, scale)
-    lay = SeqLayout(layout, group_size(group))
-    lay.check_local_length(q.shape[1])
-    _check_heads(q.shape[2], lay.world_size)
-    if lay.world_size == 1:
-        return softmax_attn(q, k, v, causal=causal, scale=scale)
-    return _run(softmax_attn, q, k, v, lay, group, causal=causal, scale=scale)
+    return run_sp_softmax_attn(
+        lambda q, k, v, lay, group, causal, scale: _run(softmax_attn, q, k, v, lay, group, causal=causal, scale=scale),
+        q, k, v, group=group, layout=layout, causal=causal, scale=scale, heads_divisible=True,
+    )
 
 
 def ulysses_linear_attn(
@@ -80,7 +73,7 @@ def ulysses_linear_attn(
     k, v, scale = check_linear_attn_args(q, k, v, log_decay, causal, scale)
     lay = SeqLayout(layout, group_size(group))
     lay.check_local_length(q.shape[1])
-    _check_heads(q.shape[2], lay.world_size)
+    check_heads_divisible(q.shape[2], lay.world_size)
     if lay.world_size == 1:
         return linear_attn(q, k, v, log_decay=log_decay, causal=causal, scale=scale)
     h = q.shape[2] // lay.world_size
