@@ -23,9 +23,10 @@ def _inputs(T, K, V, dtype=torch.float32, B=2, H=3, seed=0):
 
 
 @pytest.mark.parametrize("decay", [False, True], ids=["nodecay", "decay"])
-@pytest.mark.parametrize("T, K, V", [(1, 16, 16), (37, 8, 12), (70, 16, 32)])
-def test_protocol_matches_pytorch(T, K, V, decay):
-    tk = TritonChunkKernel(block=16)
+@pytest.mark.parametrize("T, K, V, block", [(1, 16, 16, 16), (37, 8, 12, 16), (70, 16, 32, 16), (64, 40, 24, 32)])
+def test_protocol_matches_pytorch(T, K, V, block, decay):
+    """Every method; in the interpreter the tiles are 16 wide, so K=40 / V=24 / V=32 cross tile borders."""
+    tk = TritonChunkKernel(block=block)
     q, k, v, do, S = _inputs(T, K, V)
     g = DECAY.to(DEVICE) if decay else None
     pairs = [
@@ -56,15 +57,25 @@ def test_linear_attn_with_states_through_triton():
 
 
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("decay", [False, True], ids=["nodecay", "decay"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("D", [64, 128])
-def test_half_precision_on_gpu(dtype, D):
-    q, k, v, do, _ = _inputs(1000, D, D, dtype=dtype)
-    tk = TritonChunkKernel()
-    o = tk.intra_fwd(q, k, v, DECAY.to(DEVICE), D**-0.5)
-    o_ref = REF.intra_fwd(*(x.float() for x in (q, k, v)), DECAY.to(DEVICE), D**-0.5)
-    assert o.dtype == dtype
-    assert_close_rel(o.float(), o_ref, 2e-2)
+def test_half_precision_on_gpu(dtype, D, decay):
+    """bf16 / fp16 forward and backward with states, against the fp32 PyTorch path on the same inputs."""
+    q, k, v, do, s0 = _inputs(1000, D, D, dtype=dtype)
+    g = DECAY.to(DEVICE) if decay else None
+    got = [x.clone().requires_grad_() for x in (q, k, v, s0)]
+    ref = [x.float().clone().requires_grad_() for x in (q, k, v, s0)]
+    o, sT = linear_attn(*got[:3], log_decay=g, initial_state=got[3], output_final_state=True,
+                        kernel=TritonChunkKernel())
+    o_ref, sT_ref = linear_attn(*ref[:3], log_decay=g, initial_state=ref[3], output_final_state=True,
+                                kernel=TorchChunkKernel())
+    assert o.dtype == dtype and sT.dtype == torch.float32
+    ((o.float() * do.float()).sum() + sT.sum()).backward()
+    ((o_ref * do.float()).sum() + sT_ref.sum()).backward()
+    for a, b in zip([o, sT] + [x.grad for x in got], [o_ref, sT_ref] + [x.grad for x in ref]):
+        assert a.dtype == b.dtype or a.dtype == dtype
+        assert_close_rel(a.float(), b, 2e-2)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
@@ -76,6 +87,27 @@ def test_lasp2_runs_the_same_algorithm_on_triton_kernels(dist_pool, layout):
         chunk_len=21, K=16, V=16, backend="triton",
     )
     assert all(len(r["fwd"]) == 1 and len(r["bwd"]) == 1 for r in res)
+
+
+def test_tile_configs_fit_the_head_dims(monkeypatch):
+    """On a GPU every kernel autotunes over tiles; tiles wider than the head dims are pruned."""
+    from lasp.kernels.linear_attn import triton_chunk as tc
+
+    monkeypatch.setattr(tc, "INTERPRET", False)
+    tiles = [(64, 64), (128, 64), (64, 128), (128, 128)]
+    full = tc._configs(tiles, (4, 8), (2, 3))
+    assert len(full) == 16
+    kept = tc._prune(full, {"K": 64}, V=128)
+    assert {(c.kwargs["BK"], c.kwargs["BV"]) for c in kept} == {(64, 64), (64, 128)}
+    assert [(c.kwargs["BK"], c.kwargs["BV"]) for c in tc._prune(full, {}, K=8, V=8)] == [(64, 64)]
+    monkeypatch.setenv("LASP_TRITON_AUTOTUNE", "0")
+    assert len(tc._configs(tiles, (4, 8), (2, 3))) == 1
+
+
+def test_float64_is_a_clear_error():
+    q = torch.zeros(1, 4, 1, 16, dtype=torch.float64, device=DEVICE)
+    with pytest.raises(ValueError, match="float64"):
+        TritonChunkKernel().intra_fwd(q, q, q, None, 1.0)
 
 
 def test_backend_choice():

@@ -1,11 +1,28 @@
 """Triton kernels for chunked linear attention behind the kernel protocol (GPU; on CPU only in Triton's
 interpreter, TRITON_INTERPRET=1). `chunk.py` (PyTorch) is their reference, with the same methods.
 
-Legend: B batch, T tokens, H heads, K key dim, V value dim, BT tokens per chunk, NT chunks.
-Activations are [B, T, H, D] (any float dtype, float32 accumulation); states [B, H, K, V] float32.
-K and V are each one block (<= 256, padded to a power of two >= 16). A chunk that runs past T is masked,
-and decay exponents use each chunk's true length, so the last, partial chunk needs no padding.
+Legend: B batch, T tokens, H heads, K key dim, V value dim, BT tokens per chunk, NT chunks, BK / BV the
+K / V tile of one program, lam = exp(g) the per-head decay.
+
+Five kernels, tiled in the style of Lightning Attention-2 / flash-linear-attention:
+
+    _walk_fwd   grid (K tiles * V tiles, B*H): chunk by chunk, the state entering each chunk (h) and
+                the state after the last one. The only sequential loop of the forward.
+    _out        grid (V tiles, NT, B*H): o = masked, decayed (q k^T) v + q h, one chunk per program.
+    _walk_bwd   grid (K tiles * V tiles, B*H): chunks in reverse, the gradient of the state each chunk
+                hands on (dh) and of the state entering the first one.
+    _dv         grid (V tiles, NT, B*H): dv = (masked, decayed k q^T) do + k dh.
+    _dqk        grid (K tiles, NT, B*H): dq = ds k + do h^T, dk = ds^T q + v dh^T, ds = masked (do v^T).
+
+Products take the inputs' dtype (bf16 / fp16 on tensor cores, fp32 as exact IEEE products) with fp32
+accumulation; states are fp32 except the forward's per-chunk h of 16-bit inputs, kept in the input dtype
+(as flash-linear-attention does) to halve its memory. A chunk that runs past T is masked, and decay
+exponents use each chunk's true length, so the last, partial chunk needs no padding. On a GPU each
+kernel's tiles, warps and stages are autotuned once per (K, V, chunk, flags); LASP_TRITON_AUTOTUNE=0
+takes one fixed config instead.
 """
+
+import os
 
 import torch
 import triton
@@ -13,31 +30,50 @@ import triton.language as tl
 from torch import Tensor
 
 MAX_HEAD_DIM = 256
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _configs(tiles: list[tuple[int, int]], warps: tuple[int, ...], stages: tuple[int, ...]) -> list:
+    if INTERPRET:  # small tiles, so the interpreter tests cross K and V tile borders
+        return [triton.Config({"BK": 16, "BV": 16}, num_warps=1)]
+    if os.environ.get("LASP_TRITON_AUTOTUNE", "1") == "0":
+        tiles, warps, stages = tiles[:1], (4,), (2,)
+    return [triton.Config({"BK": bk, "BV": bv}, num_warps=w, num_stages=s)
+            for bk, bv in tiles for w in warps for s in stages]
+
+
+def _prune(configs, named_args, **kwargs):
+    """Drop tiles wider than the head dims need (keep the narrowest if all are)."""
+    args = {**named_args, **kwargs}
+    k, v = (max(16, triton.next_power_of_2(args[d])) for d in ("K", "V"))
+    kept = [c for c in configs if c.kwargs["BK"] <= k and c.kwargs["BV"] <= v]
+    return kept or [min(configs, key=lambda c: c.kwargs["BK"] * c.kwargs["BV"])]
+
+
+_WALK = dict(configs=_configs([(64, 64), (32, 64), (64, 32), (32, 32)], (2, 4, 8), (2, 3)),
+             key=["K", "V", "BT", "HAS_DECAY", "DOT_PREC"], prune_configs_by={"early_config_prune": _prune})
+_CHUNK = dict(configs=_configs([(64, 64), (128, 64), (64, 128), (128, 128)], (4, 8), (2, 3)),
+              key=["K", "V", "BT", "HAS_DECAY", "DOT_PREC", "INTRA", "PER_CHUNK"],
+              prune_configs_by={"early_config_prune": _prune})
 
 
 @triton.jit
-def _tile(ptr, t0, T, stride, D, BT: tl.constexpr, BD: tl.constexpr):
-    """[BT, BD] float32 tile of rows t0.. (row stride `stride`) of a [T, D] slice, zero outside."""
-    t = t0 + tl.arange(0, BT)
-    d = tl.arange(0, BD)
-    m = (t[:, None] < T) & (d[None, :] < D)
-    return tl.load(ptr + t[:, None] * stride + d[None, :], mask=m, other=0.0).to(tl.float32)
+def _rows(ptr, t, T, stride, c, C):
+    """[len(t), len(c)] tile: rows t (row stride `stride`), columns c, zero outside T x C."""
+    return tl.load(ptr + t[:, None] * stride + c[None, :], mask=(t[:, None] < T) & (c[None, :] < C), other=0.0)
 
 
 @triton.jit
-def _put(ptr, x, t0, T, stride, D, BT: tl.constexpr, BD: tl.constexpr):
-    t = t0 + tl.arange(0, BT)
-    d = tl.arange(0, BD)
-    m = (t[:, None] < T) & (d[None, :] < D)
-    tl.store(ptr + t[:, None] * stride + d[None, :], x.to(ptr.dtype.element_ty), mask=m)
+def _cols(ptr, t, T, stride, c, C):
+    """The transposed tile of `_rows`: [len(c), len(t)]."""
+    return tl.load(ptr + t[None, :] * stride + c[:, None], mask=(t[None, :] < T) & (c[:, None] < C), other=0.0)
 
 
 @triton.jit
-def _state_at(ptr, K, V, BK: tl.constexpr, BV: tl.constexpr):
-    """Pointers and mask of a [K, V] float32 state stored row-major at ptr."""
-    rk = tl.arange(0, BK)
-    rv = tl.arange(0, BV)
-    return ptr + rk[:, None] * V + rv[None, :], (rk[:, None] < K) & (rv[None, :] < V)
+def _store_rows(ptr, x, t, T, stride, c, C):
+    tl.store(ptr + t[:, None] * stride + c[None, :], x.to(ptr.dtype.element_ty),
+             mask=(t[:, None] < T) & (c[None, :] < C))
 
 
 @triton.jit
@@ -47,200 +83,239 @@ def _powers(g, e, valid):
 
 
 @triton.jit
-def _states_fwd(
-    k, v, g, h, final, T, H, K, V, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    HAS_DECAY: tl.constexpr, STORE_H: tl.constexpr,
+def _state_ptr(base, rk, rv, V):
+    return base + rk[:, None] * V + rv[None, :]
+
+
+@triton.autotune(**_WALK)
+@triton.jit(do_not_specialize=["T"])
+def _walk_fwd(
+    k, v, g, h, final, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, HAS_DECAY: tl.constexpr, STORE_H: tl.constexpr,
+    STORE_FINAL: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    """Chunk by chunk: h[n] = state entering chunk n (if STORE_H); final = state after the last chunk."""
-    bh = tl.program_id(0)
+    """h[n] = state entering chunk n (if STORE_H); final = state after the last chunk (if STORE_FINAL)."""
+    i_kv, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    i_k, i_v = i_kv // tl.cdiv(V, BV), i_kv % tl.cdiv(V, BV)
     b, hh = bh // H, bh % H
-    kb = k + b * T * H * K + hh * K
-    vb = v + b * T * H * V + hh * V
+    k += (b * T * H + hh) * K
+    v += (b * T * H + hh) * V
+    rk, rv, i = i_k * BK + tl.arange(0, BK), i_v * BV + tl.arange(0, BV), tl.arange(0, BT)
+    m_kv = (rk[:, None] < K) & (rv[None, :] < V)
     gh = tl.load(g + hh).to(tl.float32) if HAS_DECAY else 0.0
     NT = tl.cdiv(T, BT)
-    i = tl.arange(0, BT)
     state = tl.zeros([BK, BV], dtype=tl.float32)
     for n in range(NT):
-        t0 = n * BT
+        t = n * BT + i
         if STORE_H:
-            hp, hm = _state_at(h + (bh * NT + n) * K * V, K, V, BK, BV)
-            tl.store(hp, state, mask=hm)
-        kt = _tile(kb, t0, T, H * K, K, BT, BK)
-        vt = _tile(vb, t0, T, H * V, V, BT, BV)
+            tl.store(_state_ptr(h + (bh * NT + n) * K * V, rk, rv, V), state.to(h.dtype.element_ty), mask=m_kv)
+        kt = _cols(k, t, T, H * K, rk, K)  # [BK, BT]
+        vt = _rows(v, t, T, H * V, rv, V)  # [BT, BV]
         if HAS_DECAY:
-            length = tl.minimum(T - t0, BT)
-            kt = kt * _powers(gh, length - 1 - i, i < length)[:, None]
+            length = tl.minimum(T - n * BT, BT)
+            vt = (vt * _powers(gh, length - 1 - i, i < length)[:, None]).to(vt.dtype)
             state = state * tl.exp(gh * length.to(tl.float32))
-        state += tl.dot(tl.trans(kt), vt)
-    fp, fm = _state_at(final + bh * K * V, K, V, BK, BV)
-    tl.store(fp, state, mask=fm)
+        state = tl.dot(kt, vt, state, input_precision=DOT_PREC)
+    if STORE_FINAL:
+        tl.store(_state_ptr(final + bh * K * V, rk, rv, V), state, mask=m_kv)
 
 
-@triton.jit
-def _intra_o(
-    q, k, v, g, h, o, scale, T, H, K, V, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    HAS_DECAY: tl.constexpr,
+@triton.autotune(**_WALK)
+@triton.jit(do_not_specialize=["T"])
+def _walk_bwd(
+    q, do, g, dh, dfirst, scale, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, HAS_DECAY: tl.constexpr, STORE_H: tl.constexpr,
+    STORE_FINAL: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    """o of chunk n: masked, decayed (q k^T) v plus the incoming chunk state h[n] seen by q."""
-    n, bh = tl.program_id(0), tl.program_id(1)
+    """Chunks in reverse: dh[n] = gradient of the state chunk n hands on, from later chunks' queries (if
+    STORE_H); dfirst = gradient of the state entering chunk 0 (if STORE_FINAL)."""
+    i_kv, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    i_k, i_v = i_kv // tl.cdiv(V, BV), i_kv % tl.cdiv(V, BV)
     b, hh = bh // H, bh % H
-    NT = tl.cdiv(T, BT)
-    t0 = n * BT
-    qt = _tile(q + b * T * H * K + hh * K, t0, T, H * K, K, BT, BK)
-    kt = _tile(k + b * T * H * K + hh * K, t0, T, H * K, K, BT, BK)
-    vt = _tile(v + b * T * H * V + hh * V, t0, T, H * V, V, BT, BV)
-    i = tl.arange(0, BT)
-    causal = i[:, None] >= i[None, :]
-    s = tl.dot(qt, tl.trans(kt))
-    hp, hm = _state_at(h + (bh * NT + n) * K * V, K, V, BK, BV)
-    hn = tl.load(hp, mask=hm, other=0.0)
-    if HAS_DECAY:
-        gh = tl.load(g + hh).to(tl.float32)
-        s = s * _powers(gh, i[:, None] - i[None, :], causal)
-        qt = qt * tl.exp(gh * (i + 1).to(tl.float32))[:, None]
-    else:
-        s = tl.where(causal, s, 0.0)
-    out = (tl.dot(s, vt) + tl.dot(qt, hn)) * scale
-    _put(o + b * T * H * V + hh * V, out, t0, T, H * V, V, BT, BV)
-
-
-@triton.jit
-def _inter_o(q, S, g, o, scale, T, H, K, V, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-             HAS_DECAY: tl.constexpr):
-    """o_t = scale * lambda^(t+1) q_t S for the tokens of chunk n."""
-    n, bh = tl.program_id(0), tl.program_id(1)
-    b, hh = bh // H, bh % H
-    t0 = n * BT
-    qt = _tile(q + b * T * H * K + hh * K, t0, T, H * K, K, BT, BK)
-    if HAS_DECAY:
-        gh = tl.load(g + hh).to(tl.float32)
-        qt = qt * tl.exp(gh * (t0 + tl.arange(0, BT) + 1).to(tl.float32))[:, None]
-    sp, sm = _state_at(S + bh * K * V, K, V, BK, BV)
-    out = tl.dot(qt, tl.load(sp, mask=sm, other=0.0)) * scale
-    _put(o + b * T * H * V + hh * V, out, t0, T, H * V, V, BT, BV)
-
-
-@triton.jit
-def _inter_dq(do, S, g, dq, scale, T, H, K, V, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-              HAS_DECAY: tl.constexpr):
-    """dq_t = scale * lambda^(t+1) do_t S^T."""
-    n, bh = tl.program_id(0), tl.program_id(1)
-    b, hh = bh // H, bh % H
-    t0 = n * BT
-    dot_ = _tile(do + b * T * H * V + hh * V, t0, T, H * V, V, BT, BV)
-    sp, sm = _state_at(S + bh * K * V, K, V, BK, BV)
-    out = tl.dot(dot_, tl.trans(tl.load(sp, mask=sm, other=0.0))) * scale
-    if HAS_DECAY:
-        gh = tl.load(g + hh).to(tl.float32)
-        out = out * tl.exp(gh * (t0 + tl.arange(0, BT) + 1).to(tl.float32))[:, None]
-    _put(dq + b * T * H * K + hh * K, out, t0, T, H * K, K, BT, BK)
-
-
-@triton.jit
-def _inter_ds(q, do, g, dS, scale, T, H, K, V, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-              HAS_DECAY: tl.constexpr):
-    """dS = scale * sum_t lambda^(t+1) q_t do_t^T (gradient of the incoming state)."""
-    bh = tl.program_id(0)
-    b, hh = bh // H, bh % H
-    gh = tl.load(g + hh).to(tl.float32) if HAS_DECAY else 0.0
-    acc = tl.zeros([BK, BV], dtype=tl.float32)
-    for n in range(tl.cdiv(T, BT)):
-        t0 = n * BT
-        qt = _tile(q + b * T * H * K + hh * K, t0, T, H * K, K, BT, BK)
-        if HAS_DECAY:
-            qt = qt * tl.exp(gh * (t0 + tl.arange(0, BT) + 1).to(tl.float32))[:, None]
-        acc += tl.dot(tl.trans(qt), _tile(do + b * T * H * V + hh * V, t0, T, H * V, V, BT, BV))
-    sp, sm = _state_at(dS + bh * K * V, K, V, BK, BV)
-    tl.store(sp, acc * scale, mask=sm)
-
-
-@triton.jit
-def _state_bwd(k, v, g, dM, dk, dv, T, H, K, V, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-               HAS_DECAY: tl.constexpr):
-    """Gradient of M = sum_t lambda^(T-1-t) k_t v_t^T: dk_t = w_t v_t dM^T, dv_t = w_t k_t dM."""
-    n, bh = tl.program_id(0), tl.program_id(1)
-    b, hh = bh // H, bh % H
-    t0 = n * BT
-    kt = _tile(k + b * T * H * K + hh * K, t0, T, H * K, K, BT, BK)
-    vt = _tile(v + b * T * H * V + hh * V, t0, T, H * V, V, BT, BV)
-    mp, mm = _state_at(dM + bh * K * V, K, V, BK, BV)
-    dm = tl.load(mp, mask=mm, other=0.0)
-    dkt = tl.dot(vt, tl.trans(dm))
-    if HAS_DECAY:
-        t = t0 + tl.arange(0, BT)
-        w = _powers(tl.load(g + hh).to(tl.float32), T - 1 - t, t < T)[:, None]
-        dkt = dkt * w
-        kt = kt * w
-    _put(dk + b * T * H * K + hh * K, dkt, t0, T, H * K, K, BT, BK)
-    _put(dv + b * T * H * V + hh * V, tl.dot(kt, dm), t0, T, H * V, V, BT, BV)
-
-
-@triton.jit
-def _dstates_bwd(q, do, g, dkv, scale, T, H, K, V, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                 HAS_DECAY: tl.constexpr):
-    """Chunks in reverse: dkv[n] = gradient of the state chunk n hands on (from later chunks' queries)."""
-    bh = tl.program_id(0)
-    b, hh = bh // H, bh % H
+    q += (b * T * H + hh) * K
+    do += (b * T * H + hh) * V
+    rk, rv, i = i_k * BK + tl.arange(0, BK), i_v * BV + tl.arange(0, BV), tl.arange(0, BT)
+    m_kv = (rk[:, None] < K) & (rv[None, :] < V)
     gh = tl.load(g + hh).to(tl.float32) if HAS_DECAY else 0.0
     NT = tl.cdiv(T, BT)
-    i = tl.arange(0, BT)
     carry = tl.zeros([BK, BV], dtype=tl.float32)
     for m in range(NT):
         n = NT - 1 - m
-        t0 = n * BT
-        dp, dmask = _state_at(dkv + (bh * NT + n) * K * V, K, V, BK, BV)
-        tl.store(dp, carry, mask=dmask)
-        qt = _tile(q + b * T * H * K + hh * K, t0, T, H * K, K, BT, BK)
-        dot_ = _tile(do + b * T * H * V + hh * V, t0, T, H * V, V, BT, BV)
+        t = n * BT + i
+        if STORE_H:
+            tl.store(_state_ptr(dh + (bh * NT + n) * K * V, rk, rv, V), carry * scale, mask=m_kv)
+        qt = _cols(q, t, T, H * K, rk, K)  # [BK, BT]
+        dot_ = _rows(do, t, T, H * V, rv, V)  # [BT, BV]
         if HAS_DECAY:
-            length = tl.minimum(T - t0, BT)
-            qt = qt * tl.exp(gh * (i + 1).to(tl.float32))[:, None]
-            carry = carry * tl.exp(gh * length.to(tl.float32))
-        carry += tl.dot(tl.trans(qt), dot_) * scale
+            qt = (qt * tl.exp(gh * (i + 1).to(tl.float32))[None, :]).to(qt.dtype)
+            carry = carry * tl.exp(gh * tl.minimum(T - n * BT, BT).to(tl.float32))
+        carry = tl.dot(qt, dot_, carry, input_precision=DOT_PREC)
+    if STORE_FINAL:
+        tl.store(_state_ptr(dfirst + bh * K * V, rk, rv, V), carry * scale, mask=m_kv)
 
 
 @triton.jit
-def _intra_dqkv(
-    q, k, v, g, h, dkv, do, dq, dk, dv, scale, T, H, K, V, BT: tl.constexpr, BK: tl.constexpr,
-    BV: tl.constexpr, HAS_DECAY: tl.constexpr,
+def _span_powers(gh, t, i, T, BT: tl.constexpr, PER_CHUNK: tl.constexpr, FROM_END: tl.constexpr):
+    """Decay of each token against its span (its chunk if PER_CHUNK, else the whole sequence):
+    lam^(position + 1) for queries, lam^(span length - 1 - position) for keys (FROM_END)."""
+    if PER_CHUNK:
+        pos = i
+        length = tl.minimum(T - (t - i), BT)
+    else:
+        pos = t
+        length = T
+    if FROM_END:
+        return _powers(gh, length - 1 - pos, pos < length)
+    return tl.exp(gh * (pos + 1).to(tl.float32))
+
+
+@triton.jit
+def _causal_powers(gh, i, HAS_DECAY: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """[BT, BT] weights of the intra-chunk scores: lam^(row - col) on and below the diagonal, else 0
+    (TRANSPOSED: the same for scores laid out [key, query])."""
+    r, c = (i[None, :], i[:, None]) if TRANSPOSED else (i[:, None], i[None, :])
+    if HAS_DECAY:
+        return _powers(gh, r - c, r >= c)
+    return tl.where(r >= c, 1.0, 0.0)
+
+
+@triton.autotune(**_CHUNK)
+@triton.jit(do_not_specialize=["T"])
+def _out(
+    q, k, v, g, h, o, scale, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, HAS_DECAY: tl.constexpr, DOT_PREC: tl.constexpr,
+    INTRA: tl.constexpr, PER_CHUNK: tl.constexpr,
 ):
-    """dq, dk, dv of chunk n from its own tokens, its incoming state h[n] and its outgoing gradient dkv[n]."""
-    n, bh = tl.program_id(0), tl.program_id(1)
+    """o of one chunk: scale * (lam-weighted q h + masked, decayed (q k^T) v if INTRA), with h the state
+    entering the chunk (PER_CHUNK) or one state entering the whole sequence."""
+    i_v, n, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     b, hh = bh // H, bh % H
     NT = tl.cdiv(T, BT)
-    t0 = n * BT
-    qt = _tile(q + b * T * H * K + hh * K, t0, T, H * K, K, BT, BK)
-    kt = _tile(k + b * T * H * K + hh * K, t0, T, H * K, K, BT, BK)
-    vt = _tile(v + b * T * H * V + hh * V, t0, T, H * V, V, BT, BV)
-    dot_ = _tile(do + b * T * H * V + hh * V, t0, T, H * V, V, BT, BV) * scale
-    hp, hm = _state_at(h + (bh * NT + n) * K * V, K, V, BK, BV)
-    hn = tl.load(hp, mask=hm, other=0.0)
-    gp, gm = _state_at(dkv + (bh * NT + n) * K * V, K, V, BK, BV)
-    dkvn = tl.load(gp, mask=gm, other=0.0)
+    q += (b * T * H + hh) * K
+    k += (b * T * H + hh) * K
+    h += ((bh * NT + n) if PER_CHUNK else bh) * K * V
     i = tl.arange(0, BT)
-    causal = i[:, None] >= i[None, :]
-    s = tl.dot(qt, tl.trans(kt))
-    ds = tl.dot(dot_, tl.trans(vt))
+    t, rv = n * BT + i, i_v * BV + tl.arange(0, BV)
+    acc = tl.zeros([BT, BV], dtype=tl.float32)
+    s = tl.zeros([BT, BT], dtype=tl.float32)
+    for i_k in range(tl.cdiv(K, BK)):
+        rk = i_k * BK + tl.arange(0, BK)
+        qt = _rows(q, t, T, H * K, rk, K)
+        hn = tl.load(_state_ptr(h, rk, rv, V), mask=(rk[:, None] < K) & (rv[None, :] < V), other=0.0)
+        acc = tl.dot(qt, hn.to(qt.dtype), acc, input_precision=DOT_PREC)
+        if INTRA:
+            s = tl.dot(qt, _cols(k, t, T, H * K, rk, K), s, input_precision=DOT_PREC)
+    gh = tl.load(g + hh).to(tl.float32) if HAS_DECAY else 0.0
     if HAS_DECAY:
-        gh = tl.load(g + hh).to(tl.float32)
-        length = tl.minimum(T - t0, BT)
-        dec = _powers(gh, i[:, None] - i[None, :], causal)
-        s, ds = s * dec, ds * dec
-        qdec = tl.exp(gh * (i + 1).to(tl.float32))[:, None]
-        kdec = _powers(gh, length - 1 - i, i < length)[:, None]
-    else:
-        s, ds = tl.where(causal, s, 0.0), tl.where(causal, ds, 0.0)
-        qdec, kdec = 1.0, 1.0
-    dqt = tl.dot(ds, kt) + tl.dot(dot_, tl.trans(hn)) * qdec
-    dkt = tl.dot(tl.trans(ds), qt) + tl.dot(vt, tl.trans(dkvn)) * kdec
-    dvt = tl.dot(tl.trans(s), dot_) + tl.dot(kt * kdec, dkvn)
-    _put(dq + b * T * H * K + hh * K, dqt, t0, T, H * K, K, BT, BK)
-    _put(dk + b * T * H * K + hh * K, dkt, t0, T, H * K, K, BT, BK)
-    _put(dv + b * T * H * V + hh * V, dvt, t0, T, H * V, V, BT, BV)
+        acc = acc * _span_powers(gh, t, i, T, BT, PER_CHUNK, False)[:, None]
+    if INTRA:
+        vt = _rows(v + (b * T * H + hh) * V, t, T, H * V, rv, V)
+        s = s * _causal_powers(gh, i, HAS_DECAY, False)
+        acc = tl.dot(s.to(vt.dtype), vt, acc, input_precision=DOT_PREC)
+    _store_rows(o + (b * T * H + hh) * V, acc * scale, t, T, H * V, rv, V)
 
 
-def _block(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))
+@triton.autotune(**_CHUNK)
+@triton.jit(do_not_specialize=["T"])
+def _dv(
+    q, k, do, g, dh, dv, scale, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, HAS_DECAY: tl.constexpr, DOT_PREC: tl.constexpr,
+    INTRA: tl.constexpr, PER_CHUNK: tl.constexpr,
+):
+    """dv of one chunk: lam-weighted k dh (dh: gradient of the state the chunk hands on if PER_CHUNK,
+    else of the state after the whole sequence) + scale * masked, decayed (k q^T) do if INTRA."""
+    i_v, n, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    b, hh = bh // H, bh % H
+    NT = tl.cdiv(T, BT)
+    q += (b * T * H + hh) * K
+    k += (b * T * H + hh) * K
+    dh += ((bh * NT + n) if PER_CHUNK else bh) * K * V
+    i = tl.arange(0, BT)
+    t, rv = n * BT + i, i_v * BV + tl.arange(0, BV)
+    acc = tl.zeros([BT, BV], dtype=tl.float32)
+    a = tl.zeros([BT, BT], dtype=tl.float32)  # [key, query]
+    for i_k in range(tl.cdiv(K, BK)):
+        rk = i_k * BK + tl.arange(0, BK)
+        kt = _rows(k, t, T, H * K, rk, K)
+        dhn = tl.load(_state_ptr(dh, rk, rv, V), mask=(rk[:, None] < K) & (rv[None, :] < V), other=0.0)
+        acc = tl.dot(kt, dhn.to(kt.dtype), acc, input_precision=DOT_PREC)
+        if INTRA:
+            a = tl.dot(kt, _cols(q, t, T, H * K, rk, K), a, input_precision=DOT_PREC)
+    gh = tl.load(g + hh).to(tl.float32) if HAS_DECAY else 0.0
+    if HAS_DECAY:
+        acc = acc * _span_powers(gh, t, i, T, BT, PER_CHUNK, True)[:, None]
+    if INTRA:
+        dot_ = _rows(do + (b * T * H + hh) * V, t, T, H * V, rv, V)
+        a = a * _causal_powers(gh, i, HAS_DECAY, True) * scale
+        acc = tl.dot(a.to(dot_.dtype), dot_, acc, input_precision=DOT_PREC)
+    _store_rows(dv + (b * T * H + hh) * V, acc, t, T, H * V, rv, V)
+
+
+@triton.autotune(**_CHUNK)
+@triton.jit(do_not_specialize=["T"])
+def _dqk(
+    q, k, v, g, h, dh, do, dq, dk, scale, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_DECAY: tl.constexpr, DOT_PREC: tl.constexpr,
+    INTRA: tl.constexpr, PER_CHUNK: tl.constexpr, WANT_DQ: tl.constexpr, WANT_DK: tl.constexpr,
+):
+    """dq = scale * (lam-weighted do h^T + ds k), dk = lam-weighted v dh^T + scale * ds^T q, with
+    ds = masked, decayed (do v^T) when INTRA; h, dh per chunk (PER_CHUNK) or one for the sequence."""
+    i_k, n, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    b, hh = bh // H, bh % H
+    NT = tl.cdiv(T, BT)
+    v += (b * T * H + hh) * V
+    do += (b * T * H + hh) * V
+    off = ((bh * NT + n) if PER_CHUNK else bh) * K * V
+    i = tl.arange(0, BT)
+    t, rk = n * BT + i, i_k * BK + tl.arange(0, BK)
+    dq_acc = tl.zeros([BT, BK], dtype=tl.float32)
+    dk_acc = tl.zeros([BT, BK], dtype=tl.float32)
+    ds = tl.zeros([BT, BT], dtype=tl.float32)
+    for i_v in range(tl.cdiv(V, BV)):
+        rv = i_v * BV + tl.arange(0, BV)
+        m_kv = (rk[None, :] < K) & (rv[:, None] < V)
+        st = rk[None, :] * V + rv[:, None]  # [BV, BK]: a state tile, transposed
+        if INTRA or WANT_DQ:
+            dot_ = _rows(do, t, T, H * V, rv, V)
+        if INTRA or WANT_DK:
+            vt = _rows(v, t, T, H * V, rv, V)
+        if INTRA:
+            ds = tl.dot(dot_, tl.trans(vt), ds, input_precision=DOT_PREC)
+        if WANT_DQ:
+            hn = tl.load(h + off + st, mask=m_kv, other=0.0)
+            dq_acc = tl.dot(dot_, hn.to(dot_.dtype), dq_acc, input_precision=DOT_PREC)
+        if WANT_DK:
+            dhn = tl.load(dh + off + st, mask=m_kv, other=0.0)
+            dk_acc = tl.dot(vt, dhn.to(vt.dtype), dk_acc, input_precision=DOT_PREC)
+    gh = tl.load(g + hh).to(tl.float32) if HAS_DECAY else 0.0
+    if HAS_DECAY:
+        dq_acc = dq_acc * _span_powers(gh, t, i, T, BT, PER_CHUNK, False)[:, None]
+        dk_acc = dk_acc * _span_powers(gh, t, i, T, BT, PER_CHUNK, True)[:, None]
+    dq_acc = dq_acc * scale
+    if INTRA:
+        ds = ds * _causal_powers(gh, i, HAS_DECAY, False) * scale
+        if WANT_DQ:
+            kt = _rows(k + (b * T * H + hh) * K, t, T, H * K, rk, K)
+            dq_acc = tl.dot(ds.to(kt.dtype), kt, dq_acc, input_precision=DOT_PREC)
+        if WANT_DK:
+            qt = _rows(q + (b * T * H + hh) * K, t, T, H * K, rk, K)
+            dk_acc = tl.dot(tl.trans(ds.to(qt.dtype)), qt, dk_acc, input_precision=DOT_PREC)
+    if WANT_DQ:
+        _store_rows(dq + (b * T * H + hh) * K, dq_acc, t, T, H * K, rk, K)
+    if WANT_DK:
+        _store_rows(dk + (b * T * H + hh) * K, dk_acc, t, T, H * K, rk, K)
+
+
+def _walk_grid(B, H, K, V):
+    return lambda meta: (triton.cdiv(K, meta["BK"]) * triton.cdiv(V, meta["BV"]), B * H)
+
+
+def _v_grid(B, H, V, NT):
+    return lambda meta: (triton.cdiv(V, meta["BV"]), NT, B * H)
+
+
+def _k_grid(B, H, K, NT):
+    return lambda meta: (triton.cdiv(K, meta["BK"]), NT, B * H)
 
 
 class TritonChunkKernel:
@@ -253,66 +328,81 @@ class TritonChunkKernel:
             raise ValueError(f"Triton chunk size must be a power of two >= 16, got {block}")
         self.block = block
 
-    def _setup(self, q_or_k: Tensor, v: Tensor, log_decay: Tensor | None):
-        B, T, H, K = q_or_k.shape
+    def _setup(self, x: Tensor, v: Tensor, log_decay: Tensor | None):
+        B, T, H, K = x.shape
         V = v.shape[-1]
         if max(K, V) > MAX_HEAD_DIM:
             raise ValueError(f"Triton kernels take head dims up to {MAX_HEAD_DIM}, got K={K}, V={V}")
-        g = (torch.zeros(1, device=v.device) if log_decay is None else log_decay.float().contiguous())
-        meta = dict(BT=self.block, BK=_block(K), BV=_block(V), HAS_DECAY=log_decay is not None)
+        if x.dtype not in DTYPES:
+            raise ValueError(f"Triton kernels take float32, bfloat16 or float16 inputs, got {x.dtype} "
+                             "(use the torch kernel for float64)")
+        g = torch.zeros(1, device=x.device) if log_decay is None else log_decay.float().contiguous()
+        meta = dict(T=T, H=H, K=K, V=V, BT=self.block, HAS_DECAY=log_decay is not None,
+                    DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32")
         return B, T, H, K, V, triton.cdiv(T, self.block), g, meta
 
     def chunk_decay(self, log_decay: Tensor | None, length: int) -> Tensor | None:
         return None if log_decay is None else torch.exp(log_decay.to(torch.float64) * length)
 
+    def _walk(self, fn, a, b, g, meta, B, NT, *, chunk_dtype, final: bool, scale=None):
+        """Run a walk kernel; returns (per-chunk states [B, H, NT, K, V] or None, final state or None)."""
+        H, K, V = meta["H"], meta["K"], meta["V"]
+        per_chunk = None if chunk_dtype is None else a.new_empty(B, H, NT, K, V, dtype=chunk_dtype)
+        last = a.new_empty(B, H, K, V, dtype=torch.float32) if final else None
+        args = (a, b, g, per_chunk if per_chunk is not None else last, last if final else per_chunk)
+        if scale is not None:
+            args = (*args, scale)
+        fn[_walk_grid(B, H, K, V)](*args, STORE_H=per_chunk is not None, STORE_FINAL=final, **meta)
+        return per_chunk, last
+
     def chunk_state(self, k, v, log_decay):
         B, T, H, K, V, NT, g, meta = self._setup(k, v, log_decay)
-        final = torch.empty(B, H, K, V, device=k.device, dtype=torch.float32)
-        _states_fwd[(B * H,)](k.contiguous(), v.contiguous(), g, final, final, T, H, K, V, STORE_H=False, **meta)
-        return final
+        return self._walk(_walk_fwd, k.contiguous(), v.contiguous(), g, meta, B, NT, chunk_dtype=None, final=True)[1]
 
     def chunk_state_bwd(self, k, v, log_decay, dstate):
         B, T, H, K, V, NT, g, meta = self._setup(k, v, log_decay)
+        k, v, dm = k.contiguous(), v.contiguous(), dstate.float().contiguous()
         dk, dv = torch.empty_like(k), torch.empty_like(v)
-        dm = dstate.float().contiguous()
-        _state_bwd[(NT, B * H)](k.contiguous(), v.contiguous(), g, dm, dk, dv, T, H, K, V, **meta)
+        flags = dict(INTRA=False, PER_CHUNK=False)
+        _dv[_v_grid(B, H, V, NT)](k, k, v, g, dm, dv, 1.0, **flags, **meta)
+        _dqk[_k_grid(B, H, K, NT)](k, k, v, g, dm, dm, v, dk, dk, 1.0, WANT_DQ=False, WANT_DK=True, **flags, **meta)
         return dk, dv
 
     def inter_fwd(self, q, state, log_decay, scale):
         B, T, H, K, V, NT, g, meta = self._setup(q, state, log_decay)
+        q = q.contiguous()
         o = q.new_empty(B, T, H, V)
-        _inter_o[(NT, B * H)](q.contiguous(), state.float().contiguous(), g, o, scale, T, H, K, V, **meta)
+        _out[_v_grid(B, H, V, NT)](q, q, o, g, state.float().contiguous(), o, scale, INTRA=False,
+                                   PER_CHUNK=False, **meta)
         return o
 
     def inter_bwd(self, q, state, log_decay, scale, do):
         B, T, H, K, V, NT, g, meta = self._setup(q, state, log_decay)
         q, do = q.contiguous(), do.contiguous()
         dq = torch.empty_like(q)
-        ds = torch.empty(B, H, K, V, device=q.device, dtype=torch.float32)
-        _inter_dq[(NT, B * H)](do, state.float().contiguous(), g, dq, scale, T, H, K, V, **meta)
-        _inter_ds[(B * H,)](q, do, g, ds, scale, T, H, K, V, **meta)
+        s = state.float().contiguous()
+        _dqk[_k_grid(B, H, K, NT)](q, q, do, g, s, s, do, dq, dq, scale, INTRA=False, PER_CHUNK=False,
+                                   WANT_DQ=True, WANT_DK=False, **meta)
+        ds = self._walk(_walk_bwd, q, do, g, meta, B, NT, chunk_dtype=None, final=True, scale=scale)[1]
         return dq, ds
-
-    def _chunk_starts(self, k, v, g, meta, B, T, H, K, V, NT) -> Tensor:
-        h = torch.empty(B, H, NT, K, V, device=k.device, dtype=torch.float32)
-        scratch = torch.empty(B, H, K, V, device=k.device, dtype=torch.float32)
-        _states_fwd[(B * H,)](k, v, g, h, scratch, T, H, K, V, STORE_H=True, **meta)
-        return h
 
     def intra_fwd(self, q, k, v, log_decay, scale):
         B, T, H, K, V, NT, g, meta = self._setup(q, v, log_decay)
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        h = self._chunk_starts(k, v, g, meta, B, T, H, K, V, NT)
+        h_dtype = torch.float32 if q.dtype == torch.float32 else q.dtype
+        h = self._walk(_walk_fwd, k, v, g, meta, B, NT, chunk_dtype=h_dtype, final=False)[0]
         o = torch.empty_like(v)
-        _intra_o[(NT, B * H)](q, k, v, g, h, o, scale, T, H, K, V, **meta)
+        _out[_v_grid(B, H, V, NT)](q, k, v, g, h, o, scale, INTRA=True, PER_CHUNK=True, **meta)
         return o
 
     def intra_bwd(self, q, k, v, log_decay, scale, do):
         B, T, H, K, V, NT, g, meta = self._setup(q, v, log_decay)
         q, k, v, do = q.contiguous(), k.contiguous(), v.contiguous(), do.contiguous()
-        h = self._chunk_starts(k, v, g, meta, B, T, H, K, V, NT)
-        dkv = torch.empty_like(h)
-        _dstates_bwd[(B * H,)](q, do, g, dkv, scale, T, H, K, V, **meta)
+        h = self._walk(_walk_fwd, k, v, g, meta, B, NT, chunk_dtype=torch.float32, final=False)[0]
+        dh = self._walk(_walk_bwd, q, do, g, meta, B, NT, chunk_dtype=torch.float32, final=False, scale=scale)[0]
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        _intra_dqkv[(NT, B * H)](q, k, v, g, h, dkv, do, dq, dk, dv, scale, T, H, K, V, **meta)
+        flags = dict(INTRA=True, PER_CHUNK=True)
+        _dv[_v_grid(B, H, V, NT)](q, k, do, g, dh, dv, scale, **flags, **meta)
+        _dqk[_k_grid(B, H, K, NT)](q, k, v, g, h, dh, do, dq, dk, scale, WANT_DQ=True, WANT_DK=True,
+                                   **flags, **meta)
         return dq, dk, dv
