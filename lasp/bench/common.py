@@ -12,6 +12,9 @@ import torch
 
 
 def git_revision() -> str:
+    """The checkout's short revision (+dirty); LASP_GIT_REVISION where the tree travelled without .git."""
+    if os.environ.get("LASP_GIT_REVISION"):
+        return os.environ["LASP_GIT_REVISION"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
         dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, timeout=10)

@@ -27,14 +27,53 @@ def group_rank(group=None) -> int:
     return dist.get_rank(group) if is_distributed() else 0
 
 
-def all_gather_async(x: Tensor, group=None) -> tuple[Tensor, dist.Work]:
+_comm_streams: dict[int, "torch.cuda.Stream"] = {}
+
+
+def comm_stream(device: torch.device) -> "torch.cuda.Stream | None":
+    """The side stream collectives of CUDA tensors on `device` are issued on (one per device, made on
+    first use); None for CPU tensors, whose collectives (gloo) run on gloo's own threads."""
+    if device.type != "cuda":
+        return None
+    index = torch.cuda.current_device() if device.index is None else device.index
+    if index not in _comm_streams:
+        _comm_streams[index] = torch.cuda.Stream(device=index)
+    return _comm_streams[index]
+
+
+class Pending:
+    """A collective in flight. `wait()` returns once its output may be used by the current stream: on
+    CUDA it makes the current stream wait for the side stream (the host does not block)."""
+
+    def __init__(self, work: dist.Work, stream, out: Tensor):
+        self._work, self._stream, self._out = work, stream, out
+
+    def wait(self) -> None:
+        self._work.wait()
+        if self._stream is not None:
+            current = torch.cuda.current_stream(self._out.device)
+            current.wait_stream(self._stream)
+            self._out.record_stream(current)  # allocated on the side stream, used on this one
+
+
+def all_gather_async(x: Tensor, group=None) -> tuple[Tensor, Pending]:
     """Start gathering x from every rank along a new leading-major dim 0.
 
-    x [n, ...] -> out [W * n, ...] (rank r's rows at r*n:(r+1)*n), plus the handle to wait on.
+    x [n, ...] -> out [W * n, ...] (rank r's rows at r*n:(r+1)*n), plus the handle to wait on. On CUDA
+    the collective is issued on a side stream (`comm_stream`) after the work that produced x, so kernels
+    launched before `wait()` run beside it; on CPU the same call runs on gloo's threads.
     """
     x = x.contiguous()
-    out = x.new_empty(group_size(group) * x.shape[0], *x.shape[1:])
-    return out, all_gather_single(out, x, group=group, async_op=True)
+    stream = comm_stream(x.device)
+    if stream is None:
+        out = x.new_empty(group_size(group) * x.shape[0], *x.shape[1:])
+        return out, Pending(all_gather_single(out, x, group=group, async_op=True), None, out)
+    stream.wait_stream(torch.cuda.current_stream(x.device))
+    with torch.cuda.stream(stream):
+        out = x.new_empty(group_size(group) * x.shape[0], *x.shape[1:])
+        work = all_gather_single(out, x, group=group, async_op=True)
+    x.record_stream(stream)  # made on the current stream, read on the side stream
+    return out, Pending(work, stream, out)
 
 
 def global_rank(group, rank: int) -> int:
