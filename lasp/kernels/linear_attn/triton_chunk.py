@@ -4,13 +4,14 @@ interpreter, TRITON_INTERPRET=1). `chunk.py` (PyTorch) is their reference, with 
 Legend: B batch, T tokens, H heads, K key dim, V value dim, BT tokens per chunk, NT chunks, BK / BV the
 K / V tile of one program, lam = exp(g) the per-head decay.
 
-Five kernels, tiled in the style of Lightning Attention-2 / flash-linear-attention:
+Kernels tiled in the style of Lightning Attention-2 / flash-linear-attention:
 
     _walk_fwd   grid (K tiles * V tiles, B*H): chunk by chunk, the state entering each chunk (h) and
                 the state after the last one. The only sequential loop of the forward.
     _out        grid (V tiles, NT, B*H): o = masked, decayed (q k^T) v + q h, one chunk per program.
     _walk_bwd   grid (K tiles * V tiles, B*H): chunks in reverse, the gradient of the state each chunk
-                hands on (dh) and of the state entering the first one.
+                hands on (dh) and of the state entering the first one. The backward of a whole
+                sequence runs both walks in one launch (_walk_both), as they are independent.
     _dv         grid (V tiles, NT, B*H): dv = (masked, decayed k q^T) do + k dh.
     _dqk        grid (K tiles, NT, B*H): dq = ds k + do h^T, dk = ds^T q + v dh^T, ds = masked (do v^T).
 
@@ -87,15 +88,12 @@ def _state_ptr(base, rk, rv, V):
     return base + rk[:, None] * V + rv[None, :]
 
 
-@triton.autotune(**_WALK)
-@triton.jit(do_not_specialize=["T"])
-def _walk_fwd(
-    k, v, g, h, final, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+@triton.jit
+def _walk_fwd_body(
+    k, v, g, h, final, T, i_kv, bh, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, HAS_DECAY: tl.constexpr, STORE_H: tl.constexpr,
     STORE_FINAL: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    """h[n] = state entering chunk n (if STORE_H); final = state after the last chunk (if STORE_FINAL)."""
-    i_kv, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     i_k, i_v = i_kv // tl.cdiv(V, BV), i_kv % tl.cdiv(V, BV)
     b, hh = bh // H, bh % H
     k += (b * T * H + hh) * K
@@ -120,16 +118,12 @@ def _walk_fwd(
         tl.store(_state_ptr(final + bh * K * V, rk, rv, V), state, mask=m_kv)
 
 
-@triton.autotune(**_WALK)
-@triton.jit(do_not_specialize=["T"])
-def _walk_bwd(
-    q, do, g, dh, dfirst, scale, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, HAS_DECAY: tl.constexpr, STORE_H: tl.constexpr,
+@triton.jit
+def _walk_bwd_body(
+    q, do, g, dh, dfirst, scale, T, i_kv, bh, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_DECAY: tl.constexpr, STORE_H: tl.constexpr,
     STORE_FINAL: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    """Chunks in reverse: dh[n] = gradient of the state chunk n hands on, from later chunks' queries (if
-    STORE_H); dfirst = gradient of the state entering chunk 0 (if STORE_FINAL)."""
-    i_kv, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     i_k, i_v = i_kv // tl.cdiv(V, BV), i_kv % tl.cdiv(V, BV)
     b, hh = bh // H, bh % H
     q += (b * T * H + hh) * K
@@ -152,6 +146,46 @@ def _walk_bwd(
         carry = tl.dot(qt, dot_, carry, input_precision=DOT_PREC)
     if STORE_FINAL:
         tl.store(_state_ptr(dfirst + bh * K * V, rk, rv, V), carry * scale, mask=m_kv)
+
+
+@triton.autotune(**_WALK)
+@triton.jit(do_not_specialize=["T"])
+def _walk_fwd(
+    k, v, g, h, final, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, HAS_DECAY: tl.constexpr, STORE_H: tl.constexpr,
+    STORE_FINAL: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """h[n] = state entering chunk n (if STORE_H); final = state after the last chunk (if STORE_FINAL)."""
+    _walk_fwd_body(k, v, g, h, final, T, tl.program_id(0), tl.program_id(1).to(tl.int64), H, K, V, BT, BK, BV,
+                   HAS_DECAY, STORE_H, STORE_FINAL, DOT_PREC)
+
+
+@triton.autotune(**_WALK)
+@triton.jit(do_not_specialize=["T"])
+def _walk_bwd(
+    q, do, g, dh, dfirst, scale, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, HAS_DECAY: tl.constexpr, STORE_H: tl.constexpr,
+    STORE_FINAL: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """Chunks in reverse: dh[n] = gradient of the state chunk n hands on, from later chunks' queries (if
+    STORE_H); dfirst = gradient of the state entering chunk 0 (if STORE_FINAL)."""
+    _walk_bwd_body(q, do, g, dh, dfirst, scale, T, tl.program_id(0), tl.program_id(1).to(tl.int64), H, K, V,
+                   BT, BK, BV, HAS_DECAY, STORE_H, STORE_FINAL, DOT_PREC)
+
+
+@triton.autotune(**_WALK)
+@triton.jit(do_not_specialize=["T"])
+def _walk_both(
+    k, v, q, do, g, h, dh, scale, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, HAS_DECAY: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """The backward's two independent walks in one launch (grid axis 2: 0 = h, 1 = dh), so the sequential
+    phase has twice the programs to spread over the GPU."""
+    i_kv, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    if tl.program_id(2) == 0:
+        _walk_fwd_body(k, v, g, h, h, T, i_kv, bh, H, K, V, BT, BK, BV, HAS_DECAY, True, False, DOT_PREC)
+    else:
+        _walk_bwd_body(q, do, g, dh, dh, scale, T, i_kv, bh, H, K, V, BT, BK, BV, HAS_DECAY, True, False, DOT_PREC)
 
 
 @triton.jit
@@ -398,8 +432,10 @@ class TritonChunkKernel:
     def intra_bwd(self, q, k, v, log_decay, scale, do):
         B, T, H, K, V, NT, g, meta = self._setup(q, v, log_decay)
         q, k, v, do = q.contiguous(), k.contiguous(), v.contiguous(), do.contiguous()
-        h = self._walk(_walk_fwd, k, v, g, meta, B, NT, chunk_dtype=torch.float32, final=False)[0]
-        dh = self._walk(_walk_bwd, q, do, g, meta, B, NT, chunk_dtype=torch.float32, final=False, scale=scale)[0]
+        h = q.new_empty(B, H, NT, K, V, dtype=torch.float32)
+        dh = torch.empty_like(h)
+        grid = _walk_grid(B, H, K, V)
+        _walk_both[lambda meta_: (*grid(meta_), 2)](k, v, q, do, g, h, dh, scale, **meta)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         flags = dict(INTRA=True, PER_CHUNK=True)
         _dv[_v_grid(B, H, V, NT)](q, k, do, g, dh, dv, scale, **flags, **meta)
