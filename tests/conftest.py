@@ -6,6 +6,9 @@ import torch
 # imported (torch.nn.attention imports it), so it is set here, before any test module is collected.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# On a GPU, one fixed tile config per kernel: autotuning every shape the tests use would compile each
+# kernel dozens of times per shape (the benchmark autotunes).
+os.environ.setdefault("LASP_TRITON_AUTOTUNE", "0")
 
 import pytest  # noqa: E402
 

@@ -94,6 +94,7 @@ def test_tile_configs_fit_the_head_dims(monkeypatch):
     from lasp.kernels.linear_attn import triton_chunk as tc
 
     monkeypatch.setattr(tc, "INTERPRET", False)
+    monkeypatch.setenv("LASP_TRITON_AUTOTUNE", "1")
     tiles = [(64, 64), (128, 64), (64, 128), (128, 128)]
     full = tc._configs(tiles, (4, 8), (2, 3))
     assert len(full) == 16

@@ -52,7 +52,7 @@ def _prune(configs, named_args, **kwargs):
     return kept or [min(configs, key=lambda c: c.kwargs["BK"] * c.kwargs["BV"])]
 
 
-_WALK = dict(configs=_configs([(64, 64), (32, 64), (64, 32), (32, 32)], (2, 4, 8), (2, 3)),
+_WALK = dict(configs=_configs([(64, 64), (32, 64), (64, 32), (32, 32)], (2, 4), (2, 3)),
              key=["K", "V", "BT", "HAS_DECAY", "DOT_PREC"], prune_configs_by={"early_config_prune": _prune})
 _CHUNK = dict(configs=_configs([(64, 64), (128, 64), (64, 128), (128, 128)], (4, 8), (2, 3)),
               key=["K", "V", "BT", "HAS_DECAY", "DOT_PREC", "INTRA", "PER_CHUNK"],
