@@ -8,11 +8,11 @@ Kernels tiled in the style of Lightning Attention-2 / flash-linear-attention:
 
     _walk_fwd   grid (K tiles * V tiles, B*H): chunk by chunk, the state entering each chunk (h) and
                 the state after the last one. The only sequential loop of the forward.
-    _out        grid (V tiles, NT, B*H): o = masked, decayed (q k^T) v + q h, one chunk per program.
+    _out        grid (V tiles, NT, B*H): o = masked, decayed (q k^T) v + q h, one chunk per program;
+                the same kernel, reversed, gives dv = (masked, decayed k q^T) do + k dh.
     _walk_bwd   grid (K tiles * V tiles, B*H): chunks in reverse, the gradient of the state each chunk
                 hands on (dh) and of the state entering the first one. The backward of a whole
                 sequence runs both walks in one launch (_walk_both), as they are independent.
-    _dv         grid (V tiles, NT, B*H): dv = (masked, decayed k q^T) do + k dh.
     _dqk        grid (K tiles, NT, B*H): dq = ds k + do h^T, dk = ds^T q + v dh^T, ds = masked (do v^T).
 
 Products take the inputs' dtype (bf16 / fp16 on tensor cores, fp32 as exact IEEE products) with fp32
@@ -54,9 +54,12 @@ def _prune(configs, named_args, **kwargs):
 
 _WALK = dict(configs=_configs([(64, 64), (32, 64), (64, 32), (32, 32)], (2, 4), (2, 3)),
              key=["K", "V", "BT", "HAS_DECAY", "DOT_PREC"], prune_configs_by={"early_config_prune": _prune})
-_CHUNK = dict(configs=_configs([(64, 64), (128, 64), (64, 128), (128, 128)], (4, 8), (2, 3)),
-              key=["K", "V", "BT", "HAS_DECAY", "DOT_PREC", "INTRA", "PER_CHUNK"],
-              prune_configs_by={"early_config_prune": _prune})
+_CHUNK_CONFIGS = _configs([(64, 64), (128, 64), (64, 128), (128, 128)], (4, 8), (2, 3))
+
+
+def _chunk_tuning(*flags: str) -> dict:
+    return dict(configs=_CHUNK_CONFIGS, key=["K", "V", "BT", "HAS_DECAY", "DOT_PREC", "INTRA", "PER_CHUNK", *flags],
+                prune_configs_by={"early_config_prune": _prune})
 
 
 @triton.jit
@@ -213,79 +216,48 @@ def _causal_powers(gh, i, HAS_DECAY: tl.constexpr, TRANSPOSED: tl.constexpr):
     return tl.where(r >= c, 1.0, 0.0)
 
 
-@triton.autotune(**_CHUNK)
+@triton.autotune(**_chunk_tuning("REVERSE"))
 @triton.jit(do_not_specialize=["T"])
 def _out(
-    q, k, v, g, h, o, scale, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, HAS_DECAY: tl.constexpr, DOT_PREC: tl.constexpr,
-    INTRA: tl.constexpr, PER_CHUNK: tl.constexpr,
+    a, b, c, g, S, out, state_scale, intra_scale, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_DECAY: tl.constexpr, DOT_PREC: tl.constexpr,
+    INTRA: tl.constexpr, PER_CHUNK: tl.constexpr, REVERSE: tl.constexpr,
 ):
-    """o of one chunk: scale * (lam-weighted q h + masked, decayed (q k^T) v if INTRA), with h the state
-    entering the chunk (PER_CHUNK) or one state entering the whole sequence."""
+    """One chunk of out = state_scale * lam-weighted a S + intra_scale * (masked, decayed a b^T) c,
+    with S the state of the chunk (PER_CHUNK) or one state for the whole sequence:
+
+        forward  (a, b, c, S) = (q, k, v, h):  o, lam^(position + 1), causal mask;
+        dv, REVERSE (a, b, c, S) = (k, q, do, dh): lam^(positions to the span's end), mask transposed.
+    """
     i_v, n, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
-    b, hh = bh // H, bh % H
+    bb, hh = bh // H, bh % H
     NT = tl.cdiv(T, BT)
-    q += (b * T * H + hh) * K
-    k += (b * T * H + hh) * K
-    h += ((bh * NT + n) if PER_CHUNK else bh) * K * V
+    a += (bb * T * H + hh) * K
+    b += (bb * T * H + hh) * K
+    S += ((bh * NT + n) if PER_CHUNK else bh) * K * V
     i = tl.arange(0, BT)
     t, rv = n * BT + i, i_v * BV + tl.arange(0, BV)
     acc = tl.zeros([BT, BV], dtype=tl.float32)
     s = tl.zeros([BT, BT], dtype=tl.float32)
     for i_k in range(tl.cdiv(K, BK)):
         rk = i_k * BK + tl.arange(0, BK)
-        qt = _rows(q, t, T, H * K, rk, K)
-        hn = tl.load(_state_ptr(h, rk, rv, V), mask=(rk[:, None] < K) & (rv[None, :] < V), other=0.0)
-        acc = tl.dot(qt, hn.to(qt.dtype), acc, input_precision=DOT_PREC)
+        at = _rows(a, t, T, H * K, rk, K)
+        st = tl.load(_state_ptr(S, rk, rv, V), mask=(rk[:, None] < K) & (rv[None, :] < V), other=0.0)
+        acc = tl.dot(at, st.to(at.dtype), acc, input_precision=DOT_PREC)
         if INTRA:
-            s = tl.dot(qt, _cols(k, t, T, H * K, rk, K), s, input_precision=DOT_PREC)
+            s = tl.dot(at, _cols(b, t, T, H * K, rk, K), s, input_precision=DOT_PREC)
     gh = tl.load(g + hh).to(tl.float32) if HAS_DECAY else 0.0
     if HAS_DECAY:
-        acc = acc * _span_powers(gh, t, i, T, BT, PER_CHUNK, False)[:, None]
+        acc = acc * _span_powers(gh, t, i, T, BT, PER_CHUNK, REVERSE)[:, None]
+    acc = acc * state_scale
     if INTRA:
-        vt = _rows(v + (b * T * H + hh) * V, t, T, H * V, rv, V)
-        s = s * _causal_powers(gh, i, HAS_DECAY, False)
-        acc = tl.dot(s.to(vt.dtype), vt, acc, input_precision=DOT_PREC)
-    _store_rows(o + (b * T * H + hh) * V, acc * scale, t, T, H * V, rv, V)
+        ct = _rows(c + (bb * T * H + hh) * V, t, T, H * V, rv, V)
+        s = s * _causal_powers(gh, i, HAS_DECAY, REVERSE) * intra_scale
+        acc = tl.dot(s.to(ct.dtype), ct, acc, input_precision=DOT_PREC)
+    _store_rows(out + (bb * T * H + hh) * V, acc, t, T, H * V, rv, V)
 
 
-@triton.autotune(**_CHUNK)
-@triton.jit(do_not_specialize=["T"])
-def _dv(
-    q, k, do, g, dh, dv, scale, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, HAS_DECAY: tl.constexpr, DOT_PREC: tl.constexpr,
-    INTRA: tl.constexpr, PER_CHUNK: tl.constexpr,
-):
-    """dv of one chunk: lam-weighted k dh (dh: gradient of the state the chunk hands on if PER_CHUNK,
-    else of the state after the whole sequence) + scale * masked, decayed (k q^T) do if INTRA."""
-    i_v, n, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
-    b, hh = bh // H, bh % H
-    NT = tl.cdiv(T, BT)
-    q += (b * T * H + hh) * K
-    k += (b * T * H + hh) * K
-    dh += ((bh * NT + n) if PER_CHUNK else bh) * K * V
-    i = tl.arange(0, BT)
-    t, rv = n * BT + i, i_v * BV + tl.arange(0, BV)
-    acc = tl.zeros([BT, BV], dtype=tl.float32)
-    a = tl.zeros([BT, BT], dtype=tl.float32)  # [key, query]
-    for i_k in range(tl.cdiv(K, BK)):
-        rk = i_k * BK + tl.arange(0, BK)
-        kt = _rows(k, t, T, H * K, rk, K)
-        dhn = tl.load(_state_ptr(dh, rk, rv, V), mask=(rk[:, None] < K) & (rv[None, :] < V), other=0.0)
-        acc = tl.dot(kt, dhn.to(kt.dtype), acc, input_precision=DOT_PREC)
-        if INTRA:
-            a = tl.dot(kt, _cols(q, t, T, H * K, rk, K), a, input_precision=DOT_PREC)
-    gh = tl.load(g + hh).to(tl.float32) if HAS_DECAY else 0.0
-    if HAS_DECAY:
-        acc = acc * _span_powers(gh, t, i, T, BT, PER_CHUNK, True)[:, None]
-    if INTRA:
-        dot_ = _rows(do + (b * T * H + hh) * V, t, T, H * V, rv, V)
-        a = a * _causal_powers(gh, i, HAS_DECAY, True) * scale
-        acc = tl.dot(a.to(dot_.dtype), dot_, acc, input_precision=DOT_PREC)
-    _store_rows(dv + (b * T * H + hh) * V, acc, t, T, H * V, rv, V)
-
-
-@triton.autotune(**_CHUNK)
+@triton.autotune(**_chunk_tuning("WANT_DQ", "WANT_DK"))
 @triton.jit(do_not_specialize=["T"])
 def _dqk(
     q, k, v, g, h, dh, do, dq, dk, scale, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
@@ -398,7 +370,7 @@ class TritonChunkKernel:
         k, v, dm = k.contiguous(), v.contiguous(), dstate.float().contiguous()
         dk, dv = torch.empty_like(k), torch.empty_like(v)
         flags = dict(INTRA=False, PER_CHUNK=False)
-        _dv[_v_grid(B, H, V, NT)](k, k, v, g, dm, dv, 1.0, **flags, **meta)
+        _out[_v_grid(B, H, V, NT)](k, k, v, g, dm, dv, 1.0, 1.0, REVERSE=True, **flags, **meta)
         _dqk[_k_grid(B, H, K, NT)](k, k, v, g, dm, dm, v, dk, dk, 1.0, WANT_DQ=False, WANT_DK=True, **flags, **meta)
         return dk, dv
 
@@ -406,8 +378,8 @@ class TritonChunkKernel:
         B, T, H, K, V, NT, g, meta = self._setup(q, state, log_decay)
         q = q.contiguous()
         o = q.new_empty(B, T, H, V)
-        _out[_v_grid(B, H, V, NT)](q, q, o, g, state.float().contiguous(), o, scale, INTRA=False,
-                                   PER_CHUNK=False, **meta)
+        _out[_v_grid(B, H, V, NT)](q, q, o, g, state.float().contiguous(), o, scale, scale, INTRA=False,
+                                   PER_CHUNK=False, REVERSE=False, **meta)
         return o
 
     def inter_bwd(self, q, state, log_decay, scale, do):
@@ -426,7 +398,8 @@ class TritonChunkKernel:
         h_dtype = torch.float32 if q.dtype == torch.float32 else q.dtype
         h = self._walk(_walk_fwd, k, v, g, meta, B, NT, chunk_dtype=h_dtype, final=False)[0]
         o = torch.empty_like(v)
-        _out[_v_grid(B, H, V, NT)](q, k, v, g, h, o, scale, INTRA=True, PER_CHUNK=True, **meta)
+        _out[_v_grid(B, H, V, NT)](q, k, v, g, h, o, scale, scale, INTRA=True, PER_CHUNK=True, REVERSE=False,
+                                   **meta)
         return o
 
     def intra_bwd(self, q, k, v, log_decay, scale, do):
@@ -438,7 +411,7 @@ class TritonChunkKernel:
         _walk_both[lambda meta_: (*grid(meta_), 2)](k, v, q, do, g, h, dh, scale, **meta)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         flags = dict(INTRA=True, PER_CHUNK=True)
-        _dv[_v_grid(B, H, V, NT)](q, k, do, g, dh, dv, scale, **flags, **meta)
+        _out[_v_grid(B, H, V, NT)](k, q, do, g, dh, dv, 1.0, scale, REVERSE=True, **flags, **meta)
         _dqk[_k_grid(B, H, K, NT)](q, k, v, g, h, dh, do, dq, dk, scale, WANT_DQ=True, WANT_DK=True,
                                    **flags, **meta)
         return dq, dk, dv
