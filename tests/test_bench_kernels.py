@@ -16,6 +16,12 @@ def test_toy_run_writes_rows_and_plot(tmp_path):
         assert r["max_rel_err_vs_fp32"] < 1e-5 and r["fwd_bwd_s"] > 0 and r["T"] == 32 and r["git"]
     assert out.with_suffix(".png").stat().st_size > 0
 
+    second = tmp_path / "k2.jsonl"
+    second.write_text(json.dumps({**rows[0], "B": 4}) + "\n")
+    kernels.main(["--from-jsonl", str(out.with_suffix(".jsonl")), str(second), "--out", str(tmp_path / "all")])
+    merged = (tmp_path / "all.jsonl").read_text().splitlines()
+    assert len(merged) == 3 and (tmp_path / "all.png").stat().st_size > 0
+
 
 def _row(impl, B, T, s, mem=100):
     return {"impl": impl, "B": B, "T": T, "fwd_bwd_s": s, "peak_extra_bytes": mem}

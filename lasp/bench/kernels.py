@@ -133,7 +133,12 @@ def main(argv=None) -> None:
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
                    help="cpu only checks this script at toy sizes (float32, Triton in its interpreter)")
     p.add_argument("--out", type=Path, default=Path("results/kernels"))
+    p.add_argument("--from-jsonl", type=Path, nargs="+", default=None,
+                   help="measure nothing: merge these files (e.g. one per call of a time-limited machine) into "
+                        "<out>.jsonl, print the summary and plot")
     args = p.parse_args(argv)
+    if args.from_jsonl:
+        return _merge(args.from_jsonl, args.out)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("this benchmark needs a CUDA GPU (the CPU benchmark is python -m lasp.bench.cpu_linear_attn)")
     H, D, device = args.heads, args.head_dim, args.device
@@ -188,6 +193,22 @@ def main(argv=None) -> None:
         print(line)
     _plot([r for r in rows if "fwd_bwd_s" in r], args.out.with_suffix(".png"), H, D, config["dtype"])
     print(f"wrote {jsonl} and {args.out.with_suffix('.png')}")
+
+
+def _merge(paths: list[Path], out: Path) -> None:
+    rows = [json.loads(line) for path in paths for line in path.read_text().splitlines() if line.strip()]
+    if not rows:
+        raise SystemExit(f"no rows in {', '.join(map(str, paths))}")
+    shapes = {(r["H"], r["K"], r["dtype"]) for r in rows}
+    if len(shapes) > 1:
+        raise SystemExit(f"the files mix configurations (H, K, dtype) {sorted(shapes)}; merge like with like")
+    out.with_suffix(".jsonl").parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for line in summary(rows):
+        print(line)
+    H, D, dtype = shapes.pop()
+    _plot([r for r in rows if "fwd_bwd_s" in r], out.with_suffix(".png"), H, D, dtype)
+    print(f"merged {len(rows)} rows into {out.with_suffix('.jsonl')} and {out.with_suffix('.png')}")
 
 
 def _plot(rows, path: Path, H, D, dtype) -> None:
