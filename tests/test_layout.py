@@ -46,3 +46,12 @@ def test_bad_lengths_are_clear_errors(n, W, layout, match):
 def test_unknown_layout():
     with pytest.raises(ValueError, match="unknown layout 'ring'"):
         SeqLayout("ring", 2)
+
+
+def test_take_chunks_is_indexing_without_an_index_tensor():
+    from lasp.sp.layout import take_chunks
+
+    x = torch.randn(6, 2, 3)
+    assert take_chunks(x, range(6)) is x
+    for index in ([5, 0, 4, 1, 3, 2], (2,), [1, 1]):
+        assert torch.equal(take_chunks(x, index), x[list(index)])

@@ -97,3 +97,19 @@ def test_bad_input_is_a_clear_error(kwargs, match):
     s0 = torch.randn(*kwargs["s0_shape"]) if "s0_shape" in kwargs else None
     with pytest.raises(ValueError, match=match):
         linear_attn(q, k, v, log_decay=kwargs.get("decay"), causal=kwargs.get("causal", True), initial_state=s0)
+
+
+def test_decay_values_are_read_once_per_tensor_version():
+    """Reading log_decay syncs a GPU, so a tensor is checked once per version; changing it in place is
+    seen (a model's decay buffer is checked once, not at every call)."""
+    q = torch.randn(1, 9, 3, 4)
+    g = torch.tensor([-0.1, -0.2, -0.3])
+    linear_attn(q, q, q, log_decay=g)
+    assert g._lasp_checked_version == g._version
+    linear_attn(q, q, q, log_decay=g)
+    g[1] = 0.5
+    with pytest.raises(ValueError, match=r"<= 0.*0\.5"):
+        linear_attn(q, q, q, log_decay=g)
+    g[1] = float("nan")
+    with pytest.raises(ValueError, match="finite"):
+        linear_attn(q, q, q, log_decay=g)

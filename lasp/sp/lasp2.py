@@ -17,16 +17,16 @@ from lasp.distributed import all_gather_async, group_rank
 from lasp.kernels import LinearAttnKernel
 from lasp.kernels.scan import exclusive_scan
 from lasp.sp.dispatch import run_sp_linear_attn
-from lasp.sp.layout import SeqLayout, merge_local_chunks, split_local_chunks
+from lasp.sp.layout import SeqLayout, merge_local_chunks, split_local_chunks, take_chunks
 
 
 def _in_global_order(gathered_WnBHKV: Tensor, lay: SeqLayout) -> Tensor:
-    return gathered_WnBHKV[gathered_WnBHKV.new_tensor(lay.gather_index(), dtype=torch.long)]
+    return take_chunks(gathered_WnBHKV, lay.gather_index())
 
 
 def _mine(states_CBHKV: Tensor, lay: SeqLayout, rank: int) -> Tensor:
     """This rank's chunks' rows of a global-order tensor, flattened chunk-major: [n*B, H, K, V]."""
-    return states_CBHKV[list(lay.chunks_of(rank))].flatten(0, 1)
+    return take_chunks(states_CBHKV, lay.chunks_of(rank)).flatten(0, 1)
 
 
 def _total(states_CBHKV: Tensor, n: int) -> Tensor:

@@ -100,13 +100,22 @@ def unshard_sequence(shards: list[Tensor] | tuple[Tensor, ...], *, layout: str, 
     return stacked_to_global(stacked.unsqueeze(1), lay).squeeze(0).movedim(0, dim)
 
 
+def take_chunks(x: Tensor, index) -> Tensor:
+    """x[index] along dim 0 for a short list of ints, as views and one copy: indexing a CUDA tensor with a
+    Python list copies the list to the GPU, which stalls the host until the queued kernels finish."""
+    index = list(index)
+    if index == list(range(x.shape[0])):
+        return x
+    return torch.stack([x[i] for i in index])
+
+
 def stacked_to_global(x_WBT: Tensor, lay: SeqLayout) -> Tensor:
     """Every rank's local tensor stacked in rank order, [W, B, T, ...] -> the full sequence [B, W*T, ...]."""
     W, B, T = x_WBT.shape[:3]
     n, rest = lay.chunks_per_rank, x_WBT.shape[3:]
     L = T // n
     chunks = x_WBT.reshape(W, B, n, L, *rest).transpose(1, 2).reshape(W * n, B, L, *rest)
-    chunks = chunks[torch.tensor(lay.gather_index(), device=x_WBT.device)]
+    chunks = take_chunks(chunks, lay.gather_index())
     return chunks.transpose(0, 1).reshape(B, W * T, *rest)
 
 
@@ -116,7 +125,7 @@ def global_to_stacked(x_BN: Tensor, lay: SeqLayout) -> Tensor:
     W, n, rest = lay.world_size, lay.chunks_per_rank, x_BN.shape[2:]
     L = N // lay.num_chunks
     chunks = x_BN.reshape(B, lay.num_chunks, L, *rest).transpose(0, 1)
-    chunks = chunks[torch.tensor(lay.rank_major_chunks(), device=x_BN.device)]
+    chunks = take_chunks(chunks, lay.rank_major_chunks())
     return chunks.reshape(W, n, B, L, *rest).transpose(1, 2).reshape(W, B, n * L, *rest)
 
 

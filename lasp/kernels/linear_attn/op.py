@@ -13,6 +13,16 @@ from lasp.kernels.protocol import LinearAttnKernel, state_dtype
 DEFAULT_KERNEL: LinearAttnKernel = TorchChunkKernel()
 
 
+def _check_decay_values(log_decay: Tensor) -> None:
+    """Finite and <= 0. Reading the values syncs a GPU with the host, so each tensor is read once per
+    version (a model's decay buffer once, not at every layer call); changing it in place reads it again."""
+    if getattr(log_decay, "_lasp_checked_version", None) == log_decay._version:
+        return
+    if not bool(torch.isfinite(log_decay).all()) or bool((log_decay > 0).any()):
+        raise ValueError(f"log_decay must be finite and <= 0 (decay in (0, 1]), got {log_decay.tolist()}")
+    log_decay._lasp_checked_version = log_decay._version
+
+
 def check_linear_attn_args(
     q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor | None, causal: bool, scale: float | None
 ) -> tuple[Tensor, Tensor, float]:
@@ -30,8 +40,7 @@ def check_linear_attn_args(
             raise ValueError(f"log_decay must have shape [H] = [{H}], got {tuple(log_decay.shape)}")
         if log_decay.requires_grad:
             raise ValueError("log_decay is a fixed per-head constant here; pass it detached (no grad)")
-        if not bool(torch.isfinite(log_decay).all()) or bool((log_decay > 0).any()):
-            raise ValueError(f"log_decay must be finite and <= 0 (decay in (0, 1]), got {log_decay.tolist()}")
+        _check_decay_values(log_decay)
     if Hkv != H:
         k = k.repeat_interleave(H // Hkv, dim=2)
         v = v.repeat_interleave(H // Hkv, dim=2)
