@@ -19,7 +19,8 @@ Products take the inputs' dtype (bf16 / fp16 on tensor cores, fp32 as exact IEEE
 accumulation; states are fp32 except the forward's per-chunk h of 16-bit inputs, kept in the input dtype
 (as flash-linear-attention does) to halve its memory. A chunk that runs past T is masked, and decay
 exponents use each chunk's true length, so the last, partial chunk needs no padding. On a GPU each
-kernel's tiles, warps and stages are autotuned once per (K, V, chunk, flags); LASP_TRITON_AUTOTUNE=0
+kernel's tiles, warps and stages are autotuned once per (K, V, chunk, flags), the walks also per B*H
+(NBH: their only parallelism is tiles x B*H, so the best tile depends on it); LASP_TRITON_AUTOTUNE=0
 takes one fixed config instead.
 """
 
@@ -53,7 +54,7 @@ def _prune(configs, named_args, **kwargs):
 
 
 _WALK = dict(configs=_configs([(64, 64), (32, 64), (64, 32), (32, 32)], (2, 4), (2, 3)),
-             key=["K", "V", "BT", "HAS_DECAY", "DOT_PREC"], prune_configs_by={"early_config_prune": _prune})
+             key=["K", "V", "BT", "HAS_DECAY", "DOT_PREC", "NBH"], prune_configs_by={"early_config_prune": _prune})
 _CHUNK_CONFIGS = _configs([(64, 64), (128, 64), (64, 128), (128, 128)], (4, 8), (2, 3))
 
 
@@ -154,7 +155,7 @@ def _walk_bwd_body(
 @triton.autotune(**_WALK)
 @triton.jit(do_not_specialize=["T"])
 def _walk_fwd(
-    k, v, g, h, final, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+    k, v, g, h, final, T, NBH, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, HAS_DECAY: tl.constexpr, STORE_H: tl.constexpr,
     STORE_FINAL: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
@@ -166,7 +167,7 @@ def _walk_fwd(
 @triton.autotune(**_WALK)
 @triton.jit(do_not_specialize=["T"])
 def _walk_bwd(
-    q, do, g, dh, dfirst, scale, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+    q, do, g, dh, dfirst, scale, T, NBH, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, HAS_DECAY: tl.constexpr, STORE_H: tl.constexpr,
     STORE_FINAL: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
@@ -179,7 +180,7 @@ def _walk_bwd(
 @triton.autotune(**_WALK)
 @triton.jit(do_not_specialize=["T"])
 def _walk_both(
-    k, v, q, do, g, h, dh, scale, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+    k, v, q, do, g, h, dh, scale, T, NBH, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, HAS_DECAY: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """The backward's two independent walks in one launch (grid axis 2: 0 = h, 1 = dh), so the sequential
@@ -358,7 +359,7 @@ class TritonChunkKernel:
         args = (a, b, g, per_chunk if per_chunk is not None else last, last if final else per_chunk)
         if scale is not None:
             args = (*args, scale)
-        fn[_walk_grid(B, H, K, V)](*args, STORE_H=per_chunk is not None, STORE_FINAL=final, **meta)
+        fn[_walk_grid(B, H, K, V)](*args, NBH=B * H, STORE_H=per_chunk is not None, STORE_FINAL=final, **meta)
         return per_chunk, last
 
     def chunk_state(self, k, v, log_decay):
@@ -408,7 +409,7 @@ class TritonChunkKernel:
         h = q.new_empty(B, H, NT, K, V, dtype=torch.float32)
         dh = torch.empty_like(h)
         grid = _walk_grid(B, H, K, V)
-        _walk_both[lambda meta_: (*grid(meta_), 2)](k, v, q, do, g, h, dh, scale, **meta)
+        _walk_both[lambda meta_: (*grid(meta_), 2)](k, v, q, do, g, h, dh, scale, NBH=B * H, **meta)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         flags = dict(INTRA=True, PER_CHUNK=True)
         _out[_v_grid(B, H, V, NT)](k, q, do, g, dh, dv, 1.0, scale, REVERSE=True, **flags, **meta)
