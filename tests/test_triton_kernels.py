@@ -43,16 +43,21 @@ def test_protocol_matches_pytorch(T, K, V, block, decay):
             assert_close_rel(a, b, 2e-5)
 
 
-def test_linear_attn_with_states_through_triton():
-    q, k, v, do, s0 = _inputs(45, 16, 16)
+@pytest.mark.parametrize("with_s0, want_final", [(True, True), (True, False), (False, True)])
+@pytest.mark.parametrize("decay", [False, True], ids=["nodecay", "decay"])
+def test_linear_attn_with_states_through_triton(with_s0, want_final, decay):
+    """The fused path: walks that start from the initial state and from the final state's gradient."""
+    q, k, v, do, s0 = _inputs(45, 16, 24)
     args = [x.clone().requires_grad_() for x in (q, k, v, s0)]
     ref = [x.clone().requires_grad_() for x in (q, k, v, s0)]
-    kw = dict(log_decay=DECAY.to(DEVICE), output_final_state=True)
-    o, sT = linear_attn(*args[:3], initial_state=args[3], kernel=TritonChunkKernel(block=16), **kw)
-    o_ref, sT_ref = linear_attn(*ref[:3], initial_state=ref[3], kernel=REF, **kw)
-    ((o * do).sum() + sT.sum()).backward()
-    ((o_ref * do).sum() + sT_ref.sum()).backward()
-    for a, b in zip([o, sT] + [x.grad for x in args], [o_ref, sT_ref] + [x.grad for x in ref]):
+    kw = dict(log_decay=DECAY.to(DEVICE) if decay else None, output_final_state=want_final)
+    got = linear_attn(*args[:3], initial_state=args[3] if with_s0 else None, kernel=TritonChunkKernel(block=16), **kw)
+    want = linear_attn(*ref[:3], initial_state=ref[3] if with_s0 else None, kernel=REF, **kw)
+    got, want = (list(x) if want_final else [x] for x in (got, want))
+    ((got[0] * do).sum() + (got[1].square().sum() if want_final else 0)).backward()
+    ((want[0] * do).sum() + (want[1].square().sum() if want_final else 0)).backward()
+    n = 4 if with_s0 else 3
+    for a, b in zip(got + [x.grad for x in args[:n]], want + [x.grad for x in ref[:n]]):
         assert_close_rel(a, b, 2e-5)
 
 
@@ -111,6 +116,32 @@ def test_tile_configs_fit_the_head_dims(monkeypatch):
     assert [(c.kwargs["BK"], c.kwargs["BV"]) for c in tc._prune(full, {}, K=8, V=8)] == [(64, 64)]
     monkeypatch.setenv("LASP_TRITON_AUTOTUNE", "0")
     assert len(tc._configs(tiles, (4, 8), (2, 3))) == 1
+
+
+def test_every_launch_names_only_its_kernels_arguments(monkeypatch):
+    """A compiled launch rejects a keyword its kernel does not have (KeyError); the interpreter ignores it,
+    so the CPU tests check every launch here, including the tuned meta-parameters."""
+    from triton.runtime.autotuner import Autotuner
+
+    from lasp.kernels.linear_attn import triton_chunk as tc
+
+    seen, run = set(), Autotuner.run
+
+    def checked(self, *args, **kwargs):
+        tuned = set(self.configs[0].kwargs)
+        extra = set(kwargs) - set(self.arg_names) - {"grid", "warmup"}
+        assert not extra, f"{self.fn.__name__} launched with unknown keywords {sorted(extra)}"
+        assert not tuned & set(kwargs), f"{self.fn.__name__} launched with tuned keywords {sorted(tuned & set(kwargs))}"
+        assert len(args) + len(set(kwargs) & set(self.arg_names)) + len(tuned) == len(self.arg_names), self.fn.__name__
+        seen.add(self.fn.__name__)
+        return run(self, *args, **kwargs)
+
+    monkeypatch.setattr(Autotuner, "run", checked)
+    tk, g = TritonChunkKernel(block=16), DECAY.to(DEVICE)
+    q, k, v, do, S = _inputs(20, 16, 16)
+    tk.chunk_state(k, v, g), tk.chunk_state_bwd(k, v, g, S), tk.inter_fwd(q, S, g, 0.3), tk.inter_bwd(q, S, g, 0.3, do)
+    tk.fwd(q, k, v, g, 0.3, S, True), tk.bwd(q, k, v, g, 0.3, S, do, S)
+    assert seen == {"_walk_fwd", "_walk_bwd", "_walk_both", "_out", "_dqk"}
 
 
 def test_float64_is_a_clear_error():

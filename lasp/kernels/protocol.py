@@ -11,6 +11,9 @@ A rank's local sequence is cut into chunks. For a chunk of length L with log-dec
 
 and the backward of each. Every SP algorithm is written against these six calls plus chunk_decay, so a
 faster kernel (Triton) drops in without touching `lasp.sp`. Kernels never see ranks or process groups.
+`fwd` / `bwd` are single-device causal attention over all of T with an optional initial state and final
+state (what `linear_attn` calls): `ComposedStates` builds them from the six calls, and a kernel may fuse
+them instead (the Triton kernel starts its state walks from the states).
 
 Dtypes: activations and their gradients come back in the input dtype; states (M, S, dS) are float32, or
 float64 when the inputs are float64 (see `state_dtype`).
@@ -67,3 +70,50 @@ class LinearAttnKernel(Protocol):
     def chunk_decay(self, log_decay: Tensor | None, length: int) -> Tensor | None:
         """lambda^length per head [H] in the state dtype (None when there is no decay)."""
         ...
+
+    def fwd(
+        self, q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor | None, scale: float,
+        initial_state: Tensor | None, want_final: bool,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Causal attention over T from `initial_state` [B,H,K,V] (None: zero) -> (o, final state or None)."""
+        ...
+
+    def bwd(
+        self, q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor | None, scale: float,
+        initial_state: Tensor | None, do: Tensor, dfinal: Tensor | None,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """(dq, dk, dv, d initial_state or None) of `fwd`, given do and the final state's gradient (or None)."""
+        ...
+
+
+class ComposedStates:
+    """`fwd` / `bwd` of a kernel from its six protocol calls: intra + inter for the output, chunk_state
+    plus the decayed initial state for the final state, and the backward of each."""
+
+    def fwd(self, q, k, v, log_decay, scale, initial_state, want_final):
+        sdt = state_dtype(q.dtype)
+        o = self.intra_fwd(q, k, v, log_decay, scale)
+        if initial_state is not None:
+            o = o + self.inter_fwd(q, initial_state, log_decay, scale)
+        if not want_final:
+            return o, None
+        final = self.chunk_state(k, v, log_decay).to(sdt)
+        if initial_state is not None:
+            decay = self.chunk_decay(log_decay, q.shape[1])
+            final = final + (initial_state if decay is None else initial_state * decay.to(sdt).view(-1, 1, 1))
+        return o, final
+
+    def bwd(self, q, k, v, log_decay, scale, initial_state, do, dfinal):
+        dq, dk, dv = self.intra_bwd(q, k, v, log_decay, scale, do)
+        ds0 = None
+        if initial_state is not None:
+            dq_s, ds0 = self.inter_bwd(q, initial_state, log_decay, scale, do)
+            dq = dq + dq_s
+        if dfinal is not None:
+            dk_f, dv_f = self.chunk_state_bwd(k, v, log_decay, dfinal)
+            dk, dv = dk + dk_f, dv + dv_f
+            if ds0 is not None:
+                decay = self.chunk_decay(log_decay, q.shape[1])
+                dfs = dfinal.to(ds0.dtype)
+                ds0 = ds0 + (dfs if decay is None else dfs * decay.to(ds0.dtype).view(-1, 1, 1))
+        return dq, dk, dv, ds0

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lasp.kernels.protocol import state_dtype
+from lasp.kernels.protocol import ComposedStates, state_dtype
 from lasp.kernels.scan import exclusive_scan
 
 BLOCK = 64
@@ -94,7 +94,7 @@ def _block_decay(log_decay: Tensor | None, C: int, dtype: torch.dtype, device) -
     )
 
 
-class TorchChunkKernel:
+class TorchChunkKernel(ComposedStates):
     """`LinearAttnKernel` in plain PyTorch (any device): blocks of `block` tokens, processed
     `segment_blocks` blocks at a time."""
 

@@ -53,13 +53,7 @@ class _LinearAttnFn(torch.autograd.Function):
         sdt = state_dtype(q.dtype)
         s0 = None if initial_state is None else initial_state.to(sdt)
         if causal:
-            o = kernel.intra_fwd(q, k, v, log_decay, scale)
-            if s0 is not None:
-                o = o + kernel.inter_fwd(q, s0, log_decay, scale)
-            final = kernel.chunk_state(k, v, log_decay) if want_final else None
-            if final is not None and s0 is not None:
-                decay = kernel.chunk_decay(log_decay, q.shape[1])
-                final = final + (s0 if decay is None else s0 * decay.to(sdt).view(-1, 1, 1))
+            o, final = kernel.fwd(q, k, v, log_decay, scale, s0, want_final)
             saved_state = s0
         else:
             state = kernel.chunk_state(k, v, None)
@@ -85,17 +79,7 @@ class _LinearAttnFn(torch.autograd.Function):
             do = torch.zeros(*q.shape[:3], v.shape[-1], dtype=v.dtype, device=v.device)
         ds0 = None
         if ctx.causal:
-            dq, dk, dv = kernel.intra_bwd(q, k, v, log_decay, scale, do)
-            if ctx.has_s0:
-                dq_s, ds0 = kernel.inter_bwd(q, state, log_decay, scale, do)
-                dq = dq + dq_s
-            if dfinal is not None:
-                dk_f, dv_f = kernel.chunk_state_bwd(k, v, log_decay, dfinal)
-                dk, dv = dk + dk_f, dv + dv_f
-                if ctx.has_s0:
-                    decay = kernel.chunk_decay(log_decay, q.shape[1])
-                    dfs = dfinal.to(ds0.dtype)
-                    ds0 = ds0 + (dfs if decay is None else dfs * decay.to(ds0.dtype).view(-1, 1, 1))
+            dq, dk, dv, ds0 = kernel.bwd(q, k, v, log_decay, scale, state, do, dfinal)
         else:
             dq, dstate = kernel.inter_bwd(q, state, None, scale, do)
             if dfinal is not None:

@@ -94,8 +94,8 @@ def _state_ptr(base, rk, rv, V):
 
 @triton.jit
 def _walk_fwd_body(
-    k, v, g, h, final, T, i_kv, bh, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, HAS_DECAY: tl.constexpr, STORE_H: tl.constexpr,
+    k, v, g, h0, h, final, T, i_kv, bh, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, HAS_DECAY: tl.constexpr, HAS_H0: tl.constexpr, STORE_H: tl.constexpr,
     STORE_FINAL: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     i_k, i_v = i_kv // tl.cdiv(V, BV), i_kv % tl.cdiv(V, BV)
@@ -106,7 +106,10 @@ def _walk_fwd_body(
     m_kv = (rk[:, None] < K) & (rv[None, :] < V)
     gh = tl.load(g + hh).to(tl.float32) if HAS_DECAY else 0.0
     NT = tl.cdiv(T, BT)
-    state = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_H0:
+        state = tl.load(_state_ptr(h0 + bh * K * V, rk, rv, V), mask=m_kv, other=0.0).to(tl.float32)
+    else:
+        state = tl.zeros([BK, BV], dtype=tl.float32)
     for n in range(NT):
         t = n * BT + i
         if STORE_H:
@@ -124,9 +127,9 @@ def _walk_fwd_body(
 
 @triton.jit
 def _walk_bwd_body(
-    q, do, g, dh, dfirst, scale, T, i_kv, bh, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_DECAY: tl.constexpr, STORE_H: tl.constexpr,
-    STORE_FINAL: tl.constexpr, DOT_PREC: tl.constexpr,
+    q, do, g, dht, dh, dfirst, scale, T, i_kv, bh, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_DECAY: tl.constexpr, HAS_DHT: tl.constexpr,
+    STORE_H: tl.constexpr, STORE_FINAL: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     i_k, i_v = i_kv // tl.cdiv(V, BV), i_kv % tl.cdiv(V, BV)
     b, hh = bh // H, bh % H
@@ -136,60 +139,67 @@ def _walk_bwd_body(
     m_kv = (rk[:, None] < K) & (rv[None, :] < V)
     gh = tl.load(g + hh).to(tl.float32) if HAS_DECAY else 0.0
     NT = tl.cdiv(T, BT)
-    carry = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_DHT:
+        carry = tl.load(_state_ptr(dht + bh * K * V, rk, rv, V), mask=m_kv, other=0.0).to(tl.float32)
+    else:
+        carry = tl.zeros([BK, BV], dtype=tl.float32)
     for m in range(NT):
         n = NT - 1 - m
         t = n * BT + i
         if STORE_H:
-            tl.store(_state_ptr(dh + (bh * NT + n) * K * V, rk, rv, V), carry * scale, mask=m_kv)
+            tl.store(_state_ptr(dh + (bh * NT + n) * K * V, rk, rv, V), carry, mask=m_kv)
         qt = _cols(q, t, T, H * K, rk, K)  # [BK, BT]
         dot_ = _rows(do, t, T, H * V, rv, V)  # [BT, BV]
         if HAS_DECAY:
             qt = (qt * tl.exp(gh * (i + 1).to(tl.float32))[None, :]).to(qt.dtype)
             carry = carry * tl.exp(gh * tl.minimum(T - n * BT, BT).to(tl.float32))
-        carry = tl.dot(qt, dot_, carry, input_precision=DOT_PREC)
+        carry += tl.dot(qt, dot_, input_precision=DOT_PREC) * scale
     if STORE_FINAL:
-        tl.store(_state_ptr(dfirst + bh * K * V, rk, rv, V), carry * scale, mask=m_kv)
+        tl.store(_state_ptr(dfirst + bh * K * V, rk, rv, V), carry, mask=m_kv)
 
 
 @triton.autotune(**_WALK)
 @triton.jit(do_not_specialize=["T"])
 def _walk_fwd(
-    k, v, g, h, final, T, NBH, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, HAS_DECAY: tl.constexpr, STORE_H: tl.constexpr,
+    k, v, g, h0, h, final, T, NBH, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, HAS_DECAY: tl.constexpr, HAS_H0: tl.constexpr, STORE_H: tl.constexpr,
     STORE_FINAL: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    """h[n] = state entering chunk n (if STORE_H); final = state after the last chunk (if STORE_FINAL)."""
-    _walk_fwd_body(k, v, g, h, final, T, tl.program_id(0), tl.program_id(1).to(tl.int64), H, K, V, BT, BK, BV,
-                   HAS_DECAY, STORE_H, STORE_FINAL, DOT_PREC)
+    """From h0 (if HAS_H0, else zero): h[n] = state entering chunk n (if STORE_H); final = state after the
+    last chunk (if STORE_FINAL)."""
+    _walk_fwd_body(k, v, g, h0, h, final, T, tl.program_id(0), tl.program_id(1).to(tl.int64), H, K, V, BT, BK,
+                   BV, HAS_DECAY, HAS_H0, STORE_H, STORE_FINAL, DOT_PREC)
 
 
 @triton.autotune(**_WALK)
 @triton.jit(do_not_specialize=["T"])
 def _walk_bwd(
-    q, do, g, dh, dfirst, scale, T, NBH, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, HAS_DECAY: tl.constexpr, STORE_H: tl.constexpr,
-    STORE_FINAL: tl.constexpr, DOT_PREC: tl.constexpr,
+    q, do, g, dht, dh, dfirst, scale, T, NBH, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_DECAY: tl.constexpr, HAS_DHT: tl.constexpr,
+    STORE_H: tl.constexpr, STORE_FINAL: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    """Chunks in reverse: dh[n] = gradient of the state chunk n hands on, from later chunks' queries (if
-    STORE_H); dfirst = gradient of the state entering chunk 0 (if STORE_FINAL)."""
-    _walk_bwd_body(q, do, g, dh, dfirst, scale, T, tl.program_id(0), tl.program_id(1).to(tl.int64), H, K, V,
-                   BT, BK, BV, HAS_DECAY, STORE_H, STORE_FINAL, DOT_PREC)
+    """Chunks in reverse, from dht (the final state's gradient, if HAS_DHT): dh[n] = gradient of the state
+    chunk n hands on (if STORE_H); dfirst = gradient of the state entering chunk 0 (if STORE_FINAL)."""
+    _walk_bwd_body(q, do, g, dht, dh, dfirst, scale, T, tl.program_id(0), tl.program_id(1).to(tl.int64), H, K,
+                   V, BT, BK, BV, HAS_DECAY, HAS_DHT, STORE_H, STORE_FINAL, DOT_PREC)
 
 
 @triton.autotune(**_WALK)
 @triton.jit(do_not_specialize=["T"])
 def _walk_both(
-    k, v, q, do, g, h, dh, scale, T, NBH, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, HAS_DECAY: tl.constexpr, DOT_PREC: tl.constexpr,
+    k, v, q, do, g, h0, dht, h, dh, dh0, scale, T, NBH, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_DECAY: tl.constexpr, HAS_H0: tl.constexpr,
+    HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """The backward's two independent walks in one launch (grid axis 2: 0 = h, 1 = dh), so the sequential
     phase has twice the programs to spread over the GPU."""
     i_kv, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     if tl.program_id(2) == 0:
-        _walk_fwd_body(k, v, g, h, h, T, i_kv, bh, H, K, V, BT, BK, BV, HAS_DECAY, True, False, DOT_PREC)
+        _walk_fwd_body(k, v, g, h0, h, h, T, i_kv, bh, H, K, V, BT, BK, BV, HAS_DECAY, HAS_H0, True, False,
+                       DOT_PREC)
     else:
-        _walk_bwd_body(q, do, g, dh, dh, scale, T, i_kv, bh, H, K, V, BT, BK, BV, HAS_DECAY, True, False, DOT_PREC)
+        _walk_bwd_body(q, do, g, dht, dh, dh0, scale, T, i_kv, bh, H, K, V, BT, BK, BV, HAS_DECAY, HAS_DHT, True,
+                       STORE_DH0, DOT_PREC)
 
 
 @triton.jit
@@ -326,7 +336,9 @@ def _k_grid(B, H, K, NT):
 
 
 class TritonChunkKernel:
-    """`LinearAttnKernel` in Triton: chunks of `block` tokens (a power of two >= 16)."""
+    """`LinearAttnKernel` in Triton: chunks of `block` tokens (a power of two >= 16). `fwd` / `bwd` start
+    the state walks from the initial state and the final state's gradient, as flash-linear-attention
+    does; intra_fwd / intra_bwd are them without states."""
 
     name = "triton"
 
@@ -351,20 +363,12 @@ class TritonChunkKernel:
     def chunk_decay(self, log_decay: Tensor | None, length: int) -> Tensor | None:
         return None if log_decay is None else torch.exp(log_decay.to(torch.float64) * length)
 
-    def _walk(self, fn, a, b, g, meta, B, NT, *, chunk_dtype, final: bool, scale=None):
-        """Run a walk kernel; returns (per-chunk states [B, H, NT, K, V] or None, final state or None)."""
-        H, K, V = meta["H"], meta["K"], meta["V"]
-        per_chunk = None if chunk_dtype is None else a.new_empty(B, H, NT, K, V, dtype=chunk_dtype)
-        last = a.new_empty(B, H, K, V, dtype=torch.float32) if final else None
-        args = (a, b, g, per_chunk if per_chunk is not None else last, last if final else per_chunk)
-        if scale is not None:
-            args = (*args, scale)
-        fn[_walk_grid(B, H, K, V)](*args, NBH=B * H, STORE_H=per_chunk is not None, STORE_FINAL=final, **meta)
-        return per_chunk, last
-
     def chunk_state(self, k, v, log_decay):
         B, T, H, K, V, NT, g, meta = self._setup(k, v, log_decay)
-        return self._walk(_walk_fwd, k.contiguous(), v.contiguous(), g, meta, B, NT, chunk_dtype=None, final=True)[1]
+        final = k.new_empty(B, H, K, V, dtype=torch.float32)
+        _walk_fwd[_walk_grid(B, H, K, V)](k.contiguous(), v.contiguous(), g, final, final, final, NBH=B * H, HAS_H0=False,
+                                          STORE_H=False, STORE_FINAL=True, **meta)
+        return final
 
     def chunk_state_bwd(self, k, v, log_decay, dstate):
         B, T, H, K, V, NT, g, meta = self._setup(k, v, log_decay)
@@ -390,29 +394,45 @@ class TritonChunkKernel:
         s = state.float().contiguous()
         _dqk[_k_grid(B, H, K, NT)](q, q, do, g, s, s, do, dq, dq, scale, INTRA=False, PER_CHUNK=False,
                                    WANT_DQ=True, WANT_DK=False, **meta)
-        ds = self._walk(_walk_bwd, q, do, g, meta, B, NT, chunk_dtype=None, final=True, scale=scale)[1]
+        ds = torch.empty_like(s)
+        _walk_bwd[_walk_grid(B, H, K, V)](q, do, g, ds, ds, ds, scale, NBH=B * H, HAS_DHT=False, STORE_H=False,
+                                          STORE_FINAL=True, **meta)
         return dq, ds
 
-    def intra_fwd(self, q, k, v, log_decay, scale):
+    def fwd(self, q, k, v, log_decay, scale, initial_state, want_final):
         B, T, H, K, V, NT, g, meta = self._setup(q, v, log_decay)
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        h_dtype = torch.float32 if q.dtype == torch.float32 else q.dtype
-        h = self._walk(_walk_fwd, k, v, g, meta, B, NT, chunk_dtype=h_dtype, final=False)[0]
+        h = q.new_empty(B, H, NT, K, V, dtype=torch.float32 if q.dtype == torch.float32 else q.dtype)
+        final = q.new_empty(B, H, K, V, dtype=torch.float32) if want_final else h
+        h0 = h if initial_state is None else initial_state.float().contiguous()
+        _walk_fwd[_walk_grid(B, H, K, V)](k, v, g, h0, h, final, NBH=B * H, HAS_H0=initial_state is not None, STORE_H=True,
+                                          STORE_FINAL=want_final, **meta)
         o = torch.empty_like(v)
         _out[_v_grid(B, H, V, NT)](q, k, v, g, h, o, scale, scale, INTRA=True, PER_CHUNK=True, REVERSE=False,
                                    **meta)
-        return o
+        return o, (final if want_final else None)
 
-    def intra_bwd(self, q, k, v, log_decay, scale, do):
+    def bwd(self, q, k, v, log_decay, scale, initial_state, do, dfinal):
         B, T, H, K, V, NT, g, meta = self._setup(q, v, log_decay)
         q, k, v, do = q.contiguous(), k.contiguous(), v.contiguous(), do.contiguous()
         h = q.new_empty(B, H, NT, K, V, dtype=torch.float32)
         dh = torch.empty_like(h)
+        dh0 = h if initial_state is None else q.new_empty(B, H, K, V, dtype=torch.float32)
+        h0 = h if initial_state is None else initial_state.float().contiguous()
+        dht = h if dfinal is None else dfinal.float().contiguous()
         grid = _walk_grid(B, H, K, V)
-        _walk_both[lambda meta_: (*grid(meta_), 2)](k, v, q, do, g, h, dh, scale, NBH=B * H, **meta)
+        _walk_both[lambda meta_: (*grid(meta_), 2)](
+            k, v, q, do, g, h0, dht, h, dh, dh0, scale, NBH=B * H, HAS_H0=initial_state is not None,
+            HAS_DHT=dfinal is not None, STORE_DH0=initial_state is not None, **meta)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         flags = dict(INTRA=True, PER_CHUNK=True)
         _out[_v_grid(B, H, V, NT)](k, q, do, g, dh, dv, 1.0, scale, REVERSE=True, **flags, **meta)
         _dqk[_k_grid(B, H, K, NT)](q, k, v, g, h, dh, do, dq, dk, scale, WANT_DQ=True, WANT_DK=True,
                                    **flags, **meta)
-        return dq, dk, dv
+        return dq, dk, dv, (None if initial_state is None else dh0)
+
+    def intra_fwd(self, q, k, v, log_decay, scale):
+        return self.fwd(q, k, v, log_decay, scale, None, False)[0]
+
+    def intra_bwd(self, q, k, v, log_decay, scale, do):
+        return self.bwd(q, k, v, log_decay, scale, None, do, None)[:3]
