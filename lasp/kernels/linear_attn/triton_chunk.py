@@ -6,12 +6,13 @@ K / V tile of one program, lam = exp(g) the per-head decay.
 
 Kernels tiled in the style of Lightning Attention-2 / flash-linear-attention:
 
-    _walk_fwd   grid (K tiles * V tiles, B*H): chunk by chunk, the state entering each chunk (h) and
-                the state after the last one. The only sequential loop of the forward.
+    _walk_fwd   grid (K tiles * V tiles, B*H): chunk by chunk from an initial state (or zero), the state
+                entering each chunk (h) and the state after the last one. The forward's only
+                sequential loop.
     _out        grid (V tiles, NT, B*H): o = masked, decayed (q k^T) v + q h, one chunk per program;
                 the same kernel, reversed, gives dv = (masked, decayed k q^T) do + k dh.
-    _walk_bwd   grid (K tiles * V tiles, B*H): chunks in reverse, the gradient of the state each chunk
-                hands on (dh) and of the state entering the first one. The backward of a whole
+    _walk_bwd   grid (K tiles * V tiles, B*H): chunks in reverse from the final state's gradient (or
+                zero), the gradient of the state each chunk hands on (dh) and of the initial state. The backward of a whole
                 sequence runs both walks in one launch (_walk_both), as they are independent.
     _dqk        grid (K tiles, NT, B*H): dq = ds k + do h^T, dk = ds^T q + v dh^T, ds = masked (do v^T).
 
