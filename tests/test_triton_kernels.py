@@ -104,17 +104,18 @@ def test_lasp2_runs_the_same_algorithm_on_triton_kernels(dist_pool, layout):
 
 def test_tile_configs_fit_the_head_dims(monkeypatch):
     """On a GPU every kernel autotunes over tiles; tiles wider than the head dims are pruned."""
-    from lasp.kernels.linear_attn import triton_chunk as tc
+    from lasp.kernels import settings
+    from lasp.kernels.linear_attn import triton_kernels as tc
 
-    monkeypatch.setattr(tc, "INTERPRET", False)
-    monkeypatch.setenv("LASP_TRITON_AUTOTUNE", "1")
+    monkeypatch.setattr(settings, "TRITON_INTERPRET", False)
+    monkeypatch.setattr(settings, "TRITON_AUTOTUNE", True)
     tiles = [(64, 64), (128, 64), (64, 128), (128, 128)]
     full = tc._configs(tiles, (4, 8), (2, 3))
     assert len(full) == 16
     kept = tc._prune(full, {"K": 64}, V=128)
     assert {(c.kwargs["BK"], c.kwargs["BV"]) for c in kept} == {(64, 64), (64, 128)}
     assert [(c.kwargs["BK"], c.kwargs["BV"]) for c in tc._prune(full, {}, K=8, V=8)] == [(64, 64)]
-    monkeypatch.setenv("LASP_TRITON_AUTOTUNE", "0")
+    monkeypatch.setattr(settings, "TRITON_AUTOTUNE", False)
     assert len(tc._configs(tiles, (4, 8), (2, 3))) == 1
 
 
@@ -122,8 +123,6 @@ def test_every_launch_names_only_its_kernels_arguments(monkeypatch):
     """A compiled launch rejects a keyword its kernel does not have (KeyError); the interpreter ignores it,
     so the CPU tests check every launch here, including the tuned meta-parameters."""
     from triton.runtime.autotuner import Autotuner
-
-    from lasp.kernels.linear_attn import triton_chunk as tc
 
     seen, run = set(), Autotuner.run
 
@@ -141,7 +140,7 @@ def test_every_launch_names_only_its_kernels_arguments(monkeypatch):
     q, k, v, do, S = _inputs(20, 16, 16)
     tk.chunk_state(k, v, g), tk.chunk_state_bwd(k, v, g, S), tk.inter_fwd(q, S, g, 0.3), tk.inter_bwd(q, S, g, 0.3, do)
     tk.fwd(q, k, v, g, 0.3, S, True), tk.bwd(q, k, v, g, 0.3, S, do, S)
-    assert seen == {"_walk_fwd", "_walk_bwd", "_walk_both", "_out", "_dqk"}
+    assert seen == {"walk_fwd", "walk_bwd", "walk_both", "chunk_out", "chunk_dqk"}
 
 
 def test_float64_is_a_clear_error():
@@ -161,6 +160,8 @@ def test_backend_choice():
 def test_triton_without_gpu_is_a_clear_error(monkeypatch):
     if ON_GPU:
         pytest.skip("a GPU is present")
-    monkeypatch.delenv("TRITON_INTERPRET")
+    from lasp.kernels import settings
+
+    monkeypatch.setattr(settings, "TRITON_INTERPRET", False)
     with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
         get_kernel("triton")

@@ -7,10 +7,10 @@ CPU interpreter, which the tests use.
 
 import importlib.util
 import logging
-import os
 
 import torch
 
+from lasp.kernels import settings
 from lasp.kernels.linear_attn.chunk import TorchChunkKernel
 from lasp.kernels.linear_attn.op import DEFAULT_KERNEL
 from lasp.kernels.protocol import LinearAttnKernel
@@ -31,7 +31,7 @@ def get_kernel(backend: str = "auto") -> LinearAttnKernel:
     if backend not in BACKENDS:
         raise ValueError(f"kernel backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     has_triton = importlib.util.find_spec("triton") is not None
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    interpret = settings.TRITON_INTERPRET
     if backend == "triton":
         if not has_triton:
             raise RuntimeError("kernel backend 'triton' needs the triton package (pip install triton)")

@@ -1,327 +1,18 @@
-"""Triton kernels for chunked linear attention behind the kernel protocol (GPU; on CPU only in Triton's
-interpreter, TRITON_INTERPRET=1). `chunk.py` (PyTorch) is their reference, with the same methods.
+"""`TritonChunkKernel`: the kernel protocol on the Triton kernels of `triton_kernels.py` (GPU; on CPU
+only in Triton's interpreter, TRITON_INTERPRET=1). `chunk.py` (PyTorch) is its reference, with the same
+methods.
 
-Legend: B batch, T tokens, H heads, K key dim, V value dim, BT tokens per chunk, NT chunks, BK / BV the
-K / V tile of one program, lam = exp(g) the per-head decay.
-
-Kernels tiled in the style of Lightning Attention-2 / flash-linear-attention:
-
-    _walk_fwd   grid (K tiles * V tiles, B*H): chunk by chunk from an initial state (or zero), the state
-                entering each chunk (h) and the state after the last one. The forward's only
-                sequential loop.
-    _out        grid (V tiles, NT, B*H): o = masked, decayed (q k^T) v + q h, one chunk per program;
-                the same kernel, reversed, gives dv = (masked, decayed k q^T) do + k dh.
-    _walk_bwd   grid (K tiles * V tiles, B*H): chunks in reverse from the final state's gradient (or
-                zero), the gradient of the state each chunk hands on (dh) and of the initial state. The backward of a whole
-                sequence runs both walks in one launch (_walk_both), as they are independent.
-    _dqk        grid (K tiles, NT, B*H): dq = ds k + do h^T, dk = ds^T q + v dh^T, ds = masked (do v^T).
-
-Products take the inputs' dtype (bf16 / fp16 on tensor cores, fp32 as exact IEEE products) with fp32
-accumulation; states are fp32 except the forward's per-chunk h of 16-bit inputs, kept in the input dtype
-(as flash-linear-attention does) to halve its memory. A chunk that runs past T is masked, and decay
-exponents use each chunk's true length, so the last, partial chunk needs no padding. On a GPU each
-kernel's tiles, warps and stages are autotuned once per (K, V, chunk, flags), the walks also per B*H
-(NBH: their only parallelism is tiles x B*H, so the best tile depends on it); LASP_TRITON_AUTOTUNE=0
-takes one fixed config instead.
+Legend: B batch, T tokens, H heads, K key dim, V value dim, NT chunks.
 """
-
-import os
 
 import torch
 import triton
-import triton.language as tl
 from torch import Tensor
 
+from lasp.kernels.linear_attn.triton_kernels import chunk_dqk, chunk_out, walk_both, walk_bwd, walk_fwd
+
 MAX_HEAD_DIM = 256
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def _configs(tiles: list[tuple[int, int]], warps: tuple[int, ...], stages: tuple[int, ...]) -> list:
-    if INTERPRET:  # small tiles, so the interpreter tests cross K and V tile borders
-        return [triton.Config({"BK": 16, "BV": 16}, num_warps=1)]
-    if os.environ.get("LASP_TRITON_AUTOTUNE", "1") == "0":
-        tiles, warps, stages = tiles[:1], (4,), (2,)
-    return [triton.Config({"BK": bk, "BV": bv}, num_warps=w, num_stages=s)
-            for bk, bv in tiles for w in warps for s in stages]
-
-
-def _prune(configs, named_args, **kwargs):
-    """Drop tiles wider than the head dims need (keep the narrowest if all are)."""
-    args = {**named_args, **kwargs}
-    k, v = (max(16, triton.next_power_of_2(args[d])) for d in ("K", "V"))
-    kept = [c for c in configs if c.kwargs["BK"] <= k and c.kwargs["BV"] <= v]
-    return kept or [min(configs, key=lambda c: c.kwargs["BK"] * c.kwargs["BV"])]
-
-
-_WALK = dict(configs=_configs([(64, 64), (32, 64), (64, 32), (32, 32)], (2, 4), (2, 3)),
-             key=["K", "V", "BT", "HAS_DECAY", "DOT_PREC", "NBH"], prune_configs_by={"early_config_prune": _prune})
-_CHUNK_CONFIGS = _configs([(64, 64), (128, 64), (64, 128), (128, 128)], (4, 8), (2, 3))
-
-
-def _chunk_tuning(*flags: str) -> dict:
-    return dict(configs=_CHUNK_CONFIGS, key=["K", "V", "BT", "HAS_DECAY", "DOT_PREC", "INTRA", "PER_CHUNK", *flags],
-                prune_configs_by={"early_config_prune": _prune})
-
-
-@triton.jit
-def _rows(ptr, t, T, stride, c, C):
-    """[len(t), len(c)] tile: rows t (row stride `stride`), columns c, zero outside T x C."""
-    return tl.load(ptr + t[:, None] * stride + c[None, :], mask=(t[:, None] < T) & (c[None, :] < C), other=0.0)
-
-
-@triton.jit
-def _cols(ptr, t, T, stride, c, C):
-    """The transposed tile of `_rows`: [len(c), len(t)]."""
-    return tl.load(ptr + t[None, :] * stride + c[:, None], mask=(t[None, :] < T) & (c[:, None] < C), other=0.0)
-
-
-@triton.jit
-def _store_rows(ptr, x, t, T, stride, c, C):
-    tl.store(ptr + t[:, None] * stride + c[None, :], x.to(ptr.dtype.element_ty),
-             mask=(t[:, None] < T) & (c[None, :] < C))
-
-
-@triton.jit
-def _powers(g, e, valid):
-    """exp(g * e) where valid, else 0 (never exp of a large positive number times zero)."""
-    return tl.where(valid, tl.exp(g * e.to(tl.float32)), 0.0)
-
-
-@triton.jit
-def _state_ptr(base, rk, rv, V):
-    return base + rk[:, None] * V + rv[None, :]
-
-
-@triton.jit
-def _walk_fwd_body(
-    k, v, g, h0, h, final, T, i_kv, bh, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, HAS_DECAY: tl.constexpr, HAS_H0: tl.constexpr, STORE_H: tl.constexpr,
-    STORE_FINAL: tl.constexpr, DOT_PREC: tl.constexpr,
-):
-    i_k, i_v = i_kv // tl.cdiv(V, BV), i_kv % tl.cdiv(V, BV)
-    b, hh = bh // H, bh % H
-    k += (b * T * H + hh) * K
-    v += (b * T * H + hh) * V
-    rk, rv, i = i_k * BK + tl.arange(0, BK), i_v * BV + tl.arange(0, BV), tl.arange(0, BT)
-    m_kv = (rk[:, None] < K) & (rv[None, :] < V)
-    gh = tl.load(g + hh).to(tl.float32) if HAS_DECAY else 0.0
-    NT = tl.cdiv(T, BT)
-    if HAS_H0:
-        state = tl.load(_state_ptr(h0 + bh * K * V, rk, rv, V), mask=m_kv, other=0.0).to(tl.float32)
-    else:
-        state = tl.zeros([BK, BV], dtype=tl.float32)
-    for n in range(NT):
-        t = n * BT + i
-        if STORE_H:
-            tl.store(_state_ptr(h + (bh * NT + n) * K * V, rk, rv, V), state.to(h.dtype.element_ty), mask=m_kv)
-        kt = _cols(k, t, T, H * K, rk, K)  # [BK, BT]
-        vt = _rows(v, t, T, H * V, rv, V)  # [BT, BV]
-        if HAS_DECAY:
-            length = tl.minimum(T - n * BT, BT)
-            vt = (vt * _powers(gh, length - 1 - i, i < length)[:, None]).to(vt.dtype)
-            state = state * tl.exp(gh * length.to(tl.float32))
-        state = tl.dot(kt, vt, state, input_precision=DOT_PREC)
-    if STORE_FINAL:
-        tl.store(_state_ptr(final + bh * K * V, rk, rv, V), state, mask=m_kv)
-
-
-@triton.jit
-def _walk_bwd_body(
-    q, do, g, dht, dh, dfirst, scale, T, i_kv, bh, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_DECAY: tl.constexpr, HAS_DHT: tl.constexpr,
-    STORE_H: tl.constexpr, STORE_FINAL: tl.constexpr, DOT_PREC: tl.constexpr,
-):
-    i_k, i_v = i_kv // tl.cdiv(V, BV), i_kv % tl.cdiv(V, BV)
-    b, hh = bh // H, bh % H
-    q += (b * T * H + hh) * K
-    do += (b * T * H + hh) * V
-    rk, rv, i = i_k * BK + tl.arange(0, BK), i_v * BV + tl.arange(0, BV), tl.arange(0, BT)
-    m_kv = (rk[:, None] < K) & (rv[None, :] < V)
-    gh = tl.load(g + hh).to(tl.float32) if HAS_DECAY else 0.0
-    NT = tl.cdiv(T, BT)
-    if HAS_DHT:
-        carry = tl.load(_state_ptr(dht + bh * K * V, rk, rv, V), mask=m_kv, other=0.0).to(tl.float32)
-    else:
-        carry = tl.zeros([BK, BV], dtype=tl.float32)
-    for m in range(NT):
-        n = NT - 1 - m
-        t = n * BT + i
-        if STORE_H:
-            tl.store(_state_ptr(dh + (bh * NT + n) * K * V, rk, rv, V), carry, mask=m_kv)
-        qt = _cols(q, t, T, H * K, rk, K)  # [BK, BT]
-        dot_ = _rows(do, t, T, H * V, rv, V)  # [BT, BV]
-        if HAS_DECAY:
-            qt = (qt * tl.exp(gh * (i + 1).to(tl.float32))[None, :]).to(qt.dtype)
-            carry = carry * tl.exp(gh * tl.minimum(T - n * BT, BT).to(tl.float32))
-        carry += tl.dot(qt, dot_, input_precision=DOT_PREC) * scale
-    if STORE_FINAL:
-        tl.store(_state_ptr(dfirst + bh * K * V, rk, rv, V), carry, mask=m_kv)
-
-
-@triton.autotune(**_WALK)
-@triton.jit(do_not_specialize=["T"])
-def _walk_fwd(
-    k, v, g, h0, h, final, T, NBH, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, HAS_DECAY: tl.constexpr, HAS_H0: tl.constexpr, STORE_H: tl.constexpr,
-    STORE_FINAL: tl.constexpr, DOT_PREC: tl.constexpr,
-):
-    """From h0 (if HAS_H0, else zero): h[n] = state entering chunk n (if STORE_H); final = state after the
-    last chunk (if STORE_FINAL)."""
-    _walk_fwd_body(k, v, g, h0, h, final, T, tl.program_id(0), tl.program_id(1).to(tl.int64), H, K, V, BT, BK,
-                   BV, HAS_DECAY, HAS_H0, STORE_H, STORE_FINAL, DOT_PREC)
-
-
-@triton.autotune(**_WALK)
-@triton.jit(do_not_specialize=["T"])
-def _walk_bwd(
-    q, do, g, dht, dh, dfirst, scale, T, NBH, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_DECAY: tl.constexpr, HAS_DHT: tl.constexpr,
-    STORE_H: tl.constexpr, STORE_FINAL: tl.constexpr, DOT_PREC: tl.constexpr,
-):
-    """Chunks in reverse, from dht (the final state's gradient, if HAS_DHT): dh[n] = gradient of the state
-    chunk n hands on (if STORE_H); dfirst = gradient of the state entering chunk 0 (if STORE_FINAL)."""
-    _walk_bwd_body(q, do, g, dht, dh, dfirst, scale, T, tl.program_id(0), tl.program_id(1).to(tl.int64), H, K,
-                   V, BT, BK, BV, HAS_DECAY, HAS_DHT, STORE_H, STORE_FINAL, DOT_PREC)
-
-
-@triton.autotune(**_WALK)
-@triton.jit(do_not_specialize=["T"])
-def _walk_both(
-    k, v, q, do, g, h0, dht, h, dh, dh0, scale, T, NBH, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_DECAY: tl.constexpr, HAS_H0: tl.constexpr,
-    HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, DOT_PREC: tl.constexpr,
-):
-    """The backward's two independent walks in one launch (grid axis 2: 0 = h, 1 = dh), so the sequential
-    phase has twice the programs to spread over the GPU."""
-    i_kv, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
-    if tl.program_id(2) == 0:
-        _walk_fwd_body(k, v, g, h0, h, h, T, i_kv, bh, H, K, V, BT, BK, BV, HAS_DECAY, HAS_H0, True, False,
-                       DOT_PREC)
-    else:
-        _walk_bwd_body(q, do, g, dht, dh, dh0, scale, T, i_kv, bh, H, K, V, BT, BK, BV, HAS_DECAY, HAS_DHT, True,
-                       STORE_DH0, DOT_PREC)
-
-
-@triton.jit
-def _span_powers(gh, t, i, T, BT: tl.constexpr, PER_CHUNK: tl.constexpr, FROM_END: tl.constexpr):
-    """Decay of each token against its span (its chunk if PER_CHUNK, else the whole sequence):
-    lam^(position + 1) for queries, lam^(span length - 1 - position) for keys (FROM_END)."""
-    if PER_CHUNK:
-        pos = i
-        length = tl.minimum(T - (t - i), BT)
-    else:
-        pos = t
-        length = T
-    if FROM_END:
-        return _powers(gh, length - 1 - pos, pos < length)
-    return tl.exp(gh * (pos + 1).to(tl.float32))
-
-
-@triton.jit
-def _causal_powers(gh, i, HAS_DECAY: tl.constexpr, TRANSPOSED: tl.constexpr):
-    """[BT, BT] weights of the intra-chunk scores: lam^(row - col) on and below the diagonal, else 0
-    (TRANSPOSED: the same for scores laid out [key, query])."""
-    r, c = (i[None, :], i[:, None]) if TRANSPOSED else (i[:, None], i[None, :])
-    if HAS_DECAY:
-        return _powers(gh, r - c, r >= c)
-    return tl.where(r >= c, 1.0, 0.0)
-
-
-@triton.autotune(**_chunk_tuning("REVERSE"))
-@triton.jit(do_not_specialize=["T"])
-def _out(
-    a, b, c, g, S, out, state_scale, intra_scale, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_DECAY: tl.constexpr, DOT_PREC: tl.constexpr,
-    INTRA: tl.constexpr, PER_CHUNK: tl.constexpr, REVERSE: tl.constexpr,
-):
-    """One chunk of out = state_scale * lam-weighted a S + intra_scale * (masked, decayed a b^T) c,
-    with S the state of the chunk (PER_CHUNK) or one state for the whole sequence:
-
-        forward  (a, b, c, S) = (q, k, v, h):  o, lam^(position + 1), causal mask;
-        dv, REVERSE (a, b, c, S) = (k, q, do, dh): lam^(positions to the span's end), mask transposed.
-    """
-    i_v, n, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
-    bb, hh = bh // H, bh % H
-    NT = tl.cdiv(T, BT)
-    a += (bb * T * H + hh) * K
-    b += (bb * T * H + hh) * K
-    S += ((bh * NT + n) if PER_CHUNK else bh) * K * V
-    i = tl.arange(0, BT)
-    t, rv = n * BT + i, i_v * BV + tl.arange(0, BV)
-    acc = tl.zeros([BT, BV], dtype=tl.float32)
-    s = tl.zeros([BT, BT], dtype=tl.float32)
-    for i_k in range(tl.cdiv(K, BK)):
-        rk = i_k * BK + tl.arange(0, BK)
-        at = _rows(a, t, T, H * K, rk, K)
-        st = tl.load(_state_ptr(S, rk, rv, V), mask=(rk[:, None] < K) & (rv[None, :] < V), other=0.0)
-        acc = tl.dot(at, st.to(at.dtype), acc, input_precision=DOT_PREC)
-        if INTRA:
-            s = tl.dot(at, _cols(b, t, T, H * K, rk, K), s, input_precision=DOT_PREC)
-    gh = tl.load(g + hh).to(tl.float32) if HAS_DECAY else 0.0
-    if HAS_DECAY:
-        acc = acc * _span_powers(gh, t, i, T, BT, PER_CHUNK, REVERSE)[:, None]
-    acc = acc * state_scale
-    if INTRA:
-        ct = _rows(c + (bb * T * H + hh) * V, t, T, H * V, rv, V)
-        s = s * _causal_powers(gh, i, HAS_DECAY, REVERSE) * intra_scale
-        acc = tl.dot(s.to(ct.dtype), ct, acc, input_precision=DOT_PREC)
-    _store_rows(out + (bb * T * H + hh) * V, acc, t, T, H * V, rv, V)
-
-
-@triton.autotune(**_chunk_tuning("WANT_DQ", "WANT_DK"))
-@triton.jit(do_not_specialize=["T"])
-def _dqk(
-    q, k, v, g, h, dh, do, dq, dk, scale, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_DECAY: tl.constexpr, DOT_PREC: tl.constexpr,
-    INTRA: tl.constexpr, PER_CHUNK: tl.constexpr, WANT_DQ: tl.constexpr, WANT_DK: tl.constexpr,
-):
-    """dq = scale * (lam-weighted do h^T + ds k), dk = lam-weighted v dh^T + scale * ds^T q, with
-    ds = masked, decayed (do v^T) when INTRA; h, dh per chunk (PER_CHUNK) or one for the sequence."""
-    i_k, n, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
-    b, hh = bh // H, bh % H
-    NT = tl.cdiv(T, BT)
-    v += (b * T * H + hh) * V
-    do += (b * T * H + hh) * V
-    off = ((bh * NT + n) if PER_CHUNK else bh) * K * V
-    i = tl.arange(0, BT)
-    t, rk = n * BT + i, i_k * BK + tl.arange(0, BK)
-    dq_acc = tl.zeros([BT, BK], dtype=tl.float32)
-    dk_acc = tl.zeros([BT, BK], dtype=tl.float32)
-    ds = tl.zeros([BT, BT], dtype=tl.float32)
-    for i_v in range(tl.cdiv(V, BV)):
-        rv = i_v * BV + tl.arange(0, BV)
-        m_kv = (rk[None, :] < K) & (rv[:, None] < V)
-        st = rk[None, :] * V + rv[:, None]  # [BV, BK]: a state tile, transposed
-        if INTRA or WANT_DQ:
-            dot_ = _rows(do, t, T, H * V, rv, V)
-        if INTRA or WANT_DK:
-            vt = _rows(v, t, T, H * V, rv, V)
-        if INTRA:
-            ds = tl.dot(dot_, tl.trans(vt), ds, input_precision=DOT_PREC)
-        if WANT_DQ:
-            hn = tl.load(h + off + st, mask=m_kv, other=0.0)
-            dq_acc = tl.dot(dot_, hn.to(dot_.dtype), dq_acc, input_precision=DOT_PREC)
-        if WANT_DK:
-            dhn = tl.load(dh + off + st, mask=m_kv, other=0.0)
-            dk_acc = tl.dot(vt, dhn.to(vt.dtype), dk_acc, input_precision=DOT_PREC)
-    gh = tl.load(g + hh).to(tl.float32) if HAS_DECAY else 0.0
-    if HAS_DECAY:
-        dq_acc = dq_acc * _span_powers(gh, t, i, T, BT, PER_CHUNK, False)[:, None]
-        dk_acc = dk_acc * _span_powers(gh, t, i, T, BT, PER_CHUNK, True)[:, None]
-    dq_acc = dq_acc * scale
-    if INTRA:
-        ds = ds * _causal_powers(gh, i, HAS_DECAY, False) * scale
-        if WANT_DQ:
-            kt = _rows(k + (b * T * H + hh) * K, t, T, H * K, rk, K)
-            dq_acc = tl.dot(ds.to(kt.dtype), kt, dq_acc, input_precision=DOT_PREC)
-        if WANT_DK:
-            qt = _rows(q + (b * T * H + hh) * K, t, T, H * K, rk, K)
-            dk_acc = tl.dot(tl.trans(ds.to(qt.dtype)), qt, dk_acc, input_precision=DOT_PREC)
-    if WANT_DQ:
-        _store_rows(dq + (b * T * H + hh) * K, dq_acc, t, T, H * K, rk, K)
-    if WANT_DK:
-        _store_rows(dk + (b * T * H + hh) * K, dk_acc, t, T, H * K, rk, K)
 
 
 def _walk_grid(B, H, K, V):
@@ -367,8 +58,8 @@ class TritonChunkKernel:
     def chunk_state(self, k, v, log_decay):
         B, T, H, K, V, NT, g, meta = self._setup(k, v, log_decay)
         final = k.new_empty(B, H, K, V, dtype=torch.float32)
-        _walk_fwd[_walk_grid(B, H, K, V)](k.contiguous(), v.contiguous(), g, final, final, final, NBH=B * H, HAS_H0=False,
-                                          STORE_H=False, STORE_FINAL=True, **meta)
+        walk_fwd[_walk_grid(B, H, K, V)](k.contiguous(), v.contiguous(), g, final, final, final, NBH=B * H,
+                                         HAS_H0=False, STORE_H=False, STORE_FINAL=True, **meta)
         return final
 
     def chunk_state_bwd(self, k, v, log_decay, dstate):
@@ -376,16 +67,17 @@ class TritonChunkKernel:
         k, v, dm = k.contiguous(), v.contiguous(), dstate.float().contiguous()
         dk, dv = torch.empty_like(k), torch.empty_like(v)
         flags = dict(INTRA=False, PER_CHUNK=False)
-        _out[_v_grid(B, H, V, NT)](k, k, v, g, dm, dv, 1.0, 1.0, REVERSE=True, **flags, **meta)
-        _dqk[_k_grid(B, H, K, NT)](k, k, v, g, dm, dm, v, dk, dk, 1.0, WANT_DQ=False, WANT_DK=True, **flags, **meta)
+        chunk_out[_v_grid(B, H, V, NT)](k, k, v, g, dm, dv, 1.0, 1.0, REVERSE=True, **flags, **meta)
+        chunk_dqk[_k_grid(B, H, K, NT)](k, k, v, g, dm, dm, v, dk, dk, 1.0, WANT_DQ=False, WANT_DK=True, **flags,
+                                        **meta)
         return dk, dv
 
     def inter_fwd(self, q, state, log_decay, scale):
         B, T, H, K, V, NT, g, meta = self._setup(q, state, log_decay)
         q = q.contiguous()
         o = q.new_empty(B, T, H, V)
-        _out[_v_grid(B, H, V, NT)](q, q, o, g, state.float().contiguous(), o, scale, scale, INTRA=False,
-                                   PER_CHUNK=False, REVERSE=False, **meta)
+        chunk_out[_v_grid(B, H, V, NT)](q, q, o, g, state.float().contiguous(), o, scale, scale, INTRA=False,
+                                        PER_CHUNK=False, REVERSE=False, **meta)
         return o
 
     def inter_bwd(self, q, state, log_decay, scale, do):
@@ -393,11 +85,11 @@ class TritonChunkKernel:
         q, do = q.contiguous(), do.contiguous()
         dq = torch.empty_like(q)
         s = state.float().contiguous()
-        _dqk[_k_grid(B, H, K, NT)](q, q, do, g, s, s, do, dq, dq, scale, INTRA=False, PER_CHUNK=False,
-                                   WANT_DQ=True, WANT_DK=False, **meta)
+        chunk_dqk[_k_grid(B, H, K, NT)](q, q, do, g, s, s, do, dq, dq, scale, INTRA=False, PER_CHUNK=False,
+                                        WANT_DQ=True, WANT_DK=False, **meta)
         ds = torch.empty_like(s)
-        _walk_bwd[_walk_grid(B, H, K, V)](q, do, g, ds, ds, ds, scale, NBH=B * H, HAS_DHT=False, STORE_H=False,
-                                          STORE_FINAL=True, **meta)
+        walk_bwd[_walk_grid(B, H, K, V)](q, do, g, ds, ds, ds, scale, NBH=B * H, HAS_DHT=False, STORE_H=False,
+                                         STORE_FINAL=True, **meta)
         return dq, ds
 
     def fwd(self, q, k, v, log_decay, scale, initial_state, want_final):
@@ -406,11 +98,11 @@ class TritonChunkKernel:
         h = q.new_empty(B, H, NT, K, V, dtype=torch.float32 if q.dtype == torch.float32 else q.dtype)
         final = q.new_empty(B, H, K, V, dtype=torch.float32) if want_final else h
         h0 = h if initial_state is None else initial_state.float().contiguous()
-        _walk_fwd[_walk_grid(B, H, K, V)](k, v, g, h0, h, final, NBH=B * H, HAS_H0=initial_state is not None, STORE_H=True,
-                                          STORE_FINAL=want_final, **meta)
+        walk_fwd[_walk_grid(B, H, K, V)](k, v, g, h0, h, final, NBH=B * H, HAS_H0=initial_state is not None,
+                                         STORE_H=True, STORE_FINAL=want_final, **meta)
         o = torch.empty_like(v)
-        _out[_v_grid(B, H, V, NT)](q, k, v, g, h, o, scale, scale, INTRA=True, PER_CHUNK=True, REVERSE=False,
-                                   **meta)
+        chunk_out[_v_grid(B, H, V, NT)](q, k, v, g, h, o, scale, scale, INTRA=True, PER_CHUNK=True, REVERSE=False,
+                                        **meta)
         return o, (final if want_final else None)
 
     def bwd(self, q, k, v, log_decay, scale, initial_state, do, dfinal):
@@ -422,14 +114,14 @@ class TritonChunkKernel:
         h0 = h if initial_state is None else initial_state.float().contiguous()
         dht = h if dfinal is None else dfinal.float().contiguous()
         grid = _walk_grid(B, H, K, V)
-        _walk_both[lambda meta_: (*grid(meta_), 2)](
+        walk_both[lambda meta_: (*grid(meta_), 2)](
             k, v, q, do, g, h0, dht, h, dh, dh0, scale, NBH=B * H, HAS_H0=initial_state is not None,
             HAS_DHT=dfinal is not None, STORE_DH0=initial_state is not None, **meta)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         flags = dict(INTRA=True, PER_CHUNK=True)
-        _out[_v_grid(B, H, V, NT)](k, q, do, g, dh, dv, 1.0, scale, REVERSE=True, **flags, **meta)
-        _dqk[_k_grid(B, H, K, NT)](q, k, v, g, h, dh, do, dq, dk, scale, WANT_DQ=True, WANT_DK=True,
-                                   **flags, **meta)
+        chunk_out[_v_grid(B, H, V, NT)](k, q, do, g, dh, dv, 1.0, scale, REVERSE=True, **flags, **meta)
+        chunk_dqk[_k_grid(B, H, K, NT)](q, k, v, g, h, dh, do, dq, dk, scale, WANT_DQ=True, WANT_DK=True,
+                                        **flags, **meta)
         return dq, dk, dv, (None if initial_state is None else dh0)
 
     def intra_fwd(self, q, k, v, log_decay, scale):
