@@ -47,7 +47,7 @@ class TritonChunkKernel:
         if x.dtype not in DTYPES:
             raise ValueError(f"Triton kernels take float32, bfloat16 or float16 inputs, got {x.dtype} "
                              "(use the torch kernel for float64)")
-        g = torch.zeros(1, device=x.device) if log_decay is None else log_decay.float().contiguous()
+        g = torch.zeros(H, device=x.device) if log_decay is None else log_decay.float().contiguous()
         meta = dict(T=T, H=H, K=K, V=V, BT=self.block, HAS_DECAY=log_decay is not None,
                     DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32")
         return B, T, H, K, V, triton.cdiv(T, self.block), g, meta

@@ -88,23 +88,32 @@ def _state_ptr(base, rk, rv, V):
 
 
 @triton.jit
+def _walk_start(
+    x, y, g, start, T, i_kv, bh, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
+    BV: tl.constexpr, HAS_START: tl.constexpr,
+):
+    """The walks' prologue: this program's head of x [.., K] and y [.., V], its K and V tile and their
+    mask, the head's log decay, and the state it starts from (`start`, or zero)."""
+    i_k, i_v = i_kv // tl.cdiv(V, BV), i_kv % tl.cdiv(V, BV)
+    b, hh = bh // H, bh % H
+    rk, rv = i_k * BK + tl.arange(0, BK), i_v * BV + tl.arange(0, BV)
+    m_kv = (rk[:, None] < K) & (rv[None, :] < V)
+    gh = tl.load(g + hh).to(tl.float32)  # g holds H zeros without decay: a tensor either way
+    if HAS_START:
+        state = tl.load(_state_ptr(start + bh * K * V, rk, rv, V), mask=m_kv, other=0.0).to(tl.float32)
+    else:
+        state = tl.zeros([BK, BV], dtype=tl.float32)
+    return x + (b * T * H + hh) * K, y + (b * T * H + hh) * V, rk, rv, m_kv, gh, state
+
+
+@triton.jit
 def _walk_fwd_body(
     k, v, g, h0, h, final, T, i_kv, bh, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, HAS_DECAY: tl.constexpr, HAS_H0: tl.constexpr, STORE_H: tl.constexpr,
     STORE_FINAL: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    i_k, i_v = i_kv // tl.cdiv(V, BV), i_kv % tl.cdiv(V, BV)
-    b, hh = bh // H, bh % H
-    k += (b * T * H + hh) * K
-    v += (b * T * H + hh) * V
-    rk, rv, i = i_k * BK + tl.arange(0, BK), i_v * BV + tl.arange(0, BV), tl.arange(0, BT)
-    m_kv = (rk[:, None] < K) & (rv[None, :] < V)
-    gh = tl.load(g + hh).to(tl.float32) if HAS_DECAY else 0.0
-    NT = tl.cdiv(T, BT)
-    if HAS_H0:
-        state = tl.load(_state_ptr(h0 + bh * K * V, rk, rv, V), mask=m_kv, other=0.0).to(tl.float32)
-    else:
-        state = tl.zeros([BK, BV], dtype=tl.float32)
+    k, v, rk, rv, m_kv, gh, state = _walk_start(k, v, g, h0, T, i_kv, bh, H, K, V, BK, BV, HAS_H0)
+    i, NT = tl.arange(0, BT), tl.cdiv(T, BT)
     for n in range(NT):
         t = n * BT + i
         if STORE_H:
@@ -126,18 +135,8 @@ def _walk_bwd_body(
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_DECAY: tl.constexpr, HAS_DHT: tl.constexpr,
     STORE_H: tl.constexpr, STORE_FINAL: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    i_k, i_v = i_kv // tl.cdiv(V, BV), i_kv % tl.cdiv(V, BV)
-    b, hh = bh // H, bh % H
-    q += (b * T * H + hh) * K
-    do += (b * T * H + hh) * V
-    rk, rv, i = i_k * BK + tl.arange(0, BK), i_v * BV + tl.arange(0, BV), tl.arange(0, BT)
-    m_kv = (rk[:, None] < K) & (rv[None, :] < V)
-    gh = tl.load(g + hh).to(tl.float32) if HAS_DECAY else 0.0
-    NT = tl.cdiv(T, BT)
-    if HAS_DHT:
-        carry = tl.load(_state_ptr(dht + bh * K * V, rk, rv, V), mask=m_kv, other=0.0).to(tl.float32)
-    else:
-        carry = tl.zeros([BK, BV], dtype=tl.float32)
+    q, do, rk, rv, m_kv, gh, carry = _walk_start(q, do, g, dht, T, i_kv, bh, H, K, V, BK, BV, HAS_DHT)
+    i, NT = tl.arange(0, BT), tl.cdiv(T, BT)
     for m in range(NT):
         n = NT - 1 - m
         t = n * BT + i
@@ -208,18 +207,25 @@ def _span_powers(gh, t, i, T, BT: tl.constexpr, PER_CHUNK: tl.constexpr, FROM_EN
         pos = t
         length = T
     if FROM_END:
-        return _powers(gh, length - 1 - pos, pos < length)
-    return tl.exp(gh * (pos + 1).to(tl.float32))
+        w = _powers(gh, length - 1 - pos, pos < length)
+    else:
+        w = tl.exp(gh * (pos + 1).to(tl.float32))
+    return w
 
 
 @triton.jit
 def _causal_powers(gh, i, HAS_DECAY: tl.constexpr, TRANSPOSED: tl.constexpr):
     """[BT, BT] weights of the intra-chunk scores: lam^(row - col) on and below the diagonal, else 0
     (TRANSPOSED: the same for scores laid out [key, query])."""
-    r, c = (i[None, :], i[:, None]) if TRANSPOSED else (i[:, None], i[None, :])
+    if TRANSPOSED:
+        r, c = i[None, :], i[:, None]
+    else:
+        r, c = i[:, None], i[None, :]
     if HAS_DECAY:
-        return _powers(gh, r - c, r >= c)
-    return tl.where(r >= c, 1.0, 0.0)
+        w = _powers(gh, r - c, r >= c)
+    else:
+        w = tl.where(r >= c, 1.0, 0.0)
+    return w
 
 
 @triton.autotune(**_chunk_tuning("REVERSE"))
@@ -252,7 +258,7 @@ def chunk_out(
         acc = tl.dot(at, st.to(at.dtype), acc, input_precision=DOT_PREC)
         if INTRA:
             s = tl.dot(at, _cols(b, t, T, H * K, rk, K), s, input_precision=DOT_PREC)
-    gh = tl.load(g + hh).to(tl.float32) if HAS_DECAY else 0.0
+    gh = tl.load(g + hh).to(tl.float32)
     if HAS_DECAY:
         acc = acc * _span_powers(gh, t, i, T, BT, PER_CHUNK, REVERSE)[:, None]
     acc = acc * state_scale
@@ -299,7 +305,7 @@ def chunk_dqk(
         if WANT_DK:
             dhn = tl.load(dh + off + st, mask=m_kv, other=0.0)
             dk_acc = tl.dot(vt, dhn.to(vt.dtype), dk_acc, input_precision=DOT_PREC)
-    gh = tl.load(g + hh).to(tl.float32) if HAS_DECAY else 0.0
+    gh = tl.load(g + hh).to(tl.float32)
     if HAS_DECAY:
         dq_acc = dq_acc * _span_powers(gh, t, i, T, BT, PER_CHUNK, False)[:, None]
         dk_acc = dk_acc * _span_powers(gh, t, i, T, BT, PER_CHUNK, True)[:, None]
