@@ -6,12 +6,18 @@ Triton's interpreter runs the kernels' Python, not their compilation, so errors 
 (an unsupported construct, a type that does not lower, a tile that needs more shared memory than the GPU
 has) would first show on a GPU. This calls each protocol method with CPU tensors while recording the
 launches instead of running them, then builds each launch for the target with Triton's own compiler
-(ptxas included) and reports its shared memory. Run it with TRITON_INTERPRET unset. `--all-configs`
+(ptxas included) and reports its shared memory, and with `--registers` its registers and spill stack
+(cuobjdump); `--no-spills` fails a 16-bit build that spills (fp32 inputs take exact FMA products, which
+need far more registers: a precision path, not a speed one). Run it with TRITON_INTERPRET unset. `--all-configs`
 builds every autotuning config, not only the first (the fixed one under LASP_TRITON_AUTOTUNE=0).
 """
 
 import argparse
+import os
+import re
+import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -67,12 +73,26 @@ def _source(tuner, args, kwargs, config):
     return ASTSource(fn, signature=signature, constexprs=constants)
 
 
+def resource_usage(cubin: bytes) -> dict[str, int]:
+    """REG, STACK, SHARED, LOCAL of a cubin, read by the cuobjdump that ships with Triton."""
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    return {k: int(v) for k, v in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", out)}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m lasp.kernels.linear_attn.triton_aot", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", type=int, default=90, help="compute capability x10: 90 = H100/H200, 80 = A100")
     p.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["bf16", "fp32"])
     p.add_argument("--all-configs", action="store_true")
+    p.add_argument("--registers", action="store_true", help="report registers and spills (cuobjdump)")
+    p.add_argument("--no-spills", action="store_true", help="fail a bf16/fp16 build that spills registers (implies --registers)")
     args = p.parse_args(argv)
     from lasp.kernels import settings
 
@@ -102,10 +122,16 @@ def main(argv=None) -> int:
                     print(f"FAILED {what}: {type(e).__name__}: {str(e).splitlines()[0][:300]}", flush=True)
                     continue
                 shared = kernel.metadata.shared
-                over = shared > MAX_SHARED.get(args.arch, 232448)
-                failed += over
+                verdict = "TOO BIG" if shared > MAX_SHARED.get(args.arch, 232448) else "ok"
+                usage = ""
+                if args.registers or args.no_spills:
+                    res = resource_usage(kernel.asm["cubin"])
+                    usage = f", {res['REG']} registers, spill stack {res['STACK']} B"
+                    if args.no_spills and res["STACK"] and name != "fp32":
+                        verdict = "SPILLS"
+                failed += verdict != "ok"
                 built += 1
-                print(f"{'TOO BIG' if over else 'ok':7s} {what} shared {shared} B", flush=True)
+                print(f"{verdict:7s} {what} shared {shared} B{usage}", flush=True)
     print(f"sm_{args.arch}: {built} builds, {failed} failures, {time.time() - t0:.0f} s")
     return 1 if failed or not built else 0
 

@@ -32,10 +32,12 @@ from lasp.kernels import settings
 
 
 def _configs(tiles: list[tuple[int, int]], warps: tuple[int, ...], stages: tuple[int, ...]) -> list:
+    """Every tile x warps x stages; the first is the fixed config (LASP_TRITON_AUTOTUNE=0), so it should
+    be one that needs no register spills (`triton_aot --registers` shows them)."""
     if settings.TRITON_INTERPRET:  # small tiles, so the interpreter tests cross K and V tile borders
         return [triton.Config({"BK": 16, "BV": 16}, num_warps=1)]
     if not settings.TRITON_AUTOTUNE:
-        tiles, warps, stages = tiles[:1], (4,), (2,)
+        tiles, warps, stages = tiles[:1], warps[:1], stages[:1]
     return [triton.Config({"BK": bk, "BV": bv}, num_warps=w, num_stages=s)
             for bk, bv in tiles for w in warps for s in stages]
 
@@ -48,9 +50,9 @@ def _prune(configs, named_args, **kwargs):
     return kept or [min(configs, key=lambda c: c.kwargs["BK"] * c.kwargs["BV"])]
 
 
-_WALK = dict(configs=_configs([(64, 64), (32, 64), (64, 32), (32, 32)], (2, 4), (2, 3)),
+_WALK = dict(configs=_configs([(64, 64), (32, 64), (64, 32), (32, 32)], (8, 4), (2, 3)),
              key=["K", "V", "BT", "HAS_DECAY", "DOT_PREC", "NBH"], prune_configs_by={"early_config_prune": _prune})
-_CHUNK_CONFIGS = _configs([(64, 64), (128, 64), (64, 128), (128, 128)], (4, 8), (2, 3))
+_CHUNK_CONFIGS = _configs([(64, 64), (128, 64), (64, 128), (128, 128)], (8, 4), (2, 3))
 
 
 def _chunk_tuning(*flags: str) -> dict:
