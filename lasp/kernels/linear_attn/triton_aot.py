@@ -8,7 +8,8 @@ has) would first show on a GPU. This calls each protocol method with CPU tensors
 launches instead of running them, then builds each launch for the target with Triton's own compiler
 (ptxas included) and reports its shared memory, and with `--registers` its registers and spill stack
 (cuobjdump); `--no-spills` fails a 16-bit build that spills (fp32 inputs take exact FMA products, which
-need far more registers: a precision path, not a speed one). Run it with TRITON_INTERPRET unset. `--all-configs`
+need far more registers: a precision path, not a speed one), and `--tensor-cores` one whose products are
+not Hopper warpgroup MMAs (wgmma) on sm_90. Run it with TRITON_INTERPRET unset. `--all-configs`
 builds every autotuning config, not only the first (the fixed one under LASP_TRITON_AUTOTUNE=0).
 """
 
@@ -92,7 +93,9 @@ def main(argv=None) -> int:
     p.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["bf16", "fp32"])
     p.add_argument("--all-configs", action="store_true")
     p.add_argument("--registers", action="store_true", help="report registers and spills (cuobjdump)")
-    p.add_argument("--no-spills", action="store_true", help="fail a bf16/fp16 build that spills registers (implies --registers)")
+    p.add_argument("--no-spills", action="store_true",
+                   help="fail a bf16/fp16 build that spills registers (implies --registers)")
+    p.add_argument("--tensor-cores", action="store_true", help="fail a bf16/fp16 sm_90 build without wgmma")
     args = p.parse_args(argv)
     from lasp.kernels import settings
 
@@ -129,6 +132,10 @@ def main(argv=None) -> int:
                     usage = f", {res['REG']} registers, spill stack {res['STACK']} B"
                     if args.no_spills and res["STACK"] and name != "fp32":
                         verdict = "SPILLS"
+                wgmma = kernel.asm["ptx"].count("wgmma.mma_async")
+                usage += f", {wgmma} wgmma"
+                if args.tensor_cores and args.arch >= 90 and name != "fp32" and not wgmma:
+                    verdict = "NO MMA"
                 failed += verdict != "ok"
                 built += 1
                 print(f"{verdict:7s} {what} shared {shared} B{usage}", flush=True)
