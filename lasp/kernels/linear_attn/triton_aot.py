@@ -7,8 +7,8 @@ Triton's interpreter runs the kernels' Python, not their compilation, so errors 
 has) would first show on a GPU. This calls each protocol method with CPU tensors while recording the
 launches instead of running them, then builds each launch for the target with Triton's own compiler
 (ptxas included) and reports its shared memory, and with `--registers` its registers and spill stack
-(cuobjdump); `--no-spills` fails a 16-bit build that spills (fp32 inputs take exact FMA products, which
-need far more registers: a precision path, not a speed one), and `--tensor-cores` one whose products are
+(cuobjdump); `--no-spills` fails a 16-bit build that spills (fp32 inputs, three TF32 products each,
+need more registers: a precision path, not a speed one), and `--tensor-cores` one whose products are
 not Hopper warpgroup MMAs (wgmma) on sm_90. Run it with TRITON_INTERPRET unset. `--all-configs`
 builds every autotuning config, not only the first (the fixed one under LASP_TRITON_AUTOTUNE=0).
 """
@@ -60,18 +60,22 @@ def _source(tuner, args, kwargs, config):
     fn = tuner.fn
     values = dict(zip(fn.arg_names, args)) | {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}
     values |= config.kwargs
-    signature, constants = {}, {}
+    signature, constants, attrs = {}, {}, {}
     for p in fn.params:
         val = values[p.name]
         if p.is_constexpr:
             signature[p.name], constants[p.name] = "constexpr", val
         elif isinstance(val, torch.Tensor):
             signature[p.name] = "*" + TYPE_NAMES[val.dtype]
+            aligned = val.data_ptr() % 16 == 0
         elif isinstance(val, bool) or not isinstance(val, (int, float)):
             raise TypeError(f"{fn.__name__}: cannot type argument {p.name}={val!r}")
         else:
             signature[p.name] = "i32" if isinstance(val, int) else "fp32"
-    return ASTSource(fn, signature=signature, constexprs=constants)
+            aligned = isinstance(val, int) and val % 16 == 0 and not p.do_not_specialize
+        if not p.is_constexpr and aligned:  # what a launch specialises on: vector loads, async copies
+            attrs[(p.num,)] = [["tt.divisibility", 16]]
+    return ASTSource(fn, signature=signature, constexprs=constants, attrs=attrs)
 
 
 def resource_usage(cubin: bytes) -> dict[str, int]:

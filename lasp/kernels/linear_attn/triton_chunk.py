@@ -49,7 +49,7 @@ class TritonChunkKernel:
                              "(use the torch kernel for float64)")
         g = torch.zeros(H, device=x.device) if log_decay is None else log_decay.float().contiguous()
         meta = dict(T=T, H=H, K=K, V=V, BT=self.block, HAS_DECAY=log_decay is not None,
-                    DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32")
+                    DOT_PREC="tf32x3" if x.dtype == torch.float32 else "tf32")
         return B, T, H, K, V, triton.cdiv(T, self.block), g, meta
 
     def chunk_decay(self, log_decay: Tensor | None, length: int) -> Tensor | None:

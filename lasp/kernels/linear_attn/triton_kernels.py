@@ -16,8 +16,9 @@ Kernels tiled in the style of Lightning Attention-2 / flash-linear-attention:
                 The backward runs both walks in one launch (walk_both), as they are independent.
     chunk_dqk   grid (K tiles, NT, B*H): dq = ds k + do h^T, dk = ds^T q + v dh^T, ds = masked (do v^T).
 
-Products take the inputs' dtype (bf16 / fp16 on tensor cores, fp32 as exact IEEE products) with fp32
-accumulation; states are fp32 except the forward's per-chunk h of 16-bit inputs, kept in the input dtype
+Products take the inputs' dtype (bf16 / fp16 on tensor cores; fp32 as three-pass TF32, tf32x3, which
+keeps fp32 accuracy on tensor cores: exact IEEE products on FMA units spilled kilobytes of registers)
+with fp32 accumulation; states are fp32 except the forward's per-chunk h of 16-bit inputs, kept in the input dtype
 (as flash-linear-attention does) to halve its memory. A chunk that runs past T is masked, and decay
 exponents use each chunk's true length, so the last, partial chunk needs no padding. On a GPU each
 kernel's tiles, warps and stages are autotuned once per (K, V, chunk, flags), the walks also per B*H
@@ -50,9 +51,9 @@ def _prune(configs, named_args, **kwargs):
     return kept or [min(configs, key=lambda c: c.kwargs["BK"] * c.kwargs["BV"])]
 
 
-_WALK = dict(configs=_configs([(64, 64), (32, 64), (64, 32), (32, 32)], (8, 4), (2, 3)),
+_WALK = dict(configs=_configs([(64, 64), (32, 64), (64, 32), (32, 32)], (4, 8), (2, 3)),
              key=["K", "V", "BT", "HAS_DECAY", "DOT_PREC", "NBH"], prune_configs_by={"early_config_prune": _prune})
-_CHUNK_CONFIGS = _configs([(64, 64), (128, 64), (64, 128), (128, 128)], (8, 4), (2, 3))
+_CHUNK_CONFIGS = _configs([(64, 64), (128, 64), (64, 128), (128, 128)], (4, 8), (2, 3))
 
 
 def _chunk_tuning(*flags: str) -> dict:
