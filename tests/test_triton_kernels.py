@@ -23,7 +23,8 @@ def _inputs(T, K, V, dtype=torch.float32, B=2, H=3, seed=0):
 
 
 @pytest.mark.parametrize("decay", [False, True], ids=["nodecay", "decay"])
-@pytest.mark.parametrize("T, K, V, block", [(1, 16, 16, 16), (37, 8, 12, 16), (70, 16, 32, 16), (64, 40, 24, 32)])
+@pytest.mark.parametrize("T, K, V, block", [(1, 16, 16, 16), (37, 8, 12, 16), (70, 16, 32, 16), (64, 40, 24, 32),
+                                           (16, 264, 16, 16)])
 def test_protocol_matches_pytorch(T, K, V, block, decay):
     """Every method; in the interpreter the tiles are 16 wide, so K=40 / V=24 / V=32 cross tile borders."""
     tk = TritonChunkKernel(block=block)

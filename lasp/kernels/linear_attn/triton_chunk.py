@@ -11,7 +11,6 @@ from torch import Tensor
 
 from lasp.kernels.linear_attn.triton_kernels import chunk_dqk, chunk_out, walk_both, walk_bwd, walk_fwd
 
-MAX_HEAD_DIM = 256
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -42,8 +41,6 @@ class TritonChunkKernel:
     def _setup(self, x: Tensor, v: Tensor, log_decay: Tensor | None):
         B, T, H, K = x.shape
         V = v.shape[-1]
-        if max(K, V) > MAX_HEAD_DIM:
-            raise ValueError(f"Triton kernels take head dims up to {MAX_HEAD_DIM}, got K={K}, V={V}")
         if x.dtype not in DTYPES:
             raise ValueError(f"Triton kernels take float32, bfloat16 or float16 inputs, got {x.dtype} "
                              "(use the torch kernel for float64)")
