@@ -1,0 +1,252 @@
+"""The trainer's configuration: typed sections, loaded strictly from YAML plus `--set` overrides.
+
+    cfg = load_config("configs/cpu-quickstart.yaml", ["optim.lr=1e-3"], world_size=2)
+
+Everything wrong is reported at once, before any process group or model exists: unknown keys, wrong
+types, impossible combinations (heads vs tp, sequence vs the SP layout, batch vs dp x microbatches),
+and a dataset that is missing or does not fit the model.
+"""
+
+import dataclasses
+import difflib
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Literal
+
+import yaml
+
+from lasp.model.config import ModelConfig
+from lasp.parallel.config import ParallelConfig
+from lasp.train import schema
+
+
+class ConfigError(ValueError):
+    """Every problem of a configuration, one per line, each with its YAML path and values."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.problems = problems
+        super().__init__(f"{source}: {len(problems)} problem(s)\n  " + "\n  ".join(problems))
+
+
+@dataclass
+class DataConfig:
+    """Where the tokens come from and how a step's batch is shaped."""
+
+    path: str = "data/stdlib"
+    """Directory written by `python -m lasp.data prepare` (train.bin, meta.json, optionally val.bin)."""
+    seq_len: int = 512
+    """Tokens per sequence (the whole sequence, split across the SP ranks)."""
+    global_batch: int = 8
+    """Sequences per optimizer step, over all DP replicas and microbatches."""
+    seed: int = 1234
+    """Seed of the sample order: step s always reads the same sequences, whatever the layout."""
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and gradient clipping."""
+
+    lr: float = 3e-3
+    """Peak learning rate (after warmup)."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay of matrices and embeddings (norm weights are not decayed)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm (over every TP / PP / DP shard) to this; 0 disables clipping."""
+
+    def problems(self) -> list[str]:
+        p = []
+        if self.lr <= 0:
+            p.append(f"optim.lr must be > 0, got {self.lr}")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            p.append(f"optim.beta1 and optim.beta2 must be in [0, 1), got {self.beta1}, {self.beta2}")
+        if self.weight_decay < 0 or self.grad_clip < 0 or self.eps <= 0:
+            p.append(f"optim.weight_decay and optim.grad_clip must be >= 0 and optim.eps > 0, got "
+                     f"{self.weight_decay}, {self.grad_clip}, {self.eps}")
+        return p
+
+
+@dataclass
+class ScheduleConfig:
+    """Learning rate over the steps: linear warmup, then cosine decay."""
+
+    warmup_steps: int = 10
+    """Steps of linear warmup from 0 to optim.lr."""
+    decay_steps: int | None = None
+    """Step at which the cosine reaches its floor (default: train.steps)."""
+    min_lr_ratio: float = 0.1
+    """Floor of the cosine as a fraction of optim.lr."""
+
+    def problems(self) -> list[str]:
+        p = []
+        if self.warmup_steps < 0:
+            p.append(f"schedule.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.decay_steps is not None and self.decay_steps < 1:
+            p.append(f"schedule.decay_steps must be >= 1, got {self.decay_steps}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            p.append(f"schedule.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        return p
+
+
+@dataclass
+class TrainSection:
+    """The run: length, numerics, device, evaluation and what happens on trouble."""
+
+    steps: int = 100
+    """Optimizer steps to run."""
+    seed: int = 0
+    """Seed of the model initialisation (the same full model is built on every rank)."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto: one CUDA GPU per process when there are any (NCCL), else the CPU (gloo)."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Compute dtype: bfloat16 runs under autocast with float32 master weights and optimizer states."""
+    kernel: Literal["auto", "torch", "triton"] = "auto"
+    """Linear-attention kernel backend (auto: Triton on a GPU, the PyTorch path on CPU)."""
+    activation_checkpointing: Literal["none", "full"] | int = "none"
+    """Recompute activations in the backward: none, full (every layer), or k (every k-th layer)."""
+    eval_interval: int = 50
+    """Evaluate the held-out split every this many steps and at the end (0: never)."""
+    eval_batches: int = 4
+    """Global batches of the held-out split per evaluation."""
+    nonfinite: Literal["skip", "stop"] = "stop"
+    """A non-finite loss or gradient norm: skip the step (no update) or stop the run with an error."""
+    max_skipped_steps: int = 10
+    """With nonfinite=skip, stop anyway after this many skipped steps in a row."""
+    collective_timeout_s: int = 300
+    """Timeout of every collective: a rank that never arrives becomes an error naming the collective."""
+
+    def problems(self) -> list[str]:
+        p = []
+        if self.steps < 1:
+            p.append(f"train.steps must be >= 1, got {self.steps}")
+        ac = self.activation_checkpointing
+        if isinstance(ac, int) and ac < 1:
+            p.append(f"train.activation_checkpointing must be none, full or an interval >= 1, got {ac}")
+        if self.eval_interval < 0 or self.eval_batches < 1:
+            p.append(f"train.eval_interval must be >= 0 and train.eval_batches >= 1, got "
+                     f"{self.eval_interval}, {self.eval_batches}")
+        if self.collective_timeout_s < 1:
+            p.append(f"train.collective_timeout_s must be >= 1, got {self.collective_timeout_s}")
+        return p
+
+    @property
+    def checkpoint_every(self) -> int:
+        """0: no activation checkpointing, k: every k-th layer."""
+        ac = self.activation_checkpointing
+        return {"none": 0, "full": 1}.get(ac, ac) if isinstance(ac, str) else ac
+
+
+@dataclass
+class LoggingConfig:
+    """What the run leaves behind and shows."""
+
+    run_dir: str = "runs/quickstart"
+    """Directory of metrics.jsonl, TensorBoard events, loss.png and the resolved config."""
+    interval: int = 1
+    """Write a metrics row every this many steps."""
+    tensorboard: bool = True
+    """Write TensorBoard event files (run_dir/tensorboard)."""
+    progress: bool = True
+    """Show a progress bar on rank 0 (else one line per logged step)."""
+    plot: bool = True
+    """Write run_dir/loss.png (train and eval loss) at the end."""
+
+
+@dataclass
+class TrainConfig:
+    """A whole run. YAML sections: model, parallel, data, optim, schedule, train, logging."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainSection = field(default_factory=TrainSection)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.data.global_batch * self.data.seq_len
+
+
+def _data_problems(data: DataConfig, model: ModelConfig | None) -> list[str]:
+    path = data.path
+    meta = os.path.join(path, "meta.json")
+    if not os.path.isfile(meta):
+        return [f"data.path: {data.path!r} is not a prepared dataset (no {meta}); make one with "
+                f"python -m lasp.data prepare --input FILES --output {data.path}"]
+    try:
+        with open(meta) as f:
+            info = json.load(f)
+        vocab = info["tokenizer"]["vocab_size"]
+        tokens = info["splits"]["train"]["tokens"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return [f"data.path: {meta} is unreadable or incomplete ({e!r})"]
+    p = []
+    if model is not None and vocab > model.vocab_size:
+        p.append(f"model.vocab_size ({model.vocab_size}) is smaller than the data's vocabulary ({vocab}, "
+                 f"{info['tokenizer'].get('name')})")
+    if tokens < data.seq_len + 1:
+        p.append(f"data.seq_len ({data.seq_len}) needs at least {data.seq_len + 1} tokens; "
+                 f"{data.path} has {tokens}")
+    return p
+
+
+def resolve(data: dict, source: str, world_size: int | None, check_data: bool = True) -> TrainConfig:
+    """A TrainConfig from a parsed YAML dict, or ConfigError with every problem. `world_size` None skips
+    the check against the launched world (dry runs picture the configured mesh)."""
+    problems: list[str] = []
+    sections = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+    for key in data:
+        if key not in sections:
+            close = difflib.get_close_matches(str(key), sections, n=1)
+            problems.append(f"{key}: unknown section" + (f" (did you mean {close[0]!r}?)" if close else
+                            f" (known: {', '.join(sections)})"))
+    built = {name: schema.build(cls, data.get(name), name, problems) for name, cls in sections.items()}
+    for name in ("optim", "schedule", "train"):
+        if built[name] is not None:
+            problems += built[name].problems()
+    model, par, dcfg, tcfg = built["model"], built["parallel"], built["data"], built["train"]
+    if dcfg is not None and (dcfg.seq_len < 1 or dcfg.global_batch < 1):
+        problems.append(f"data.seq_len and data.global_batch must be >= 1, got {dcfg.seq_len}, {dcfg.global_batch}")
+    elif model is not None and par is not None and dcfg is not None:
+        world = par.world_size if world_size is None else world_size
+        problems += par.problems(model, world, dcfg.seq_len, dcfg.global_batch)
+    if model is not None and tcfg is not None and tcfg.checkpoint_every > model.num_layers:
+        problems.append(f"train.activation_checkpointing every {tcfg.checkpoint_every} layers, but the "
+                        f"model has {model.num_layers}")
+    if check_data and dcfg is not None:
+        problems += _data_problems(dcfg, model)
+    if problems:
+        raise ConfigError(source, problems)
+    return TrainConfig(**built)
+
+
+def load_config(path: str, overrides: list[str] = (), world_size: int | None = None,
+                check_data: bool = True) -> TrainConfig:
+    """Read a YAML file, apply `--set` overrides, and resolve (see `resolve`)."""
+    if not os.path.isfile(path):
+        raise ConfigError(path, [f"config file {path!r} does not exist"])
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(path, [f"cannot read YAML: {e}"]) from None
+    if not isinstance(data, dict):
+        raise ConfigError(path, [f"the top level must be a mapping of sections, got {type(data).__name__}"])
+    problems: list[str] = []
+    schema.apply_overrides(data, list(overrides), problems)
+    if problems:
+        raise ConfigError(path, problems)
+    return resolve(data, path, world_size, check_data)
+
+
+def dump(cfg: TrainConfig) -> str:
+    """The resolved config as YAML (every field, defaults included)."""
+    return yaml.safe_dump(schema.to_dict(cfg), sort_keys=False)

@@ -1,0 +1,64 @@
+"""Process-group start-up: the one place the trainer reads the launcher's environment.
+
+torchrun and the deepspeed launcher both export RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and
+MASTER_PORT; a plain `python` process has none of them and runs as a world of one.
+"""
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Launch:
+    """Where this process sits, as the launcher said."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    launched: bool
+    """True under torchrun / deepspeed (RANK and WORLD_SIZE set), False for a plain python process."""
+
+
+def launch_env() -> Launch:
+    """The launcher's variables (a world of one when there are none)."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        return Launch(rank, world, int(os.environ.get("LOCAL_RANK", rank)), True)
+    return Launch(0, 1, 0, False)
+
+
+def pick_device(want: str, launch: Launch) -> torch.device:
+    """`auto`: this process's GPU (LOCAL_RANK) when CUDA is there, else the CPU. `cuda` without a GPU
+    is an error."""
+    has_cuda = torch.cuda.is_available()
+    if want == "cuda" and not has_cuda:
+        raise RuntimeError("train.device is 'cuda' but no CUDA GPU is visible (use train.device=cpu or auto)")
+    if want == "cpu" or not has_cuda:
+        return torch.device("cpu")
+    if launch.local_rank >= torch.cuda.device_count():
+        raise RuntimeError(f"LOCAL_RANK {launch.local_rank} but only {torch.cuda.device_count()} GPUs are visible")
+    torch.cuda.set_device(launch.local_rank)
+    return torch.device("cuda", launch.local_rank)
+
+
+def init_distributed(launch: Launch, device: torch.device, timeout_s: int) -> None:
+    """NCCL on GPUs, gloo on CPU; every collective times out after `timeout_s` seconds."""
+    if dist.is_initialized():
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if launch.launched:
+        dist.init_process_group(backend, timeout=timeout, device_id=device if device.type == "cuda" else None)
+    else:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+
+
+def shutdown() -> None:
+    """Destroy the process group (a rank that exits without it may abort at shutdown)."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -1,0 +1,46 @@
+"""`--dry-run`: the resolved config, the mesh, the parameters, FLOPs per token and memory per rank."""
+
+from lasp.parallel.mesh import describe
+from lasp.train.config import TrainConfig, dump
+from lasp.train.flops import flops_per_token, memory_estimate, param_counts
+
+
+def _num(n: float) -> str:
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def report(cfg: TrainConfig) -> str:
+    """The text --dry-run prints."""
+    m, p, d = cfg.model, cfg.parallel, cfg.data
+    counts = param_counts(m)
+    fpt = flops_per_token(m, d.seq_len)
+    mem = memory_estimate(m, p, d.seq_len, d.global_batch, cfg.train.dtype, cfg.train.checkpoint_every)
+    per_rank = (counts["total"] - counts["embedding"]) / p.pp / p.tp + counts["embedding"] / p.tp
+    local_tokens = d.seq_len // p.sp * (d.global_batch // p.dp // p.microbatches)
+    lines = [
+        "# resolved config",
+        dump(cfg).rstrip(),
+        "",
+        "# mesh",
+        describe(p, d.seq_len, m.num_layers, m.num_heads, d.global_batch),
+        "",
+        "# model",
+        f"layers {m.num_layers} ({m.layer_pattern} repeated: "
+        f"{sum(m.mixer(i) == 'L' for i in range(m.num_layers))} linear, "
+        f"{sum(m.mixer(i) == 'S' for i in range(m.num_layers))} softmax), hidden {m.hidden_size}, "
+        f"heads {m.num_heads} (kv {m.num_kv_heads}), head dim {m.head_dim}, vocab {m.vocab_size}",
+        f"parameters: {_num(counts['total'])} total, {_num(counts['total'] - counts['embedding'])} without the "
+        f"embedding, {_num(counts['matmul'])} in matmuls (LM head included); about {_num(per_rank)} per rank",
+        f"model FLOPs per token (forward + backward): {_num(fpt)}; per step: {_num(fpt * cfg.tokens_per_step)} "
+        f"({_num(cfg.tokens_per_step)} tokens)",
+        f"tokens per rank per microbatch: {local_tokens} ({d.global_batch // p.dp // p.microbatches} rows x "
+        f"{d.seq_len // p.sp} tokens)",
+        "",
+        f"# memory per rank (estimate, {cfg.train.dtype}, activation checkpointing "
+        f"{cfg.train.activation_checkpointing}, busiest pipeline stage)",
+        "  ".join(f"{k} {v:.2f} GiB" for k, v in mem.items()),
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,96 @@
+"""Model FLOPs per token (for MFU), parameter counts and a memory estimate per rank.
+
+FLOPs per token, forward + backward (DESIGN.md section 8; written out in the README):
+
+    6 * N_matmul                          every weight matrix a token passes through (q, k, v, o, gate, up,
+                                          down of each layer and the LM head; not the embedding lookup)
+  + 6 * H * d * N          per S layer    causal softmax attention: q k^T and p v, 2 FLOPs per
+                                          multiply-add, x3 for forward + backward, half the N x N scores
+  + 12 * H * d_k * d_v     per L layer    linear attention: the state update k v^T and the read-out q^T S,
+                                          2 FLOPs each, x3 for forward + backward
+
+N is the sequence length (tokens attended), H query heads, d the head dim. Hardware FLOPs of the chunked
+kernels (intra-chunk quadratic blocks, recomputation) are higher; MFU counts only the model's.
+"""
+
+from lasp.model.config import ModelConfig
+from lasp.parallel.config import ParallelConfig
+
+# Dense peak tensor-core FLOP/s per GPU (no sparsity), from the vendors' data sheets.
+PEAK_FLOPS = {
+    "H100 SXM": {"bfloat16": 989e12, "float32": 494e12},  # NVIDIA H100 data sheet (TF32 for float32)
+    "H100 PCIe": {"bfloat16": 756e12, "float32": 378e12},
+    "H100 NVL": {"bfloat16": 835e12, "float32": 418e12},
+    "H200": {"bfloat16": 989e12, "float32": 494e12},  # same SXM silicon as H100, more HBM
+    "A100": {"bfloat16": 312e12, "float32": 156e12},  # NVIDIA A100 data sheet
+    "L40S": {"bfloat16": 362e12, "float32": 183e12},
+    "A10G": {"bfloat16": 125e12, "float32": 62.5e12},
+}
+
+
+def peak_flops(device_name: str | None, dtype: str) -> float | None:
+    """Peak FLOP/s of one device of this name (torch.cuda.get_device_name), or None when unknown (CPU)."""
+    if not device_name:
+        return None
+    name = device_name.upper().replace("NVIDIA ", "")
+    for key in sorted(PEAK_FLOPS, key=len, reverse=True):
+        parts = key.upper().split()
+        if all(p in name for p in parts):
+            return PEAK_FLOPS[key][dtype]
+    if "H100" in name:
+        return PEAK_FLOPS["H100 SXM"][dtype]
+    return None
+
+
+def param_counts(m: ModelConfig) -> dict[str, int]:
+    """Parameters by kind: embedding, matmul weights (LM head included), norms, and the total."""
+    h, d = m.hidden_size, m.head_dim
+    attn = h * d * (2 * m.num_heads + 2 * m.num_kv_heads)
+    mlp = 3 * h * m.ffn_hidden_size
+    norms = m.num_layers * 2 * h + h + sum(d for i in range(m.num_layers) if m.mixer(i) == "L" and m.output_norm)
+    embed = m.vocab_size * h
+    matmul = m.num_layers * (attn + mlp) + m.vocab_size * h
+    total = embed + matmul + norms - (m.vocab_size * h if m.tie_embeddings else 0)
+    return {"embedding": embed, "matmul": matmul, "norms": norms, "total": total}
+
+
+def flops_per_token(m: ModelConfig, seq_len: int) -> float:
+    """Model FLOPs per trained token, forward + backward (formula in the module docstring)."""
+    d = m.head_dim
+    f = 6.0 * param_counts(m)["matmul"]
+    for i in range(m.num_layers):
+        if m.mixer(i) == "S":
+            f += 6.0 * m.num_heads * d * seq_len
+        else:
+            f += 12.0 * m.num_heads * d * d
+    return f
+
+
+def memory_estimate(m: ModelConfig, p: ParallelConfig, seq_len: int, global_batch: int, dtype: str,
+                    checkpoint_every: int) -> dict[str, float]:
+    """Rough bytes per rank on the busiest (last) pipeline stage: weights, gradients and AdamW states in
+    float32 (16 B per parameter, the last three split over DP x SP by ZeRO), plus activations
+    (Korthikanti et al. 2022: s b h (10 + 24 / tp) bytes per layer in 16-bit, doubled for float32; SwiGLU
+    and the LM-head chunks added). An estimate to plan a layout, typically within +-30%."""
+    counts = param_counts(m)
+    layer_params = (counts["matmul"] - m.vocab_size * m.hidden_size) / m.num_layers
+    stage_params = layer_params * m.num_layers / p.pp / p.tp + m.vocab_size * m.hidden_size / p.tp
+    shards = p.dp * p.sp if p.zero_stage else 1
+    weights = 4 * stage_params
+    grads_opt = 12 * stage_params / (shards if p.zero_stage >= 1 else 1)
+    elt = 2 if dtype == "bfloat16" else 4
+    tokens = seq_len // p.sp * (global_batch // p.dp // p.microbatches)
+    per_layer = tokens * m.hidden_size * (10 + 24 / p.tp) * elt / 2 + tokens * m.ffn_hidden_size * 3 * elt / p.tp
+    layers = m.num_layers // p.pp
+    in_flight = min(p.pp, p.microbatches)  # 1F1B keeps up to pp microbatches' activations on stage 0
+    if checkpoint_every:
+        saved = layers // checkpoint_every
+        acts = in_flight * (saved * tokens * m.hidden_size * elt + (layers - saved) * per_layer) + per_layer
+    else:
+        acts = in_flight * layers * per_layer
+    chunk = min(p.loss_chunk_tokens or tokens, tokens) if hasattr(p, "loss_chunk_tokens") else tokens
+    logits = 3 * chunk * m.vocab_size / p.tp * 4
+    total = weights + grads_opt + acts + logits
+    gib = 2.0**30
+    return {"weights": weights / gib, "grads_and_adam": grads_opt / gib, "activations": acts / gib,
+            "logits": logits / gib, "total": total / gib}

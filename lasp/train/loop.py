@@ -1,0 +1,138 @@
+"""The training loop, in one sitting (DESIGN.md section 8).
+
+    config -> process groups -> the same model on every rank -> parallelize -> for each step:
+    this rank's microbatches of batch `step` -> forward/backward/sync -> clip -> step -> metrics
+    -> eval every k steps -> stop on SIGTERM/SIGINT (every rank at the same step)
+"""
+
+import contextlib
+import os
+import time
+from functools import partial
+
+import torch
+import torch.distributed as dist
+
+from lasp.data import TokenData, local_microbatches
+from lasp.kernels import get_kernel
+from lasp.model import LinearLlama
+from lasp.parallel import clip_grad_norm_, eval_step, forward_backward_step, init_groups, parallelize
+from lasp.parallel.ac import apply_ac
+from lasp.parallel.sp import apply_kernel
+from lasp.train.config import TrainConfig, dump
+from lasp.train.distributed import Launch, init_distributed, pick_device, shutdown
+from lasp.train.flops import flops_per_token, peak_flops
+from lasp.train.metrics import Metrics, peak_memory_gib
+from lasp.train.optim import build_optimizer, lr_at, set_lr
+from lasp.train.signals import GracefulStop
+from lasp.train.state import TrainState
+
+
+class NonFiniteError(RuntimeError):
+    """A non-finite loss or gradient norm with train.nonfinite = stop (raised on every rank at once)."""
+
+
+def train(cfg: TrainConfig, launch: Launch) -> TrainState:
+    """Run `cfg` on this process (one rank of the launched world). Returns the final train state."""
+    device = pick_device(cfg.train.device, launch)
+    init_distributed(launch, device, cfg.train.collective_timeout_s)
+    try:
+        return _train(cfg, device)
+    finally:
+        shutdown()
+
+
+def _train(cfg: TrainConfig, device: torch.device) -> TrainState:
+    p, groups = cfg.parallel, init_groups(cfg.parallel)
+    metrics = Metrics(cfg.logging.run_dir, dist.get_rank() == 0, cfg.train.steps, cfg.logging.progress,
+                      cfg.logging.tensorboard)
+    metrics.message(f"run directory: {os.path.abspath(cfg.logging.run_dir)}")
+    if metrics.enabled:
+        with open(os.path.join(cfg.logging.run_dir, "config.yaml"), "w") as f:
+            f.write(dump(cfg))
+
+    torch.manual_seed(cfg.train.seed)  # the same full model on every rank; parallelize keeps its shard
+    model = LinearLlama(cfg.model).to(device)
+    apply_ac(model, cfg.train.checkpoint_every)
+    stage = parallelize(model, p, groups)
+    kernel = get_kernel(cfg.train.kernel)
+    apply_kernel(stage, kernel)
+    optimizer = build_optimizer(stage, cfg.optim, device)
+    metrics.message(f"{dist.get_world_size()} rank(s) on {device.type}, tp={p.tp} sp={p.sp} ({p.sp_layout}) "
+                    f"pp={p.pp} dp={p.dp}, kernel {kernel.name}, {cfg.train.dtype}")
+
+    data = TokenData(cfg.data.path, "train")
+    val = TokenData(cfg.data.path, "val") if "val" in data.meta["splits"] and cfg.train.eval_interval else None
+    if cfg.train.eval_interval and val is None:
+        metrics.message(f"no held-out split in {cfg.data.path} (prepare with --val-fraction): no evaluation")
+    batch = partial(
+        local_microbatches, seq_len=cfg.data.seq_len, global_batch=cfg.data.global_batch,
+        microbatches=p.microbatches, seed=cfg.data.seed, dp_rank=groups.dp_rank, dp=p.dp,
+        sp_rank=groups.sp_rank, sp=p.sp, layout=p.sp_layout,
+    )
+    fpt = flops_per_token(cfg.model, cfg.data.seq_len)
+    peak = peak_flops(torch.cuda.get_device_name(device) if device.type == "cuda" else None, cfg.train.dtype)
+    autocast = (partial(torch.autocast, device.type, dtype=torch.bfloat16) if cfg.train.dtype == "bfloat16"
+                else contextlib.nullcontext)
+
+    state, stop = TrainState(), GracefulStop(device)
+    while state.step < cfg.train.steps:
+        t0 = time.perf_counter()
+        lr = lr_at(state.step, cfg.optim, cfg.schedule, cfg.train.steps)
+        set_lr(optimizer, lr)
+        microbatches = [{k: v.to(device) for k, v in mb.items()} for mb in batch(data, step=state.step)]
+        optimizer.zero_grad(set_to_none=True)
+        with autocast():
+            loss = forward_backward_step(stage, microbatches, p, groups, cfg.tokens_per_step)
+        grad_norm = clip_grad_norm_(stage, groups, cfg.optim.grad_clip)
+        loss_v, norm_v = float(loss), float(grad_norm)  # global values: the same on every rank
+        finite = torch.isfinite(torch.tensor([loss_v, norm_v])).all().item()
+        if finite:
+            optimizer.step()
+            state.skipped_in_a_row = 0
+        else:
+            state.skipped_steps += 1
+            state.skipped_in_a_row += 1
+        state.step += 1
+        state.tokens += cfg.tokens_per_step
+        state.last_loss = loss_v
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        tokens_per_s = cfg.tokens_per_step / (time.perf_counter() - t0)
+        if state.step % cfg.logging.interval == 0 or state.step == cfg.train.steps or not finite:
+            metrics.log_step({
+                "step": state.step, "loss": loss_v, "lr": lr, "grad_norm": norm_v, "tokens": state.tokens,
+                "tokens_per_s": tokens_per_s,
+                "mfu": None if peak is None else fpt * tokens_per_s / (peak * dist.get_world_size()),
+                "mem_gib": peak_memory_gib(device), "skipped": not finite,
+            })
+        if not finite:
+            _nonfinite(cfg, state, loss_v, norm_v, metrics)
+        due = cfg.train.eval_interval and (state.step % cfg.train.eval_interval == 0 or state.step == cfg.train.steps)
+        if val is not None and due:
+            with torch.no_grad(), autocast():
+                losses = [eval_step(stage, [{k: v.to(device) for k, v in mb.items()}
+                                            for mb in batch(val, step=i, shuffle=False)],
+                                    p, groups, cfg.tokens_per_step) for i in range(cfg.train.eval_batches)]
+            state.last_eval_loss = float(sum(losses) / len(losses))
+            metrics.log_eval(state.step, state.last_eval_loss)
+        if stop.agreed():
+            state.stopped_by = stop.signal_name
+            metrics.message(f"{stop.signal_name}: stopping cleanly after step {state.step}")
+            break
+    stop.restore()
+    metrics.close(cfg.logging.plot)
+    return state
+
+
+def _nonfinite(cfg: TrainConfig, state: TrainState, loss: float, norm: float, metrics: Metrics) -> None:
+    """Skip (no update) or stop, as configured; every rank sees the same global values and acts alike."""
+    what = f"step {state.step}: non-finite loss {loss} or gradient norm {norm}"
+    if cfg.train.nonfinite == "stop":
+        metrics.close(cfg.logging.plot)
+        raise NonFiniteError(f"{what}; stopping (train.nonfinite = stop)")
+    if state.skipped_in_a_row > cfg.train.max_skipped_steps:
+        metrics.close(cfg.logging.plot)
+        raise NonFiniteError(f"{what}; {state.skipped_in_a_row} steps skipped in a row "
+                             f"(train.max_skipped_steps = {cfg.train.max_skipped_steps})")
+    metrics.message(f"{what}; update skipped ({state.skipped_steps} so far)")

@@ -1,0 +1,131 @@
+"""Strict mapping of nested dicts (parsed YAML) onto typed dataclasses.
+
+Every problem is collected, never just the first: an unknown key (with a close match suggested), a
+wrong type, a section that is not a mapping. Each problem names its YAML path (`optim.lr`) and the value.
+"""
+
+import dataclasses
+import difflib
+import types
+import typing
+from typing import Any
+
+import yaml
+
+
+def _type_name(tp) -> str:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _matches(value, tp) -> bool:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in typing.get_args(tp))
+    if origin is typing.Literal:
+        return value in typing.get_args(tp)
+    if tp is type(None):
+        return value is None
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+def _yaml11_float(value, tp):
+    """YAML 1.1 (PyYAML) reads `3e-4` as a string (it wants `3.0e-4`); for a float field, take it as
+    the number everyone means."""
+    if isinstance(value, str) and (tp is float or float in typing.get_args(tp)):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def build(cls, data: Any, path: str, problems: list[str]):
+    """An instance of dataclass `cls` from `data` (a dict), defaults for missing keys. Problems are
+    appended to `problems` (the returned object then holds defaults where values were wrong). A ValueError
+    from the class's own checks (`__post_init__`) is recorded line by line and None is returned."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        problems.append(f"{path}: expected a mapping of keys, got {type(data).__name__} {data!r}")
+        data = {}
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    kwargs = {}
+    for key, value in data.items():
+        where = f"{path}.{key}" if path else str(key)
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(fields)})"
+            problems.append(f"{where}: unknown key{hint}")
+            continue
+        tp = hints[key]
+        value = _yaml11_float(value, tp)
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = build(tp, value, where, problems)
+        elif _matches(value, tp):
+            kwargs[key] = float(value) if tp is float else value
+        else:
+            problems.append(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    for name, f in fields.items():
+        if name not in kwargs and dataclasses.is_dataclass(hints[name]):
+            kwargs[name] = build(hints[name], {}, f"{path}.{name}" if path else name, problems)
+    if any(v is None and dataclasses.is_dataclass(hints[k]) for k, v in kwargs.items()):
+        return None
+    try:
+        return cls(**kwargs)
+    except ValueError as e:
+        lines = str(e).splitlines()
+        problems.extend(line.strip() for line in (lines[1:] if len(lines) > 1 else lines) if line.strip())
+        return None
+
+
+def apply_overrides(data: dict, overrides: list[str], problems: list[str]) -> dict:
+    """`a.b=value` strings set into the nested dict; values are parsed as YAML scalars (`3e-4`, `true`)."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            problems.append(f"--set {item!r}: expected KEY=VALUE, e.g. --set optim.lr=3e-4")
+            continue
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            problems.append(f"--set {item!r}: the value is not a YAML scalar ({e})")
+            continue
+        node, parts = data, key.strip().split(".")
+        for part in parts[:-1]:
+            if node.get(part) is None:
+                node[part] = {}
+            if not isinstance(node[part], dict):
+                problems.append(f"--set {item!r}: {part} is not a section")
+                break
+            node = node[part]
+        else:
+            node[parts[-1]] = value
+    return data
+
+
+def to_dict(obj) -> dict:
+    """The dataclass tree as plain dicts (the resolved config written to the run directory)."""
+    return dataclasses.asdict(obj)
+
+
+def field_docs(cls) -> dict[str, str]:
+    """Docstrings of the fields of `cls` (the string literal right after each field), for --help-config."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body
+    docs = {}
+    for a, b in zip(body, body[1:]):
+        if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
+            docs[a.target.id] = str(b.value.value)
+    return docs

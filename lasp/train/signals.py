@@ -1,0 +1,36 @@
+"""SIGTERM / SIGINT finish the current step, then every rank stops at the same step.
+
+A signal may reach one rank only (a scheduler's preemption notice, a kill of one process): each rank
+records it, and once per step the ranks agree with a one-element MAX all-reduce, so every rank leaves
+the loop after the same step instead of some of them waiting in the next collective. A second SIGINT
+interrupts at once (KeyboardInterrupt), for a person who does not want to wait.
+"""
+
+import signal
+
+import torch
+import torch.distributed as dist
+
+
+class GracefulStop:
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.signal_name: str | None = None
+        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.signal_name == "SIGINT":
+            raise KeyboardInterrupt
+        self.signal_name = signal.Signals(signum).name
+
+    def agreed(self) -> bool:
+        """True on every rank when any rank received a signal (one small all-reduce per call)."""
+        flag = torch.tensor([0 if self.signal_name is None else 1], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and self.signal_name is None:
+            self.signal_name = "a signal on another rank"
+        return bool(flag.item())
+
+    def restore(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Train under the deepspeed launcher:
+#   bash launch/deepspeed.sh --config configs/X.yaml [--set a.b=v ...]
+# Variables: HOSTFILE (one "host slots=N" line per node, see launch/hostfile.example; unset: this node
+# only), NPROC_PER_NODE (without a hostfile; default: the GPUs here, else 1), MASTER_PORT, PYTHON.
+# The launcher reaches the other hosts of a hostfile over ssh (pdsh or openmpi per its --launcher).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+MASTER_PORT=${MASTER_PORT:-29500}
+NPROC_PER_NODE=${NPROC_PER_NODE:-$(( gpus > 0 ? gpus : 1 ))}
+PYTHON=${PYTHON:-$( [[ -x .venv/bin/python ]] && echo .venv/bin/python || echo python3 )}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+if (( gpus == 0 )); then export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}; fi
+if [[ -n ${HOSTFILE:-} ]]; then
+  where=(--hostfile "$HOSTFILE")
+else
+  where=(--num_gpus "$NPROC_PER_NODE")
+fi
+exec "$PYTHON" -m deepspeed.launcher.runner "${where[@]}" --master_port "$MASTER_PORT" --module lasp.train "$@"

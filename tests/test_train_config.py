@@ -1,0 +1,122 @@
+"""The trainer's configuration: strict YAML, every problem at once with its path, --set, dry runs."""
+
+import glob
+import os
+
+import pytest
+import yaml
+
+from lasp.model import LinearLlama, ModelConfig
+from lasp.train.__main__ import main
+from lasp.train.config import ConfigError, load_config, resolve
+from lasp.train.flops import flops_per_token, param_counts
+from lasp.train.optim import lr_at
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml")))
+
+
+def _problems(data, world_size=1, check_data=False):
+    with pytest.raises(ConfigError) as e:
+        resolve(data, "x.yaml", world_size, check_data)
+    return e.value.problems
+
+
+def test_every_problem_at_once_with_its_path():
+    problems = _problems({
+        "model": {"num_heads": 6, "num_kv_heads": 6, "hidden_size": 96, "hidden_sise": 3},
+        "parallel": {"tp": 4, "sp": 2, "dp": 2, "microbatches": 3, "sp_layout": "zigzag"},
+        "data": {"seq_len": 102, "global_batch": 8},
+        "optim": {"lr": "fast", "beta2": 1.5},
+        "train": {"steps": 0, "dtype": "float16", "activation_checkpointing": "some"},
+        "trian": {},
+    }, world_size=16)
+    text = "\n".join(problems)
+    for part in [
+        "trian: unknown section (did you mean 'train'?)",
+        "model.hidden_sise: unknown key (did you mean 'hidden_size'?)",
+        "optim.lr: expected float, got str 'fast'",
+        "train.dtype: expected one of 'float32', 'bfloat16', got str 'float16'",
+        "train.activation_checkpointing: expected one of 'none', 'full' or int, got str 'some'",
+        "optim.beta1 and optim.beta2 must be in [0, 1), got 0.9, 1.5",
+        "train.steps must be >= 1, got 0",
+        "model.num_heads (6) is not divisible by parallel.tp (4)",
+        "sequence length 102 is not divisible by the zigzag layout over parallel.sp = 2 ranks",
+        "global batch 8 is not divisible by parallel.dp x parallel.microbatches = 2 x 3",
+    ]:
+        assert part in text, f"{part!r} not in:\n{text}"
+
+
+def test_world_size_and_the_data_are_checked(tmp_path):
+    problems = _problems({"parallel": {"sp": 2}, "data": {"path": str(tmp_path / "nope"), "seq_len": 64}},
+                         world_size=1, check_data=True)
+    assert any("world size 1 != tp x sp x pp x dp = 1 x 2 x 1 x 1 = 2" in p for p in problems)
+    assert any("is not a prepared dataset" in p and "lasp.data prepare" in p for p in problems)
+
+
+def test_model_problems_come_with_the_rest():
+    problems = _problems({"model": {"hidden_size": 65}, "optim": {"lr": -1.0}})
+    assert any("model.hidden_size (65) must be divisible by model.num_heads (4)" in p for p in problems)
+    assert any("optim.lr must be > 0, got -1.0" in p for p in problems)
+
+
+def test_overrides_are_yaml_scalars_and_checked(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"data": {"seq_len": 64}}))
+    cfg = load_config(str(path), ["optim.lr=1e-4", "train.activation_checkpointing=2", "model.tie_embeddings=true",
+                                  "schedule.decay_steps=null"], world_size=1, check_data=False)
+    assert cfg.optim.lr == 1e-4 and cfg.train.checkpoint_every == 2 and cfg.model.tie_embeddings
+    assert cfg.schedule.decay_steps is None
+    with pytest.raises(ConfigError) as e:
+        load_config(str(path), ["optim.lr=abc", "model.num_layerz=3", "nokey"], world_size=1, check_data=False)
+    assert any("--set 'nokey': expected KEY=VALUE" in p for p in e.value.problems)
+
+
+def test_missing_config_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(str(tmp_path / "missing.yaml"))
+
+
+def test_cli_reports_problems_with_exit_status_2(tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  num_heads: 3\n")
+    assert main(["--config", str(path), "--dry-run"]) == 2
+    assert "model.hidden_size (64) must be divisible by model.num_heads (3)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_every_config_passes_dry_run(path, capsys):
+    assert main(["--config", path, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    for part in ("# resolved config", "# mesh", "parameters:", "model FLOPs per token", "# memory per rank"):
+        assert part in out
+    head = open(path).read().split("\n", 1)[0]
+    assert head.startswith("#") and ("GiB" in open(path).read().split("model:")[0]), "say the hardware and memory"
+
+
+def test_configs_exist():
+    names = {os.path.basename(p) for p in CONFIGS}
+    assert "cpu-quickstart.yaml" in names and len(names) >= 5
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(tie_embeddings=True, output_norm=False, layer_pattern="LS")])
+def test_parameter_count_matches_the_model(kw):
+    m = ModelConfig(**kw)
+    assert param_counts(m)["total"] == sum(p.numel() for p in LinearLlama(m).parameters())
+
+
+def test_flops_per_token_knows_the_mixers():
+    lin, soft = ModelConfig(layer_pattern="L"), ModelConfig(layer_pattern="S")
+    base = 6 * param_counts(lin)["matmul"]
+    H, d = lin.num_heads, lin.head_dim
+    assert flops_per_token(lin, 1000) == base + lin.num_layers * 12 * H * d * d
+    assert flops_per_token(soft, 1000) == base + soft.num_layers * 6 * H * d * 1000
+
+
+def test_learning_rate_warms_up_then_decays_to_the_floor():
+    from lasp.train.config import OptimConfig, ScheduleConfig
+
+    o, s = OptimConfig(lr=1.0), ScheduleConfig(warmup_steps=4, min_lr_ratio=0.1)
+    lrs = [lr_at(i, o, s, 20) for i in range(25)]
+    assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert all(a >= b for a, b in zip(lrs[3:], lrs[4:])) and lrs[20] == pytest.approx(0.1) and lrs[24] == lrs[20]
