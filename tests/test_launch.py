@@ -1,0 +1,69 @@
+"""The launch scripts: they parse (bash -n), and a dry run goes through each launcher."""
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = ["launch/torchrun.sh", "launch/deepspeed.sh", "launch/slurm.sbatch", "scripts/run.sh"]
+DRY = ["--config", "configs/cpu-quickstart.yaml", "--dry-run"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_scripts_parse(script):
+    subprocess.run(["bash", "-n", os.path.join(ROOT, script)], check=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(cmd, env_extra, timeout=120):
+    env = {**os.environ, "PYTHON": sys.executable, **env_extra}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        if k not in env_extra:
+            env.pop(k, None)
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out.stdout
+
+
+def _assert_dry_run(stdout):
+    for part in ("# mesh", "tp=1 sp=2 (zigzag) pp=1 dp=1: 2 ranks", "model FLOPs per token"):
+        assert part in stdout
+
+
+@pytest.mark.e2e
+def test_dry_run_through_torchrun():
+    _assert_dry_run(_run(["bash", "launch/torchrun.sh", *DRY], {"NPROC_PER_NODE": "1"}))
+
+
+@pytest.mark.e2e
+def test_dry_run_through_torchrun_multi_node_variables():
+    env = {"NNODES": "1", "NODE_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+           "NPROC_PER_NODE": "1"}
+    _assert_dry_run(_run(["bash", "launch/torchrun.sh", *DRY], env))
+
+
+@pytest.mark.e2e
+def test_dry_run_through_the_deepspeed_launcher():
+    _assert_dry_run(_run(["bash", "launch/deepspeed.sh", *DRY],
+                         {"NPROC_PER_NODE": "1", "MASTER_PORT": str(_free_port())}))
+
+
+@pytest.mark.e2e
+def test_dry_run_through_slurm_sbatch(tmp_path):
+    # stand-ins for SLURM's srun (runs its command once, as on a one-node job) and scontrol
+    (tmp_path / "srun").write_text('#!/usr/bin/env bash\nwhile [[ $1 == --* ]]; do shift; done\nexec "$@"\n')
+    (tmp_path / "scontrol").write_text("#!/usr/bin/env bash\necho 127.0.0.1\n")
+    for f in ("srun", "scontrol"):
+        (tmp_path / f).chmod(0o755)
+    env = {"PATH": f"{tmp_path}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "node-001", "SLURM_NNODES": "1",
+           "SLURM_NODEID": "0", "SLURM_GPUS_ON_NODE": "1", "SLURM_SUBMIT_DIR": ROOT,
+           "MASTER_PORT": str(_free_port())}
+    _assert_dry_run(_run(["bash", "launch/slurm.sbatch", *DRY], env))
