@@ -94,13 +94,18 @@ class LinearLlama(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
 
-    def forward(self, tokens: Tensor, positions: Tensor | None = None) -> Tensor:
+    def hidden_states(self, tokens: Tensor, positions: Tensor | None = None) -> Tensor:
+        """tokens [B, T] -> final normed hidden states [B, T, hidden], the LM head's input (for
+        `chunked_lm_loss_sum`, which never builds the logits of the whole sequence)."""
         if positions is None:
             positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
         x = self.embed(tokens)
         for layer in self.layers:
             x = layer(x, positions)
-        return self.lm_head(self.norm(x))
+        return self.norm(x)
+
+    def forward(self, tokens: Tensor, positions: Tensor | None = None) -> Tensor:
+        return self.lm_head(self.hidden_states(tokens, positions))
 
 
 def lm_loss_sum(logits: Tensor, labels: Tensor) -> Tensor:

@@ -24,6 +24,11 @@ class ParallelConfig:
     """Microbatches per step (the pipeline schedule runs 1F1B over them when pp > 1)."""
     zero_stage: int = 0
     """0: gradients all-reduced over the DP x SP ranks (plain data parallelism); 1-3: DeepSpeed ZeRO."""
+    loss_chunk_tokens: int = 4096
+    """Tokens per chunk of the LM head and cross-entropy; 0 computes the whole local sequence at once."""
+    dp_bucket_size: int | None = None
+    """Gradient elements per all-reduce bucket (zero_stage 0): a bucket is reduced during the backward as
+    soon as its gradients are ready. None: megatron-core's default, max(4e7, 1e6 x DP)."""
 
     @property
     def world_size(self) -> int:
@@ -66,6 +71,10 @@ class ParallelConfig:
                 f"global batch {global_batch} is not divisible by parallel.dp x parallel.microbatches = "
                 f"{self.dp} x {self.microbatches}"
             )
+        if self.dp_bucket_size is not None and self.dp_bucket_size < 1:
+            p.append(f"parallel.dp_bucket_size must be >= 1 or null, got {self.dp_bucket_size}")
+        if self.loss_chunk_tokens < 0:
+            p.append(f"parallel.loss_chunk_tokens must be >= 0, got {self.loss_chunk_tokens}")
         if self.zero_stage not in (0, 1, 2, 3):
             p.append(f"parallel.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
         elif self.zero_stage and self.pp > 1:

@@ -18,7 +18,8 @@ class ParallelGroups:
     dp_sp: object
     """Ranks holding the same parameters: gradients are summed over it."""
     embedding: object
-    """First and last pipeline stage (tied embeddings are summed over it)."""
+    """First and last pipeline stage (tied embeddings are summed over it); None on the other stages and
+    when pp = 1."""
     tp_rank: int
     sp_rank: int
     pp_rank: int
@@ -41,6 +42,10 @@ def _release_groups() -> None:
                 except (ValueError, RuntimeError):
                     pass  # not a group this rank belongs to
     ps.destroy_model_parallel()
+    # destroy_model_parallel (megatron-core 0.16) keeps these: a middle stage of the next mesh would still
+    # count itself in the embedding group of the previous one
+    ps._EMBEDDING_GLOBAL_RANKS = None
+    ps._PIPELINE_GLOBAL_RANKS = None
 
 
 def init_groups(cfg: ParallelConfig) -> ParallelGroups:
@@ -71,7 +76,8 @@ def init_groups(cfg: ParallelConfig) -> ParallelGroups:
         pp=ps.get_pipeline_model_parallel_group(),
         dp=ps.get_data_parallel_group(),
         dp_sp=ps.get_data_parallel_group(with_context_parallel=True),
-        embedding=ps.get_embedding_group() if cfg.pp > 1 else None,
+        # middle stages (pp >= 3) are not in it: megatron has no embedding group for them
+        embedding=ps.get_embedding_group() if cfg.pp > 1 and ps.is_rank_in_embedding_group() else None,
         tp_rank=ps.get_tensor_model_parallel_rank(),
         sp_rank=ps.get_context_parallel_rank(),
         pp_rank=ps.get_pipeline_model_parallel_rank(),

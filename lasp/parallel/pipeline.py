@@ -12,19 +12,27 @@ from torch import Tensor, nn
 
 from lasp.model.llama import LinearLlama
 from lasp.parallel.cpu_shims import cuda_to_cpu
+from lasp.parallel.loss import LMHeadLoss
 
 
 class PipelineStage(nn.Module):
-    """Layers [first, last) of a model, with the embedding on stage 0 and the head on the last stage."""
+    """Layers [first, last) of a model, with the embedding on stage 0 and the head on the last stage.
 
-    def __init__(self, model: LinearLlama, stage: int, num_stages: int, config):
+    The last stage returns the final normed hidden states [B, T, hidden]: its LM head runs inside the
+    chunked loss `head_loss` (see `loss_sum_fn`), which never builds the logits of the whole sequence.
+    `logits=True` makes it return the logits [B, T, vocab (local shard under TP)] instead.
+    """
+
+    def __init__(self, model: LinearLlama, stage: int, num_stages: int, config, logits: bool = False):
         super().__init__()
         per = model.cfg.num_layers // num_stages
         self.is_first, self.is_last = stage == 0, stage == num_stages - 1
+        self.logits = logits
         self.embed = model.embed if self.is_first else None
         self.layers = nn.ModuleList(model.layers[stage * per : (stage + 1) * per])
         self.norm = model.norm if self.is_last else None
         self.lm_head = model.lm_head if self.is_last else None
+        self.head_loss = LMHeadLoss() if self.is_last and not logits else None
         self.config = config  # read by megatron's schedules, with model_type
         self.model_type = ModelType.encoder_or_decoder
         self._input: Tensor | None = None
@@ -41,17 +49,19 @@ class PipelineStage(nn.Module):
         for layer in self.layers:
             x = layer(x, positions)
         if self.is_last:
-            return self.lm_head(self.norm(x))
+            return self.lm_head(self.norm(x)) if self.logits else self.norm(x)
         return x.transpose(0, 1).contiguous()
 
 
 def forward_backward(
-    stage: PipelineStage, microbatches: list[dict], seq_len: int, loss_sum_fn, total_tokens: int
+    stage: nn.Module, microbatches: list[dict], seq_len: int, loss_sum_fn, total_tokens: int,
+    forward_only: bool = False,
 ) -> Tensor | None:
     """One forward and backward over `microbatches` (dicts of local tokens, positions, labels) with
-    megatron's schedule (1F1B when pp > 1). Each microbatch contributes its loss sum / `total_tokens`, so
-    gradients summed over all ranks are those of the global mean loss. Returns that rank's share of the
-    loss on the last stage, None elsewhere."""
+    megatron's schedule (1F1B when pp > 1); `stage` is a PipelineStage or its DataParallel wrapper, whose
+    hooks in stage.config the schedule calls. Each microbatch contributes its loss sum / `total_tokens`,
+    so gradients summed over all ranks are those of the global mean loss. Returns that rank's share of the
+    loss on the last stage, None elsewhere. `forward_only`: no backward (run it under torch.no_grad)."""
 
     def step(data_iterator, model):
         mb = next(data_iterator)
@@ -68,6 +78,6 @@ def forward_backward(
         out = fb(
             forward_step_func=step, data_iterator=iter(microbatches), model=[stage],
             num_microbatches=len(microbatches), seq_length=seq_len,
-            micro_batch_size=microbatches[0]["tokens"].shape[0], forward_only=False,
+            micro_batch_size=microbatches[0]["tokens"].shape[0], forward_only=forward_only,
         )
     return sum(d["loss"] for d in out) if stage.is_last else None

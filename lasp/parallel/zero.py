@@ -54,6 +54,9 @@ def zero_engine(module: nn.Module, optimizer: torch.optim.Optimizer, cfg: Parall
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
     }
+    if cfg.zero_stage == 3 and getattr(module, "head_loss", None) is not None:
+        # the chunked loss reads the head's weight without calling the head: gather it for the loss
+        deepspeed.zero.register_external_parameter(module.head_loss, module.lm_head.weight)
     engine, *_ = deepspeed.initialize(
         model=module, optimizer=optimizer, config=ds_config, mpu=_Mpu(groups), dist_init_required=False
     )
