@@ -7,8 +7,9 @@ import argparse
 import sys
 import warnings
 
-# megatron-core warns at import that Transformer Engine and Apex are absent; it falls back to torch.
-warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+# megatron-core warns that Transformer Engine and Apex are absent (it falls back to torch) and about
+# config fields this project does not use.
+warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
 
 
 def main(argv=None) -> int:
@@ -45,11 +46,13 @@ def main(argv=None) -> int:
 
     from lasp.train.loop import train
 
-    logging.basicConfig(level=logging.INFO if launch.rank == 0 else logging.WARNING, format="%(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")  # megatron and DeepSpeed talk at INFO
+    logging.getLogger("lasp").setLevel(logging.INFO if launch.rank == 0 else logging.WARNING)
     state = train(cfg, launch)
     if launch.rank == 0:
         end = f"stopped by {state.stopped_by}" if state.stopped_by else "done"
-        print(f"{end}: {state.step} steps, {state.tokens:,} tokens, last loss {state.last_loss:.4f}"
+        print(f"{end}: {state.step} steps, {state.tokens:,} tokens, loss {state.first_loss:.4f} (first step) -> "
+              f"{state.last_loss:.4f} (last step)"
               + ("" if state.last_eval_loss is None else f", eval loss {state.last_eval_loss:.4f}"))
     return 0
 

@@ -88,7 +88,7 @@ def memory_estimate(m: ModelConfig, p: ParallelConfig, seq_len: int, global_batc
         acts = in_flight * (saved * tokens * m.hidden_size * elt + (layers - saved) * per_layer) + per_layer
     else:
         acts = in_flight * layers * per_layer
-    chunk = min(p.loss_chunk_tokens or tokens, tokens) if hasattr(p, "loss_chunk_tokens") else tokens
+    chunk = min(p.loss_chunk_tokens or tokens, tokens)
     logits = 3 * chunk * m.vocab_size / p.tp * 4
     total = weights + grads_opt + acts + logits
     gib = 2.0**30

@@ -96,6 +96,7 @@ def _train(cfg: TrainConfig, device: torch.device) -> TrainState:
         state.step += 1
         state.tokens += cfg.tokens_per_step
         state.last_loss = loss_v
+        state.first_loss = loss_v if state.first_loss is None else state.first_loss
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         tokens_per_s = cfg.tokens_per_step / (time.perf_counter() - t0)

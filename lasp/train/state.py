@@ -17,6 +17,8 @@ class TrainState:
     """Steps whose update was skipped for a non-finite loss or gradient norm."""
     skipped_in_a_row: int = 0
     """Consecutive skipped steps up to now (reset by a good step)."""
+    first_loss: float | None = None
+    """Loss of the first step of this run."""
     last_loss: float = float("nan")
     """Loss of the last step."""
     last_eval_loss: float | None = None

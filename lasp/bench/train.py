@@ -1,0 +1,108 @@
+"""Training benchmark: tokens/s and peak memory of the quick-start model, and the memory of the loss.
+
+    python -m lasp.bench.train [--nprocs 1 2] [--steps 30] [--out results/train]
+
+1. The quick-start config (configs/cpu-quickstart.yaml) trained through torchrun with SP = nprocs
+   (gloo on CPU): the median tokens/s over the steps after the first few, and the peak memory per rank
+   (resident set on CPU, allocated memory on a GPU), read from the run's metrics.jsonl.
+2. The LM head + cross-entropy alone at 64K local tokens and a 32K vocabulary, forward + backward:
+   peak memory of the chunked loss against the plain one (target: chunked < 1/4 of plain).
+Writes <out>.jsonl (one row per measurement, with the environment) and <out>.png.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from lasp.bench.common import environment, write_jsonl
+
+ROOT = Path(__file__).resolve().parents[2]
+WARMUP_STEPS = 3
+
+
+def train_throughput(nprocs: int, steps: int, config: str, data: str) -> dict:
+    """Train `config` for `steps` steps with SP = nprocs; median tokens/s after warm-up, peak GiB."""
+    with tempfile.TemporaryDirectory(prefix="lasp-bench-train-") as run_dir:
+        sets = {"parallel.sp": nprocs, "train.steps": steps, "train.eval_interval": 0, "logging.run_dir": run_dir,
+                "logging.tensorboard": "false", "logging.plot": "false", "logging.progress": "false",
+                "data.path": data}
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nprocs}",
+               "-m", "lasp.train", "--config", config]
+        for k, v in sets.items():
+            cmd += ["--set", f"{k}={v}"]
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+        out = subprocess.run(cmd, cwd=ROOT, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+        if out.returncode:
+            raise RuntimeError(f"training with {nprocs} process(es) failed:\n{out.stderr[-4000:]}")
+        with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+            rows = [r for r in map(json.loads, f) if r["kind"] == "train"]
+    rates = [r["tokens_per_s"] for r in rows[WARMUP_STEPS:]]
+    return {
+        "what": "train", "nprocs": nprocs, "sp": nprocs, "steps": steps, "tokens_per_step": rows[0]["tokens"],
+        "tokens_per_s_median": statistics.median(rates), "tokens_per_s_min": min(rates),
+        "tokens_per_s_max": max(rates), "peak_mem_gib_rank0": max(r["mem_gib"] for r in rows),
+        "first_loss": rows[0]["loss"], "last_loss": rows[-1]["loss"],
+    }
+
+
+def _plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [r for r in rows if r["what"] == "train"]
+    loss = [r for r in rows if r["what"] == "loss_memory"]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    labels = [f"{r['nprocs']} proc" for r in train]
+    axes[0].bar(labels, [r["tokens_per_s_median"] for r in train])
+    axes[0].set_title("quick-start model: tokens/s (median)")
+    axes[1].bar(labels, [r["peak_mem_gib_rank0"] for r in train])
+    axes[1].set_title("peak memory per rank (GiB)")
+    if loss:
+        axes[2].bar(["plain", "chunked"], [loss[0]["plain_peak_gib"], loss[0]["chunked_peak_gib"]])
+        axes[2].set_title(f"loss alone, {loss[0]['tokens'] // 1024}K tokens x {loss[0]['vocab'] // 1024}K vocab (GiB)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m lasp.bench.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--nprocs", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--config", default="configs/cpu-quickstart.yaml")
+    p.add_argument("--data", default="data/stdlib", help="prepared data (bash scripts/run.sh makes data/stdlib)")
+    p.add_argument("--loss-tokens", type=int, default=65536)
+    p.add_argument("--loss-vocab", type=int, default=32768)
+    p.add_argument("--out", type=Path, default=Path("results/train"))
+    a = p.parse_args(argv)
+    env = environment()
+    rows = []
+    for n in a.nprocs:
+        row = {**train_throughput(n, a.steps, a.config, a.data), **env}
+        rows.append(row)
+        print(f"{n} process(es), sp={n}: {row['tokens_per_s_median']:,.0f} tokens/s (median; "
+              f"{row['tokens_per_s_min']:,.0f}-{row['tokens_per_s_max']:,.0f}), peak {row['peak_mem_gib_rank0']:.2f} "
+              f"GiB per rank", flush=True)
+    from lasp.bench.loss_memory import loss_peak_memory
+
+    mem = loss_peak_memory(tokens=a.loss_tokens, vocab=a.loss_vocab)
+    ratio = mem["chunked_peak_gib"] / mem["plain_peak_gib"]
+    rows.append({"what": "loss_memory", **mem, "ratio": ratio, **env})
+    print(f"loss alone at {a.loss_tokens} tokens x {a.loss_vocab} vocab: plain {mem['plain_peak_gib']:.2f} GiB, "
+          f"chunked {mem['chunked_peak_gib']:.2f} GiB ({ratio:.3f} of plain; target < 0.25: "
+          f"{'met' if ratio < 0.25 else 'NOT met'})")
+    write_jsonl(a.out.with_suffix(".jsonl"), rows)
+    _plot(rows, a.out.with_suffix(".png"))
+    print(f"wrote {a.out.with_suffix('.jsonl')} and {a.out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,158 @@
+"""The trainer end to end: python -m lasp.train as one process and under torchrun (CPU, gloo)."""
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = {
+    "model": {"vocab_size": 258, "hidden_size": 32, "num_layers": 2, "num_heads": 2, "num_kv_heads": 1,
+              "ffn_hidden_size": 64, "layer_pattern": "LS"},
+    "data": {"seq_len": 64, "global_batch": 4},
+    "optim": {"lr": 1e-2},
+    "schedule": {"warmup_steps": 2},
+    "train": {"steps": 6, "eval_interval": 3, "eval_batches": 1},
+    "logging": {"progress": False},
+}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    from lasp.data import prepare
+
+    out = tmp_path_factory.mktemp("corpus") / "data"
+    files = sorted(glob.glob(os.path.join(os.path.dirname(os.__file__), "*.py")))[:12]
+    prepare(files, str(out), val_fraction=0.2, progress=False)
+    return str(out)
+
+
+def _config(tmp_path, corpus, name="c", **sections):
+    cfg = {k: dict(v) for k, v in TINY.items()}
+    for k, v in sections.items():
+        cfg.setdefault(k, {}).update(v)
+    cfg["data"]["path"] = corpus
+    cfg["logging"]["run_dir"] = str(tmp_path / f"run-{name}")
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path), cfg["logging"]["run_dir"]
+
+
+def _env():
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                               "MASTER_PORT")}
+    return {**env, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _train(config, nproc=1, extra=(), check=True, timeout=300):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] \
+        if nproc > 1 else [sys.executable]
+    out = subprocess.run([*launcher, "-m", "lasp.train", "--config", config, *extra], cwd=ROOT, env=_env(),
+                         capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+    return out
+
+
+def _rows(run_dir, kind="train"):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [r for r in map(json.loads, f) if r["kind"] == kind]
+
+
+@pytest.mark.e2e
+def test_one_process_trains_and_leaves_metrics_tensorboard_and_plot(tmp_path, corpus):
+    config, run_dir = _config(tmp_path, corpus, train={"steps": 8})
+    out = _train(config)
+    rows = _rows(run_dir)
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    for col in ("step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "mfu", "mem_gib"):
+        assert col in rows[0]
+    assert rows[0]["mfu"] is None and rows[-1]["tokens"] == 8 * 4 * 64
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    assert [r["step"] for r in _rows(run_dir, "eval")] == [3, 6, 8]
+    assert glob.glob(os.path.join(run_dir, "tensorboard", "events.out.tfevents.*"))
+    assert os.path.getsize(os.path.join(run_dir, "loss.png")) > 1000
+    assert f"run directory: {run_dir}" in out.stdout and "(first step) ->" in out.stdout
+    assert yaml.safe_load(open(os.path.join(run_dir, "config.yaml")))["train"]["steps"] == 8
+
+
+@pytest.mark.e2e
+def test_sp2_through_torchrun_gives_the_sp1_losses(tmp_path, corpus):
+    one, run1 = _config(tmp_path, corpus, "sp1")
+    two, run2 = _config(tmp_path, corpus, "sp2", parallel={"sp": 2, "sp_layout": "zigzag"})
+    _train(one)
+    _train(two, nproc=2)
+    a, b = [r["loss"] for r in _rows(run1)], [r["loss"] for r in _rows(run2)]
+    assert len(a) == len(b) == 6
+    for x, y in zip(a, b):
+        assert abs(x - y) <= 1e-5 * abs(x), (a, b)
+    ga, gb = [r["grad_norm"] for r in _rows(run1)], [r["grad_norm"] for r in _rows(run2)]
+    for x, y in zip(ga, gb):
+        assert abs(x - y) <= 1e-4 * abs(x), (ga, gb)
+
+
+@pytest.mark.e2e
+def test_nonfinite_loss_stops_or_skips_as_configured(tmp_path, corpus):
+    blow_up = ["--set", "optim.lr=1e30", "--set", "optim.grad_clip=0", "--set", "schedule.warmup_steps=0",
+               "--set", "train.eval_interval=0", "--set", "train.steps=30"]
+    config, run_dir = _config(tmp_path, corpus, "stop")
+    out = _train(config, extra=blow_up, check=False)
+    assert out.returncode != 0 and "non-finite loss" in out.stderr and "train.nonfinite = stop" in out.stderr
+    bad = _rows(run_dir)[-1]
+    assert bad["skipped"] and out.stderr.count(f"step {bad['step']}: non-finite") >= 1
+    config, run_dir = _config(tmp_path, corpus, "skip", train={"nonfinite": "skip", "max_skipped_steps": 2})
+    out = _train(config, extra=blow_up, check=False)
+    assert out.returncode != 0 and "3 steps skipped in a row" in out.stderr
+    assert sum(r["skipped"] for r in _rows(run_dir)) == 3
+
+
+@pytest.mark.e2e
+def test_sigterm_on_one_rank_stops_every_rank_after_the_step(tmp_path, corpus):
+    config, run_dir = _config(tmp_path, corpus, "term", train={"steps": 10000, "eval_interval": 0},
+                              parallel={"dp": 2})
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                             "-m", "lasp.train", "--config", config], cwd=ROOT, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = os.path.join(run_dir, "metrics.jsonl")
+    deadline = time.monotonic() + 120
+    while not (os.path.exists(metrics) and os.path.getsize(metrics) > 0) and time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail("the run ended before its first step: " + proc.stdout.read()[-2000:] + proc.stderr.read()[-4000:])
+        time.sleep(0.2)
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert len(workers) == 2, workers
+    os.kill(int(workers[-1]), signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-2000:] + err[-4000:]
+    assert "stopping cleanly after step" in out and "stopped by" in out
+    assert 1 <= len(_rows(run_dir)) < 10000
+
+
+@pytest.mark.e2e
+def test_two_nodes_through_launch_torchrun_sh_train_together(tmp_path, corpus):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    one, run1 = _config(tmp_path, corpus, "single", train={"steps": 3, "eval_interval": 0})
+    two, run2 = _config(tmp_path, corpus, "nodes", train={"steps": 3, "eval_interval": 0}, parallel={"sp": 2})
+    _train(one)
+    procs = [
+        subprocess.Popen(["bash", "launch/torchrun.sh", "--config", two], cwd=ROOT, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True,
+                         env={**_env(), "PYTHON": sys.executable, "NNODES": "2", "NODE_RANK": str(node),
+                              "NPROC_PER_NODE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+        for node in (0, 1)
+    ]
+    for p in procs:
+        out, err = p.communicate(timeout=240)
+        assert p.returncode == 0, out[-2000:] + err[-4000:]
+    a, b = [r["loss"] for r in _rows(run1)], [r["loss"] for r in _rows(run2)]
+    assert len(b) == 3 and all(abs(x - y) <= 1e-5 * abs(x) for x, y in zip(a, b)), (a, b)
