@@ -96,6 +96,19 @@ def test_peak_memory_far_below_plain():
     assert r["chunked_bytes"] < logits_bytes / 2 and r["ratio"] < 0.25, r
 
 
+
+def test_fake_tensor_peak_agrees_with_measured():
+    """The fake-tensor tracker (used where the plain run would not fit) against the profiler, both paths."""
+    from lasp.bench.loss_memory import FAKE, MEASURED, loss_peak_memory, validate
+
+    v = validate(tokens=2048, vocab=4096, hidden=64, chunk_tokens=256)
+    for path in ("plain", "chunked"):
+        assert abs(v[f"{path}_rel_diff"]) < 0.1, v
+    assert v["plain_measured_bytes"] >= 3 * 2048 * 4096 * 4, v  # not two zeros agreeing
+    r = loss_peak_memory(tokens=2048, vocab=4096, hidden=64, chunk_tokens=256, method="fake")
+    assert r["plain_method"] == r["chunked_method"] == FAKE and r["plain_bytes"] == v["plain_fake_bytes"], r
+    assert loss_peak_memory(tokens=64, vocab=128, hidden=8, chunk_tokens=16)["plain_method"] == MEASURED
+
 def case_vocab_parallel(chunk, dtype="f64"):
     from lasp.parallel.loss import vocab_parallel_chunked_loss_sum
 

@@ -4,6 +4,7 @@ import glob
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -33,6 +34,23 @@ def corpus(tmp_path_factory):
     return str(out)
 
 
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, corpus):
+    """Per-step (loss, grad norm) of the tiny config trained by one plain python process."""
+    tmp = tmp_path_factory.mktemp("reference")
+    config, run_dir = _config(tmp, corpus, "one")
+    _train(config)
+    return [(r["loss"], r["grad_norm"]) for r in _rows(run_dir)]
+
+
+def _same_curve(run_dir, reference, steps=None):
+    got = [(r["loss"], r["grad_norm"]) for r in _rows(run_dir)]
+    want = reference[: steps or len(reference)]
+    assert len(got) == len(want)
+    for (loss, norm), (loss_1, norm_1) in zip(got, want):
+        assert abs(loss - loss_1) <= 1e-5 * abs(loss_1) and abs(norm - norm_1) <= 1e-4 * abs(norm_1), (got, want)
+
+
 def _config(tmp_path, corpus, name="c", **sections):
     cfg = {k: dict(v) for k, v in TINY.items()}
     for k, v in sections.items():
@@ -60,6 +78,12 @@ def _train(config, nproc=1, extra=(), check=True, timeout=300):
     return out
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _rows(run_dir, kind="train"):
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         return [r for r in map(json.loads, f) if r["kind"] == kind]
@@ -83,18 +107,21 @@ def test_one_process_trains_and_leaves_metrics_tensorboard_and_plot(tmp_path, co
 
 
 @pytest.mark.e2e
-def test_sp2_through_torchrun_gives_the_sp1_losses(tmp_path, corpus):
-    one, run1 = _config(tmp_path, corpus, "sp1")
-    two, run2 = _config(tmp_path, corpus, "sp2", parallel={"sp": 2, "sp_layout": "zigzag"})
-    _train(one)
-    _train(two, nproc=2)
-    a, b = [r["loss"] for r in _rows(run1)], [r["loss"] for r in _rows(run2)]
-    assert len(a) == len(b) == 6
-    for x, y in zip(a, b):
-        assert abs(x - y) <= 1e-5 * abs(x), (a, b)
-    ga, gb = [r["grad_norm"] for r in _rows(run1)], [r["grad_norm"] for r in _rows(run2)]
-    for x, y in zip(ga, gb):
-        assert abs(x - y) <= 1e-4 * abs(x), (ga, gb)
+def test_sp2_through_torchrun_gives_the_sp1_losses(tmp_path, corpus, reference):
+    config, run_dir = _config(tmp_path, corpus, "sp2", parallel={"sp": 2, "sp_layout": "zigzag"})
+    _train(config, nproc=2)
+    _same_curve(run_dir, reference)
+
+
+@pytest.mark.e2e
+def test_zero2_through_the_deepspeed_launcher_gives_the_same_losses(tmp_path, corpus, reference):
+    port = _free_port()
+    config, run_dir = _config(tmp_path, corpus, "zero", parallel={"dp": 2, "zero_stage": 2})
+    out = subprocess.run(["bash", "launch/deepspeed.sh", "--config", config], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300, env={**_env(), "PYTHON": sys.executable, "NPROC_PER_NODE": "2",
+                                                      "MASTER_PORT": str(port)})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+    _same_curve(run_dir, reference)
 
 
 @pytest.mark.e2e
@@ -135,17 +162,11 @@ def test_sigterm_on_one_rank_stops_every_rank_after_the_step(tmp_path, corpus):
 
 
 @pytest.mark.e2e
-def test_two_nodes_through_launch_torchrun_sh_train_together(tmp_path, corpus):
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    one, run1 = _config(tmp_path, corpus, "single", train={"steps": 3, "eval_interval": 0})
-    two, run2 = _config(tmp_path, corpus, "nodes", train={"steps": 3, "eval_interval": 0}, parallel={"sp": 2})
-    _train(one)
+def test_two_nodes_through_launch_torchrun_sh_train_together(tmp_path, corpus, reference):
+    port = _free_port()
+    config, run_dir = _config(tmp_path, corpus, "nodes", train={"steps": 3}, parallel={"sp": 2})
     procs = [
-        subprocess.Popen(["bash", "launch/torchrun.sh", "--config", two], cwd=ROOT, stdout=subprocess.PIPE,
+        subprocess.Popen(["bash", "launch/torchrun.sh", "--config", config], cwd=ROOT, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True,
                          env={**_env(), "PYTHON": sys.executable, "NNODES": "2", "NODE_RANK": str(node),
                               "NPROC_PER_NODE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
@@ -154,5 +175,4 @@ def test_two_nodes_through_launch_torchrun_sh_train_together(tmp_path, corpus):
     for p in procs:
         out, err = p.communicate(timeout=240)
         assert p.returncode == 0, out[-2000:] + err[-4000:]
-    a, b = [r["loss"] for r in _rows(run1)], [r["loss"] for r in _rows(run2)]
-    assert len(b) == 3 and all(abs(x - y) <= 1e-5 * abs(x) for x, y in zip(a, b)), (a, b)
+    _same_curve(run_dir, reference, steps=3)

@@ -16,7 +16,7 @@ from lasp.parallel.groups import ParallelGroups, init_groups
 from lasp.parallel.pipeline import PipelineStage, forward_backward
 from lasp.parallel.sp import apply_sp
 from lasp.parallel.tp import apply_tp, megatron_config, vocab_parallel_loss_sum
-from lasp.parallel.zero import zero_engine, zero_train_step
+from lasp.parallel.zero import zero_engine, zero_eval_step, zero_train_step
 
 
 def parallelize(model: LinearLlama, cfg: ParallelConfig, groups: ParallelGroups) -> DataParallel | PipelineStage:
@@ -110,6 +110,7 @@ __all__ = [
     "forward_backward_step",
     "zero_grads",
     "zero_engine",
+    "zero_eval_step",
     "zero_train_step",
     "ParallelConfig",
     "ParallelGroups",

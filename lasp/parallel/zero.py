@@ -43,8 +43,9 @@ class _Mpu:
 
 
 def zero_engine(module: nn.Module, optimizer: torch.optim.Optimizer, cfg: ParallelConfig, groups: ParallelGroups,
-                micro_batch: int):
-    """Wrap `module` and a plain torch optimizer in a DeepSpeed engine with ZeRO `cfg.zero_stage`."""
+                micro_batch: int, grad_clip: float = 0.0):
+    """Wrap `module` and a plain torch optimizer in a DeepSpeed engine with ZeRO `cfg.zero_stage`;
+    DeepSpeed clips the global gradient norm to `grad_clip` (0: no clipping) inside its step."""
     import deepspeed
 
     ds_config = {
@@ -53,6 +54,7 @@ def zero_engine(module: nn.Module, optimizer: torch.optim.Optimizer, cfg: Parall
         "zero_optimization": {"stage": cfg.zero_stage},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
+        "gradient_clipping": grad_clip,
     }
     if cfg.zero_stage == 3 and getattr(module, "head_loss", None) is not None:
         # the chunked loss reads the head's weight without calling the head: gather it for the loss
@@ -71,7 +73,7 @@ def zero_train_step(engine, microbatches: list[dict], loss_sum_fn, groups: Paral
     backward, while the full gradients can still be read (deepspeed.utils.safe_get_full_grad).
     Returns the global mean loss (every rank).
     """
-    total = torch.zeros((), dtype=torch.float64)
+    total = torch.zeros((), dtype=torch.float64, device=engine.device)
     for i, mb in enumerate(microbatches):
         loss = loss_sum_fn(engine(mb["tokens"], mb["positions"]), mb["labels"]) / (mb["labels"] != -100).sum()
         engine.backward(loss)
@@ -81,3 +83,14 @@ def zero_train_step(engine, microbatches: list[dict], loss_sum_fn, groups: Paral
         engine.step()
     dist.all_reduce(total, group=groups.dp_sp)
     return total / dist.get_world_size(groups.dp_sp)
+
+
+@torch.no_grad()
+def zero_eval_step(engine, microbatches: list[dict], loss_sum_fn, groups: ParallelGroups, total_tokens: int):
+    """Forward only through a ZeRO engine (ZeRO-3 gathers the partitioned weights as it goes): the global
+    mean loss (loss sums / `total_tokens`), a 0-dim float64 on every rank."""
+    total = torch.zeros((), dtype=torch.float64, device=engine.device)
+    for mb in microbatches:
+        total += loss_sum_fn(engine(mb["tokens"], mb["positions"]), mb["labels"]).double()
+    dist.all_reduce(total, group=groups.dp_sp)
+    return total / total_tokens

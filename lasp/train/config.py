@@ -221,6 +221,9 @@ def resolve(data: dict, source: str, world_size: int | None, check_data: bool = 
     if model is not None and tcfg is not None and tcfg.checkpoint_every > model.num_layers:
         problems.append(f"train.activation_checkpointing every {tcfg.checkpoint_every} layers, but the "
                         f"model has {model.num_layers}")
+    if par is not None and tcfg is not None and par.zero_stage and tcfg.nonfinite == "skip":
+        problems.append(f"train.nonfinite = skip needs parallel.zero_stage 0 (got {par.zero_stage}): DeepSpeed "
+                        "applies the update inside its step; use train.nonfinite = stop")
     if check_data and dcfg is not None:
         problems += _data_problems(dcfg, model)
     if problems:

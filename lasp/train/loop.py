@@ -16,7 +16,10 @@ import torch.distributed as dist
 from lasp.data import TokenData, local_microbatches
 from lasp.kernels import get_kernel
 from lasp.model import LinearLlama
-from lasp.parallel import clip_grad_norm_, eval_step, forward_backward_step, init_groups, parallelize
+from lasp.parallel import (
+    clip_grad_norm_, eval_step, forward_backward_step, init_groups, loss_sum_fn, parallelize, zero_engine,
+    zero_eval_step, zero_train_step,
+)
 from lasp.parallel.ac import apply_ac
 from lasp.parallel.sp import apply_kernel
 from lasp.train.config import TrainConfig, dump
@@ -58,6 +61,10 @@ def _train(cfg: TrainConfig, device: torch.device) -> TrainState:
     kernel = get_kernel(cfg.train.kernel)
     apply_kernel(stage, kernel)
     optimizer = build_optimizer(stage, cfg.optim, device)
+    engine = None  # with ZeRO, DeepSpeed's engine clips and steps inside zero_train_step
+    if p.zero_stage:
+        rows = cfg.data.global_batch // p.dp // p.microbatches
+        engine = zero_engine(stage, optimizer, p, groups, rows, cfg.optim.grad_clip)
     metrics.message(f"{dist.get_world_size()} rank(s) on {device.type}, tp={p.tp} sp={p.sp} ({p.sp_layout}) "
                     f"pp={p.pp} dp={p.dp}, kernel {kernel.name}, {cfg.train.dtype}")
 
@@ -81,14 +88,19 @@ def _train(cfg: TrainConfig, device: torch.device) -> TrainState:
         lr = lr_at(state.step, cfg.optim, cfg.schedule, cfg.train.steps)
         set_lr(optimizer, lr)
         microbatches = [{k: v.to(device) for k, v in mb.items()} for mb in batch(data, step=state.step)]
-        optimizer.zero_grad(set_to_none=True)
-        with autocast():
-            loss = forward_backward_step(stage, microbatches, p, groups, cfg.tokens_per_step)
-        grad_norm = clip_grad_norm_(stage, groups, cfg.optim.grad_clip)
+        if engine is None:
+            with autocast():
+                loss = forward_backward_step(stage, microbatches, p, groups, cfg.tokens_per_step)
+            grad_norm = clip_grad_norm_(stage, groups, cfg.optim.grad_clip)
+        else:
+            with autocast():
+                loss = zero_train_step(engine, microbatches, loss_sum_fn(p, groups, stage), groups)
+            grad_norm = engine.get_global_grad_norm()
         loss_v, norm_v = float(loss), float(grad_norm)  # global values: the same on every rank
         finite = torch.isfinite(torch.tensor([loss_v, norm_v])).all().item()
         if finite:
-            optimizer.step()
+            if engine is None:
+                optimizer.step()
             state.skipped_in_a_row = 0
         else:
             state.skipped_steps += 1
@@ -111,10 +123,13 @@ def _train(cfg: TrainConfig, device: torch.device) -> TrainState:
             _nonfinite(cfg, state, loss_v, norm_v, metrics)
         due = cfg.train.eval_interval and (state.step % cfg.train.eval_interval == 0 or state.step == cfg.train.steps)
         if val is not None and due:
-            with torch.no_grad(), autocast():
-                losses = [eval_step(stage, [{k: v.to(device) for k, v in mb.items()}
-                                            for mb in batch(val, step=i, shuffle=False)],
-                                    p, groups, cfg.tokens_per_step) for i in range(cfg.train.eval_batches)]
+            losses = []
+            for i in range(cfg.train.eval_batches):
+                mbs = [{k: v.to(device) for k, v in mb.items()} for mb in batch(val, step=i, shuffle=False)]
+                with torch.no_grad(), autocast():
+                    losses.append(eval_step(stage, mbs, p, groups, cfg.tokens_per_step) if engine is None else
+                                  zero_eval_step(engine, mbs, loss_sum_fn(p, groups, stage), groups,
+                                                 cfg.tokens_per_step))
             state.last_eval_loss = float(sum(losses) / len(losses))
             metrics.log_eval(state.step, state.last_eval_loss)
         if stop.agreed():
