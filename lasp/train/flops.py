@@ -89,7 +89,8 @@ def memory_estimate(m: ModelConfig, p: ParallelConfig, seq_len: int, global_batc
     else:
         acts = in_flight * layers * per_layer
     chunk = min(p.loss_chunk_tokens or tokens, tokens)
-    logits = 3 * chunk * m.vocab_size / p.tp * 4
+    # the chunked loss holds one fp32 chunk of logits and its gradient; the plain one three full copies
+    logits = (2 if p.loss_chunk_tokens else 3) * chunk * m.vocab_size / p.tp * 4
     total = weights + grads_opt + acts + logits
     gib = 2.0**30
     return {"weights": weights / gib, "grads_and_adam": grads_opt / gib, "activations": acts / gib,
