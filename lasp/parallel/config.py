@@ -63,12 +63,12 @@ class ParallelConfig:
             chunks = self.sp * (2 if self.sp_layout == "zigzag" else 1)
             if seq_len % chunks:
                 p.append(
-                    f"sequence length {seq_len} is not divisible by the {self.sp_layout} layout over "
+                    f"data.seq_len: sequence length {seq_len} is not divisible by the {self.sp_layout} layout over "
                     f"parallel.sp = {self.sp} ranks (needs a multiple of {chunks})"
                 )
         if global_batch % (self.dp * self.microbatches):
             p.append(
-                f"global batch {global_batch} is not divisible by parallel.dp x parallel.microbatches = "
+                f"data.global_batch: global batch {global_batch} is not divisible by parallel.dp x parallel.microbatches = "
                 f"{self.dp} x {self.microbatches}"
             )
         if self.dp_bucket_size is not None and self.dp_bucket_size < 1:
