@@ -87,15 +87,8 @@ def _train(cfg: TrainConfig, device: torch.device) -> TrainState:
         t0 = time.perf_counter()
         lr = lr_at(state.step, cfg.optim, cfg.schedule, cfg.train.steps)
         set_lr(optimizer, lr)
-        microbatches = [{k: v.to(device) for k, v in mb.items()} for mb in batch(data, step=state.step)]
-        if engine is None:
-            with autocast():
-                loss = forward_backward_step(stage, microbatches, p, groups, cfg.tokens_per_step)
-            grad_norm = clip_grad_norm_(stage, groups, cfg.optim.grad_clip)
-        else:
-            with autocast():
-                loss = zero_train_step(engine, microbatches, loss_sum_fn(p, groups, stage), groups)
-            grad_norm = engine.get_global_grad_norm()
+        loss, grad_norm = _forward_backward(stage, engine, _to(device, batch(data, step=state.step)), cfg, groups,
+                                            autocast)
         loss_v, norm_v = float(loss), float(grad_norm)  # global values: the same on every rank
         finite = torch.isfinite(torch.tensor([loss_v, norm_v])).all().item()
         if finite:
@@ -121,16 +114,8 @@ def _train(cfg: TrainConfig, device: torch.device) -> TrainState:
             })
         if not finite:
             _nonfinite(cfg, state, loss_v, norm_v, metrics)
-        due = cfg.train.eval_interval and (state.step % cfg.train.eval_interval == 0 or state.step == cfg.train.steps)
-        if val is not None and due:
-            losses = []
-            for i in range(cfg.train.eval_batches):
-                mbs = [{k: v.to(device) for k, v in mb.items()} for mb in batch(val, step=i, shuffle=False)]
-                with torch.no_grad(), autocast():
-                    losses.append(eval_step(stage, mbs, p, groups, cfg.tokens_per_step) if engine is None else
-                                  zero_eval_step(engine, mbs, loss_sum_fn(p, groups, stage), groups,
-                                                 cfg.tokens_per_step))
-            state.last_eval_loss = float(sum(losses) / len(losses))
+        if val is not None and (state.step % cfg.train.eval_interval == 0 or state.step == cfg.train.steps):
+            state.last_eval_loss = _evaluate(stage, engine, val, batch, cfg, groups, autocast, device)
             metrics.log_eval(state.step, state.last_eval_loss)
         if stop.agreed():
             state.stopped_by = stop.signal_name
@@ -139,6 +124,37 @@ def _train(cfg: TrainConfig, device: torch.device) -> TrainState:
     stop.restore()
     metrics.close(cfg.logging.plot)
     return state
+
+
+def _to(device: torch.device, microbatches: list[dict]) -> list[dict]:
+    return [{k: v.to(device, non_blocking=True) for k, v in mb.items()} for mb in microbatches]
+
+
+def _forward_backward(stage, engine, microbatches, cfg: TrainConfig, groups, autocast):
+    """Forward, backward, gradient sync and clipping of one step -> (global loss, global gradient norm).
+    Without ZeRO the optimizer step is left to the caller (it may skip it); DeepSpeed steps inside."""
+    p = cfg.parallel
+    if engine is None:
+        with autocast():
+            loss = forward_backward_step(stage, microbatches, p, groups, cfg.tokens_per_step)
+        return loss, clip_grad_norm_(stage, groups, cfg.optim.grad_clip)
+    with autocast():
+        loss = zero_train_step(engine, microbatches, loss_sum_fn(p, groups, stage), groups)
+    return loss, engine.get_global_grad_norm()
+
+
+def _evaluate(stage, engine, val: TokenData, batch, cfg: TrainConfig, groups, autocast, device) -> float:
+    """Mean loss over the first train.eval_batches global batches of the held-out split (in order)."""
+    losses = []
+    for i in range(cfg.train.eval_batches):
+        mbs = _to(device, batch(val, step=i, shuffle=False))
+        with torch.no_grad(), autocast():
+            if engine is None:
+                losses.append(eval_step(stage, mbs, cfg.parallel, groups, cfg.tokens_per_step))
+            else:
+                loss_fn = loss_sum_fn(cfg.parallel, groups, stage)
+                losses.append(zero_eval_step(engine, mbs, loss_fn, groups, cfg.tokens_per_step))
+    return float(sum(losses) / len(losses))
 
 
 def _nonfinite(cfg: TrainConfig, state: TrainState, loss: float, norm: float, metrics: Metrics) -> None:

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import resource
+import shutil
 import sys
 import time
 
@@ -33,9 +34,11 @@ class Metrics:
         if not enabled:
             return
         os.makedirs(run_dir, exist_ok=True)
+        # a new run replaces the outputs of an earlier one in the same directory (resume is not built yet)
         for stale in ("metrics.jsonl", "loss.png"):
             if os.path.exists(os.path.join(run_dir, stale)):
                 os.remove(os.path.join(run_dir, stale))
+        shutil.rmtree(os.path.join(run_dir, "tensorboard"), ignore_errors=True)
         self._file = open(os.path.join(run_dir, "metrics.jsonl"), "w", buffering=1)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
