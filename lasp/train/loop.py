@@ -38,14 +38,15 @@ class NonFiniteError(RuntimeError):
 def train(cfg: TrainConfig, launch: Launch) -> TrainState:
     """Run `cfg` on this process (one rank of the launched world). Returns the final train state."""
     device = pick_device(cfg.train.device, launch)
+    kernel = get_kernel(cfg.train.kernel)  # triton without a GPU fails here, before any process group
     init_distributed(launch, device, cfg.train.collective_timeout_s)
     try:
-        return _train(cfg, device)
+        return _train(cfg, device, kernel)
     finally:
         shutdown()
 
 
-def _train(cfg: TrainConfig, device: torch.device) -> TrainState:
+def _train(cfg: TrainConfig, device: torch.device, kernel) -> TrainState:
     p, groups = cfg.parallel, init_groups(cfg.parallel)
     metrics = Metrics(cfg.logging.run_dir, dist.get_rank() == 0, cfg.train.steps, cfg.logging.progress,
                       cfg.logging.tensorboard)
@@ -58,7 +59,6 @@ def _train(cfg: TrainConfig, device: torch.device) -> TrainState:
     model = LinearLlama(cfg.model).to(device)
     apply_ac(model, cfg.train.checkpoint_every)
     stage = parallelize(model, p, groups)
-    kernel = get_kernel(cfg.train.kernel)
     apply_kernel(stage, kernel)
     optimizer = build_optimizer(stage, cfg.optim, device)
     engine = None  # with ZeRO, DeepSpeed's engine clips and steps inside zero_train_step
