@@ -134,3 +134,22 @@ def test_vocab_parallel_equals_one_device(dist_pool, chunk, dtype):
     ops = dist_pool(2).run("tests.test_loss:case_vocab_parallel", chunk=chunk, dtype=dtype)
     # max + sum in the forward, the dhidden sum in the backward: per call, however many chunks
     assert all(o.count("c10d::allreduce_") == 3 and len(o) == 3 for o in ops), ops
+
+
+def test_autocast_keeps_the_chunked_loss_in_float32():
+    """Under bf16 autocast (the trainer's mixed precision) the head's matmuls stay float32."""
+    from lasp.model import chunked_lm_loss_sum
+
+    gen = torch.Generator().manual_seed(0)
+    h = torch.randn(2, 37, 16, generator=gen, requires_grad=True)
+    w = torch.randn(50, 16, generator=gen, requires_grad=True)
+    y = torch.randint(0, 50, (2, 37), generator=gen)
+    want = chunked_lm_loss_sum(h, w, y, chunk_tokens=8)
+    dh, dw = torch.autograd.grad(want, (h, w))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = chunked_lm_loss_sum(h, w, y, chunk_tokens=8)
+    assert got.dtype == torch.float32
+    gh, gw = torch.autograd.grad(got, (h, w))
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+    torch.testing.assert_close(gh, dh, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(gw, dw, rtol=1e-6, atol=1e-7)

@@ -176,3 +176,12 @@ def test_two_nodes_through_launch_torchrun_sh_train_together(tmp_path, corpus, r
         out, err = p.communicate(timeout=240)
         assert p.returncode == 0, out[-2000:] + err[-4000:]
     _same_curve(run_dir, reference, steps=3)
+
+
+@pytest.mark.e2e
+def test_bf16_autocast_with_activation_checkpointing_follows_the_fp32_curve(tmp_path, corpus, reference):
+    config, run_dir = _config(tmp_path, corpus, "bf16", train={"dtype": "bfloat16", "activation_checkpointing": 1,
+                                                              "eval_interval": 0, "steps": 3})
+    _train(config)
+    got = [r["loss"] for r in _rows(run_dir)]
+    assert len(got) == 3 and all(abs(x - y) <= 1e-2 * abs(y) for x, (y, _) in zip(got, reference)), (got, reference)

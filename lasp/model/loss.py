@@ -29,8 +29,20 @@ def _spans(n: int, chunk_tokens: int):
     return ((a, min(a + step, n)) for a in range(0, n, step))
 
 
+def _no_autocast(fn):
+    """Run fn with autocast off: under bf16 autocast its fp32 matmuls would silently become bf16 ones
+    (and the backward's fp32 buffers would meet bf16 products)."""
+
+    def run(ctx, *args):
+        with torch.autocast(args[0].device.type, enabled=False):
+            return fn(ctx, *args)
+
+    return run
+
+
 class _ChunkedLMLoss(torch.autograd.Function):
     @staticmethod
+    @_no_autocast
     def forward(ctx, hidden, weight, labels, chunk_tokens, vocab_start, reduce_max, reduce_sum):
         dt = _compute_dtype(hidden, weight)
         h, y, w = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1), weight.to(dt)
@@ -58,6 +70,7 @@ class _ChunkedLMLoss(torch.autograd.Function):
         return torch.where(y != IGNORE, lse - t, 0).sum()
 
     @staticmethod
+    @_no_autocast
     def backward(ctx, grad):
         hidden, weight, labels, lse = ctx.saved_tensors
         dt = lse.dtype
