@@ -2,7 +2,8 @@
 # Train with torchrun on one node or many: every node runs
 #   bash launch/torchrun.sh --config configs/X.yaml [--set a.b=v ...]
 # Variables (environment first, then SLURM's when inside a job, then one local node):
-#   NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT, NPROC_PER_NODE (default: the GPUs here, else 1), PYTHON.
+#   NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT, NPROC_PER_NODE (default: the GPUs here, else 1), PYTHON,
+#   TORCH_ELASTIC_SHUTDOWN_TIMEOUT (grace after a signal, default 120 s).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 if [[ -n ${SLURM_JOB_NODELIST:-} && -z ${MASTER_ADDR:-} ]]; then
@@ -17,6 +18,9 @@ MASTER_PORT=${MASTER_PORT:-29500}
 NPROC_PER_NODE=${NPROC_PER_NODE:-${SLURM_GPUS_ON_NODE:-$(( gpus > 0 ? gpus : 1 ))}}
 PYTHON=${PYTHON:-$( [[ -x .venv/bin/python ]] && echo .venv/bin/python || echo python3 )}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+# After SIGTERM/SIGINT torchrun waits this long for its workers to finish their step before SIGKILL (30 s
+# by default): a long step at a long sequence needs more.
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-120}
 if (( NNODES == 1 )) && [[ -z ${MASTER_PORT_SET:-} ]]; then
   where=(--standalone)  # one node: torchrun picks a free local port
 else

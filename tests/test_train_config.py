@@ -120,3 +120,33 @@ def test_learning_rate_warms_up_then_decays_to_the_floor():
     lrs = [lr_at(i, o, s, 20) for i in range(25)]
     assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
     assert all(a >= b for a, b in zip(lrs[3:], lrs[4:])) and lrs[20] == pytest.approx(0.1) and lrs[24] == lrs[20]
+
+
+def test_more_mistakes_caught_before_any_work(tmp_path):
+    problems = "\n".join(_problems({
+        "logging": {"interval": 0}, "data": {"seed": -1}, "schedule": {"warmup_steps": 10, "decay_steps": 10},
+        "parallel": {"tp": 2, "zero_stage": 1}, "model": {"output_norm": True},
+    }, world_size=2))
+    for part in ("logging.interval must be >= 1, got 0", "data.seed must be >= 0, got -1",
+                 "schedule.decay_steps (10) must be after schedule.warmup_steps (10)",
+                 "parallel.zero_stage 1 with parallel.tp = 2 needs model.output_norm = false"):
+        assert part in problems, problems
+
+
+def test_a_held_out_split_shorter_than_a_sequence_is_reported(tmp_path):
+    from lasp.data import prepare
+
+    docs = []
+    for i, n in enumerate((400, 20)):
+        docs.append(tmp_path / f"doc{i}.txt")
+        docs[-1].write_text("x" * n)
+    for seed in range(50):  # the seeded choice that holds out the short document
+        out = tmp_path / f"data{seed}"
+        meta = prepare([str(d) for d in docs], str(out), val_fraction=0.5, seed=seed, progress=False)
+        if meta["splits"]["val"]["tokens"] < 65:
+            break
+    data = {"data": {"path": str(out), "seq_len": 64}, "model": {"vocab_size": 260}}
+    problems = _problems(data, check_data=True)
+    assert any("reads sequences of 65 tokens from the held-out split, which has 21" in p for p in problems), problems
+    data["train"] = {"eval_interval": 0}
+    resolve(data, "x.yaml", 1, check_data=True)

@@ -68,8 +68,8 @@ class ParallelConfig:
                 )
         if global_batch % (self.dp * self.microbatches):
             p.append(
-                f"data.global_batch: global batch {global_batch} is not divisible by parallel.dp x parallel.microbatches = "
-                f"{self.dp} x {self.microbatches}"
+                f"data.global_batch: global batch {global_batch} is not divisible by parallel.dp x "
+                f"parallel.microbatches = {self.dp} x {self.microbatches}"
             )
         if self.dp_bucket_size is not None and self.dp_bucket_size < 1:
             p.append(f"parallel.dp_bucket_size must be >= 1 or null, got {self.dp_bucket_size}")
@@ -79,6 +79,10 @@ class ParallelConfig:
             p.append(f"parallel.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
         elif self.zero_stage and self.pp > 1:
             p.append(f"parallel.zero_stage {self.zero_stage} needs parallel.pp = 1, got {self.pp}")
+        if self.zero_stage and self.tp > 1 and model.output_norm and "L" in model.layer_pattern:
+            # each TP rank's per-head output norm gets a partial gradient; only the DDP path sums it over TP
+            p.append(f"parallel.zero_stage {self.zero_stage} with parallel.tp = {self.tp} needs model.output_norm = "
+                     "false (ZeRO would not sum the per-head output norm's gradient over the TP ranks)")
         return p
 
     def check(self, model: ModelConfig, world_size: int, seq_len: int, global_batch: int) -> None:

@@ -87,8 +87,9 @@ class ScheduleConfig:
         p = []
         if self.warmup_steps < 0:
             p.append(f"schedule.warmup_steps must be >= 0, got {self.warmup_steps}")
-        if self.decay_steps is not None and self.decay_steps < 1:
-            p.append(f"schedule.decay_steps must be >= 1, got {self.decay_steps}")
+        if self.decay_steps is not None and self.decay_steps <= self.warmup_steps:
+            p.append(f"schedule.decay_steps ({self.decay_steps}) must be after schedule.warmup_steps "
+                     f"({self.warmup_steps})")
         if not 0 <= self.min_lr_ratio <= 1:
             p.append(f"schedule.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         return p
@@ -157,6 +158,9 @@ class LoggingConfig:
     plot: bool = True
     """Write run_dir/loss.png (train and eval loss) at the end."""
 
+    def problems(self) -> list[str]:
+        return [] if self.interval >= 1 else [f"logging.interval must be >= 1, got {self.interval}"]
+
 
 @dataclass
 class TrainConfig:
@@ -175,7 +179,7 @@ class TrainConfig:
         return self.data.global_batch * self.data.seq_len
 
 
-def _data_problems(data: DataConfig, model: ModelConfig | None) -> list[str]:
+def _data_problems(data: DataConfig, model: ModelConfig | None, evaluate: bool) -> list[str]:
     path = data.path
     meta = os.path.join(path, "meta.json")
     if not os.path.isfile(meta):
@@ -195,6 +199,10 @@ def _data_problems(data: DataConfig, model: ModelConfig | None) -> list[str]:
     if tokens < data.seq_len + 1:
         p.append(f"data.seq_len ({data.seq_len}) needs at least {data.seq_len + 1} tokens; "
                  f"{data.path} has {tokens}")
+    held_out = info["splits"].get("val", {}).get("tokens")
+    if evaluate and held_out is not None and held_out < data.seq_len + 1:
+        p.append(f"train.eval_interval > 0 reads sequences of {data.seq_len + 1} tokens from the held-out split, "
+                 f"which has {held_out} (prepare with a larger --val-fraction, or train.eval_interval=0)")
     return p
 
 
@@ -209,10 +217,12 @@ def resolve(data: dict, source: str, world_size: int | None, check_data: bool = 
             problems.append(f"{key}: unknown section" + (f" (did you mean {close[0]!r}?)" if close else
                             f" (known: {', '.join(sections)})"))
     built = {name: schema.build(cls, data.get(name), name, problems) for name, cls in sections.items()}
-    for name in ("optim", "schedule", "train"):
+    for name in ("optim", "schedule", "train", "logging"):
         if built[name] is not None:
             problems += built[name].problems()
     model, par, dcfg, tcfg = built["model"], built["parallel"], built["data"], built["train"]
+    if dcfg is not None and dcfg.seed < 0:
+        problems.append(f"data.seed must be >= 0, got {dcfg.seed}")
     if dcfg is not None and (dcfg.seq_len < 1 or dcfg.global_batch < 1):
         problems.append(f"data.seq_len and data.global_batch must be >= 1, got {dcfg.seq_len}, {dcfg.global_batch}")
     elif model is not None and par is not None and dcfg is not None:
@@ -225,7 +235,7 @@ def resolve(data: dict, source: str, world_size: int | None, check_data: bool = 
         problems.append(f"train.nonfinite = skip needs parallel.zero_stage 0 (got {par.zero_stage}): DeepSpeed "
                         "applies the update inside its step; use train.nonfinite = stop")
     if check_data and dcfg is not None:
-        problems += _data_problems(dcfg, model)
+        problems += _data_problems(dcfg, model, evaluate=tcfg is not None and tcfg.eval_interval > 0)
     if problems:
         raise ConfigError(source, problems)
     return TrainConfig(**built)

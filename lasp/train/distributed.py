@@ -57,8 +57,12 @@ def init_distributed(launch: Launch, device: torch.device, timeout_s: int) -> No
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
 
 
-def shutdown() -> None:
-    """Destroy the process group (a rank that exits without it may abort at shutdown)."""
-    if dist.is_initialized():
+def shutdown(clean: bool) -> None:
+    """Destroy the process group (a rank that exits without it may abort at shutdown). After an error
+    there is no barrier: the other ranks may be waiting in another collective, and this process must exit
+    so that the launcher tears the job down instead of every rank waiting for the collective timeout."""
+    if not dist.is_initialized():
+        return
+    if clean:
         dist.barrier()
-        dist.destroy_process_group()
+    dist.destroy_process_group()

@@ -16,15 +16,16 @@ kernels (intra-chunk quadratic blocks, recomputation) are higher; MFU counts onl
 from lasp.model.config import ModelConfig
 from lasp.parallel.config import ParallelConfig
 
-# Dense peak tensor-core FLOP/s per GPU (no sparsity), from the vendors' data sheets.
+# Dense peak FLOP/s per GPU (no sparsity), from the vendors' data sheets: bf16 tensor cores, and plain
+# FP32 for float32 (the trainer leaves PyTorch's default of full-precision float32 matmuls, not TF32).
 PEAK_FLOPS = {
-    "H100 SXM": {"bfloat16": 989e12, "float32": 494e12},  # NVIDIA H100 data sheet (TF32 for float32)
-    "H100 PCIe": {"bfloat16": 756e12, "float32": 378e12},
-    "H100 NVL": {"bfloat16": 835e12, "float32": 418e12},
-    "H200": {"bfloat16": 989e12, "float32": 494e12},  # same SXM silicon as H100, more HBM
-    "A100": {"bfloat16": 312e12, "float32": 156e12},  # NVIDIA A100 data sheet
-    "L40S": {"bfloat16": 362e12, "float32": 183e12},
-    "A10G": {"bfloat16": 125e12, "float32": 62.5e12},
+    "H100 SXM": {"bfloat16": 989e12, "float32": 67e12},  # NVIDIA H100 data sheet
+    "H100 PCIe": {"bfloat16": 756e12, "float32": 51e12},
+    "H100 NVL": {"bfloat16": 835e12, "float32": 60e12},
+    "H200": {"bfloat16": 989e12, "float32": 67e12},  # same SXM silicon as H100, more HBM
+    "A100": {"bfloat16": 312e12, "float32": 19.5e12},  # NVIDIA A100 data sheet
+    "L40S": {"bfloat16": 362e12, "float32": 91.6e12},
+    "A10G": {"bfloat16": 125e12, "float32": 31.2e12},
 }
 
 
@@ -68,30 +69,37 @@ def flops_per_token(m: ModelConfig, seq_len: int) -> float:
 
 def memory_estimate(m: ModelConfig, p: ParallelConfig, seq_len: int, global_batch: int, dtype: str,
                     checkpoint_every: int) -> dict[str, float]:
-    """Rough bytes per rank on the busiest (last) pipeline stage: weights, gradients and AdamW states in
-    float32 (16 B per parameter, the last three split over DP x SP by ZeRO), plus activations
-    (Korthikanti et al. 2022: s b h (10 + 24 / tp) bytes per layer in 16-bit, doubled for float32; SwiGLU
-    and the LM-head chunks added). An estimate to plan a layout, typically within +-30%."""
+    """Rough bytes per rank on the busiest pipeline stage (the larger of the first and the last): float32
+    weights (4 B per parameter), gradients (4 B) and AdamW states (8 B), of which ZeRO-1 shards the AdamW
+    states over DP x SP, ZeRO-2 the gradients too and ZeRO-3 everything; activations (Korthikanti et al.
+    2022: s b h (10 + 24 / tp) bytes per layer in 16-bit, doubled for float32, plus SwiGLU's wider
+    tensors), with up to pp microbatches in flight on the first stage under 1F1B and one on the last; one
+    chunk of float32 logits on the last stage. An estimate to plan a layout, typically within +-30%."""
     counts = param_counts(m)
-    layer_params = (counts["matmul"] - m.vocab_size * m.hidden_size) / m.num_layers
-    stage_params = layer_params * m.num_layers / p.pp / p.tp + m.vocab_size * m.hidden_size / p.tp
-    shards = p.dp * p.sp if p.zero_stage else 1
-    weights = 4 * stage_params
-    grads_opt = 12 * stage_params / (shards if p.zero_stage >= 1 else 1)
+    vh = m.vocab_size * m.hidden_size
+    layer_params = (counts["matmul"] - vh) / m.num_layers
+    layers = m.num_layers // p.pp
     elt = 2 if dtype == "bfloat16" else 4
     tokens = seq_len // p.sp * (global_batch // p.dp // p.microbatches)
     per_layer = tokens * m.hidden_size * (10 + 24 / p.tp) * elt / 2 + tokens * m.ffn_hidden_size * 3 * elt / p.tp
-    layers = m.num_layers // p.pp
-    in_flight = min(p.pp, p.microbatches)  # 1F1B keeps up to pp microbatches' activations on stage 0
-    if checkpoint_every:
-        saved = layers // checkpoint_every
-        acts = in_flight * (saved * tokens * m.hidden_size * elt + (layers - saved) * per_layer) + per_layer
-    else:
-        acts = in_flight * layers * per_layer
+    saved = -(-layers // checkpoint_every) if checkpoint_every else 0  # layers 0, k, 2k, ... are checkpointed
+    acts_one = saved * tokens * m.hidden_size * elt + (layers - saved) * per_layer + (per_layer if saved else 0)
     chunk = min(p.loss_chunk_tokens or tokens, tokens)
     # the chunked loss holds one fp32 chunk of logits and its gradient; the plain one three full copies
     logits = (2 if p.loss_chunk_tokens else 3) * chunk * m.vocab_size / p.tp * 4
-    total = weights + grads_opt + acts + logits
+    shards = p.dp * p.sp
+    per_param = 4 / (shards if p.zero_stage >= 3 else 1) + 4 / (shards if p.zero_stage >= 2 else 1) \
+        + 8 / (shards if p.zero_stage >= 1 else 1)
+
+    def stage(first: bool, last: bool) -> dict[str, float]:
+        params = layer_params * layers / p.tp + (vh / p.tp if first else 0)
+        params += vh / p.tp if last and not (first and m.tie_embeddings) else 0
+        acts = (min(p.pp, p.microbatches) if first else 1) * acts_one
+        return {"weights": 4 * params / (shards if p.zero_stage >= 3 else 1),
+                "grads_and_adam": (per_param - 4 / (shards if p.zero_stage >= 3 else 1)) * params,
+                "activations": acts, "logits": logits if last else 0.0}
+
+    stages = [stage(True, p.pp == 1)] + ([stage(False, True)] if p.pp > 1 else [])
+    busiest = max(stages, key=lambda d: sum(d.values()))
     gib = 2.0**30
-    return {"weights": weights / gib, "grads_and_adam": grads_opt / gib, "activations": acts / gib,
-            "logits": logits / gib, "total": total / gib}
+    return {**{k: v / gib for k, v in busiest.items()}, "total": sum(busiest.values()) / gib}

@@ -6,19 +6,23 @@
 """
 
 import contextlib
+import math
 import os
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from lasp.data import TokenData, local_microbatches
 from lasp.kernels import get_kernel
 from lasp.model import LinearLlama
 from lasp.parallel import (
-    clip_grad_norm_, eval_step, forward_backward_step, init_groups, loss_sum_fn, parallelize, zero_engine,
-    zero_eval_step, zero_train_step,
+    ParallelGroups, clip_grad_norm_, eval_step, forward_backward_step, init_groups, loss_sum_fn, parallelize,
+    zero_engine, zero_eval_step, zero_train_step,
 )
 from lasp.parallel.ac import apply_ac
 from lasp.parallel.sp import apply_kernel
@@ -40,10 +44,29 @@ def train(cfg: TrainConfig, launch: Launch) -> TrainState:
     device = pick_device(cfg.train.device, launch)
     kernel = get_kernel(cfg.train.kernel)  # triton without a GPU fails here, before any process group
     init_distributed(launch, device, cfg.train.collective_timeout_s)
+    clean = False
     try:
-        return _train(cfg, device, kernel)
+        state = _train(cfg, device, kernel)
+        clean = True
+        return state
     finally:
-        shutdown()
+        shutdown(clean)
+
+
+@dataclass
+class _Run:
+    """What the set-up built, handed to the step and the evaluation."""
+
+    stage: nn.Module
+    """This rank's pipeline stage (wrapped for DDP), or the module inside the ZeRO engine."""
+    engine: object | None
+    """The DeepSpeed engine with ZeRO (it clips and steps inside zero_train_step), else None."""
+    optimizer: torch.optim.Optimizer
+    groups: ParallelGroups
+    batch: Callable
+    """(TokenData, step=..., shuffle=...) -> this rank's microbatches of global batch `step`."""
+    autocast: Callable
+    device: torch.device
 
 
 def _train(cfg: TrainConfig, device: torch.device, kernel) -> TrainState:
@@ -61,10 +84,8 @@ def _train(cfg: TrainConfig, device: torch.device, kernel) -> TrainState:
     stage = parallelize(model, p, groups)
     apply_kernel(stage, kernel)
     optimizer = build_optimizer(stage, cfg.optim, device)
-    engine = None  # with ZeRO, DeepSpeed's engine clips and steps inside zero_train_step
-    if p.zero_stage:
-        rows = cfg.data.global_batch // p.dp // p.microbatches
-        engine = zero_engine(stage, optimizer, p, groups, rows, cfg.optim.grad_clip)
+    rows = cfg.data.global_batch // p.dp // p.microbatches
+    engine = zero_engine(stage, optimizer, p, groups, rows, cfg.optim.grad_clip) if p.zero_stage else None
     metrics.message(f"{dist.get_world_size()} rank(s) on {device.type}, tp={p.tp} sp={p.sp} ({p.sp_layout}) "
                     f"pp={p.pp} dp={p.dp}, kernel {kernel.name}, {cfg.train.dtype}")
 
@@ -77,83 +98,89 @@ def _train(cfg: TrainConfig, device: torch.device, kernel) -> TrainState:
         microbatches=p.microbatches, seed=cfg.data.seed, dp_rank=groups.dp_rank, dp=p.dp,
         sp_rank=groups.sp_rank, sp=p.sp, layout=p.sp_layout,
     )
-    fpt = flops_per_token(cfg.model, cfg.data.seq_len)
-    peak = peak_flops(torch.cuda.get_device_name(device) if device.type == "cuda" else None, cfg.train.dtype)
     autocast = (partial(torch.autocast, device.type, dtype=torch.bfloat16) if cfg.train.dtype == "bfloat16"
                 else contextlib.nullcontext)
+    run = _Run(stage, engine, optimizer, groups, batch, autocast, device)
 
     state, stop = TrainState(), GracefulStop(device)
+    try:
+        _loop(cfg, run, state, stop, data, val, metrics)
+    finally:
+        stop.restore()
+    metrics.close(cfg.logging.plot)
+    return state
+
+
+def _loop(cfg: TrainConfig, run: _Run, state: TrainState, stop: GracefulStop, data: TokenData,
+          val: TokenData | None, metrics: Metrics) -> None:
+    """For each step: batch `step` -> forward/backward/sync -> clip -> update -> metrics -> eval -> stop?"""
+    fpt = flops_per_token(cfg.model, cfg.data.seq_len)
+    gpu = torch.cuda.get_device_name(run.device) if run.device.type == "cuda" else None
+    peak = peak_flops(gpu, cfg.train.dtype)
     while state.step < cfg.train.steps:
         t0 = time.perf_counter()
         lr = lr_at(state.step, cfg.optim, cfg.schedule, cfg.train.steps)
-        set_lr(optimizer, lr)
-        loss, grad_norm = _forward_backward(stage, engine, _to(device, batch(data, step=state.step)), cfg, groups,
-                                            autocast)
-        loss_v, norm_v = float(loss), float(grad_norm)  # global values: the same on every rank
-        finite = torch.isfinite(torch.tensor([loss_v, norm_v])).all().item()
-        if finite:
-            if engine is None:
-                optimizer.step()
-            state.skipped_in_a_row = 0
-        else:
-            state.skipped_steps += 1
-            state.skipped_in_a_row += 1
+        set_lr(run.optimizer, lr)
+        loss, grad_norm = _forward_backward(run, run.batch(data, step=state.step), cfg)
+        loss, grad_norm = float(loss), float(grad_norm)  # global values: the same on every rank
+        finite = math.isfinite(loss) and math.isfinite(grad_norm)
+        if finite and run.engine is None:
+            run.optimizer.step()
+        state.skipped_in_a_row = 0 if finite else state.skipped_in_a_row + 1
+        state.skipped_steps += not finite
         state.step += 1
         state.tokens += cfg.tokens_per_step
-        state.last_loss = loss_v
-        state.first_loss = loss_v if state.first_loss is None else state.first_loss
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        state.first_loss = loss if state.first_loss is None else state.first_loss
+        state.last_loss = loss
+        if run.device.type == "cuda":
+            torch.cuda.synchronize(run.device)
         tokens_per_s = cfg.tokens_per_step / (time.perf_counter() - t0)
         if state.step % cfg.logging.interval == 0 or state.step == cfg.train.steps or not finite:
             metrics.log_step({
-                "step": state.step, "loss": loss_v, "lr": lr, "grad_norm": norm_v, "tokens": state.tokens,
+                "step": state.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": state.tokens,
                 "tokens_per_s": tokens_per_s,
                 "mfu": None if peak is None else fpt * tokens_per_s / (peak * dist.get_world_size()),
-                "mem_gib": peak_memory_gib(device), "skipped": not finite,
+                "mem_gib": peak_memory_gib(run.device), "skipped": not finite,
             })
         if not finite:
-            _nonfinite(cfg, state, loss_v, norm_v, metrics)
+            _nonfinite(cfg, state, loss, grad_norm, metrics)
         if val is not None and (state.step % cfg.train.eval_interval == 0 or state.step == cfg.train.steps):
-            state.last_eval_loss = _evaluate(stage, engine, val, batch, cfg, groups, autocast, device)
+            state.last_eval_loss = _evaluate(run, val, cfg)
             metrics.log_eval(state.step, state.last_eval_loss)
         if stop.agreed():
             state.stopped_by = stop.signal_name
             metrics.message(f"{stop.signal_name}: stopping cleanly after step {state.step}")
             break
-    stop.restore()
-    metrics.close(cfg.logging.plot)
-    return state
 
 
 def _to(device: torch.device, microbatches: list[dict]) -> list[dict]:
     return [{k: v.to(device, non_blocking=True) for k, v in mb.items()} for mb in microbatches]
 
 
-def _forward_backward(stage, engine, microbatches, cfg: TrainConfig, groups, autocast):
+def _forward_backward(run: _Run, microbatches: list[dict], cfg: TrainConfig):
     """Forward, backward, gradient sync and clipping of one step -> (global loss, global gradient norm).
     Without ZeRO the optimizer step is left to the caller (it may skip it); DeepSpeed steps inside."""
-    p = cfg.parallel
-    if engine is None:
-        with autocast():
-            loss = forward_backward_step(stage, microbatches, p, groups, cfg.tokens_per_step)
-        return loss, clip_grad_norm_(stage, groups, cfg.optim.grad_clip)
-    with autocast():
-        loss = zero_train_step(engine, microbatches, loss_sum_fn(p, groups, stage), groups)
-    return loss, engine.get_global_grad_norm()
+    p, mbs = cfg.parallel, _to(run.device, microbatches)
+    if run.engine is None:
+        with run.autocast():
+            loss = forward_backward_step(run.stage, mbs, p, run.groups, cfg.tokens_per_step)
+        return loss, clip_grad_norm_(run.stage, run.groups, cfg.optim.grad_clip)
+    with run.autocast():
+        loss = zero_train_step(run.engine, mbs, loss_sum_fn(p, run.groups, run.stage), run.groups)
+    return loss, run.engine.get_global_grad_norm()
 
 
-def _evaluate(stage, engine, val: TokenData, batch, cfg: TrainConfig, groups, autocast, device) -> float:
+def _evaluate(run: _Run, val: TokenData, cfg: TrainConfig) -> float:
     """Mean loss over the first train.eval_batches global batches of the held-out split (in order)."""
-    losses = []
+    p, losses = cfg.parallel, []
     for i in range(cfg.train.eval_batches):
-        mbs = _to(device, batch(val, step=i, shuffle=False))
-        with torch.no_grad(), autocast():
-            if engine is None:
-                losses.append(eval_step(stage, mbs, cfg.parallel, groups, cfg.tokens_per_step))
+        mbs = _to(run.device, run.batch(val, step=i, shuffle=False))
+        with torch.no_grad(), run.autocast():
+            if run.engine is None:
+                losses.append(eval_step(run.stage, mbs, p, run.groups, cfg.tokens_per_step))
             else:
-                loss_fn = loss_sum_fn(cfg.parallel, groups, stage)
-                losses.append(zero_eval_step(engine, mbs, loss_fn, groups, cfg.tokens_per_step))
+                loss_fn = loss_sum_fn(p, run.groups, run.stage)
+                losses.append(zero_eval_step(run.engine, mbs, loss_fn, run.groups, cfg.tokens_per_step))
     return float(sum(losses) / len(losses))
 
 

@@ -35,10 +35,12 @@ class Metrics:
             return
         os.makedirs(run_dir, exist_ok=True)
         # a new run replaces the outputs of an earlier one in the same directory (resume is not built yet)
-        for stale in ("metrics.jsonl", "loss.png"):
-            if os.path.exists(os.path.join(run_dir, stale)):
-                os.remove(os.path.join(run_dir, stale))
-        shutil.rmtree(os.path.join(run_dir, "tensorboard"), ignore_errors=True)
+        stale = [f for f in ("metrics.jsonl", "loss.png", "tensorboard") if os.path.exists(os.path.join(run_dir, f))]
+        if stale:
+            print(f"replacing the outputs of an earlier run in {run_dir}: {', '.join(stale)}", flush=True)
+        for f in stale:
+            path = os.path.join(run_dir, f)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
         self._file = open(os.path.join(run_dir, "metrics.jsonl"), "w", buffering=1)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
