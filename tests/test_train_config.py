@@ -9,7 +9,7 @@ import yaml
 from lasp.model import LinearLlama, ModelConfig
 from lasp.train.__main__ import main
 from lasp.train.config import ConfigError, load_config, resolve
-from lasp.train.flops import flops_per_token, param_counts
+from lasp.train.flops import flops_per_token, hardware_flops_per_token, param_counts
 from lasp.train.optim import lr_at
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -111,6 +111,8 @@ def test_flops_per_token_knows_the_mixers():
     H, d = lin.num_heads, lin.head_dim
     assert flops_per_token(lin, 1000) == base + lin.num_layers * 12 * H * d * d
     assert flops_per_token(soft, 1000) == base + soft.num_layers * 6 * H * d * 1000
+    assert hardware_flops_per_token(lin, 1000) == flops_per_token(lin, 1000) + lin.num_layers * 6 * H * 64 * 2 * d
+    assert hardware_flops_per_token(soft, 1000) == flops_per_token(soft, 1000)
 
 
 def test_learning_rate_warms_up_then_decays_to_the_floor():

@@ -2,7 +2,7 @@
 
 from lasp.parallel.mesh import describe
 from lasp.train.config import TrainConfig, dump
-from lasp.train.flops import flops_per_token, memory_estimate, param_counts
+from lasp.train.flops import flops_per_token, hardware_flops_per_token, memory_estimate, param_counts
 
 
 def _num(n: float) -> str:
@@ -35,7 +35,9 @@ def report(cfg: TrainConfig) -> str:
         f"parameters: {_num(counts['total'])} total, {_num(counts['total'] - counts['embedding'])} without the "
         f"embedding, {_num(counts['matmul'])} in matmuls (LM head included); about {_num(per_rank)} per rank",
         f"model FLOPs per token (forward + backward): {_num(fpt)}; per step: {_num(fpt * cfg.tokens_per_step)} "
-        f"({_num(cfg.tokens_per_step)} tokens)",
+        f"({_num(cfg.tokens_per_step)} tokens); MFU counts these",
+        f"hardware FLOPs per token of the chunked kernels (64-token blocks): "
+        f"{_num(hardware_flops_per_token(m, d.seq_len))}",
         f"tokens per rank per microbatch: {local_tokens} ({d.global_batch // p.dp // p.microbatches} rows x "
         f"{d.seq_len // p.sp} tokens)",
         "",

@@ -67,6 +67,15 @@ def flops_per_token(m: ModelConfig, seq_len: int) -> float:
     return f
 
 
+def hardware_flops_per_token(m: ModelConfig, seq_len: int, block: int = 64) -> float:
+    """What the chunked linear-attention kernels execute per token, forward + backward (reported apart from
+    the model FLOPs): each L layer's blocks of `block` tokens also compute the full (masked) q k^T block
+    and its product with v, 2 * block * (d_k + d_v) per token and head forward, x3 with the backward."""
+    d = m.head_dim
+    linear_layers = sum(m.mixer(i) == "L" for i in range(m.num_layers))
+    return flops_per_token(m, seq_len) + linear_layers * 6.0 * m.num_heads * block * 2 * d
+
+
 def memory_estimate(m: ModelConfig, p: ParallelConfig, seq_len: int, global_batch: int, dtype: str,
                     checkpoint_every: int) -> dict[str, float]:
     """Rough bytes per rank on the busiest pipeline stage (the larger of the first and the last): float32
