@@ -4,13 +4,14 @@ import glob
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
 import yaml
+
+from tests.test_launch import _free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = {
@@ -76,12 +77,6 @@ def _train(config, nproc=1, extra=(), check=True, timeout=300):
     if check:
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
     return out
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rows(run_dir, kind="train"):

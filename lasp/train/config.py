@@ -262,4 +262,4 @@ def load_config(path: str, overrides: list[str] = (), world_size: int | None = N
 
 def dump(cfg: TrainConfig) -> str:
     """The resolved config as YAML (every field, defaults included)."""
-    return yaml.safe_dump(schema.to_dict(cfg), sort_keys=False)
+    return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)

@@ -110,22 +110,3 @@ def apply_overrides(data: dict, overrides: list[str], problems: list[str]) -> di
         else:
             node[parts[-1]] = value
     return data
-
-
-def to_dict(obj) -> dict:
-    """The dataclass tree as plain dicts (the resolved config written to the run directory)."""
-    return dataclasses.asdict(obj)
-
-
-def field_docs(cls) -> dict[str, str]:
-    """Docstrings of the fields of `cls` (the string literal right after each field), for --help-config."""
-    import ast
-    import inspect
-
-    tree = ast.parse(inspect.getsource(cls))
-    body = tree.body[0].body
-    docs = {}
-    for a, b in zip(body, body[1:]):
-        if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
-            docs[a.target.id] = str(b.value.value)
-    return docs

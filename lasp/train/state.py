@@ -4,7 +4,7 @@ The data position is the step itself (the loader is a pure function of (seed, st
 loader is kept here.
 """
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 
 @dataclass
@@ -25,6 +25,3 @@ class TrainState:
     """Loss of the last evaluation."""
     stopped_by: str | None = None
     """Why the run ended early: a signal name, or None when it ran to train.steps."""
-
-    def to_dict(self) -> dict:
-        return asdict(self)
