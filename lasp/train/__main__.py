@@ -1,6 +1,10 @@
 """python -m lasp.train --config FILE [--set a.b=value ...] [--dry-run]
 
 Runs as a plain python process (one rank), under torchrun, or under the deepspeed launcher.
+
+Exit status: 0 done (train.steps reached); 2 a bad config or a checkpoint that cannot be resumed (nothing
+was trained); 75 stopped early by SIGTERM / SIGINT / train.max_minutes after saving a checkpoint (start it
+again to continue: EX_TEMPFAIL, "try again", which a scheduler can requeue on); 1 any other error.
 """
 
 import argparse
@@ -10,6 +14,8 @@ import warnings
 # megatron-core warns that Transformer Engine and Apex are absent (it falls back to torch) and about
 # config fields this project does not use.
 warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
+
+EXIT_STOPPED = 75
 
 
 def main(argv=None) -> int:
@@ -44,17 +50,23 @@ def main(argv=None) -> int:
 
     import logging
 
+    from lasp.train.ckpt_store import CheckpointError
     from lasp.train.loop import train
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")  # megatron and DeepSpeed talk at INFO
     logging.getLogger("lasp").setLevel(logging.INFO if launch.rank == 0 else logging.WARNING)
-    state = train(cfg, launch)
+    try:
+        state = train(cfg, launch)
+    except CheckpointError as e:
+        if launch.rank == 0:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
     if launch.rank == 0:
         end = f"stopped by {state.stopped_by}" if state.stopped_by else "done"
         print(f"{end}: {state.step} steps, {state.tokens:,} tokens, loss {state.first_loss:.4f} (first step) -> "
               f"{state.last_loss:.4f} (last step)"
               + ("" if state.last_eval_loss is None else f", eval loss {state.last_eval_loss:.4f}"))
-    return 0
+    return EXIT_STOPPED if state.stopped_by else 0
 
 
 if __name__ == "__main__":

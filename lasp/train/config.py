@@ -121,6 +121,12 @@ class TrainSection:
     """With nonfinite=skip, stop anyway after this many skipped steps in a row."""
     collective_timeout_s: int = 300
     """Timeout of every collective: a rank that never arrives becomes an error naming the collective."""
+    resume: str = "auto"
+    """auto: continue from the newest complete checkpoint in checkpoint.dir (a fresh start when there is
+    none); never: always start fresh (an error if checkpoint.dir holds checkpoints); or a checkpoint path."""
+    max_minutes: float | None = None
+    """Stop after the step that crosses this many minutes, save a checkpoint and exit with status 75
+    (as on SIGTERM): set it a few minutes under the job's time limit. None: no limit."""
 
     def problems(self) -> list[str]:
         p = []
@@ -134,6 +140,10 @@ class TrainSection:
                      f"{self.eval_interval}, {self.eval_batches}")
         if self.collective_timeout_s < 1:
             p.append(f"train.collective_timeout_s must be >= 1, got {self.collective_timeout_s}")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            p.append(f"train.max_minutes must be > 0 (or null for no limit), got {self.max_minutes}")
+        if not self.resume:
+            p.append("train.resume must be auto, never or the path of a checkpoint, got an empty string")
         return p
 
     @property
@@ -163,8 +173,31 @@ class LoggingConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    """Sharded checkpoints (torch.distributed.checkpoint): when, where, how many."""
+
+    dir: str | None = None
+    """Directory of the checkpoints (default: logging.run_dir/checkpoints); on a filesystem every node sees."""
+    interval: int = 100
+    """Save every this many steps (0: only at the end and on a stop)."""
+    keep_last: int = 2
+    """Keep the newest this many checkpoints; older ones are removed after a new one is committed (0: all)."""
+    save_on_exit: bool = True
+    """Save at the last step and when stopped by a signal or train.max_minutes."""
+    async_save: bool | None = None
+    """Write in the background after a copy to host memory; null: on GPUs yes, on CPU no (synchronous)."""
+
+    def problems(self) -> list[str]:
+        p = []
+        if self.interval < 0 or self.keep_last < 0:
+            p.append(f"checkpoint.interval and checkpoint.keep_last must be >= 0, got {self.interval}, "
+                     f"{self.keep_last}")
+        return p
+
+
+@dataclass
 class TrainConfig:
-    """A whole run. YAML sections: model, parallel, data, optim, schedule, train, logging."""
+    """A whole run. YAML sections: model, parallel, data, optim, schedule, train, checkpoint, logging."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -172,6 +205,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainSection = field(default_factory=TrainSection)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     @property
@@ -217,7 +251,7 @@ def resolve(data: dict, source: str, world_size: int | None, check_data: bool = 
             problems.append(f"{key}: unknown section" + (f" (did you mean {close[0]!r}?)" if close else
                             f" (known: {', '.join(sections)})"))
     built = {name: schema.build(cls, data.get(name), name, problems) for name, cls in sections.items()}
-    for name in ("optim", "schedule", "train", "logging"):
+    for name in ("optim", "schedule", "train", "checkpoint", "logging"):
         if built[name] is not None:
             problems += built[name].problems()
     model, par, dcfg, tcfg = built["model"], built["parallel"], built["data"], built["train"]

@@ -1,8 +1,9 @@
 """The training loop, in one sitting (DESIGN.md section 8).
 
-    config -> process groups -> the same model on every rank -> parallelize -> for each step:
-    this rank's microbatches of batch `step` -> forward/backward/sync -> clip -> step -> metrics
-    -> eval every k steps -> stop on SIGTERM/SIGINT (every rank at the same step)
+    config -> process groups -> the checkpoint to resume (if any) -> the same model on every rank ->
+    parallelize -> load the checkpoint -> for each step: this rank's microbatches of batch `step` ->
+    forward/backward/sync -> clip -> step -> metrics -> eval every k steps -> checkpoint every k steps
+    -> stop on SIGTERM/SIGINT/train.max_minutes (every rank at the same step, after a checkpoint)
 """
 
 import contextlib
@@ -26,6 +27,9 @@ from lasp.parallel import (
 )
 from lasp.parallel.ac import apply_ac
 from lasp.parallel.sp import apply_kernel
+from lasp.train import ckpt_store
+from lasp.train.checkpoint import Checkpointer, checkpoint_root, compatibility
+from lasp.train.ckpt_store import CheckpointError
 from lasp.train.config import TrainConfig, dump
 from lasp.train.distributed import Launch, init_distributed, pick_device, shutdown
 from lasp.train.flops import flops_per_token, peak_flops
@@ -40,9 +44,11 @@ class NonFiniteError(RuntimeError):
 
 
 def train(cfg: TrainConfig, launch: Launch) -> TrainState:
-    """Run `cfg` on this process (one rank of the launched world). Returns the final train state."""
+    """Run `cfg` on this process (one rank of the launched world). Returns the final train state. A
+    process group that already exists is used and left alone; otherwise one is made and destroyed."""
     device = pick_device(cfg.train.device, launch)
     kernel = get_kernel(cfg.train.kernel)  # triton without a GPU fails here, before any process group
+    owned = not dist.is_initialized()
     init_distributed(launch, device, cfg.train.collective_timeout_s)
     clean = False
     try:
@@ -50,7 +56,8 @@ def train(cfg: TrainConfig, launch: Launch) -> TrainState:
         clean = True
         return state
     finally:
-        shutdown(clean)
+        if owned:
+            shutdown(clean)
 
 
 @dataclass
@@ -69,10 +76,34 @@ class _Run:
     device: torch.device
 
 
+def _resume_path(cfg: TrainConfig, tokenizer: dict) -> tuple[str | None, int, list[str]]:
+    """The checkpoint every rank resumes from (None: a fresh start), its step, and notes on what changed.
+    Every rank looks (a shared filesystem); they must agree, or every rank raises."""
+    path, problems, notes, step = None, [], [], 0
+    try:
+        path = ckpt_store.resolve_resume(cfg.train.resume, checkpoint_root(cfg))
+        if path is not None:
+            problems, notes = compatibility(path, cfg, tokenizer, dist.get_world_size())
+            step = int(ckpt_store.read_state(path)["state"]["step"]) if not problems else 0
+    except CheckpointError as e:
+        problems = [str(e)]
+    seen = [None] * dist.get_world_size()
+    dist.all_gather_object(seen, (path, problems))
+    if len({str(s) for s in seen}) > 1:
+        raise CheckpointError("ranks disagree on the checkpoint to resume from (is checkpoint.dir on a filesystem "
+                              "every node sees?): " + "; ".join(f"rank {r}: {s[0]}" for r, s in enumerate(seen)))
+    if problems:
+        where = f"checkpoint {path}" if path else f"train.resume = {cfg.train.resume}"
+        raise CheckpointError(f"{where} cannot be loaded into this run:\n  " + "\n  ".join(problems))
+    return path, step, notes
+
+
 def _train(cfg: TrainConfig, device: torch.device, kernel) -> TrainState:
     p, groups = cfg.parallel, init_groups(cfg.parallel)
+    data = TokenData(cfg.data.path, "train")
+    resume, resume_step, notes = _resume_path(cfg, data.meta["tokenizer"])
     metrics = Metrics(cfg.logging.run_dir, dist.get_rank() == 0, cfg.train.steps, cfg.logging.progress,
-                      cfg.logging.tensorboard)
+                      cfg.logging.tensorboard, resume_step=resume_step if resume else None)
     metrics.message(f"run directory: {os.path.abspath(cfg.logging.run_dir)}")
     if metrics.enabled:
         with open(os.path.join(cfg.logging.run_dir, "config.yaml"), "w") as f:
@@ -89,7 +120,6 @@ def _train(cfg: TrainConfig, device: torch.device, kernel) -> TrainState:
     metrics.message(f"{dist.get_world_size()} rank(s) on {device.type}, tp={p.tp} sp={p.sp} ({p.sp_layout}) "
                     f"pp={p.pp} dp={p.dp}, kernel {kernel.name}, {cfg.train.dtype}")
 
-    data = TokenData(cfg.data.path, "train")
     val = TokenData(cfg.data.path, "val") if "val" in data.meta["splits"] and cfg.train.eval_interval else None
     if cfg.train.eval_interval and val is None:
         metrics.message(f"no held-out split in {cfg.data.path} (prepare with --val-fraction): no evaluation")
@@ -102,9 +132,20 @@ def _train(cfg: TrainConfig, device: torch.device, kernel) -> TrainState:
                 else contextlib.nullcontext)
     run = _Run(stage, engine, optimizer, groups, batch, autocast, device)
 
-    state, stop = TrainState(), GracefulStop(device)
+    ckpt = Checkpointer(cfg, stage, optimizer, engine, groups, device, data.meta["tokenizer"], metrics.message)
+    state = TrainState()
+    if resume:
+        state = ckpt.load(resume)
+        state.stopped_by = None
+        metrics.message(f"resuming from {resume}: step {state.step}, {state.tokens:,} tokens seen"
+                        + "".join(f"\n  {n}" for n in notes))
+        if state.step >= cfg.train.steps:
+            metrics.message(f"the checkpoint is at step {state.step} and train.steps is {cfg.train.steps}: nothing "
+                            "to train (raise train.steps to go on, or use another logging.run_dir)")
+    stop = GracefulStop(device)
     try:
-        _loop(cfg, run, state, stop, data, val, metrics)
+        _loop(cfg, run, state, stop, data, val, metrics, ckpt)
+        ckpt.finish()
     finally:
         stop.restore()
     metrics.close(cfg.logging.plot)
@@ -112,11 +153,13 @@ def _train(cfg: TrainConfig, device: torch.device, kernel) -> TrainState:
 
 
 def _loop(cfg: TrainConfig, run: _Run, state: TrainState, stop: GracefulStop, data: TokenData,
-          val: TokenData | None, metrics: Metrics) -> None:
-    """For each step: batch `step` -> forward/backward/sync -> clip -> update -> metrics -> eval -> stop?"""
+          val: TokenData | None, metrics: Metrics, ckpt: Checkpointer) -> None:
+    """For each step: batch `step` -> forward/backward/sync -> clip -> update -> metrics -> eval ->
+    checkpoint -> stop?"""
     fpt = flops_per_token(cfg.model, cfg.data.seq_len)
     gpu = torch.cuda.get_device_name(run.device) if run.device.type == "cuda" else None
     peak = peak_flops(gpu, cfg.train.dtype)
+    deadline = None if cfg.train.max_minutes is None else time.monotonic() + 60 * cfg.train.max_minutes
     while state.step < cfg.train.steps:
         t0 = time.perf_counter()
         lr = lr_at(state.step, cfg.optim, cfg.schedule, cfg.train.steps)
@@ -147,7 +190,13 @@ def _loop(cfg: TrainConfig, run: _Run, state: TrainState, stop: GracefulStop, da
         if val is not None and (state.step % cfg.train.eval_interval == 0 or state.step == cfg.train.steps):
             state.last_eval_loss = _evaluate(run, val, cfg)
             metrics.log_eval(state.step, state.last_eval_loss)
-        if stop.agreed():
+        stopping = stop.agreed(out_of_time=deadline is not None and time.monotonic() > deadline)
+        last = stopping or state.step == cfg.train.steps
+        if ckpt.due(state.step) or (last and cfg.checkpoint.save_on_exit):
+            ckpt.save(state)
+        else:
+            ckpt.poll()
+        if stopping:
             state.stopped_by = stop.signal_name
             metrics.message(f"{stop.signal_name}: stopping cleanly after step {state.step}")
             break

@@ -27,29 +27,42 @@ def peak_memory_gib(device: torch.device) -> float:
 class Metrics:
     """Rank 0's writer. `log_step` / `log_eval` append JSONL rows (and TensorBoard scalars)."""
 
-    def __init__(self, run_dir: str, enabled: bool, total_steps: int, progress: bool, tensorboard: bool):
+    def __init__(self, run_dir: str, enabled: bool, total_steps: int, progress: bool, tensorboard: bool,
+                 resume_step: int | None = None):
+        """`resume_step`: the run continues from a checkpoint of that step; the rows of the earlier
+        attempts up to it are kept (later ones, written after the checkpoint, are dropped). Otherwise a
+        new run replaces the outputs of an earlier one in `run_dir`."""
         self.enabled, self.run_dir = enabled, run_dir
         self.rows: list[dict] = []
         self._bar = self._tb = self._file = None
         if not enabled:
             return
         os.makedirs(run_dir, exist_ok=True)
-        # a new run replaces the outputs of an earlier one in the same directory (resume is not built yet)
-        stale = [f for f in ("metrics.jsonl", "loss.png", "tensorboard") if os.path.exists(os.path.join(run_dir, f))]
-        if stale:
-            print(f"replacing the outputs of an earlier run in {run_dir}: {', '.join(stale)}", flush=True)
-        for f in stale:
-            path = os.path.join(run_dir, f)
-            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-        self._file = open(os.path.join(run_dir, "metrics.jsonl"), "w", buffering=1)
+        path = os.path.join(run_dir, "metrics.jsonl")
+        if resume_step is not None:
+            self.rows = [r for r in _read_rows(path) if r["step"] <= resume_step]
+        else:
+            stale = [f for f in ("metrics.jsonl", "loss.png", "tensorboard") if os.path.exists(os.path.join(run_dir, f))]
+            if stale:
+                print(f"replacing the outputs of an earlier run in {run_dir}: {', '.join(stale)}", flush=True)
+            for f in stale:
+                full = os.path.join(run_dir, f)
+                shutil.rmtree(full) if os.path.isdir(full) else os.remove(full)
+        with open(path + ".part", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in self.rows)
+        os.replace(path + ".part", path)
+        self._file = open(path, "a", buffering=1)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+            # purge_step drops the events an earlier attempt wrote after the checkpoint
+            self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"),
+                                     purge_step=None if resume_step is None else resume_step + 1)
         if progress and sys.stderr.isatty():
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total_steps, desc="train", unit="step", dynamic_ncols=True)
+            self._bar = tqdm(total=total_steps, initial=resume_step or 0, desc="train", unit="step",
+                             dynamic_ncols=True)
         self._t0 = time.monotonic()
 
     def _write(self, row: dict) -> None:
@@ -98,6 +111,19 @@ class Metrics:
         self._file.close()
         if plot and self.rows:
             plot_losses(self.rows, os.path.join(self.run_dir, "loss.png"))
+
+
+def _read_rows(path: str) -> list[dict]:
+    """The rows of a metrics.jsonl (a line cut short by a crash is dropped)."""
+    rows = []
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    rows.append(json.loads(line))
+                except ValueError:
+                    continue
+    return rows
 
 
 def plot_losses(rows: list[dict], path: str) -> None:

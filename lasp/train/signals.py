@@ -23,12 +23,13 @@ class GracefulStop:
             raise KeyboardInterrupt
         self.signal_name = signal.Signals(signum).name
 
-    def agreed(self) -> bool:
-        """True on every rank when any rank received a signal (one small all-reduce per call)."""
-        flag = torch.tensor([0 if self.signal_name is None else 1], device=self.device)
+    def agreed(self, out_of_time: bool = False) -> bool:
+        """True on every rank when any rank received a signal or is `out_of_time` (train.max_minutes; one
+        small all-reduce per call)."""
+        flag = torch.tensor([2 if self.signal_name is not None else 1 if out_of_time else 0], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if flag.item() and self.signal_name is None:
-            self.signal_name = "a signal on another rank"
+            self.signal_name = "a signal on another rank" if flag.item() == 2 else "train.max_minutes"
         return bool(flag.item())
 
     def restore(self) -> None:

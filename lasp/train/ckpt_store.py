@@ -1,0 +1,170 @@
+"""Checkpoint directories on disk: atomic commit, the manifest, discovery, validation and purging.
+
+A checkpoint is a directory `step-00000100/` under checkpoint.dir. It is written as
+`step-00000100.tmp/`; when every rank has finished writing, rank 0 writes `COMMITTED` (the manifest: each
+file with its size) last, then renames the directory into place and fsyncs the parent. Only directories
+named `step-N` that hold a `COMMITTED` are checkpoints, so a crash at any moment of a save leaves either
+the previous checkpoints alone or a `.tmp` directory that is never read (and is removed by the next save).
+Old checkpoints are purged only after the new one is committed; a purge removes `COMMITTED` first.
+
+Nothing here touches process groups: the caller decides which rank calls what.
+"""
+
+import json
+import os
+import re
+import shutil
+import time
+
+MARKER = "COMMITTED"
+STATE_FILE = "train_state.json"
+CONFIG_FILE = "config.yaml"
+_NAME = re.compile(r"^step-(\d{8,})$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, incomplete, corrupt or does not fit this run (names the file)."""
+
+
+def step_dir(root: str, step: int) -> str:
+    return os.path.join(root, f"step-{step:08d}")
+
+
+def tmp_dir(root: str, step: int) -> str:
+    return step_dir(root, step) + ".tmp"
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_file(path: str, text: str) -> None:
+    """Write `text` durably: a temporary file, fsync, rename."""
+    tmp = path + ".part"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _files(path: str) -> dict[str, int]:
+    out = {}
+    for base, _, names in os.walk(path):
+        for n in names:
+            full = os.path.join(base, n)
+            out[os.path.relpath(full, path)] = os.path.getsize(full)
+    return out
+
+
+def prepare(root: str, step: int) -> str:
+    """Rank 0, before a save: a fresh, empty temporary directory for checkpoint `step`."""
+    os.makedirs(root, exist_ok=True)
+    tmp = tmp_dir(root, step)
+    if os.path.exists(tmp):  # left by a save that crashed: it was never committed
+        shutil.rmtree(tmp)
+    os.makedirs(tmp)
+    return tmp
+
+
+def commit(root: str, step: int, keep_last: int) -> str:
+    """Rank 0, after every rank finished writing into tmp_dir(root, step): write the manifest last, rename
+    the directory into place, then purge all but the newest `keep_last` checkpoints. Returns the path."""
+    tmp, final = tmp_dir(root, step), step_dir(root, step)
+    manifest = {"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": _files(tmp)}
+    write_file(os.path.join(tmp, MARKER), json.dumps(manifest, indent=1))
+    fsync_dir(tmp)
+    if os.path.exists(final):  # a checkpoint of the same step from an earlier attempt: the new one wins
+        old = f"{final}.replaced-{os.getpid()}"
+        os.rename(final, old)
+        os.rename(tmp, final)
+        _remove(old)
+    else:
+        os.rename(tmp, final)
+    fsync_dir(root)
+    for step_, path in list_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
+        _remove(path)
+    for name in os.listdir(root):  # replaced or purged leftovers of a crash mid-removal
+        if ".replaced-" in name:
+            _remove(os.path.join(root, name))
+    return final
+
+
+def _remove(path: str) -> None:
+    marker = os.path.join(path, MARKER)
+    if os.path.exists(marker):
+        os.remove(marker)  # first: a half-removed checkpoint must not look complete
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def list_checkpoints(root: str) -> list[tuple[int, str]]:
+    """Committed checkpoints under `root` as (step, path), oldest first."""
+    if not os.path.isdir(root):
+        return []
+    found = []
+    for name in os.listdir(root):
+        m = _NAME.match(name)
+        if m and os.path.isfile(os.path.join(root, name, MARKER)):
+            found.append((int(m.group(1)), os.path.join(root, name)))
+    return sorted(found)
+
+
+def verify(path: str) -> dict:
+    """The manifest of checkpoint `path` after checking that every file it lists is there with its size.
+    Raises CheckpointError naming the file and what is wrong."""
+    marker = os.path.join(path, MARKER)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"checkpoint {path!r} does not exist")
+    if not os.path.isfile(marker):
+        raise CheckpointError(f"{path} is not a complete checkpoint: it has no {MARKER} marker (the save did not "
+                              "finish)")
+    try:
+        with open(marker) as f:
+            manifest = json.load(f)
+        files = manifest["files"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{marker} is unreadable ({e!r})") from None
+    problems = []
+    for name, size in sorted(files.items()):
+        full = os.path.join(path, name)
+        if not os.path.isfile(full):
+            problems.append(f"{full} is missing")
+        elif os.path.getsize(full) != size:
+            problems.append(f"{full} has {os.path.getsize(full)} bytes, the manifest says {size} (truncated or "
+                            "overwritten)")
+    if problems:
+        raise CheckpointError(f"checkpoint {path} is damaged:\n  " + "\n  ".join(problems))
+    return manifest
+
+
+def read_state(path: str) -> dict:
+    """The train_state.json of a verified checkpoint."""
+    with open(os.path.join(path, STATE_FILE)) as f:
+        return json.load(f)
+
+
+def resolve_resume(resume: str, root: str) -> str | None:
+    """`train.resume` -> the checkpoint to load, or None for a fresh start.
+
+    never: None (an error if `root` already holds checkpoints: a fresh run would mix its checkpoints
+    with theirs). auto: the newest committed checkpoint under `root`, or None when there is none.
+    Anything else is the path of one checkpoint. The chosen checkpoint is verified (CheckpointError)."""
+    found = list_checkpoints(root)
+    if resume == "never":
+        if found:
+            raise CheckpointError(f"train.resume = never, but {root} holds checkpoints of an earlier run (newest: "
+                                  f"{found[-1][1]}); use train.resume=auto to continue it, or another "
+                                  "checkpoint.dir / logging.run_dir")
+        return None
+    if resume == "auto":
+        if not found:
+            return None
+        path = found[-1][1]
+    else:
+        path = resume
+    verify(path)
+    return path
