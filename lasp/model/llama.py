@@ -107,6 +107,19 @@ class LinearLlama(nn.Module):
     def forward(self, tokens: Tensor, positions: Tensor | None = None) -> Tensor:
         return self.lm_head(self.hidden_states(tokens, positions))
 
+    @classmethod
+    def from_pretrained(cls, directory, device="cpu", dtype: torch.dtype | None = None) -> "LinearLlama":
+        """Load a directory written by `save_pretrained` (see lasp.model.pretrained)."""
+        from lasp.model.pretrained import from_pretrained
+
+        return from_pretrained(directory, device, dtype)
+
+    def save_pretrained(self, directory, tokenizer: dict | None = None):
+        """Write model.safetensors + config.json (+ tokenizer.json) to `directory` (see lasp.model.pretrained)."""
+        from lasp.model.pretrained import save_pretrained
+
+        return save_pretrained(self, directory, tokenizer)
+
 
 def lm_loss_sum(logits: Tensor, labels: Tensor) -> Tensor:
     """Summed next-token cross-entropy (labels already shifted; -100 is ignored), in float32 or better."""

@@ -48,6 +48,16 @@ def _release_groups() -> None:
     ps._PIPELINE_GLOBAL_RANKS = None
 
 
+def _stale() -> bool:
+    """True when megatron's groups belong to a default group that was destroyed since (a second run in
+    the same process)."""
+    try:
+        dist.get_process_group_ranks(ps.get_tensor_model_parallel_group())
+        return False
+    except (ValueError, RuntimeError, AssertionError, KeyError):
+        return True
+
+
 def init_groups(cfg: ParallelConfig) -> ParallelGroups:
     """Build the mesh on the initialised default group (rank order tp-cp-ep-dp-pp, megatron's default).
 
@@ -60,7 +70,7 @@ def init_groups(cfg: ParallelConfig) -> ParallelGroups:
             f"world size {dist.get_world_size()} != tp x sp x pp x dp = {cfg.tp} x {cfg.sp} x {cfg.pp} x {cfg.dp}"
         )
     sizes = (cfg.tp, cfg.sp, cfg.pp)
-    if _current != sizes:
+    if _current != sizes or _stale():
         _release_groups()
         ps.initialize_model_parallel(
             tensor_model_parallel_size=cfg.tp,

@@ -98,6 +98,20 @@ def _resume_path(cfg: TrainConfig, tokenizer: dict) -> tuple[str | None, int, li
     return path, step, notes
 
 
+def build_stage(cfg: TrainConfig, groups: ParallelGroups, device: torch.device, kernel):
+    """This rank's part of the model, its optimizer, and the ZeRO engine (or None): (stage, optimizer, engine)."""
+    p = cfg.parallel
+    torch.manual_seed(cfg.train.seed)  # the same full model on every rank; parallelize keeps its shard
+    model = LinearLlama(cfg.model).to(device)
+    apply_ac(model, cfg.train.checkpoint_every)
+    stage = parallelize(model, p, groups)
+    apply_kernel(stage, kernel)
+    optimizer = build_optimizer(stage, cfg.optim, device)
+    rows = cfg.data.global_batch // p.dp // p.microbatches
+    engine = zero_engine(stage, optimizer, p, groups, rows, cfg.optim.grad_clip) if p.zero_stage else None
+    return stage, optimizer, engine
+
+
 def _train(cfg: TrainConfig, device: torch.device, kernel) -> TrainState:
     p, groups = cfg.parallel, init_groups(cfg.parallel)
     data = TokenData(cfg.data.path, "train")
@@ -109,14 +123,7 @@ def _train(cfg: TrainConfig, device: torch.device, kernel) -> TrainState:
         with open(os.path.join(cfg.logging.run_dir, "config.yaml"), "w") as f:
             f.write(dump(cfg))
 
-    torch.manual_seed(cfg.train.seed)  # the same full model on every rank; parallelize keeps its shard
-    model = LinearLlama(cfg.model).to(device)
-    apply_ac(model, cfg.train.checkpoint_every)
-    stage = parallelize(model, p, groups)
-    apply_kernel(stage, kernel)
-    optimizer = build_optimizer(stage, cfg.optim, device)
-    rows = cfg.data.global_batch // p.dp // p.microbatches
-    engine = zero_engine(stage, optimizer, p, groups, rows, cfg.optim.grad_clip) if p.zero_stage else None
+    stage, optimizer, engine = build_stage(cfg, groups, device, kernel)
     metrics.message(f"{dist.get_world_size()} rank(s) on {device.type}, tp={p.tp} sp={p.sp} ({p.sp_layout}) "
                     f"pp={p.pp} dp={p.dp}, kernel {kernel.name}, {cfg.train.dtype}")
 

@@ -1,0 +1,92 @@
+"""python -m lasp.export --checkpoint DIR --out DIR [--dtype float32|bfloat16]
+
+Consolidates a sharded trainer checkpoint, whatever the layout that saved it (tp, sp, pp, dp), into one
+`model.safetensors` plus `config.json` (and the tokenizer), which `LinearLlama.from_pretrained(DIR)` loads
+on one device and `python -m lasp.generate` samples from. Runs as one process, without a process group.
+"""
+
+import argparse
+import os
+import sys
+
+import torch
+
+
+def read_tensors(checkpoint_dir: str, prefix: str) -> dict[str, torch.Tensor]:
+    """Every tensor of a verified DCP checkpoint whose key starts with `prefix`, whole (its shards joined),
+    keyed without the prefix. Reads only those tensors, in this one process."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    from lasp.train.ckpt_store import CheckpointError
+
+    reader = dcp.FileSystemReader(checkpoint_dir)
+    keys = {k for k in reader.read_metadata().state_dict_metadata if k.startswith(prefix)}
+    if not keys:
+        raise CheckpointError(f"checkpoint {checkpoint_dir} holds no tensors under {prefix!r}")
+    sd: dict = {}
+    # what dcp's own _load_state_dict_from_keys does, without its collective when a process group exists
+    _load_state_dict(sd, storage_reader=reader, planner=_EmptyStateDictLoadPlanner(keys=keys), no_dist=True)
+    return {k[len(prefix):]: v for k, v in sd.items()}
+
+
+def consolidate(checkpoint_dir: str):
+    """(ModelConfig, the single-device state dict of LinearLlama, the data's tokenizer description) of a
+    trainer checkpoint. ZeRO checkpoints are consolidated with DeepSpeed's zero_to_fp32 (tp = 1 only)."""
+    from lasp.model import ModelConfig
+    from lasp.train import ckpt_store
+    from lasp.train.ckpt_store import CheckpointError
+
+    ckpt_store.verify(checkpoint_dir)
+    info = ckpt_store.read_state(checkpoint_dir)
+    cfg = ModelConfig(**info["model"])
+    if info["layout"].get("zero_stage"):
+        if info["layout"]["tp"] != 1:
+            raise CheckpointError(f"{checkpoint_dir}: exporting a ZeRO checkpoint saved with tp = "
+                                  f"{info['layout']['tp']} is not supported (only tp = 1)")
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        sd = dict(get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag="zero"))
+    else:
+        sd = read_tensors(checkpoint_dir, "model/")
+    if cfg.tie_embeddings:
+        sd["lm_head.weight"] = sd["embed.weight"]
+    return cfg, sd, info.get("tokenizer") or {}
+
+
+def load_model(checkpoint_dir: str, device: str = "cpu", dtype: torch.dtype | None = None):
+    """A trainer checkpoint as a LinearLlama on one device, plus its tokenizer description."""
+    from lasp.model import LinearLlama
+
+    cfg, sd, tokenizer = consolidate(checkpoint_dir)
+    model = LinearLlama(cfg)
+    model.load_state_dict(sd, strict=True)
+    return model.to(device=device, dtype=dtype), tokenizer
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m lasp.export", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="a checkpoint directory (.../checkpoints/step-N)")
+    p.add_argument("--out", required=True, help="output directory (model.safetensors, config.json)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="dtype of the weights")
+    args = p.parse_args(argv)
+
+    from lasp.model.pretrained import save_pretrained
+    from lasp.train.ckpt_store import CheckpointError
+
+    try:
+        model, tokenizer = load_model(args.checkpoint, dtype=getattr(torch, args.dtype))
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    save_pretrained(model, args.out, tokenizer=tokenizer)
+    n = sum(t.numel() for t in model.state_dict().values())
+    print(f"exported {args.checkpoint} -> {os.path.join(args.out, 'model.safetensors')} ({n:,} parameters, "
+          f"{args.dtype})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,273 @@
+"""Checkpoints: exact resume, atomic commits, clear errors, and resharding to another layout (CPU, gloo).
+
+World-1 runs call the trainer in this process; multi-rank runs go through the tests/dist.py pool, whose
+ranks call the same `train` on the pool's process group.
+"""
+
+import glob
+import json
+import os
+import shutil
+
+import pytest
+import torch
+import yaml
+
+from lasp.export import read_tensors
+from lasp.train import ckpt_store
+from lasp.train.ckpt_store import CheckpointError
+from lasp.train.config import resolve
+from lasp.train.distributed import Launch
+
+TINY = {
+    "model": {"vocab_size": 258, "hidden_size": 32, "num_layers": 2, "num_heads": 2, "num_kv_heads": 1,
+              "ffn_hidden_size": 64, "layer_pattern": "LS"},
+    "data": {"seq_len": 64, "global_batch": 4},
+    "optim": {"lr": 1e-2},
+    "schedule": {"warmup_steps": 2},
+    "train": {"steps": 6, "eval_interval": 3, "eval_batches": 1},
+    "checkpoint": {"interval": 2, "keep_last": 0},
+    "logging": {"progress": False, "tensorboard": False, "plot": False},
+}
+
+
+def _cfg(base: dict, **sections) -> dict:
+    cfg = {k: dict(v) for k, v in base.items()}
+    for k, v in sections.items():
+        cfg.setdefault(k, {}).update(v)
+    return cfg
+
+
+def run(cfg: dict, world_size: int = 1):
+    """Train `cfg` on this rank (the process group, if any, already exists) -> rank 0's TrainState."""
+    import torch.distributed as dist
+
+    from lasp.train.loop import train
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    state = train(resolve(cfg, "test", world_size), Launch(rank, world_size, rank, world_size > 1))
+    return state
+
+
+def rows(run_dir: str, kind: str = "train") -> list[tuple]:
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [(r["step"], r.get("loss"), r.get("grad_norm"), r.get("eval_loss"))
+                for r in map(json.loads, f) if r["kind"] == kind]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A small corpus: an epoch of 64-token sequences lasts a few steps of 4 sequences."""
+    from lasp.data import prepare
+
+    out = tmp_path_factory.mktemp("corpus")
+    src = sorted(glob.glob(os.path.join(os.path.dirname(os.__file__), "*.py")))
+    docs = []
+    for i, path in enumerate(src[:6]):
+        (out / f"{i}.txt").write_text(open(path).read()[:400])
+        docs.append(str(out / f"{i}.txt"))
+    prepare(docs, str(out / "data"), val_fraction=0.0, progress=False)
+    return str(out / "data")
+
+
+@pytest.fixture(scope="module")
+def big_corpus(tmp_path_factory):
+    from lasp.data import prepare
+
+    out = tmp_path_factory.mktemp("big") / "data"
+    prepare(sorted(glob.glob(os.path.join(os.path.dirname(os.__file__), "*.py")))[:8], str(out), val_fraction=0.2,
+            progress=False)
+    return str(out)
+
+
+def _tiny(tmp_path, data, name, **sections):
+    cfg = _cfg(TINY, data={"path": data}, logging={"run_dir": str(tmp_path / name)}, **sections)
+    return cfg
+
+
+def test_two_resumes_in_a_row_across_an_epoch_end_give_bit_identical_losses(tmp_path, corpus):
+    from lasp.data import TokenData
+
+    sections = dict(parallel={"microbatches": 2}, train={"steps": 9, "eval_interval": 0},
+                    checkpoint={"interval": 3, "keep_last": 2})
+    ref = _tiny(tmp_path, corpus, "ref", **sections)
+    run(ref)
+    want = rows(ref["logging"]["run_dir"])
+    samples = TokenData(corpus, "train").num_samples(64)
+    assert 2 * 4 < samples < 9 * 4, samples  # the resumed part crosses the end of an epoch of the data
+
+    cfg = _tiny(tmp_path, corpus, "resumed", **sections)
+    cfg["train"]["max_minutes"] = 1e-9  # every attempt stops after its first step, saves, and exits
+    first = run(cfg)
+    assert first.step == 1 and first.stopped_by == "train.max_minutes"
+    second = run(cfg)  # resume 1: from step 1 (mid-interval), one more step
+    assert second.step == 2
+    root = os.path.join(cfg["logging"]["run_dir"], "checkpoints")
+    # a crash in the middle of a later save leaves a temporary directory and a directory without marker
+    os.makedirs(os.path.join(root, "step-00000003.tmp", "rng"))
+    os.makedirs(os.path.join(root, "step-00000007"))
+    open(os.path.join(root, "step-00000007", "__0_0.distcp"), "w").write("half")
+    assert [s for s, _ in ckpt_store.list_checkpoints(root)] == [1, 2]
+    cfg["train"]["max_minutes"] = None
+    third = run(cfg)  # resume 2: from step 2 to the end
+    assert third.step == 9 and third.stopped_by is None
+    assert rows(cfg["logging"]["run_dir"]) == want  # every step, bit for bit
+    assert [s for s, _ in ckpt_store.list_checkpoints(root)] == [6, 9]  # keep_last 2; leftovers purged
+    assert not os.path.exists(os.path.join(root, "step-00000003.tmp"))
+
+
+def test_a_finished_run_started_again_says_so_and_trains_nothing(tmp_path, corpus, capsys):
+    cfg = _tiny(tmp_path, corpus, "done", train={"steps": 2, "eval_interval": 0})
+    run(cfg)
+    before = rows(cfg["logging"]["run_dir"])
+    state = run(cfg)
+    assert state.step == 2 and rows(cfg["logging"]["run_dir"]) == before
+    assert "nothing to train" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory, corpus):
+    """A finished 2-step run with checkpoints at steps 1 and 2."""
+    tmp = tmp_path_factory.mktemp("saved")
+    cfg = _tiny(tmp, corpus, "run", train={"steps": 2, "eval_interval": 0}, checkpoint={"interval": 1})
+    run(cfg)
+    return cfg, os.path.join(cfg["logging"]["run_dir"], "checkpoints")
+
+
+def _copy(saved, tmp_path, step=2):
+    cfg, root = saved
+    dst = tmp_path / f"step-{step:08d}"
+    shutil.copytree(ckpt_store.step_dir(root, step), dst)
+    new = _cfg(cfg, logging={"run_dir": str(tmp_path / "again")}, train={"resume": str(dst), "steps": 3})
+    return new, str(dst)
+
+
+def test_a_missing_or_truncated_shard_is_an_error_naming_the_file(tmp_path, saved):
+    cfg, path = _copy(saved, tmp_path)
+    shard = os.path.join(path, "__0_0.distcp")
+    with open(shard, "r+b") as f:
+        f.truncate(os.path.getsize(shard) // 2)
+    with pytest.raises(CheckpointError, match=r"__0_0\.distcp has \d+ bytes, the manifest says \d+"):
+        run(cfg)
+    os.remove(shard)
+    with pytest.raises(CheckpointError, match=r"__0_0\.distcp is missing"):
+        run(cfg)
+    os.remove(os.path.join(path, "COMMITTED"))
+    with pytest.raises(CheckpointError, match="no COMMITTED marker"):
+        run(cfg)
+
+
+def test_another_model_shape_or_vocabulary_is_an_error_not_a_fresh_start(tmp_path, saved):
+    cfg, path = _copy(saved, tmp_path)
+    wider = _cfg(cfg, model={"hidden_size": 64, "ffn_hidden_size": 128})
+    with pytest.raises(CheckpointError, match=r"model.hidden_size: the checkpoint has 32, this run 64") as e:
+        run(wider)
+    assert "model.ffn_hidden_size" in str(e.value)  # every difference at once
+    with pytest.raises(CheckpointError, match=r"model.vocab_size: the checkpoint has 258, this run 300"):
+        run(_cfg(cfg, model={"vocab_size": 300}))
+    # the same model trained on another tokenizer's ids: rewrite the saved tokenizer (and the manifest)
+    state = ckpt_store.read_state(path)
+    state["tokenizer"] = {"name": "tokenizer.json", "vocab_size": 258, "eos_id": 0, "sha256": "ab" * 32}
+    os.remove(os.path.join(path, ckpt_store.MARKER))
+    ckpt_store.write_file(os.path.join(path, ckpt_store.STATE_FILE), json.dumps(state))
+    os.rename(path, path + ".tmp")
+    ckpt_store.commit(os.path.dirname(path), 2, keep_last=0)
+    with pytest.raises(CheckpointError, match="a different vocabulary"):
+        run(cfg)
+
+
+def test_resume_never_refuses_a_directory_with_checkpoints(saved):
+    cfg, _ = saved
+    with pytest.raises(CheckpointError, match="train.resume = never, but .* holds checkpoints"):
+        run(_cfg(cfg, train={"resume": "never"}))
+
+
+def test_cli_exits_2_with_the_checkpoint_error(tmp_path, saved):
+    from lasp.train.__main__ import main
+
+    cfg, path = _copy(saved, tmp_path)
+    os.remove(os.path.join(path, "__0_0.distcp"))
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["--config", str(tmp_path / "c.yaml")]) == 2
+
+
+def test_commit_is_the_last_step_and_purges_only_after_it(tmp_path):
+    root = str(tmp_path)
+    for step in (1, 2, 3):
+        tmp = ckpt_store.prepare(root, step)
+        open(os.path.join(tmp, "x"), "w").write("data")
+        assert [s for s, _ in ckpt_store.list_checkpoints(root)] == list(range(max(1, step - 2), step))  # the new one is not there yet
+        ckpt_store.commit(root, step, keep_last=2)
+    assert [s for s, _ in ckpt_store.list_checkpoints(root)] == [2, 3]
+    assert ckpt_store.verify(ckpt_store.step_dir(root, 3))["files"] == {"x": 4}
+    assert ckpt_store.resolve_resume("auto", root) == ckpt_store.step_dir(root, 3)
+    assert ckpt_store.resolve_resume("auto", str(tmp_path / "none")) is None
+
+
+# -- resharding (pool cases) -----------------------------------------------------------------------------
+
+
+def case_train(cfg: dict, world_size: int):
+    state = run(cfg, world_size)
+    return state.step, state.last_loss
+
+
+def case_reload(cfg: dict, src: str):
+    """Load checkpoint `src` into cfg's layout and save it again at once, under cfg's checkpoint.dir."""
+    import torch.distributed as dist
+
+    from lasp.kernels import get_kernel
+    from lasp.parallel import init_groups
+    from lasp.train.checkpoint import Checkpointer
+    from lasp.train.loop import build_stage
+
+    c = resolve(cfg, "test", dist.get_world_size())
+    groups = init_groups(c.parallel)
+    stage, optimizer, engine = build_stage(c, groups, torch.device("cpu"), get_kernel("torch"))
+    tokenizer = ckpt_store.read_state(src)["tokenizer"]
+    ck = Checkpointer(c, stage, optimizer, engine, groups, torch.device("cpu"), tokenizer, say=lambda m: None)
+    ck.save(ck.load(src))
+    dist.barrier()
+    return True
+
+
+RESHARD = [
+    ({"tp": 2, "sp": 2}, {"tp": 1, "sp": 4}, 4),
+    ({"pp": 2}, {"pp": 1, "dp": 2}, 2),
+    ({"sp": 2}, {"sp": 1, "dp": 2}, 2),
+]
+
+
+@pytest.mark.parametrize("old,new,world", RESHARD, ids=["tp2sp2-to-sp4", "pp2-to-dp2", "sp2-to-sp1"])
+def test_a_checkpoint_reshards_to_another_layout(dist_pool, tmp_path, big_corpus, old, new, world):
+    pool = dist_pool(world)
+    model = {"num_layers": 4, "num_heads": 4, "num_kv_heads": 2, "hidden_size": 32, "layer_pattern": "LLS"}
+    base = _cfg(TINY, model=model, data={"path": big_corpus}, train={"steps": 2, "eval_interval": 0},
+                checkpoint={"interval": 1})
+    saved = _cfg(base, parallel=old, logging={"run_dir": str(tmp_path / "old")})
+    pool.run("tests.test_checkpoint:case_train", cfg=saved, world_size=world)
+    src = ckpt_store.step_dir(str(tmp_path / "old" / "checkpoints"), 2)
+
+    # 1. loading under the new layout and saving again gives back every tensor exactly
+    again = _cfg(base, parallel=new, checkpoint={"dir": str(tmp_path / "again")})
+    pool.run("tests.test_checkpoint:case_reload", cfg=again, src=src)
+    copy = ckpt_store.step_dir(str(tmp_path / "again"), 2)
+    for prefix in ("model/", "optim/"):
+        a, b = read_tensors(src, prefix), read_tensors(copy, prefix)
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), k
+
+    # 2. the next step on the new layout matches a run on the new layout that loads nothing... from the
+    #    same weights: an uninterrupted run on the new layout, to float32 rounding
+    resumed = _cfg(base, parallel=new, train={"steps": 3, "resume": src}, logging={"run_dir": str(tmp_path / "new")})
+    pool.run("tests.test_checkpoint:case_train", cfg=resumed, world_size=world)
+    straight = _cfg(base, parallel=new, train={"steps": 3}, logging={"run_dir": str(tmp_path / "straight")})
+    pool.run("tests.test_checkpoint:case_train", cfg=straight, world_size=world)
+    got, want = rows(str(tmp_path / "new")), rows(str(tmp_path / "straight"))
+    assert [r[0] for r in got] == [3]
+    assert abs(got[0][1] - want[-1][1]) <= 1e-6 * abs(want[-1][1]), (got, want)
+    a = read_tensors(ckpt_store.step_dir(str(tmp_path / "new" / "checkpoints"), 3), "optim/")
+    b = read_tensors(ckpt_store.step_dir(str(tmp_path / "straight" / "checkpoints"), 3), "optim/")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
