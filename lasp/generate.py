@@ -48,18 +48,25 @@ def load_tokenizer_for(directory: str | Path):
                                       str(directory / CONFIG))
 
 
+class UsageError(ValueError):
+    """A --checkpoint that is neither an export directory nor a readable trainer checkpoint."""
+
+
 def load_for_generation(checkpoint: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32):
     """(model, tokenizer) from an export directory or a trainer checkpoint directory."""
     d = Path(checkpoint)
     if not d.is_dir():
-        raise DataError(f"--checkpoint {str(d)!r} is not a directory")
+        raise UsageError(f"--checkpoint {str(d)!r} is not a directory")
     if (d / WEIGHTS).is_file() or (d / CONFIG).is_file():
         return from_pretrained(d, device, dtype), load_tokenizer_for(d)
+    from lasp.export import consolidate
+    from lasp.train.ckpt_store import CheckpointError
+
     try:
-        from lasp.export import consolidate
-    except ImportError as e:
-        raise DataError(f"{d} has no {WEIGHTS} and trainer checkpoints cannot be read here ({e})") from e
-    cfg, state_dict, tok_desc = consolidate(str(d))
+        cfg, state_dict, tok_desc = consolidate(str(d))
+    except CheckpointError as e:
+        raise UsageError(f"{d} is neither an export directory (no {WEIGHTS}) nor a usable trainer checkpoint: "
+                         f"{e}") from e
     model = model_from_state_dict(cfg, state_dict, str(d), device, dtype)
     return model, tokenizer_from_description(tok_desc, None, str(d))
 
@@ -111,7 +118,7 @@ def main(argv=None) -> int:
         state = DecodeState.empty(model, 1, capacity=len(prompt) + max(args.max_new_tokens, 0))
         steps = generate(model, prompt, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                          generator=gen, eos_id=tok.eos_id, state=state)
-    except (ValueError, OSError) as e:  # DataError and PretrainedError are ValueErrors
+    except (ValueError, OSError) as e:  # UsageError, DataError and PretrainedError are ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return 2
     sys.stdout.write(args.prompt)

@@ -134,26 +134,56 @@ def test_nonfinite_loss_stops_or_skips_as_configured(tmp_path, corpus):
     assert sum(r["skipped"] for r in _rows(run_dir)) == 3
 
 
-@pytest.mark.e2e
-def test_sigterm_on_one_rank_stops_every_rank_after_the_step(tmp_path, corpus):
-    config, run_dir = _config(tmp_path, corpus, "term", train={"steps": 10000, "eval_interval": 0},
-                              parallel={"dp": 2})
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                             "-m", "lasp.train", "--config", config], cwd=ROOT, env=_env(),
+def _start(config, nproc, extra=()):
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+                             *extra, "-m", "lasp.train", "--config", config], cwd=ROOT, env=_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    metrics = os.path.join(run_dir, "metrics.jsonl")
+
+
+def _wait_for(proc, path, what):
     deadline = time.monotonic() + 120
-    while not (os.path.exists(metrics) and os.path.getsize(metrics) > 0) and time.monotonic() < deadline:
+    while not os.path.exists(path) and time.monotonic() < deadline:
         if proc.poll() is not None:
-            pytest.fail("the run ended before its first step: " + proc.stdout.read()[-2000:] + proc.stderr.read()[-4000:])
-        time.sleep(0.2)
+            pytest.fail(f"the run ended before {what}: " + proc.stdout.read()[-2000:] + proc.stderr.read()[-4000:])
+        time.sleep(0.05)
+    assert os.path.exists(path), f"no {what} after 120 s"
+
+
+@pytest.mark.e2e
+def test_sigterm_on_one_rank_saves_exits_75_and_a_new_start_resumes(tmp_path, corpus):
+    config, run_dir = _config(tmp_path, corpus, "term", train={"steps": 10000, "eval_interval": 0},
+                              parallel={"dp": 2}, checkpoint={"interval": 0})
+    proc = _start(config, 2)
+    _wait_for(proc, os.path.join(run_dir, "metrics.jsonl"), "its first step")
     workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
     assert len(workers) == 2, workers
     os.kill(int(workers[-1]), signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, out[-2000:] + err[-4000:]
     assert "stopping cleanly after step" in out and "stopped by" in out
-    assert 1 <= len(_rows(run_dir)) < 10000
+    assert err.count("exitcode  : 75") == 2, err[-3000:]  # every worker: saved, stopped early
+    step = _rows(run_dir)[-1]["step"]
+    assert 1 <= step < 10000 and f"checkpoint step {step}: saved" in out
+    again = _train(config, nproc=2, extra=["--set", f"train.steps={step + 2}"])
+    assert f"resuming from {run_dir}/checkpoints/step-{step:08d}: step {step}" in again.stdout
+    assert [r["step"] for r in _rows(run_dir)] == list(range(1, step + 3))
+
+
+@pytest.mark.e2e
+def test_a_worker_killed_with_sigkill_is_restarted_by_torchrun_and_the_curve_is_exact(tmp_path, corpus):
+    slow = dict(model={"hidden_size": 64, "ffn_hidden_size": 128}, data={"seq_len": 256, "global_batch": 8},
+                train={"steps": 24, "eval_interval": 0}, parallel={"sp": 2}, checkpoint={"interval": 4})
+    config, ref_dir = _config(tmp_path, corpus, "straight", **slow)
+    _train(config, nproc=2)
+    want = [(r["step"], r["loss"], r["grad_norm"]) for r in _rows(ref_dir)]
+    config, run_dir = _config(tmp_path, corpus, "killed", **slow)
+    proc = _start(config, 2, extra=["--max-restarts=1"])
+    _wait_for(proc, os.path.join(run_dir, "checkpoints", "step-00000004", "COMMITTED"), "the first checkpoint")
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    os.kill(int(workers[0]), signal.SIGKILL)
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, out[-2000:] + err[-4000:]
+    assert "resuming from" in out, out[-3000:]  # the restarted workers continued from a checkpoint
+    assert [(r["step"], r["loss"], r["grad_norm"]) for r in _rows(run_dir)] == want
 
 
 @pytest.mark.e2e

@@ -51,10 +51,24 @@ def init_distributed(launch: Launch, device: torch.device, timeout_s: int) -> No
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
     timeout = datetime.timedelta(seconds=timeout_s)
-    if launch.launched:
-        dist.init_process_group(backend, timeout=timeout, device_id=device if device.type == "cuda" else None)
+    device_id = device if device.type == "cuda" else None
+    if launch.launched and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        dist.init_process_group(backend, store=_attempt_store(timeout), rank=launch.rank,
+                                world_size=launch.world_size, timeout=timeout, device_id=device_id)
+    elif launch.launched:
+        dist.init_process_group(backend, timeout=timeout, device_id=device_id)
     else:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+
+
+def _attempt_store(timeout: datetime.timedelta) -> dist.Store:
+    """torchrun's store, with keys private to this restart attempt. After `--max-restarts` restarts the
+    workers, the agent's store still holds the previous attempt's keys, and a process group created again
+    under the same name can read the dead workers' addresses (gloo then fails with "Connection refused";
+    seen with torch 2.13 when the mesh has groups of one rank). torch prefixes nothing per attempt there."""
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                          timeout=timeout)
+    return dist.PrefixStore(f"lasp/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def shutdown(clean: bool) -> None:

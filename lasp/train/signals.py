@@ -33,5 +33,12 @@ class GracefulStop:
         return bool(flag.item())
 
     def restore(self) -> None:
+        """Put the previous handlers back, unless the run is stopping: then a launcher's SIGTERM to the
+        remaining ranks (torchrun sends one when the first rank exits) must not kill a rank that is
+        still leaving cleanly with its own exit status. SIGTERM is then ignored (SIG_IGN, which outlives
+        the interpreter's own shutdown, where Python handlers are dropped)."""
+        if self.signal_name is not None:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            return
         for s, handler in self._previous.items():
             signal.signal(s, handler)
