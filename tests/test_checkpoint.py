@@ -271,3 +271,80 @@ def test_a_checkpoint_reshards_to_another_layout(dist_pool, tmp_path, big_corpus
     b = read_tensors(ckpt_store.step_dir(str(tmp_path / "straight" / "checkpoints"), 3), "optim/")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+# -- export, ZeRO ----------------------------------------------------------------------------------------
+
+
+def case_logits(cfg: dict, src: str, tokens: torch.Tensor):
+    """The full logits [B, N, vocab] of the model in checkpoint `src`, run under cfg's layout (pp = 1):
+    each rank's vocabulary shard of its tokens, gathered over TP and SP, back in sequence order."""
+    import torch.distributed as dist
+
+    from lasp.kernels import get_kernel
+    from lasp.parallel import init_groups, local_microbatches
+    from lasp.train.checkpoint import Checkpointer
+    from lasp.train.loop import build_stage
+
+    c = resolve(cfg, "test", dist.get_world_size())
+    groups = init_groups(c.parallel)
+    stage, optimizer, engine = build_stage(c, groups, torch.device("cpu"), get_kernel("torch"))
+    tokenizer = ckpt_store.read_state(src)["tokenizer"]
+    Checkpointer(c, stage, optimizer, engine, groups, torch.device("cpu"), tokenizer, say=lambda m: None).load(src)
+    (mb,) = local_microbatches(tokens, c.parallel, groups)
+    with torch.no_grad():
+        logits = stage.lm_head(stage(mb["tokens"], mb["positions"]))  # [B, T_local, vocab / tp]
+    parts = [torch.empty_like(logits) for _ in range(c.parallel.tp)]
+    dist.all_gather(parts, logits.contiguous(), group=groups.tp)
+    logits = torch.cat(parts, -1)
+    sp = c.parallel.sp
+    chunks, where = [torch.empty_like(logits) for _ in range(sp)], [torch.empty_like(mb["positions"]) for _ in range(sp)]
+    dist.all_gather(chunks, logits, group=groups.sp)
+    dist.all_gather(where, mb["positions"].contiguous(), group=groups.sp)
+    full = torch.empty(tokens.shape[0], tokens.shape[1] - 1, logits.shape[-1])
+    for chunk, pos in zip(chunks, where):
+        full[:, pos[0]] = chunk
+    return full
+
+
+def test_export_of_a_tp2_sp2_checkpoint_gives_the_distributed_logits(dist_pool, tmp_path, big_corpus):
+    from lasp.export import main as export
+    from lasp.model import LinearLlama
+
+    pool = dist_pool(4)
+    model = {"num_layers": 3, "num_heads": 4, "num_kv_heads": 2, "hidden_size": 32, "layer_pattern": "LLS"}
+    cfg = _cfg(TINY, model=model, data={"path": big_corpus}, train={"steps": 2, "eval_interval": 0},
+               parallel={"tp": 2, "sp": 2}, logging={"run_dir": str(tmp_path / "run")})
+    pool.run("tests.test_checkpoint:case_train", cfg=cfg, world_size=4)
+    src = ckpt_store.step_dir(str(tmp_path / "run" / "checkpoints"), 2)
+    tokens = torch.randint(0, 257, (2, 65), generator=torch.Generator().manual_seed(0))
+    want = pool.run("tests.test_checkpoint:case_logits", cfg=cfg, src=src, tokens=tokens)[0]
+    assert export(["--checkpoint", src, "--out", str(tmp_path / "export")]) == 0
+    single = LinearLlama.from_pretrained(str(tmp_path / "export"))
+    with torch.no_grad():
+        got = single(tokens[:, :-1])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert json.load(open(tmp_path / "export" / "config.json"))["tokenizer"]["name"] == "byte"
+
+
+def test_zero_checkpoints_resume_exactly_and_refuse_another_layout(dist_pool, tmp_path, big_corpus):
+    from lasp.export import consolidate
+
+    pool = dist_pool(2)
+    base = _cfg(TINY, data={"path": big_corpus}, train={"eval_interval": 0}, parallel={"dp": 2, "zero_stage": 2},
+                checkpoint={"interval": 2})
+    straight = _cfg(base, train={"steps": 3}, logging={"run_dir": str(tmp_path / "straight")})
+    pool.run("tests.test_checkpoint:case_train", cfg=straight, world_size=2)
+    first = _cfg(base, train={"steps": 2}, logging={"run_dir": str(tmp_path / "run")})
+    pool.run("tests.test_checkpoint:case_train", cfg=first, world_size=2)
+    pool.run("tests.test_checkpoint:case_train", cfg=_cfg(first, train={"steps": 3}), world_size=2)
+    assert rows(str(tmp_path / "run")) == rows(str(tmp_path / "straight"))
+
+    src = ckpt_store.step_dir(str(tmp_path / "run" / "checkpoints"), 2)
+    other = _cfg(base, parallel={"dp": 2, "zero_stage": 1}, train={"steps": 4, "resume": src},
+                 logging={"run_dir": str(tmp_path / "other")})
+    with pytest.raises(AssertionError, match=r"CheckpointError: .*\n.*a ZeRO checkpoint .* loads only on the layout that saved it; changed: "
+                                           r"parallel.zero_stage 2 -> 1"):
+        pool.run("tests.test_checkpoint:case_train", cfg=other, world_size=2)
+    cfg, sd, _ = consolidate(ckpt_store.step_dir(str(tmp_path / "run" / "checkpoints"), 3))
+    assert sd["embed.weight"].shape == (cfg.vocab_size, cfg.hidden_size)
