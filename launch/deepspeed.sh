@@ -3,7 +3,9 @@
 #   bash launch/deepspeed.sh --config configs/X.yaml [--set a.b=v ...]
 # Variables: HOSTFILE (one "host slots=N" line per node, see launch/hostfile.example; unset: this node
 # only), NPROC_PER_NODE (without a hostfile; default: the GPUs here, else 1), MASTER_PORT, PYTHON.
-# The launcher reaches the other hosts of a hostfile over ssh (pdsh or openmpi per its --launcher).
+# The launcher reaches the other hosts of a hostfile over ssh (pdsh or openmpi per its --launcher);
+# NO_SSH=1 instead runs this script on every node yourself, with NODE_RANK and MASTER_ADDR (the first
+# host of the hostfile), as with torchrun.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
@@ -12,7 +14,9 @@ NPROC_PER_NODE=${NPROC_PER_NODE:-$(( gpus > 0 ? gpus : 1 ))}
 PYTHON=${PYTHON:-$( [[ -x .venv/bin/python ]] && echo .venv/bin/python || echo python3 )}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 if (( gpus == 0 )); then export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}; fi
-if [[ -n ${HOSTFILE:-} ]]; then
+if [[ -n ${HOSTFILE:-} && ${NO_SSH:-0} == 1 ]]; then
+  where=(--hostfile "$HOSTFILE" --no_ssh --node_rank "${NODE_RANK:-0}" --master_addr "${MASTER_ADDR:-127.0.0.1}")
+elif [[ -n ${HOSTFILE:-} ]]; then
   where=(--hostfile "$HOSTFILE")
 else
   where=(--num_gpus "$NPROC_PER_NODE")

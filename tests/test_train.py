@@ -204,6 +204,41 @@ def test_two_nodes_through_launch_torchrun_sh_train_together(tmp_path, corpus, r
 
 
 @pytest.mark.e2e
+def test_the_deepspeed_launcher_with_a_localhost_hostfile_gives_the_same_losses(tmp_path, corpus, reference):
+    config, run_dir = _config(tmp_path, corpus, "hostfile", train={"steps": 3}, parallel={"sp": 2})
+    (tmp_path / "hostfile").write_text("localhost slots=2\n")
+    out = subprocess.run(["bash", "launch/deepspeed.sh", "--config", config], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300, env={**_env(), "PYTHON": sys.executable, "HOSTFILE": str(tmp_path / "hostfile"),
+                                           "NO_SSH": "1", "MASTER_PORT": str(_free_port())})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+    _same_curve(run_dir, reference, steps=3)
+
+
+@pytest.mark.e2e
+def test_a_dead_node_ends_the_other_with_an_error_not_a_hang(tmp_path, corpus):
+    port = _free_port()
+    config, run_dir = _config(tmp_path, corpus, "dead", train={"steps": 100000, "eval_interval": 0,
+                                                               "collective_timeout_s": 30},
+                              parallel={"sp": 2}, checkpoint={"interval": 0, "save_on_exit": False})
+    procs = [
+        subprocess.Popen(["bash", "launch/torchrun.sh", "--config", config], cwd=ROOT, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True,
+                         env={**_env(), "PYTHON": sys.executable, "NNODES": "2", "NODE_RANK": str(node),
+                              "NPROC_PER_NODE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+        for node in (0, 1)
+    ]
+    _wait_for(procs[0], os.path.join(run_dir, "metrics.jsonl"), "its first step")
+    workers = subprocess.run(["pgrep", "-P", str(procs[1].pid)], capture_output=True, text=True).stdout.split()
+    for pid in [procs[1].pid, *map(int, workers)]:  # node 1: its torchrun agent and its worker, at once
+        os.kill(pid, signal.SIGKILL)
+    start = time.monotonic()
+    out, err = procs[0].communicate(timeout=120)
+    assert procs[0].returncode not in (0, None), out[-2000:]
+    assert time.monotonic() - start < 90
+    procs[1].communicate()
+
+
+@pytest.mark.e2e
 def test_bf16_autocast_with_activation_checkpointing_follows_the_fp32_curve(tmp_path, corpus, reference):
     config, run_dir = _config(tmp_path, corpus, "bf16", train={"dtype": "bfloat16", "activation_checkpointing": 1,
                                                               "eval_interval": 0, "steps": 3})
