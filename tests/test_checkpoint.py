@@ -19,16 +19,10 @@ from lasp.train.ckpt_store import CheckpointError
 from lasp.train.config import resolve
 from lasp.train.distributed import Launch
 
-TINY = {
-    "model": {"vocab_size": 258, "hidden_size": 32, "num_layers": 2, "num_heads": 2, "num_kv_heads": 1,
-              "ffn_hidden_size": 64, "layer_pattern": "LS"},
-    "data": {"seq_len": 64, "global_batch": 4},
-    "optim": {"lr": 1e-2},
-    "schedule": {"warmup_steps": 2},
-    "train": {"steps": 6, "eval_interval": 3, "eval_batches": 1},
-    "checkpoint": {"interval": 2, "keep_last": 0},
-    "logging": {"progress": False, "tensorboard": False, "plot": False},
-}
+from tests.test_train import TINY as TRAIN_TINY
+
+TINY = {**TRAIN_TINY, "checkpoint": {"interval": 2, "keep_last": 0},
+        "logging": {"progress": False, "tensorboard": False, "plot": False}}
 
 
 def _cfg(base: dict, **sections) -> dict:

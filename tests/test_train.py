@@ -186,17 +186,22 @@ def test_a_worker_killed_with_sigkill_is_restarted_by_torchrun_and_the_curve_is_
     assert [(r["step"], r["loss"], r["grad_norm"]) for r in _rows(run_dir)] == want
 
 
-@pytest.mark.e2e
-def test_two_nodes_through_launch_torchrun_sh_train_together(tmp_path, corpus, reference):
-    port = _free_port()
-    config, run_dir = _config(tmp_path, corpus, "nodes", train={"steps": 3}, parallel={"sp": 2})
-    procs = [
+def _two_nodes(config, port):
+    """Two `launch/torchrun.sh` "nodes" of one process each on this machine (c10d rendezvous on loopback)."""
+    return [
         subprocess.Popen(["bash", "launch/torchrun.sh", "--config", config], cwd=ROOT, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True,
                          env={**_env(), "PYTHON": sys.executable, "NNODES": "2", "NODE_RANK": str(node),
                               "NPROC_PER_NODE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
         for node in (0, 1)
     ]
+
+
+@pytest.mark.e2e
+def test_two_nodes_through_launch_torchrun_sh_train_together(tmp_path, corpus, reference):
+    port = _free_port()
+    config, run_dir = _config(tmp_path, corpus, "nodes", train={"steps": 3}, parallel={"sp": 2})
+    procs = _two_nodes(config, port)
     for p in procs:
         out, err = p.communicate(timeout=240)
         assert p.returncode == 0, out[-2000:] + err[-4000:]
@@ -220,13 +225,7 @@ def test_a_dead_node_ends_the_other_with_an_error_not_a_hang(tmp_path, corpus):
     config, run_dir = _config(tmp_path, corpus, "dead", train={"steps": 100000, "eval_interval": 0,
                                                                "collective_timeout_s": 30},
                               parallel={"sp": 2}, checkpoint={"interval": 0, "save_on_exit": False})
-    procs = [
-        subprocess.Popen(["bash", "launch/torchrun.sh", "--config", config], cwd=ROOT, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True,
-                         env={**_env(), "PYTHON": sys.executable, "NNODES": "2", "NODE_RANK": str(node),
-                              "NPROC_PER_NODE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
-        for node in (0, 1)
-    ]
+    procs = _two_nodes(config, port)
     _wait_for(procs[0], os.path.join(run_dir, "metrics.jsonl"), "its first step")
     workers = subprocess.run(["pgrep", "-P", str(procs[1].pid)], capture_output=True, text=True).stdout.split()
     for pid in [procs[1].pid, *map(int, workers)]:  # node 1: its torchrun agent and its worker, at once
