@@ -110,6 +110,17 @@ def test_two_resumes_in_a_row_across_an_epoch_end_give_bit_identical_losses(tmp_
     assert not os.path.exists(os.path.join(root, "step-00000003.tmp"))
 
 
+def test_a_background_save_resumes_exactly(tmp_path, corpus):
+    cfg = _tiny(tmp_path, corpus, "async", checkpoint={"interval": 2, "keep_last": 0, "async_save": True})
+    run(cfg)
+    want = rows(cfg["logging"]["run_dir"])
+    root = os.path.join(cfg["logging"]["run_dir"], "checkpoints")
+    assert [s for s, _ in ckpt_store.list_checkpoints(root)] == [2, 4, 6]
+    shutil.rmtree(ckpt_store.step_dir(root, 6))
+    assert run(cfg).step == 6
+    assert rows(cfg["logging"]["run_dir"]) == want
+
+
 def test_a_finished_run_started_again_says_so_and_trains_nothing(tmp_path, corpus, capsys):
     cfg = _tiny(tmp_path, corpus, "done", train={"steps": 2, "eval_interval": 0})
     run(cfg)
