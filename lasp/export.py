@@ -57,12 +57,10 @@ def consolidate(checkpoint_dir: str):
 
 def load_model(checkpoint_dir: str, device: str = "cpu", dtype: torch.dtype | None = None):
     """A trainer checkpoint as a LinearLlama on one device, plus its tokenizer description."""
-    from lasp.model import LinearLlama
+    from lasp.model.pretrained import model_from_state_dict
 
     cfg, sd, tokenizer = consolidate(checkpoint_dir)
-    model = LinearLlama(cfg)
-    model.load_state_dict(sd, strict=True)
-    return model.to(device=device, dtype=dtype), tokenizer
+    return model_from_state_dict(cfg, sd, checkpoint_dir, device=device, dtype=dtype), tokenizer
 
 
 def main(argv=None) -> int:

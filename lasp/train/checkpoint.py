@@ -16,7 +16,6 @@ The data position is the step: the loader is a pure function of (seed, step).
 """
 
 import dataclasses
-import io
 import json
 import os
 import random
@@ -114,7 +113,7 @@ def _layout(cfg: TrainConfig) -> dict:
     return {k: p[k] for k in ("tp", "sp", "pp", "dp", "sp_layout", "microbatches", "zero_stage")}
 
 
-def compatibility(path: str, cfg: TrainConfig, tokenizer: dict, world_size: int) -> tuple[list[str], list[str]]:
+def compatibility(path: str, cfg: TrainConfig, tokenizer: dict) -> tuple[list[str], list[str]]:
     """(problems, notes) of loading checkpoint `path` into a run of `cfg`: problems make the load an error
     (another model shape or vocabulary, a ZeRO checkpoint on another layout); notes are changes a resume
     allows (a new layout, a new learning rate...), reported to the user."""
@@ -148,8 +147,6 @@ def compatibility(path: str, cfg: TrainConfig, tokenizer: dict, world_size: int)
             old = saved_cfg.get(section, {}).get(k, v)
             if old != v:
                 notes.append(f"{section}.{k} changed: {old!r} -> {v!r}")
-    if info.get("world_size") != world_size and not changed:
-        notes.append(f"world size {info.get('world_size')} -> {world_size}")
     return problems, notes
 
 
@@ -181,10 +178,8 @@ class Checkpointer:
         dist.barrier()
         tmp = store.tmp_dir(self.root, step)
         os.makedirs(os.path.join(tmp, "rng"), exist_ok=True)
-        buf = io.BytesIO()
-        torch.save(_rng_states(), buf)
         with open(os.path.join(tmp, "rng", f"rank-{self.rank:05d}.pt"), "wb") as f:
-            f.write(buf.getvalue())
+            torch.save(_rng_states(), f)
             f.flush()
             os.fsync(f.fileno())
         info = self._info(state)

@@ -86,7 +86,7 @@ def commit(root: str, step: int, keep_last: int) -> str:
     else:
         os.rename(tmp, final)
     fsync_dir(root)
-    for step_, path in list_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
+    for _, path in list_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
         _remove(path)
     for name in os.listdir(root):  # replaced or purged leftovers of a crash mid-removal
         if ".replaced-" in name:

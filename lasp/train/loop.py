@@ -83,7 +83,7 @@ def _resume_path(cfg: TrainConfig, tokenizer: dict) -> tuple[str | None, int, li
     try:
         path = ckpt_store.resolve_resume(cfg.train.resume, checkpoint_root(cfg))
         if path is not None:
-            problems, notes = compatibility(path, cfg, tokenizer, dist.get_world_size())
+            problems, notes = compatibility(path, cfg, tokenizer)
             step = int(ckpt_store.read_state(path)["state"]["step"]) if not problems else 0
     except CheckpointError as e:
         problems = [str(e)]

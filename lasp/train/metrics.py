@@ -14,6 +14,8 @@ import time
 
 import torch
 
+from lasp.train.ckpt_store import write_file
+
 COLUMNS = ("step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "mfu", "mem_gib")
 
 
@@ -48,9 +50,7 @@ class Metrics:
             for f in stale:
                 full = os.path.join(run_dir, f)
                 shutil.rmtree(full) if os.path.isdir(full) else os.remove(full)
-        with open(path + ".part", "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in self.rows)
-        os.replace(path + ".part", path)
+        write_file(path, "".join(json.dumps(r) + "\n" for r in self.rows))
         self._file = open(path, "a", buffering=1)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
