@@ -99,17 +99,54 @@ def test_bad_input_is_a_clear_error(kwargs, match):
         linear_attn(q, k, v, log_decay=kwargs.get("decay"), causal=kwargs.get("causal", True), initial_state=s0)
 
 
-def test_decay_values_are_read_once_per_tensor_version():
-    """Reading log_decay syncs a GPU, so a tensor is checked once per version; changing it in place is
-    seen (a model's decay buffer is checked once, not at every call)."""
+def test_decay_values_are_checked_at_every_call():
+    """No cache to fool: a change in place, or a write through .data (which does not bump the tensor's
+    version), is seen at the next call."""
     q = torch.randn(1, 9, 3, 4)
     g = torch.tensor([-0.1, -0.2, -0.3])
-    linear_attn(q, q, q, log_decay=g)
-    assert g._lasp_checked_version == g._version
     linear_attn(q, q, q, log_decay=g)
     g[1] = 0.5
     with pytest.raises(ValueError, match=r"<= 0.*0\.5"):
         linear_attn(q, q, q, log_decay=g)
-    g[1] = float("nan")
+    g[1] = -0.2
+    linear_attn(q, q, q, log_decay=g)
+    version = g._version
+    g.data[2] = float("nan")
+    assert g._version == version
     with pytest.raises(ValueError, match="finite"):
         linear_attn(q, q, q, log_decay=g)
+
+@pytest.mark.parametrize(
+    "kwargs, err, match",
+    [
+        (dict(causal="false"), TypeError, r"causal must be True or False, got 'false' \(str\)"),
+        (dict(causal=1), TypeError, r"causal must be True or False, got 1 \(int\)"),
+        (dict(log_decay=-0.5), TypeError, r"log_decay must be a tensor of shape \[H\] = \[3\].*got float -0.5"),
+        (dict(log_decay=[-0.1, -0.2, -0.3]), TypeError, r"log_decay must be a tensor.*got list"),
+        (dict(log_decay=torch.tensor([-1, -2, -3])), ValueError, "log_decay must be a floating-point tensor"),
+        (dict(scale=0.0), ValueError, r"scale must be a finite number > 0 .* got 0.0"),
+        (dict(scale=float("nan")), ValueError, "scale must be a finite number > 0"),
+        (dict(scale=torch.tensor(0.5)), TypeError, "scale must be a number or None"),
+    ],
+)
+def test_bad_arguments_are_refused_by_type(kwargs, err, match):
+    q = torch.randn(1, 9, 3, 4)
+    with pytest.raises(err, match=match):
+        linear_attn(q, q, q, **kwargs)
+
+
+@pytest.mark.parametrize("name", ["lasp2_linear_attn", "lasp1_linear_attn", "ulysses_linear_attn"])
+def test_without_process_group_the_sp_ops_check_as_on_a_group(name):
+    """The single-device fallback refuses what the distributed path refuses."""
+    import lasp
+
+    fn = getattr(lasp, name)
+    q = torch.randn(1, 7, 3, 4)
+    with pytest.raises(ValueError, match=r"local length 7 .* zigzag layout over 1 ranks"):
+        fn(q, q, q, layout="zigzag")
+    with pytest.raises(ValueError, match="unknown layout 'ring'"):
+        fn(q, q, q, layout="ring")
+    with pytest.raises(TypeError, match="causal must be True or False"):
+        fn(q, q, q, causal=None)
+    with pytest.raises(TypeError, match="log_decay must be a tensor"):
+        fn(q, q, q, log_decay=-0.1)

@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from lasp import SeqLayout, lasp1_linear_attn, lasp2_linear_attn, linear_attn, shard_sequence
+from lasp.distributed.agree import HEADER_BYTES
 from tests.dist import assert_close_rel, comm_events
 
 ALGOS = {"lasp2": lasp2_linear_attn, "lasp1": lasp1_linear_attn}
@@ -18,7 +19,8 @@ TOL = {"f64": 1e-10, "f32": 1e-5}
 MODES = {"causal": (True, False), "decay": (True, True), "bidirectional": (False, False)}
 
 
-def case_sp_linear(algo, layout, mode, dtype, chunk_len, B=2, H=4, Hkv=2, K=6, V=5, block=8, backend="torch"):
+def case_sp_linear(algo, layout, mode, dtype, chunk_len, B=2, H=4, Hkv=2, K=6, V=5, block=8, backend="torch",
+                   check_ranks=True):
     from lasp.kernels import TorchChunkKernel
 
     rank, W = dist.get_rank(), dist.get_world_size()
@@ -41,9 +43,13 @@ def case_sp_linear(algo, layout, mode, dtype, chunk_len, B=2, H=4, Hkv=2, K=6, V
 
     shard = lambda x: shard_sequence(x, rank=rank, world_size=W, layout=layout)  # noqa: E731
     local = [shard(x).requires_grad_() for x in (q, k, v)]
+    run = lambda: ALGOS[algo](*local, layout=layout, log_decay=log_decay, causal=causal, kernel=kernel,  # noqa: E731
+                              check_ranks=check_ranks)
+    with torch.no_grad():
+        run()  # the first call of a new size announces it (lasp.distributed.agree): count a steady call
     activities = [torch.profiler.ProfilerActivity.CPU]
     with torch.profiler.profile(activities=activities, record_shapes=True) as pf:
-        o = ALGOS[algo](*local, layout=layout, log_decay=log_decay, causal=causal, kernel=kernel)
+        o = run()
     with torch.profiler.profile(activities=activities, record_shapes=True) as pb:
         o.backward(shard(do))
 
@@ -69,14 +75,18 @@ def test_sp_linear_matches_single_process(dist_pool, algo, W, layout, mode, dtyp
         "tests.test_sp_linear:case_sp_linear", algo=algo, layout=layout, mode=mode, dtype=dtype, chunk_len=chunk_len
     )
     n = SeqLayout(layout, W).chunks_per_rank
-    state_shape = [n, 2, 4, 6, 5]  # [n, B, H, K, V]: no T in it
+    # [n, B, H, K, V] states, no T in it, as bytes after the rank agreement header
+    message = [HEADER_BYTES + n * 2 * 4 * 6 * 5 * (8 if dtype == "f64" else 4)]
     if W == 1:
         assert all(r["fwd"] == [] and r["bwd"] == [] for r in results)
     elif algo == "lasp2":
         for r in results:
-            assert r["fwd"] == [("gloo:all_gather", [state_shape])], r["fwd"]
-            assert r["bwd"] == [("gloo:all_gather", [state_shape])], r["bwd"]
+            assert r["fwd"] == [("gloo:all_gather", [message])], r["fwd"]
+            assert r["bwd"] == [("gloo:all_gather", [message])], r["bwd"]
     else:
+        for r in results:  # the fingerprints, once per call
+            assert r["fwd"][0] == ("gloo:all_gather", [[HEADER_BYTES]]), r["fwd"]
+            r["fwd"] = r["fwd"][1:]
         for phase in ("fwd", "bwd"):
             events = [name for r in results for name, _ in r[phase]]
             assert set(events) <= {"gloo:send", "gloo:recv"}, events
@@ -92,6 +102,13 @@ def test_lasp2_bytes_do_not_depend_on_length(dist_pool):
     )
     assert [r["fwd"] for r in short] == [r["fwd"] for r in long]
     assert [r["bwd"] for r in short] == [r["bwd"] for r in long]
+
+
+def test_lasp2_without_rank_checks_gathers_the_bare_states(dist_pool):
+    res = dist_pool(3).run("tests.test_sp_linear:case_sp_linear", algo="lasp2", layout="zigzag", mode="decay",
+                           dtype="f32", chunk_len=5, check_ranks=False)
+    for r in res:
+        assert r["fwd"] == r["bwd"] == [("gloo:all_gather", [[2, 2, 4, 6, 5]])], r
 
 
 def case_bad_local_length():

@@ -52,6 +52,8 @@ def case_sp_attn(algo, layout, causal, dtype, heads, chunk_len, decay=False, B=2
     o_ref.backward(do)
     shard = lambda x: shard_sequence(x, rank=rank, world_size=W, layout=layout)  # noqa: E731
     local = [shard(x).requires_grad_() for x in (q, k, v)]
+    with torch.no_grad():
+        sp_fn(*local)  # the first call of a new size announces it (lasp.distributed.agree): count a steady call
     o, pf = _profiled(sp_fn, *local)
     _, pb = _profiled(o.backward, shard(do))
 
@@ -64,11 +66,12 @@ def case_sp_attn(algo, layout, causal, dtype, heads, chunk_len, decay=False, B=2
     return {"fwd": c10d_ops(pf), "bwd": c10d_ops(pb), "sdpa_q_k": [(s[0][2], s[1][2]) for s in sdpa]}
 
 
+FINGERPRINTS = ["c10d::_allgather_base_"]  # ops whose collectives carry no header exchange one per call
 EXPECTED = {
     "lasp2h": lambda W: (["c10d::_allgather_base_"], ["c10d::_reduce_scatter_base_"]),
-    "ring": lambda W: (["c10d::send", "c10d::recv_"] * (W - 1), ["c10d::send", "c10d::recv_"] * W),
-    "ulysses": lambda W: (["c10d::alltoall_base_"] * 4, ["c10d::alltoall_base_"] * 4),
-    "ulysses_linear": lambda W: (["c10d::alltoall_base_"] * 4, ["c10d::alltoall_base_"] * 4),
+    "ring": lambda W: (FINGERPRINTS + ["c10d::send", "c10d::recv_"] * (W - 1), ["c10d::send", "c10d::recv_"] * W),
+    "ulysses": lambda W: (FINGERPRINTS + ["c10d::alltoall_base_"] * 4, ["c10d::alltoall_base_"] * 4),
+    "ulysses_linear": lambda W: (FINGERPRINTS + ["c10d::alltoall_base_"] * 4, ["c10d::alltoall_base_"] * 4),
 }
 
 
@@ -146,3 +149,25 @@ def case_bad_heads():
 
 def test_ulysses_heads_not_divisible_is_a_clear_error(dist_pool):
     assert all("6 heads are not divisible by 4 ranks" in m for m in dist_pool(4).run("tests.test_sp_softmax:case_bad_heads"))
+
+
+@pytest.mark.parametrize(
+    "shapes, kwargs, err, match",
+    [
+        (((2, 8, 4), (2, 8, 4), (2, 8, 4)), {}, ValueError, r"q must be \[B, T, H, D\], got shape \(2, 8, 4\)"),
+        (((2, 8, 4, 4), (1, 8, 4, 4), (1, 8, 4, 4)), {}, ValueError, "must share (the )?batch"),
+        (((2, 8, 4, 4), (2, 8, 4, 4), (2, 6, 4, 4)), {}, ValueError, r"k, v the length.*v \(2, 6, 4, 4\)"),
+        (((2, 9, 4, 4), (2, 8, 4, 4), (2, 8, 4, 4)), {}, ValueError, r"more queries \(9\) than keys \(8\)"),
+        (((2, 8, 4, 4), (2, 8, 4, 4), (2, 8, 4, 4)), dict(scale=0), ValueError, "scale must be a finite number > 0"),
+        (((2, 8, 4, 4), (2, 8, 4, 4), (2, 8, 4, 4)), dict(causal="no"), TypeError, "causal must be True or False"),
+    ],
+)
+def test_softmax_attn_checks_like_the_sp_ops(shapes, kwargs, err, match):
+    q, k, v = (torch.randn(*s) for s in shapes)
+    with pytest.raises(err, match=match):
+        softmax_attn(q, k, v, **kwargs)
+    if q.dim() == 4 and q.shape[1] == k.shape[1]:  # the SP ops on one rank refuse the same
+        same = "must share" if "share" in match or "the length" in match else match  # q, k, v as one
+        for fn in SOFTMAX.values():
+            with pytest.raises(err, match=same):
+                fn(q, k, v, layout="contiguous", **kwargs)

@@ -1,6 +1,7 @@
 """Autograd-aware collectives over an explicit group: each forward has the collective its gradient needs.
 
     all_gather_stack:  x -> [W, *x.shape] (all ranks' x);  backward: reduce-scatter of the gradient.
+                       With a fingerprint, the gather carries the rank agreement header (agree.py).
     all_to_all_stack:  x [W, ...] -> [W, ...], piece j goes to rank j;  backward: the same all-to-all.
     ring_shift:        x -> the x of rank r-1 (sent to r+1);  backward: the gradient goes the other way.
 """
@@ -9,13 +10,16 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from lasp.distributed.agree import Fingerprint, start_checked_gather
 from lasp.distributed.comm import all_gather_single, global_rank, group_rank, group_size, reduce_scatter_single
 
 
 class _AllGatherStack(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, group):
+    def forward(ctx, x, group, fp):
         ctx.group = group
+        if fp is not None:
+            return start_checked_gather(x, group, fp)[0].wait()
         x = x.contiguous().unsqueeze(0)
         out = x.new_empty(group_size(group), *x.shape[1:])
         all_gather_single(out, x, group=group)
@@ -25,7 +29,7 @@ class _AllGatherStack(torch.autograd.Function):
     def backward(ctx, grad):
         out = grad.new_empty(1, *grad.shape[1:])
         reduce_scatter_single(out, grad.contiguous(), group=ctx.group)
-        return out.squeeze(0), None
+        return out.squeeze(0), None, None
 
 
 class _AllToAllStack(torch.autograd.Function):
@@ -68,9 +72,10 @@ class _RingShift(torch.autograd.Function):
         return _shift(grad, ctx.group, -1), None
 
 
-def all_gather_stack(x: Tensor, group=None) -> Tensor:
-    """Every rank's x stacked in rank order: [W, *x.shape]. Gradient: reduce-scatter."""
-    return _AllGatherStack.apply(x, group)
+def all_gather_stack(x: Tensor, group=None, fingerprint: Fingerprint | None = None) -> Tensor:
+    """Every rank's x stacked in rank order: [W, *x.shape]. Gradient: reduce-scatter. With a
+    `fingerprint`, every rank raises RanksDisagree unless all ranks' fingerprints agree."""
+    return _AllGatherStack.apply(x, group, fingerprint)
 
 
 def all_to_all_stack(x: Tensor, group=None) -> Tensor:

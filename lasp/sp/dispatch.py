@@ -1,5 +1,13 @@
 """The shared entries of the sequence-parallel ops: validate before any communication, pick the layout,
-fall back to the single-device op on a group of one, else dispatch."""
+fall back to the single-device op on a group of one, agree with the other ranks, else dispatch.
+
+Rank agreement (lasp.distributed.agree): every op's fingerprint holds the local length, the shapes, the
+dtype, the layout, causal, the scale and (linear ops) a digest of the decay. LASP-2 and LASP-2H carry it in
+the buffer they all-gather anyway; LASP-1, Ring and Ulysses, whose collectives carry no such buffer,
+exchange it in one small all-gather per call. A rank whose own arguments are wrong tells the others
+before raising, so that every rank stops. `check_ranks=False` skips all of it (benchmarks); then ranks
+that disagree compute wrong results or hang, as they would in any collective code.
+"""
 
 from collections.abc import Callable
 
@@ -7,6 +15,7 @@ import torch
 from torch import Tensor
 
 from lasp.distributed import group_size
+from lasp.distributed.agree import Fingerprint, agree, refuse
 from lasp.kernels import DEFAULT_KERNEL, LinearAttnKernel, linear_attn
 from lasp.kernels.linear_attn import check_linear_attn_args
 from lasp.kernels.softmax_attn import check_softmax_attn_args, softmax_attn
@@ -19,28 +28,82 @@ def check_heads_divisible(H: int, W: int) -> None:
         raise ValueError(f"Ulysses splits heads across the group: {H} heads are not divisible by {W} ranks")
 
 
+def decay_digest(log_decay: Tensor) -> Tensor:
+    """A 0-dim float64 summary of the decay values, computed on their device (no host sync): a weighted
+    sum whose weights differ per head, so a permutation or a changed value changes it."""
+    g = log_decay.detach().to(torch.float64).flatten()
+    w = torch.arange(1, g.numel() + 1, dtype=torch.float64, device=g.device).sqrt_()
+    return (g * w).sum()
+
+
+def _fingerprint(op: str, q: Tensor, k: Tensor, v: Tensor, layout: str, causal: bool, scale: float,
+                 log_decay: Tensor | None, linear: bool) -> Fingerprint:
+    B, T, H, K = q.shape
+    fields = [
+        ("local length", T), ("batch size", B), ("query heads", H), ("key/value heads", k.shape[2]),
+        ("key head dim", K), ("value head dim", v.shape[3]), ("dtype", str(q.dtype).removeprefix("torch.")),
+        ("layout", layout), ("causal", bool(causal)), ("scale", scale),
+    ]
+    if linear:
+        fields.append(("decay", None if log_decay is None else decay_digest(log_decay)))
+    return Fingerprint(op, tuple(fields))
+
+
+def _checked_locally(op: str, group, device: torch.device, check_ranks: bool, checks: Callable):
+    """Run the local checks; on failure tell the other ranks first (see module doc), then raise."""
+    try:
+        return checks()
+    except (ValueError, TypeError):
+        if check_ranks:
+            refuse(Fingerprint(op), group, device)
+        raise
+
+
+def _device(q) -> torch.device:
+    return q.device if isinstance(q, Tensor) else torch.device("cpu")
+
+
 def run_sp_linear_attn(
-    fn: type[torch.autograd.Function],
+    impl: Callable[..., Tensor],
     q: Tensor,
     k: Tensor,
     v: Tensor,
     *,
+    op: str,
     group,
     layout: str,
     log_decay: Tensor | None,
     causal: bool,
     scale: float | None,
     kernel: LinearAttnKernel | None,
+    check_ranks: bool,
+    in_band: bool = False,
+    heads_divisible: bool = False,
 ) -> Tensor:
-    """Check every argument before any communication, then run `fn` (an SP autograd Function taking
-    q, k, v, log_decay, scale, causal, group, layout, kernel), or `linear_attn` on a group of one."""
-    k, v, scale = check_linear_attn_args(q, k, v, log_decay, causal, scale)
-    lay = SeqLayout(layout, group_size(group))
-    lay.check_local_length(q.shape[1])
+    """Check every argument before any communication, then run impl(q, k, v, log_decay, scale, causal,
+    group, lay, kernel, fingerprint) (k, v repeated to q's heads), or `linear_attn` on a group of one.
+    `in_band`: `impl` carries the fingerprint in its own all-gather; else it is exchanged here first.
+    `heads_divisible`: the query heads must split evenly across the group (Ulysses)."""
+    W = group_size(group)
+
+    def checks():
+        k2, v2, s = check_linear_attn_args(q, k, v, log_decay, causal, scale)
+        lay = SeqLayout(layout, W)
+        lay.check_local_length(q.shape[1])
+        if heads_divisible:
+            check_heads_divisible(q.shape[2], W)
+        return k2, v2, s, lay
+
+    if W == 1:
+        k2, v2, s, _ = checks()
+        return linear_attn(q, k, v, log_decay=log_decay, causal=causal, scale=s, kernel=kernel)
+    k2, v2, s, lay = _checked_locally(op, group, _device(q), check_ranks, checks)
+    fp = _fingerprint(op, q, k, v, layout, causal, s, log_decay, linear=True) if check_ranks else None
+    if fp is not None and not in_band:
+        agree(fp, group, q.device)
+        fp = None
     kernel = DEFAULT_KERNEL if kernel is None else kernel
-    if lay.world_size == 1:
-        return linear_attn(q, k, v, log_decay=log_decay, causal=causal, scale=scale, kernel=kernel)
-    return fn.apply(q, k, v, log_decay, scale, causal, group, lay, kernel)
+    return impl(q, k2, v2, log_decay, s, causal, group, lay, kernel, fp)
 
 
 def run_sp_softmax_attn(
@@ -49,19 +112,33 @@ def run_sp_softmax_attn(
     k: Tensor,
     v: Tensor,
     *,
+    op: str,
     group,
     layout: str,
     causal: bool,
     scale: float | None,
+    check_ranks: bool,
+    in_band: bool = False,
     heads_divisible: bool = False,
 ) -> Tensor:
-    """Check every argument, then run impl(q, k, v, lay, group, causal, scale), or `softmax_attn` on a
-    group of one. `heads_divisible`: the query heads must split evenly across the group (Ulysses)."""
-    scale = check_softmax_attn_args(q, k, v, scale)
-    lay = SeqLayout(layout, group_size(group))
-    lay.check_local_length(q.shape[1])
-    if heads_divisible:
-        check_heads_divisible(q.shape[2], lay.world_size)
-    if lay.world_size == 1:
-        return softmax_attn(q, k, v, causal=causal, scale=scale)
-    return impl(q, k, v, lay, group, causal, scale)
+    """Check every argument, then run impl(q, k, v, lay, group, causal, scale, fingerprint), or
+    `softmax_attn` on a group of one. `in_band` and `heads_divisible` as in `run_sp_linear_attn`."""
+    W = group_size(group)
+
+    def checks():
+        s = check_softmax_attn_args(q, k, v, causal, scale)
+        lay = SeqLayout(layout, W)
+        lay.check_local_length(q.shape[1])
+        if heads_divisible:
+            check_heads_divisible(q.shape[2], W)
+        return s, lay
+
+    if W == 1:
+        s, _ = checks()
+        return softmax_attn(q, k, v, causal=causal, scale=s)
+    s, lay = _checked_locally(op, group, _device(q), check_ranks, checks)
+    fp = _fingerprint(op, q, k, v, layout, causal, s, None, linear=False) if check_ranks else None
+    if fp is not None and not in_band:
+        agree(fp, group, q.device)
+        fp = None
+    return impl(q, k, v, lay, group, causal, s, fp)

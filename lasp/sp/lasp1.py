@@ -52,7 +52,7 @@ def _chain_total(x_nBHKV: Tensor, lay: SeqLayout, group) -> Tensor:
 
 class _Lasp1Fn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, log_decay, scale, causal, group, lay: SeqLayout, kernel: LinearAttnKernel):
+    def forward(ctx, q, k, v, log_decay, scale, causal, group, lay: SeqLayout, kernel: LinearAttnKernel, fp):
         n = lay.chunks_per_rank
         qc, kc, vc = (split_local_chunks(x, n) for x in (q, k, v))
         m = kernel.chunk_state(kc, vc, log_decay)
@@ -85,7 +85,7 @@ class _Lasp1Fn(torch.autograd.Function):
             dq, dk, dv = dq + dq_i, dk + dk_s, dv + dv_s
         else:
             dk, dv = kernel.chunk_state_bwd(kc, vc, None, _chain_total(ds, lay, ctx.group).flatten(0, 1))
-        return (*(merge_local_chunks(x, n) for x in (dq, dk, dv)), None, None, None, None, None, None)
+        return (*(merge_local_chunks(x, n) for x in (dq, dk, dv)), None, None, None, None, None, None, None)
 
 
 def lasp1_linear_attn(
@@ -99,8 +99,11 @@ def lasp1_linear_attn(
     causal: bool = True,
     scale: float | None = None,
     kernel: LinearAttnKernel | None = None,
+    check_ranks: bool = True,
 ) -> Tensor:
-    """LASP-1 (ring, point-to-point) linear attention; same contract as `lasp2_linear_attn`."""
+    """LASP-1 (ring, point-to-point) linear attention; same contract as `lasp2_linear_attn`, except that
+    `check_ranks` costs one small all-gather of fingerprints per call (its hops carry no header)."""
     return run_sp_linear_attn(
-        _Lasp1Fn, q, k, v, group=group, layout=layout, log_decay=log_decay, causal=causal, scale=scale, kernel=kernel
+        _Lasp1Fn.apply, q, k, v, op="lasp1", group=group, layout=layout, log_decay=log_decay, causal=causal, scale=scale,
+        kernel=kernel, check_ranks=check_ranks,
     )

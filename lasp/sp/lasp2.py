@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from lasp.distributed import all_gather_async, group_rank
+from lasp.distributed.agree import Fingerprint, start_checked_gather
 from lasp.kernels import LinearAttnKernel
 from lasp.kernels.scan import exclusive_scan
 from lasp.sp.dispatch import run_sp_linear_attn
@@ -34,16 +35,34 @@ def _total(states_CBHKV: Tensor, n: int) -> Tensor:
     return states_CBHKV.sum(0).repeat(n, 1, 1, 1)
 
 
+class _Gather:
+    """The all-gather of every rank's [n, B, H, K, V] states (or state gradients): plain, or with the rank
+    agreement header inside the same message (lasp.distributed.agree) when the call has a fingerprint."""
+
+    def __init__(self, x_nBHKV: Tensor, group, fp: Fingerprint | None, call: int | None = None):
+        self.call = None
+        if fp is None:
+            self._out, self._pending = all_gather_async(x_nBHKV, group)
+        else:
+            self._pending, self.call = start_checked_gather(x_nBHKV, group, fp, call=call)
+
+    def wait(self) -> Tensor:
+        """[W * n, B, H, K, V] in rank-major order."""
+        if self.call is None:
+            self._pending.wait()
+            return self._out
+        return self._pending.wait().flatten(0, 1)
+
+
 class _Lasp2Fn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, log_decay, scale, causal, group, lay: SeqLayout, kernel: LinearAttnKernel):
+    def forward(ctx, q, k, v, log_decay, scale, causal, group, lay: SeqLayout, kernel: LinearAttnKernel, fp):
         n, rank = lay.chunks_per_rank, group_rank(group)
         qc, kc, vc = (split_local_chunks(x, n) for x in (q, k, v))
         m = kernel.chunk_state(kc, vc, log_decay)
-        gathered, work = all_gather_async(m.view(n, -1, *m.shape[1:]), group)
+        gather = _Gather(m.view(n, -1, *m.shape[1:]), group, fp)
         o = kernel.intra_fwd(qc, kc, vc, log_decay, scale) if causal else None
-        work.wait()
-        states = _in_global_order(gathered, lay)
+        states = _in_global_order(gather.wait(), lay)
         if causal:
             decay = kernel.chunk_decay(log_decay, qc.shape[1])
             s_in = _mine(exclusive_scan(states, decay, dim=0)[0], lay, rank)
@@ -53,6 +72,8 @@ class _Lasp2Fn(torch.autograd.Function):
             o = kernel.inter_fwd(qc, s_in, None, scale)
         ctx.save_for_backward(qc, kc, vc, log_decay, s_in)
         ctx.scale, ctx.causal, ctx.group, ctx.lay, ctx.kernel = scale, causal, group, lay, kernel
+        ctx.bwd_fp = None if fp is None else Fingerprint(fp.op + ".bwd")
+        ctx.call = gather.call
         return merge_local_chunks(o, n)
 
     @staticmethod
@@ -62,12 +83,11 @@ class _Lasp2Fn(torch.autograd.Function):
         g = log_decay if ctx.causal else None
         doc = split_local_chunks(do, n)
         dq, ds = kernel.inter_bwd(qc, s_in, g, scale, doc)
-        gathered, work = all_gather_async(ds.view(n, -1, *ds.shape[1:]), ctx.group)
+        gather = _Gather(ds.view(n, -1, *ds.shape[1:]), ctx.group, ctx.bwd_fp, ctx.call)
         if ctx.causal:
             dq_i, dk, dv = kernel.intra_bwd(qc, kc, vc, g, scale, doc)
             dq = dq + dq_i
-        work.wait()
-        grads = _in_global_order(gathered, lay)
+        grads = _in_global_order(gather.wait(), lay)
         if ctx.causal:
             decay = kernel.chunk_decay(g, qc.shape[1])
             dm = _mine(exclusive_scan(grads, decay, dim=0, reverse=True)[0], lay, group_rank(ctx.group))
@@ -75,7 +95,7 @@ class _Lasp2Fn(torch.autograd.Function):
             dk, dv = dk + dk_s, dv + dv_s
         else:
             dk, dv = kernel.chunk_state_bwd(kc, vc, None, _total(grads, n))
-        return (*(merge_local_chunks(x, n) for x in (dq, dk, dv)), None, None, None, None, None, None)
+        return (*(merge_local_chunks(x, n) for x in (dq, dk, dv)), None, None, None, None, None, None, None)
 
 
 def lasp2_linear_attn(
@@ -89,6 +109,7 @@ def lasp2_linear_attn(
     causal: bool = True,
     scale: float | None = None,
     kernel: LinearAttnKernel | None = None,
+    check_ranks: bool = True,
 ) -> Tensor:
     """LASP-2 linear attention over the sequence-parallel `group` (None = the default group).
 
@@ -97,7 +118,12 @@ def lasp2_linear_attn(
     shard of `linear_attn` on the whole sequence; the gradients of q, k, v are the shards of the full
     gradients. One all-gather of B*H*K*V-sized states per local chunk forward, one backward, whatever T.
     With no process group initialised, or a group of one rank, this is `linear_attn`.
+
+    `check_ranks`: the all-gathers also carry a fingerprint of every rank's arguments (local length,
+    shapes, dtype, layout, causal, scale, decay), and ranks that disagree all raise `RanksDisagree`
+    naming the values (no extra collective; see lasp.distributed.agree). False skips it.
     """
     return run_sp_linear_attn(
-        _Lasp2Fn, q, k, v, group=group, layout=layout, log_decay=log_decay, causal=causal, scale=scale, kernel=kernel
+        _Lasp2Fn.apply, q, k, v, op="lasp2", group=group, layout=layout, log_decay=log_decay, causal=causal, scale=scale,
+        kernel=kernel, check_ranks=check_ranks, in_band=True,
     )

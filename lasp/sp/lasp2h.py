@@ -28,18 +28,21 @@ def lasp2h_softmax_attn(
     layout: str = "zigzag",
     causal: bool = True,
     scale: float | None = None,
+    check_ranks: bool = True,
 ) -> Tensor:
     """LASP-2H softmax attention over `group` (None = the default group).
 
     q [B, T, Hq, D], k [B, T, Hkv, D], v [B, T, Hkv, Dv] are this rank's shards under `layout`
     (Hq % Hkv == 0). Returns this rank's shard of softmax attention on the whole sequence.
+    `check_ranks`: the K/V all-gather carries every rank's fingerprint (as in `lasp2_linear_attn`).
     """
-    return run_sp_softmax_attn(_lasp2h, q, k, v, group=group, layout=layout, causal=causal, scale=scale)
+    return run_sp_softmax_attn(_lasp2h, q, k, v, op="lasp2h", group=group, layout=layout, causal=causal,
+                               scale=scale, check_ranks=check_ranks, in_band=True)
 
 
-def _lasp2h(q: Tensor, k: Tensor, v: Tensor, lay: SeqLayout, group, causal: bool, scale: float) -> Tensor:
+def _lasp2h(q: Tensor, k: Tensor, v: Tensor, lay: SeqLayout, group, causal: bool, scale: float, fp) -> Tensor:
     L = q.shape[1] // lay.chunks_per_rank
-    kv_full = stacked_to_global(all_gather_stack(pack_kv(k, v), group), lay)
+    kv_full = stacked_to_global(all_gather_stack(pack_kv(k, v), group, fp), lay)
     k_full, v_full = unpack_kv(kv_full, k.shape[2], k.shape[3])
     if not causal:
         return softmax_attn(q, k_full, v_full, causal=False, scale=scale)

@@ -88,9 +88,11 @@ def ring_softmax_attn(
     layout: str = "zigzag",
     causal: bool = True,
     scale: float | None = None,
+    check_ranks: bool = True,
 ) -> Tensor:
-    """Ring Attention over `group`; same contract as `lasp2h_softmax_attn`."""
+    """Ring Attention over `group`; same contract as `lasp2h_softmax_attn`, except that `check_ranks`
+    costs one small all-gather of fingerprints per call (its hops carry no header)."""
     return run_sp_softmax_attn(
-        lambda q, k, v, lay, group, causal, scale: _RingAttnFn.apply(q, k, v, causal, scale, group, lay),
-        q, k, v, group=group, layout=layout, causal=causal, scale=scale,
+        lambda q, k, v, lay, group, causal, scale, fp: _RingAttnFn.apply(q, k, v, causal, scale, group, lay),
+        q, k, v, op="ring", group=group, layout=layout, causal=causal, scale=scale, check_ranks=check_ranks,
     )

@@ -12,11 +12,10 @@ from collections.abc import Callable
 
 from torch import Tensor
 
-from lasp.distributed import all_to_all_stack, group_rank, group_size
+from lasp.distributed import all_to_all_stack, group_rank
 from lasp.kernels import linear_attn
-from lasp.kernels.linear_attn import check_linear_attn_args
 from lasp.kernels.softmax_attn import softmax_attn
-from lasp.sp.dispatch import check_heads_divisible, run_sp_softmax_attn
+from lasp.sp.dispatch import run_sp_linear_attn, run_sp_softmax_attn
 from lasp.sp.layout import SeqLayout, global_to_stacked, stacked_to_global
 
 
@@ -50,12 +49,20 @@ def ulysses_softmax_attn(
     layout: str = "zigzag",
     causal: bool = True,
     scale: float | None = None,
+    check_ranks: bool = True,
 ) -> Tensor:
-    """Ulysses softmax attention over `group`; same contract as `lasp2h_softmax_attn`, plus Hq % W == 0."""
+    """Ulysses softmax attention over `group`; same contract as `ring_softmax_attn`, plus Hq % W == 0."""
     return run_sp_softmax_attn(
-        lambda q, k, v, lay, group, causal, scale: _run(softmax_attn, q, k, v, lay, group, causal=causal, scale=scale),
-        q, k, v, group=group, layout=layout, causal=causal, scale=scale, heads_divisible=True,
+        lambda q, k, v, lay, group, causal, scale, fp: _run(softmax_attn, q, k, v, lay, group, causal=causal, scale=scale),
+        q, k, v, op="ulysses", group=group, layout=layout, causal=causal, scale=scale, check_ranks=check_ranks,
+        heads_divisible=True,
     )
+
+
+def _linear(q, k, v, log_decay, scale, causal, group, lay: SeqLayout, kernel, fp) -> Tensor:
+    h, r = q.shape[2] // lay.world_size, group_rank(group)
+    mine = None if log_decay is None else log_decay[r * h : (r + 1) * h]
+    return _run(linear_attn, q, k, v, lay, group, log_decay=mine, causal=causal, scale=scale)
 
 
 def ulysses_linear_attn(
@@ -68,14 +75,10 @@ def ulysses_linear_attn(
     log_decay: Tensor | None = None,
     causal: bool = True,
     scale: float | None = None,
+    check_ranks: bool = True,
 ) -> Tensor:
-    """Ulysses linear attention over `group`; same contract as `lasp2_linear_attn`, plus H % W == 0."""
-    k, v, scale = check_linear_attn_args(q, k, v, log_decay, causal, scale)
-    lay = SeqLayout(layout, group_size(group))
-    lay.check_local_length(q.shape[1])
-    check_heads_divisible(q.shape[2], lay.world_size)
-    if lay.world_size == 1:
-        return linear_attn(q, k, v, log_decay=log_decay, causal=causal, scale=scale)
-    h = q.shape[2] // lay.world_size
-    mine = None if log_decay is None else log_decay[group_rank(group) * h : (group_rank(group) + 1) * h]
-    return _run(linear_attn, q, k, v, lay, group, log_decay=mine, causal=causal, scale=scale)
+    """Ulysses linear attention over `group`; same contract as `lasp1_linear_attn`, plus H % W == 0."""
+    return run_sp_linear_attn(
+        _linear, q, k, v, op="ulysses-linear", group=group, layout=layout, log_decay=log_decay, causal=causal,
+        scale=scale, kernel=None, check_ranks=check_ranks, heads_divisible=True,
+    )

@@ -6,7 +6,7 @@ Legend: B batch, T tokens, H heads (of q), Hkv heads of k and v, K key dim, V va
 import torch
 from torch import Tensor
 
-from lasp.kernels.checks import check_qkv
+from lasp.kernels.checks import check_causal, check_qkv, check_scale
 from lasp.kernels.linear_attn.chunk import TorchChunkKernel
 from lasp.kernels.protocol import LinearAttnKernel, state_dtype
 
@@ -14,13 +14,10 @@ DEFAULT_KERNEL: LinearAttnKernel = TorchChunkKernel()
 
 
 def _check_decay_values(log_decay: Tensor) -> None:
-    """Finite and <= 0. Reading the values syncs a GPU with the host, so each tensor is read once per
-    version (a model's decay buffer once, not at every layer call); changing it in place reads it again."""
-    if getattr(log_decay, "_lasp_checked_version", None) == log_decay._version:
-        return
+    """Finite and <= 0, read at every call: on a GPU this is one small device-to-host read. (No cache:
+    a write through `.data` does not bump the tensor's version, so a cache keyed on it could be fooled.)"""
     if not bool(torch.isfinite(log_decay).all()) or bool((log_decay > 0).any()):
         raise ValueError(f"log_decay must be finite and <= 0 (decay in (0, 1]), got {log_decay.tolist()}")
-    log_decay._lasp_checked_version = log_decay._version
 
 
 def check_linear_attn_args(
@@ -32,19 +29,30 @@ def check_linear_attn_args(
     their gradients back over each group.
     """
     check_qkv(q, k, v)
+    causal = check_causal(causal)
     H, Hkv = q.shape[2], k.shape[2]
     if log_decay is not None:
+        if not isinstance(log_decay, Tensor):
+            raise TypeError(
+                f"log_decay must be a tensor of shape [H] = [{H}] (one log-decay <= 0 per head) or None, got "
+                f"{type(log_decay).__name__} {log_decay!r}"
+            )
         if not causal:
             raise ValueError("decay needs causal=True: bidirectional linear attention has no decay")
         if tuple(log_decay.shape) != (H,):
             raise ValueError(f"log_decay must have shape [H] = [{H}], got {tuple(log_decay.shape)}")
+        if not log_decay.dtype.is_floating_point:
+            raise ValueError(f"log_decay must be a floating-point tensor, got {log_decay.dtype}")
+        if log_decay.device != q.device:
+            raise ValueError(f"log_decay is on {log_decay.device} but q is on {q.device}")
         if log_decay.requires_grad:
             raise ValueError("log_decay is a fixed per-head constant here; pass it detached (no grad)")
         _check_decay_values(log_decay)
+    scale = check_scale(scale, q.shape[-1])
     if Hkv != H:
         k = k.repeat_interleave(H // Hkv, dim=2)
         v = v.repeat_interleave(H // Hkv, dim=2)
-    return k, v, (q.shape[-1] ** -0.5 if scale is None else float(scale))
+    return k, v, scale
 
 
 class _LinearAttnFn(torch.autograd.Function):

@@ -11,21 +11,26 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention.bias import causal_lower_right
 
-from lasp.kernels.checks import check_qkv
+from lasp.kernels.checks import check_causal, check_qkv, check_scale
 
 
-def check_softmax_attn_args(q: Tensor, k: Tensor, v: Tensor, scale: float | None) -> float:
-    """Validate shapes shared by every softmax attention op; return the scale (default D**-0.5)."""
-    check_qkv(q, k, v)
-    return q.shape[-1] ** -0.5 if scale is None else float(scale)
+def check_softmax_attn_args(
+    q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None, *, same_length: bool = True
+) -> float:
+    """Validate the arguments shared by every softmax attention op; return the scale (default D**-0.5).
+    `same_length`: q as long as k and v (else at most as long: a block of queries at the end of the keys)."""
+    check_qkv(q, k, v, same_length=same_length)
+    check_causal(causal)
+    if q.shape[1] > k.shape[1]:
+        raise ValueError(f"more queries ({q.shape[1]}) than keys ({k.shape[1]}): q {tuple(q.shape)}, k {tuple(k.shape)}")
+    return check_scale(scale, q.shape[-1])
 
 
 def softmax_attn(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, scale: float | None = None) -> Tensor:
     """Softmax attention through torch SDPA: q [B, Tq, Hq, D], k [B, Tk, Hkv, D], v [B, Tk, Hkv, Dv]
     -> [B, Tq, Hq, Dv]. With Tq < Tk the causal mask is end-aligned (see module doc)."""
+    scale = check_softmax_attn_args(q, k, v, causal, scale, same_length=False)
     Tq, Tk = q.shape[1], k.shape[1]
-    if Tq > Tk:
-        raise ValueError(f"more queries ({Tq}) than keys ({Tk})")
     mask, is_causal = None, False
     if causal:
         if Tq == Tk:
