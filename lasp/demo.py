@@ -17,6 +17,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from lasp import lasp2_linear_attn, linear_attn, shard_sequence
+from lasp.cli import at_least, processes, sequence, usage_error
 
 _ELEM = {"Float": 4, "Double": 8, "Half": 2, "BFloat16": 2}
 
@@ -82,15 +83,14 @@ def main(argv=None) -> None:
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     args = p.parse_args(argv)
-    if args.world_size < 1:
-        p.error(f"--world-size must be >= 1, got {args.world_size}")
-    if args.seq_len % (2 * args.world_size):
-        p.error(f"--seq-len {args.seq_len} must be a multiple of 2 x world size = {2 * args.world_size} (zigzag)")
     gpus = torch.cuda.device_count()
     if args.device == "auto":
-        args.device = "cuda" if gpus >= args.world_size else "cpu"
-    elif args.device == "cuda" and gpus < args.world_size:
-        p.error(f"--device cuda needs one GPU per process: {args.world_size} processes, {gpus} GPUs")
+        args.device = "cuda" if args.world_size >= 1 and gpus >= args.world_size else "cpu"
+    problems = processes("--world-size", args.world_size, gpus=args.device == "cuda")
+    problems += at_least("--heads", args.heads) + at_least("--head-dim", args.head_dim)
+    if args.world_size >= 1:  # zigzag: the finer of the two layouts
+        problems += sequence("--seq-len", args.seq_len, "zigzag", args.world_size)
+    usage_error(p, problems)
     if args.device == "cpu":
         os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.world_size)))
     print(f"LASP-2 demo: spawning {args.world_size} processes ({args.device})")

@@ -16,6 +16,51 @@ def test_config_reports_every_problem_at_once():
         assert part in msg
 
 
+def _model_problems(**kw) -> str:
+    with pytest.raises(ValueError) as e:
+        ModelConfig(**kw)
+    return str(e.value)
+
+
+@pytest.mark.parametrize("value, shown", [("4", "str '4'"), (2.5, "float 2.5"), (True, "bool True")],
+                         ids=["str", "float", "bool"])
+def test_an_int_field_of_another_type_is_named_with_its_value(value, shown):
+    assert f"model.num_heads: expected int, got {shown}" in _model_problems(num_heads=value)
+
+
+def test_every_field_type_is_checked():
+    msg = _model_problems(feature_map=3, output_norm=1, norm_eps="1e-5", layer_pattern=None)
+    for part in ["model.feature_map: expected str, got int 3", "model.output_norm: expected bool, got int 1",
+                 "model.norm_eps: expected float, got str '1e-5'", "model.layer_pattern: expected str, got NoneType"]:
+        assert part in msg, msg
+    assert ModelConfig(rope_theta=500000, norm_eps=1, init_std=0).rope_theta == 500000  # a float field takes an int
+
+
+def test_sizes_below_one_and_the_later_checks_all_reported():
+    msg = _model_problems(num_heads=0, num_kv_heads=-1, vocab_size="256", norm_eps=0.0, rope_theta=-1.0,
+                          feature_map="tanh", layer_pattern="LXS")
+    for part in ["model.num_heads must be >= 1, got 0", "model.num_kv_heads must be >= 1, got -1",
+                 "model.vocab_size: expected int, got str '256'", "model.norm_eps must be > 0, got 0.0",
+                 "model.rope_theta must be > 0, got -1.0", "model.feature_map", "model.layer_pattern"]:
+        assert part in msg, msg
+    assert "divisible" not in msg and "multiple" not in msg  # nothing is divided by a size below one
+
+
+@pytest.mark.parametrize("name", ["norm_eps", "rope_theta"])
+@pytest.mark.parametrize("value", [0.0, -1e-6])
+def test_norm_eps_and_rope_theta_must_be_positive(name, value):
+    assert f"model.{name} must be > 0, got {value}" in _model_problems(**{name: value})
+
+
+def test_an_odd_head_dim_is_refused_only_with_softmax_layers():
+    odd = dict(hidden_size=12, num_heads=4, num_kv_heads=2)  # head dim 3
+    msg = _model_problems(**odd, layer_pattern="LLLS")
+    assert "head dim 3 must be even for RoPE" in msg and "'LLLS'" in msg, msg
+    cfg = ModelConfig(**odd, layer_pattern="L")  # no softmax layer, no RoPE
+    logits = LinearLlama(cfg)(torch.randint(0, cfg.vocab_size, (1, 8)))
+    assert logits.shape == (1, 8, cfg.vocab_size) and torch.isfinite(logits).all()
+
+
 @pytest.mark.parametrize("variant", ["basic", "lightning", "retention"])
 def test_decays(variant):
     g = log_decay(variant, 4, layer=1, num_layers=4)

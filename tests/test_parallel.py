@@ -135,6 +135,50 @@ def test_bad_layouts_name_the_numbers(kwargs, world, seq, batch, parts):
     assert all(p in str(e.value) for p in parts), str(e.value)
 
 
+def _layout_problems(cfg, world=1, seq=SEQ, batch=BATCH) -> str:
+    with pytest.raises(ValueError) as e:
+        cfg.check(ModelConfig(**MODEL), world, seq, batch)
+    return str(e.value)
+
+
+@pytest.mark.parametrize("value, shown", [("4", "str '4'"), (2.5, "float 2.5"), (True, "bool True")],
+                         ids=["str", "float", "bool"])
+def test_a_size_of_another_type_is_named_with_its_value(value, shown):
+    from lasp.parallel import ParallelConfig
+
+    msg = _layout_problems(ParallelConfig(sp=value, sp_layout=3, dp_bucket_size="big"))
+    for part in [f"parallel.sp: expected int, got {shown}", "parallel.sp_layout: expected str, got int 3",
+                 "parallel.dp_bucket_size: expected int or null, got str 'big'"]:
+        assert part in msg, msg
+
+
+@pytest.mark.parametrize("bad", [0, -1])
+def test_a_size_below_one_does_not_stop_the_later_checks(bad):
+    from lasp.parallel import ParallelConfig
+
+    cfg = ParallelConfig(tp=bad, sp=bad, pp=3, dp=2, microbatches=bad, sp_layout="diagonal", loss_chunk_tokens=-1,
+                         zero_stage=5)
+    msg = _layout_problems(cfg, world=4, batch=3)
+    for part in [f"parallel.tp must be >= 1, got {bad}", f"parallel.sp must be >= 1, got {bad}",
+                 f"parallel.microbatches must be >= 1, got {bad}",
+                 "model.num_layers (4) is not divisible by parallel.pp (3)",
+                 "parallel.sp_layout must be one of contiguous, zigzag, got 'diagonal'",
+                 "parallel.loss_chunk_tokens must be >= 0, got -1", "parallel.zero_stage must be 0, 1, 2 or 3, got 5"]:
+        assert part in msg, msg
+    assert "world size" not in msg and "global batch" not in msg  # they would divide or multiply by a bad size
+    msg = _layout_problems(ParallelConfig(sp=bad, dp=2, microbatches=2), world=2, batch=3)
+    assert f"parallel.sp must be >= 1, got {bad}" in msg and "global batch 3 is not divisible" in msg, msg
+
+
+@pytest.mark.parametrize("seq, batch", [(0, 2), (-96, 2), (96, 0), (96, -2)])
+def test_sequence_length_and_batch_must_be_positive(seq, batch):
+    from lasp.parallel import ParallelConfig
+
+    msg = _layout_problems(ParallelConfig(sp=2, tp=3), world=6, seq=seq, batch=batch)
+    name, value = ("seq_len", seq) if seq < 1 else ("global_batch", batch)
+    assert f"data.{name} must be >= 1, got {value}" in msg and "parallel.tp (3)" in msg, msg
+
+
 def case_zero(stage, sp=1, dtype="f32"):
     import deepspeed.utils
 

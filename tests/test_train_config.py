@@ -152,3 +152,46 @@ def test_a_held_out_split_shorter_than_a_sequence_is_reported(tmp_path):
     assert any("reads sequences of 65 tokens from the held-out split, which has 21" in p for p in problems), problems
     data["train"] = {"eval_interval": 0}
     resolve(data, "x.yaml", 1, check_data=True)
+
+
+@pytest.mark.parametrize("value, shown", [("4", "str '4'"), (2.5, "float 2.5"), (True, "bool True")],
+                         ids=["str", "float", "bool"])
+def test_an_int_field_of_another_type_is_named_with_its_value(value, shown):
+    problems = "\n".join(_problems({"model": {"num_heads": value}, "parallel": {"sp": value},
+                                    "data": {"seq_len": value}, "train": {"steps": value}}))
+    for name in ("model.num_heads", "parallel.sp", "data.seq_len", "train.steps"):
+        assert f"{name}: expected int, got {shown}" in problems, problems
+
+
+@pytest.mark.parametrize("bad", [0, -1])
+def test_sizes_below_one_are_reported_once_with_the_rest(bad):
+    problems = _problems({"model": {"num_heads": 3, "num_kv_heads": 3, "hidden_size": 96, "norm_eps": 0.0,
+                                    "rope_theta": -1.0},
+                          "parallel": {"tp": 2, "sp": bad, "microbatches": bad},
+                          "data": {"seq_len": bad, "global_batch": bad}, "train": {"max_skipped_steps": -1}},
+                         world_size=2)
+    for part in [f"data.seq_len must be >= 1, got {bad}", f"data.global_batch must be >= 1, got {bad}",
+                 f"parallel.sp must be >= 1, got {bad}", f"parallel.microbatches must be >= 1, got {bad}",
+                 "model.norm_eps must be > 0, got 0.0", "model.rope_theta must be > 0, got -1.0",
+                 "train.max_skipped_steps must be >= 0, got -1"]:
+        assert sum(part in p for p in problems) == 1, (part, problems)
+    # a valid model: the TP checks still run beside the bad sizes
+    problems = _problems({"model": {"num_heads": 3, "num_kv_heads": 3, "hidden_size": 96},
+                          "parallel": {"tp": 2, "sp": bad}, "data": {"seq_len": bad}}, world_size=2)
+    assert any("model.num_heads (3) is not divisible by parallel.tp (2)" in p for p in problems), problems
+
+
+def test_the_rope_rule_follows_the_softmax_layers():
+    odd = {"hidden_size": 12, "num_heads": 4, "num_kv_heads": 2}  # head dim 3
+    assert any("must be even for RoPE" in p for p in _problems({"model": {**odd, "layer_pattern": "LS"}}))
+    assert resolve({"model": {**odd, "layer_pattern": "L"}}, "x.yaml", 1, check_data=False).model.head_dim == 3
+
+
+def test_unwritable_run_and_checkpoint_directories_are_reported(tmp_path):
+    (tmp_path / "file").write_text("")
+    problems = _problems({"logging": {"run_dir": str(tmp_path / "file" / "run")},
+                          "checkpoint": {"dir": str(tmp_path / "file" / "ckpt")}}, check_data=True)
+    for name in ("logging.run_dir", "checkpoint.dir"):
+        assert any(p.startswith(f"{name}: cannot write to {tmp_path / 'file'}/") and "is not a directory" in p
+                   for p in problems), problems
+    assert not (tmp_path / "file").is_dir()

@@ -19,6 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from lasp.bench.common import environment, write_jsonl
+from lasp.cli import processes, sequence, usage_error, writable
 
 B, H, HKV, D = 1, 8, 2, 64
 ALGOS = ["lasp2", "lasp1", "ulysses_linear", "lasp2h", "ring", "ulysses_softmax"]
@@ -128,10 +129,12 @@ def main(argv=None) -> None:
     p.add_argument("--out", type=Path, default=Path("results/comm_table"))
     args = p.parse_args(argv)
     W, N = args.world_size, args.seq_len
-    if W < 2 or N % (2 * W):
-        p.error(f"need --world-size >= 2 and --seq-len a multiple of 2 x world size; got {W}, {N}")
-    if H % W:
-        p.error(f"Ulysses needs the {H} heads divisible by --world-size {W}")
+    problems = processes("--world-size", W, low=2)
+    if W >= 2:
+        problems += sequence("--seq-len", N, "zigzag", W)
+        if H % W:
+            problems.append(f"--world-size {W}: Ulysses needs the {H} heads divisible by the world size")
+    usage_error(p, problems + writable("--out", args.out.with_suffix(".jsonl")))
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     print(f"counting communication: W={W}, N={N}, B={B}, H={H}, Hkv={HKV}, D={D}, zigzag, causal", flush=True)
     with tempfile.TemporaryDirectory(prefix="lasp-comm-") as tmp:

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from lasp.bench.common import environment, median_time, write_jsonl
+from lasp.cli import at_least, usage_error, writable
 from lasp.kernels import linear_attn, quadratic_linear_attn
 
 B, H, D = 1, 4, 64
@@ -40,6 +41,10 @@ def main(argv=None) -> None:
     p.add_argument("--quadratic-max", type=int, default=4096, help="longest T for the quadratic baseline")
     p.add_argument("--reps", type=int, default=5)
     args = p.parse_args(argv)
+    problems = at_least("--lengths", args.lengths) + at_least("--quadratic-max", args.quadratic_max)
+    problems += at_least("--reps", args.reps)
+    problems += writable("--out", args.out.with_suffix(".jsonl")) or writable("--out", args.out.with_suffix(".png"))
+    usage_error(p, problems)
     env = environment()
     print(f"linear_attn fwd+bwd, fp32, B={B} H={H} K=V={D}, decay; {env['hardware']['cpu']}, {env['hardware']['threads']} threads")
     rows = []

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from lasp.bench.common import environment, median_time
+from lasp.cli import at_least, usage_error, writable
 from lasp.kernels import TorchChunkKernel, linear_attn
 
 
@@ -137,10 +138,17 @@ def main(argv=None) -> None:
                    help="measure nothing: merge these files (e.g. one per call of a time-limited machine) into "
                         "<out>.jsonl, print the summary and plot")
     args = p.parse_args(argv)
+    unwritable = writable("--out", args.out.with_suffix(".jsonl")) or writable("--out", args.out.with_suffix(".png"))
     if args.from_jsonl:
+        usage_error(p, [f"--from-jsonl: {path} is not a file" for path in args.from_jsonl if not path.is_file()]
+                    + unwritable)
         return _merge(args.from_jsonl, args.out)
+    problems = []
     if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("this benchmark needs a CUDA GPU (the CPU benchmark is python -m lasp.bench.cpu_linear_attn)")
+        problems.append("this benchmark needs a CUDA GPU (the CPU benchmark is python -m lasp.bench.cpu_linear_attn)")
+    for option in ("batch", "lengths", "heads", "head_dim", "reps", "torch_max", "check_len"):
+        problems += at_least(f"--{option.replace('_', '-')}", getattr(args, option))
+    usage_error(p, problems + unwritable)
     H, D, device = args.heads, args.head_dim, args.device
     dtype = torch.bfloat16 if device == "cuda" else torch.float32  # the interpreter's bf16 tl.dot is wrong
     env = environment()

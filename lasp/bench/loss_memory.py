@@ -30,6 +30,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from lasp.bench.common import environment, write_jsonl
+from lasp.cli import at_least, usage_error, writable
 from lasp.model import chunked_lm_loss_sum, lm_loss_sum
 
 MEASURED, FAKE = "measured", "fake-tensor tracked"
@@ -158,6 +159,11 @@ def main(argv=None) -> None:
     p.add_argument("--validate", action="store_true", help="run both methods and report how far apart they are")
     p.add_argument("--out", type=Path, default=None, help="write <out>.jsonl")
     a = p.parse_args(argv)
+    problems = [q for option in ("tokens", "vocab", "hidden") for q in at_least(f"--{option}", getattr(a, option))]
+    problems += at_least("--chunk-tokens", a.chunk_tokens, low=0)
+    if a.out is not None:
+        problems += writable("--out", a.out.with_suffix(".jsonl"))
+    usage_error(p, problems)
     if a.validate:
         row = validate(a.tokens, a.vocab, a.hidden, a.chunk_tokens)
     else:

@@ -20,21 +20,26 @@ import tempfile
 from pathlib import Path
 
 from lasp.bench.common import environment, write_jsonl
+from lasp.cli import at_least, processes, usage_error, writable
 
 ROOT = Path(__file__).resolve().parents[2]
 WARMUP_STEPS = 3
 
 
+def _overrides(nprocs: int, steps: int, data: str, run_dir: str) -> list[str]:
+    """The `--set` overrides of one training run of the benchmark."""
+    sets = {"parallel.sp": nprocs, "train.steps": steps, "train.eval_interval": 0, "logging.run_dir": run_dir,
+            "logging.tensorboard": "false", "logging.plot": "false", "logging.progress": "false", "data.path": data}
+    return [f"{k}={v}" for k, v in sets.items()]
+
+
 def train_throughput(nprocs: int, steps: int, config: str, data: str) -> dict:
     """Train `config` for `steps` steps with SP = nprocs; median tokens/s after warm-up, peak GiB."""
     with tempfile.TemporaryDirectory(prefix="lasp-bench-train-") as run_dir:
-        sets = {"parallel.sp": nprocs, "train.steps": steps, "train.eval_interval": 0, "logging.run_dir": run_dir,
-                "logging.tensorboard": "false", "logging.plot": "false", "logging.progress": "false",
-                "data.path": data}
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nprocs}",
                "-m", "lasp.train", "--config", config]
-        for k, v in sets.items():
-            cmd += ["--set", f"{k}={v}"]
+        for item in _overrides(nprocs, steps, data, run_dir):
+            cmd += ["--set", item]
         env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
         out = subprocess.run(cmd, cwd=ROOT, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
         if out.returncode:
@@ -48,6 +53,28 @@ def train_throughput(nprocs: int, steps: int, config: str, data: str) -> dict:
         "tokens_per_s_max": max(rates), "peak_mem_gib_rank0": max(r["mem_gib"] for r in rows),
         "first_loss": rows[0]["loss"], "last_loss": rows[-1]["loss"],
     }
+
+
+def _run_problems(config: str, nprocs: list[int], steps: int, data: str) -> list[str]:
+    """What is wrong with each training run, found as lasp.train would find it, before torchrun starts."""
+    import torch
+
+    from lasp.train.config import ConfigError, load_config
+
+    problems: list[str] = []
+    seen: set[str] = set()  # a problem of the config itself comes back for every --nprocs
+    for n in nprocs:
+        if n < 1:
+            problems += at_least("--nprocs", n)
+            continue
+        device = "auto"
+        try:
+            device = load_config(config, _overrides(n, steps, data, tempfile.gettempdir()), world_size=n).train.device
+        except ConfigError as e:
+            problems += [f"--config {config} with --nprocs {n}: {q}" for q in e.problems if q not in seen]
+            seen.update(e.problems)
+        problems += processes("--nprocs", n, gpus=device == "cuda" or (device == "auto" and torch.cuda.is_available()))
+    return problems
 
 
 def _plot(rows: list[dict], path: Path) -> None:
@@ -84,6 +111,11 @@ def main(argv=None) -> None:
     p.add_argument("--loss-vocab", type=int, default=32768)
     p.add_argument("--out", type=Path, default=Path("results/train"))
     a = p.parse_args(argv)
+    a.config, a.data = str(ROOT / a.config), str(ROOT / a.data)  # where the training runs (cwd ROOT) finds them
+    problems = at_least("--steps", a.steps, low=WARMUP_STEPS + 1)  # tokens/s is read after the warm-up steps
+    problems += at_least("--loss-tokens", a.loss_tokens) + at_least("--loss-vocab", a.loss_vocab)
+    problems += writable("--out", a.out.with_suffix(".jsonl")) or writable("--out", a.out.with_suffix(".png"))
+    usage_error(p, problems + _run_problems(a.config, a.nprocs, a.steps, a.data))
     env = environment()
     rows = []
     for n in a.nprocs:

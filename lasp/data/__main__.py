@@ -1,8 +1,11 @@
 """`python -m lasp.data prepare --input FILES_OR_GLOBS ... --output DIR [--tokenizer byte|tokenizer.json]`"""
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
+from lasp.cli import at_least, usage_error, writable
 from lasp.data.prepare import prepare
 from lasp.data.tokenizer import DataError
 
@@ -43,12 +46,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the choice of val documents")
     p.add_argument("--force", action="store_true", help="replace a non-empty DIR (once the new one is complete)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(parser=p)  # for usage errors
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; returns the exit status (2 for bad inputs, with the problems on stderr)."""
+    """Run the CLI; returns the exit status (2 for bad inputs, with the problems on stderr). Bad numbers and an
+    output that cannot be written are usage errors (SystemExit 2) before any input is read."""
     args = build_parser().parse_args(argv)
+    # the new directory is built beside DIR and renamed into place: DIR's parent must take it
+    output = Path(os.path.abspath(args.output))
+    problems = writable("--output", output, directory=True) or writable("--output", output.parent, directory=True)
+    problems += at_least("--seed", args.seed, low=0)
+    if not 0 <= args.val_fraction < 1:
+        problems.append(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
+    usage_error(args.parser, problems)
     try:
         meta = prepare(
             args.input,

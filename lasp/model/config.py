@@ -1,5 +1,8 @@
 """Model configuration: a typed dataclass, one docstring per field, every problem reported at once."""
 
+import dataclasses
+import types
+import typing
 from dataclasses import dataclass
 
 LINEAR_VARIANTS = ("basic", "lightning", "retention")
@@ -45,22 +48,35 @@ class ModelConfig:
             raise ValueError("invalid model config:\n  " + "\n  ".join(problems))
 
     def problems(self) -> list[str]:
-        p = []
-        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "ffn_hidden_size"):
-            if getattr(self, name) < 1:
+        bad = type_problems(self, "model")
+        p = list(bad.values())
+        sizes = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "ffn_hidden_size")
+        for name in sizes:
+            if name not in bad and getattr(self, name) < 1:
                 p.append(f"model.{name} must be >= 1, got {getattr(self, name)}")
-        if self.num_heads >= 1 and self.hidden_size % self.num_heads:
+        ok = {name for name in sizes if name not in bad and getattr(self, name) >= 1}
+        if {"hidden_size", "num_heads"} <= ok and self.hidden_size % self.num_heads:
             p.append(f"model.hidden_size ({self.hidden_size}) must be divisible by model.num_heads ({self.num_heads})")
-        if self.num_kv_heads >= 1 and self.num_heads % self.num_kv_heads:
+        if {"num_heads", "num_kv_heads"} <= ok and self.num_heads % self.num_kv_heads:
             p.append(f"model.num_heads ({self.num_heads}) must be a multiple of model.num_kv_heads ({self.num_kv_heads})")
-        if not self.layer_pattern or set(self.layer_pattern) - {"L", "S"}:
+        pattern_ok = "layer_pattern" not in bad and bool(self.layer_pattern) and set(self.layer_pattern) <= {"L", "S"}
+        if "layer_pattern" not in bad and not pattern_ok:
             p.append(f"model.layer_pattern must be a non-empty string of L and S, got {self.layer_pattern!r}")
-        if self.linear_variant not in LINEAR_VARIANTS:
+        if "linear_variant" not in bad and self.linear_variant not in LINEAR_VARIANTS:
             p.append(f"model.linear_variant must be one of {', '.join(LINEAR_VARIANTS)}, got {self.linear_variant!r}")
-        if self.feature_map not in FEATURE_MAPS:
+        if "feature_map" not in bad and self.feature_map not in FEATURE_MAPS:
             p.append(f"model.feature_map must be one of {', '.join(FEATURE_MAPS)}, got {self.feature_map!r}")
-        if self.num_heads >= 1 and self.hidden_size % self.num_heads == 0 and (self.hidden_size // self.num_heads) % 2:
-            p.append(f"head dim {self.hidden_size // self.num_heads} must be even for RoPE")
+        for name in ("rope_theta", "norm_eps"):
+            if name not in bad and not getattr(self, name) > 0:
+                p.append(f"model.{name} must be > 0, got {getattr(self, name)}")
+        if "init_std" not in bad and self.init_std < 0:
+            p.append(f"model.init_std must be >= 0, got {self.init_std}")
+        # RoPE rotates pairs of channels, and only the softmax layers use it
+        if (pattern_ok and "S" in self.layer_pattern and {"hidden_size", "num_heads"} <= ok
+                and self.hidden_size % self.num_heads == 0 and self.head_dim % 2):
+            p.append(f"head dim {self.head_dim} must be even for RoPE (model.hidden_size {self.hidden_size} / "
+                     f"model.num_heads {self.num_heads}; model.layer_pattern {self.layer_pattern!r} has softmax "
+                     "layers)")
         return p
 
     @property
@@ -70,3 +86,33 @@ class ModelConfig:
     def mixer(self, layer: int) -> str:
         """'L' or 'S' for layer `layer`."""
         return self.layer_pattern[layer % len(self.layer_pattern)]
+
+
+def _matches(value, tp) -> bool:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if isinstance(value, bool):  # bool is an int in Python, never in a config
+        return tp is bool
+    if tp is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, tp)
+
+
+def _type_name(tp) -> str:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def type_problems(obj, section: str) -> dict[str, str]:
+    """Field -> problem for every field of the dataclass `obj` whose value has the wrong type, e.g.
+    `model.num_heads: expected int, got str '4'` (bool is no int here; a float field takes an int)."""
+    hints = typing.get_type_hints(type(obj))
+    out = {}
+    for f in dataclasses.fields(obj):
+        value, tp = getattr(obj, f.name), hints[f.name]
+        if not _matches(value, tp):
+            out[f.name] = f"{section}.{f.name}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}"
+    return out

@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass
 
-from lasp.model.config import ModelConfig
+from lasp.model.config import ModelConfig, type_problems
 from lasp.sp.layout import LAYOUTS
 
 
@@ -34,52 +34,56 @@ class ParallelConfig:
     def world_size(self) -> int:
         return self.tp * self.sp * self.pp * self.dp
 
-    def problems(self, model: ModelConfig, world_size: int, seq_len: int, global_batch: int) -> list[str]:
-        """Everything wrong with running `model` this way on `world_size` ranks, each with its numbers."""
-        p = []
+    def problems(self, model: ModelConfig | None, world_size: int, seq_len: int, global_batch: int) -> list[str]:
+        """Everything wrong with running `model` this way on `world_size` ranks, each with its numbers. A size
+        that is wrong is reported once; the checks that divide by it are skipped, the others still run (and
+        those against the model, when `model` is None: a model config with problems of its own)."""
+        bad = type_problems(self, "parallel")
+        p = list(bad.values())
         for name in ("tp", "sp", "pp", "dp", "microbatches"):
-            if getattr(self, name) < 1:
+            if name not in bad and getattr(self, name) < 1:
                 p.append(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
-        if p:
-            return p
-        if self.world_size != world_size:
+        ok = {n for n in ("tp", "sp", "pp", "dp", "microbatches") if n not in bad and getattr(self, n) >= 1}
+        for name, value in (("seq_len", seq_len), ("global_batch", global_batch)):
+            if value < 1:
+                p.append(f"data.{name} must be >= 1, got {value}")
+        if {"tp", "sp", "pp", "dp"} <= ok and self.world_size != world_size:
             p.append(
                 f"world size {world_size} != tp x sp x pp x dp = {self.tp} x {self.sp} x {self.pp} x {self.dp} "
                 f"= {self.world_size}"
             )
-        if model.num_heads % self.tp:
-            p.append(f"model.num_heads ({model.num_heads}) is not divisible by parallel.tp ({self.tp})")
-        if model.num_kv_heads % self.tp:
-            p.append(f"model.num_kv_heads ({model.num_kv_heads}) is not divisible by parallel.tp ({self.tp})")
-        if model.ffn_hidden_size % self.tp:
-            p.append(f"model.ffn_hidden_size ({model.ffn_hidden_size}) is not divisible by parallel.tp ({self.tp})")
-        if model.vocab_size % self.tp:
-            p.append(f"model.vocab_size ({model.vocab_size}) is not divisible by parallel.tp ({self.tp})")
-        if model.num_layers % self.pp:
+        if model is not None and "tp" in ok:
+            for name in ("num_heads", "num_kv_heads", "ffn_hidden_size", "vocab_size"):
+                if getattr(model, name) % self.tp:
+                    p.append(f"model.{name} ({getattr(model, name)}) is not divisible by parallel.tp ({self.tp})")
+        if model is not None and "pp" in ok and model.num_layers % self.pp:
             p.append(f"model.num_layers ({model.num_layers}) is not divisible by parallel.pp ({self.pp}) stages")
-        if self.sp_layout not in LAYOUTS:
+        layout_ok = "sp_layout" not in bad and self.sp_layout in LAYOUTS
+        if "sp_layout" not in bad and not layout_ok:
             p.append(f"parallel.sp_layout must be one of {', '.join(LAYOUTS)}, got {self.sp_layout!r}")
-        else:
+        if layout_ok and "sp" in ok and seq_len >= 1:
             chunks = self.sp * (2 if self.sp_layout == "zigzag" else 1)
             if seq_len % chunks:
                 p.append(
                     f"data.seq_len: sequence length {seq_len} is not divisible by the {self.sp_layout} layout over "
                     f"parallel.sp = {self.sp} ranks (needs a multiple of {chunks})"
                 )
-        if global_batch % (self.dp * self.microbatches):
+        if {"dp", "microbatches"} <= ok and global_batch >= 1 and global_batch % (self.dp * self.microbatches):
             p.append(
                 f"data.global_batch: global batch {global_batch} is not divisible by parallel.dp x "
                 f"parallel.microbatches = {self.dp} x {self.microbatches}"
             )
-        if self.dp_bucket_size is not None and self.dp_bucket_size < 1:
+        if "dp_bucket_size" not in bad and self.dp_bucket_size is not None and self.dp_bucket_size < 1:
             p.append(f"parallel.dp_bucket_size must be >= 1 or null, got {self.dp_bucket_size}")
-        if self.loss_chunk_tokens < 0:
+        if "loss_chunk_tokens" not in bad and self.loss_chunk_tokens < 0:
             p.append(f"parallel.loss_chunk_tokens must be >= 0, got {self.loss_chunk_tokens}")
-        if self.zero_stage not in (0, 1, 2, 3):
+        stage_ok = "zero_stage" not in bad and self.zero_stage in (0, 1, 2, 3)
+        if "zero_stage" not in bad and not stage_ok:
             p.append(f"parallel.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
-        elif self.zero_stage and self.pp > 1:
+        if stage_ok and self.zero_stage and "pp" in ok and self.pp > 1:
             p.append(f"parallel.zero_stage {self.zero_stage} needs parallel.pp = 1, got {self.pp}")
-        if self.zero_stage and self.tp > 1 and model.output_norm and "L" in model.layer_pattern:
+        if (stage_ok and self.zero_stage and "tp" in ok and self.tp > 1 and model is not None and model.output_norm
+                and "L" in model.layer_pattern):
             # each TP rank's per-head output norm gets a partial gradient; only the DDP path sums it over TP
             p.append(f"parallel.zero_stage {self.zero_stage} with parallel.tp = {self.tp} needs model.output_norm = "
                      "false (ZeRO would not sum the per-head output norm's gradient over the TP ranks)")

@@ -10,8 +10,10 @@ slowest.
 import argparse
 from dataclasses import dataclass
 
+from lasp.cli import at_least, usage_error
+from lasp.model.config import ModelConfig
 from lasp.parallel.config import ParallelConfig
-from lasp.sp.layout import SeqLayout
+from lasp.sp.layout import LAYOUTS, SeqLayout
 
 
 @dataclass(frozen=True)
@@ -54,19 +56,20 @@ def main(argv=None) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     for name in ("tp", "sp", "pp", "dp"):
         p.add_argument(f"--{name}", type=int, default=1)
-    p.add_argument("--sp-layout", default="zigzag")
+    p.add_argument("--sp-layout", choices=LAYOUTS, default="zigzag")
     p.add_argument("--seq-len", type=int, default=96)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--batch", type=int, default=2)
     a = p.parse_args(argv)
+    sizes = {f"--{name.replace('_', '-')}": getattr(a, name)
+             for name in ("tp", "sp", "pp", "dp", "seq_len", "layers", "heads", "batch")}
+    usage_error(p, [q for option, value in sizes.items() for q in at_least(option, value)])
     cfg = ParallelConfig(tp=a.tp, sp=a.sp, pp=a.pp, dp=a.dp, sp_layout=a.sp_layout)
-    from lasp.model.config import ModelConfig
-
-    model = ModelConfig(num_layers=a.layers, num_heads=a.heads, num_kv_heads=a.heads, hidden_size=16 * a.heads)
-    problems = cfg.problems(model, cfg.world_size, a.seq_len, a.batch)
-    if problems:
-        p.error("; ".join(problems))
+    # the widths no option sets are multiples of tp: only what was asked for can be wrong
+    model = ModelConfig(num_layers=a.layers, num_heads=a.heads, num_kv_heads=a.heads, hidden_size=16 * a.heads,
+                        vocab_size=256 * a.tp, ffn_hidden_size=176 * a.tp)
+    usage_error(p, cfg.problems(model, cfg.world_size, a.seq_len, a.batch))
     print(describe(cfg, a.seq_len, a.layers, a.heads, a.batch))
 
 

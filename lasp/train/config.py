@@ -16,6 +16,7 @@ from typing import Literal
 
 import yaml
 
+from lasp.cli import writable
 from lasp.model.config import ModelConfig
 from lasp.parallel.config import ParallelConfig
 from lasp.train import schema
@@ -41,6 +42,13 @@ class DataConfig:
     """Sequences per optimizer step, over all DP replicas and microbatches."""
     seed: int = 1234
     """Seed of the sample order: step s always reads the same sequences, whatever the layout."""
+
+    def problems(self) -> list[str]:
+        p = [f"data.{name} must be >= 1, got {getattr(self, name)}" for name in ("seq_len", "global_batch")
+             if getattr(self, name) < 1]
+        if self.seed < 0:
+            p.append(f"data.seed must be >= 0, got {self.seed}")
+        return p
 
 
 @dataclass
@@ -138,6 +146,8 @@ class TrainSection:
         if self.eval_interval < 0 or self.eval_batches < 1:
             p.append(f"train.eval_interval must be >= 0 and train.eval_batches >= 1, got "
                      f"{self.eval_interval}, {self.eval_batches}")
+        if self.max_skipped_steps < 0:
+            p.append(f"train.max_skipped_steps must be >= 0, got {self.max_skipped_steps}")
         if self.collective_timeout_s < 1:
             p.append(f"train.collective_timeout_s must be >= 1, got {self.collective_timeout_s}")
         if self.max_minutes is not None and self.max_minutes <= 0:
@@ -240,9 +250,18 @@ def _data_problems(data: DataConfig, model: ModelConfig | None, evaluate: bool) 
     return p
 
 
+def _output_problems(logging: LoggingConfig, checkpoint: CheckpointConfig | None) -> list[str]:
+    """The run directory and the checkpoint directory can be made and written (nothing is created here)."""
+    p = writable("logging.run_dir", logging.run_dir, directory=True)
+    if checkpoint is not None and checkpoint.dir is not None:
+        p += writable("checkpoint.dir", checkpoint.dir, directory=True)
+    return p
+
+
 def resolve(data: dict, source: str, world_size: int | None, check_data: bool = True) -> TrainConfig:
     """A TrainConfig from a parsed YAML dict, or ConfigError with every problem. `world_size` None skips
-    the check against the launched world (dry runs picture the configured mesh)."""
+    the check against the launched world (dry runs picture the configured mesh); `check_data` False skips
+    the checks of the filesystem (the dataset, and that the run and checkpoint directories are writable)."""
     problems: list[str] = []
     sections = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
     for key in data:
@@ -251,17 +270,14 @@ def resolve(data: dict, source: str, world_size: int | None, check_data: bool = 
             problems.append(f"{key}: unknown section" + (f" (did you mean {close[0]!r}?)" if close else
                             f" (known: {', '.join(sections)})"))
     built = {name: schema.build(cls, data.get(name), name, problems) for name, cls in sections.items()}
-    for name in ("optim", "schedule", "train", "checkpoint", "logging"):
+    for name in ("data", "optim", "schedule", "train", "checkpoint", "logging"):
         if built[name] is not None:
             problems += built[name].problems()
     model, par, dcfg, tcfg = built["model"], built["parallel"], built["data"], built["train"]
-    if dcfg is not None and dcfg.seed < 0:
-        problems.append(f"data.seed must be >= 0, got {dcfg.seed}")
-    if dcfg is not None and (dcfg.seq_len < 1 or dcfg.global_batch < 1):
-        problems.append(f"data.seq_len and data.global_batch must be >= 1, got {dcfg.seq_len}, {dcfg.global_batch}")
-    elif model is not None and par is not None and dcfg is not None:
+    if par is not None and dcfg is not None:  # model None: its own problems are in, the layout's still come
         world = par.world_size if world_size is None else world_size
-        problems += par.problems(model, world, dcfg.seq_len, dcfg.global_batch)
+        # a data.seq_len or data.global_batch below 1 is reported by both: once is enough
+        problems += [q for q in par.problems(model, world, dcfg.seq_len, dcfg.global_batch) if q not in problems]
     if model is not None and tcfg is not None and tcfg.checkpoint_every > model.num_layers:
         problems.append(f"train.activation_checkpointing every {tcfg.checkpoint_every} layers, but the "
                         f"model has {model.num_layers}")
@@ -270,6 +286,8 @@ def resolve(data: dict, source: str, world_size: int | None, check_data: bool = 
                         "applies the update inside its step; use train.nonfinite = stop")
     if check_data and dcfg is not None:
         problems += _data_problems(dcfg, model, evaluate=tcfg is not None and tcfg.eval_interval > 0)
+    if check_data and built["logging"] is not None:
+        problems += _output_problems(built["logging"], built["checkpoint"])
     if problems:
         raise ConfigError(source, problems)
     return TrainConfig(**built)
