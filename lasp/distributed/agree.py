@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lasp.distributed.comm import all_gather_async, group_size
+from lasp.distributed.comm import all_gather_async, group_size, note_collective
 
 HEADER_SLOTS = 64
 HEADER_BYTES = HEADER_SLOTS * 8
@@ -199,6 +199,7 @@ def _exchange(fp: Fingerprint, kind: int, size: int, call: int, pad_to: int, gro
     buf = torch.zeros(pad_to, dtype=torch.uint8, device=device)
     buf[:HEADER_BYTES] = _encode(fp, kind, size, call, device).view(torch.uint8)
     out, pending = all_gather_async(buf, group)
+    note_collective(f"{fp.op} fingerprint all-gather (call {call}) over {group_size(group)} ranks")
     pending.wait()
     if kind != _REFUSE:  # a refusing rank raises its own error
         _check(_headers(out.view(group_size(group), pad_to)), fp)
@@ -262,4 +263,5 @@ def start_checked_gather(x: Tensor, group, fp: Fingerprint, *, call: int | None 
             state.size = size
     header = _encode(fp, _DATA, size, call, x.device)
     out, pending = all_gather_async(torch.cat([header.view(torch.uint8), payload]), group)
+    note_collective(f"{fp.op} all-gather of {tuple(x.shape)} (call {call}) over {group_size(group)} ranks")
     return CheckedGather(out, pending, fp, x, state, group_size(group)), call

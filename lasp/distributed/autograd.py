@@ -11,7 +11,14 @@ import torch.distributed as dist
 from torch import Tensor
 
 from lasp.distributed.agree import Fingerprint, start_checked_gather
-from lasp.distributed.comm import all_gather_single, global_rank, group_rank, group_size, reduce_scatter_single
+from lasp.distributed.comm import (
+    all_gather_single,
+    global_rank,
+    group_rank,
+    group_size,
+    note_collective,
+    reduce_scatter_single,
+)
 
 
 class _AllGatherStack(torch.autograd.Function):
@@ -22,12 +29,14 @@ class _AllGatherStack(torch.autograd.Function):
             return start_checked_gather(x, group, fp)[0].wait()
         x = x.contiguous().unsqueeze(0)
         out = x.new_empty(group_size(group), *x.shape[1:])
+        note_collective(f"all-gather of {tuple(x.shape[1:])} over {group_size(group)} ranks")
         all_gather_single(out, x, group=group)
         return out
 
     @staticmethod
     def backward(ctx, grad):
         out = grad.new_empty(1, *grad.shape[1:])
+        note_collective(f"reduce-scatter of {tuple(grad.shape)} (the backward of an all-gather)")
         reduce_scatter_single(out, grad.contiguous(), group=ctx.group)
         return out.squeeze(0), None, None
 
@@ -37,12 +46,14 @@ class _AllToAllStack(torch.autograd.Function):
     def forward(ctx, x, group):
         ctx.group = group
         out = torch.empty_like(x, memory_format=torch.contiguous_format)
+        note_collective(f"all-to-all of {tuple(x.shape)} over {group_size(group)} ranks")
         dist.all_to_all_single(out, x.contiguous(), group=group)
         return out
 
     @staticmethod
     def backward(ctx, grad):
         out = torch.empty_like(grad, memory_format=torch.contiguous_format)
+        note_collective(f"all-to-all of {tuple(grad.shape)} (backward) over {group_size(ctx.group)} ranks")
         dist.all_to_all_single(out, grad.contiguous(), group=ctx.group)
         return out, None
 
@@ -52,6 +63,7 @@ def _shift(x: Tensor, group, offset: int) -> Tensor:
     W, r = group_size(group), group_rank(group)
     x = x.contiguous()
     out = torch.empty_like(x)
+    note_collective(f"ring shift of {tuple(x.shape)} by {offset} over {W} ranks")
     ops = [
         dist.P2POp(dist.isend, x, global_rank(group, (r + offset) % W), group),
         dist.P2POp(dist.irecv, out, global_rank(group, (r - offset) % W), group),

@@ -13,6 +13,20 @@ all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_
 reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
+_last_started: str | None = None
+
+
+def note_collective(what: str) -> None:
+    """Record the collective this rank starts next: a timeout error names the last one (see timeouts.py)."""
+    global _last_started
+    _last_started = what
+
+
+def last_collective() -> str | None:
+    """The last collective this rank started through lasp.distributed, in words; None before any."""
+    return _last_started
+
+
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
@@ -64,6 +78,7 @@ def all_gather_async(x: Tensor, group=None) -> tuple[Tensor, Pending]:
     launched before `wait()` run beside it; on CPU the same call runs on gloo's threads.
     """
     x = x.contiguous()
+    note_collective(f"all-gather of {tuple(x.shape)} {str(x.dtype).removeprefix('torch.')} over {group_size(group)} ranks")
     stream = comm_stream(x.device)
     if stream is None:
         out = x.new_empty(group_size(group) * x.shape[0], *x.shape[1:])
@@ -83,11 +98,13 @@ def global_rank(group, rank: int) -> int:
 
 def send(x: Tensor, dst: int, group=None) -> None:
     """Blocking send of x to group rank `dst`."""
+    note_collective(f"send of {tuple(x.shape)} to group rank {dst}")
     dist.send(x.contiguous(), dst=global_rank(group, dst), group=group)
 
 
 def recv(like: Tensor, src: int, group=None) -> Tensor:
     """Blocking receive, from group rank `src`, of a tensor shaped like `like`."""
     out = torch.empty_like(like, memory_format=torch.contiguous_format)
+    note_collective(f"receive of {tuple(like.shape)} from group rank {src}")
     dist.recv(out, src=global_rank(group, src), group=group)
     return out

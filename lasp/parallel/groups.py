@@ -26,7 +26,7 @@ class ParallelGroups:
     dp_rank: int
 
 
-_current: tuple[int, int, int] | None = None
+_current: tuple | None = None
 
 
 def _release_groups() -> None:
@@ -58,10 +58,11 @@ def _stale() -> bool:
         return True
 
 
-def init_groups(cfg: ParallelConfig) -> ParallelGroups:
+def init_groups(cfg: ParallelConfig, timeout_s: float | None = None) -> ParallelGroups:
     """Build the mesh on the initialised default group (rank order tp-cp-ep-dp-pp, megatron's default).
+    Every group's collectives time out after `timeout_s` seconds (None: megatron's 30 minutes).
 
-    Calling it again with the same tp/sp/pp sizes reuses the groups; other sizes replace them."""
+    Calling it again with the same tp/sp/pp sizes and timeout reuses the groups; others replace them."""
     global _current
     if not dist.is_initialized():
         raise RuntimeError("init_groups needs torch.distributed initialised (torchrun or init_process_group)")
@@ -69,7 +70,7 @@ def init_groups(cfg: ParallelConfig) -> ParallelGroups:
         raise ValueError(
             f"world size {dist.get_world_size()} != tp x sp x pp x dp = {cfg.tp} x {cfg.sp} x {cfg.pp} x {cfg.dp}"
         )
-    sizes = (cfg.tp, cfg.sp, cfg.pp)
+    sizes = (cfg.tp, cfg.sp, cfg.pp, timeout_s)
     if _current != sizes or _stale():
         _release_groups()
         ps.initialize_model_parallel(
@@ -78,6 +79,7 @@ def init_groups(cfg: ParallelConfig) -> ParallelGroups:
             context_parallel_size=cfg.sp,
             order="tp-cp-ep-dp-pp",
             create_gloo_process_groups=False,  # the default backend already is gloo on CPU
+            **({} if timeout_s is None else {"distributed_timeout_minutes": timeout_s / 60}),
         )
         _current = sizes
     return ParallelGroups(

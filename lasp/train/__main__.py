@@ -50,6 +50,8 @@ def main(argv=None) -> int:
 
     import logging
 
+    from lasp.distributed.agree import RanksDisagree
+    from lasp.distributed.timeouts import CollectiveTimeout
     from lasp.train.ckpt_store import CheckpointError
     from lasp.train.loop import train
 
@@ -61,6 +63,9 @@ def main(argv=None) -> int:
         if launch.rank == 0:
             print(f"error: {e}", file=sys.stderr)
         return 2
+    except (CollectiveTimeout, RanksDisagree) as e:  # every rank says what it saw
+        print(f"error (rank {launch.rank}): {e}", file=sys.stderr)
+        return 1
     if launch.rank == 0:
         end = f"stopped by {state.stopped_by}" if state.stopped_by else "done"
         print(f"{end}: {state.step} steps, {state.tokens:,} tokens, loss {state.first_loss:.4f} (first step) -> "

@@ -16,6 +16,7 @@ The data position is the step: the loader is a pure function of (seed, step).
 """
 
 import dataclasses
+import datetime
 import json
 import os
 import random
@@ -162,7 +163,9 @@ class Checkpointer:
         self.rank, self.tokenizer, self.say = dist.get_rank(), tokenizer, say
         self.sharding = None if engine is not None else _Sharding(groups, cfg.parallel.tp, device)
         self._pending = None  # (future, step, state json) of an asynchronous save not yet committed
-        self._group = None
+        # the saves' own collectives: a longer timeout than training's, and a background writer's
+        # collectives never share the training group
+        self._group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=c.timeout_s))
 
     def due(self, step: int) -> bool:
         return self.interval > 0 and step % self.interval == 0
@@ -175,7 +178,7 @@ class Checkpointer:
         step = state.step
         if self.rank == 0:
             store.prepare(self.root, step)
-        dist.barrier()
+        dist.barrier(group=self._group)
         tmp = store.tmp_dir(self.root, step)
         os.makedirs(os.path.join(tmp, "rng"), exist_ok=True)
         with open(os.path.join(tmp, "rng", f"rank-{self.rank:05d}.pt"), "wb") as f:
@@ -185,17 +188,15 @@ class Checkpointer:
         info = self._info(state)
         if self.engine is not None:
             self.engine.save_checkpoint(tmp, tag="zero", save_latest=False)
-            dist.barrier()
+            dist.barrier(group=self._group)
             self._commit(step, info)
             return
         sd = state_dict(self.stage, self.optimizer, self.sharding)
         writer = dcp.FileSystemWriter(tmp, single_file_per_rank=True, sync_files=True)
         if not self.asynchronous:
-            dcp.save(sd, storage_writer=writer)
+            dcp.save(sd, storage_writer=writer, process_group=self._group)
             self._commit(step, info)
             return
-        if self._group is None:  # the background writer's collectives must not share the training group
-            self._group = dist.new_group(backend="gloo")
         self._pending = (dcp.async_save(sd, storage_writer=writer, process_group=self._group), step, info)
         self.say(f"checkpoint step {step}: writing in the background")
 

@@ -128,7 +128,9 @@ class TrainSection:
     max_skipped_steps: int = 10
     """With nonfinite=skip, stop anyway after this many skipped steps in a row."""
     collective_timeout_s: int = 300
-    """Timeout of every collective: a rank that never arrives becomes an error naming the collective."""
+    """Timeout of every training collective, in seconds: a rank that never arrives becomes an error, on
+    every rank that waits, naming the timeout, the step and the collective (checkpoint saves have their own,
+    longer checkpoint.timeout_s)."""
     resume: str = "auto"
     """auto: continue from the newest complete checkpoint in checkpoint.dir (a fresh start when there is
     none); never: always start fresh (an error if checkpoint.dir holds checkpoints); or a checkpoint path."""
@@ -196,12 +198,17 @@ class CheckpointConfig:
     """Save at the last step and when stopped by a signal or train.max_minutes."""
     async_save: bool | None = None
     """Write in the background after a copy to host memory; null: on GPUs yes, on CPU no (synchronous)."""
+    timeout_s: int = 1800
+    """Timeout of the collectives of a save (its own process group): writing a large checkpoint to shared
+    storage may take far longer than train.collective_timeout_s allows a training collective."""
 
     def problems(self) -> list[str]:
         p = []
         if self.interval < 0 or self.keep_last < 0:
             p.append(f"checkpoint.interval and checkpoint.keep_last must be >= 0, got {self.interval}, "
                      f"{self.keep_last}")
+        if self.timeout_s < 1:
+            p.append(f"checkpoint.timeout_s must be >= 1, got {self.timeout_s}")
         return p
 
 

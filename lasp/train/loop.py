@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from lasp.data import TokenData, local_microbatches
+from lasp.distributed.timeouts import named_timeouts
 from lasp.kernels import get_kernel
 from lasp.model import LinearLlama
 from lasp.parallel import (
@@ -113,7 +114,7 @@ def build_stage(cfg: TrainConfig, groups: ParallelGroups, device: torch.device, 
 
 
 def _train(cfg: TrainConfig, device: torch.device, kernel) -> TrainState:
-    p, groups = cfg.parallel, init_groups(cfg.parallel)
+    p, groups = cfg.parallel, init_groups(cfg.parallel, cfg.train.collective_timeout_s)
     data = TokenData(cfg.data.path, "train")
     resume, resume_step, notes = _resume_path(cfg, data.meta["tokenizer"])
     metrics = Metrics(cfg.logging.run_dir, dist.get_rank() == 0, cfg.train.steps, cfg.logging.progress,
@@ -171,8 +172,9 @@ def _loop(cfg: TrainConfig, run: _Run, state: TrainState, stop: GracefulStop, da
         t0 = time.perf_counter()
         lr = lr_at(state.step, cfg.optim, cfg.schedule, cfg.train.steps)
         set_lr(run.optimizer, lr)
-        loss, grad_norm = _forward_backward(run, run.batch(data, step=state.step), cfg)
-        loss, grad_norm = float(loss), float(grad_norm)  # global values: the same on every rank
+        with _timeouts(cfg, f"step {state.step + 1} (forward, backward, gradient sync)"):
+            loss, grad_norm = _forward_backward(run, run.batch(data, step=state.step), cfg)
+            loss, grad_norm = float(loss), float(grad_norm)  # global values: the same on every rank
         finite = math.isfinite(loss) and math.isfinite(grad_norm)
         if finite and run.engine is None:
             run.optimizer.step()
@@ -195,18 +197,26 @@ def _loop(cfg: TrainConfig, run: _Run, state: TrainState, stop: GracefulStop, da
         if not finite:
             _nonfinite(cfg, state, loss, grad_norm, metrics)
         if val is not None and (state.step % cfg.train.eval_interval == 0 or state.step == cfg.train.steps):
-            state.last_eval_loss = _evaluate(run, val, cfg)
+            with _timeouts(cfg, f"the evaluation after step {state.step}"):
+                state.last_eval_loss = _evaluate(run, val, cfg)
             metrics.log_eval(state.step, state.last_eval_loss)
-        stopping = stop.agreed(out_of_time=deadline is not None and time.monotonic() > deadline)
+        with _timeouts(cfg, f"the stop check after step {state.step}"):
+            stopping = stop.agreed(out_of_time=deadline is not None and time.monotonic() > deadline)
         last = stopping or state.step == cfg.train.steps
-        if ckpt.due(state.step) or (last and cfg.checkpoint.save_on_exit):
-            ckpt.save(state)
-        else:
-            ckpt.poll()
+        with named_timeouts(f"the checkpoint save of step {state.step}", cfg.checkpoint.timeout_s,
+                            "checkpoint.timeout_s"):
+            if ckpt.due(state.step) or (last and cfg.checkpoint.save_on_exit):
+                ckpt.save(state)
+            else:
+                ckpt.poll()
         if stopping:
             state.stopped_by = stop.signal_name
             metrics.message(f"{stop.signal_name}: stopping cleanly after step {state.step}")
             break
+
+
+def _timeouts(cfg: TrainConfig, phase: str):
+    return named_timeouts(phase, cfg.train.collective_timeout_s, "train.collective_timeout_s")
 
 
 def _to(device: torch.device, microbatches: list[dict]) -> list[dict]:
