@@ -141,12 +141,19 @@ def _start(config, nproc, extra=()):
 
 
 def _wait_for(proc, path, what):
+    """Wait until `path` exists (a metrics.jsonl: until it has a row; the file itself is made at start-up)."""
     deadline = time.monotonic() + 120
-    while not os.path.exists(path) and time.monotonic() < deadline:
+
+    def there() -> bool:
+        if not path.endswith(".jsonl"):
+            return os.path.exists(path)
+        return os.path.exists(path) and os.path.getsize(path) > 0
+
+    while not there() and time.monotonic() < deadline:
         if proc.poll() is not None:
             pytest.fail(f"the run ended before {what}: " + proc.stdout.read()[-2000:] + proc.stderr.read()[-4000:])
         time.sleep(0.05)
-    assert os.path.exists(path), f"no {what} after 120 s"
+    assert there(), f"no {what} after 120 s"
 
 
 @pytest.mark.e2e

@@ -114,6 +114,15 @@ def build_stage(cfg: TrainConfig, groups: ParallelGroups, device: torch.device, 
 
 
 def _train(cfg: TrainConfig, device: torch.device, kernel) -> TrainState:
+    # from the start: a SIGTERM while the model is built or a checkpoint loads stops after the first step
+    stop = GracefulStop(device)
+    try:
+        return _setup_and_loop(cfg, device, kernel, stop)
+    finally:
+        stop.restore()
+
+
+def _setup_and_loop(cfg: TrainConfig, device: torch.device, kernel, stop: GracefulStop) -> TrainState:
     p, groups = cfg.parallel, init_groups(cfg.parallel, cfg.train.collective_timeout_s)
     data = TokenData(cfg.data.path, "train")
     resume, resume_step, notes = _resume_path(cfg, data.meta["tokenizer"])
@@ -150,12 +159,8 @@ def _train(cfg: TrainConfig, device: torch.device, kernel) -> TrainState:
         if state.step >= cfg.train.steps:
             metrics.message(f"the checkpoint is at step {state.step} and train.steps is {cfg.train.steps}: nothing "
                             "to train (raise train.steps to go on, or use another logging.run_dir)")
-    stop = GracefulStop(device)
-    try:
-        _loop(cfg, run, state, stop, data, val, metrics, ckpt)
-        ckpt.finish()
-    finally:
-        stop.restore()
+    _loop(cfg, run, state, stop, data, val, metrics, ckpt)
+    ckpt.finish()
     metrics.close(cfg.logging.plot)
     return state
 
