@@ -195,3 +195,9 @@ def test_unwritable_run_and_checkpoint_directories_are_reported(tmp_path):
         assert any(p.startswith(f"{name}: cannot write to {tmp_path / 'file'}/") and "is not a directory" in p
                    for p in problems), problems
     assert not (tmp_path / "file").is_dir()
+
+
+def test_timeouts_must_be_positive():
+    text = "\n".join(_problems({"train": {"collective_timeout_s": 0}, "checkpoint": {"timeout_s": -5}}))
+    assert "train.collective_timeout_s must be >= 1, got 0" in text
+    assert "checkpoint.timeout_s must be >= 1, got -5" in text

@@ -37,11 +37,11 @@ _DATA, _ANNOUNCE, _REFUSE = 1, 2, 3
 _FIXED = 6  # magic, kind, size, call, op name (2 slots)
 _PER_FIELD = 3  # tag, 2 value slots
 MAX_FIELDS = (HEADER_SLOTS - _FIXED) // _PER_FIELD
-_NONE, _BOOL, _INT, _FLOAT, _STR, _DEV_FLOAT, _DEV_BOOL = range(1, 8)
+_NONE, _BOOL, _INT, _FLOAT, _STR = range(1, 6)
 
 Value = bool | int | float | str | Tensor | None
-"""A field's value. A 0-dim tensor (a digest computed on the device) is written into the header on the
-device, so building a header never waits for the GPU."""
+"""A field's value. A one-element tensor on a GPU (a digest computed there) is written into the header on
+the device, so building a header never waits for the GPU; it compares as the float or bool it holds."""
 
 
 class RanksDisagree(ValueError):
@@ -118,11 +118,11 @@ def _encode_value(v: Value) -> list[int]:
 def _show(tag: int, a: int, b: int) -> str:
     if tag == _NONE:
         return "none"
-    if tag in (_BOOL, _DEV_BOOL):
+    if tag == _BOOL:
         return str(bool(a))
     if tag == _INT:
         return str(a)
-    if tag in (_FLOAT, _DEV_FLOAT):
+    if tag == _FLOAT:
         return repr(_bits_float(a))
     if tag == _STR:
         return _slots_str(a, b)
@@ -140,10 +140,13 @@ def _encode(fp: Fingerprint, kind: int, size: int, call: int, device: torch.devi
             if value.numel() != 1:
                 raise ValueError(f"a tensor fingerprint field must hold one value, got shape {tuple(value.shape)}")
             is_bool = value.dtype == torch.bool
-            slots[base] = _DEV_BOOL if is_bool else _DEV_FLOAT
-            on_device.append((base + 1, value, is_bool))
-        else:
-            slots[base : base + _PER_FIELD] = _encode_value(value)
+            if value.device.type == "cpu":  # no device to wait for
+                value = bool(value) if is_bool else float(value)
+            else:
+                slots[base] = _BOOL if is_bool else _FLOAT
+                on_device.append((base + 1, value, is_bool))
+                continue
+        slots[base : base + _PER_FIELD] = _encode_value(value)
     header = torch.tensor(slots, dtype=torch.int64, device=device)
     for slot, value, is_bool in on_device:
         v = value.detach().reshape(1).to(device)

@@ -9,6 +9,7 @@ before raising, so that every rank stops. `check_ranks=False` skips all of it (b
 that disagree compute wrong results or hang, as they would in any collective code.
 """
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -28,9 +29,12 @@ def check_heads_divisible(H: int, W: int) -> None:
         raise ValueError(f"Ulysses splits heads across the group: {H} heads are not divisible by {W} ranks")
 
 
-def decay_digest(log_decay: Tensor) -> Tensor:
-    """A 0-dim float64 summary of the decay values, computed on their device (no host sync): a weighted
-    sum whose weights differ per head, so a permutation or a changed value changes it."""
+def decay_digest(log_decay: Tensor) -> float | Tensor:
+    """A summary of the decay values: a weighted sum whose weights differ per head, so a permutation or a
+    changed value changes it. On a GPU a 0-dim float64 tensor computed there (no host sync: it is read with
+    the rest of the header, after the collective); on the CPU a float, at once."""
+    if log_decay.device.type == "cpu":
+        return math.fsum(x * math.sqrt(i + 1) for i, x in enumerate(log_decay.detach().double().tolist()))
     g = log_decay.detach().to(torch.float64).flatten()
     w = torch.arange(1, g.numel() + 1, dtype=torch.float64, device=g.device).sqrt_()
     return (g * w).sum()

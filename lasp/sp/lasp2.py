@@ -22,7 +22,11 @@ from lasp.sp.layout import SeqLayout, merge_local_chunks, split_local_chunks, ta
 
 
 def _in_global_order(gathered_WnBHKV: Tensor, lay: SeqLayout) -> Tensor:
-    return take_chunks(gathered_WnBHKV, lay.gather_index())
+    """[W, n, B, H, K, V] (every rank's chunks, rank-major) -> [C, B, H, K, V] in global chunk order."""
+    n, index = lay.chunks_per_rank, lay.gather_index()
+    if index == list(range(len(index))):
+        return gathered_WnBHKV.flatten(0, 1)
+    return torch.stack([gathered_WnBHKV[p // n, p % n] for p in index])
 
 
 def _mine(states_CBHKV: Tensor, lay: SeqLayout, rank: int) -> Tensor:
@@ -40,18 +44,18 @@ class _Gather:
     agreement header inside the same message (lasp.distributed.agree) when the call has a fingerprint."""
 
     def __init__(self, x_nBHKV: Tensor, group, fp: Fingerprint | None, call: int | None = None):
-        self.call = None
+        self.call, self._n = None, x_nBHKV.shape[0]
         if fp is None:
             self._out, self._pending = all_gather_async(x_nBHKV, group)
         else:
             self._pending, self.call = start_checked_gather(x_nBHKV, group, fp, call=call)
 
     def wait(self) -> Tensor:
-        """[W * n, B, H, K, V] in rank-major order."""
+        """[W, n, B, H, K, V]: every rank's chunks in rank order."""
         if self.call is None:
             self._pending.wait()
-            return self._out
-        return self._pending.wait().flatten(0, 1)
+            return self._out.unflatten(0, (-1, self._n))
+        return self._pending.wait()
 
 
 class _Lasp2Fn(torch.autograd.Function):
