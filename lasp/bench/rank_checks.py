@@ -1,11 +1,12 @@
 """The cost of the rank agreement checks (`check_ranks`), measured on W local gloo processes.
 
-    python -m lasp.bench.rank_checks [--world-size 2] [--local-len 4096] [--reps 15] [--isolated-reps 400]
+    python -m lasp.bench.rank_checks [--world-size 2] [--local-len 4096] [--reps 61] [--isolated-reps 400]
                                      [--out results/rank_checks]
 
 For each op, forward+backward on this rank's T = --local-len tokens (B=1, H=8 query heads, 2 KV heads,
 head dim 64, fp32, zigzag, causal, decay for the linear ops), timed with check_ranks on and off in
-alternation (so drift hits both alike); medians over --reps, the spread as the 25th-75th percentiles.
+alternation (so drift hits both alike); medians over --reps, the spread as the 25th-75th percentiles (on a
+2-core machine the spread of a whole step is several milliseconds, wider than the effect).
 LASP-2 and LASP-2H carry the fingerprint in the all-gather they make anyway; LASP-1, Ring and Ulysses pay
 one small all-gather per call.
 
@@ -35,7 +36,7 @@ from lasp.cli import at_least, processes, usage_error, writable
 
 B, H, HKV, D = 1, 8, 2, 64
 OPS = ["lasp2", "lasp2h", "lasp1", "ring", "ulysses_linear"]
-DEFAULT_OPS = ["lasp2", "lasp2h", "lasp1", "ulysses_linear"]  # ring: as lasp1 (one small all-gather), and slow
+DEFAULT_OPS = ["lasp2", "lasp1", "ulysses_linear"]  # lasp2h: in-band as lasp2; ring: as lasp1; both slow on CPU
 
 
 def _op(name: str):
@@ -81,8 +82,9 @@ def _run(rank: int, W: int, T: int, ops: list[str], reps: int, isolated_reps: in
             rows.append({"op": name, "seconds_checked": on, "seconds_unchecked": off,
                          "overhead_pct": 100 * (on - off) / off,
                          "iqr_checked": [q_on[0], q_on[2]], "iqr_unchecked": [q_off[0], q_off[2]]})
-            print(f"  {name:15s} checked {on * 1e3:8.2f} ms  unchecked {off * 1e3:8.2f} ms  "
-                  f"overhead {100 * (on - off) / off:+6.2f}%", flush=True)
+            print(f"  {name:15s} checked {on * 1e3:8.2f} ms (IQR {q_on[0] * 1e3:.1f}-{q_on[2] * 1e3:.1f})  "
+                  f"unchecked {off * 1e3:8.2f} ms (IQR {q_off[0] * 1e3:.1f}-{q_off[2] * 1e3:.1f})  "
+                  f"difference {100 * (on - off) / off:+6.2f}%", flush=True)
     iso = _isolated(W, T, isolated_reps)
     # the unchecked LASP-2 step the overhead is a share of (timed here when lasp2 is not among --ops)
     step = statistics.median(_lasp2_steps(T, 5)) if "lasp2" not in ops else None
@@ -148,7 +150,7 @@ def main(argv=None) -> None:
     p.add_argument("--world-size", type=int, default=2)
     p.add_argument("--local-len", type=int, default=4096, help="tokens per rank (even: zigzag)")
     p.add_argument("--ops", nargs="+", choices=OPS, default=DEFAULT_OPS)
-    p.add_argument("--reps", type=int, default=15)
+    p.add_argument("--reps", type=int, default=61)
     p.add_argument("--isolated-reps", type=int, default=400)
     p.add_argument("--out", type=Path, default=Path("results/rank_checks"))
     args = p.parse_args(argv)
