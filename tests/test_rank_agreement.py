@@ -163,3 +163,20 @@ def test_headers_compare_every_field_at_once():
         "ranks disagree on d: rank 0: none, rank 1: -1.5",
     ]
     _check([heads[0], heads[0]], fp)  # agreement: no error
+
+
+def test_the_rank_checks_benchmark_writes_its_rows(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "rc"
+    run = subprocess.run([sys.executable, "-m", "lasp.bench.rank_checks", "--world-size", "2", "--local-len", "64",
+                          "--reps", "2", "--isolated-reps", "5", "--ops", "lasp2", "lasp1", "--out", str(out)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
+    assert [r["op"] for r in rows] == ["lasp2", "lasp1", "lasp2"] and rows[-1]["isolated"]
+    assert all(r["seconds_checked"] > 0 and r["seconds_unchecked"] > 0 for r in rows[:2])
+    assert rows[-1]["checked_seconds"] > 0 and rows[-1]["local_len"] == 64 and "git" in json.dumps(rows[0])
+    assert "x2 (forward, backward)" in run.stdout
