@@ -8,7 +8,7 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = ["launch/torchrun.sh", "launch/deepspeed.sh", "launch/slurm.sbatch", "scripts/run.sh"]
+SCRIPTS = ["launch/torchrun.sh", "launch/deepspeed.sh", "launch/slurm.sbatch", "launch/bench_scaling.sh", "scripts/run.sh"]
 DRY = ["--config", "configs/cpu-quickstart.yaml", "--dry-run"]
 
 
@@ -67,3 +67,13 @@ def test_dry_run_through_slurm_sbatch(tmp_path):
            "SLURM_NODEID": "0", "SLURM_GPUS_ON_NODE": "1", "SLURM_SUBMIT_DIR": ROOT,
            "MASTER_PORT": str(_free_port())}
     _assert_dry_run(_run(["bash", "launch/slurm.sbatch", *DRY], env))
+
+
+def test_the_scaling_sweep_runs_through_its_launcher(tmp_path):
+    out = tmp_path / "sp"
+    _run(["bash", "launch/bench_scaling.sh", "--world-sizes", "1", "2", "--seq-lens", "64", "--tokens-per-rank",
+          "--reps", "1", "--methods", "lasp2", "lasp1", "--out", str(out)],
+         {"NPROC_PER_NODE": "2", "MASTER_PORT": str(_free_port())}, timeout=300)
+    rows = (out / "measured.jsonl").read_text().splitlines()
+    assert len(rows) == 2 * 1 + 2 * 2  # W=1: rank 0; W=2: both ranks; two methods
+    assert (out / "calibration.jsonl").stat().st_size > 0

@@ -4,6 +4,9 @@ Every function takes the process group as an argument (None = the default group)
 point-to-point helpers are ranks *within* the group.
 """
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -14,12 +17,30 @@ reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.red
 
 
 _last_started: str | None = None
+_p2p_log: list[int] | None = None
 
 
 def note_collective(what: str) -> None:
     """Record the collective this rank starts next: a timeout error names the last one (see timeouts.py)."""
     global _last_started
     _last_started = what
+
+
+def _note_p2p(nbytes: int) -> None:
+    if _p2p_log is not None:
+        _p2p_log.append(nbytes)
+
+
+@contextlib.contextmanager
+def p2p_log() -> Iterator[list[int]]:
+    """The bytes of every point-to-point message this rank receives inside the block, in order. (The
+    profiler records collectives with their shapes, but not the tensor lists of send and recv.)"""
+    global _p2p_log
+    outer, _p2p_log = _p2p_log, []
+    try:
+        yield _p2p_log
+    finally:
+        _p2p_log = outer
 
 
 def last_collective() -> str | None:
@@ -106,5 +127,6 @@ def recv(like: Tensor, src: int, group=None) -> Tensor:
     """Blocking receive, from group rank `src`, of a tensor shaped like `like`."""
     out = torch.empty_like(like, memory_format=torch.contiguous_format)
     note_collective(f"receive of {tuple(like.shape)} from group rank {src}")
+    _note_p2p(out.numel() * out.element_size())
     dist.recv(out, src=global_rank(group, src), group=group)
     return out

@@ -12,6 +12,7 @@ on the gathered states (rank 0, causal, contiguous): the autograd Function alway
 
 import torch
 from torch import Tensor
+from torch.profiler import record_function
 
 from lasp.distributed import all_gather_async, group_rank
 from lasp.distributed.agree import Fingerprint, start_checked_gather
@@ -65,7 +66,8 @@ class _Lasp2Fn(torch.autograd.Function):
         qc, kc, vc = (split_local_chunks(x, n) for x in (q, k, v))
         m = kernel.chunk_state(kc, vc, log_decay)
         gather = _Gather(m.view(n, -1, *m.shape[1:]), group, fp)
-        o = kernel.intra_fwd(qc, kc, vc, log_decay, scale) if causal else None
+        with record_function("lasp2.overlapped"):  # a label for the cost model (lasp.bench.sp)
+            o = kernel.intra_fwd(qc, kc, vc, log_decay, scale) if causal else None
         states = _in_global_order(gather.wait(), lay)
         if causal:
             decay = kernel.chunk_decay(log_decay, qc.shape[1])
@@ -89,7 +91,8 @@ class _Lasp2Fn(torch.autograd.Function):
         dq, ds = kernel.inter_bwd(qc, s_in, g, scale, doc)
         gather = _Gather(ds.view(n, -1, *ds.shape[1:]), ctx.group, ctx.bwd_fp, ctx.call)
         if ctx.causal:
-            dq_i, dk, dv = kernel.intra_bwd(qc, kc, vc, g, scale, doc)
+            with record_function("lasp2.overlapped"):
+                dq_i, dk, dv = kernel.intra_bwd(qc, kc, vc, g, scale, doc)
             dq = dq + dq_i
         grads = _in_global_order(gather.wait(), lay)
         if ctx.causal:

@@ -1,0 +1,106 @@
+"""The scaling benchmark (lasp.bench.sp): its cost model by hand, its counted messages, the simulation's
+shapes against a distributed run's, and the whole CPU sweep at a tiny size."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch.distributed as dist
+
+from lasp.bench.sp.cost import Compute, Link, Message, Shape, collective_time, fit_link, layer_time, plan
+from lasp.bench.sp.methods import METHODS, Case, measure
+
+
+def test_alpha_beta_by_hand():
+    link = Link("hand", alpha_s=10e-6, busbw_bytes_per_s=100e9, overlap=1.0)
+    S = 8 * 2**20
+    # ring all-gather of 8 MiB over 4 ranks: 3 steps of 10 us + 3/4 of 8 MiB at 100 GB/s
+    assert collective_time(Message("all_gather", S), 4, link) == pytest.approx(3 * 10e-6 + 0.75 * S / 100e9)
+    assert collective_time(Message("all_reduce", S), 4, link) == pytest.approx(6 * 10e-6 + 1.5 * S / 100e9)
+    assert collective_time(Message("p2p", S), 4, link) == pytest.approx(10e-6 + S / 100e9)
+    assert collective_time(Message("all_gather", S), 1, link) == 0.0
+    # LASP-2, W=4, zigzag, B=1, H=16, K=V=128, bf16: the states are float32, 2 chunks per rank
+    s = Shape(W=4, B=1, T=8192, H=16, Hkv=16, K=128, V=128, layout="zigzag", itemsize=2)
+    ag = 4 * 2 * 16 * 128 * 128 * 4  # 8 MiB in all
+    assert [(m.kind, m.nbytes, m.hidden) for m in plan("lasp2", s).fwd] == [("all_gather", ag, True)]
+    comm = 3 * 10e-6 + 0.75 * ag / 100e9  # 93 us
+    # forward: 1 ms of compute, 50 us of it overlapping the all-gather: 43 us stay exposed
+    t = layer_time("lasp2", s, Compute(fwd=1e-3, bwd=2e-3, fwd_overlap=50e-6, bwd_overlap=200e-6), link)
+    assert t["fwd"] == pytest.approx(1e-3 + comm - 50e-6)
+    assert t["bwd"] == pytest.approx(2e-3)  # hidden entirely
+    # Ring: W-1 hops of the local K/V forward; backward W-1 hops of K/V + accumulators (float32), then one
+    kv = 1 * 8192 * 16 * 256
+    r = plan("ring", s)
+    assert [m.nbytes for m in r.fwd] == [kv * 2] * 3 and [m.nbytes for m in r.bwd] == [2 * kv * 4] * 3 + [kv * 4]
+
+
+def test_fit_recovers_alpha_and_beta():
+    truth = Link("t", 50e-6, 2e9)
+    samples = [(k, W, n, collective_time(Message(k, n), W, truth)) for k in ("all_gather", "p2p", "all_to_all")
+               for W in (2, 4) for n in (4 << 10, 1 << 20, 8 << 20)]
+    got = fit_link(samples)
+    assert got.alpha_s == pytest.approx(50e-6, rel=1e-6) and got.busbw_bytes_per_s == pytest.approx(2e9, rel=1e-6)
+    with pytest.raises(ValueError, match="at least two sizes"):
+        fit_link(samples[:1])
+
+
+def _simulated(method: str, W: int, N: int, **kw) -> list[dict]:
+    from lasp.bench.sp.simulate import simulate
+
+    assert not dist.is_initialized()
+    return simulate(Case(method, W, N, **kw), reps=1)
+
+
+def test_counted_messages_follow_the_algorithms():
+    for method in METHODS:  # every rank's counted messages are the cost model's plan (LASP-1: its share)
+        rows = _simulated(method, 4, 256)
+        p = plan(method, Shape(4, 1, 64, 8, 2, 64, 64, "zigzag", 4))
+        for r in rows:
+            got = sorted((m["kind"], m["nbytes"]) for m in r["fwd_messages"])
+            want = sorted((m.kind, m.nbytes + (512 if m.kind != "p2p" and method in ("lasp2", "lasp2h") else 0) * 4)
+                          for m in p.fwd)
+            if method == "lasp1":
+                continue
+            if method in ("ring", "ulysses", "ulysses_linear"):  # + the one rank-check all-gather, 512 B a rank
+                want = sorted(want + [("all_gather", 4 * 512)])
+            assert got == want, (method, got, want)
+    # LASP-2's bytes do not depend on N; Ring's grow with it; LASP-1 makes 2(W-1) hops in all (zigzag)
+    lasp2 = [sum(m["nbytes"] for r in _simulated("lasp2", 4, N) for m in r["fwd_messages"]) for N in (256, 1024)]
+    ring = [sum(m["nbytes"] for r in _simulated("ring", 4, N) for m in r["fwd_messages"]) for N in (256, 1024)]
+    assert lasp2[0] == lasp2[1] and ring[1] > 3 * ring[0]
+    hops = sum(1 for r in _simulated("lasp1", 4, 256) for m in r["fwd_messages"] if m["kind"] == "p2p")
+    assert hops == 2 * (4 - 1)
+
+
+def case_compute_shapes(method: str, N: int) -> list:
+    rank, W = dist.get_rank(), dist.get_world_size()
+    return measure(Case(method, W, N), None, rank, 1, check_ranks=True)["compute_shapes"]
+
+
+@pytest.mark.parametrize("method", ["lasp2", "ring", "ulysses"])
+def test_simulation_computes_what_the_distributed_run_computes(dist_pool, method):
+    dist_rows = dist_pool(2).run("tests.test_bench_sp:case_compute_shapes", method=method, N=128)
+    sim = _simulated(method, 2, 128)
+    assert [r["compute_shapes"] for r in sim] == dist_rows
+    assert all(len(s) > 0 for s in dist_rows)
+
+
+def test_the_cpu_sweep_writes_its_files_and_plots(tmp_path):
+    out = tmp_path / "sp"
+    run = subprocess.run(
+        [sys.executable, "-m", "lasp.bench.sp", "cpu", "--world-sizes", "1", "2", "4", "--seq-lens", "96",
+         "--tokens-per-rank", "24", "--reps", "1", "--methods", "lasp2", "lasp1", "ring", "ulysses", "--heads", "6",
+         "--kv-heads", "2", "--out", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    for name in ("measured.jsonl", "measured.csv", "calibration.jsonl", "simulated.jsonl", "simulated.csv",
+                 "validation.jsonl", "validation.csv", "tokens_vs_N.png", "tokens_vs_W.png", "bytes_vs_W.png",
+                 "validation.png"):
+        assert (out / name).stat().st_size > 0, name
+    measured = [json.loads(x) for x in (out / "measured.jsonl").read_text().splitlines()]
+    skipped = [r for r in measured if "skipped" in r]
+    assert skipped and all("Ulysses needs heads % W == 0: 6 heads, W=4" in r["skipped"] for r in skipped)
+    assert {r["W"] for r in measured} == {1, 2, 4} and all("git" in r and "torch" in r for r in measured)
+    assert "median |error|" in run.stdout and "| lasp2 | 4 |" in run.stdout
