@@ -62,7 +62,7 @@ def test_counted_messages_follow_the_algorithms():
                           for m in p.fwd)
             if method == "lasp1":
                 continue
-            if method in ("ring", "ulysses", "ulysses_linear"):  # + the one rank-check all-gather, 512 B a rank
+            if method not in ("lasp2", "lasp2h"):  # + the one rank-check all-gather, 512 B a rank
                 want = sorted(want + [("all_gather", 4 * 512)])
             assert got == want, (method, got, want)
     # LASP-2's bytes do not depend on N; Ring's grow with it; LASP-1 makes 2(W-1) hops in all (zigzag)
@@ -104,3 +104,28 @@ def test_the_cpu_sweep_writes_its_files_and_plots(tmp_path):
     assert skipped and all("Ulysses needs heads % W == 0: 6 heads, W=4" in r["skipped"] for r in skipped)
     assert {r["W"] for r in measured} == {1, 2, 4} and all("git" in r and "torch" in r for r in measured)
     assert "median |error|" in run.stdout and "| lasp2 | 4 |" in run.stdout
+
+
+def test_predicted_steps_add_compute_and_the_exposed_messages(tmp_path):
+    from lasp.bench.sp.predict import step
+    from lasp.model.config import ModelConfig
+    from lasp.train.flops import flops_per_token
+
+    m = ModelConfig(vocab_size=1000, hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=4,
+                    ffn_hidden_size=512, layer_pattern="LLLS")
+    link = Link("hand", 10e-6, 100e9)
+    got = step(m, "lasp2", 8, 8192, link, tflops=100.0)
+    assert got["compute_s"] == pytest.approx(flops_per_token(m, 8192) * 1024 / 100e12)
+    state_ag = collective_time(Message("all_gather", 8 * 2 * 4 * 64 * 64 * 4), 8, link)  # 3 LASP-2 layers
+    kv_ag = collective_time(Message("all_gather", 8 * 1024 * 4 * 128 * 2), 8, link)  # 1 LASP-2H layer, bf16
+    assert got["comm_s"] == pytest.approx(3 * 2 * state_ag + 2 * kv_ag)
+    assert got["tokens_per_s"] == pytest.approx(8192 / (got["compute_s"] + got["comm_s"]))
+    run = subprocess.run([sys.executable, "-m", "lasp.bench.sp", "predict", "--world-sizes", "16", "64",
+                          "--seq-lens", "65536", "2097152", "--out", str(tmp_path)], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "MODELLED" in run.stdout and "| 64 | 2097152 |" in run.stdout
+    rows = [json.loads(x) for x in (tmp_path / "predicted.jsonl").read_text().splitlines()]
+    assert {r["method"] for r in rows} == {"lasp2", "lasp1", "ulysses", "ring"} and all(r.get("modelled") or r.get("skipped")
+                                                                               for r in rows)
+    assert (tmp_path / "predicted_W64.png").stat().st_size > 0

@@ -9,11 +9,16 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from lasp import SeqLayout, lasp1_linear_attn, lasp2_linear_attn, linear_attn, shard_sequence
+from lasp import SeqLayout, lasp1_linear_attn, lasp2_linear_attn, linear_attn, ring_linear_attn, shard_sequence
 from lasp.distributed.agree import HEADER_BYTES
 from tests.dist import assert_close_rel, comm_events
 
-ALGOS = {"lasp2": lasp2_linear_attn, "lasp1": lasp1_linear_attn}
+ALGOS = {
+    "lasp2": lasp2_linear_attn,
+    "lasp1": lasp1_linear_attn,
+    "ring_right": lambda *a, kernel=None, **kw: ring_linear_attn(*a, form="right", **kw),
+    "ring_quadratic": lambda *a, kernel=None, **kw: ring_linear_attn(*a, form="quadratic", **kw),
+}
 DTYPES = {"f64": torch.float64, "f32": torch.float32}
 TOL = {"f64": 1e-10, "f32": 1e-5}
 MODES = {"causal": (True, False), "decay": (True, True), "bidirectional": (False, False)}
@@ -68,7 +73,7 @@ def _hops(layout, W, mode):
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
 @pytest.mark.parametrize("W", [1, 2, 3, 4])
-@pytest.mark.parametrize("algo", list(ALGOS))
+@pytest.mark.parametrize("algo", ["lasp2", "lasp1"])
 def test_sp_linear_matches_single_process(dist_pool, algo, W, layout, mode, dtype):
     chunk_len = 13 if W % 2 else 37
     results = dist_pool(W).run(
@@ -92,6 +97,22 @@ def test_sp_linear_matches_single_process(dist_pool, algo, W, layout, mode, dtyp
             assert set(events) <= {"gloo:send", "gloo:recv"}, events
             assert events.count("gloo:send") == events.count("gloo:recv") == _hops(layout, W, mode)
             assert all(shapes == [[2, 4, 6, 5]] for r in results for _, shapes in r[phase])
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+@pytest.mark.parametrize("W", [2, 3, 4])
+@pytest.mark.parametrize("form", ["right", "quadratic"])
+def test_ring_linear_matches_single_process(dist_pool, form, W, layout, mode):
+    """The Ring baseline for linear attention, both forms: K/V (with H heads after GQA) go round, W-1
+    hops forward, W-1 back; plus its one rank-check all-gather."""
+    res = dist_pool(W).run("tests.test_sp_linear:case_sp_linear", algo=f"ring_{form}", layout=layout, mode=mode,
+                           dtype="f64", chunk_len=7)
+    for r in res:
+        assert r["fwd"][0][0] == "gloo:all_gather"
+        for phase, events in (("fwd", r["fwd"][1:]), ("bwd", r["bwd"])):
+            names = [name for name, _ in events]
+            assert names.count("gloo:recv") == W - 1 and set(names) <= {"gloo:send", "gloo:recv"}, (phase, names)
 
 
 def test_lasp2_bytes_do_not_depend_on_length(dist_pool):

@@ -6,6 +6,7 @@ from lasp.sp.lasp2 import lasp2_linear_attn
 from lasp.sp.lasp2h import lasp2h_softmax_attn
 from lasp.sp.layout import LAYOUTS, SeqLayout, shard_sequence, unshard_sequence
 from lasp.sp.ring import ring_softmax_attn
+from lasp.sp.ring_linear import ring_linear_attn
 from lasp.sp.ulysses import ulysses_linear_attn, ulysses_softmax_attn
 
 __all__ = [
@@ -14,6 +15,7 @@ __all__ = [
     "lasp1_linear_attn",
     "lasp2_linear_attn",
     "lasp2h_softmax_attn",
+    "ring_linear_attn",
     "ring_softmax_attn",
     "shard_sequence",
     "ulysses_linear_attn",

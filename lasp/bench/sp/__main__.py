@@ -4,11 +4,13 @@
     torchrun --standalone --nproc-per-node 4 -m lasp.bench.sp sweep [--world-sizes 1 2 4] [--seq-lens ...]
     python -m lasp.bench.sp simulate [--world-sizes 1 2 4 8] [--seq-lens ...]
     python -m lasp.bench.sp model [--link fit | nvlink4-h100 | ib-ndr400 | a100-nvswitch-600]
+    python -m lasp.bench.sp predict [--config configs/linear-llama3-1b.yaml] [--link nvlink4-h100] [--tflops 400]
 
 sweep: every method, W (sub-groups of one launch) and N measured on real process groups, with the
 interconnect's calibration; simulate: each rank's compute of any W, one process (no communication);
 model: the alpha-beta cost model priced with the calibration (or a preset), its prediction for every
-measured point printed with its error. Everything goes to --out as JSONL and CSV.
+measured point printed with its error; predict: MODELLED whole-model steps at W ranks and N tokens on a
+link preset, compute from the model's FLOPs at an assumed rate. Everything goes to --out as JSONL and CSV.
 """
 
 import argparse
@@ -112,6 +114,35 @@ def model_main(a) -> None:
         print(f"wrote {path}")
 
 
+def predict_main(a) -> None:
+    import yaml
+
+    from lasp.bench.common import environment, write_jsonl
+    from lasp.bench.sp.predict import plot, sweep
+    from lasp.model.config import ModelConfig
+
+    model = ModelConfig(**(yaml.safe_load(Path(a.config).read_text()) or {}).get("model", {}))
+    link = PRESETS[a.link]
+    rows = [{**r, "config": a.config, **environment()} for r in
+            sweep(model, a.world_sizes, a.seq_lens, link, a.tflops, a.batch)]
+    write_jsonl(a.out / "predicted.jsonl", rows)
+    _write_csv(a.out / "predicted.csv", rows)
+    W = 64 if 64 in a.world_sizes else max(a.world_sizes)
+    plot(rows, a.out / f"predicted_W{W}.png", W)
+    print(f"MODELLED ({a.config}, {link.name}: {link.source}; {a.tflops:g} TFLOP/s per device assumed)")
+    methods = ("lasp2", "lasp1", "ulysses", "ring")
+    print("| W | N | " + " | ".join(f"{m} tokens/s" for m in methods) + " | LASP-2 / LASP-1 | LASP-2 / Ring |")
+    print("|---|---|---|---|---|---|---|---|")
+    for W_ in a.world_sizes:
+        for N in a.seq_lens:
+            got = {r["method"]: r for r in rows if r["W"] == W_ and r["N"] == N and "skipped" not in r}
+            if "lasp2" in got:
+                cells = [f"{got[m]['tokens_per_s']:,.0f}" if m in got else "-" for m in methods]
+                ratios = [got["lasp2"]["tokens_per_s"] / got[m]["tokens_per_s"] for m in ("lasp1", "ring")]
+                print(f"| {W_} | {N} | " + " | ".join(cells) + "".join(f" | {x:.3f}" for x in ratios) + " |")
+    print(f"wrote {a.out / 'predicted.jsonl'} and {a.out / f'predicted_W{W}.png'}")
+
+
 def cpu_main(a) -> None:
     """The whole CPU sweep: torchrun the measurement, simulate, model."""
     W = max(a.world_sizes)
@@ -132,6 +163,14 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m lasp.bench.sp", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="step", required=True)
+    p_pred = sub.add_parser("predict")
+    p_pred.add_argument("--config", default="configs/linear-llama3-1b.yaml", help="a trainer YAML: its model section")
+    p_pred.add_argument("--link", default="nvlink4-h100", choices=list(PRESETS))
+    p_pred.add_argument("--world-sizes", type=int, nargs="+", default=[16, 32, 64, 128])
+    p_pred.add_argument("--seq-lens", type=int, nargs="+", default=[2048 * 2**k for k in range(12)])
+    p_pred.add_argument("--tflops", type=float, default=400.0, help="sustained TFLOP/s per device (assumed)")
+    p_pred.add_argument("--batch", type=int, default=1)
+    p_pred.add_argument("--out", type=Path, default=Path("results/sp"))
     for name in ("cpu", "sweep", "simulate", "model"):
         s = sub.add_parser(name)
         _shared(s)
@@ -151,6 +190,14 @@ def main(argv=None) -> None:
             s.add_argument("--cores", type=int, default=None, help="cores the measured processes shared (default: "
                            "recorded by the sweep)")
     a = p.parse_args(argv)
+    if a.step == "predict":
+        problems = at_least("--world-sizes", a.world_sizes) + at_least("--seq-lens", a.seq_lens)
+        problems += at_least("--batch", a.batch) + ([] if a.tflops > 0 else [f"--tflops must be > 0, got {a.tflops}"])
+        if not Path(a.config).is_file():
+            problems.append(f"--config {a.config}: no such file")
+        usage_error(p, problems + writable("--out", a.out, directory=True))
+        a.out.mkdir(parents=True, exist_ok=True)
+        return predict_main(a)
     problems = _problems(a)
     if a.step == "cpu":
         problems += processes("--world-sizes", max(a.world_sizes, default=1))

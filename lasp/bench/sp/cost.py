@@ -13,8 +13,9 @@ step, `beta` seconds per byte at the bus bandwidth):
 
 A layer's time is its per-rank compute (measured, or simulated: `lasp.bench.sp simulate`) plus the part of
 each message the implementation does not hide. Only LASP-2 overlaps: its all-gather is in flight while the
-intra-chunk term is computed (forward and backward). LASP-1's hops wait on each other; Ring here shifts a
-block, then computes on it; Ulysses and LASP-2H wait for their collectives.
+intra-chunk term is computed (forward and backward). LASP-1's hops wait on each other; Ring (softmax, and
+linear in both forms) here shifts a block, then computes on it; Ulysses and LASP-2H wait for their
+collectives.
 """
 
 from dataclasses import dataclass, field
@@ -134,6 +135,9 @@ def plan(method: str, s: Shape, causal: bool = True) -> Plan:
         fwd = [Message("all_to_all", tok * s.H * s.K), Message("all_to_all", tok * hk * s.K),
                Message("all_to_all", tok * hk * s.V), Message("all_to_all", tok * s.H * s.V)]
         return Plan(fwd, list(reversed(fwd)))
+    if method in ("ring_linear", "ring_linear_quadratic"):  # K/V with H heads (repeated for GQA) go round
+        block = s.B * s.T * s.H * (s.K + s.V) * s.itemsize
+        return Plan([Message("p2p", block)] * (W - 1), [Message("p2p", block)] * (W - 1))
     kv = s.B * s.T * s.Hkv * (s.K + s.V)
     if method == "lasp2h":
         return Plan([Message("all_gather", W * kv * s.itemsize)], [Message("reduce_scatter", W * kv * s.itemsize)])

@@ -6,6 +6,7 @@ D head dim (keys and values).
 """
 
 import contextlib
+import functools
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -22,6 +23,8 @@ METHODS = {
     "lasp2": ("linear", lasp.lasp2_linear_attn),
     "lasp1": ("linear", lasp.lasp1_linear_attn),
     "ulysses_linear": ("linear", lasp.ulysses_linear_attn),
+    "ring_linear": ("linear", lasp.ring_linear_attn),
+    "ring_linear_quadratic": ("linear", functools.partial(lasp.ring_linear_attn, form="quadratic")),
     "lasp2h": ("softmax", lasp.lasp2h_softmax_attn),
     "ring": ("softmax", lasp.ring_softmax_attn),
     "ulysses": ("softmax", lasp.ulysses_softmax_attn),
