@@ -9,18 +9,8 @@
 # GPU first (it writes simulated.jsonl into the same --out); without it only the sweep runs.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-if [[ -n ${SLURM_JOB_NODELIST:-} && -z ${MASTER_ADDR:-} ]]; then
-  MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
-fi
-gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
-NNODES=${NNODES:-${SLURM_NNODES:-1}}
-NODE_RANK=${NODE_RANK:-${SLURM_NODEID:-0}}
-MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
-MASTER_PORT=${MASTER_PORT:-29500}
-NPROC_PER_NODE=${NPROC_PER_NODE:-${SLURM_GPUS_ON_NODE:-$(( gpus > 0 ? gpus : 1 ))}}
-PYTHON=${PYTHON:-$( [[ -x .venv/bin/python ]] && echo .venv/bin/python || echo python3 )}
+source launch/node_env.sh
 LINK=${LINK:-fit}
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 "$PYTHON" -m torch.distributed.run --nnodes "$NNODES" --node-rank "$NODE_RANK" --master-addr "$MASTER_ADDR" \
   --master-port "$MASTER_PORT" --nproc-per-node "$NPROC_PER_NODE" -m lasp.bench.sp sweep "$@"
 out=results/sp

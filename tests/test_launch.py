@@ -8,7 +8,8 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = ["launch/torchrun.sh", "launch/deepspeed.sh", "launch/slurm.sbatch", "launch/bench_scaling.sh", "scripts/run.sh"]
+SCRIPTS = ["launch/torchrun.sh", "launch/deepspeed.sh", "launch/slurm.sbatch", "launch/bench_scaling.sh",
+           "launch/node_env.sh", "scripts/run.sh"]
 DRY = ["--config", "configs/cpu-quickstart.yaml", "--dry-run"]
 
 
