@@ -103,6 +103,7 @@ def test_the_cpu_sweep_writes_its_files_and_plots(tmp_path):
     skipped = [r for r in measured if "skipped" in r]
     assert skipped and all("Ulysses needs heads % W == 0: 6 heads, W=4" in r["skipped"] for r in skipped)
     assert {r["W"] for r in measured} == {1, 2, 4} and all("git" in r and "torch" in r for r in measured)
+    assert {(r["W"], r["dp"]) for r in measured if r["method"] == "hybrid_train_step"} == {(1, 4), (2, 2), (4, 1)}
     assert "median |error|" in run.stdout and "| lasp2 | 4 |" in run.stdout
 
 

@@ -1,5 +1,6 @@
 """The launch scripts: they parse (bash -n), and a dry run goes through each launcher."""
 
+import json
 import os
 import socket
 import subprocess
@@ -75,6 +76,9 @@ def test_the_scaling_sweep_runs_through_its_launcher(tmp_path):
     _run(["bash", "launch/bench_scaling.sh", "--world-sizes", "1", "2", "--seq-lens", "64", "--tokens-per-rank",
           "--reps", "1", "--methods", "lasp2", "lasp1", "--out", str(out)],
          {"NPROC_PER_NODE": "2", "MASTER_PORT": str(_free_port())}, timeout=300)
-    rows = (out / "measured.jsonl").read_text().splitlines()
-    assert len(rows) == 2 * 1 + 2 * 2  # W=1: rank 0; W=2: both ranks; two methods
+    rows = [json.loads(x) for x in (out / "measured.jsonl").read_text().splitlines()]
+    ops = [r for r in rows if r["method"] != "hybrid_train_step"]
+    assert len(ops) == 2 * 1 + 2 * 2  # W=1: rank 0; W=2: both ranks; two methods
+    steps = [(r["W"], r["dp"]) for r in rows if r["method"] == "hybrid_train_step"]
+    assert sorted(steps) == [(1, 2), (1, 2), (2, 1), (2, 1)]  # every rank: sp=1 x dp=2, then sp=2 x dp=1
     assert (out / "calibration.jsonl").stat().st_size > 0

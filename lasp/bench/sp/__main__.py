@@ -146,7 +146,7 @@ def predict_main(a) -> None:
 def cpu_main(a) -> None:
     """The whole CPU sweep: torchrun the measurement, simulate, model."""
     W = max(a.world_sizes)
-    common = ["--methods", *a.methods, "--world-sizes", *map(str, a.world_sizes), "--seq-lens", *map(str, a.seq_lens),
+    common = ["--train-step" if a.train_step else "--no-train-step", "--methods", *a.methods, "--world-sizes", *map(str, a.world_sizes), "--seq-lens", *map(str, a.seq_lens),
               "--tokens-per-rank", *map(str, a.tokens_per_rank), "--reps", str(a.reps), "--out", str(a.out),
               "--batch", str(a.batch), "--heads", str(a.heads), "--kv-heads", str(a.kv_heads),
               "--head-dim", str(a.head_dim), "--layout", a.layout, "--dtype", a.dtype]
@@ -176,6 +176,8 @@ def main(argv=None) -> None:
         _shared(s)
         if name in ("sweep", "cpu"):
             s.add_argument("--timeout", type=int, default=300, help="collective timeout, seconds")
+            s.add_argument("--train-step", action=argparse.BooleanOptionalAction, default=True,
+                           help="also a whole hybrid Linear-Llama training step at SP = W, DP = launch / W")
         if name in ("sweep", "simulate", "cpu"):
             s.add_argument("--no-check-ranks", action="store_true", help="measure with check_ranks=False")
         if name in ("simulate", "cpu"):

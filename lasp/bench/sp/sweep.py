@@ -57,6 +57,54 @@ def _calibrate(group, W: int, device: torch.device, reps: int) -> list[dict]:
     return rows
 
 
+def _hybrid_steps(args, rank: int, world: int) -> list[dict]:
+    """A whole hybrid Linear-Llama training step (forward, backward, gradient sync: `lasp.parallel.train_step`)
+    at SP = W and DP = world / W, for every W that divides the launch; tokens/s counts every replica."""
+    from lasp.bench.sp.methods import messages
+    from lasp.distributed.comm import p2p_log
+    from lasp.model import LinearLlama, ModelConfig
+    from lasp.parallel import ParallelConfig, init_groups, parallelize, train_step
+
+    hidden = 16 * args.heads
+    cfg = ModelConfig(vocab_size=256, hidden_size=hidden, num_layers=4, num_heads=args.heads,
+                      num_kv_heads=args.kv_heads, ffn_hidden_size=4 * hidden, layer_pattern="LLLS")
+    rows = []
+    for W in sorted(w for w in set(args.world_sizes) if world % w == 0):
+        pcfg = ParallelConfig(sp=W, dp=world // W, sp_layout=args.layout)
+        groups = init_groups(pcfg, args.timeout)
+        torch.manual_seed(0)
+        stage = parallelize(LinearLlama(cfg), pcfg, groups)
+        for N in sorted(set(args.seq_lens)):
+            if N % _chunks(args.layout, W):
+                continue
+            tokens = torch.randint(0, cfg.vocab_size, (pcfg.dp, N + 1), generator=torch.Generator().manual_seed(N))
+            train_step(stage, tokens, pcfg, groups)
+            times = []
+            for _ in range(args.reps):
+                dist.barrier()
+                t0 = time.perf_counter()
+                train_step(stage, tokens, pcfg, groups)
+                times.append(time.perf_counter() - t0)
+            act = [torch.profiler.ProfilerActivity.CPU]
+            with torch.profiler.profile(activities=act, record_shapes=True) as prof, p2p_log() as hops:
+                train_step(stage, tokens, pcfg, groups)
+            step = statistics.median(times)
+            rows.append({"method": "hybrid_train_step", "W": W, "N": N, "B": pcfg.dp, "H": args.heads,
+                         "Hkv": args.kv_heads, "D": 16, "layout": args.layout, "dtype": "float32", "rank": rank,
+                         "dp": pcfg.dp, "reps": args.reps, "step_s": step, "tokens_per_s": pcfg.dp * N / step,
+                         "fwd_messages": [m.__dict__ for m in messages(prof, hops)], "bwd_messages": [],
+                         "model": "Linear-Llama LLLS, 4 layers, hidden %d, vocab 256" % hidden})
+            if rank == 0:
+                print(f"  hybrid train step  sp={W} dp={pcfg.dp} N={N:7d}  {step * 1e3:9.1f} ms/step", flush=True)
+    return rows
+
+
+def _chunks(layout: str, W: int) -> int:
+    from lasp.sp.layout import SeqLayout
+
+    return SeqLayout(layout, W).num_chunks
+
+
 def run(args) -> None:
     """The body of `python -m lasp.bench.sp sweep` on one rank of a torchrun launch."""
     gpu = torch.cuda.is_available()
@@ -93,6 +141,8 @@ def run(args) -> None:
             got = _calibrate(group, W, device, args.reps)
             calibration += got if rank == 0 else []
         dist.barrier()
+    if args.train_step:
+        rows += _hybrid_steps(args, rank, world)
     everything = [None] * world
     dist.all_gather_object(everything, rows)
     if rank == 0:
