@@ -116,7 +116,7 @@ def _isolated(W: int, T: int, reps: int) -> dict:
     """Median seconds of LASP-2's state all-gather with and without its fingerprint (see module doc)."""
     from lasp.distributed import all_gather_async
     from lasp.distributed.agree import start_checked_gather
-    from lasp.sp.dispatch import _fingerprint
+    from lasp.sp.dispatch import fingerprint
 
     q = torch.randn(B, T, H, D)
     decay = -torch.linspace(0.01, 0.5, H)
@@ -130,7 +130,7 @@ def _isolated(W: int, T: int, reps: int) -> dict:
 
     def checked() -> float:
         t0 = time.perf_counter()
-        fp = _fingerprint("bench.lasp2", q, q, q, "zigzag", True, D**-0.5, decay, linear=True)
+        fp = fingerprint("bench.lasp2", q, q, q, "zigzag", True, D**-0.5, decay, linear=True)
         start_checked_gather(states, None, fp)[0].wait()
         return time.perf_counter() - t0
 

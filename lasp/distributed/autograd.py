@@ -16,8 +16,8 @@ from lasp.distributed.comm import (
     global_rank,
     group_rank,
     group_size,
-    _note_p2p,
     note_collective,
+    note_p2p,
     reduce_scatter_single,
 )
 
@@ -65,7 +65,7 @@ def _shift(x: Tensor, group, offset: int) -> Tensor:
     x = x.contiguous()
     out = torch.empty_like(x)
     note_collective(f"ring shift of {tuple(x.shape)} by {offset} over {W} ranks")
-    _note_p2p(out.numel() * out.element_size())
+    note_p2p(out.numel() * out.element_size())
     ops = [
         dist.P2POp(dist.isend, x, global_rank(group, (r + offset) % W), group),
         dist.P2POp(dist.irecv, out, global_rank(group, (r - offset) % W), group),

@@ -26,7 +26,8 @@ def note_collective(what: str) -> None:
     _last_started = what
 
 
-def _note_p2p(nbytes: int) -> None:
+def note_p2p(nbytes: int) -> None:
+    """Record a point-to-point message this rank receives (see `p2p_log`)."""
     if _p2p_log is not None:
         _p2p_log.append(nbytes)
 
@@ -127,6 +128,6 @@ def recv(like: Tensor, src: int, group=None) -> Tensor:
     """Blocking receive, from group rank `src`, of a tensor shaped like `like`."""
     out = torch.empty_like(like, memory_format=torch.contiguous_format)
     note_collective(f"receive of {tuple(like.shape)} from group rank {src}")
-    _note_p2p(out.numel() * out.element_size())
+    note_p2p(out.numel() * out.element_size())
     dist.recv(out, src=global_rank(group, src), group=group)
     return out

@@ -40,8 +40,9 @@ def decay_digest(log_decay: Tensor) -> float | Tensor:
     return (g * w).sum()
 
 
-def _fingerprint(op: str, q: Tensor, k: Tensor, v: Tensor, layout: str, causal: bool, scale: float,
-                 log_decay: Tensor | None, linear: bool) -> Fingerprint:
+def fingerprint(op: str, q: Tensor, k: Tensor, v: Tensor, layout: str, causal: bool, scale: float,
+                log_decay: Tensor | None, linear: bool) -> Fingerprint:
+    """What every rank of an SP op must pass alike (see the module doc)."""
     B, T, H, K = q.shape
     fields = [
         ("local length", T), ("batch size", B), ("query heads", H), ("key/value heads", k.shape[2]),
@@ -61,6 +62,14 @@ def _checked_locally(op: str, group, device: torch.device, check_ranks: bool, ch
         if check_ranks:
             refuse(Fingerprint(op), group, device)
         raise
+
+
+def _carried(fp: Fingerprint | None, in_band: bool, group, device: torch.device) -> Fingerprint | None:
+    """The fingerprint the op's own all-gather carries (`in_band`), or None once it was exchanged here."""
+    if fp is not None and not in_band:
+        agree(fp, group, device)
+        return None
+    return fp
 
 
 def _device(q) -> torch.device:
@@ -102,10 +111,8 @@ def run_sp_linear_attn(
         k2, v2, s, _ = checks()
         return linear_attn(q, k, v, log_decay=log_decay, causal=causal, scale=s, kernel=kernel)
     k2, v2, s, lay = _checked_locally(op, group, _device(q), check_ranks, checks)
-    fp = _fingerprint(op, q, k, v, layout, causal, s, log_decay, linear=True) if check_ranks else None
-    if fp is not None and not in_band:
-        agree(fp, group, q.device)
-        fp = None
+    fp = fingerprint(op, q, k, v, layout, causal, s, log_decay, linear=True) if check_ranks else None
+    fp = _carried(fp, in_band, group, q.device)
     kernel = DEFAULT_KERNEL if kernel is None else kernel
     return impl(q, k2, v2, log_decay, s, causal, group, lay, kernel, fp)
 
@@ -141,8 +148,6 @@ def run_sp_softmax_attn(
         s, _ = checks()
         return softmax_attn(q, k, v, causal=causal, scale=s)
     s, lay = _checked_locally(op, group, _device(q), check_ranks, checks)
-    fp = _fingerprint(op, q, k, v, layout, causal, s, None, linear=False) if check_ranks else None
-    if fp is not None and not in_band:
-        agree(fp, group, q.device)
-        fp = None
+    fp = fingerprint(op, q, k, v, layout, causal, s, None, linear=False) if check_ranks else None
+    fp = _carried(fp, in_band, group, q.device)
     return impl(q, k, v, lay, group, causal, s, fp)

@@ -15,7 +15,6 @@ link preset, compute from the model's FLOPs at an assumed rate. Everything goes 
 
 import argparse
 import csv
-import json
 import os
 import subprocess
 import sys

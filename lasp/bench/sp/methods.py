@@ -12,7 +12,6 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.distributed as dist
 
 import lasp
 from lasp.bench.sp.cost import Message
@@ -159,7 +158,3 @@ _COMPUTE = ("aten::mm", "aten::bmm", "aten::matmul", "aten::einsum", "aten::scal
 def _compute_shapes(prof) -> list:
     """(op, input shapes) of the matrix products a rank ran: the per-rank compute, whatever the messages."""
     return [[e.name, e.input_shapes] for e in prof.events() if e.name in _COMPUTE]
-
-
-def world_barrier(group):
-    return lambda: dist.barrier(group=group)

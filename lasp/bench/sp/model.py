@@ -12,10 +12,10 @@ import json
 import statistics
 from pathlib import Path
 
+import torch
+
 from lasp.bench.sp.cost import PRESETS, Compute, Link, Shape, fit_link, layer_time
 from lasp.bench.sp.methods import DTYPES
-
-import torch
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -36,11 +36,9 @@ def step(model: ModelConfig, method: str, W: int, N: int, link: Link, tflops: fl
     compute = flops_per_token(counted, N) * batch * T / (tflops * 1e12)
     hd = model.hidden_size // model.num_heads
     shape = Shape(W, batch, T, model.num_heads, model.num_kv_heads, hd, hd, layout, itemsize)
-    linear_op, softmax_op = PAIRS[method]
-    comm = 0.0
-    for layer in range(model.num_layers):
-        op = linear_op if model.mixer(layer) == "L" else softmax_op
-        comm += layer_time(op, shape, Compute(0.0, 0.0), link)["step"]
+    linear = sum(model.mixer(layer) == "L" for layer in range(model.num_layers))
+    comm = sum(count * layer_time(op, shape, Compute(0.0, 0.0), link)["step"]
+               for op, count in zip(PAIRS[method], (linear, model.num_layers - linear)) if count)
     total = compute + comm
     return {"method": method, "W": W, "N": N, "T": T, "compute_s": compute, "comm_s": comm, "step_s": total,
             "tokens_per_s": batch * N / total, "tokens_per_s_per_gpu": batch * N / total / W, "link": link.name,

@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from lasp.bench.common import environment, write_jsonl
 from lasp.bench.sp.methods import Case, measure
+from lasp.sp.layout import SeqLayout
 
 CALIBRATION_BYTES = (4 << 10, 64 << 10, 512 << 10, 2 << 20, 8 << 20)
 
@@ -75,7 +76,7 @@ def _hybrid_steps(args, rank: int, world: int) -> list[dict]:
         torch.manual_seed(0)
         stage = parallelize(LinearLlama(cfg), pcfg, groups)
         for N in sorted(set(args.seq_lens)):
-            if N % _chunks(args.layout, W):
+            if N % SeqLayout(args.layout, W).num_chunks:
                 continue
             tokens = torch.randint(0, cfg.vocab_size, (pcfg.dp, N + 1), generator=torch.Generator().manual_seed(N))
             train_step(stage, tokens, pcfg, groups)
@@ -97,12 +98,6 @@ def _hybrid_steps(args, rank: int, world: int) -> list[dict]:
             if rank == 0:
                 print(f"  hybrid train step  sp={W} dp={pcfg.dp} N={N:7d}  {step * 1e3:9.1f} ms/step", flush=True)
     return rows
-
-
-def _chunks(layout: str, W: int) -> int:
-    from lasp.sp.layout import SeqLayout
-
-    return SeqLayout(layout, W).num_chunks
 
 
 def run(args) -> None:
