@@ -73,6 +73,31 @@ def test_counted_messages_follow_the_algorithms():
     assert hops == 2 * (4 - 1)
 
 
+def test_peak_memory_is_the_allocators_running_peak():
+    import torch
+
+    from lasp.bench.sp.methods import peak_allocated
+
+    def profile():
+        return torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)
+
+    with profile() as a:
+        x = torch.empty(1 << 20, dtype=torch.float32)  # 4 MiB, kept
+        y = torch.empty(3 << 20, dtype=torch.uint8)  # 3 MiB, freed
+        del y
+    with profile() as b:
+        z = torch.empty(2 << 20, dtype=torch.uint8)  # 2 MiB on top of the 4 MiB still live
+        del z
+    assert peak_allocated(a) == 7 << 20 and peak_allocated(a, b) == 7 << 20
+    assert peak_allocated(b) == 2 << 20
+    del x
+    # a layer's peak grows with its local length; the quadratic form's as the square
+    peak = {(m, N): max(r["peak_mem_gib"] for r in _simulated(m, 2, N)) for m in ("lasp2", "ring_linear_quadratic")
+            for N in (512, 2048)}
+    assert 2.5 < peak["lasp2", 2048] / peak["lasp2", 512] < 6
+    assert peak["ring_linear_quadratic", 2048] / peak["ring_linear_quadratic", 512] > 8
+
+
 def case_compute_shapes(method: str, N: int) -> list:
     rank, W = dist.get_rank(), dist.get_world_size()
     return measure(Case(method, W, N), None, rank, 1, check_ranks=True)["compute_shapes"]
@@ -97,7 +122,7 @@ def test_the_cpu_sweep_writes_its_files_and_plots(tmp_path):
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     for name in ("measured.jsonl", "measured.csv", "calibration.jsonl", "simulated.jsonl", "simulated.csv",
                  "validation.jsonl", "validation.csv", "tokens_vs_N.png", "tokens_vs_W.png", "bytes_vs_W.png",
-                 "validation.png"):
+                 "memory_vs_N.png", "validation.png"):
         assert (out / name).stat().st_size > 0, name
     measured = [json.loads(x) for x in (out / "measured.jsonl").read_text().splitlines()]
     skipped = [r for r in measured if "skipped" in r]

@@ -86,6 +86,53 @@ class LinearAttnKernel(Protocol):
         ...
 
 
+class GatedKernel(Protocol):
+    """What a kernel adds for data-dependent gates (lasp.kernels.linear_attn.gated has the math). `gates`
+    names the forms it has ("scalar": gate [B,T,H,1], "vector": [B,T,H,K]); heads are expanded."""
+
+    gates: tuple[str, ...]
+
+    def gated_fwd(
+        self, q: Tensor, k: Tensor, v: Tensor, gate: Tensor, scale: float, initial_state: Tensor | None,
+        want_final: bool,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Causal gated attention over T from `initial_state` -> (o, final state or None)."""
+        ...
+
+    def gated_bwd(
+        self, q: Tensor, k: Tensor, v: Tensor, gate: Tensor, scale: float, initial_state: Tensor | None,
+        do: Tensor, dfinal: Tensor | None,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+        """(dq, dk, dv, dgate, d initial_state or None) of `gated_fwd`."""
+        ...
+
+    # For LASP-2: a chunk as an affine map of its state, S_out = Diag(D) S_in + M, and its pieces apart.
+    def gated_chunk_state(self, k: Tensor, v: Tensor, gate: Tensor) -> tuple[Tensor, Tensor]:
+        """-> (D [B, H, Kg], M [B, H, K, V] from a zero start)."""
+        ...
+
+    def gated_chunk_state_bwd(self, k: Tensor, v: Tensor, gate: Tensor, dstate: Tensor) -> tuple[Tensor, Tensor]:
+        """dM -> (dk, dv)."""
+        ...
+
+    def gated_inter_fwd(self, q: Tensor, gate: Tensor, state: Tensor, scale: float) -> Tensor:
+        """The incoming state's term of the output."""
+        ...
+
+    def gated_inter_bwd(
+        self, q: Tensor, gate: Tensor, state: Tensor, scale: float, do: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """-> (dq, d state)."""
+        ...
+
+    def gate_grad(
+        self, q: Tensor, k: Tensor, dq: Tensor, dk: Tensor, gate_width: int, dfinal: Tensor | None,
+        final: Tensor | None,
+    ) -> Tensor:
+        """The gate's gradient from the chunk's total dq, dk and its final state's gradient."""
+        ...
+
+
 class ComposedStates:
     """`fwd` / `bwd` of a kernel from its six protocol calls: intra + inter for the output, chunk_state
     plus the decayed initial state for the final state, and the backward of each."""

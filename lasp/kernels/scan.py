@@ -25,3 +25,19 @@ def exclusive_scan(
         out.select(dim, i).copy_(h)
         h = x.select(dim, i) + (h if d is None else h * d)
     return out, h
+
+
+def affine_scan(
+    x: Tensor, decay: Tensor, reverse: bool = False, initial: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Exclusive scan along dim 0 with a transition per step: out_0 = h, out_{i+1} = decay_i * out_i + x_i
+    (or from the last index down, `reverse=True`: the transposed recurrence of the backward, the same for
+    the diagonal transitions used here), and the carry out. x [n, B, H, K, V]; decay [n, ...] broadcasting
+    against x's rows (a scalar [n, B, H, 1, 1] or a diagonal [n, B, H, K, 1]); `initial` the carry in."""
+    out = torch.empty_like(x)
+    d = decay.to(x.dtype)
+    h = torch.zeros_like(x[0]) if initial is None else initial.to(x.dtype)
+    for i in range(x.shape[0] - 1, -1, -1) if reverse else range(x.shape[0]):
+        out[i] = h
+        h = x[i] + d[i] * h
+    return out, h

@@ -19,6 +19,8 @@ from lasp.distributed import group_size
 from lasp.distributed.agree import Fingerprint, agree, refuse
 from lasp.kernels import DEFAULT_KERNEL, LinearAttnKernel, linear_attn
 from lasp.kernels.linear_attn import check_linear_attn_args
+from lasp.kernels.linear_attn.gated import as_vector_form
+from lasp.kernels.linear_attn.op import check_gate, gate_form
 from lasp.kernels.softmax_attn import check_softmax_attn_args, softmax_attn
 from lasp.sp.layout import SeqLayout
 
@@ -41,7 +43,7 @@ def decay_digest(log_decay: Tensor) -> float | Tensor:
 
 
 def fingerprint(op: str, q: Tensor, k: Tensor, v: Tensor, layout: str, causal: bool, scale: float,
-                log_decay: Tensor | None, linear: bool) -> Fingerprint:
+                log_decay: Tensor | None, linear: bool, gate: Tensor | None = None) -> Fingerprint:
     """What every rank of an SP op must pass alike (see the module doc)."""
     B, T, H, K = q.shape
     fields = [
@@ -51,6 +53,7 @@ def fingerprint(op: str, q: Tensor, k: Tensor, v: Tensor, layout: str, causal: b
     ]
     if linear:
         fields.append(("decay", None if log_decay is None else decay_digest(log_decay)))
+        fields.append(("gate", None if gate is None else gate_form(gate)))
     return Fingerprint(op, tuple(fields))
 
 
@@ -92,15 +95,24 @@ def run_sp_linear_attn(
     check_ranks: bool,
     in_band: bool = False,
     heads_divisible: bool = False,
+    gate: Tensor | None = None,
+    gated_impl: Callable[..., Tensor] | None = None,
 ) -> Tensor:
     """Check every argument before any communication, then run impl(q, k, v, log_decay, scale, causal,
     group, lay, kernel, fingerprint) (k, v repeated to q's heads), or `linear_attn` on a group of one.
     `in_band`: `impl` carries the fingerprint in its own all-gather; else it is exchanged here first.
-    `heads_divisible`: the query heads must split evenly across the group (Ulysses)."""
+    `heads_divisible`: the query heads must split evenly across the group (Ulysses).
+    With a `gate`, gated_impl(q, k, v, gate [B, T, H, Kg], scale, group, lay, kernel, fingerprint) runs
+    instead; an op without `gated_impl` refuses gates."""
     W = group_size(group)
+    kernel = DEFAULT_KERNEL if kernel is None else kernel
 
     def checks():
         k2, v2, s = check_linear_attn_args(q, k, v, log_decay, causal, scale)
+        if gate is not None:
+            if gated_impl is None:
+                raise ValueError(f"{op} has no gated form: pass gate=None, or use lasp2, lasp1 or ulysses")
+            check_gate(gate, q, log_decay, causal, kernel)
         lay = SeqLayout(layout, W)
         lay.check_local_length(q.shape[1])
         if heads_divisible:
@@ -109,11 +121,12 @@ def run_sp_linear_attn(
 
     if W == 1:
         k2, v2, s, _ = checks()
-        return linear_attn(q, k, v, log_decay=log_decay, causal=causal, scale=s, kernel=kernel)
+        return linear_attn(q, k, v, log_decay=log_decay, gate=gate, causal=causal, scale=s, kernel=kernel)
     k2, v2, s, lay = _checked_locally(op, group, _device(q), check_ranks, checks)
-    fp = fingerprint(op, q, k, v, layout, causal, s, log_decay, linear=True) if check_ranks else None
+    fp = fingerprint(op, q, k, v, layout, causal, s, log_decay, linear=True, gate=gate) if check_ranks else None
     fp = _carried(fp, in_band, group, q.device)
-    kernel = DEFAULT_KERNEL if kernel is None else kernel
+    if gate is not None:
+        return gated_impl(q, k2, v2, as_vector_form(gate), s, group, lay, kernel, fp)
     return impl(q, k2, v2, log_decay, s, causal, group, lay, kernel, fp)
 
 

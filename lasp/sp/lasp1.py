@@ -15,16 +15,21 @@ from torch import Tensor
 from lasp.distributed import group_rank, recv, send
 from lasp.kernels import LinearAttnKernel
 from lasp.sp.dispatch import run_sp_linear_attn
+from lasp.sp.gated import GatedChunks
 from lasp.sp.layout import SeqLayout, merge_local_chunks, split_local_chunks
 
 
-def _chain_scan(x_nBHKV: Tensor, decay_H: Tensor | None, lay: SeqLayout, group, reverse: bool) -> Tensor:
+def _chain_scan(x_nBHKV: Tensor, decay: Tensor | None, lay: SeqLayout, group, reverse: bool) -> Tensor:
     """Decayed exclusive prefix (suffix if `reverse`) of every chunk's x in global order, passed hop by
-    hop between owners. Returns this rank's entries [n, B, H, K, V]."""
+    hop between owners. `decay`: None, a constant per head [H], or one transition per local chunk
+    [n, B, H, Kg, 1] (gates). Returns this rank's entries [n, B, H, K, V]."""
     rank, num = group_rank(group), lay.num_chunks
     mine = lay.chunks_of(rank)
     step = -1 if reverse else 1
-    d = None if decay_H is None else decay_H.to(x_nBHKV.dtype).view(-1, 1, 1)
+    if decay is None or decay.dim() == 1:
+        d = [None if decay is None else decay.to(x_nBHKV.dtype).view(-1, 1, 1)] * len(mine)
+    else:
+        d = list(decay.to(x_nBHKV.dtype))
     out = torch.empty_like(x_nBHKV)
     carry = None
     for i in sorted(range(len(mine)), key=lambda i: mine[i], reverse=reverse):
@@ -37,7 +42,7 @@ def _chain_scan(x_nBHKV: Tensor, decay_H: Tensor | None, lay: SeqLayout, group, 
         else:
             incoming = recv(x_nBHKV[i], lay.owner(prev), group)
         out[i] = incoming
-        carry = x_nBHKV[i] + (incoming if d is None else incoming * d)
+        carry = x_nBHKV[i] + (incoming if d[i] is None else incoming * d[i])
         if 0 <= nxt < num and lay.owner(nxt) != rank:
             send(carry, lay.owner(nxt), group)
     return out
@@ -88,6 +93,35 @@ class _Lasp1Fn(torch.autograd.Function):
         return (*(merge_local_chunks(x, n) for x in (dq, dk, dv)), None, None, None, None, None, None, None)
 
 
+class _Lasp1GatedFn(torch.autograd.Function):
+    """LASP-1 under a data-dependent gate: each hop carries a chunk's outgoing state S_out = D S_in + M."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, gate, scale, group, lay: SeqLayout, kernel, fp):
+        n = lay.chunks_per_rank
+        ch = GatedChunks(kernel, *(split_local_chunks(x, n) for x in (q, k, v, gate)), scale)
+        D, M = ch.pairs()
+        D = D.view(n, -1, *D.shape[1:], 1)
+        o = ch.intra()
+        s_in = _chain_scan(M.view(n, -1, *M.shape[1:]), D, lay, group, reverse=False).flatten(0, 1)
+        o = o + ch.inter(s_in)
+        ctx.save_for_backward(ch.q, ch.k, ch.v, ch.gate, s_in, D.flatten(0, 1) * s_in + M, D)
+        ctx.scale, ctx.group, ctx.lay, ctx.kernel = scale, group, lay, kernel
+        return merge_local_chunks(o, n)
+
+    @staticmethod
+    def backward(ctx, do):
+        qc, kc, vc, gc, s_in, s_out, D = ctx.saved_tensors
+        n = ctx.lay.chunks_per_rank
+        ch = GatedChunks(ctx.kernel, qc, kc, vc, gc, ctx.scale)
+        doc = split_local_chunks(do, n)
+        dq_s, N = ch.inter_bwd(s_in, doc)
+        intra = ch.intra_bwd(doc)
+        ds_out = _chain_scan(N.view(n, -1, *N.shape[1:]), D, ctx.lay, ctx.group, reverse=True).flatten(0, 1)
+        grads = ch.finish_bwd(intra, dq_s, ds_out, s_out)
+        return (*(merge_local_chunks(x, n) for x in grads), None, None, None, None, None)
+
+
 def lasp1_linear_attn(
     q: Tensor,
     k: Tensor,
@@ -96,14 +130,16 @@ def lasp1_linear_attn(
     group=None,
     layout: str = "contiguous",
     log_decay: Tensor | None = None,
+    gate: Tensor | None = None,
     causal: bool = True,
     scale: float | None = None,
     kernel: LinearAttnKernel | None = None,
     check_ranks: bool = True,
 ) -> Tensor:
     """LASP-1 (ring, point-to-point) linear attention; same contract as `lasp2_linear_attn`, except that
-    `check_ranks` costs one small all-gather of fingerprints per call (its hops carry no header)."""
+    `check_ranks` costs one small all-gather of fingerprints per call (its hops carry no header). With a
+    `gate` ([B, T, H] or [B, T, H, K], split like q) every hop carries a chunk's gated outgoing state."""
     return run_sp_linear_attn(
         _Lasp1Fn.apply, q, k, v, op="lasp1", group=group, layout=layout, log_decay=log_decay, causal=causal, scale=scale,
-        kernel=kernel, check_ranks=check_ranks,
+        kernel=kernel, check_ranks=check_ranks, gate=gate, gated_impl=_Lasp1GatedFn.apply,
     )

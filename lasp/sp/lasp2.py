@@ -17,8 +17,9 @@ from torch.profiler import record_function
 from lasp.distributed import all_gather_async, group_rank
 from lasp.distributed.agree import Fingerprint, start_checked_gather
 from lasp.kernels import LinearAttnKernel
-from lasp.kernels.scan import exclusive_scan
+from lasp.kernels.scan import affine_scan, exclusive_scan
 from lasp.sp.dispatch import run_sp_linear_attn
+from lasp.sp.gated import GatedChunks, pack_pairs, unpack_pairs
 from lasp.sp.layout import SeqLayout, merge_local_chunks, split_local_chunks, take_chunks
 
 
@@ -105,6 +106,45 @@ class _Lasp2Fn(torch.autograd.Function):
         return (*(merge_local_chunks(x, n) for x in (dq, dk, dv)), None, None, None, None, None, None, None)
 
 
+class _Lasp2GatedFn(torch.autograd.Function):
+    """LASP-2 under a data-dependent gate: ONE all-gather of the chunks' affine maps (D_c, M_c) forward, a
+    scan with (D2, M2) o (D1, M1) = (D2 D1, D2 M1 + M2) in global chunk order; ONE all-gather of the state
+    gradients N_c backward and the reverse scan dS_in = N + D dS_out (sp/gated.py)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, gate, scale, group, lay: SeqLayout, kernel, fp):
+        n, rank = lay.chunks_per_rank, group_rank(group)
+        ch = GatedChunks(kernel, *(split_local_chunks(x, n) for x in (q, k, v, gate)), scale)
+        D, M = ch.pairs()
+        pairs = pack_pairs(D, M)
+        gather = _Gather(pairs.view(n, -1, *pairs.shape[1:]), group, fp)
+        with record_function("lasp2.overlapped"):
+            o = ch.intra()
+        D_all, M_all = unpack_pairs(_in_global_order(gather.wait(), lay), *M.shape[-2:])
+        s_in = _mine(affine_scan(M_all, D_all)[0], lay, rank)
+        o = o + ch.inter(s_in)
+        ctx.save_for_backward(ch.q, ch.k, ch.v, ch.gate, s_in, D[..., None] * s_in + M, D_all)
+        ctx.scale, ctx.group, ctx.lay, ctx.kernel = scale, group, lay, kernel
+        ctx.bwd_fp = None if fp is None else Fingerprint(fp.op + ".bwd")
+        ctx.call = gather.call
+        return merge_local_chunks(o, n)
+
+    @staticmethod
+    def backward(ctx, do):
+        qc, kc, vc, gc, s_in, s_out, D_all = ctx.saved_tensors
+        lay, n = ctx.lay, ctx.lay.chunks_per_rank
+        ch = GatedChunks(ctx.kernel, qc, kc, vc, gc, ctx.scale)
+        doc = split_local_chunks(do, n)
+        dq_s, N = ch.inter_bwd(s_in, doc)
+        gather = _Gather(N.view(n, -1, *N.shape[1:]), ctx.group, ctx.bwd_fp, ctx.call)
+        with record_function("lasp2.overlapped"):
+            intra = ch.intra_bwd(doc)
+        N_all = _in_global_order(gather.wait(), lay)
+        ds_out = _mine(affine_scan(N_all, D_all, reverse=True)[0], lay, group_rank(ctx.group))
+        grads = ch.finish_bwd(intra, dq_s, ds_out, s_out)
+        return (*(merge_local_chunks(x, n) for x in grads), None, None, None, None, None)
+
+
 def lasp2_linear_attn(
     q: Tensor,
     k: Tensor,
@@ -113,6 +153,7 @@ def lasp2_linear_attn(
     group=None,
     layout: str = "contiguous",
     log_decay: Tensor | None = None,
+    gate: Tensor | None = None,
     causal: bool = True,
     scale: float | None = None,
     kernel: LinearAttnKernel | None = None,
@@ -126,11 +167,15 @@ def lasp2_linear_attn(
     gradients. One all-gather of B*H*K*V-sized states per local chunk forward, one backward, whatever T.
     With no process group initialised, or a group of one rank, this is `linear_attn`.
 
+    `gate`: this rank's shard of data-dependent log-gates, [B, T, H] or [B, T, H, K], as in `linear_attn`
+    (split like q). The all-gather then carries each chunk's pair (D, M): B*H*(K*V + 1) or B*H*(K*V + K)
+    floats per chunk; still one all-gather each way, and the gate gets its gradient on every rank.
+
     `check_ranks`: the all-gathers also carry a fingerprint of every rank's arguments (local length,
     shapes, dtype, layout, causal, scale, decay), and ranks that disagree all raise `RanksDisagree`
     naming the values (no extra collective; see lasp.distributed.agree). False skips it.
     """
     return run_sp_linear_attn(
         _Lasp2Fn.apply, q, k, v, op="lasp2", group=group, layout=layout, log_decay=log_decay, causal=causal, scale=scale,
-        kernel=kernel, check_ranks=check_ranks, in_band=True,
+        kernel=kernel, check_ranks=check_ranks, in_band=True, gate=gate, gated_impl=_Lasp2GatedFn.apply,
     )

@@ -65,6 +65,13 @@ def _linear(q, k, v, log_decay, scale, causal, group, lay: SeqLayout, kernel, fp
     return _run(linear_attn, q, k, v, lay, group, log_decay=mine, causal=causal, scale=scale)
 
 
+def _gated(q, k, v, gate, scale, group, lay: SeqLayout, kernel, fp) -> Tensor:
+    """The gate [B, T, H, Kg] goes to heads with q (one more all-to-all each way)."""
+    gh = _seq_to_heads(gate, lay, group)
+    gh = gh[..., 0] if gate.shape[-1] == 1 else gh  # the op's scalar form
+    return _run(lambda q, k, v: linear_attn(q, k, v, gate=gh, scale=scale, kernel=kernel), q, k, v, lay, group)
+
+
 def ulysses_linear_attn(
     q: Tensor,
     k: Tensor,
@@ -73,12 +80,14 @@ def ulysses_linear_attn(
     group=None,
     layout: str = "contiguous",
     log_decay: Tensor | None = None,
+    gate: Tensor | None = None,
     causal: bool = True,
     scale: float | None = None,
     check_ranks: bool = True,
 ) -> Tensor:
-    """Ulysses linear attention over `group`; same contract as `lasp1_linear_attn`, plus H % W == 0."""
+    """Ulysses linear attention over `group`; same contract as `lasp1_linear_attn`, plus H % W == 0. A
+    `gate` goes to heads with q: one more all-to-all each way."""
     return run_sp_linear_attn(
         _linear, q, k, v, op="ulysses-linear", group=group, layout=layout, log_decay=log_decay, causal=causal,
-        scale=scale, kernel=None, check_ranks=check_ranks, heads_divisible=True,
+        scale=scale, kernel=None, check_ranks=check_ranks, heads_divisible=True, gate=gate, gated_impl=_gated,
     )

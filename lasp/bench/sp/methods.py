@@ -90,7 +90,7 @@ def overlapped_seconds(prof) -> float:
 
 def measure(case: Case, group, rank: int, reps: int, *, check_ranks: bool, barrier=None, count=None) -> dict:
     """Time `reps` forward and backward passes of case.method on this rank's shard (after one warm-up),
-    then one more under the profiler to count messages (`count`: a context manager yielding a list that
+    then one more under the profiler to count messages and find the peak memory above the inputs (`count`: a context manager yielding a list that
     collects the messages the profiler cannot see). Returns a row (seconds are medians, with the spread as
     the 25th-75th percentiles)."""
     kind, fn = METHODS[case.method]
@@ -121,15 +121,20 @@ def measure(case: Case, group, rank: int, reps: int, *, check_ranks: bool, barri
 
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
     once()
     times = [once() for _ in range(reps)]
-    peak = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None
+    if dev.type == "cuda":  # above the inputs, as on a CPU below
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**30
     act = [torch.profiler.ProfilerActivity.CPU]
     count = count or (lambda: contextlib.nullcontext([]))
-    with torch.profiler.profile(activities=act, record_shapes=True) as pf, p2p_log() as hops_f, count() as more_f:
+    prof = functools.partial(torch.profiler.profile, activities=act, record_shapes=True, profile_memory=True)
+    with prof() as pf, p2p_log() as hops_f, count() as more_f:
         o = fn(q, k, v, **kw)
-    with torch.profiler.profile(activities=act, record_shapes=True) as pb, p2p_log() as hops_b, count() as more_b:
+    with prof() as pb, p2p_log() as hops_b, count() as more_b:
         o.backward(do)
+    if dev.type == "cpu":
+        peak = peak_allocated(pf, pb) / 2**30
     fwd, bwd = [t[0] for t in times], [t[1] for t in times]
     step = [a + b for a, b in times]
     return {
@@ -142,6 +147,19 @@ def measure(case: Case, group, rank: int, reps: int, *, check_ranks: bool, barri
         "peak_mem_gib": peak,
         "compute_shapes": _compute_shapes(pf) + _compute_shapes(pb),
     }
+
+
+def peak_allocated(*profiles) -> int:
+    """Peak bytes allocated above the start of the first profile, over profiles run one after the other
+    (profile_memory=True): the running sum of the allocator's memory events, in time order. On a CPU this is
+    the peak memory per rank of the step (torch keeps no CPU peak counter); its inputs are not counted."""
+    live = peak = 0
+    for p in profiles:
+        events = [e for e in p.profiler.kineto_results.events() if e.name() == "[memory]"]
+        for e in sorted(events, key=lambda e: e.start_ns()):
+            live += e.nbytes()
+            peak = max(peak, live)
+    return peak
 
 
 def _iqr(xs: list[float]) -> list[float]:

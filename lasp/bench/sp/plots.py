@@ -14,7 +14,7 @@ def _plt():
 
 
 def _rows(measured: list[dict]) -> list[dict]:
-    """One row per measured case: the slowest rank's step, the busiest rank's bytes."""
+    """One row per measured case: the slowest rank's step, the busiest rank's bytes and peak memory."""
     cases: dict[tuple, dict] = {}
     for r in measured:
         if "skipped" in r:
@@ -22,8 +22,9 @@ def _rows(measured: list[dict]) -> list[dict]:
         key = (r["method"], r["W"], r["N"])
         sent = sum(received(m, r["W"]) for m in r["fwd_messages"] + r["bwd_messages"])
         c = cases.setdefault(key, {"method": r["method"], "W": r["W"], "N": r["N"], "step_s": 0.0, "bytes": 0,
-                                   "tokens": r["B"] * r["N"]})
+                                   "tokens": r["B"] * r["N"], "peak_gib": 0.0})
         c["step_s"], c["bytes"] = max(c["step_s"], r["step_s"]), max(c["bytes"], sent)
+        c["peak_gib"] = max(c["peak_gib"], r.get("peak_mem_gib") or 0.0)
     return list(cases.values())
 
 
@@ -50,6 +51,15 @@ def plot_all(out: Path, measured: list[dict], validation: list[dict]) -> list[Pa
                title=f"measured, W = {W}")
         ax.legend(fontsize=7)
         written.append(_save(fig, out / "tokens_vs_N.png"))
+
+        mem = [r for r in rows if r["W"] == W and r["peak_gib"] > 0]
+        if mem:
+            fig, ax = plt.subplots(figsize=(6, 4))
+            _lines(ax, mem, "N", lambda r: r["peak_gib"] * 2**10)
+            ax.set(xscale="log", yscale="log", xlabel="sequence length N (tokens)",
+                   ylabel="peak MiB per rank above the inputs", title=f"measured (profiler), W = {W}")
+            ax.legend(fontsize=7)
+            written.append(_save(fig, out / "memory_vs_N.png"))
 
         per_rank = Counter(r["N"] // r["W"] for r in rows if r["W"] > 1)
         if per_rank:

@@ -12,45 +12,15 @@ Everything runs in the state dtype (float32, or float64 for float64 inputs) and 
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from lasp.kernels.linear_attn.blocks import Blocks
+from lasp.kernels.linear_attn import gated
 from lasp.kernels.protocol import ComposedStates, state_dtype
 from lasp.kernels.scan import exclusive_scan
 
 BLOCK = 64
 SEGMENT_BLOCKS = 16
-
-
-class _Blocks:
-    """Views [B, T, H, D] tensors a segment of blocks at a time as [n, B, H, C, D] (copied per segment so
-    the working set stays small). The sequence is front-padded with zeros to whole blocks: padding adds
-    nothing to any state and keeps decay exponents measured from the true end."""
-
-    def __init__(self, T: int, C: int, seg_blocks: int, dtype: torch.dtype):
-        self.T, self.C, self.dtype = T, C, dtype
-        self.pad = (-T) % C
-        n_blocks = (T + self.pad) // C
-        self.segments = [slice(i, min(i + seg_blocks, n_blocks)) for i in range(0, n_blocks, seg_blocks)]
-        self.n_blocks = n_blocks
-
-    def _tokens(self, s: slice) -> tuple[int, int, int]:
-        lo, hi = s.start * self.C - self.pad, s.stop * self.C - self.pad
-        return max(lo, 0), hi, max(-lo, 0)
-
-    def get(self, x_BTHD: Tensor, s: slice) -> Tensor:
-        lo, hi, front = self._tokens(s)
-        x = x_BTHD[:, lo:hi].to(self.dtype)
-        if front:
-            x = F.pad(x, (0, 0, 0, 0, front, 0))
-        B, _, H, D = x.shape
-        return x.view(B, s.stop - s.start, self.C, H, D).permute(1, 0, 3, 2, 4).contiguous()
-
-    def put(self, out_BTHD: Tensor, s: slice, x_nBHCD: Tensor) -> None:
-        lo, hi, front = self._tokens(s)
-        n, B, H, C, D = x_nBHCD.shape
-        x = x_nBHCD.permute(1, 0, 3, 2, 4).reshape(B, n * C, H, D)
-        out_BTHD[:, lo:hi] = x[:, front:]
 
 
 def _powers(log_decay: Tensor, exponents: Tensor, dtype: torch.dtype) -> Tensor:
@@ -99,6 +69,19 @@ class TorchChunkKernel(ComposedStates):
     `segment_blocks` blocks at a time."""
 
     name = "torch"
+    gates = ("scalar", "vector")
+
+    def gated_fwd(self, q, k, v, gate, scale, initial_state, want_final):
+        return gated.gated_fwd(q, k, v, gate, scale, initial_state, want_final, self.block, self.segment_blocks)
+
+    def gated_bwd(self, q, k, v, gate, scale, initial_state, do, dfinal):
+        return gated.gated_bwd(q, k, v, gate, scale, initial_state, do, dfinal, self.block, self.segment_blocks)
+
+    gated_chunk_state = staticmethod(gated.gated_chunk_state)
+    gated_chunk_state_bwd = staticmethod(gated.gated_chunk_state_bwd)
+    gated_inter_fwd = staticmethod(gated.gated_inter_fwd)
+    gated_inter_bwd = staticmethod(gated.gated_inter_bwd)
+    gate_grad = staticmethod(gated.gate_grad)
 
     def __init__(self, block: int = BLOCK, segment_blocks: int = SEGMENT_BLOCKS):
         if block < 1 or segment_blocks < 1:
@@ -139,8 +122,8 @@ class TorchChunkKernel(ComposedStates):
         dS = torch.einsum("bthk,bthv->bhkv", _mul(q.to(dt), w), dos)
         return dq.to(q.dtype), dS
 
-    def _blocks(self, T: int, dtype: torch.dtype) -> _Blocks:
-        return _Blocks(T, min(self.block, T), self.segment_blocks, state_dtype(dtype))
+    def _blocks(self, T: int, dtype: torch.dtype) -> Blocks:
+        return Blocks(T, min(self.block, T), self.segment_blocks, state_dtype(dtype))
 
     def intra_fwd(self, q, k, v, log_decay, scale):
         bl = self._blocks(q.shape[1], q.dtype)

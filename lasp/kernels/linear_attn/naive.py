@@ -20,8 +20,11 @@ def recurrent_linear_attn(
     causal: bool = True,
     scale: float | None = None,
     initial_state: Tensor | None = None,
+    gate: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """S_t = lambda S_{t-1} + k_t v_t^T, o_t = s q_t^T S_t, token by token -> (o [B,T,H,V], S [B,H,K,V]).
+
+    `gate` (log-gates [B,T,H] or [B,T,H,K], instead of log_decay): S_t = Diag(exp(g_t)) S_{t-1} + k_t v_t^T.
 
     Non-causal: o_t = s q_t^T (S0 + sum_j k_j v_j^T) for every t, no decay.
     """
@@ -35,7 +38,10 @@ def recurrent_linear_attn(
         S = S + torch.einsum("bthk,bthv->bhkv", kf, vf)
         return (scale * torch.einsum("bthk,bhkv->bthv", qf, S)).to(q.dtype), S
     outs = []
+    g = None if gate is None else (gate if gate.dim() == 4 else gate[..., None]).to(dt)
     for t in range(T):
+        if g is not None:
+            S = torch.exp(g[:, t])[..., None] * S
         S = (S if lam is None else lam * S) + kf[:, t, :, :, None] * vf[:, t, :, None, :]
         outs.append(scale * torch.einsum("bhk,bhkv->bhv", qf[:, t], S))
     return torch.stack(outs, dim=1).to(q.dtype), S

@@ -8,6 +8,7 @@ from torch import Tensor
 
 from lasp.kernels.checks import check_causal, check_qkv, check_scale
 from lasp.kernels.linear_attn.chunk import TorchChunkKernel
+from lasp.kernels.linear_attn.gated import as_vector_form
 from lasp.kernels.protocol import LinearAttnKernel, state_dtype
 
 DEFAULT_KERNEL: LinearAttnKernel = TorchChunkKernel()
@@ -53,6 +54,67 @@ def check_linear_attn_args(
         k = k.repeat_interleave(H // Hkv, dim=2)
         v = v.repeat_interleave(H // Hkv, dim=2)
     return k, v, scale
+
+
+def gate_form(gate: Tensor) -> str:
+    """"scalar" ([B, T, H]) or "vector" ([B, T, H, K])."""
+    return "scalar" if gate.dim() == 3 else "vector"
+
+
+def check_gate(gate, q: Tensor, log_decay: Tensor | None, causal: bool, kernel: LinearAttnKernel) -> None:
+    """A log-gate: [B, T, H] (scalar per token and head) or [B, T, H, K] (vector over the key dim) of q's
+    batch, length and heads, floating, on q's device, finite and <= 0 (one device-to-host read on a GPU);
+    not with log_decay, only causal, and a kernel that has this gate form."""
+    if not isinstance(gate, Tensor):
+        raise TypeError(f"gate must be a tensor [B, T, H] or [B, T, H, K] of log-gates <= 0, or None, got "
+                        f"{type(gate).__name__}")
+    B, T, H, K = q.shape
+    problems = []
+    if tuple(gate.shape) not in ((B, T, H), (B, T, H, K)):
+        problems.append(f"gate must be [B, T, H] = {[B, T, H]} (scalar) or [B, T, H, K] = {[B, T, H, K]} "
+                        f"(vector), got {list(gate.shape)}")
+    if not gate.dtype.is_floating_point:
+        problems.append(f"gate must be a floating-point tensor, got {gate.dtype}")
+    if gate.device != q.device:
+        problems.append(f"gate is on {gate.device} but q is on {q.device}")
+    if log_decay is not None:
+        problems.append("give either log_decay (a constant per head) or gate (per token), not both")
+    if not causal:
+        problems.append("a gate needs causal=True: bidirectional linear attention has no gate")
+    if not problems:
+        if not bool(torch.isfinite(gate).all()) or bool((gate > 0).any()):
+            bad = gate[~torch.isfinite(gate) | (gate > 0)]
+            problems.append(f"gate values must be finite and <= 0 (log of a gate in (0, 1]); {bad.numel()} are "
+                            f"not, e.g. {bad.flatten()[:4].tolist()}")
+        elif gate_form(gate) not in getattr(kernel, "gates", ()):
+            problems.append(f"the {kernel.name!r} kernel has no {gate_form(gate)} gate (it has: "
+                            f"{', '.join(getattr(kernel, 'gates', ())) or 'none'}); use the 'torch' backend")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+class _GatedLinearAttnFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, gate, scale, initial_state, want_final, kernel):
+        sdt = state_dtype(q.dtype)
+        s0 = None if initial_state is None else initial_state.to(sdt)
+        g = as_vector_form(gate)
+        o, final = kernel.gated_fwd(q, k, v, g, scale, s0, want_final)
+        ctx.save_for_backward(q, k, v, gate, s0)
+        ctx.scale, ctx.kernel = scale, kernel
+        ctx.s0_dtype = None if initial_state is None else initial_state.dtype
+        ctx.set_materialize_grads(False)
+        return (o, final) if want_final else o
+
+    @staticmethod
+    def backward(ctx, do, dfinal=None):
+        q, k, v, gate, s0 = ctx.saved_tensors
+        if do is None:
+            do = torch.zeros(*q.shape[:3], v.shape[-1], dtype=v.dtype, device=v.device)
+        dq, dk, dv, dg, ds0 = ctx.kernel.gated_bwd(q, k, v, as_vector_form(gate), ctx.scale, s0, do, dfinal)
+        if ds0 is not None:
+            ds0 = ds0.to(ctx.s0_dtype)
+        return dq, dk, dv, dg.view(gate.shape), None, ds0, None, None
 
 
 class _LinearAttnFn(torch.autograd.Function):
@@ -105,6 +167,7 @@ def linear_attn(
     v: Tensor,
     *,
     log_decay: Tensor | None = None,
+    gate: Tensor | None = None,
     causal: bool = True,
     scale: float | None = None,
     initial_state: Tensor | None = None,
@@ -116,6 +179,9 @@ def linear_attn(
     q, k: [B, T, H, K] (k may have fewer heads, H % Hkv == 0); v: [B, T, Hkv, V]; log_decay: [H],
     values <= 0, or None; scale defaults to K**-0.5; initial_state: [B, H, K, V].
     Causal: o_t = s q_t^T S_t with S_t = lambda S_{t-1} + k_t v_t^T (the current token included).
+    `gate` (instead of log_decay): data-dependent log-gates <= 0, [B, T, H] (a scalar per token and head:
+    simple GLA, Mamba-2) or [B, T, H, K] (a vector over the key dim: GLA), with gradients:
+    S_t = Diag(exp(g_t)) S_{t-1} + k_t v_t^T.
     Bidirectional (causal=False): o = s q (S0 + sum over all tokens of k v^T); no decay.
     Returns o [B, T, H, V], plus the final state [B, H, K, V] (float32, or float64 for float64
     inputs) when `output_final_state`.
@@ -126,4 +192,7 @@ def linear_attn(
         if tuple(initial_state.shape) != want:
             raise ValueError(f"initial_state must be [B, H, K, V] = {list(want)}, got {list(initial_state.shape)}")
     kernel = DEFAULT_KERNEL if kernel is None else kernel
+    if gate is not None:
+        check_gate(gate, q, log_decay, causal, kernel)
+        return _GatedLinearAttnFn.apply(q, k, v, gate, scale, initial_state, output_final_state, kernel)
     return _LinearAttnFn.apply(q, k, v, log_decay, scale, causal, initial_state, output_final_state, kernel)

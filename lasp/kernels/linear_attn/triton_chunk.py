@@ -32,6 +32,7 @@ class TritonChunkKernel:
     does; intra_fwd / intra_bwd are them without states."""
 
     name = "triton"
+    gates = ()  # no gated Triton kernel yet: linear_attn refuses a gate on this backend
 
     def __init__(self, block: int = 64):
         if block < 16 or block & (block - 1):

@@ -1,0 +1,193 @@
+"""Gated linear attention, chunked and vectorised in PyTorch: the CPU path and the ground truth for gates.
+
+Legend: B batch, T tokens, H heads, K key dim, V value dim, n blocks, C block size, Kg gate width (1 for a
+scalar gate per token and head, K for a vector gate over the key dim).
+
+With a log-gate g_t <= 0 per token and head (scalar: simple GLA, Mamba-2) or per key dim (vector: GLA):
+
+    S_t = Diag(exp(g_t)) S_{t-1} + k_t v_t^T ,   o_t = scale * q_t^T S_t      (DESIGN.md section 1)
+
+Inside a block, G_i = g_0 + ... + g_i (float32, or float64 for float64 inputs), measured from the block's
+start; G never decreases in magnitude away from the start, so exp(G_i - G_j) <= 1 for i >= j and the
+block's pieces are all bounded:
+- intra-block scores A_ij = sum_k q_ik k_jk exp(G_ik - G_jk), j <= i: for a scalar gate a [C, C] weight
+  per head; for a vector gate a [C, C, K] weight, so vector-gated blocks are short (16 tokens);
+- the incoming state's term (q_i * exp(G_i)) H_b, and the block's state from a zero start
+  sum_j (k_j * exp(G_last - G_j)) v_j^T, and its transition Diag(exp(G_last)).
+Never exp(-G) alone, which overflows over a long span. Across blocks the states are scanned (`affine_scan`).
+
+The backward is written out. The gate's gradient needs no derivative of the exponentials: with q~ = q
+exp(G) and k~ = k exp(-G), the output depends on G only through q~ and k~ and the final state through
+Diag(exp(G_last)), so dG_t = q_t * dq_t - k_t * dk_t, dg is its reverse cumulative sum over the sequence,
+and the final state adds sum_v dS_final * S_final to every token's dg (`gate_grad`).
+"""
+
+import torch
+from torch import Tensor
+
+from lasp.kernels.linear_attn.blocks import Blocks
+from lasp.kernels.protocol import state_dtype
+from lasp.kernels.scan import affine_scan
+
+VECTOR_BLOCK = 16  # at most, for a vector gate: its intra-block weight is [C, C, K]
+
+
+def as_vector_form(gate: Tensor) -> Tensor:
+    """[B, T, H] (scalar) or [B, T, H, K] (vector) -> [B, T, H, Kg]."""
+    return gate.unsqueeze(-1) if gate.dim() == 3 else gate
+
+
+class _Block:
+    """One segment of blocks: q, k, v, the cumulative gate, and every weight the forward and backward use."""
+
+    def __init__(self, bl: Blocks, s: slice, q, k, v, gate):
+        self.q, self.k, self.v = bl.get(q, s), bl.get(k, s), bl.get(v, s)  # [n, B, H, C, D]
+        G = bl.get(gate, s).cumsum(-2)  # [n, B, H, C, Kg]
+        last = G[..., -1:, :]
+        self.wq = torch.exp(G)  # decay of the incoming state seen by query i
+        self.wk = torch.exp(last - G)  # decay of key i to the block's end
+        self.decay = torch.exp(last).transpose(-1, -2)  # [n, B, H, Kg, 1]: the block's transition (rows)
+        C = G.shape[-2]
+        idx = torch.arange(C, device=G.device)
+        causal = idx[:, None] >= idx[None, :]
+        if G.shape[-1] == 1:
+            g = G[..., 0]
+            diff = g[..., :, None] - g[..., None, :]
+            self.E = torch.exp(torch.where(causal, diff, torch.full((), -torch.inf, dtype=G.dtype)))
+        else:
+            diff = G[..., :, None, :] - G[..., None, :, :]  # [n, B, H, C, C, K]
+            self.E = torch.exp(torch.where(causal[..., None], diff, torch.full((), -torch.inf, dtype=G.dtype)))
+
+    @property
+    def vector(self) -> bool:
+        return self.E.dim() == 6
+
+    def scores(self) -> Tensor:
+        """A [n, B, H, C, C]: masked, gated q k^T."""
+        if self.vector:
+            return ((self.q[..., :, None, :] * self.E) * self.k[..., None, :, :]).sum(-1)
+        return (self.q @ self.k.transpose(-1, -2)) * self.E
+
+    def state(self) -> Tensor:
+        """The blocks' states from a zero start [n, B, H, K, V]."""
+        return (self.k * self.wk).transpose(-1, -2) @ self.v
+
+
+def _blocks(T: int, gate_width: int, dtype: torch.dtype, block: int, segment_blocks: int) -> Blocks:
+    C = min(block, VECTOR_BLOCK) if gate_width > 1 else block
+    return Blocks(T, min(C, T), segment_blocks, state_dtype(dtype))
+
+
+def gated_fwd(q: Tensor, k: Tensor, v: Tensor, gate: Tensor, scale: float, initial_state: Tensor | None,
+              want_final: bool, block: int = 64, segment_blocks: int = 16) -> tuple[Tensor, Tensor | None]:
+    """Causal gated attention over T (heads expanded; gate [B, T, H, Kg]) from `initial_state` (None:
+    zero) -> (o [B, T, H, V] in q's dtype, final state [B, H, K, V] in the state dtype, or None).
+    Blocks of `block` tokens (at most VECTOR_BLOCK for a vector gate), `segment_blocks` at a time."""
+    bl = _blocks(q.shape[1], gate.shape[-1], q.dtype, block, segment_blocks)
+    o = torch.empty(*q.shape[:3], v.shape[-1], dtype=q.dtype, device=q.device)
+    carry = None if initial_state is None else initial_state.to(bl.dtype)
+    for s in bl.segments:
+        b = _Block(bl, s, q, k, v, gate)
+        h, carry = affine_scan(b.state(), b.decay, initial=carry)
+        bl.put(o, s, (b.scores() @ b.v + (b.q * b.wq) @ h) * scale)
+    if not want_final:
+        return o, None
+    if carry is None:
+        carry = q.new_zeros(q.shape[0], q.shape[2], q.shape[3], v.shape[-1], dtype=bl.dtype)
+    return o, carry
+
+
+def gated_bwd(q: Tensor, k: Tensor, v: Tensor, gate: Tensor, scale: float, initial_state: Tensor | None,
+              do: Tensor, dfinal: Tensor | None, block: int = 64,
+              segment_blocks: int = 16) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+    """(dq, dk, dv, dgate [B, T, H, Kg], d initial_state or None) of `gated_fwd`, given do and the final
+    state's gradient (or None)."""
+    bl = _blocks(q.shape[1], gate.shape[-1], q.dtype, block, segment_blocks)
+    carry = None if initial_state is None else initial_state.to(bl.dtype)
+    incoming = []
+    for s in bl.segments:  # the state entering every block
+        b = _Block(bl, s, q, k, v, gate)
+        h, carry = affine_scan(b.state(), b.decay, initial=carry)
+        incoming.append(h)
+    final = carry
+    dq, dk, dv = (torch.empty(x.shape, dtype=bl.dtype, device=x.device) for x in (q, k, v))
+    carry = None if dfinal is None else dfinal.to(bl.dtype)
+    for s, h in zip(reversed(bl.segments), reversed(incoming)):
+        b = _Block(bl, s, q, k, v, gate)
+        dob = bl.get(do, s) * scale
+        qd = b.q * b.wq
+        dout, carry = affine_scan(qd.transpose(-1, -2) @ dob, b.decay, reverse=True, initial=carry)
+        da = dob @ b.v.transpose(-1, -2)  # [n, B, H, C, C], masked by E below
+        if b.vector:
+            dae = da[..., None] * b.E  # [n, B, H, C, C, K]
+            dq_b = (dae * b.k[..., None, :, :]).sum(-2)
+            dk_b = (dae * b.q[..., :, None, :]).sum(-3)
+        else:
+            dae = da * b.E
+            dq_b, dk_b = dae @ b.k, dae.transpose(-1, -2) @ b.q
+        bl.put(dq, s, dq_b + b.wq * (dob @ h.transpose(-1, -2)))
+        bl.put(dk, s, dk_b + b.wk * (b.v @ dout.transpose(-1, -2)))
+        bl.put(dv, s, b.scores().transpose(-1, -2) @ dob + (b.k * b.wk) @ dout)
+    dg = gate_grad(q, k, dq, dk, gate.shape[-1], dfinal, final)
+    ds0 = None if initial_state is None else carry
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.to(gate.dtype), ds0
+
+
+def gate_grad(q: Tensor, k: Tensor, dq: Tensor, dk: Tensor, gate_width: int, dfinal: Tensor | None,
+              final: Tensor | None) -> Tensor:
+    """The log-gate's gradient [B, T, H, Kg] from the total dq and dk of a causal gated run over T tokens
+    (see the module doc), plus the final state's term when it has a gradient."""
+    dt = dq.dtype
+    dG = q.to(dt) * dq - k.to(dt) * dk  # [B, T, H, K]
+    if gate_width == 1:
+        dG = dG.sum(-1, keepdim=True)
+    dg = dG.flip(1).cumsum(1).flip(1)
+    if dfinal is not None:
+        end = (dfinal.to(dt) * final.to(dt)).sum(-1)  # [B, H, K]
+        if gate_width == 1:
+            end = end.sum(-1, keepdim=True)
+        dg = dg + end[:, None]
+    return dg
+
+
+# The pieces of a chunk that LASP-2 needs apart (heads expanded; gate [B, L, H, Kg]; states in the state
+# dtype). Each weight is exp of a partial sum of gates <= 0, so none exceeds 1.
+
+
+def _to_end(gate: Tensor) -> Tensor:
+    """sum_{s > j} g_s for every token j of the chunk: [B, L, H, Kg] (the gate from j to the chunk's end)."""
+    total = gate.sum(1, keepdim=True)
+    return total - gate.cumsum(1)
+
+
+def gated_chunk_state(k: Tensor, v: Tensor, gate: Tensor) -> tuple[Tensor, Tensor]:
+    """The chunk as an affine map of its incoming state, S_out = Diag(D) S_in + M: (D [B, H, Kg], M [B, H, K,
+    V]), M from a zero start."""
+    dt = state_dtype(k.dtype)
+    g = gate.to(dt)
+    M = torch.einsum("blhk,blhv->bhkv", k.to(dt) * torch.exp(_to_end(g)), v.to(dt))
+    return torch.exp(g.sum(1)), M
+
+
+def gated_chunk_state_bwd(k: Tensor, v: Tensor, gate: Tensor, dstate: Tensor) -> tuple[Tensor, Tensor]:
+    """(dk, dv) of M in `gated_chunk_state`, given dstate [B, H, K, V], in the state dtype."""
+    dt = state_dtype(k.dtype)
+    w = torch.exp(_to_end(gate.to(dt)))
+    dS = dstate.to(dt)
+    return w * torch.einsum("blhv,bhkv->blhk", v.to(dt), dS), torch.einsum("blhk,bhkv->blhv", k.to(dt) * w, dS)
+
+
+def gated_inter_fwd(q: Tensor, gate: Tensor, state: Tensor, scale: float) -> Tensor:
+    """The incoming state's term of the chunk's output: scale (q_t * exp(G_t)) S [B, L, H, V], q's dtype."""
+    dt = state_dtype(q.dtype)
+    qd = q.to(dt) * torch.exp(gate.to(dt).cumsum(1))
+    return (scale * torch.einsum("blhk,bhkv->blhv", qd, state.to(dt))).to(q.dtype)
+
+
+def gated_inter_bwd(q: Tensor, gate: Tensor, state: Tensor, scale: float, do: Tensor) -> tuple[Tensor, Tensor]:
+    """(dq [B, L, H, K] in the state dtype, dstate [B, H, K, V]) of `gated_inter_fwd`."""
+    dt = state_dtype(q.dtype)
+    w = torch.exp(gate.to(dt).cumsum(1))
+    dos = do.to(dt) * scale
+    dq = w * torch.einsum("blhv,bhkv->blhk", dos, state.to(dt))
+    return dq, torch.einsum("blhk,blhv->bhkv", q.to(dt) * w, dos)

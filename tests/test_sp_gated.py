@@ -1,0 +1,115 @@
+"""Data-dependent gates across ranks: LASP-2 (one all-gather of the chunks' affine maps each way), LASP-1
+and Ulysses on W gloo processes reproduce the token recurrence in float64 on the whole sequence: the
+output and the gradients of q, k, v and the gate, on every rank."""
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from lasp import SeqLayout, lasp1_linear_attn, lasp2_linear_attn, shard_sequence, ulysses_linear_attn
+from lasp.distributed.agree import HEADER_BYTES
+from lasp.kernels import recurrent_linear_attn
+from tests.dist import assert_close_rel, c10d_ops, comm_events
+
+ALGOS = {"lasp2": lasp2_linear_attn, "lasp1": lasp1_linear_attn,
+         "ulysses": lambda *a, kernel=None, **kw: ulysses_linear_attn(*a, **kw)}
+DTYPES = {"f64": torch.float64, "f32": torch.float32}
+TOL = {"f64": 1e-10, "f32": 2e-5}
+
+
+def gated_inputs(B, N, H, Hkv, K, V, form, seed=1234):
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v, do = (torch.randn(*s, generator=gen, dtype=torch.float64)
+                   for s in [(B, N, H, K), (B, N, Hkv, K), (B, N, Hkv, V), (B, N, H, V)])
+    shape = (B, N, H) if form == "scalar" else (B, N, H, K)
+    per_head = torch.linspace(0.02, 1.0, H, dtype=torch.float64).view(1, 1, H, *([1] * (len(shape) - 3)))
+    gate = -torch.rand(shape, generator=gen, dtype=torch.float64) * per_head
+    return q, k, v, gate, do
+
+
+def reference(q, k, v, gate, do):
+    """The token recurrence in float64 on the whole sequence: output and the gradients of q, k, v, gate."""
+    full = [x.clone().requires_grad_() for x in (q, k, v, gate)]
+    rep = q.shape[2] // k.shape[2]
+    kx, vx = (x.repeat_interleave(rep, dim=2) for x in full[1:3])
+    o, _ = recurrent_linear_attn(full[0], kx, vx, gate=full[3])
+    o.backward(do)
+    return o.detach(), [x.grad for x in full]
+
+
+def case_sp_gated(algo, layout, form, dtype, chunk_len, B=2, H=4, Hkv=2, K=6, V=5, block=4):
+    from lasp.kernels import TorchChunkKernel
+
+    rank, W = dist.get_rank(), dist.get_world_size()
+    N = chunk_len * SeqLayout(layout, W).num_chunks
+    q, k, v, gate, do = gated_inputs(B, N, H, Hkv, K, V, form)
+    o_ref, grads_ref = reference(q, k, v, gate, do)
+    dt = DTYPES[dtype]
+    shard = lambda x: shard_sequence(x, rank=rank, world_size=W, layout=layout)  # noqa: E731
+    local = [shard(x).to(dt).requires_grad_() for x in (q, k, v, gate)]
+    kernel = TorchChunkKernel(block=block, segment_blocks=2)
+    run = lambda: ALGOS[algo](*local[:3], gate=local[3], layout=layout, kernel=kernel)  # noqa: E731
+    with torch.no_grad():
+        run()  # the first call of a new size announces it (lasp.distributed.agree): count a steady call
+    act = [torch.profiler.ProfilerActivity.CPU]
+    with torch.profiler.profile(activities=act, record_shapes=True) as pf:
+        o = run()
+    with torch.profiler.profile(activities=act, record_shapes=True) as pb:
+        o.backward(shard(do).to(dt))
+    assert_close_rel(o, shard(o_ref).to(dt), TOL[dtype], "o")
+    for name, got, ref in zip(["q", "k", "v", "gate"], local, grads_ref):
+        assert_close_rel(got.grad, shard(ref).to(dt), TOL[dtype] * (5 if name == "gate" else 1), f"d{name}")
+    return {"fwd": comm_events(pf), "bwd": comm_events(pb), "c10d_fwd": c10d_ops(pf), "c10d_bwd": c10d_ops(pb)}
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("form", ["scalar", "vector"])
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+@pytest.mark.parametrize("W", [1, 2, 3, 4])
+def test_lasp2_gated_matches_the_recurrence(dist_pool, W, layout, form, dtype):
+    chunk_len = 13 if W % 2 else 9
+    results = dist_pool(W).run("tests.test_sp_gated:case_sp_gated", algo="lasp2", layout=layout, form=form,
+                               dtype=dtype, chunk_len=chunk_len)
+    n, item = SeqLayout(layout, W).chunks_per_rank, 8 if dtype == "f64" else 4
+    Kg = 1 if form == "scalar" else 6
+    # forward: each chunk's (D, M), B x H x (K V + Kg); backward: the state gradients, B x H x K x V
+    fwd, bwd = HEADER_BYTES + n * 2 * 4 * (6 * 5 + Kg) * item, HEADER_BYTES + n * 2 * 4 * 6 * 5 * item
+    for r in results:
+        if W == 1:
+            assert r["fwd"] == r["bwd"] == []
+        else:
+            assert r["fwd"] == [("gloo:all_gather", [[fwd]])], r["fwd"]
+            assert r["bwd"] == [("gloo:all_gather", [[bwd]])], r["bwd"]
+            assert r["c10d_fwd"] == r["c10d_bwd"] == ["c10d::_allgather_base_"]
+
+
+def test_lasp2_gated_bytes_do_not_depend_on_length(dist_pool):
+    pool = dist_pool(2)
+    short, long = (pool.run("tests.test_sp_gated:case_sp_gated", algo="lasp2", layout="zigzag", form="vector",
+                            dtype="f64", chunk_len=L) for L in (5, 31))
+    assert short == long
+
+
+@pytest.mark.parametrize("form", ["scalar", "vector"])
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+@pytest.mark.parametrize("W", [2, 3, 4])
+def test_lasp1_gated_matches_the_recurrence(dist_pool, W, layout, form):
+    """Each hop carries a chunk's gated outgoing state [B, H, K, V]: (W-1) hops per chain, 2 chains on zigzag."""
+    results = dist_pool(W).run("tests.test_sp_gated:case_sp_gated", algo="lasp1", layout=layout, form=form,
+                               dtype="f64", chunk_len=7)
+    hops = (W - 1) * (1 if layout == "contiguous" else 2)
+    for phase in ("fwd", "bwd"):
+        events = [(name, shapes) for r in results for name, shapes in r[phase] if name != "gloo:all_gather"]
+        assert sorted({name for name, _ in events}) == ["gloo:recv", "gloo:send"]
+        assert [name for name, _ in events].count("gloo:recv") == hops
+        assert all(shapes == [[2, 4, 6, 5]] for _, shapes in events)
+
+
+@pytest.mark.parametrize("form", ["scalar", "vector"])
+@pytest.mark.parametrize("W", [2, 4])
+def test_ulysses_gated_matches_the_recurrence(dist_pool, W, form):
+    results = dist_pool(W).run("tests.test_sp_gated:case_sp_gated", algo="ulysses", layout="zigzag", form=form,
+                               dtype="f64", chunk_len=5)
+    for r in results:  # q, k, v, the gate and the output: five all-to-alls each way (+ the fingerprints)
+        assert r["c10d_fwd"].count("c10d::alltoall_base_") == 5, r["c10d_fwd"]
+        assert r["c10d_bwd"] == ["c10d::alltoall_base_"] * 5, r["c10d_bwd"]
