@@ -155,3 +155,12 @@ def test_predicted_steps_add_compute_and_the_exposed_messages(tmp_path):
     assert {r["method"] for r in rows} == {"lasp2", "lasp1", "ulysses", "ring"} and all(r.get("modelled") or r.get("skipped")
                                                                                for r in rows)
     assert (tmp_path / "predicted_W64.png").stat().st_size > 0
+
+
+def test_the_gated_benchmark_writes_its_rows(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "lasp.bench.gated", "--lengths", "96", "--reps", "1", "--out",
+                          str(tmp_path / "gated")], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = [json.loads(x) for x in (tmp_path / "gated.jsonl").read_text().splitlines()]
+    assert [r["form"] for r in rows] == ["decay", "scalar", "vector"] and rows[0]["over_decay"] == 1.0
+    assert "scalar gate at T=96" in run.stdout and "vector gate at T=96" in run.stdout

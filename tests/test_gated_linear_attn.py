@@ -123,3 +123,19 @@ def test_a_kernel_without_gates_is_named():
     q, k, v, gate, _ = _inputs(1, 8, 2, 4, 4, torch.float32, "vector")
     with pytest.raises(ValueError, match="'triton' kernel has no vector gate.*use the 'torch' backend"):
         linear_attn(q, k, v, gate=gate.detach(), kernel=NoGates())
+
+
+@pytest.mark.parametrize("span", [-1.0, 1e9], ids=["exact-weights", "factored"])
+def test_both_forms_of_the_vector_gates_intra_block_weight(monkeypatch, span):
+    """FACTOR_SPAN picks the form: -1 never factors (the [C, C, K] weight), 1e9 always does."""
+    from lasp.kernels.linear_attn import gated
+
+    monkeypatch.setattr(gated, "FACTOR_SPAN", span)
+    q, k, v, gate, s0 = _inputs(2, 45, 3, 6, 5, torch.float64, "vector")
+    o, sT = linear_attn(q, k, v, gate=gate, initial_state=s0, output_final_state=True,
+                        kernel=TorchChunkKernel(block=32, segment_blocks=1))
+    o_ref, sT_ref = recurrent_linear_attn(q, k, v, initial_state=s0, gate=gate)
+    torch.testing.assert_close(o, o_ref, **TOL[torch.float64])
+    ins = [q, k, v, gate, s0]
+    for got, want in zip(_grads([o, sT], ins), _grads([o_ref, sT_ref], ins)):
+        torch.testing.assert_close(got, want, **TOL[torch.float64])

@@ -45,6 +45,8 @@ CASES = {
     "hybrid-LLS": dict(layer_pattern="LLS", feature_map="elu1"),
     "hybrid-LSLS": dict(layer_pattern="LSLS", num_layers=4, linear_variant="retention", tie_embeddings=True),
     "softmax-S": dict(layer_pattern="S", num_layers=2),
+    "simple-gla-hybrid": dict(linear_variant="simple_gla", layer_pattern="LLS", feature_map="elu1"),
+    "gla": dict(linear_variant="gla", num_kv_heads=1),
 }
 
 

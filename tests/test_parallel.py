@@ -88,8 +88,10 @@ def test_one_step_matches_single_process(dist_pool, tp, sp, pp, dp):
         (2, 1, 2, 1, dict(tie_embeddings=True, microbatches=2, loss_chunk_tokens=40)),  # 96 tokens: 40+40+16
         (2, 2, 1, 1, dict(dtype="f32", linear_variant="retention", feature_map="elu1")),
         (1, 2, 1, 2, dict(dtype="f32", linear_variant="basic", tie_embeddings=True)),
+        (2, 2, 1, 1, dict(linear_variant="simple_gla")),
+        (2, 2, 1, 1, dict(linear_variant="gla", layout="contiguous")),
     ],
-    ids=["1f1b-2mb-contiguous", "tied-tp-pp", "f32-retention", "f32-tied-dp"],
+    ids=["1f1b-2mb-contiguous", "tied-tp-pp", "f32-retention", "f32-tied-dp", "simple-gla-tp-sp", "gla-tp-sp"],
 )
 def test_variants_match_single_process(dist_pool, tp, sp, pp, dp, extra):
     dist_pool(tp * sp * pp * dp).run("tests.test_parallel:case_parallel", tp=tp, sp=sp, pp=pp, dp=dp, **extra)

@@ -67,6 +67,8 @@ def case_sp_gated(algo, layout, form, dtype, chunk_len, B=2, H=4, Hkv=2, K=6, V=
 @pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
 @pytest.mark.parametrize("W", [1, 2, 3, 4])
 def test_lasp2_gated_matches_the_recurrence(dist_pool, W, layout, form, dtype):
+    if dtype == "f32" and layout == "contiguous":
+        pytest.skip("float32 runs on zigzag only (the layout with the most chunk pairs); float64 covers both")
     chunk_len = 13 if W % 2 else 9
     results = dist_pool(W).run("tests.test_sp_gated:case_sp_gated", algo="lasp2", layout=layout, form=form,
                                dtype=dtype, chunk_len=chunk_len)

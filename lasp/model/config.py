@@ -5,7 +5,8 @@ import types
 import typing
 from dataclasses import dataclass
 
-LINEAR_VARIANTS = ("basic", "lightning", "retention")
+LINEAR_VARIANTS = ("basic", "lightning", "retention", "simple_gla", "gla")
+GATED_VARIANTS = ("simple_gla", "gla")
 FEATURE_MAPS = ("identity", "elu1", "relu", "silu")
 
 
@@ -28,7 +29,13 @@ class ModelConfig:
     layer_pattern: str = "LLLS"
     """Mixer of each layer, repeated cyclically: L = linear attention, S = softmax attention."""
     linear_variant: str = "lightning"
-    """Decay of linear attention: basic (none), lightning (per-head slopes, TNL), retention (RetNet)."""
+    """Decay of linear attention: basic (none), lightning (per-head slopes, TNL), retention (RetNet), or a
+    data-dependent gate: simple_gla (a scalar per token and head, as simple GLA / Mamba-2), gla (a vector
+    over the key dim from a low-rank projection, as GLA)."""
+    gate_low_rank: int = 16
+    """gla: rank of the gate's projection (hidden -> rank -> heads x head dim)."""
+    gate_normalizer: float = 16.0
+    """simple_gla and gla: log-gate = logsigmoid(projection) / gate_normalizer (GLA's gate_logit_normalizer)."""
     feature_map: str = "identity"
     """Map applied to q and k before linear attention: identity, elu1, relu, silu."""
     output_norm: bool = True
@@ -66,7 +73,9 @@ class ModelConfig:
             p.append(f"model.linear_variant must be one of {', '.join(LINEAR_VARIANTS)}, got {self.linear_variant!r}")
         if "feature_map" not in bad and self.feature_map not in FEATURE_MAPS:
             p.append(f"model.feature_map must be one of {', '.join(FEATURE_MAPS)}, got {self.feature_map!r}")
-        for name in ("rope_theta", "norm_eps"):
+        if "gate_low_rank" not in bad and self.gate_low_rank < 1:
+            p.append(f"model.gate_low_rank must be >= 1, got {self.gate_low_rank}")
+        for name in ("rope_theta", "norm_eps", "gate_normalizer"):
             if name not in bad and not getattr(self, name) > 0:
                 p.append(f"model.{name} must be > 0, got {getattr(self, name)}")
         if "init_std" not in bad and self.init_std < 0:

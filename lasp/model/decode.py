@@ -109,9 +109,10 @@ def decode_memory(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> Decod
 
 def linear_step(
     q_BHK: Tensor, k_BHK: Tensor, v_BHV: Tensor, log_decay_H: Tensor | None, state_BHKV: Tensor,
-    scale: float | None = None,
+    scale: float | None = None, gate: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """One token of causal linear attention: S' = lambda S + k v^T, o = s q^T S' (current token included).
+    `gate` (log-gates [B, H] or [B, H, K], instead of the decay): S' = Diag(exp(g)) S + k v^T.
 
     k, v may have Hkv < H heads (query head h reads kv head h // (H / Hkv), as `linear_attn`); scale
     defaults to K**-0.5. Returns (o [B, H, V] in q's dtype, S' [B, H, K, V] in the state's dtype).
@@ -124,6 +125,8 @@ def linear_step(
     S = state_BHKV
     if log_decay_H is not None:
         S = S * torch.exp(log_decay_H.to(dt))[None, :, None, None]
+    if gate is not None:
+        S = S * torch.exp(gate.to(dt) if gate.dim() == 3 else gate.to(dt)[..., None])[..., None]
     S = S + k_BHK.to(dt)[..., :, None] * v_BHV.to(dt)[..., None, :]
     scale = K**-0.5 if scale is None else scale
     o = scale * torch.einsum("bhk,bhkv->bhv", q_BHK.to(dt), S)
@@ -133,11 +136,12 @@ def linear_step(
 def _linear_mixer(m: LinearAttention, x: Tensor, S: Tensor) -> tuple[Tensor, Tensor]:
     q, k, v = m.qkv(x)
     q, k = m.feature(q), m.feature(k)
+    g = m.log_gates(x)
     if x.shape[1] == 1:
-        o, S = linear_step(q[:, 0], k[:, 0], v[:, 0], m.log_decay, S)
+        o, S = linear_step(q[:, 0], k[:, 0], v[:, 0], m.log_decay, S, gate=None if g is None else g[:, 0])
         o = o[:, None]
     else:
-        o, S = linear_attn(q, k, v, log_decay=m.log_decay, initial_state=S, output_final_state=True)
+        o, S = linear_attn(q, k, v, log_decay=m.log_decay, gate=g, initial_state=S, output_final_state=True)
     if m.out_norm is not None:
         o = m.out_norm(o)
     return m.o_proj(o.flatten(2)), S

@@ -62,7 +62,7 @@ def log_decay(variant: str, num_heads: int, layer: int, num_layers: int) -> Tens
     lightning: ALiBi slopes scaled down with depth as in TransNormerLLM / Lightning Attention;
     retention: RetNet's gamma_h = 1 - 2^(-5-h).
     """
-    if variant == "basic":
+    if variant in ("basic", "simple_gla", "gla"):  # no constant decay (the gated ones have a gate instead)
         return None
     if variant == "lightning":
         depth = 1 - layer / max(num_layers - 1, 1) + 1e-5
@@ -70,6 +70,29 @@ def log_decay(variant: str, num_heads: int, layer: int, num_layers: int) -> Tens
     if variant == "retention":
         return torch.log(1 - 2.0 ** (-5 - torch.arange(num_heads, dtype=torch.float64)))
     raise ValueError(f"unknown linear variant {variant!r}")
+
+
+class LogGate(nn.Module):
+    """Data-dependent log-gates of a linear-attention layer: logsigmoid(projection of x) / normalizer, <= 0.
+
+    simple_gla: one per token and head, [B, T, H] (hidden -> H). gla: one per token, head and key dim,
+    [B, T, H, D], through a low-rank projection (hidden -> rank -> H x D), as GLA. No biases (tensor
+    parallelism splits the last projection by heads like q)."""
+
+    def __init__(self, variant: str, hidden: int, heads: int, head_dim: int, rank: int, normalizer: float):
+        super().__init__()
+        self.vector, self.head_dim, self.normalizer = variant == "gla", head_dim, normalizer
+        if self.vector:
+            self.down = nn.Linear(hidden, rank, bias=False)
+            self.proj = nn.Linear(rank, heads * head_dim, bias=False)
+        else:
+            self.down = None
+            self.proj = nn.Linear(hidden, heads, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        z = self.proj(x if self.down is None else self.down(x))
+        g = F.logsigmoid(z.float()) / self.normalizer
+        return g.unflatten(-1, (-1, self.head_dim)) if self.vector else g
 
 
 FEATURE_MAPS = {

@@ -13,7 +13,8 @@ from torch import Tensor, nn
 from lasp.kernels import linear_attn
 from lasp.kernels.softmax_attn import softmax_attn
 from lasp.model.config import ModelConfig
-from lasp.model.layers import FEATURE_MAPS, RMSNorm, SwiGLU, log_decay, rope
+from lasp.model.config import GATED_VARIANTS
+from lasp.model.layers import FEATURE_MAPS, LogGate, RMSNorm, SwiGLU, log_decay, rope
 
 
 class _Projections(nn.Module):
@@ -32,7 +33,8 @@ class _Projections(nn.Module):
 
 
 class LinearAttention(_Projections):
-    """Linear-attention mixer: feature map on q, k; per-head decay; optional per-head output norm."""
+    """Linear-attention mixer: feature map on q, k; a per-head decay or a data-dependent gate; optional
+    per-head output norm."""
 
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__(cfg)
@@ -40,11 +42,21 @@ class LinearAttention(_Projections):
         self.out_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.output_norm else None
         g = log_decay(cfg.linear_variant, cfg.num_heads, layer, cfg.num_layers)
         self.register_buffer("log_decay", None if g is None else g.float(), persistent=False)
+        self.gate = None
+        if cfg.linear_variant in GATED_VARIANTS:
+            self.gate = LogGate(cfg.linear_variant, cfg.hidden_size, cfg.num_heads, cfg.head_dim, cfg.gate_low_rank,
+                                cfg.gate_normalizer)
         self.attn_fn = linear_attn
+
+    def log_gates(self, x: Tensor) -> Tensor | None:
+        """[B, T, H] or [B, T, H, D] log-gates in q's dtype, or None for a constant decay."""
+        return None if self.gate is None else self.gate(x).to(x.dtype)
 
     def forward(self, x: Tensor, positions: Tensor) -> Tensor:
         q, k, v = self.qkv(x)
-        o = self.attn_fn(self.feature(q), self.feature(k), v, log_decay=self.log_decay)
+        gate = self.log_gates(x)
+        kw = {} if gate is None else {"gate": gate}
+        o = self.attn_fn(self.feature(q), self.feature(k), v, log_decay=self.log_decay, **kw)
         if self.out_norm is not None:
             o = self.out_norm(o)
         return self.o_proj(o.flatten(2))

@@ -90,6 +90,10 @@ def apply_tp(model: LinearLlama, cfg: ModelParallelConfig, group, rank: int, siz
                 mixer.log_decay = _shard(mixer.log_decay, 0, rank, size).clone()
             if mixer.out_norm is not None:
                 mixer.out_norm.weight.tp_partial_grad = True
+            if mixer.gate is not None:
+                # the last projection splits by heads like q. GLA's low-rank one stays whole on every rank:
+                # the column-parallel layer after it all-reduces its input gradient, so its gradient is whole
+                mixer.gate.proj = _column(mixer.gate.proj, cfg, group, rank, size)
         mlp.gate_proj = _column(mlp.gate_proj, cfg, group, rank, size)
         mlp.up_proj = _column(mlp.up_proj, cfg, group, rank, size)
         mlp.down_proj = _row(mlp.down_proj, cfg, group, rank, size)

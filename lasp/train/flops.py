@@ -3,7 +3,8 @@
 FLOPs per token, forward + backward (DESIGN.md section 8; written out in the README):
 
     6 * N_matmul                          every weight matrix a token passes through (q, k, v, o, gate, up,
-                                          down of each layer and the LM head; not the embedding lookup)
+                                          down of each layer, the log-gate projections of simple_gla / gla
+                                          layers, and the LM head; not the embedding lookup)
   + 6 * H * d * N          per S layer    causal softmax attention: q k^T and p v, 2 FLOPs per
                                           multiply-add, x3 for forward + backward, half the N x N scores
   + 12 * H * d_k * d_v     per L layer    linear attention: the state update k v^T and the read-out q^T S,
@@ -47,10 +48,12 @@ def param_counts(m: ModelConfig) -> dict[str, int]:
     """Parameters by kind: embedding, matmul weights (LM head included), norms, and the total."""
     h, d = m.hidden_size, m.head_dim
     attn = h * d * (2 * m.num_heads + 2 * m.num_kv_heads)
+    gate = {"simple_gla": h * m.num_heads, "gla": m.gate_low_rank * (h + m.num_heads * d)}.get(m.linear_variant, 0)
+    gates = gate * sum(m.mixer(i) == "L" for i in range(m.num_layers))
     mlp = 3 * h * m.ffn_hidden_size
     norms = m.num_layers * 2 * h + h + sum(d for i in range(m.num_layers) if m.mixer(i) == "L" and m.output_norm)
     embed = m.vocab_size * h
-    matmul = m.num_layers * (attn + mlp) + m.vocab_size * h
+    matmul = m.num_layers * (attn + mlp) + gates + m.vocab_size * h
     total = embed + matmul + norms - (m.vocab_size * h if m.tie_embeddings else 0)
     return {"embedding": embed, "matmul": matmul, "norms": norms, "total": total}
 

@@ -11,7 +11,9 @@ Inside a block, G_i = g_0 + ... + g_i (float32, or float64 for float64 inputs), 
 start; G never decreases in magnitude away from the start, so exp(G_i - G_j) <= 1 for i >= j and the
 block's pieces are all bounded:
 - intra-block scores A_ij = sum_k q_ik k_jk exp(G_ik - G_jk), j <= i: for a scalar gate a [C, C] weight
-  per head; for a vector gate a [C, C, K] weight, so vector-gated blocks are short (16 tokens);
+  per head. For a vector gate, (q_i exp(G_i)) . (k_j exp(-G_j)) by a matmul while the gate sums to no
+  less than -FACTOR_SPAN over any block of the call (exp(30) neither overflows nor loses the product);
+  otherwise the exact [C, C, K] weight over short blocks (16 tokens);
 - the incoming state's term (q_i * exp(G_i)) H_b, and the block's state from a zero start
   sum_j (k_j * exp(G_last - G_j)) v_j^T, and its transition Diag(exp(G_last)).
 Never exp(-G) alone, which overflows over a long span. Across blocks the states are scanned (`affine_scan`).
@@ -29,7 +31,8 @@ from lasp.kernels.linear_attn.blocks import Blocks
 from lasp.kernels.protocol import state_dtype
 from lasp.kernels.scan import affine_scan
 
-VECTOR_BLOCK = 16  # at most, for a vector gate: its intra-block weight is [C, C, K]
+VECTOR_BLOCK = 16  # at most, for a vector gate whose blocks need the exact [C, C, K] weight
+FACTOR_SPAN = 30.0  # a vector gate summing to no less than -30 over any block is factored (exp(30) ~ 1e13)
 
 
 def as_vector_form(gate: Tensor) -> Tensor:
@@ -37,45 +40,91 @@ def as_vector_form(gate: Tensor) -> Tensor:
     return gate.unsqueeze(-1) if gate.dim() == 3 else gate
 
 
-class _Block:
-    """One segment of blocks: q, k, v, the cumulative gate, and every weight the forward and backward use."""
+def _causal_mask(C: int, device) -> Tensor:
+    idx = torch.arange(C, device=device)
+    return idx[:, None] >= idx[None, :]
 
-    def __init__(self, bl: Blocks, s: slice, q, k, v, gate):
+
+class _Block:
+    """One segment of blocks: q, k, v, the cumulative gate, and every weight the forward and backward use.
+
+    The intra-block weight exp(G_i - G_j) comes in one of three forms: a [C, C] matrix per head (scalar
+    gate); for a vector gate either factored, (q_i * exp(G_i)) . (k_j * exp(-G_j)), which is exact while
+    the gate sums to no less than -FACTOR_SPAN over a block (nothing over- or underflows), or else the
+    exact [C, C, K] weight over short blocks."""
+
+    def __init__(self, bl: Blocks, s: slice, q, k, v, gate, factored: bool):
         self.q, self.k, self.v = bl.get(q, s), bl.get(k, s), bl.get(v, s)  # [n, B, H, C, D]
-        G = bl.get(gate, s).cumsum(-2)  # [n, B, H, C, Kg]
-        last = G[..., -1:, :]
-        self.wq = torch.exp(G)  # decay of the incoming state seen by query i
-        self.wk = torch.exp(last - G)  # decay of key i to the block's end
+        self.G = bl.get(gate, s).cumsum(-2)  # [n, B, H, C, Kg]
+        last = self.G[..., -1:, :]
+        self.wq = torch.exp(self.G)  # decay of the incoming state seen by query i
+        self.wk = torch.exp(last - self.G)  # decay of key i to the block's end
         self.decay = torch.exp(last).transpose(-1, -2)  # [n, B, H, Kg, 1]: the block's transition (rows)
-        C = G.shape[-2]
-        idx = torch.arange(C, device=G.device)
-        causal = idx[:, None] >= idx[None, :]
-        if G.shape[-1] == 1:
-            g = G[..., 0]
-            diff = g[..., :, None] - g[..., None, :]
-            self.E = torch.exp(torch.where(causal, diff, torch.full((), -torch.inf, dtype=G.dtype)))
-        else:
-            diff = G[..., :, None, :] - G[..., None, :, :]  # [n, B, H, C, C, K]
-            self.E = torch.exp(torch.where(causal[..., None], diff, torch.full((), -torch.inf, dtype=G.dtype)))
+        self.mode = "scalar" if self.G.shape[-1] == 1 else "factored" if factored else "exact"
+        self._E = self._qf = self._kf = None
+
+    def factors(self) -> tuple[Tensor, Tensor]:
+        """(q * exp(G), k * exp(-G)): the factored form's operands (bounded by exp(FACTOR_SPAN))."""
+        if self._qf is None:
+            self._qf, self._kf = self.q * self.wq, self.k * torch.exp(-self.G)
+        return self._qf, self._kf
 
     @property
-    def vector(self) -> bool:
-        return self.E.dim() == 6
+    def E(self) -> Tensor:
+        """The masked intra-block weight: [n, B, H, C, C] (scalar), [.., C, C, K] (exact) or the mask (factored)."""
+        if self._E is None:
+            G = self.G
+            causal = _causal_mask(G.shape[-2], G.device)
+            neg = torch.full((), -torch.inf, dtype=G.dtype)
+            if self.mode == "scalar":
+                g = G[..., 0]
+                self._E = torch.exp(torch.where(causal, g[..., :, None] - g[..., None, :], neg))
+            elif self.mode == "exact":
+                diff = G[..., :, None, :] - G[..., None, :, :]  # [n, B, H, C, C, K]
+                self._E = torch.exp(torch.where(causal[..., None], diff, neg))
+            else:
+                self._E = causal.to(G.dtype)
+        return self._E
 
     def scores(self) -> Tensor:
         """A [n, B, H, C, C]: masked, gated q k^T."""
-        if self.vector:
+        if self.mode == "exact":
             return ((self.q[..., :, None, :] * self.E) * self.k[..., None, :, :]).sum(-1)
+        if self.mode == "factored":
+            qf, kf = self.factors()
+            return (qf @ kf.transpose(-1, -2)) * self.E
         return (self.q @ self.k.transpose(-1, -2)) * self.E
+
+    def scores_bwd(self, da: Tensor) -> tuple[Tensor, Tensor]:
+        """(dq, dk) of `scores` given its gradient da [n, B, H, C, C]."""
+        if self.mode == "exact":
+            dae = da[..., None] * self.E  # [n, B, H, C, C, K]
+            return (dae * self.k[..., None, :, :]).sum(-2), (dae * self.q[..., :, None, :]).sum(-3)
+        dae = da * self.E
+        if self.mode == "factored":
+            qf, kf = self.factors()
+            return (dae @ kf) * self.wq, (dae.transpose(-1, -2) @ qf) * torch.exp(-self.G)
+        return dae @ self.k, dae.transpose(-1, -2) @ self.q
 
     def state(self) -> Tensor:
         """The blocks' states from a zero start [n, B, H, K, V]."""
         return (self.k * self.wk).transpose(-1, -2) @ self.v
 
 
-def _blocks(T: int, gate_width: int, dtype: torch.dtype, block: int, segment_blocks: int) -> Blocks:
-    C = min(block, VECTOR_BLOCK) if gate_width > 1 else block
-    return Blocks(T, min(C, T), segment_blocks, state_dtype(dtype))
+def _factorable(gate: Tensor, C: int) -> bool:
+    """Whether no C consecutive tokens' gates sum below -FACTOR_SPAN (then no block of C can)."""
+    c = gate.to(torch.float64 if gate.dtype == torch.float64 else torch.float32).cumsum(1)
+    if gate.shape[1] <= C:
+        return bool(c[:, -1].min() >= -FACTOR_SPAN)
+    window = torch.cat([c[:, C - 1 : C], c[:, C:] - c[:, :-C]], dim=1)  # the sums of every C-token run
+    return bool(window.min() >= -FACTOR_SPAN)
+
+
+def _blocks(T: int, gate: Tensor, dtype: torch.dtype, block: int, segment_blocks: int) -> tuple[Blocks, bool]:
+    """The blocks of a call and whether a vector gate is factored in them."""
+    factored = gate.shape[-1] > 1 and _factorable(gate, min(block, T))
+    C = min(block, VECTOR_BLOCK) if gate.shape[-1] > 1 and not factored else block
+    return Blocks(T, min(C, T), segment_blocks, state_dtype(dtype)), factored
 
 
 def gated_fwd(q: Tensor, k: Tensor, v: Tensor, gate: Tensor, scale: float, initial_state: Tensor | None,
@@ -83,11 +132,11 @@ def gated_fwd(q: Tensor, k: Tensor, v: Tensor, gate: Tensor, scale: float, initi
     """Causal gated attention over T (heads expanded; gate [B, T, H, Kg]) from `initial_state` (None:
     zero) -> (o [B, T, H, V] in q's dtype, final state [B, H, K, V] in the state dtype, or None).
     Blocks of `block` tokens (at most VECTOR_BLOCK for a vector gate), `segment_blocks` at a time."""
-    bl = _blocks(q.shape[1], gate.shape[-1], q.dtype, block, segment_blocks)
+    bl, factored = _blocks(q.shape[1], gate, q.dtype, block, segment_blocks)
     o = torch.empty(*q.shape[:3], v.shape[-1], dtype=q.dtype, device=q.device)
     carry = None if initial_state is None else initial_state.to(bl.dtype)
     for s in bl.segments:
-        b = _Block(bl, s, q, k, v, gate)
+        b = _Block(bl, s, q, k, v, gate, factored)
         h, carry = affine_scan(b.state(), b.decay, initial=carry)
         bl.put(o, s, (b.scores() @ b.v + (b.q * b.wq) @ h) * scale)
     if not want_final:
@@ -102,29 +151,22 @@ def gated_bwd(q: Tensor, k: Tensor, v: Tensor, gate: Tensor, scale: float, initi
               segment_blocks: int = 16) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
     """(dq, dk, dv, dgate [B, T, H, Kg], d initial_state or None) of `gated_fwd`, given do and the final
     state's gradient (or None)."""
-    bl = _blocks(q.shape[1], gate.shape[-1], q.dtype, block, segment_blocks)
+    bl, factored = _blocks(q.shape[1], gate, q.dtype, block, segment_blocks)
     carry = None if initial_state is None else initial_state.to(bl.dtype)
     incoming = []
     for s in bl.segments:  # the state entering every block
-        b = _Block(bl, s, q, k, v, gate)
+        b = _Block(bl, s, q, k, v, gate, factored)
         h, carry = affine_scan(b.state(), b.decay, initial=carry)
         incoming.append(h)
     final = carry
     dq, dk, dv = (torch.empty(x.shape, dtype=bl.dtype, device=x.device) for x in (q, k, v))
     carry = None if dfinal is None else dfinal.to(bl.dtype)
     for s, h in zip(reversed(bl.segments), reversed(incoming)):
-        b = _Block(bl, s, q, k, v, gate)
+        b = _Block(bl, s, q, k, v, gate, factored)
         dob = bl.get(do, s) * scale
         qd = b.q * b.wq
         dout, carry = affine_scan(qd.transpose(-1, -2) @ dob, b.decay, reverse=True, initial=carry)
-        da = dob @ b.v.transpose(-1, -2)  # [n, B, H, C, C], masked by E below
-        if b.vector:
-            dae = da[..., None] * b.E  # [n, B, H, C, C, K]
-            dq_b = (dae * b.k[..., None, :, :]).sum(-2)
-            dk_b = (dae * b.q[..., :, None, :]).sum(-3)
-        else:
-            dae = da * b.E
-            dq_b, dk_b = dae @ b.k, dae.transpose(-1, -2) @ b.q
+        dq_b, dk_b = b.scores_bwd(dob @ b.v.transpose(-1, -2))  # the scores' gradient, masked inside
         bl.put(dq, s, dq_b + b.wq * (dob @ h.transpose(-1, -2)))
         bl.put(dk, s, dk_b + b.wk * (b.v @ dout.transpose(-1, -2)))
         bl.put(dv, s, b.scores().transpose(-1, -2) @ dob + (b.k * b.wk) @ dout)
