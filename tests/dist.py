@@ -118,6 +118,21 @@ def assert_close_rel(got, want, tol: float, what: str = "tensor") -> None:
     torch.testing.assert_close(got, want, atol=tol * scale, rtol=tol, msg=lambda m: f"{what}: {m}")
 
 
+def profiled_steady_step(run, do):
+    """Call run() once without grad (the first call of a new size announces it, lasp.distributed.agree),
+    then a steady forward and its backward with `do`, each under the profiler -> (output, fwd, bwd profiles)."""
+    import torch
+
+    with torch.no_grad():
+        run()
+    act = [torch.profiler.ProfilerActivity.CPU]
+    with torch.profiler.profile(activities=act, record_shapes=True) as pf:
+        o = run()
+    with torch.profiler.profile(activities=act, record_shapes=True) as pb:
+        o.backward(do)
+    return o, pf, pb
+
+
 def comm_events(prof) -> list[tuple[str, list]]:
     """(name, input shapes) of every collective / point-to-point event the profiler recorded."""
     return [

@@ -9,7 +9,7 @@ import torch.distributed as dist
 from lasp import SeqLayout, lasp1_linear_attn, lasp2_linear_attn, shard_sequence, ulysses_linear_attn
 from lasp.distributed.agree import HEADER_BYTES
 from lasp.kernels import recurrent_linear_attn
-from tests.dist import assert_close_rel, c10d_ops, comm_events
+from tests.dist import assert_close_rel, c10d_ops, comm_events, profiled_steady_step
 
 ALGOS = {"lasp2": lasp2_linear_attn, "lasp1": lasp1_linear_attn,
          "ulysses": lambda *a, kernel=None, **kw: ulysses_linear_attn(*a, **kw)}
@@ -49,13 +49,7 @@ def case_sp_gated(algo, layout, form, dtype, chunk_len, B=2, H=4, Hkv=2, K=6, V=
     local = [shard(x).to(dt).requires_grad_() for x in (q, k, v, gate)]
     kernel = TorchChunkKernel(block=block, segment_blocks=2)
     run = lambda: ALGOS[algo](*local[:3], gate=local[3], layout=layout, kernel=kernel)  # noqa: E731
-    with torch.no_grad():
-        run()  # the first call of a new size announces it (lasp.distributed.agree): count a steady call
-    act = [torch.profiler.ProfilerActivity.CPU]
-    with torch.profiler.profile(activities=act, record_shapes=True) as pf:
-        o = run()
-    with torch.profiler.profile(activities=act, record_shapes=True) as pb:
-        o.backward(shard(do).to(dt))
+    o, pf, pb = profiled_steady_step(run, shard(do).to(dt))
     assert_close_rel(o, shard(o_ref).to(dt), TOL[dtype], "o")
     for name, got, ref in zip(["q", "k", "v", "gate"], local, grads_ref):
         assert_close_rel(got.grad, shard(ref).to(dt), TOL[dtype] * (5 if name == "gate" else 1), f"d{name}")

@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 from lasp import SeqLayout, lasp1_linear_attn, lasp2_linear_attn, linear_attn, ring_linear_attn, shard_sequence
 from lasp.distributed.agree import HEADER_BYTES
-from tests.dist import assert_close_rel, comm_events
+from tests.dist import assert_close_rel, comm_events, profiled_steady_step
 
 ALGOS = {
     "lasp2": lasp2_linear_attn,
@@ -50,13 +50,7 @@ def case_sp_linear(algo, layout, mode, dtype, chunk_len, B=2, H=4, Hkv=2, K=6, V
     local = [shard(x).requires_grad_() for x in (q, k, v)]
     run = lambda: ALGOS[algo](*local, layout=layout, log_decay=log_decay, causal=causal, kernel=kernel,  # noqa: E731
                               check_ranks=check_ranks)
-    with torch.no_grad():
-        run()  # the first call of a new size announces it (lasp.distributed.agree): count a steady call
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    with torch.profiler.profile(activities=activities, record_shapes=True) as pf:
-        o = run()
-    with torch.profiler.profile(activities=activities, record_shapes=True) as pb:
-        o.backward(shard(do))
+    o, pf, pb = profiled_steady_step(run, shard(do))
 
     assert_close_rel(o, shard(o_ref), TOL[dtype], "o")
     for name, got, ref in zip("qkv", local, full):

@@ -15,29 +15,27 @@ def exclusive_scan(
 
     Slices of x along `dim` are [B, H, K, V]; decay_H is [H] (None means 1); `initial` is the carry in
     (zero when None). Forward: out_0 = h, out_n = D * out_{n-1} + x_{n-1}, and the carry out is
-    D * out_{N-1} + x_{N-1}. Reverse runs the same recurrence from the last index down.
+    D * out_{N-1} + x_{N-1}. Reverse runs the same recurrence from the last index down. This is
+    `affine_scan` with the same transition at every step.
     """
-    n = x.shape[dim]
-    out = torch.empty_like(x)
-    d = None if decay_H is None else decay_H.to(x.dtype).view(-1, 1, 1)
-    h = torch.zeros_like(x.select(dim, 0)) if initial is None else initial.to(x.dtype)
-    for i in range(n - 1, -1, -1) if reverse else range(n):
-        out.select(dim, i).copy_(h)
-        h = x.select(dim, i) + (h if d is None else h * d)
-    return out, h
+    xs = x.movedim(dim, 0)
+    d = None if decay_H is None else decay_H.view(1, -1, 1, 1).expand(xs.shape[0], -1, 1, 1)
+    out, h = affine_scan(xs, d, reverse=reverse, initial=initial)
+    return out.movedim(0, dim), h
 
 
 def affine_scan(
-    x: Tensor, decay: Tensor, reverse: bool = False, initial: Tensor | None = None
+    x: Tensor, decay: Tensor | None, reverse: bool = False, initial: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
     """Exclusive scan along dim 0 with a transition per step: out_0 = h, out_{i+1} = decay_i * out_i + x_i
     (or from the last index down, `reverse=True`: the transposed recurrence of the backward, the same for
     the diagonal transitions used here), and the carry out. x [n, B, H, K, V]; decay [n, ...] broadcasting
-    against x's rows (a scalar [n, B, H, 1, 1] or a diagonal [n, B, H, K, 1]); `initial` the carry in."""
+    against x's rows (a scalar [n, B, H, 1, 1] or a diagonal [n, B, H, K, 1]), or None (1); `initial` the
+    carry in."""
     out = torch.empty_like(x)
-    d = decay.to(x.dtype)
+    d = None if decay is None else decay.to(x.dtype)
     h = torch.zeros_like(x[0]) if initial is None else initial.to(x.dtype)
     for i in range(x.shape[0] - 1, -1, -1) if reverse else range(x.shape[0]):
         out[i] = h
-        h = x[i] + d[i] * h
+        h = x[i] + (h if d is None else d[i] * h)
     return out, h

@@ -61,13 +61,19 @@ class _Block:
         self.wk = torch.exp(last - self.G)  # decay of key i to the block's end
         self.decay = torch.exp(last).transpose(-1, -2)  # [n, B, H, Kg, 1]: the block's transition (rows)
         self.mode = "scalar" if self.G.shape[-1] == 1 else "factored" if factored else "exact"
-        self._E = self._qf = self._kf = None
+        self._E = self._qd = self._kf = None
+
+    def qd(self) -> Tensor:
+        """q * exp(G): the queries as the incoming state sees them (and the factored form's left operand)."""
+        if self._qd is None:
+            self._qd = self.q * self.wq
+        return self._qd
 
     def factors(self) -> tuple[Tensor, Tensor]:
         """(q * exp(G), k * exp(-G)): the factored form's operands (bounded by exp(FACTOR_SPAN))."""
-        if self._qf is None:
-            self._qf, self._kf = self.q * self.wq, self.k * torch.exp(-self.G)
-        return self._qf, self._kf
+        if self._kf is None:
+            self._kf = self.k * torch.exp(-self.G)
+        return self.qd(), self._kf
 
     @property
     def E(self) -> Tensor:
@@ -138,12 +144,8 @@ def gated_fwd(q: Tensor, k: Tensor, v: Tensor, gate: Tensor, scale: float, initi
     for s in bl.segments:
         b = _Block(bl, s, q, k, v, gate, factored)
         h, carry = affine_scan(b.state(), b.decay, initial=carry)
-        bl.put(o, s, (b.scores() @ b.v + (b.q * b.wq) @ h) * scale)
-    if not want_final:
-        return o, None
-    if carry is None:
-        carry = q.new_zeros(q.shape[0], q.shape[2], q.shape[3], v.shape[-1], dtype=bl.dtype)
-    return o, carry
+        bl.put(o, s, (b.scores() @ b.v + b.qd() @ h) * scale)
+    return o, carry if want_final else None
 
 
 def gated_bwd(q: Tensor, k: Tensor, v: Tensor, gate: Tensor, scale: float, initial_state: Tensor | None,
@@ -164,8 +166,7 @@ def gated_bwd(q: Tensor, k: Tensor, v: Tensor, gate: Tensor, scale: float, initi
     for s, h in zip(reversed(bl.segments), reversed(incoming)):
         b = _Block(bl, s, q, k, v, gate, factored)
         dob = bl.get(do, s) * scale
-        qd = b.q * b.wq
-        dout, carry = affine_scan(qd.transpose(-1, -2) @ dob, b.decay, reverse=True, initial=carry)
+        dout, carry = affine_scan(b.qd().transpose(-1, -2) @ dob, b.decay, reverse=True, initial=carry)
         dq_b, dk_b = b.scores_bwd(dob @ b.v.transpose(-1, -2))  # the scores' gradient, masked inside
         bl.put(dq, s, dq_b + b.wq * (dob @ h.transpose(-1, -2)))
         bl.put(dk, s, dk_b + b.wk * (b.v @ dout.transpose(-1, -2)))
