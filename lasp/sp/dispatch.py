@@ -17,7 +17,8 @@ from torch import Tensor
 
 from lasp.distributed import group_size
 from lasp.distributed.agree import Fingerprint, agree, refuse
-from lasp.kernels import DEFAULT_KERNEL, LinearAttnKernel, linear_attn
+from lasp.kernels import DEFAULT_KERNEL
+from lasp.kernels.documents import Documents, LinearAttnKernel, linear_attn
 from lasp.kernels.linear_attn import check_linear_attn_args
 from lasp.kernels.linear_attn.gated import as_vector_form
 from lasp.kernels.linear_attn.op import check_gate, gate_form
@@ -43,8 +44,9 @@ def decay_digest(log_decay: Tensor) -> float | Tensor:
 
 
 def fingerprint(op: str, q: Tensor, k: Tensor, v: Tensor, layout: str, causal: bool, scale: float,
-                log_decay: Tensor | None, linear: bool, gate: Tensor | None = None) -> Fingerprint:
-    """What every rank of an SP op must pass alike (see the module doc)."""
+                log_decay: Tensor | None, linear: bool, gate: Tensor | None = None,
+                docs: Documents | None = None) -> Fingerprint:
+    """What every rank of an SP op must pass alike (see the module doc); `docs`: the global documents."""
     B, T, H, K = q.shape
     fields = [
         ("local length", T), ("batch size", B), ("query heads", H), ("key/value heads", k.shape[2]),
@@ -54,6 +56,7 @@ def fingerprint(op: str, q: Tensor, k: Tensor, v: Tensor, layout: str, causal: b
     if linear:
         fields.append(("decay", None if log_decay is None else decay_digest(log_decay)))
         fields.append(("gate", None if gate is None else gate_form(gate)))
+    fields.append(("documents", None if docs is None else docs.digest()))
     return Fingerprint(op, tuple(fields))
 
 
