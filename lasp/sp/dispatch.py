@@ -17,8 +17,8 @@ from torch import Tensor
 
 from lasp.distributed import group_size
 from lasp.distributed.agree import Fingerprint, agree, refuse
-from lasp.kernels import DEFAULT_KERNEL
-from lasp.kernels.documents import Documents, LinearAttnKernel, linear_attn
+from lasp.kernels import DEFAULT_KERNEL, LinearAttnKernel, linear_attn
+from lasp.kernels.documents import Documents
 from lasp.kernels.linear_attn import check_linear_attn_args
 from lasp.kernels.linear_attn.gated import as_vector_form
 from lasp.kernels.linear_attn.op import check_gate, gate_form
