@@ -98,7 +98,7 @@ def test_gate_grad_of_the_final_state_alone():
     dF = torch.randn(B, H, K, V, dtype=torch.float64)
     final = S0 * torch.exp(torch.tensor(-0.3 * T, dtype=torch.float64))
     zeros = torch.zeros(B, T, H, K, dtype=torch.float64)
-    dg = gate_grad(zeros, zeros, zeros, zeros, K, dF, final)
+    dg = gate_grad(zeros, zeros, zeros, zeros, zeros, dF, final)
     torch.testing.assert_close(dg, (dF * final).sum(-1)[:, None].expand(B, T, H, K))
 
 
@@ -106,7 +106,7 @@ def test_bad_gates_are_refused_with_every_problem():
     q, k, v, gate, _ = _inputs(1, 8, 2, 4, 4, torch.float32, "scalar")
     with pytest.raises(ValueError, match=r"gate must be \[B, T, H\] = \[1, 8, 2\].*either log_decay"):
         linear_attn(q, k, v, gate=gate[:, :5].detach(), log_decay=torch.zeros(2))
-    with pytest.raises(ValueError, match="finite and <= 0.*1 are not"):
+    with pytest.raises(ValueError, match="<= 0 and not NaN.*1 are not"):
         bad = gate.detach().clone()
         bad[0, 3, 1] = 0.5
         linear_attn(q, k, v, gate=bad)

@@ -109,3 +109,67 @@ def test_ulysses_gated_matches_the_recurrence(dist_pool, W, form):
     for r in results:  # q, k, v, the gate and the output: five all-to-alls each way (+ the fingerprints)
         assert r["c10d_fwd"].count("c10d::alltoall_base_") == 5, r["c10d_fwd"]
         assert r["c10d_bwd"] == ["c10d::alltoall_base_"] * 5, r["c10d_bwd"]
+
+
+# Packed documents (cu_seqlens over the GLOBAL sequence): the state resets at every start, on every rank.
+
+
+def doc_starts(N, L):
+    """Row 0: 1-token documents at 0 and 1, a start exactly at the first chunk (rank) boundary L, three short
+    ones, then one to the end (across three ranks or more at W >= 3). Row 1: a start mid-sequence and a
+    1-token document at the very end."""
+    return [[0, 1, 2, L, L + 2, L + 3, L + 5], [0, N // 2 + 1, N - 1]]
+
+
+def case_sp_documents(algo, layout, chunk_len, B=2, H=4, Hkv=2, K=6, V=5):
+    """Every linear form (no decay, a constant decay, scalar and vector gates) with documents: the output and
+    every gradient against the token recurrence run with the same documents, float64."""
+    from lasp.kernels import TorchChunkKernel
+
+    rank, W = dist.get_rank(), dist.get_world_size()
+    N = chunk_len * SeqLayout(layout, W).num_chunks
+    cu = doc_starts(N, chunk_len)
+    shard = lambda x: shard_sequence(x, rank=rank, world_size=W, layout=layout)  # noqa: E731
+    out = {}
+    for form in ("none", "decay", "scalar", "vector"):
+        q, k, v, gate, do = gated_inputs(B, N, H, Hkv, K, V, "vector" if form == "vector" else "scalar")
+        decay = -torch.linspace(0.05, 0.5, H, dtype=torch.float64) if form == "decay" else None
+        gated = form in ("scalar", "vector")
+        full = [x.clone().requires_grad_() for x in (q, k, v, gate)]
+        rep = H // Hkv
+        kx, vx = (x.repeat_interleave(rep, dim=2) for x in full[1:3])
+        o_ref, _ = recurrent_linear_attn(full[0], kx, vx, log_decay=decay, gate=full[3] if gated else None,
+                                         cu_seqlens=cu)
+        o_ref.backward(do)
+        local = [shard(x).requires_grad_() for x in (q, k, v, gate)]
+        kernel = TorchChunkKernel(block=4, segment_blocks=2)
+        run = lambda: ALGOS[algo](*local[:3], gate=local[3] if gated else None, log_decay=decay,  # noqa: E731
+                                  layout=layout, kernel=kernel, cu_seqlens=cu)
+        o, pf, pb = profiled_steady_step(run, shard(do))
+        assert_close_rel(o, shard(o_ref.detach()), 1e-10, f"{form}: o")
+        for name, got, ref in list(zip(["q", "k", "v", "gate"], local, full))[: 4 if gated else 3]:
+            assert_close_rel(got.grad, shard(ref.grad), 1e-9, f"{form}: d{name}")
+        out[form] = {"fwd": comm_events(pf), "bwd": comm_events(pb)}
+    return out
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+@pytest.mark.parametrize("W", [2, 3, 4])
+def test_lasp2_documents_match_the_recurrence(dist_pool, W, layout):
+    """Still one all-gather each way: each chunk's (D, M), D = 0 for a chunk holding a start; the forms
+    without a gate run as a scalar gate, so their pairs carry one more float per head."""
+    chunk_len = 7
+    results = dist_pool(W).run("tests.test_sp_gated:case_sp_documents", algo="lasp2", layout=layout,
+                               chunk_len=chunk_len)
+    n = SeqLayout(layout, W).chunks_per_rank
+    for r in results:
+        for form, ev in r.items():
+            Kg = 6 if form == "vector" else 1
+            assert ev["fwd"] == [("gloo:all_gather", [[HEADER_BYTES + n * 2 * 4 * (6 * 5 + Kg) * 8]])], (form, ev)
+            assert ev["bwd"] == [("gloo:all_gather", [[HEADER_BYTES + n * 2 * 4 * 6 * 5 * 8]])], (form, ev)
+
+
+@pytest.mark.parametrize("algo,W,layout", [("lasp1", 3, "zigzag"), ("lasp1", 2, "contiguous"),
+                                           ("ulysses", 2, "zigzag"), ("ulysses", 4, "contiguous")])
+def test_lasp1_and_ulysses_documents_match_the_recurrence(dist_pool, algo, W, layout):
+    dist_pool(W).run("tests.test_sp_gated:case_sp_documents", algo=algo, layout=layout, chunk_len=7)

@@ -47,6 +47,11 @@ class Documents:
     def batch(self) -> int:
         return len(self.starts)
 
+    @property
+    def has_resets(self) -> bool:
+        """Whether any row holds more than one document."""
+        return any(len(r) > 1 for r in self.starts)
+
     def digest(self) -> int:
         """A summary that differs when any start differs (for the ranks' agreement check)."""
         return hash((self.length, self.starts))

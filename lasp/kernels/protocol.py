@@ -88,7 +88,8 @@ class LinearAttnKernel(Protocol):
 
 class GatedKernel(Protocol):
     """What a kernel adds for data-dependent gates (lasp.kernels.linear_attn.gated has the math). `gates`
-    names the forms it has ("scalar": gate [B,T,H,1], "vector": [B,T,H,K]); heads are expanded."""
+    names the forms it has ("scalar": gate [B,T,H,1], "vector": [B,T,H,K]); heads are expanded. A gate of
+    -inf (on every key dim) is a document start: the state resets there, and its gate's gradient is 0."""
 
     gates: tuple[str, ...]
 
@@ -126,7 +127,7 @@ class GatedKernel(Protocol):
         ...
 
     def gate_grad(
-        self, q: Tensor, k: Tensor, dq: Tensor, dk: Tensor, gate_width: int, dfinal: Tensor | None,
+        self, q: Tensor, k: Tensor, dq: Tensor, dk: Tensor, gate: Tensor, dfinal: Tensor | None,
         final: Tensor | None,
     ) -> Tensor:
         """The gate's gradient from the chunk's total dq, dk and its final state's gradient."""

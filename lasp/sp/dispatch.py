@@ -15,15 +15,15 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from lasp.distributed import group_size
+from lasp.distributed import group_rank, group_size
 from lasp.distributed.agree import Fingerprint, agree, refuse
-from lasp.kernels import DEFAULT_KERNEL, LinearAttnKernel, linear_attn
+from lasp.kernels import DEFAULT_KERNEL, LinearAttnKernel, linear_attn, state_dtype
 from lasp.kernels.documents import Documents
 from lasp.kernels.linear_attn import check_linear_attn_args
 from lasp.kernels.linear_attn.gated import as_vector_form
-from lasp.kernels.linear_attn.op import check_gate, gate_form
+from lasp.kernels.linear_attn.op import check_documents, check_gate, gate_form, gate_with_resets
 from lasp.kernels.softmax_attn import check_softmax_attn_args, softmax_attn
-from lasp.sp.layout import SeqLayout
+from lasp.sp.layout import SeqLayout, shard_sequence
 
 
 def check_heads_divisible(H: int, W: int) -> None:
@@ -100,13 +100,15 @@ def run_sp_linear_attn(
     heads_divisible: bool = False,
     gate: Tensor | None = None,
     gated_impl: Callable[..., Tensor] | None = None,
+    cu_seqlens=None,
 ) -> Tensor:
     """Check every argument before any communication, then run impl(q, k, v, log_decay, scale, causal,
     group, lay, kernel, fingerprint) (k, v repeated to q's heads), or `linear_attn` on a group of one.
     `in_band`: `impl` carries the fingerprint in its own all-gather; else it is exchanged here first.
     `heads_divisible`: the query heads must split evenly across the group (Ulysses).
     With a `gate`, gated_impl(q, k, v, gate [B, T, H, Kg], scale, group, lay, kernel, fingerprint) runs
-    instead; an op without `gated_impl` refuses gates."""
+    instead; an op without `gated_impl` refuses gates. `cu_seqlens` (the GLOBAL documents, alike on every
+    rank) runs the gated form with a gate of 0 (-inf) at this rank's document starts."""
     W = group_size(group)
     kernel = DEFAULT_KERNEL if kernel is None else kernel
 
@@ -116,18 +118,29 @@ def run_sp_linear_attn(
             if gated_impl is None:
                 raise ValueError(f"{op} has no gated form: pass gate=None, or use lasp2, lasp1 or ulysses")
             check_gate(gate, q, log_decay, causal, kernel)
+        docs = None
+        if cu_seqlens is not None:
+            if gated_impl is None:
+                raise ValueError(f"{op} has no document resets: pass cu_seqlens=None, or use lasp2, lasp1 or ulysses")
+            docs = check_documents(cu_seqlens, q, q.shape[1] * W, causal, kernel)
         lay = SeqLayout(layout, W)
         lay.check_local_length(q.shape[1])
         if heads_divisible:
             check_heads_divisible(q.shape[2], W)
-        return k2, v2, s, lay
+        return k2, v2, s, lay, docs
 
     if W == 1:
-        k2, v2, s, _ = checks()
-        return linear_attn(q, k, v, log_decay=log_decay, gate=gate, causal=causal, scale=s, kernel=kernel)
-    k2, v2, s, lay = _checked_locally(op, group, _device(q), check_ranks, checks)
-    fp = fingerprint(op, q, k, v, layout, causal, s, log_decay, linear=True, gate=gate) if check_ranks else None
+        k2, v2, s, _, docs = checks()
+        return linear_attn(q, k, v, log_decay=log_decay, gate=gate, causal=causal, scale=s, kernel=kernel,
+                           cu_seqlens=docs)
+    k2, v2, s, lay, docs = _checked_locally(op, group, _device(q), check_ranks, checks)
+    fp = None
+    if check_ranks:
+        fp = fingerprint(op, q, k, v, layout, causal, s, log_decay, linear=True, gate=gate, docs=docs)
     fp = _carried(fp, in_band, group, q.device)
+    if docs is not None and docs.has_resets:
+        resets = shard_sequence(docs.resets(q.device), rank=group_rank(group), world_size=W, layout=layout)
+        gate = gate_with_resets(gate, log_decay, resets, q.shape[2], state_dtype(q.dtype))
     if gate is not None:
         return gated_impl(q, k2, v2, as_vector_form(gate), s, group, lay, kernel, fp)
     return impl(q, k2, v2, log_decay, s, causal, group, lay, kernel, fp)

@@ -26,6 +26,14 @@ def unpack_pairs(x: Tensor, K: int, V: int) -> tuple[Tensor, Tensor]:
     return x[..., K * V :, None], x[..., : K * V].unflatten(-1, (K, V))
 
 
+def combine_pairs(later: tuple[Tensor, Tensor], earlier: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    """(D2, M2) o (D1, M1) = (D2 D1, D2 M1 + M2): two consecutive chunks' affine maps as one (D [..., Kg, 1]
+    row transitions, M [..., K, V]). Associative, so any grouping of a scan gives the same states; a chunk
+    holding a document start has D = 0 and drops everything before it."""
+    (D2, M2), (D1, M1) = later, earlier
+    return D2 * D1, D2 * M1 + M2
+
+
 class GatedChunks:
     """One rank's chunks [n*B, L, H, *] (chunk-major on the batch dim) with their gate [n*B, L, H, Kg]."""
 
@@ -60,5 +68,5 @@ class GatedChunks:
         dk_s, dv_s = self.kernel.gated_chunk_state_bwd(self.k, self.v, self.gate, dS_out)
         dt = dq_inter.dtype
         dq, dk, dv = dq_i.to(dt) + dq_inter, dk_i.to(dt) + dk_s, dv_i.to(dt) + dv_s
-        dg = self.kernel.gate_grad(self.q, self.k, dq, dk, self.gate.shape[-1], dS_out, S_out)
+        dg = self.kernel.gate_grad(self.q, self.k, dq, dk, self.gate, dS_out, S_out)
         return dq.to(self.q.dtype), dk.to(self.k.dtype), dv.to(self.v.dtype), dg.to(self.gate.dtype)

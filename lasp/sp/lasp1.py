@@ -135,11 +135,12 @@ def lasp1_linear_attn(
     scale: float | None = None,
     kernel: LinearAttnKernel | None = None,
     check_ranks: bool = True,
+    cu_seqlens=None,
 ) -> Tensor:
     """LASP-1 (ring, point-to-point) linear attention; same contract as `lasp2_linear_attn`, except that
     `check_ranks` costs one small all-gather of fingerprints per call (its hops carry no header). With a
     `gate` ([B, T, H] or [B, T, H, K], split like q) every hop carries a chunk's gated outgoing state."""
     return run_sp_linear_attn(
         _Lasp1Fn.apply, q, k, v, op="lasp1", group=group, layout=layout, log_decay=log_decay, causal=causal, scale=scale,
-        kernel=kernel, check_ranks=check_ranks, gate=gate, gated_impl=_Lasp1GatedFn.apply,
+        kernel=kernel, check_ranks=check_ranks, gate=gate, cu_seqlens=cu_seqlens, gated_impl=_Lasp1GatedFn.apply,
     )

@@ -158,6 +158,7 @@ def lasp2_linear_attn(
     scale: float | None = None,
     kernel: LinearAttnKernel | None = None,
     check_ranks: bool = True,
+    cu_seqlens=None,
 ) -> Tensor:
     """LASP-2 linear attention over the sequence-parallel `group` (None = the default group).
 
@@ -171,11 +172,17 @@ def lasp2_linear_attn(
     (split like q). The all-gather then carries each chunk's pair (D, M): B*H*(K*V + 1) or B*H*(K*V + K)
     floats per chunk; still one all-gather each way, and the gate gets its gradient on every rank.
 
+    `cu_seqlens`: packed documents over the GLOBAL sequence (every rank passes the same; see
+    lasp.kernels.documents). The state resets at each start: a chunk holding a start has D = 0 and its M
+    holds only the tokens from its last start, so the all-gather is unchanged (the forms without a gate
+    run as a scalar gate: one more float per head and chunk).
+
     `check_ranks`: the all-gathers also carry a fingerprint of every rank's arguments (local length,
     shapes, dtype, layout, causal, scale, decay), and ranks that disagree all raise `RanksDisagree`
     naming the values (no extra collective; see lasp.distributed.agree). False skips it.
     """
     return run_sp_linear_attn(
         _Lasp2Fn.apply, q, k, v, op="lasp2", group=group, layout=layout, log_decay=log_decay, causal=causal, scale=scale,
-        kernel=kernel, check_ranks=check_ranks, in_band=True, gate=gate, gated_impl=_Lasp2GatedFn.apply,
+        kernel=kernel, check_ranks=check_ranks, in_band=True, gate=gate,
+        cu_seqlens=cu_seqlens, gated_impl=_Lasp2GatedFn.apply,
     )

@@ -92,6 +92,7 @@ def ring_linear_attn(
     scale: float | None = None,
     form: str = "right",
     check_ranks: bool = True,
+    cu_seqlens=None,
 ) -> Tensor:
     """Ring Attention for linear attention over `group` (a baseline); same contract as `lasp1_linear_attn`,
     plus `form`: "right" (per-block states) or "quadratic" (L x L scores per block pair)."""
@@ -100,4 +101,5 @@ def ring_linear_attn(
     return run_sp_linear_attn(
         lambda *args: _ring_linear(*args, form=form), q, k, v, op=f"ring-linear-{form[0]}", group=group,
         layout=layout, log_decay=log_decay, causal=causal, scale=scale, kernel=None, check_ranks=check_ranks,
+        cu_seqlens=cu_seqlens,
     )

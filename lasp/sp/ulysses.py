@@ -84,10 +84,12 @@ def ulysses_linear_attn(
     causal: bool = True,
     scale: float | None = None,
     check_ranks: bool = True,
+    cu_seqlens=None,
 ) -> Tensor:
     """Ulysses linear attention over `group`; same contract as `lasp1_linear_attn`, plus H % W == 0. A
     `gate` goes to heads with q: one more all-to-all each way."""
     return run_sp_linear_attn(
         _linear, q, k, v, op="ulysses-linear", group=group, layout=layout, log_decay=log_decay, causal=causal,
         scale=scale, kernel=None, check_ranks=check_ranks, heads_divisible=True, gate=gate, gated_impl=_gated,
+        cu_seqlens=cu_seqlens,
     )

@@ -53,18 +53,26 @@ class _Block:
     the gate sums to no less than -FACTOR_SPAN over a block (nothing over- or underflows), or else the
     exact [C, C, K] weight over short blocks."""
 
-    def __init__(self, bl: Blocks, s: slice, q, k, v, gate, factored: bool):
+    def __init__(self, bl: Blocks, s: slice, q, k, v, gate, factored: bool, resets: Tensor | None = None):
         self.q, self.k, self.v = bl.get(q, s), bl.get(k, s), bl.get(v, s)  # [n, B, H, C, D]
         self.G = bl.get(gate, s).cumsum(-2)  # [n, B, H, C, Kg]
         last = self.G[..., -1:, :]
-        self.wq = torch.exp(self.G)  # decay of the incoming state seen by query i
+        self.eG = torch.exp(self.G)
+        self.wq = self.eG  # decay of the incoming state seen by query i
         self.wk = torch.exp(last - self.G)  # decay of key i to the block's end
         self.decay = torch.exp(last).transpose(-1, -2)  # [n, B, H, Kg, 1]: the block's transition (rows)
+        self.seg = None
+        if resets is not None:  # document starts: segment ids from the block's start, [n, B, H, C, 1]
+            self.seg = bl.get(resets[..., None], s).cumsum(-2)
+            seg_last = self.seg[..., -1:, :]
+            self.wq = self.wq * (self.seg == 0)  # no incoming state after a start
+            self.wk = self.wk * (self.seg == seg_last)  # only the last document reaches the block's end
+            self.decay = self.decay * (seg_last == 0)
         self.mode = "scalar" if self.G.shape[-1] == 1 else "factored" if factored else "exact"
         self._E = self._qd = self._kf = None
 
     def qd(self) -> Tensor:
-        """q * exp(G): the queries as the incoming state sees them (and the factored form's left operand)."""
+        """q * exp(G), zero after a document start: the queries as the incoming state sees them."""
         if self._qd is None:
             self._qd = self.q * self.wq
         return self._qd
@@ -72,24 +80,32 @@ class _Block:
     def factors(self) -> tuple[Tensor, Tensor]:
         """(q * exp(G), k * exp(-G)): the factored form's operands (bounded by exp(FACTOR_SPAN))."""
         if self._kf is None:
+            self._qf = self.qd() if self.seg is None else self.q * self.eG
             self._kf = self.k * torch.exp(-self.G)
-        return self.qd(), self._kf
+        return self._qf, self._kf
+
+    def _mask(self) -> Tensor:
+        """Causal, and (with document starts) within one document: [C, C] or [n, B, H, C, C]."""
+        causal = _causal_mask(self.G.shape[-2], self.G.device)
+        if self.seg is None:
+            return causal
+        seg = self.seg[..., 0]
+        return causal & (seg[..., :, None] == seg[..., None, :])
 
     @property
     def E(self) -> Tensor:
         """The masked intra-block weight: [n, B, H, C, C] (scalar), [.., C, C, K] (exact) or the mask (factored)."""
         if self._E is None:
-            G = self.G
-            causal = _causal_mask(G.shape[-2], G.device)
+            G, mask = self.G, self._mask()
             neg = torch.full((), -torch.inf, dtype=G.dtype)
             if self.mode == "scalar":
                 g = G[..., 0]
-                self._E = torch.exp(torch.where(causal, g[..., :, None] - g[..., None, :], neg))
+                self._E = torch.exp(torch.where(mask, g[..., :, None] - g[..., None, :], neg))
             elif self.mode == "exact":
                 diff = G[..., :, None, :] - G[..., None, :, :]  # [n, B, H, C, C, K]
-                self._E = torch.exp(torch.where(causal[..., None], diff, neg))
+                self._E = torch.exp(torch.where(mask[..., None], diff, neg))
             else:
-                self._E = causal.to(G.dtype)
+                self._E = mask.to(G.dtype)
         return self._E
 
     def scores(self) -> Tensor:
@@ -109,12 +125,21 @@ class _Block:
         dae = da * self.E
         if self.mode == "factored":
             qf, kf = self.factors()
-            return (dae @ kf) * self.wq, (dae.transpose(-1, -2) @ qf) * torch.exp(-self.G)
+            return (dae @ kf) * self.eG, (dae.transpose(-1, -2) @ qf) * torch.exp(-self.G)
         return dae @ self.k, dae.transpose(-1, -2) @ self.q
 
     def state(self) -> Tensor:
         """The blocks' states from a zero start [n, B, H, K, V]."""
         return (self.k * self.wk).transpose(-1, -2) @ self.v
+
+
+def split_resets(gate: Tensor) -> tuple[Tensor, Tensor | None]:
+    """A log-gate with document starts (-inf: a gate of exactly 0, on every key dim of a vector gate) ->
+    (the gate with 0 there, the starts [B, T, H] bool), or (gate, None) when it has none."""
+    resets = torch.isneginf(gate[..., 0])
+    if not bool(resets.any()):
+        return gate, None
+    return gate.masked_fill(resets[..., None], 0.0), resets
 
 
 def _factorable(gate: Tensor, C: int) -> bool:
@@ -138,11 +163,12 @@ def gated_fwd(q: Tensor, k: Tensor, v: Tensor, gate: Tensor, scale: float, initi
     """Causal gated attention over T (heads expanded; gate [B, T, H, Kg]) from `initial_state` (None:
     zero) -> (o [B, T, H, V] in q's dtype, final state [B, H, K, V] in the state dtype, or None).
     Blocks of `block` tokens (at most VECTOR_BLOCK for a vector gate), `segment_blocks` at a time."""
+    gate, resets = split_resets(gate)
     bl, factored = _blocks(q.shape[1], gate, q.dtype, block, segment_blocks)
     o = torch.empty(*q.shape[:3], v.shape[-1], dtype=q.dtype, device=q.device)
     carry = None if initial_state is None else initial_state.to(bl.dtype)
     for s in bl.segments:
-        b = _Block(bl, s, q, k, v, gate, factored)
+        b = _Block(bl, s, q, k, v, gate, factored, resets)
         h, carry = affine_scan(b.state(), b.decay, initial=carry)
         bl.put(o, s, (b.scores() @ b.v + b.qd() @ h) * scale)
     return o, carry if want_final else None
@@ -152,45 +178,60 @@ def gated_bwd(q: Tensor, k: Tensor, v: Tensor, gate: Tensor, scale: float, initi
               do: Tensor, dfinal: Tensor | None, block: int = 64,
               segment_blocks: int = 16) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
     """(dq, dk, dv, dgate [B, T, H, Kg], d initial_state or None) of `gated_fwd`, given do and the final
-    state's gradient (or None)."""
+    state's gradient (or None). A gate of -inf is a document start (`split_resets`); its gradient is 0."""
+    full_gate = gate
+    gate, resets = split_resets(gate)
     bl, factored = _blocks(q.shape[1], gate, q.dtype, block, segment_blocks)
     carry = None if initial_state is None else initial_state.to(bl.dtype)
     incoming = []
     for s in bl.segments:  # the state entering every block
-        b = _Block(bl, s, q, k, v, gate, factored)
+        b = _Block(bl, s, q, k, v, gate, factored, resets)
         h, carry = affine_scan(b.state(), b.decay, initial=carry)
         incoming.append(h)
     final = carry
     dq, dk, dv = (torch.empty(x.shape, dtype=bl.dtype, device=x.device) for x in (q, k, v))
     carry = None if dfinal is None else dfinal.to(bl.dtype)
     for s, h in zip(reversed(bl.segments), reversed(incoming)):
-        b = _Block(bl, s, q, k, v, gate, factored)
+        b = _Block(bl, s, q, k, v, gate, factored, resets)
         dob = bl.get(do, s) * scale
         dout, carry = affine_scan(b.qd().transpose(-1, -2) @ dob, b.decay, reverse=True, initial=carry)
         dq_b, dk_b = b.scores_bwd(dob @ b.v.transpose(-1, -2))  # the scores' gradient, masked inside
         bl.put(dq, s, dq_b + b.wq * (dob @ h.transpose(-1, -2)))
         bl.put(dk, s, dk_b + b.wk * (b.v @ dout.transpose(-1, -2)))
         bl.put(dv, s, b.scores().transpose(-1, -2) @ dob + (b.k * b.wk) @ dout)
-    dg = gate_grad(q, k, dq, dk, gate.shape[-1], dfinal, final)
+    dg = gate_grad(q, k, dq, dk, full_gate, dfinal, final)
     ds0 = None if initial_state is None else carry
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.to(gate.dtype), ds0
 
 
-def gate_grad(q: Tensor, k: Tensor, dq: Tensor, dk: Tensor, gate_width: int, dfinal: Tensor | None,
+def gate_grad(q: Tensor, k: Tensor, dq: Tensor, dk: Tensor, gate: Tensor, dfinal: Tensor | None,
               final: Tensor | None) -> Tensor:
     """The log-gate's gradient [B, T, H, Kg] from the total dq and dk of a causal gated run over T tokens
-    (see the module doc), plus the final state's term when it has a gradient."""
+    (see the module doc), plus the final state's term when it has a gradient. With document starts (-inf
+    in `gate`) the reverse sum stops at the next start, only the last document gets the final state's term,
+    and a start's own gradient is 0 (its gate multiplies nothing)."""
     dt = dq.dtype
     dG = q.to(dt) * dq - k.to(dt) * dk  # [B, T, H, K]
-    if gate_width == 1:
+    if gate.shape[-1] == 1:
         dG = dG.sum(-1, keepdim=True)
     dg = dG.flip(1).cumsum(1).flip(1)
+    end = None
     if dfinal is not None:
-        end = (dfinal.to(dt) * final.to(dt)).sum(-1)  # [B, H, K]
-        if gate_width == 1:
+        end = (dfinal.to(dt) * final.to(dt)).sum(-1)[:, None]  # [B, 1, H, K]
+        if gate.shape[-1] == 1:
             end = end.sum(-1, keepdim=True)
-        dg = dg + end[:, None]
-    return dg
+    resets = split_resets(gate)[1]
+    if resets is None:
+        return dg if end is None else dg + end
+    T = gate.shape[1]
+    t = torch.arange(T, device=gate.device).view(1, T, 1)
+    at = torch.where(resets, t, T)  # [B, T, H]: a start's own index, else T
+    after = torch.cat([at[:, 1:], torch.full_like(at[:, :1], T)], 1).flip(1).cummin(1).values.flip(1)
+    padded = torch.cat([dg, torch.zeros_like(dg[:, :1])], 1)  # the reverse sum from T is 0
+    dg = dg - padded.gather(1, after[..., None].expand_as(dg))  # the sum up to the next start
+    if end is not None:
+        dg = dg + end * (after == T)[..., None]
+    return dg.masked_fill(resets[..., None], 0.0)
 
 
 # The pieces of a chunk that LASP-2 needs apart (heads expanded; gate [B, L, H, Kg]; states in the state
@@ -198,9 +239,10 @@ def gate_grad(q: Tensor, k: Tensor, dq: Tensor, dk: Tensor, gate_width: int, dfi
 
 
 def _to_end(gate: Tensor) -> Tensor:
-    """sum_{s > j} g_s for every token j of the chunk: [B, L, H, Kg] (the gate from j to the chunk's end)."""
-    total = gate.sum(1, keepdim=True)
-    return total - gate.cumsum(1)
+    """sum_{s > j} g_s for every token j of the chunk: [B, L, H, Kg] (the gate from j to the chunk's end;
+    -inf before a document start), summed from the end, so that no -inf is subtracted."""
+    after = gate[:, 1:].flip(1).cumsum(1).flip(1)
+    return torch.cat([after, torch.zeros_like(gate[:, :1])], dim=1)
 
 
 def gated_chunk_state(k: Tensor, v: Tensor, gate: Tensor) -> tuple[Tensor, Tensor]:

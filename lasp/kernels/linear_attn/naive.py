@@ -9,6 +9,7 @@ tests compare the chunked kernel against `recurrent_linear_attn`, and the CPU be
 import torch
 from torch import Tensor
 
+from lasp.kernels.documents import as_documents
 from lasp.kernels.protocol import state_dtype
 
 
@@ -21,10 +22,12 @@ def recurrent_linear_attn(
     scale: float | None = None,
     initial_state: Tensor | None = None,
     gate: Tensor | None = None,
+    cu_seqlens=None,
 ) -> tuple[Tensor, Tensor]:
     """S_t = lambda S_{t-1} + k_t v_t^T, o_t = s q_t^T S_t, token by token -> (o [B,T,H,V], S [B,H,K,V]).
 
     `gate` (log-gates [B,T,H] or [B,T,H,K], instead of log_decay): S_t = Diag(exp(g_t)) S_{t-1} + k_t v_t^T.
+    `cu_seqlens` (see lasp.kernels.documents): S_{t-1} is dropped at every document start t > 0.
 
     Non-causal: o_t = s q_t^T (S0 + sum_j k_j v_j^T) for every t, no decay.
     """
@@ -39,7 +42,10 @@ def recurrent_linear_attn(
         return (scale * torch.einsum("bthk,bhkv->bthv", qf, S)).to(q.dtype), S
     outs = []
     g = None if gate is None else (gate if gate.dim() == 4 else gate[..., None]).to(dt)
+    keep = None if cu_seqlens is None else ~as_documents(cu_seqlens, B, T).resets(q.device)
     for t in range(T):
+        if keep is not None:
+            S = S * keep[:, t, None, None, None]
         if g is not None:
             S = torch.exp(g[:, t])[..., None] * S
         S = (S if lam is None else lam * S) + kf[:, t, :, :, None] * vf[:, t, :, None, :]

@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from lasp.kernels.checks import check_causal, check_qkv, check_scale
+from lasp.kernels.documents import Documents, as_documents
 from lasp.kernels.linear_attn.chunk import TorchChunkKernel
 from lasp.kernels.linear_attn.gated import as_vector_form
 from lasp.kernels.protocol import LinearAttnKernel, state_dtype
@@ -63,8 +64,9 @@ def gate_form(gate: Tensor) -> str:
 
 def check_gate(gate, q: Tensor, log_decay: Tensor | None, causal: bool, kernel: LinearAttnKernel) -> None:
     """A log-gate: [B, T, H] (scalar per token and head) or [B, T, H, K] (vector over the key dim) of q's
-    batch, length and heads, floating, on q's device, finite and <= 0 (one device-to-host read on a GPU);
-    not with log_decay, only causal, and a kernel that has this gate form."""
+    batch, length and heads, floating, on q's device, <= 0 and not NaN (one device-to-host read on a GPU;
+    -inf, a gate of exactly 0, is a full reset, on all K of a token and head for a vector gate); not with
+    log_decay, only causal, and a kernel that has this gate form."""
     if not isinstance(gate, Tensor):
         raise TypeError(f"gate must be a tensor [B, T, H] or [B, T, H, K] of log-gates <= 0, or None, got "
                         f"{type(gate).__name__}")
@@ -82,15 +84,53 @@ def check_gate(gate, q: Tensor, log_decay: Tensor | None, causal: bool, kernel: 
     if not causal:
         problems.append("a gate needs causal=True: bidirectional linear attention has no gate")
     if not problems:
-        if not bool(torch.isfinite(gate).all()) or bool((gate > 0).any()):
-            bad = gate[~torch.isfinite(gate) | (gate > 0)]
-            problems.append(f"gate values must be finite and <= 0 (log of a gate in (0, 1]); {bad.numel()} are "
+        wrong = torch.isnan(gate) | (gate > 0)
+        if bool(wrong.any()):
+            bad = gate[wrong]
+            problems.append(f"gate values must be <= 0 and not NaN (log of a gate in [0, 1]); {bad.numel()} are "
                             f"not, e.g. {bad.flatten()[:4].tolist()}")
-        elif gate_form(gate) not in getattr(kernel, "gates", ()):
+        if gate.dim() == 4:
+            reset = torch.isneginf(gate)
+            partial = reset.any(-1) != reset.all(-1)
+            if bool(partial.any()):
+                b, t, h = (int(i) for i in torch.nonzero(partial)[0])
+                problems.append(f"a vector gate of -inf (a reset) must be -inf on every key dim of its token and "
+                                f"head; gate[{b}, {t}, {h}] is -inf on {int(reset[b, t, h].sum())} of {K}")
+        if gate_form(gate) not in getattr(kernel, "gates", ()):
             problems.append(f"the {kernel.name!r} kernel has no {gate_form(gate)} gate (it has: "
                             f"{', '.join(getattr(kernel, 'gates', ())) or 'none'}); use the 'torch' backend")
     if problems:
         raise ValueError("; ".join(problems))
+
+
+def check_documents(cu_seqlens, q: Tensor, N: int, causal: bool, kernel: LinearAttnKernel) -> Documents:
+    """`cu_seqlens` over rows of N tokens (the global length under SP) as `Documents`; resets need a causal
+    call and a kernel with a scalar gate (they run as gates of 0). Every problem at once."""
+    problems = []
+    try:
+        docs = as_documents(cu_seqlens, q.shape[0], N)
+    except (ValueError, TypeError) as e:
+        problems.append(str(e))
+    if not causal:
+        problems.append("cu_seqlens needs causal=True: bidirectional linear attention has no document resets")
+    if "scalar" not in getattr(kernel, "gates", ()):
+        problems.append(f"the {kernel.name!r} kernel has no document resets (they run as a scalar gate, which it "
+                        f"lacks); use the 'torch' backend")
+    if problems:
+        raise ValueError("; ".join(problems))
+    return docs
+
+
+def gate_with_resets(gate: Tensor | None, log_decay: Tensor | None, resets_BT: Tensor, H: int,
+                     dtype: torch.dtype) -> Tensor:
+    """The log-gate a call with document starts runs with: `gate` (else the constant decay, else 0, per
+    head, [B, T, H] in `dtype`) with -inf (a gate of 0: the state resets) where `resets_BT` is True."""
+    if gate is None:
+        B, T = resets_BT.shape
+        base = torch.zeros((), dtype=dtype, device=resets_BT.device) if log_decay is None else log_decay.to(dtype)
+        gate = base.expand(B, T, H)
+    mask = resets_BT[:, :, None] if gate.dim() == 3 else resets_BT[:, :, None, None]
+    return gate.masked_fill(mask, -torch.inf)
 
 
 class _GatedLinearAttnFn(torch.autograd.Function):
@@ -173,6 +213,7 @@ def linear_attn(
     initial_state: Tensor | None = None,
     output_final_state: bool = False,
     kernel: LinearAttnKernel | None = None,
+    cu_seqlens=None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Linear attention on one device (DESIGN.md section 1).
 
@@ -182,6 +223,10 @@ def linear_attn(
     `gate` (instead of log_decay): data-dependent log-gates <= 0, [B, T, H] (a scalar per token and head:
     simple GLA, Mamba-2) or [B, T, H, K] (a vector over the key dim: GLA), with gradients:
     S_t = Diag(exp(g_t)) S_{t-1} + k_t v_t^T.
+    A gate of -inf (a gate of exactly 0) resets the state.
+    `cu_seqlens`: packed documents, [0, l1, l1 + l2, ..., T] for B = 1 or one such list per row, or a
+    `lasp.kernels.documents.Documents`: the state resets at every document start (initial_state feeds the
+    first document). It runs as a scalar gate of the decay (or 0) with -inf at the starts.
     Bidirectional (causal=False): o = s q (S0 + sum over all tokens of k v^T); no decay.
     Returns o [B, T, H, V], plus the final state [B, H, K, V] (float32, or float64 for float64
     inputs) when `output_final_state`.
@@ -192,7 +237,11 @@ def linear_attn(
         if tuple(initial_state.shape) != want:
             raise ValueError(f"initial_state must be [B, H, K, V] = {list(want)}, got {list(initial_state.shape)}")
     kernel = DEFAULT_KERNEL if kernel is None else kernel
+    docs = None if cu_seqlens is None else check_documents(cu_seqlens, q, q.shape[1], causal, kernel)
     if gate is not None:
         check_gate(gate, q, log_decay, causal, kernel)
+    if docs is not None and docs.has_resets:
+        gate = gate_with_resets(gate, log_decay, docs.resets(q.device), q.shape[2], state_dtype(q.dtype))
+    if gate is not None:
         return _GatedLinearAttnFn.apply(q, k, v, gate, scale, initial_state, output_final_state, kernel)
     return _LinearAttnFn.apply(q, k, v, log_decay, scale, causal, initial_state, output_final_state, kernel)
