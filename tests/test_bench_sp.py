@@ -162,5 +162,5 @@ def test_the_gated_benchmark_writes_its_rows(tmp_path):
                           str(tmp_path / "gated")], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     rows = [json.loads(x) for x in (tmp_path / "gated.jsonl").read_text().splitlines()]
-    assert [r["form"] for r in rows] == ["decay", "scalar", "vector"] and rows[0]["over_decay"] == 1.0
+    assert [r["form"] for r in rows] == ["decay", "scalar", "vector", "decay-docs", "scalar-docs"] and rows[0]["over_decay"] == 1.0
     assert "scalar gate at T=96" in run.stdout and "vector gate at T=96" in run.stdout

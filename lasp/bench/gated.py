@@ -3,7 +3,8 @@
     python -m lasp.bench.gated [--out results/gated] [--lengths 1024 4096] [--reps 5]
 
 fp32, B=1, H=4, K=V=64 (as `lasp.bench.cpu_linear_attn`): the constant per-head decay, the scalar gate
-[B, T, H] and the vector gate [B, T, H, K], every gradient (the gate's included). Writes <out>.jsonl and
+[B, T, H] and the vector gate [B, T, H, K], every gradient (the gate's included), and the constant decay
+and the scalar gate over packed documents of DOC_LEN tokens (`cu_seqlens`). Writes <out>.jsonl and
 prints each gate's cost over the constant decay at T=4096 against the targets of the gates issue: scalar
 <= 1.3x, vector <= 2x.
 """
@@ -18,7 +19,8 @@ from lasp.cli import at_least, usage_error, writable
 from lasp.kernels import linear_attn
 
 B, H, D = 1, 4, 64
-FORMS = {"decay": None, "scalar": (B, H), "vector": (B, H, D)}
+FORMS = ("decay", "scalar", "vector", "decay-docs", "scalar-docs")
+DOC_LEN = 300  # tokens per packed document: starts fall anywhere in the 64-token blocks
 TARGETS = {"scalar": 1.3, "vector": 2.0}
 
 
@@ -26,11 +28,13 @@ def _step(form: str, T: int):
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(B, T, H, D, generator=gen).requires_grad_() for _ in range(3))
     do = torch.randn(B, T, H, D, generator=gen)
-    if form == "decay":
+    if form.startswith("decay"):
         kw = {"log_decay": -torch.linspace(0.01, 0.5, H)}
     else:
-        shape = (B, T, H) if form == "scalar" else (B, T, H, D)
+        shape = (B, T, H, D) if form == "vector" else (B, T, H)
         kw = {"gate": (-torch.rand(*shape, generator=gen) * 0.2).requires_grad_()}
+    if form.endswith("-docs"):
+        kw["cu_seqlens"] = list(range(0, T, min(DOC_LEN, max(T // 3, 1))))  # at least 3 documents
 
     def run():
         linear_attn(q, k, v, **kw).backward(do)
@@ -60,7 +64,7 @@ def main(argv=None) -> None:
             t[form, T] = sec
             rows.append({"form": form, "T": T, "B": B, "H": H, "K": D, "V": D, "dtype": "float32", "seconds": sec,
                          "tokens_per_s": B * T / sec, "over_decay": sec / t["decay", T], **env})
-            print(f"  {form:6s} T={T:6d}  {sec * 1e3:8.1f} ms  {sec / t['decay', T]:5.2f}x the constant decay",
+            print(f"  {form:11s} T={T:6d}  {sec * 1e3:8.1f} ms  {sec / t['decay', T]:5.2f}x the constant decay",
                   flush=True)
     write_jsonl(a.out.with_suffix(".jsonl"), rows)
     T = 4096 if 4096 in a.lengths else max(a.lengths)
