@@ -92,6 +92,8 @@ class GatedKernel(Protocol):
     -inf (on every key dim) is a document start: the state resets there, and its gate's gradient is 0."""
 
     gates: tuple[str, ...]
+    resets: bool
+    """Whether a gate of -inf (a document start) works; `linear_attn` refuses one, and `cu_seqlens`, if not."""
 
     def gated_fwd(
         self, q: Tensor, k: Tensor, v: Tensor, gate: Tensor, scale: float, initial_state: Tensor | None,

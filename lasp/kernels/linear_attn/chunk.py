@@ -70,6 +70,7 @@ class TorchChunkKernel(ComposedStates):
 
     name = "torch"
     gates = ("scalar", "vector")
+    resets = True  # a gate of -inf (document starts) works
 
     def gated_fwd(self, q, k, v, gate, scale, initial_state, want_final):
         return gated.gated_fwd(q, k, v, gate, scale, initial_state, want_final, self.block, self.segment_blocks)

@@ -96,6 +96,9 @@ def check_gate(gate, q: Tensor, log_decay: Tensor | None, causal: bool, kernel: 
                 b, t, h = (int(i) for i in torch.nonzero(partial)[0])
                 problems.append(f"a vector gate of -inf (a reset) must be -inf on every key dim of its token and "
                                 f"head; gate[{b}, {t}, {h}] is -inf on {int(reset[b, t, h].sum())} of {K}")
+        if not getattr(kernel, "resets", False) and bool(torch.isneginf(gate).any()):
+            problems.append(f"the {kernel.name!r} kernel has no reset (a gate of -inf, a document start); use the "
+                            f"'torch' backend")
         if gate_form(gate) not in getattr(kernel, "gates", ()):
             problems.append(f"the {kernel.name!r} kernel has no {gate_form(gate)} gate (it has: "
                             f"{', '.join(getattr(kernel, 'gates', ())) or 'none'}); use the 'torch' backend")
@@ -113,7 +116,7 @@ def check_documents(cu_seqlens, q: Tensor, N: int, causal: bool, kernel: LinearA
         problems.append(str(e))
     if not causal:
         problems.append("cu_seqlens needs causal=True: bidirectional linear attention has no document resets")
-    if "scalar" not in getattr(kernel, "gates", ()):
+    if "scalar" not in getattr(kernel, "gates", ()) or not getattr(kernel, "resets", False):
         problems.append(f"the {kernel.name!r} kernel has no document resets (they run as a scalar gate, which it "
                         f"lacks); use the 'torch' backend")
     if problems:
