@@ -1,12 +1,15 @@
 """LASP-2H, Ring Attention and Ulysses (softmax and linear) on W gloo processes reproduce one process.
 
 Each rank builds the full inputs from one seed, computes the single-process reference, runs the SP op on
-its shard under the profiler and compares its shards of the output and of the q, k, v gradients.
+its shard under the profiler and compares its shards of the output and of the q, k, v gradients. Packed
+documents (`cu_seqlens`): the single-device op against each document run alone, the block functions Ring
+merges, then the SP ops with documents against the single-device op.
 """
 
 import pytest
 import torch
 import torch.distributed as dist
+from torch.testing import assert_close
 
 from lasp import (
     SeqLayout,
@@ -18,6 +21,9 @@ from lasp import (
     ulysses_linear_attn,
     ulysses_softmax_attn,
 )
+from lasp.distributed.agree import RanksDisagree
+from lasp.kernels.documents import as_documents
+from lasp.kernels.softmax_attn import attn_block_bwd, attn_with_lse, merge_partials
 from tests.dist import assert_close_rel, c10d_ops
 
 SOFTMAX = {"lasp2h": lasp2h_softmax_attn, "ring": ring_softmax_attn, "ulysses": ulysses_softmax_attn}
@@ -32,10 +38,19 @@ def _profiled(fn, *args, **kwargs):
     return out, prof
 
 
-def case_sp_attn(algo, layout, causal, dtype, heads, chunk_len, decay=False, B=2, D=4, Dv=3):
+def doc_starts(N, L):
+    """Row 0: 1-token documents at 0 and 1, short ones, a start exactly at the first chunk (rank) boundary
+    L, one from L+1 to 3L+1 (across three ranks at W = 4, either layout) and a 1-token one at the end. Row
+    1: a 1-token document in the middle."""
+    return [[0, 1, 2, 4, 5, 6, L, L + 1] + ([3 * L + 1] if 3 * L + 1 < N - 1 else []) + [N - 1],
+            [0, 3, N // 2, N // 2 + 1]]
+
+
+def case_sp_attn(algo, layout, causal, dtype, heads, chunk_len, decay=False, docs=False, B=2, D=4, Dv=3):
     rank, W = dist.get_rank(), dist.get_world_size()
     dt, (Hq, Hkv) = DTYPES[dtype], HEADS[heads]
     N = chunk_len * SeqLayout(layout, W).num_chunks
+    cu = doc_starts(N, chunk_len) if docs else None
     gen = torch.Generator().manual_seed(4321)
     shapes = [(B, N, Hq, D), (B, N, Hkv, D), (B, N, Hkv, Dv), (B, N, Hq, Dv)]
     q, k, v, do = (torch.randn(*s, generator=gen, dtype=dt) for s in shapes)
@@ -44,8 +59,8 @@ def case_sp_attn(algo, layout, causal, dtype, heads, chunk_len, decay=False, B=2
         ref_fn = lambda q, k, v: linear_attn(q, k, v, log_decay=log_decay, causal=causal)  # noqa: E731
         sp_fn = lambda q, k, v: ulysses_linear_attn(q, k, v, layout=layout, log_decay=log_decay, causal=causal)  # noqa: E731
     else:
-        ref_fn = lambda q, k, v: softmax_attn(q, k, v, causal=causal)  # noqa: E731
-        sp_fn = lambda q, k, v: SOFTMAX[algo](q, k, v, layout=layout, causal=causal)  # noqa: E731
+        ref_fn = lambda q, k, v: softmax_attn(q, k, v, causal=causal, cu_seqlens=cu)  # noqa: E731
+        sp_fn = lambda q, k, v: SOFTMAX[algo](q, k, v, layout=layout, causal=causal, cu_seqlens=cu)  # noqa: E731
 
     full = [x.clone().requires_grad_() for x in (q, k, v)]
     o_ref = ref_fn(*full)
@@ -121,6 +136,18 @@ def test_ulysses_linear_matches_single_process(dist_pool, W, layout, mode, dtype
     _check(res, "ulysses_linear", W)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+@pytest.mark.parametrize("W", [2, 4])
+def test_softmax_sp_documents_match_single_process(dist_pool, W, layout):
+    """Every op with `doc_starts` (not causal too, at W = 2): the same collectives as without documents."""
+    pool = dist_pool(W)
+    for algo in SOFTMAX:
+        for causal in (True, False) if W == 2 else (True,):
+            res = pool.run("tests.test_sp_softmax:case_sp_attn", algo=algo, layout=layout, causal=causal,
+                           dtype="f64", heads="gqa2", chunk_len=7, docs=True)
+            _check(res, algo, W)
+
+
 @pytest.mark.parametrize("W", [2, 4])
 def test_lasp2h_zigzag_balances_causal_work(dist_pool, W):
     """Score entries each rank's SDPA calls attend (causal, end-aligned: L*(S-L) + L(L+1)/2 per call)."""
@@ -151,6 +178,27 @@ def test_ulysses_heads_not_divisible_is_a_clear_error(dist_pool):
     assert all("6 heads are not divisible by 4 ranks" in m for m in dist_pool(4).run("tests.test_sp_softmax:case_bad_heads"))
 
 
+def case_bad_documents():
+    """Documents past the GLOBAL length on every rank, then documents that differ by rank."""
+    q, rank, out = torch.randn(1, 8, 4, 4), dist.get_rank(), {}
+    for name, fn in SOFTMAX.items():
+        for what, cu in (("bad", [0, 16, 20]), ("differ", [0, 3 + rank])):
+            try:
+                fn(q, q, q, cu_seqlens=cu)
+                out[f"{name} {what}"] = "no error"
+            except ValueError as e:
+                out[f"{name} {what}"] = f"{type(e).__name__}: {e}"
+    return out
+
+
+def test_sp_documents_are_checked_on_every_rank(dist_pool):
+    for res in dist_pool(2).run("tests.test_sp_softmax:case_bad_documents"):
+        for name in SOFTMAX:
+            assert "ends at 20, past the sequence of 16 tokens" in res[f"{name} bad"], res
+            differ = f"{RanksDisagree.__name__}: {name}: ranks disagree on documents: rank 0"
+            assert res[f"{name} differ"].startswith(differ), res
+
+
 @pytest.mark.parametrize(
     "shapes, kwargs, err, match",
     [
@@ -171,3 +219,76 @@ def test_softmax_attn_checks_like_the_sp_ops(shapes, kwargs, err, match):
         for fn in SOFTMAX.values():
             with pytest.raises(err, match=same):
                 fn(q, k, v, layout="contiguous", **kwargs)
+
+
+def _each_document_alone(q, k, v, cu, causal):
+    """The reference: softmax_attn on each document of each row on its own."""
+    T, rows = q.shape[1], []
+    for b, starts in enumerate(cu):
+        ends = [s for s in starts if s < T] + [T]
+        rows.append(torch.cat([softmax_attn(q[b : b + 1, s:e], k[b : b + 1, s:e], v[b : b + 1, s:e], causal=causal)
+                               for s, e in zip(ends, ends[1:])], dim=1))
+    return torch.cat(rows)
+
+
+@pytest.mark.parametrize("heads", ["mha", "gqa4"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_softmax_attn_documents_match_each_document_alone(causal, heads):
+    """1-token documents first, in the middle and last; one row with the trailing N, one without."""
+    (Hq, Hkv), T = HEADS[heads], 23
+    cu = [[0, 1, 2, 9, 10, 22, 23], [0, 12]]
+    gen = torch.Generator().manual_seed(7)
+    q, k, v, do = (torch.randn(2, T, h, d, generator=gen, dtype=torch.float64)
+                   for h, d in ((Hq, 4), (Hkv, 4), (Hkv, 3), (Hq, 3)))
+    outs = []
+    for fn in (lambda *x: softmax_attn(*x, causal=causal, cu_seqlens=cu),
+               lambda *x: _each_document_alone(*x, cu, causal)):
+        x = [t.clone().requires_grad_() for t in (q, k, v)]
+        o = fn(*x)
+        o.backward(do)
+        outs.append([o, *(t.grad for t in x)])
+    for name, got, want in zip(["o", "dq", "dk", "dv"], *outs):
+        assert_close(got, want, atol=1e-12, rtol=1e-12, msg=lambda m: f"{name}: {m}")
+
+
+def test_attention_blocks_with_documents_merge_to_the_op():
+    """Keys in two blocks: a query with no key of its document in a block gets lse = -inf, o = 0 and zero
+    gradients there (no NaN, even merging two such partials); the blocks add up to the op."""
+    T, cu, scale = 12, [0, 1, 5, 8], 0.5  # block 0 = keys 0..5 holds no key of [8, 12), block 1 none of [0, 5)
+    ids = as_documents(cu, 1, T).ids()
+    gen = torch.Generator().manual_seed(3)
+    q, k, v, do = (torch.randn(1, T, h, 4, generator=gen, dtype=torch.float64) for h in (4, 2, 2, 4))
+    blocks = (slice(0, 6), slice(6, T))
+    parts = [attn_with_lse(q, k[:, b], v[:, b], causal=False, scale=scale, doc_ids=(ids, ids[:, b])) for b in blocks]
+    for (o_b, lse_b), empty in zip(parts, (slice(8, T), slice(0, 5))):
+        assert (lse_b[:, empty] == float("-inf")).all() and (o_b[:, empty] == 0).all()
+        assert lse_b[:, :, 0].isfinite().sum() == T - (empty.stop - empty.start)
+    o_none, lse_none = merge_partials(*parts[0], *parts[0])
+    assert (lse_none[:, 8:] == float("-inf")).all() and (o_none[:, 8:] == 0).all() and not o_none.isnan().any()
+    o, lse = merge_partials(*parts[0], *parts[1])
+
+    x = [t.clone().requires_grad_() for t in (q, k, v)]
+    o_ref = softmax_attn(*x, causal=False, scale=scale, cu_seqlens=cu)
+    o_ref.backward(do)
+    assert_close(o, o_ref.detach(), atol=1e-12, rtol=1e-12)
+    delta = (do * o).sum(-1)
+    grads = [attn_block_bwd(q, k[:, b], v[:, b], do, lse, delta, causal=False, scale=scale, doc_ids=(ids, ids[:, b]))
+             for b in blocks]
+    assert (grads[0][0][:, 8:] == 0).all() and (grads[1][0][:, :5] == 0).all()
+    assert_close(grads[0][0] + grads[1][0], x[0].grad, atol=1e-12, rtol=1e-12)
+    for i in (1, 2):
+        assert_close(torch.cat([grads[0][i], grads[1][i]], dim=1), x[i].grad, atol=1e-12, rtol=1e-12)
+    own = attn_block_bwd(q, k[:, :6], v[:, :6], do, parts[0][1], delta, causal=False, scale=scale,
+                         doc_ids=(ids, ids[:, :6]))  # a block's own -inf lse
+    assert all(not g.isnan().any() for g in own) and (own[0][:, 8:] == 0).all()
+
+
+def test_bad_cu_seqlens_are_clear_errors():
+    q = torch.randn(2, 8, 4, 4)
+    for fn in [softmax_attn] + [lambda *x, f=f, **kw: f(*x, layout="contiguous", **kw) for f in SOFTMAX.values()]:
+        with pytest.raises(ValueError, match=r"row 1: cu_seqlens must be strictly increasing .*got 5 then 3"):
+            fn(q, q, q, cu_seqlens=[[0, 4], [0, 5, 3]])
+        with pytest.raises(ValueError, match=r"cu_seqlens has 1 row\(s\) for a batch of 2"):
+            fn(q, q, q, cu_seqlens=[0, 4])
+    with pytest.raises(ValueError, match=r"cu_seqlens needs as many queries as keys, got Tq=4 and Tk=8"):
+        softmax_attn(q[:, :4], q, q, cu_seqlens=[[0, 2], [0]])

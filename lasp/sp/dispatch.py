@@ -18,7 +18,7 @@ from torch import Tensor
 from lasp.distributed import group_rank, group_size
 from lasp.distributed.agree import Fingerprint, agree, refuse
 from lasp.kernels import DEFAULT_KERNEL, LinearAttnKernel, linear_attn, state_dtype
-from lasp.kernels.documents import Documents
+from lasp.kernels.documents import Documents, as_documents
 from lasp.kernels.linear_attn import check_linear_attn_args
 from lasp.kernels.linear_attn.gated import as_vector_form
 from lasp.kernels.linear_attn.op import check_documents, check_gate, gate_form, gate_with_resets
@@ -160,23 +160,27 @@ def run_sp_softmax_attn(
     check_ranks: bool,
     in_band: bool = False,
     heads_divisible: bool = False,
+    cu_seqlens=None,
 ) -> Tensor:
-    """Check every argument, then run impl(q, k, v, lay, group, causal, scale, fingerprint), or
-    `softmax_attn` on a group of one. `in_band` and `heads_divisible` as in `run_sp_linear_attn`."""
+    """Check every argument, then run impl(q, k, v, lay, group, causal, scale, fingerprint, docs), or
+    `softmax_attn` on a group of one. `in_band` and `heads_divisible` as in `run_sp_linear_attn`.
+    `cu_seqlens`: the GLOBAL documents, alike on every rank; `docs` is their `Documents`, or None when no
+    row holds more than one document (the op then runs exactly as without)."""
     W = group_size(group)
 
     def checks():
         s = check_softmax_attn_args(q, k, v, causal, scale)
+        docs = None if cu_seqlens is None else as_documents(cu_seqlens, q.shape[0], q.shape[1] * W)
         lay = SeqLayout(layout, W)
         lay.check_local_length(q.shape[1])
         if heads_divisible:
             check_heads_divisible(q.shape[2], W)
-        return s, lay
+        return s, lay, docs
 
     if W == 1:
-        s, _ = checks()
-        return softmax_attn(q, k, v, causal=causal, scale=s)
-    s, lay = _checked_locally(op, group, _device(q), check_ranks, checks)
-    fp = fingerprint(op, q, k, v, layout, causal, s, None, linear=False) if check_ranks else None
+        s, _, docs = checks()
+        return softmax_attn(q, k, v, causal=causal, scale=s, cu_seqlens=docs)
+    s, lay, docs = _checked_locally(op, group, _device(q), check_ranks, checks)
+    fp = fingerprint(op, q, k, v, layout, causal, s, None, linear=False, docs=docs) if check_ranks else None
     fp = _carried(fp, in_band, group, q.device)
-    return impl(q, k, v, lay, group, causal, s, fp)
+    return impl(q, k, v, lay, group, causal, s, fp, docs if docs is not None and docs.has_resets else None)

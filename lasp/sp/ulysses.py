@@ -50,12 +50,15 @@ def ulysses_softmax_attn(
     causal: bool = True,
     scale: float | None = None,
     check_ranks: bool = True,
+    cu_seqlens=None,
 ) -> Tensor:
-    """Ulysses softmax attention over `group`; same contract as `ring_softmax_attn`, plus Hq % W == 0."""
+    """Ulysses softmax attention over `group`; same contract as `ring_softmax_attn`, plus Hq % W == 0.
+    With `cu_seqlens` each rank attends its heads over the whole sequence with the global documents."""
     return run_sp_softmax_attn(
-        lambda q, k, v, lay, group, causal, scale, fp: _run(softmax_attn, q, k, v, lay, group, causal=causal, scale=scale),
+        lambda q, k, v, lay, group, causal, scale, fp, docs: _run(softmax_attn, q, k, v, lay, group, causal=causal,
+                                                                  scale=scale, cu_seqlens=docs),
         q, k, v, op="ulysses", group=group, layout=layout, causal=causal, scale=scale, check_ranks=check_ranks,
-        heads_divisible=True,
+        heads_divisible=True, cu_seqlens=cu_seqlens,
     )
 
 
