@@ -14,6 +14,7 @@ import torch
 
 from lasp.data import DataError, TokenData, epoch_of, global_sample_ids, load_tokenizer, local_microbatches, prepare
 from lasp.data.__main__ import main
+from lasp.kernels.documents import Documents
 from lasp.parallel.batch import local_microbatches as reference_microbatches
 from lasp.parallel.config import ParallelConfig
 from lasp.sp.layout import unshard_sequence
@@ -268,6 +269,33 @@ def test_rank_shards_are_the_global_batch(random_data, layout, dp, sp, microbatc
             assert torch.equal(torch.cat(rows), want.expand(batch, seq_len))
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+def test_documents_from_eos_are_the_global_rows_on_every_rank(layout):
+    """With eos_id, every SP rank of a row gets the same GLOBAL documents (read from the whole row) and its
+    shard of the in-document positions; the same as lasp.parallel.batch on the full windows."""
+    toks = np.random.default_rng(1).integers(0, 5, size=600).astype(np.int64)  # eos_id 0: short documents
+    data = SimpleNamespace(tokens=toks, num_tokens=600, num_samples=lambda L: (600 - 1) // L)
+    seq_len, batch, dp, sp = 16, 4, 2, 2
+    cfg = ParallelConfig(dp=dp, sp=sp, sp_layout=layout, microbatches=2)
+    ids = global_sample_ids(3, 5, batch, data.num_samples(seq_len))
+    full = torch.from_numpy(np.stack([toks[i * seq_len : (i + 1) * seq_len + 1] for i in ids]))
+    for dp_rank in range(dp):
+        shards = []
+        for sp_rank in range(sp):
+            mbs = local_microbatches(data, seq_len=seq_len, global_batch=batch, microbatches=2, seed=3, step=5,
+                                     dp_rank=dp_rank, dp=dp, sp_rank=sp_rank, sp=sp, layout=layout, eos_id=0)
+            ref = reference_microbatches(full, cfg, SimpleNamespace(dp_rank=dp_rank, sp_rank=sp_rank), eos_id=0)
+            for mine, theirs in zip(mbs, ref):
+                assert mine["documents"].starts == theirs["documents"].starts
+                for key in ("tokens", "positions", "labels"):
+                    assert torch.equal(mine[key], theirs[key]), (key, dp_rank, sp_rank)
+            shards.append(torch.cat([m["positions"] for m in mbs]))
+        rows = full[dp_rank * 2 : dp_rank * 2 + 2, :-1]
+        docs = Documents.from_eos(rows, 0)
+        assert len(docs.starts[0]) > 2 and all(rows[b, s - 1] == 0 for b, r in enumerate(docs.starts) for s in r[1:])
+        assert torch.equal(unshard_sequence(shards, layout=layout), docs.positions())
+
+
 def test_loader_errors_name_the_values(random_data):
     kw = dict(seed=0, step=0, dp_rank=2, dp=2, sp_rank=0, sp=2, layout="zigzag")
     with pytest.raises(ValueError) as err:
@@ -295,5 +323,6 @@ def test_data_imports_only_the_layout():
         nodes = list(ast.walk(ast.parse(path.read_text())))
         names = {n.module for n in nodes if isinstance(n, ast.ImportFrom) and n.level == 0}
         names |= {a.name for n in nodes if isinstance(n, ast.Import) for a in n.names}
-        bad = {m for m in names if m.split(".")[0] == "lasp" and not m.startswith(("lasp.data", "lasp.sp.layout", "lasp.cli"))}
+        bad = {m for m in names if m.split(".")[0] == "lasp" and not m.startswith(("lasp.data", "lasp.sp.layout", "lasp.cli",
+                                                                                          "lasp.kernels.documents"))}
         assert not bad, f"{path.name} imports {bad}"

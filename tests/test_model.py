@@ -90,3 +90,22 @@ def test_forward_is_causal_and_mixers_follow_the_pattern(feature_map, tie):
     loss = lm_loss_sum(logits[:, :-1], tokens[:, 1:]) / tokens[:, 1:].numel()
     loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("variant,pattern", [("lightning", "L"), ("simple_gla", "LLLS"), ("gla", "LS")])
+def test_packed_documents_give_each_document_alone(variant, pattern):
+    """With `documents` every layer resets at a start (linear state, softmax attention, RoPE positions), so a
+    packed row is exactly its documents run one at a time; a document start changes nothing before it."""
+    from lasp.kernels.documents import as_documents
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(num_layers=len(pattern), layer_pattern=pattern, linear_variant=variant, hidden_size=32,
+                      num_heads=4, num_kv_heads=2, ffn_hidden_size=48, vocab_size=50)
+    model = LinearLlama(cfg).double()
+    tokens = torch.randint(0, cfg.vocab_size, (2, 19))
+    starts = [[0, 1, 9, 10], [0, 13]]
+    logits = model(tokens, documents=as_documents(starts, 2, 19))
+    for b, row in enumerate(starts):
+        bounds = row + [19]
+        alone = torch.cat([model(tokens[b : b + 1, s:e]) for s, e in zip(bounds, bounds[1:])], dim=1)
+        torch.testing.assert_close(logits[b : b + 1], alone, atol=1e-12, rtol=0)

@@ -13,14 +13,17 @@ SEQ, BATCH = 96, 2
 TOL = {"f64": 1e-10, "f32": 1e-5}
 
 
-def _reference(cfg, tokens, dtype, steps, lr):
+def _reference(cfg, tokens, dtype, steps, lr, eos_id=None):
+    from lasp.kernels.documents import Documents
+
     torch.manual_seed(0)
     model = LinearLlama(cfg).to(dtype)
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    docs = None if eos_id is None else Documents.from_eos(tokens[:, :-1], eos_id)
     losses = []
     for _ in range(steps):
         opt.zero_grad()
-        loss = lm_loss_sum(model(tokens[:, :-1]), tokens[:, 1:]) / tokens[:, 1:].numel()
+        loss = lm_loss_sum(model(tokens[:, :-1], documents=docs), tokens[:, 1:]) / tokens[:, 1:].numel()
         loss.backward()
         losses.append(loss.item())
         if steps > 1:
@@ -29,7 +32,7 @@ def _reference(cfg, tokens, dtype, steps, lr):
 
 
 def case_parallel(tp, sp, pp, dp, layout="zigzag", dtype="f64", microbatches=1, steps=1, lr=1e-2,
-                  loss_chunk_tokens=4096, **model_kw):
+                  loss_chunk_tokens=4096, eos_id=None, **model_kw):
     from lasp.parallel import ParallelConfig, init_groups, parallelize, train_step
     from lasp.parallel.mesh import coords
 
@@ -39,7 +42,10 @@ def case_parallel(tp, sp, pp, dp, layout="zigzag", dtype="f64", microbatches=1, 
                           loss_chunk_tokens=loss_chunk_tokens)
     pcfg.check(cfg, dist.get_world_size(), SEQ, BATCH)
     tokens = torch.randint(0, cfg.vocab_size, (BATCH, SEQ + 1), generator=torch.Generator().manual_seed(7))
-    ref, ref_losses = _reference(cfg, tokens, dt, steps, lr)
+    if eos_id is not None:  # packed documents: 1-token ones, a start at the middle, on a chunk boundary
+        tokens[tokens == eos_id] = eos_id + 1
+        tokens[0, [3, 4, 23, 47, 60]] = tokens[1, [11, 70]] = eos_id
+    ref, ref_losses = _reference(cfg, tokens, dt, steps, lr, eos_id)
     ref_grads = {n: p.grad for n, p in ref.named_parameters()}
 
     groups = init_groups(pcfg)
@@ -51,7 +57,7 @@ def case_parallel(tp, sp, pp, dp, layout="zigzag", dtype="f64", microbatches=1, 
     losses = []
     for _ in range(steps):
         opt.zero_grad()
-        losses.append(train_step(stage, tokens, pcfg, groups))
+        losses.append(train_step(stage, tokens, pcfg, groups, eos_id=eos_id))
         if steps > 1:
             opt.step()
     checked = 0
@@ -90,8 +96,11 @@ def test_one_step_matches_single_process(dist_pool, tp, sp, pp, dp):
         (1, 2, 1, 2, dict(dtype="f32", linear_variant="basic", tie_embeddings=True)),
         (2, 2, 1, 1, dict(linear_variant="simple_gla")),
         (2, 2, 1, 1, dict(linear_variant="gla", layout="contiguous")),
+        (2, 2, 1, 1, dict(linear_variant="simple_gla", eos_id=0)),
+        (1, 2, 2, 1, dict(microbatches=2, eos_id=0)),
     ],
-    ids=["1f1b-2mb-contiguous", "tied-tp-pp", "f32-retention", "f32-tied-dp", "simple-gla-tp-sp", "gla-tp-sp"],
+    ids=["1f1b-2mb-contiguous", "tied-tp-pp", "f32-retention", "f32-tied-dp", "simple-gla-tp-sp", "gla-tp-sp",
+         "documents-simple-gla-tp-sp", "documents-sp-pp-2mb"],
 )
 def test_variants_match_single_process(dist_pool, tp, sp, pp, dp, extra):
     dist_pool(tp * sp * pp * dp).run("tests.test_parallel:case_parallel", tp=tp, sp=sp, pp=pp, dp=dp, **extra)

@@ -10,6 +10,8 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+from lasp.kernels.documents import Documents
+
 from lasp.sp.layout import LAYOUTS, SeqLayout
 
 
@@ -89,6 +91,7 @@ def local_microbatches(
     sp: int,
     layout: str,
     shuffle: bool = True,
+    eos_id: int | None = None,
 ) -> list[dict]:
     """This rank's part of step `step`: `microbatches` dicts of int64 tensors [global_batch/dp/microbatches,
     seq_len/sp] named tokens, positions (global positions 0..seq_len-1 within the sample) and labels.
@@ -96,6 +99,10 @@ def local_microbatches(
     `data` is a TokenData. The rows are those of DP replica dp_rank; of each row only the chunks that sp_rank
     holds under `layout` (lasp.sp.layout) are read. Equal to lasp.parallel.batch.local_microbatches on the
     full windows [global_batch, seq_len + 1] of the step's samples.
+
+    `eos_id`: packed documents reset at every document start (the token after an EOS). Each microbatch
+    then also holds `documents`, a lasp.kernels.documents.Documents of its rows' GLOBAL starts (read from the
+    whole rows, so every SP rank has the same), and positions restart at 0 at every start (for RoPE).
     """
     problems = _problems(data, seq_len, global_batch, microbatches, dp_rank, dp, sp_rank, sp, layout)
     if problems:
@@ -114,7 +121,7 @@ def local_microbatches(
     labels = window[..., 1:].reshape(rows, -1)
     positions = (chunks[:, None] * chunk_len + np.arange(chunk_len)).reshape(1, -1).repeat(rows, axis=0)
     m = rows // microbatches
-    return [
+    out = [
         {
             "tokens": torch.from_numpy(tokens[i * m : (i + 1) * m].copy()),
             "positions": torch.from_numpy(positions[i * m : (i + 1) * m].copy()),
@@ -122,3 +129,10 @@ def local_microbatches(
         }
         for i in range(microbatches)
     ]
+    if eos_id is not None:
+        whole = torch.from_numpy(np.asarray(data.tokens[ids[:, None] * seq_len + np.arange(seq_len)], dtype=np.int64))
+        local = torch.from_numpy(positions[0])  # the global positions this rank holds
+        for i, mb in enumerate(out):
+            mb["documents"] = Documents.from_eos(whole[i * m : (i + 1) * m], eos_id)
+            mb["positions"] = mb["documents"].positions()[:, local]
+    return out

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lasp.kernels import linear_attn
+from lasp.kernels.documents import Documents
 from lasp.kernels.softmax_attn import softmax_attn
 from lasp.model.config import ModelConfig
 from lasp.model.config import GATED_VARIANTS
@@ -52,10 +53,12 @@ class LinearAttention(_Projections):
         """[B, T, H] or [B, T, H, D] log-gates in q's dtype, or None for a constant decay."""
         return None if self.gate is None else self.gate(x).to(x.dtype)
 
-    def forward(self, x: Tensor, positions: Tensor) -> Tensor:
+    def forward(self, x: Tensor, positions: Tensor, documents: Documents | None = None) -> Tensor:
         q, k, v = self.qkv(x)
         gate = self.log_gates(x)
         kw = {} if gate is None else {"gate": gate}
+        if documents is not None:
+            kw["cu_seqlens"] = documents
         o = self.attn_fn(self.feature(q), self.feature(k), v, log_decay=self.log_decay, **kw)
         if self.out_norm is not None:
             o = self.out_norm(o)
@@ -70,10 +73,11 @@ class SoftmaxAttention(_Projections):
         self.rope_theta = cfg.rope_theta
         self.attn_fn = softmax_attn
 
-    def forward(self, x: Tensor, positions: Tensor) -> Tensor:
+    def forward(self, x: Tensor, positions: Tensor, documents: Documents | None = None) -> Tensor:
         q, k, v = self.qkv(x)
         q, k = rope(q, positions, self.rope_theta), rope(k, positions, self.rope_theta)
-        return self.o_proj(self.attn_fn(q, k, v).flatten(2))
+        kw = {} if documents is None else {"cu_seqlens": documents}
+        return self.o_proj(self.attn_fn(q, k, v, **kw).flatten(2))
 
 
 class Block(nn.Module):
@@ -85,8 +89,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.mlp = SwiGLU(cfg.hidden_size, cfg.ffn_hidden_size)
 
-    def forward(self, x: Tensor, positions: Tensor) -> Tensor:
-        x = x + self.mixer(self.attn_norm(x), positions)
+    def forward(self, x: Tensor, positions: Tensor, documents: Documents | None = None) -> Tensor:
+        x = x + self.mixer(self.attn_norm(x), positions, documents)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -106,18 +110,22 @@ class LinearLlama(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
 
-    def hidden_states(self, tokens: Tensor, positions: Tensor | None = None) -> Tensor:
+    def hidden_states(self, tokens: Tensor, positions: Tensor | None = None,
+                      documents: Documents | None = None) -> Tensor:
         """tokens [B, T] -> final normed hidden states [B, T, hidden], the LM head's input (for
-        `chunked_lm_loss_sum`, which never builds the logits of the whole sequence)."""
+        `chunked_lm_loss_sum`, which never builds the logits of the whole sequence). `documents`: packed
+        documents of the (global) rows: linear layers reset their state at every start and softmax layers
+        do not attend across documents; positions then default to each token's place in its document."""
         if positions is None:
-            positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+            positions = (torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens) if documents is None
+                         else documents.positions(tokens.device))
         x = self.embed(tokens)
         for layer in self.layers:
-            x = layer(x, positions)
+            x = layer(x, positions, documents)
         return self.norm(x)
 
-    def forward(self, tokens: Tensor, positions: Tensor | None = None) -> Tensor:
-        return self.lm_head(self.hidden_states(tokens, positions))
+    def forward(self, tokens: Tensor, positions: Tensor | None = None, documents: Documents | None = None) -> Tensor:
+        return self.lm_head(self.hidden_states(tokens, positions, documents))
 
     @classmethod
     def from_pretrained(cls, directory, device="cpu", dtype: torch.dtype | None = None) -> "LinearLlama":

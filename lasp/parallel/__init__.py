@@ -96,10 +96,13 @@ def eval_step(stage: nn.Module, microbatches: list[dict], cfg: ParallelConfig, g
     return _run(stage, microbatches, cfg, groups, total_tokens, forward_only=True)
 
 
-def train_step(stage: DataParallel, tokens: torch.Tensor, cfg: ParallelConfig, groups: ParallelGroups):
+def train_step(stage: DataParallel, tokens: torch.Tensor, cfg: ParallelConfig, groups: ParallelGroups,
+               eos_id: int | None = None):
     """Forward + backward of one global batch tokens [B, N+1] (the same on every rank) and the gradient
-    sync. Returns the global mean loss (0-dim float64) on every rank."""
-    return forward_backward_step(stage, local_microbatches(tokens, cfg, groups), cfg, groups, tokens[:, 1:].numel())
+    sync. Returns the global mean loss (0-dim float64) on every rank. `eos_id`: packed documents, reset
+    after every EOS (see `local_microbatches`)."""
+    mbs = local_microbatches(tokens, cfg, groups, eos_id)
+    return forward_backward_step(stage, mbs, cfg, groups, tokens[:, 1:].numel())
 
 
 __all__ = [

@@ -44,10 +44,10 @@ class PipelineStage(nn.Module):
     def set_input_tensor(self, tensor) -> None:
         self._input = tensor[0] if isinstance(tensor, (list, tuple)) else tensor
 
-    def forward(self, tokens: Tensor, positions: Tensor) -> Tensor:
+    def forward(self, tokens: Tensor, positions: Tensor, documents=None) -> Tensor:
         x = self.embed(tokens) if self.is_first else self._input.transpose(0, 1)
         for layer in self.layers:
-            x = layer(x, positions)
+            x = layer(x, positions, documents)
         if self.is_last:
             return self.lm_head(self.norm(x)) if self.logits else self.norm(x)
         return x.transpose(0, 1).contiguous()
@@ -65,7 +65,7 @@ def forward_backward(
 
     def step(data_iterator, model):
         mb = next(data_iterator)
-        out = model(mb["tokens"], mb["positions"])
+        out = model(mb["tokens"], mb["positions"], mb.get("documents"))
 
         def loss_func(output: Tensor):
             loss = loss_sum_fn(output, mb["labels"]) / total_tokens

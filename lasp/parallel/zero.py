@@ -75,7 +75,8 @@ def zero_train_step(engine, microbatches: list[dict], loss_sum_fn, groups: Paral
     """
     total = torch.zeros((), dtype=torch.float64, device=engine.device)
     for i, mb in enumerate(microbatches):
-        loss = loss_sum_fn(engine(mb["tokens"], mb["positions"]), mb["labels"]) / (mb["labels"] != -100).sum()
+        out = engine(mb["tokens"], mb["positions"], mb.get("documents"))
+        loss = loss_sum_fn(out, mb["labels"]) / (mb["labels"] != -100).sum()
         engine.backward(loss)
         total += loss.detach().double() / len(microbatches)
         if i == len(microbatches) - 1 and before_step is not None:
@@ -91,6 +92,6 @@ def zero_eval_step(engine, microbatches: list[dict], loss_sum_fn, groups: Parall
     mean loss (loss sums / `total_tokens`), a 0-dim float64 on every rank."""
     total = torch.zeros((), dtype=torch.float64, device=engine.device)
     for mb in microbatches:
-        total += loss_sum_fn(engine(mb["tokens"], mb["positions"]), mb["labels"]).double()
+        total += loss_sum_fn(engine(mb["tokens"], mb["positions"], mb.get("documents")), mb["labels"]).double()
     dist.all_reduce(total, group=groups.dp_sp)
     return total / total_tokens

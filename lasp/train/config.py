@@ -42,6 +42,9 @@ class DataConfig:
     """Sequences per optimizer step, over all DP replicas and microbatches."""
     seed: int = 1234
     """Seed of the sample order: step s always reads the same sequences, whatever the layout."""
+    reset_at_documents: bool = False
+    """Packed documents: every layer resets at each document start (the token after an EOS): linear layers
+    drop their state, softmax layers do not attend across documents, and RoPE positions restart at 0."""
 
     def problems(self) -> list[str]:
         p = [f"data.{name} must be >= 1, got {getattr(self, name)}" for name in ("seq_len", "global_batch")

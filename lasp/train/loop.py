@@ -144,6 +144,7 @@ def _setup_and_loop(cfg: TrainConfig, device: torch.device, kernel, stop: Gracef
         local_microbatches, seq_len=cfg.data.seq_len, global_batch=cfg.data.global_batch,
         microbatches=p.microbatches, seed=cfg.data.seed, dp_rank=groups.dp_rank, dp=p.dp,
         sp_rank=groups.sp_rank, sp=p.sp, layout=p.sp_layout,
+        eos_id=data.eos_id if cfg.data.reset_at_documents else None,
     )
     autocast = (partial(torch.autocast, device.type, dtype=torch.bfloat16) if cfg.train.dtype == "bfloat16"
                 else contextlib.nullcontext)
@@ -225,7 +226,8 @@ def _timeouts(cfg: TrainConfig, phase: str):
 
 
 def _to(device: torch.device, microbatches: list[dict]) -> list[dict]:
-    return [{k: v.to(device, non_blocking=True) for k, v in mb.items()} for mb in microbatches]
+    return [{k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in mb.items()}
+            for mb in microbatches]
 
 
 def _forward_backward(run: _Run, microbatches: list[dict], cfg: TrainConfig):
