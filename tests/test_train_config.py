@@ -201,3 +201,19 @@ def test_timeouts_must_be_positive():
     text = "\n".join(_problems({"train": {"collective_timeout_s": 0}, "checkpoint": {"timeout_s": -5}}))
     assert "train.collective_timeout_s must be >= 1, got 0" in text
     assert "checkpoint.timeout_s must be >= 1, got -5" in text
+
+
+def test_a_kernel_without_gates_or_resets_is_refused_before_any_process_group():
+    from lasp.train.loop import _check_kernel
+
+    class NoGates:
+        name, gates, resets = "triton", (), False
+
+    cfg = resolve({"model": {"linear_variant": "simple_gla"}, "data": {"reset_at_documents": True}}, "x.yaml", 1,
+                  check_data=False)
+    with pytest.raises(ConfigError, match="(?s)needs a scalar gate, which the 'triton' kernel lacks.*"
+                                          "reset_at_documents needs document resets"):
+        _check_kernel(cfg, NoGates())
+    _check_kernel(cfg, __import__("lasp").kernels.DEFAULT_KERNEL)  # the torch kernel has both
+    softmax_only = resolve({"model": {"linear_variant": "gla", "layer_pattern": "S"}}, "x.yaml", 1, check_data=False)
+    _check_kernel(softmax_only, NoGates())  # no linear layer: nothing to ask

@@ -59,7 +59,7 @@ def main(argv=None) -> int:
     logging.getLogger("lasp").setLevel(logging.INFO if launch.rank == 0 else logging.WARNING)
     try:
         state = train(cfg, launch)
-    except CheckpointError as e:
+    except (CheckpointError, ConfigError) as e:  # ConfigError here: what the kernel cannot do
         if launch.rank == 0:
             print(f"error: {e}", file=sys.stderr)
         return 2

@@ -31,7 +31,7 @@ from lasp.parallel.sp import apply_kernel
 from lasp.train import ckpt_store
 from lasp.train.checkpoint import Checkpointer, checkpoint_root, compatibility
 from lasp.train.ckpt_store import CheckpointError
-from lasp.train.config import TrainConfig, dump
+from lasp.train.config import ConfigError, TrainConfig, dump
 from lasp.train.distributed import Launch, init_distributed, pick_device, shutdown
 from lasp.train.flops import flops_per_token, peak_flops
 from lasp.train.metrics import Metrics, peak_memory_gib
@@ -44,11 +44,27 @@ class NonFiniteError(RuntimeError):
     """A non-finite loss or gradient norm with train.nonfinite = stop (raised on every rank at once)."""
 
 
+def _check_kernel(cfg: TrainConfig, kernel) -> None:
+    """What the model and the data ask of the linear-attention kernel, before any process group."""
+    problems, gates = [], getattr(kernel, "gates", ())
+    form = {"simple_gla": "scalar", "gla": "vector"}.get(cfg.model.linear_variant)
+    linear = any(cfg.model.mixer(i) == "L" for i in range(cfg.model.num_layers))
+    if linear and form is not None and form not in gates:
+        problems.append(f"model.linear_variant {cfg.model.linear_variant} needs a {form} gate, which the "
+                        f"{kernel.name!r} kernel lacks (train.kernel={cfg.train.kernel}); set train.kernel=torch")
+    if linear and cfg.data.reset_at_documents and not getattr(kernel, "resets", False):
+        problems.append(f"data.reset_at_documents needs document resets, which the {kernel.name!r} kernel lacks "
+                        f"(train.kernel={cfg.train.kernel}); set train.kernel=torch")
+    if problems:
+        raise ConfigError("the kernel", problems)
+
+
 def train(cfg: TrainConfig, launch: Launch) -> TrainState:
     """Run `cfg` on this process (one rank of the launched world). Returns the final train state. A
     process group that already exists is used and left alone; otherwise one is made and destroyed."""
     device = pick_device(cfg.train.device, launch)
     kernel = get_kernel(cfg.train.kernel)  # triton without a GPU fails here, before any process group
+    _check_kernel(cfg, kernel)
     owned = not dist.is_initialized()
     init_distributed(launch, device, cfg.train.collective_timeout_s)
     clean = False
