@@ -25,6 +25,7 @@ and the final state adds sum_v dS_final * S_final to every token's dg (`gate_gra
 """
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from lasp.kernels.linear_attn.blocks import Blocks
@@ -133,6 +134,19 @@ class _Block:
         return (self.k * self.wk).transpose(-1, -2) @ self.v
 
 
+def _cumsum_over_t(x: Tensor, C: int = 64) -> Tensor:
+    """x.cumsum(1) for x [B, T, ...], by blocks of C tokens and a scan of the blocks' totals: twice as fast
+    on a CPU as a cumsum over a strided dim of thousands of tokens."""
+    B, T = x.shape[:2]
+    if T <= C:
+        return x.cumsum(1)
+    pad = (-T) % C
+    z = F.pad(x.flatten(2), (0, 0, 0, pad)).view(B, (T + pad) // C, C, -1).cumsum(2)
+    total = z[:, :, -1:]
+    z = z + (total.cumsum(1) - total)
+    return z.flatten(1, 2)[:, :T].view(x.shape)
+
+
 def split_resets(gate: Tensor) -> tuple[Tensor, Tensor | None]:
     """A log-gate with document starts (-inf: a gate of exactly 0, on every key dim of a vector gate) ->
     (the gate with 0 there, the starts [B, T, H] bool), or (gate, None) when it has none."""
@@ -143,12 +157,12 @@ def split_resets(gate: Tensor) -> tuple[Tensor, Tensor | None]:
 
 
 def _factorable(gate: Tensor, C: int) -> bool:
-    """Whether no C consecutive tokens' gates sum below -FACTOR_SPAN (then no block of C can)."""
-    c = gate.to(torch.float64 if gate.dtype == torch.float64 else torch.float32).cumsum(1)
-    if gate.shape[1] <= C:
-        return bool(c[:, -1].min() >= -FACTOR_SPAN)
-    window = torch.cat([c[:, C - 1 : C], c[:, C:] - c[:, :-C]], dim=1)  # the sums of every C-token run
-    return bool(window.min() >= -FACTOR_SPAN)
+    """Whether the gate sums to no less than -FACTOR_SPAN over every block of C tokens, as `Blocks` lays them
+    out (front-padded with zeros): inside a block |G| never exceeds its total, so exp(-G) <= exp(30)."""
+    B, T = gate.shape[:2]
+    g = gate.to(torch.float64 if gate.dtype == torch.float64 else torch.float32)
+    g = F.pad(g.flatten(2), (0, 0, (-T) % C, 0))  # [B, n*C, H*Kg]
+    return bool(g.view(B, -1, C, g.shape[-1]).sum(2).min() >= -FACTOR_SPAN)
 
 
 def _blocks(T: int, gate: Tensor, dtype: torch.dtype, block: int, segment_blocks: int) -> tuple[Blocks, bool]:
@@ -214,7 +228,7 @@ def gate_grad(q: Tensor, k: Tensor, dq: Tensor, dk: Tensor, gate: Tensor, dfinal
     dG = q.to(dt) * dq - k.to(dt) * dk  # [B, T, H, K]
     if gate.shape[-1] == 1:
         dG = dG.sum(-1, keepdim=True)
-    dg = dG.flip(1).cumsum(1).flip(1)
+    dg = _cumsum_over_t(dG.flip(1)).flip(1)
     end = None
     if dfinal is not None:
         end = (dfinal.to(dt) * final.to(dt)).sum(-1)[:, None]  # [B, 1, H, K]

@@ -89,8 +89,8 @@ def check_gate(gate, q: Tensor, log_decay: Tensor | None, causal: bool, kernel: 
             bad = gate[wrong]
             problems.append(f"gate values must be <= 0 and not NaN (log of a gate in [0, 1]); {bad.numel()} are "
                             f"not, e.g. {bad.flatten()[:4].tolist()}")
-        if gate.dim() == 4:
-            reset = torch.isneginf(gate)
+        reset = torch.isneginf(gate) if gate.dim() == 4 else None
+        if reset is not None and bool(reset.any()):
             partial = reset.any(-1) != reset.all(-1)
             if bool(partial.any()):
                 b, t, h = (int(i) for i in torch.nonzero(partial)[0])

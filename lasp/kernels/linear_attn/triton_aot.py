@@ -29,7 +29,8 @@ MAX_SHARED = {80: 166912, 86: 101376, 89: 101376, 90: 232448}  # bytes per block
 
 
 def record_launches(dtype: torch.dtype, T: int = 100, D: int = 128) -> list[tuple]:
-    """(autotuner, args, kwargs) of every launch the protocol methods make, without running any."""
+    """(autotuner, args, kwargs) of every launch the protocol methods make (the scalar gate's included),
+    without running any."""
     from triton.runtime.autotuner import Autotuner
 
     from lasp.kernels.linear_attn.triton_chunk import TritonChunkKernel
@@ -49,6 +50,14 @@ def record_launches(dtype: torch.dtype, T: int = 100, D: int = 128) -> list[tupl
             for s0, final in ((None, False), (S, True), (S, False), (None, True)):
                 tk.fwd(q, k, v, decay, 0.1, s0, final)
                 tk.bwd(q, k, v, decay, 0.1, s0, do, S if final else None)
+        gate = torch.zeros(1, T, 2, 1)  # the scalar gate's launches (GATED)
+        tk.gated_chunk_state(k, v, gate)
+        tk.gated_chunk_state_bwd(k, v, gate, S)
+        tk.gated_inter_fwd(q, gate, S, 0.1)
+        tk.gated_inter_bwd(q, gate, S, 0.1, do)
+        for s0, final in ((None, False), (S, True), (S, False), (None, True)):
+            tk.gated_fwd(q, k, v, gate, 0.1, s0, final)
+            tk.gated_bwd(q, k, v, gate, 0.1, s0, do, S if final else None)
     finally:
         Autotuner.run = run
     return launches

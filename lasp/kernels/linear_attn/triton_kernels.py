@@ -20,7 +20,15 @@ Products take the inputs' dtype (bf16 / fp16 on tensor cores; fp32 as three-pass
 keeps fp32 accuracy on tensor cores: exact IEEE products on FMA units spilled kilobytes of registers)
 with fp32 accumulation; states are fp32 except the forward's per-chunk h of 16-bit inputs, kept in the input dtype
 (as flash-linear-attention does) to halve its memory. A chunk that runs past T is masked, and decay
-exponents use each chunk's true length, so the last, partial chunk needs no padding. On a GPU each
+exponents use each chunk's true length, so the last, partial chunk needs no padding.
+
+GATED (a scalar data-dependent gate, simple GLA / Mamba-2): instead of lam^(distance), every weight is exp of
+a difference of the fp32 cumulative log-gate G [B, T, H] that `g` then points to (see `triton_chunk.py` for
+the forms it comes in): exp(G_i - G_j) inside a chunk, exp(G_i) for a query against the chunk's incoming
+state, exp(G_last - G_i) for a key to the chunk's end, exp(G_last) as the chunk's transition in the walks.
+A cumulative gate never rises, so each exponent is <= 0; no weight is exp(-G) alone, which overflows.
+
+On a GPU each
 kernel's tiles, warps and stages are autotuned once per (K, V, chunk, flags), the walks also per B*H
 (NBH: their only parallelism is tiles x B*H, so the best tile depends on it); LASP_TRITON_AUTOTUNE=0
 takes one fixed config instead.
@@ -52,12 +60,12 @@ def _prune(configs, named_args, **kwargs):
 
 
 _WALK = dict(configs=_configs([(64, 64), (32, 64), (64, 32), (32, 32)], (4, 8), (2, 3)),
-             key=["K", "V", "BT", "HAS_DECAY", "DOT_PREC", "NBH"], prune_configs_by={"early_config_prune": _prune})
+             key=["K", "V", "BT", "HAS_DECAY", "GATED", "DOT_PREC", "NBH"], prune_configs_by={"early_config_prune": _prune})
 _CHUNK_CONFIGS = _configs([(64, 64), (128, 64), (64, 128), (128, 128)], (4, 8), (2, 3))
 
 
 def _chunk_tuning(*flags: str) -> dict:
-    return dict(configs=_CHUNK_CONFIGS, key=["K", "V", "BT", "HAS_DECAY", "DOT_PREC", "INTRA", "PER_CHUNK", *flags],
+    return dict(configs=_CHUNK_CONFIGS, key=["K", "V", "BT", "HAS_DECAY", "GATED", "DOT_PREC", "INTRA", "PER_CHUNK", *flags],
                 prune_configs_by={"early_config_prune": _prune})
 
 
@@ -86,6 +94,21 @@ def _powers(g, e, valid):
 
 
 @triton.jit
+def _gate_weight(x, valid):
+    """exp(x) where valid, else 0. x is a cumulative gate's difference, <= 0 wherever valid (a sum of gates
+    <= 0 never rises, in floating point too); the clamp keeps the other entries (padding, the masked
+    triangle) finite, so that zeros times them stay zeros."""
+    return tl.where(valid, tl.exp(tl.minimum(x, 0.0)), 0.0)
+
+
+@triton.jit
+def _chunk_gates(gp, t, n, T, H: tl.constexpr, BT: tl.constexpr):
+    """The cumulative gate of chunk n's tokens t (0 past T) and of its last token, from the head's row gp."""
+    last = n * BT + tl.minimum(T - n * BT, BT) - 1
+    return tl.load(gp + t * H, mask=t < T, other=0.0), tl.load(gp + last * H)
+
+
+@triton.jit
 def _state_ptr(base, rk, rv, V):
     return base + rk[:, None] * V + rv[None, :]
 
@@ -95,8 +118,8 @@ def _walk_start(
     x, y, g, start, T, i_kv, bh, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
     BV: tl.constexpr, HAS_START: tl.constexpr,
 ):
-    """The walks' prologue: this program's head of x [.., K] and y [.., V], its K and V tile and their
-    mask, the head's log decay, and the state it starts from (`start`, or zero)."""
+    """The walks' prologue: this program's head of x [.., K] and y [.., V] and of the gate (GATED), its K
+    and V tile and their mask, the head's log decay, and the state it starts from (`start`, or zero)."""
     i_k, i_v = i_kv // tl.cdiv(V, BV), i_kv % tl.cdiv(V, BV)
     b, hh = bh // H, bh % H
     rk, rv = i_k * BK + tl.arange(0, BK), i_v * BV + tl.arange(0, BV)
@@ -106,16 +129,16 @@ def _walk_start(
         state = tl.load(_state_ptr(start + bh * K * V, rk, rv, V), mask=m_kv, other=0.0).to(tl.float32)
     else:
         state = tl.zeros([BK, BV], dtype=tl.float32)
-    return x + (b * T * H + hh) * K, y + (b * T * H + hh) * V, rk, rv, m_kv, gh, state
+    return x + (b * T * H + hh) * K, y + (b * T * H + hh) * V, g + (b * T * H + hh), rk, rv, m_kv, gh, state
 
 
 @triton.jit
 def _walk_fwd_body(
     k, v, g, h0, h, final, T, i_kv, bh, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, HAS_DECAY: tl.constexpr, HAS_H0: tl.constexpr, STORE_H: tl.constexpr,
-    STORE_FINAL: tl.constexpr, DOT_PREC: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, HAS_DECAY: tl.constexpr, GATED: tl.constexpr, HAS_H0: tl.constexpr,
+    STORE_H: tl.constexpr, STORE_FINAL: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    k, v, rk, rv, m_kv, gh, state = _walk_start(k, v, g, h0, T, i_kv, bh, H, K, V, BK, BV, HAS_H0)
+    k, v, gp, rk, rv, m_kv, gh, state = _walk_start(k, v, g, h0, T, i_kv, bh, H, K, V, BK, BV, HAS_H0)
     i, NT = tl.arange(0, BT), tl.cdiv(T, BT)
     for n in range(NT):
         t = n * BT + i
@@ -123,6 +146,10 @@ def _walk_fwd_body(
             tl.store(_state_ptr(h + (bh * NT + n) * K * V, rk, rv, V), state.to(h.dtype.element_ty), mask=m_kv)
         kt = _cols(k, t, T, H * K, rk, K)  # [BK, BT]
         vt = _rows(v, t, T, H * V, rv, V)  # [BT, BV]
+        if GATED:
+            gc, g_last = _chunk_gates(gp, t, n, T, H, BT)
+            vt = (vt * _gate_weight(g_last - gc, t < T)[:, None]).to(vt.dtype)
+            state = state * tl.exp(g_last)
         if HAS_DECAY:
             length = tl.minimum(T - n * BT, BT)
             vt = (vt * _powers(gh, length - 1 - i, i < length)[:, None]).to(vt.dtype)
@@ -135,10 +162,10 @@ def _walk_fwd_body(
 @triton.jit
 def _walk_bwd_body(
     q, do, g, dht, dh, dfirst, scale, T, i_kv, bh, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_DECAY: tl.constexpr, HAS_DHT: tl.constexpr,
-    STORE_H: tl.constexpr, STORE_FINAL: tl.constexpr, DOT_PREC: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_DECAY: tl.constexpr, GATED: tl.constexpr,
+    HAS_DHT: tl.constexpr, STORE_H: tl.constexpr, STORE_FINAL: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    q, do, rk, rv, m_kv, gh, carry = _walk_start(q, do, g, dht, T, i_kv, bh, H, K, V, BK, BV, HAS_DHT)
+    q, do, gp, rk, rv, m_kv, gh, carry = _walk_start(q, do, g, dht, T, i_kv, bh, H, K, V, BK, BV, HAS_DHT)
     i, NT = tl.arange(0, BT), tl.cdiv(T, BT)
     for m in range(NT):
         n = NT - 1 - m
@@ -147,6 +174,10 @@ def _walk_bwd_body(
             tl.store(_state_ptr(dh + (bh * NT + n) * K * V, rk, rv, V), carry, mask=m_kv)
         qt = _cols(q, t, T, H * K, rk, K)  # [BK, BT]
         dot_ = _rows(do, t, T, H * V, rv, V)  # [BT, BV]
+        if GATED:
+            gc, g_last = _chunk_gates(gp, t, n, T, H, BT)
+            qt = (qt * _gate_weight(gc, t < T)[None, :]).to(qt.dtype)
+            carry = carry * tl.exp(g_last)
         if HAS_DECAY:
             qt = (qt * tl.exp(gh * (i + 1).to(tl.float32))[None, :]).to(qt.dtype)
             carry = carry * tl.exp(gh * tl.minimum(T - n * BT, BT).to(tl.float32))
@@ -159,44 +190,46 @@ def _walk_bwd_body(
 @triton.jit(do_not_specialize=["T"])
 def walk_fwd(
     k, v, g, h0, h, final, T, NBH, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, HAS_DECAY: tl.constexpr, HAS_H0: tl.constexpr, STORE_H: tl.constexpr,
-    STORE_FINAL: tl.constexpr, DOT_PREC: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, HAS_DECAY: tl.constexpr, GATED: tl.constexpr, HAS_H0: tl.constexpr,
+    STORE_H: tl.constexpr, STORE_FINAL: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """From h0 (if HAS_H0, else zero): h[n] = state entering chunk n (if STORE_H); final = state after the
     last chunk (if STORE_FINAL)."""
     _walk_fwd_body(k, v, g, h0, h, final, T, tl.program_id(0), tl.program_id(1).to(tl.int64), H, K, V, BT, BK,
-                   BV, HAS_DECAY, HAS_H0, STORE_H, STORE_FINAL, DOT_PREC)
+                   BV, HAS_DECAY, GATED, HAS_H0, STORE_H, STORE_FINAL, DOT_PREC)
 
 
 @triton.autotune(**_WALK)
 @triton.jit(do_not_specialize=["T"])
 def walk_bwd(
     q, do, g, dht, dh, dfirst, scale, T, NBH, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_DECAY: tl.constexpr, HAS_DHT: tl.constexpr,
-    STORE_H: tl.constexpr, STORE_FINAL: tl.constexpr, DOT_PREC: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_DECAY: tl.constexpr, GATED: tl.constexpr,
+    HAS_DHT: tl.constexpr, STORE_H: tl.constexpr, STORE_FINAL: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """Chunks in reverse, from dht (the final state's gradient, if HAS_DHT): dh[n] = gradient of the state
     chunk n hands on (if STORE_H); dfirst = gradient of the state entering chunk 0 (if STORE_FINAL)."""
     _walk_bwd_body(q, do, g, dht, dh, dfirst, scale, T, tl.program_id(0), tl.program_id(1).to(tl.int64), H, K,
-                   V, BT, BK, BV, HAS_DECAY, HAS_DHT, STORE_H, STORE_FINAL, DOT_PREC)
+                   V, BT, BK, BV, HAS_DECAY, GATED, HAS_DHT, STORE_H, STORE_FINAL, DOT_PREC)
 
 
 @triton.autotune(**_WALK)
 @triton.jit(do_not_specialize=["T"])
 def walk_both(
-    k, v, q, do, g, h0, dht, h, dh, dh0, scale, T, NBH, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_DECAY: tl.constexpr, HAS_H0: tl.constexpr,
-    HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, DOT_PREC: tl.constexpr,
+    k, v, q, do, g, h0, dht, h, dh, dh0, final, scale, T, NBH, H: tl.constexpr, K: tl.constexpr,
+    V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_DECAY: tl.constexpr,
+    GATED: tl.constexpr, HAS_H0: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
+    STORE_FINAL: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """The backward's two independent walks in one launch (grid axis 2: 0 = h, 1 = dh), so the sequential
-    phase has twice the programs to spread over the GPU."""
+    phase has twice the programs to spread over the GPU; the forward walk also stores the final state if
+    STORE_FINAL (a gate's gradient needs it)."""
     i_kv, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     if tl.program_id(2) == 0:
-        _walk_fwd_body(k, v, g, h0, h, h, T, i_kv, bh, H, K, V, BT, BK, BV, HAS_DECAY, HAS_H0, True, False,
-                       DOT_PREC)
+        _walk_fwd_body(k, v, g, h0, h, final, T, i_kv, bh, H, K, V, BT, BK, BV, HAS_DECAY, GATED, HAS_H0, True,
+                       STORE_FINAL, DOT_PREC)
     else:
-        _walk_bwd_body(q, do, g, dht, dh, dh0, scale, T, i_kv, bh, H, K, V, BT, BK, BV, HAS_DECAY, HAS_DHT, True,
-                       STORE_DH0, DOT_PREC)
+        _walk_bwd_body(q, do, g, dht, dh, dh0, scale, T, i_kv, bh, H, K, V, BT, BK, BV, HAS_DECAY, GATED, HAS_DHT,
+                       True, STORE_DH0, DOT_PREC)
 
 
 @triton.jit
@@ -231,18 +264,46 @@ def _causal_powers(gh, i, HAS_DECAY: tl.constexpr, TRANSPOSED: tl.constexpr):
     return w
 
 
+@triton.jit
+def _span_gates(gp, gc, t, n, T, H: tl.constexpr, BT: tl.constexpr, PER_CHUNK: tl.constexpr,
+                FROM_END: tl.constexpr):
+    """`_span_powers` under a gate, from the head's row gp of the cumulative gate and its values gc at the
+    tokens t: exp(G_t) for queries, exp(G_last - G_t) for keys (FROM_END), G_last the span's last token's."""
+    if FROM_END:
+        if PER_CHUNK:
+            last = n * BT + tl.minimum(T - n * BT, BT) - 1
+        else:
+            last = T - 1
+        w = _gate_weight(tl.load(gp + last * H) - gc, t < T)
+    else:
+        w = _gate_weight(gc, t < T)
+    return w
+
+
+@triton.jit
+def _causal_gates(gc, i, TRANSPOSED: tl.constexpr):
+    """`_causal_powers` under a gate: exp(G_row - G_col) on and below the diagonal, else 0."""
+    if TRANSPOSED:
+        w = _gate_weight(gc[None, :] - gc[:, None], i[None, :] >= i[:, None])
+    else:
+        w = _gate_weight(gc[:, None] - gc[None, :], i[:, None] >= i[None, :])
+    return w
+
+
 @triton.autotune(**_chunk_tuning("REVERSE"))
 @triton.jit(do_not_specialize=["T"])
 def chunk_out(
     a, b, c, g, S, out, state_scale, intra_scale, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_DECAY: tl.constexpr, DOT_PREC: tl.constexpr,
-    INTRA: tl.constexpr, PER_CHUNK: tl.constexpr, REVERSE: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_DECAY: tl.constexpr, GATED: tl.constexpr,
+    DOT_PREC: tl.constexpr, INTRA: tl.constexpr, PER_CHUNK: tl.constexpr, REVERSE: tl.constexpr,
 ):
     """One chunk of out = state_scale * lam-weighted a S + intra_scale * (masked, decayed a b^T) c,
     with S the state of the chunk (PER_CHUNK) or one state for the whole sequence:
 
         forward  (a, b, c, S) = (q, k, v, h):  o, lam^(position + 1), causal mask;
         dv, REVERSE (a, b, c, S) = (k, q, do, dh): lam^(positions to the span's end), mask transposed.
+
+    GATED: the gate's weights in place of lam's (`_span_gates`, `_causal_gates`).
     """
     i_v, n, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     bb, hh = bh // H, bh % H
@@ -262,12 +323,20 @@ def chunk_out(
         if INTRA:
             s = tl.dot(at, _cols(b, t, T, H * K, rk, K), s, input_precision=DOT_PREC)
     gh = tl.load(g + hh).to(tl.float32)
+    if GATED:
+        gp = g + (bb * T * H + hh)
+        gc = tl.load(gp + t * H, mask=t < T, other=0.0)
+        acc = acc * _span_gates(gp, gc, t, n, T, H, BT, PER_CHUNK, REVERSE)[:, None]
     if HAS_DECAY:
         acc = acc * _span_powers(gh, t, i, T, BT, PER_CHUNK, REVERSE)[:, None]
     acc = acc * state_scale
     if INTRA:
         ct = _rows(c + (bb * T * H + hh) * V, t, T, H * V, rv, V)
-        s = s * _causal_powers(gh, i, HAS_DECAY, REVERSE) * intra_scale
+        if GATED:
+            w = _causal_gates(gc, i, REVERSE)
+        else:
+            w = _causal_powers(gh, i, HAS_DECAY, REVERSE)
+        s = s * w * intra_scale
         acc = tl.dot(s.to(ct.dtype), ct, acc, input_precision=DOT_PREC)
     _store_rows(out + (bb * T * H + hh) * V, acc, t, T, H * V, rv, V)
 
@@ -276,11 +345,13 @@ def chunk_out(
 @triton.jit(do_not_specialize=["T"])
 def chunk_dqk(
     q, k, v, g, h, dh, do, dq, dk, scale, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_DECAY: tl.constexpr, DOT_PREC: tl.constexpr,
-    INTRA: tl.constexpr, PER_CHUNK: tl.constexpr, WANT_DQ: tl.constexpr, WANT_DK: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_DECAY: tl.constexpr, GATED: tl.constexpr,
+    DOT_PREC: tl.constexpr, INTRA: tl.constexpr, PER_CHUNK: tl.constexpr, WANT_DQ: tl.constexpr,
+    WANT_DK: tl.constexpr,
 ):
     """dq = scale * (lam-weighted do h^T + ds k), dk = lam-weighted v dh^T + scale * ds^T q, with
-    ds = masked, decayed (do v^T) when INTRA; h, dh per chunk (PER_CHUNK) or one for the sequence."""
+    ds = masked, decayed (do v^T) when INTRA; h, dh per chunk (PER_CHUNK) or one for the sequence.
+    GATED: the gate's weights in place of lam's."""
     i_k, n, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     b, hh = bh // H, bh % H
     NT = tl.cdiv(T, BT)
@@ -309,12 +380,23 @@ def chunk_dqk(
             dhn = tl.load(dh + off + st, mask=m_kv, other=0.0)
             dk_acc = tl.dot(vt, dhn.to(vt.dtype), dk_acc, input_precision=DOT_PREC)
     gh = tl.load(g + hh).to(tl.float32)
+    if GATED:
+        gp = g + (b * T * H + hh)
+        gc = tl.load(gp + t * H, mask=t < T, other=0.0)
+        if WANT_DQ:
+            dq_acc = dq_acc * _span_gates(gp, gc, t, n, T, H, BT, PER_CHUNK, False)[:, None]
+        if WANT_DK:
+            dk_acc = dk_acc * _span_gates(gp, gc, t, n, T, H, BT, PER_CHUNK, True)[:, None]
     if HAS_DECAY:
         dq_acc = dq_acc * _span_powers(gh, t, i, T, BT, PER_CHUNK, False)[:, None]
         dk_acc = dk_acc * _span_powers(gh, t, i, T, BT, PER_CHUNK, True)[:, None]
     dq_acc = dq_acc * scale
     if INTRA:
-        ds = ds * _causal_powers(gh, i, HAS_DECAY, False) * scale
+        if GATED:
+            w = _causal_gates(gc, i, False)
+        else:
+            w = _causal_powers(gh, i, HAS_DECAY, False)
+        ds = ds * w * scale
         if WANT_DQ:
             kt = _rows(k + (b * T * H + hh) * K, t, T, H * K, rk, K)
             dq_acc = tl.dot(ds.to(kt.dtype), kt, dq_acc, input_precision=DOT_PREC)
