@@ -58,19 +58,30 @@ class _Block:
         self.q, self.k, self.v = bl.get(q, s), bl.get(k, s), bl.get(v, s)  # [n, B, H, C, D]
         self.G = bl.get(gate, s).cumsum(-2)  # [n, B, H, C, Kg]
         last = self.G[..., -1:, :]
-        self.eG = torch.exp(self.G)
-        self.wq = self.eG  # decay of the incoming state seen by query i
         self.wk = torch.exp(last - self.G)  # decay of key i to the block's end
         self.decay = torch.exp(last).transpose(-1, -2)  # [n, B, H, Kg, 1]: the block's transition (rows)
         self.seg = None
         if resets is not None:  # document starts: segment ids from the block's start, [n, B, H, C, 1]
             self.seg = bl.get(resets[..., None], s).cumsum(-2)
             seg_last = self.seg[..., -1:, :]
-            self.wq = self.wq * (self.seg == 0)  # no incoming state after a start
             self.wk = self.wk * (self.seg == seg_last)  # only the last document reaches the block's end
             self.decay = self.decay * (seg_last == 0)
         self.mode = "scalar" if self.G.shape[-1] == 1 else "factored" if factored else "exact"
-        self._E = self._qd = self._kf = None
+        self._E = self._qd = self._kf = self._eG = self._wq = None
+
+    @property
+    def eG(self) -> Tensor:
+        """exp(G) (computed when first asked: the backward's walk over the states never needs it)."""
+        if self._eG is None:
+            self._eG = torch.exp(self.G)
+        return self._eG
+
+    @property
+    def wq(self) -> Tensor:
+        """Decay of the incoming state seen by query i: exp(G_i), zero after a document start."""
+        if self._wq is None:
+            self._wq = self.eG if self.seg is None else self.eG * (self.seg == 0)
+        return self._wq
 
     def qd(self) -> Tensor:
         """q * exp(G), zero after a document start: the queries as the incoming state sees them."""
