@@ -1,6 +1,7 @@
 """Every launch `TritonChunkKernel` makes builds for the H100 (sm_90) with Triton's own compiler, here,
 without a GPU (the interpreter tests run the kernels' Python, not their compilation), and the fixed
-config's 16-bit builds need no register spills and run their products on Hopper's wgmma."""
+config's 16-bit builds need no register spills and run their products on Hopper's wgmma; the scalar gate's
+launches (GATED) included."""
 
 import os
 import subprocess
@@ -20,4 +21,6 @@ def test_every_triton_launch_builds_for_sm90():
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     last = r.stdout.strip().splitlines()[-1]
     assert last.startswith("sm_90: ") and " 0 failures" in last, last
-    assert int(last.split()[1]) >= 60, last  # both dtypes, every flag combination the class launches
+    assert int(last.split()[1]) >= 100, last  # both dtypes, every flag combination the class launches
+    built = {line.split()[1] for line in r.stdout.splitlines() if line.startswith("ok ") and "GATED" in line}
+    assert built == {"walk_fwd", "walk_bwd", "walk_both", "chunk_out", "chunk_dqk"}, built  # the scalar gate's

@@ -8,11 +8,13 @@ ON_GPU = torch.cuda.is_available()  # without one, conftest.py switched Triton t
 triton = pytest.importorskip("triton")
 
 from lasp.kernels import TorchChunkKernel, get_kernel, linear_attn  # noqa: E402
+from lasp.kernels.linear_attn import gated  # noqa: E402
 from lasp.kernels.linear_attn.triton_chunk import TritonChunkKernel  # noqa: E402
 from tests.dist import assert_close_rel  # noqa: E402
 
 DEVICE = "cuda" if ON_GPU else "cpu"
 DECAY = torch.tensor([-0.05, -0.7, 0.0])
+GATE_STRENGTH = torch.tensor([0.0, 0.1, 2.0])  # per head: no decay, slow, fast (exp(-2 * 45) underflows)
 REF = TorchChunkKernel(block=8, segment_blocks=2)
 
 
@@ -20,6 +22,21 @@ def _inputs(T, K, V, dtype=torch.float32, B=2, H=3, seed=0):
     g = torch.Generator().manual_seed(seed)
     mk = lambda *s: torch.randn(*s, generator=g).to(DEVICE, dtype)  # noqa: E731
     return mk(B, T, H, K), mk(B, T, H, K), mk(B, T, H, V), mk(B, T, H, V), mk(B, H, K, V).float()
+
+
+def _gate(B, T, H=3, dtype=torch.float32, seed=1):
+    """A scalar log-gate [B, T, H], a different strength per head."""
+    u = torch.rand(B, T, H, generator=torch.Generator().manual_seed(seed))
+    return (-u * GATE_STRENGTH[:H]).to(DEVICE, dtype)
+
+
+def _modes(*extra):
+    return pytest.mark.parametrize("mode", ["nodecay", "decay", *extra])
+
+
+def _decay_and_gate(mode, B, T, dtype=torch.float32):
+    """(log_decay, gate) of a test mode: neither, the constant decay, or the scalar gate."""
+    return DECAY.to(DEVICE) if mode == "decay" else None, _gate(B, T, dtype=dtype) if mode == "gate" else None
 
 
 @pytest.mark.parametrize("decay", [False, True], ids=["nodecay", "decay"])
@@ -45,21 +62,61 @@ def test_protocol_matches_pytorch(T, K, V, block, decay):
 
 
 @pytest.mark.parametrize("with_s0, want_final", [(True, True), (True, False), (False, True)])
-@pytest.mark.parametrize("decay", [False, True], ids=["nodecay", "decay"])
-def test_linear_attn_with_states_through_triton(with_s0, want_final, decay):
-    """The fused path: walks that start from the initial state and from the final state's gradient."""
+@_modes("gate")
+def test_linear_attn_with_states_through_triton(with_s0, want_final, mode):
+    """The fused path: walks that start from the initial state and from the final state's gradient; with
+    the scalar gate, its gradient too (the final state's term included)."""
     q, k, v, do, s0 = _inputs(45, 16, 24)
-    args = [x.clone().requires_grad_() for x in (q, k, v, s0)]
-    ref = [x.clone().requires_grad_() for x in (q, k, v, s0)]
-    kw = dict(log_decay=DECAY.to(DEVICE) if decay else None, output_final_state=want_final)
-    got = linear_attn(*args[:3], initial_state=args[3] if with_s0 else None, kernel=TritonChunkKernel(block=16), **kw)
-    want = linear_attn(*ref[:3], initial_state=ref[3] if with_s0 else None, kernel=REF, **kw)
+    log_decay, gate = _decay_and_gate(mode, 2, 45)
+    inputs = (q, k, v, s0) + (() if gate is None else (gate,))
+    args = [x.clone().requires_grad_() for x in inputs]
+    ref = [x.clone().requires_grad_() for x in inputs]
+    kw = dict(log_decay=log_decay, output_final_state=want_final)
+    got = linear_attn(*args[:3], initial_state=args[3] if with_s0 else None, gate=args[4] if gate is not None
+                      else None, kernel=TritonChunkKernel(block=16), **kw)
+    want = linear_attn(*ref[:3], initial_state=ref[3] if with_s0 else None, gate=ref[4] if gate is not None
+                       else None, kernel=REF, **kw)
     got, want = (list(x) if want_final else [x] for x in (got, want))
     ((got[0] * do).sum() + (got[1].square().sum() if want_final else 0)).backward()
     ((want[0] * do).sum() + (want[1].square().sum() if want_final else 0)).backward()
-    n = 4 if with_s0 else 3
-    for a, b in zip(got + [x.grad for x in args[:n]], want + [x.grad for x in ref[:n]]):
+    grads = [i for i in range(len(inputs)) if i != 3 or with_s0]
+    for a, b in zip(got + [args[i].grad for i in grads], want + [ref[i].grad for i in grads]):
         assert_close_rel(a, b, 2e-5)
+
+
+@pytest.mark.parametrize("T, K, V, block", [(45, 16, 24, 16), (20, 40, 16, 32)])
+def test_gated_protocol_matches_pytorch(T, K, V, block):
+    """Every gated call against `gated.py` (the torch kernel's), with states, T not a multiple of the chunk,
+    K != V, tiles crossed (K=40) and a chunk longer than T; values and dtypes."""
+    tk = TritonChunkKernel(block=block)
+    q, k, v, do, S = _inputs(T, K, V)
+    dS = S.flip(-1).contiguous()
+    g = _gate(2, T)[..., None]  # the protocol's [B, T, H, 1]
+    pairs = [
+        (tk.gated_fwd(q, k, v, g, 0.3, S, True), gated.gated_fwd(q, k, v, g, 0.3, S, True, 8, 2)),
+        (tk.gated_bwd(q, k, v, g, 0.3, S, do, dS), gated.gated_bwd(q, k, v, g, 0.3, S, do, dS, 8, 2)),
+        (tk.gated_bwd(q, k, v, g, 0.3, None, do, None)[:4], gated.gated_bwd(q, k, v, g, 0.3, None, do, None, 8, 2)[:4]),
+        (tk.gated_chunk_state(k, v, g), gated.gated_chunk_state(k, v, g)),
+        (tk.gated_chunk_state_bwd(k, v, g, dS), gated.gated_chunk_state_bwd(k, v, g, dS)),
+        ([tk.gated_inter_fwd(q, g, S, 0.3)], [gated.gated_inter_fwd(q, g, S, 0.3)]),
+        (tk.gated_inter_bwd(q, g, S, 0.3, do), gated.gated_inter_bwd(q, g, S, 0.3, do)),
+    ]
+    for got, want in pairs:
+        assert len(got) == len(want)
+        for a, b in zip(got, want):
+            assert a.shape == b.shape and a.dtype == b.dtype
+            assert_close_rel(a, b, 2e-5)
+
+
+def test_gate_forms_the_triton_kernel_lacks_are_clear_errors():
+    q = torch.zeros(1, 4, 1, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="no vector gate"):
+        linear_attn(q, q, q, gate=torch.zeros(1, 4, 1, 16, device=DEVICE), kernel=TritonChunkKernel())
+    with pytest.raises(ValueError, match="no reset"):
+        linear_attn(q, q, q, gate=torch.tensor([[[0.0], [-torch.inf], [0.0], [0.0]]], device=DEVICE),
+                    kernel=TritonChunkKernel())
+    with pytest.raises(ValueError, match="scalar gate only"):
+        TritonChunkKernel().gated_fwd(q, q, q, torch.zeros(1, 4, 1, 16, device=DEVICE), 1.0, None, False)
 
 
 HALF_CASES = [  # (dtype, T, D): fp16 also in the interpreter (small); its tl.dot is wrong on bf16 only
@@ -70,19 +127,20 @@ HALF_CASES = [  # (dtype, T, D): fp16 also in the interpreter (small); its tl.do
 ]
 
 
-@pytest.mark.parametrize("decay", [False, True], ids=["nodecay", "decay"])
+@_modes("gate")
 @pytest.mark.parametrize("dtype, T, D", HALF_CASES)
-def test_half_precision(dtype, T, D, decay):
+def test_half_precision(dtype, T, D, mode):
     """16-bit forward and backward with states (products in the input dtype, fp32 accumulation),
-    against the fp32 PyTorch path on the same inputs."""
+    against the fp32 PyTorch path on the same inputs (the gate's gradient included)."""
     q, k, v, do, s0 = _inputs(T, D, D, dtype=dtype)
-    g = DECAY.to(DEVICE) if decay else None
-    got = [x.clone().requires_grad_() for x in (q, k, v, s0)]
-    ref = [x.float().clone().requires_grad_() for x in (q, k, v, s0)]
-    o, sT = linear_attn(*got[:3], log_decay=g, initial_state=got[3], output_final_state=True,
-                        kernel=TritonChunkKernel(block=16 if T < 100 else 64))
-    o_ref, sT_ref = linear_attn(*ref[:3], log_decay=g, initial_state=ref[3], output_final_state=True,
-                                kernel=TorchChunkKernel())
+    g, gate = _decay_and_gate(mode, 2, T, dtype)
+    inputs = (q, k, v, s0) + (() if gate is None else (gate,))
+    got = [x.clone().requires_grad_() for x in inputs]
+    ref = [x.float().clone().requires_grad_() for x in inputs]
+    o, sT = linear_attn(*got[:3], log_decay=g, gate=got[4] if gate is not None else None, initial_state=got[3],
+                        output_final_state=True, kernel=TritonChunkKernel(block=16 if T < 100 else 64))
+    o_ref, sT_ref = linear_attn(*ref[:3], log_decay=g, gate=ref[4] if gate is not None else None,
+                                initial_state=ref[3], output_final_state=True, kernel=TorchChunkKernel())
     assert o.dtype == dtype and sT.dtype == torch.float32
     ((o.float() * do.float()).sum() + sT.sum()).backward()
     ((o_ref * do.float()).sum() + sT_ref.sum()).backward()
@@ -101,6 +159,36 @@ def test_lasp2_runs_the_same_algorithm_on_triton_kernels(dist_pool, layout):
         chunk_len=21, K=16, V=16, backend="triton",
     )
     assert all(len(r["fwd"]) == 1 and len(r["bwd"]) == 1 for r in res)
+
+
+def case_lasp2_gated_triton(layout, chunk_len, B=2, H=4, Hkv=2, K=16, V=24):
+    """LASP-2 with the scalar gate on the Triton kernels against the token recurrence (float64, the whole
+    sequence): the output and the gradients of q, k, v and the gate on this rank."""
+    import torch.distributed as dist
+
+    from lasp import SeqLayout, lasp2_linear_attn, shard_sequence
+    from tests.test_sp_gated import gated_inputs, reference
+
+    rank, W = dist.get_rank(), dist.get_world_size()
+    q, k, v, gate, do = gated_inputs(B, chunk_len * SeqLayout(layout, W).num_chunks, H, Hkv, K, V, "scalar")
+    o_ref, grads_ref = reference(q, k, v, gate, do)
+    shard = lambda x: shard_sequence(x, rank=rank, world_size=W, layout=layout).float()  # noqa: E731
+    local = [shard(x).requires_grad_() for x in (q, k, v, gate)]
+    o = lasp2_linear_attn(*local[:3], gate=local[3], layout=layout, kernel=TritonChunkKernel(block=16))
+    o.backward(shard(do))
+    assert_close_rel(o, shard(o_ref), 2e-5, "o")
+    for name, got, ref in zip(["q", "k", "v", "gate"], local, grads_ref):
+        assert_close_rel(got.grad, shard(ref), 1e-4 if name == "gate" else 2e-5, f"d{name}")
+    return True
+
+
+def test_lasp2_gated_on_triton_kernels(dist_pool):
+    """The LASP-2 pieces of the gate (chunk states and their transitions, the incoming states' term, the
+    gate's gradient from the local backward) on 2 ranks, zigzag: chunks of 21 tokens, blocks of 16."""
+    if ON_GPU:
+        pytest.skip("the gloo pool runs on CPU; on a GPU the protocol tests above cover the kernels")
+    res = dist_pool(2).run("tests.test_triton_kernels:case_lasp2_gated_triton", layout="zigzag", chunk_len=21)
+    assert res == [True, True]
 
 
 def test_tile_configs_fit_the_head_dims(monkeypatch):

@@ -60,12 +60,14 @@ def _prune(configs, named_args, **kwargs):
 
 
 _WALK = dict(configs=_configs([(64, 64), (32, 64), (64, 32), (32, 32)], (4, 8), (2, 3)),
-             key=["K", "V", "BT", "HAS_DECAY", "GATED", "DOT_PREC", "NBH"], prune_configs_by={"early_config_prune": _prune})
+             key=["K", "V", "BT", "HAS_DECAY", "GATED", "DOT_PREC", "NBH"],
+             prune_configs_by={"early_config_prune": _prune})
 _CHUNK_CONFIGS = _configs([(64, 64), (128, 64), (64, 128), (128, 128)], (4, 8), (2, 3))
 
 
 def _chunk_tuning(*flags: str) -> dict:
-    return dict(configs=_CHUNK_CONFIGS, key=["K", "V", "BT", "HAS_DECAY", "GATED", "DOT_PREC", "INTRA", "PER_CHUNK", *flags],
+    return dict(configs=_CHUNK_CONFIGS,
+                key=["K", "V", "BT", "HAS_DECAY", "GATED", "DOT_PREC", "INTRA", "PER_CHUNK", *flags],
                 prune_configs_by={"early_config_prune": _prune})
 
 
