@@ -12,6 +12,7 @@ Ops take the raw lists or a `Documents` built once (the trainer builds one per b
 reuses it; the derived tensors are cached).
 """
 
+import bisect
 from collections.abc import Sequence
 
 import torch
@@ -51,6 +52,11 @@ class Documents:
     def has_resets(self) -> bool:
         """Whether any row holds more than one document."""
         return any(len(r) > 1 for r in self.starts)
+
+    def start_of(self, position: int) -> int:
+        """The earliest start, over the rows, of the document holding token `position` (from the host's
+        lists: no device read). No token at or after `position` attends to a key before it."""
+        return min(row[bisect.bisect_right(row, position) - 1] for row in self.starts)
 
     def digest(self) -> int:
         """A summary that differs when any start differs (for the ranks' agreement check)."""

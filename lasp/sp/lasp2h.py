@@ -7,7 +7,8 @@ order, then each local chunk of queries attends, through torch SDPA, to the keys
 chunk with an end-aligned causal mask: the mask comes from global positions, so contiguous and zigzag are
 both exact, and no rank builds an N x N mask. Backward (autograd of the gather): ONE reduce-scatter
 returns dK and dV to their owners. Packed documents add a document mask to each SDPA call, from the
-global document ids sliced by the same chunk ids: no communication.
+global document ids sliced by the same chunk ids (no communication), and a chunk's keys start at the
+start of its first query's document, so short documents keep the masks small.
 """
 
 import torch
@@ -57,7 +58,8 @@ def _lasp2h(q: Tensor, k: Tensor, v: Tensor, lay: SeqLayout, group, causal: bool
     outs = []
     for i, c in enumerate(lay.chunks_of(rank)):
         end = (c + 1) * L
-        pair = None if ids is None else (ids[:, c * L : end], ids[:, :end])
-        outs.append(softmax_attn(q[:, i * L : (i + 1) * L], k_full[:, :end], v_full[:, :end], scale=scale,
+        lo = 0 if docs is None else docs.start_of(c * L)  # keys before the chunk's first document: all masked
+        pair = None if ids is None else (ids[:, c * L : end], ids[:, lo:end])
+        outs.append(softmax_attn(q[:, i * L : (i + 1) * L], k_full[:, lo:end], v_full[:, lo:end], scale=scale,
                                  doc_ids=pair))
     return torch.cat(outs, dim=1)
