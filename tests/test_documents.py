@@ -29,6 +29,7 @@ def test_cu_seqlens_forms_and_derived_tensors():
     assert not as_documents([0], 1, 4).has_resets and d.has_resets
     assert d.digest() != as_documents([0, 1, 5], 1, 10).digest()
     assert [two.start_of(t) for t in (0, 2, 5, 6, 9)] == [0, 0, 0, 3, 3]  # the earliest over the rows
+    assert [two.end_of(t) for t in (0, 2, 5, 6, 9)] == [6, 6, 10, 10, 10]  # the latest over the rows
 
 
 def test_bad_cu_seqlens_name_every_problem():

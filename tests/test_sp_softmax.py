@@ -231,10 +231,15 @@ def _each_document_alone(q, k, v, cu, causal):
     return torch.cat(rows)
 
 
+@pytest.mark.parametrize("qblock", [4096, 5], ids=["whole", "query-blocks-of-5"])
 @pytest.mark.parametrize("heads", ["mha", "gqa4"])
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
-def test_softmax_attn_documents_match_each_document_alone(causal, heads):
-    """1-token documents first, in the middle and last; one row with the trailing N, one without."""
+def test_softmax_attn_documents_match_each_document_alone(monkeypatch, causal, heads, qblock):
+    """1-token documents first, in the middle and last; one row with the trailing N, one without. With
+    query blocks of 5, each block attends only to the keys of its documents' span."""
+    from lasp.kernels.softmax_attn import ops
+
+    monkeypatch.setattr(ops, "DOC_QUERY_BLOCK", qblock)
     (Hq, Hkv), T = HEADS[heads], 23
     cu = [[0, 1, 2, 9, 10, 22, 23], [0, 12]]
     gen = torch.Generator().manual_seed(7)

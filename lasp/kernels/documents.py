@@ -58,6 +58,11 @@ class Documents:
         lists: no device read). No token at or after `position` attends to a key before it."""
         return min(row[bisect.bisect_right(row, position) - 1] for row in self.starts)
 
+    def end_of(self, position: int) -> int:
+        """The latest end (exclusive), over the rows, of the document holding token `position`."""
+        return max(row[i] if (i := bisect.bisect_right(row, position)) < len(row) else self.length
+                   for row in self.starts)
+
     def digest(self) -> int:
         """A summary that differs when any start differs (for the ranks' agreement check)."""
         return hash((self.length, self.starts))

@@ -18,9 +18,10 @@ from torch import Tensor
 from torch.nn.attention.bias import causal_lower_right
 
 from lasp.kernels.checks import check_causal, check_qkv, check_scale
-from lasp.kernels.documents import as_documents
+from lasp.kernels.documents import Documents, as_documents
 
 DocIds = tuple[Tensor, Tensor]
+DOC_QUERY_BLOCK = 4096  # packed documents over a longer sequence run this many queries at a time
 
 
 def check_softmax_attn_args(
@@ -64,6 +65,8 @@ def softmax_attn(
         docs = as_documents(cu_seqlens, q.shape[0], Tq)
         if docs.has_resets:
             ids = docs.ids(q.device)
+            if Tq > DOC_QUERY_BLOCK:
+                return _by_query_blocks(q, k, v, causal, scale, docs, ids)
             doc_ids = (ids, ids)
     mask, is_causal = None, False
     if doc_ids is not None:
@@ -83,6 +86,20 @@ def softmax_attn(
         enable_gqa=q.shape[2] != k.shape[2],
     )
     return o.transpose(1, 2)
+
+
+def _by_query_blocks(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, docs: Documents,
+                     ids: Tensor) -> Tensor:
+    """Packed documents over a long sequence, DOC_QUERY_BLOCK queries at a time against the keys of their
+    documents only (from the host's lists of starts): the masks stay DOC_QUERY_BLOCK x (the documents' span)
+    instead of T x T."""
+    T, outs = q.shape[1], []
+    for a in range(0, T, DOC_QUERY_BLOCK):
+        b = min(a + DOC_QUERY_BLOCK, T)
+        lo, hi = docs.start_of(a), (b if causal else docs.end_of(b - 1))
+        outs.append(softmax_attn(q[:, a:b], k[:, lo:hi], v[:, lo:hi], causal=causal, scale=scale,
+                                 doc_ids=(ids[:, a:b], ids[:, lo:hi])))
+    return torch.cat(outs, dim=1)
 
 
 def _kept(Tq: int, Tk: int, causal: bool, doc_ids: DocIds | None, device) -> Tensor:
