@@ -6,13 +6,16 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from lasp import SeqLayout, lasp1_linear_attn, lasp2_linear_attn, shard_sequence, ulysses_linear_attn
+from lasp import (SeqLayout, lasp1_linear_attn, lasp2_linear_attn, ring_linear_attn, shard_sequence,
+                  ulysses_linear_attn)
 from lasp.distributed.agree import HEADER_BYTES
 from lasp.kernels import recurrent_linear_attn
 from tests.dist import assert_close_rel, c10d_ops, comm_events, profiled_steady_step
 
 ALGOS = {"lasp2": lasp2_linear_attn, "lasp1": lasp1_linear_attn,
-         "ulysses": lambda *a, kernel=None, **kw: ulysses_linear_attn(*a, **kw)}
+         "ulysses": lambda *a, kernel=None, **kw: ulysses_linear_attn(*a, **kw),
+         "ring-right": lambda *a, kernel=None, gate=None, **kw: ring_linear_attn(*a, form="right", **kw),
+         "ring-quadratic": lambda *a, kernel=None, gate=None, **kw: ring_linear_attn(*a, form="quadratic", **kw)}
 DTYPES = {"f64": torch.float64, "f32": torch.float32}
 TOL = {"f64": 1e-10, "f32": 2e-5}
 
@@ -131,7 +134,7 @@ def case_sp_documents(algo, layout, chunk_len, B=2, H=4, Hkv=2, K=6, V=5):
     cu = doc_starts(N, chunk_len)
     shard = lambda x: shard_sequence(x, rank=rank, world_size=W, layout=layout)  # noqa: E731
     out = {}
-    for form in ("none", "decay", "scalar", "vector"):
+    for form in ("none", "decay") if algo.startswith("ring") else ("none", "decay", "scalar", "vector"):
         q, k, v, gate, do = gated_inputs(B, N, H, Hkv, K, V, "vector" if form == "vector" else "scalar")
         decay = -torch.linspace(0.05, 0.5, H, dtype=torch.float64) if form == "decay" else None
         gated = form in ("scalar", "vector")
@@ -170,6 +173,8 @@ def test_lasp2_documents_match_the_recurrence(dist_pool, W, layout):
 
 
 @pytest.mark.parametrize("algo,W,layout", [("lasp1", 3, "zigzag"), ("lasp1", 2, "contiguous"),
-                                           ("ulysses", 2, "zigzag"), ("ulysses", 4, "contiguous")])
-def test_lasp1_and_ulysses_documents_match_the_recurrence(dist_pool, algo, W, layout):
+                                           ("ulysses", 2, "zigzag"), ("ulysses", 4, "contiguous"),
+                                           ("ring-right", 4, "zigzag"), ("ring-quadratic", 3, "contiguous")])
+def test_the_baselines_documents_match_the_recurrence(dist_pool, algo, W, layout):
+    """LASP-1 and Ulysses run the gated form; Ring for linear layers (no gate) masks each block pair."""
     dist_pool(W).run("tests.test_sp_gated:case_sp_documents", algo=algo, layout=layout, chunk_len=7)

@@ -101,6 +101,7 @@ def run_sp_linear_attn(
     gate: Tensor | None = None,
     gated_impl: Callable[..., Tensor] | None = None,
     cu_seqlens=None,
+    documents_in_impl: bool = False,
 ) -> Tensor:
     """Check every argument before any communication, then run impl(q, k, v, log_decay, scale, causal,
     group, lay, kernel, fingerprint) (k, v repeated to q's heads), or `linear_attn` on a group of one.
@@ -108,7 +109,8 @@ def run_sp_linear_attn(
     `heads_divisible`: the query heads must split evenly across the group (Ulysses).
     With a `gate`, gated_impl(q, k, v, gate [B, T, H, Kg], scale, group, lay, kernel, fingerprint) runs
     instead; an op without `gated_impl` refuses gates. `cu_seqlens` (the GLOBAL documents, alike on every
-    rank) runs the gated form with a gate of 0 (-inf) at this rank's document starts."""
+    rank) runs the gated form with a gate of 0 (-inf) at this rank's document starts, or, with
+    `documents_in_impl` and no gate, impl(..., docs=Documents) masks them itself (Ring)."""
     W = group_size(group)
     kernel = DEFAULT_KERNEL if kernel is None else kernel
 
@@ -120,7 +122,7 @@ def run_sp_linear_attn(
             check_gate(gate, q, log_decay, causal, kernel)
         docs = None
         if cu_seqlens is not None:
-            if gated_impl is None:
+            if gated_impl is None and not documents_in_impl:
                 raise ValueError(f"{op} has no document resets: pass cu_seqlens=None, or use lasp2, lasp1 or ulysses")
             docs = check_documents(cu_seqlens, q, q.shape[1] * W, causal, kernel)
         lay = SeqLayout(layout, W)
@@ -138,6 +140,8 @@ def run_sp_linear_attn(
     if check_ranks:
         fp = fingerprint(op, q, k, v, layout, causal, s, log_decay, linear=True, gate=gate, docs=docs)
     fp = _carried(fp, in_band, group, q.device)
+    if docs is not None and docs.has_resets and documents_in_impl and gate is None:
+        return impl(q, k2, v2, log_decay, s, causal, group, lay, kernel, fp, docs=docs)
     if docs is not None and docs.has_resets:
         resets = shard_sequence(docs.resets(q.device), rank=group_rank(group), world_size=W, layout=layout)
         gate = gate_with_resets(gate, log_decay, resets, q.shape[2], state_dtype(q.dtype))

@@ -30,10 +30,18 @@ def _decay(g: Tensor | None, dist: Tensor) -> Tensor | None:
     return None if g is None else torch.exp(g.view(-1, *([1] * dist.dim())) * dist)
 
 
-def _pair(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, gap: int | None, form: str) -> Tensor:
+def _pair(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, gap: int | None, form: str,
+          ids: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """The term of key chunk k, v for query chunk q ([B, L, H, *]); `gap` = c - c' (0: the diagonal block,
-    None: bidirectional, every pair in full)."""
+    None: bidirectional, every pair in full). `ids` (query ids [B, L], key ids [B, L]): packed documents,
+    only pairs within one document count."""
     L = q.shape[1]
+    if ids is not None and gap is not None and gap > 0 and form == "right":
+        # a later query meets only the key chunk's last document: its keys, and the queries still in it
+        q_ids, k_ids = ids
+        last = k_ids[:, -1:]
+        k = k * (k_ids == last)[..., None, None].to(k.dtype)
+        q = q * (q_ids == last)[..., None, None].to(q.dtype)
     a = torch.arange(L, device=q.device, dtype=q.dtype)
     if gap is None:  # bidirectional: no decay, every pair in full
         if form == "right":
@@ -51,13 +59,18 @@ def _pair(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, gap: int | None, fo
         scores = scores * w[None]
     if gap == 0:
         scores = scores.masked_fill(dist[None, None] < 0, 0.0)
+    if ids is not None:
+        scores = scores * (ids[0][:, None, :, None] == ids[1][:, None, None, :]).to(scores.dtype)
     return torch.einsum("bhlm,bmhv->blhv", scores, v)
 
 
-def _ring_linear(q, k, v, log_decay, scale, causal, group, lay: SeqLayout, kernel, fp, *, form: str) -> Tensor:
+def _ring_linear(q, k, v, log_decay, scale, causal, group, lay: SeqLayout, kernel, fp, *, form: str,
+                 docs=None) -> Tensor:
     rank, W, n = group_rank(group), lay.world_size, lay.chunks_per_rank
     B, T, H, K = q.shape
     L = T // n
+    ids = None if docs is None else docs.ids(q.device)  # [B, N]: every chunk's document ids, no communication
+    chunk_ids = (lambda c: None) if ids is None else (lambda c: ids[:, c * L : (c + 1) * L])  # noqa: E731
     g = None if log_decay is None else log_decay.to(q.dtype)
     qs = [q[:, i * L : (i + 1) * L] * scale for i in range(n)]
     out: list[Tensor | None] = [None] * n
@@ -71,7 +84,8 @@ def _ring_linear(q, k, v, log_decay, scale, causal, group, lay: SeqLayout, kerne
             for i, ci in enumerate(lay.chunks_of(rank)):
                 if causal and cj > ci:
                     continue
-                part = _pair(qs[i], kj, vj, g, ci - cj if causal else None, form)
+                pair_ids = None if ids is None else (chunk_ids(ci), chunk_ids(cj))
+                part = _pair(qs[i], kj, vj, g, ci - cj if causal else None, form, pair_ids)
                 out[i] = part if out[i] is None else out[i] + part
     # Every rank relays the gradients of the blocks it passed on, even one that used none of them (rank 0,
     # causal, contiguous): a zero-weighted use of the last block makes autograd run every backward shift
@@ -94,12 +108,14 @@ def ring_linear_attn(
     check_ranks: bool = True,
     cu_seqlens=None,
 ) -> Tensor:
-    """Ring Attention for linear attention over `group` (a baseline); same contract as `lasp1_linear_attn`,
-    plus `form`: "right" (per-block states) or "quadratic" (L x L scores per block pair)."""
+    """Ring Attention for linear attention over `group` (a baseline); same contract as `lasp1_linear_attn`
+    (no gate), plus `form`: "right" (per-block states) or "quadratic" (L x L scores per block pair).
+    `cu_seqlens`: each block pair keeps only pairs within one document (the global ids, no communication);
+    in the right form a later query chunk meets only the key chunk's last document."""
     if form not in FORMS:
         raise ValueError(f"form must be one of {', '.join(FORMS)}, got {form!r}")
     return run_sp_linear_attn(
-        lambda *args: _ring_linear(*args, form=form), q, k, v, op=f"ring-linear-{form[0]}", group=group,
+        lambda *args, **kw: _ring_linear(*args, form=form, **kw), q, k, v, op=f"ring-linear-{form[0]}", group=group,
         layout=layout, log_decay=log_decay, causal=causal, scale=scale, kernel=None, check_ranks=check_ranks,
-        cu_seqlens=cu_seqlens,
+        cu_seqlens=cu_seqlens, documents_in_impl=True,
     )
