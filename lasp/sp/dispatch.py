@@ -110,7 +110,8 @@ def run_sp_linear_attn(
     With a `gate`, gated_impl(q, k, v, gate [B, T, H, Kg], scale, group, lay, kernel, fingerprint) runs
     instead; an op without `gated_impl` refuses gates. `cu_seqlens` (the GLOBAL documents, alike on every
     rank) runs the gated form with a gate of 0 (-inf) at this rank's document starts, or, with
-    `documents_in_impl` and no gate, impl(..., docs=Documents) masks them itself (Ring)."""
+    `documents_in_impl` and no gate, impl(..., docs=Documents) masks them itself (Ring); an op needs one
+    of the two."""
     W = group_size(group)
     kernel = DEFAULT_KERNEL if kernel is None else kernel
 
@@ -122,8 +123,6 @@ def run_sp_linear_attn(
             check_gate(gate, q, log_decay, causal, kernel)
         docs = None
         if cu_seqlens is not None:
-            if gated_impl is None and not documents_in_impl:
-                raise ValueError(f"{op} has no document resets: pass cu_seqlens=None, or use lasp2, lasp1 or ulysses")
             docs = check_documents(cu_seqlens, q, q.shape[1] * W, causal, kernel)
         lay = SeqLayout(layout, W)
         lay.check_local_length(q.shape[1])

@@ -70,7 +70,6 @@ def _ring_linear(q, k, v, log_decay, scale, causal, group, lay: SeqLayout, kerne
     B, T, H, K = q.shape
     L = T // n
     ids = None if docs is None else docs.ids(q.device)  # [B, N]: every chunk's document ids, no communication
-    chunk_ids = (lambda c: None) if ids is None else (lambda c: ids[:, c * L : (c + 1) * L])  # noqa: E731
     g = None if log_decay is None else log_decay.to(q.dtype)
     qs = [q[:, i * L : (i + 1) * L] * scale for i in range(n)]
     out: list[Tensor | None] = [None] * n
@@ -84,7 +83,7 @@ def _ring_linear(q, k, v, log_decay, scale, causal, group, lay: SeqLayout, kerne
             for i, ci in enumerate(lay.chunks_of(rank)):
                 if causal and cj > ci:
                     continue
-                pair_ids = None if ids is None else (chunk_ids(ci), chunk_ids(cj))
+                pair_ids = None if ids is None else (ids[:, ci * L : (ci + 1) * L], ids[:, cj * L : (cj + 1) * L])
                 part = _pair(qs[i], kj, vj, g, ci - cj if causal else None, form, pair_ids)
                 out[i] = part if out[i] is None else out[i] + part
     # Every rank relays the gradients of the blocks it passed on, even one that used none of them (rank 0,

@@ -90,9 +90,9 @@ def overlapped_seconds(prof) -> float:
 
 def measure(case: Case, group, rank: int, reps: int, *, check_ranks: bool, barrier=None, count=None) -> dict:
     """Time `reps` forward and backward passes of case.method on this rank's shard (after one warm-up),
-    then one more under the profiler to count messages and find the peak memory above the inputs (`count`: a context manager yielding a list that
-    collects the messages the profiler cannot see). Returns a row (seconds are medians, with the spread as
-    the 25th-75th percentiles)."""
+    then one more under the profiler to count messages and find the peak memory above the inputs
+    (`count`: a context manager yielding a list that collects the messages the profiler cannot see).
+    Returns a row (seconds are medians, with the spread as the 25th-75th percentiles)."""
     kind, fn = METHODS[case.method]
     dt = DTYPES[case.dtype]
     dev = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")

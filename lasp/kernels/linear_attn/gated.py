@@ -12,11 +12,15 @@ start; G never decreases in magnitude away from the start, so exp(G_i - G_j) <= 
 block's pieces are all bounded:
 - intra-block scores A_ij = sum_k q_ik k_jk exp(G_ik - G_jk), j <= i: for a scalar gate a [C, C] weight
   per head. For a vector gate, (q_i exp(G_i)) . (k_j exp(-G_j)) by a matmul while the gate sums to no
-  less than -FACTOR_SPAN over any block of the call (exp(30) neither overflows nor loses the product);
+  less than -FACTOR_SPAN over every block of the call (exp(30) neither overflows nor loses the product);
   otherwise the exact [C, C, K] weight over short blocks (16 tokens);
 - the incoming state's term (q_i * exp(G_i)) H_b, and the block's state from a zero start
   sum_j (k_j * exp(G_last - G_j)) v_j^T, and its transition Diag(exp(G_last)).
 Never exp(-G) alone, which overflows over a long span. Across blocks the states are scanned (`affine_scan`).
+
+A log-gate of -inf (a gate of exactly 0) is a document start: the state resets there (`split_resets`).
+Its gate counts as 0 in G, and a segment id per token masks the intra-block weight to one document,
+drops the incoming state's term after a start, and keeps only the block's last document in its state.
 
 The backward is written out. The gate's gradient needs no derivative of the exponentials: with q~ = q
 exp(G) and k~ = k exp(-G), the output depends on G only through q~ and k~ and the final state through
@@ -67,7 +71,7 @@ class _Block:
             self.wk = self.wk * (self.seg == seg_last)  # only the last document reaches the block's end
             self.decay = self.decay * (seg_last == 0)
         self.mode = "scalar" if self.G.shape[-1] == 1 else "factored" if factored else "exact"
-        self._E = self._qd = self._kf = self._eG = self._wq = None
+        self._E = self._qd = self._qf = self._kf = self._emG = self._eG = self._wq = None
 
     @property
     def eG(self) -> Tensor:
@@ -93,7 +97,8 @@ class _Block:
         """(q * exp(G), k * exp(-G)): the factored form's operands (bounded by exp(FACTOR_SPAN))."""
         if self._kf is None:
             self._qf = self.qd() if self.seg is None else self.q * self.eG
-            self._kf = self.k * torch.exp(-self.G)
+            self._emG = torch.exp(-self.G)
+            self._kf = self.k * self._emG
         return self._qf, self._kf
 
     def _mask(self) -> Tensor:
@@ -137,7 +142,7 @@ class _Block:
         dae = da * self.E
         if self.mode == "factored":
             qf, kf = self.factors()
-            return (dae @ kf) * self.eG, (dae.transpose(-1, -2) @ qf) * torch.exp(-self.G)
+            return (dae @ kf) * self.eG, (dae.transpose(-1, -2) @ qf) * self._emG
         return dae @ self.k, dae.transpose(-1, -2) @ self.q
 
     def state(self) -> Tensor:

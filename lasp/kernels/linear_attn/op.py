@@ -89,14 +89,15 @@ def check_gate(gate, q: Tensor, log_decay: Tensor | None, causal: bool, kernel: 
             bad = gate[wrong]
             problems.append(f"gate values must be <= 0 and not NaN (log of a gate in [0, 1]); {bad.numel()} are "
                             f"not, e.g. {bad.flatten()[:4].tolist()}")
-        reset = torch.isneginf(gate) if gate.dim() == 4 else None
-        if reset is not None and bool(reset.any()):
+        reset = torch.isneginf(gate)
+        has_reset = bool(reset.any())
+        if has_reset and gate.dim() == 4:
             partial = reset.any(-1) != reset.all(-1)
             if bool(partial.any()):
                 b, t, h = (int(i) for i in torch.nonzero(partial)[0])
                 problems.append(f"a vector gate of -inf (a reset) must be -inf on every key dim of its token and "
                                 f"head; gate[{b}, {t}, {h}] is -inf on {int(reset[b, t, h].sum())} of {K}")
-        if not getattr(kernel, "resets", False) and bool(torch.isneginf(gate).any()):
+        if has_reset and not getattr(kernel, "resets", False):
             problems.append(f"the {kernel.name!r} kernel has no reset (a gate of -inf, a document start); use the "
                             f"'torch' backend")
         if gate_form(gate) not in getattr(kernel, "gates", ()):
