@@ -18,19 +18,19 @@ import torch.multiprocessing as mp
 
 from lasp import lasp2_linear_attn, linear_attn, shard_sequence
 from lasp.cli import at_least, processes, sequence, usage_error
+from lasp.distributed.events import profiled_ops
 
 _ELEM = {"Float": 4, "Double": 8, "Half": 2, "BFloat16": 2}
 
 
 def _comm(prof, world_size: int) -> list[str]:
     lines = []
-    for e in prof.events():
-        if e.name.startswith(("gloo:", "nccl:")):
-            shape = e.input_shapes[0] if e.input_shapes else []
-            numel = 1
-            for s in shape:
-                numel *= s
-            lines.append(f"{e.name} of {shape} ({numel * world_size} elements received)")
+    for e in profiled_ops(prof, "gloo:", "nccl:"):
+        shape = e.input_shapes[0] if e.input_shapes else []
+        numel = 1
+        for s in shape:
+            numel *= s
+        lines.append(f"{e.name} of {shape} ({numel * world_size} elements received)")
     return lines
 
 

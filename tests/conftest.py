@@ -15,10 +15,10 @@ import pytest  # noqa: E402
 from tests.dist import DistPool  # noqa: E402
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def dist_pool():
-    """get(W) -> a live DistPool of W gloo processes, started once per test module (so processes that
-    imported megatron-core or DeepSpeed do not linger beside the next module's)."""
+    """get(W) -> a live DistPool of W gloo processes, started once per world size for the whole run (each
+    start costs seconds of torch imports); a pool that a failed case tore down is started again."""
     pools: dict[int, DistPool] = {}
 
     def get(world_size: int) -> DistPool:

@@ -135,14 +135,14 @@ def profiled_steady_step(run, do):
 
 def comm_events(prof) -> list[tuple[str, list]]:
     """(name, input shapes) of every collective / point-to-point event the profiler recorded."""
-    return [
-        (e.name, e.input_shapes)
-        for e in prof.events()
-        if e.name.startswith("gloo:") or e.name.startswith("nccl:")
-    ]
+    from lasp.distributed.events import profiled_ops
+
+    return [(e.name, e.input_shapes) for e in profiled_ops(prof, "gloo:", "nccl:")]
 
 
 def c10d_ops(prof) -> list[str]:
     """Names of the torch.distributed operations the code asked for (c10d::*), whatever the backend does
     underneath (gloo runs a reduce-scatter as an all-reduce, for instance)."""
-    return [e.name for e in prof.events() if e.name.startswith("c10d::")]
+    from lasp.distributed.events import profiled_ops
+
+    return [e.name for e in profiled_ops(prof, "c10d::")]

@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from lasp.distributed.events import profiled_ops
 from lasp.model import LinearLlama, ModelConfig
 from tests.dist import assert_close_rel
 from tests.test_parallel import BATCH, MODEL, SEQ, TOL, _reference
@@ -49,10 +50,10 @@ def case_overlap(bucket: int):
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         train_step(stage, tokens, pcfg, groups)
     handle.remove()
-    events = prof.events()
-    (done,) = [e.time_range.start for e in events if e.name == "first_layer_backward_done"]
+    events = profiled_ops(prof)
+    (done,) = [e.start_ns for e in events if e.name == "first_layer_backward_done"]
     # megatron issues each bucket as one coalesced all-reduce; the loss all-reduce is a plain one
-    reduces = [e.time_range.start for e in events if e.name == "c10d::allreduce_coalesced_"]
+    reduces = [e.start_ns for e in events if e.name == "c10d::allreduce_coalesced_"]
     return {"buckets": len(stage.bucket_groups), "reduces": len(reduces), "early": sum(t < done for t in reduces)}
 
 

@@ -22,6 +22,7 @@ from lasp import (
     ulysses_softmax_attn,
 )
 from lasp.distributed.agree import RanksDisagree
+from lasp.distributed.events import profiled_ops
 from lasp.kernels.documents import as_documents
 from lasp.kernels.softmax_attn import attn_block_bwd, attn_with_lse, merge_partials
 from tests.dist import assert_close_rel, c10d_ops
@@ -76,7 +77,7 @@ def case_sp_attn(algo, layout, causal, dtype, heads, chunk_len, decay=False, doc
     assert_close_rel(o, shard(o_ref), TOL[dtype], "o")
     for name, got, ref in zip("qkv", local, full):
         assert_close_rel(got.grad, shard(ref.grad), TOL[dtype], f"d{name}")
-    sdpa = [e.input_shapes for e in pf.events() if e.name == "aten::scaled_dot_product_attention"]
+    sdpa = [e.input_shapes for e in profiled_ops(pf, "aten::scaled_dot_product_attention")]
     # SDPA takes [B, H, T, D]: record (query length, key length) of every call
     return {"fwd": c10d_ops(pf), "bwd": c10d_ops(pb), "sdpa_q_k": [(s[0][2], s[1][2]) for s in sdpa]}
 

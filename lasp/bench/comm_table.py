@@ -23,6 +23,7 @@ import torch.multiprocessing as mp
 
 from lasp.bench.common import environment, write_jsonl
 from lasp.cli import processes, sequence, usage_error, writable
+from lasp.distributed.events import profiled_ops
 
 B, H, HKV, D = 1, 8, 2, 64
 ALGOS = ["lasp2", "lasp1", "ulysses_linear", "lasp2h", "ring", "ulysses_softmax"]
@@ -39,7 +40,7 @@ def _numel(shape) -> int:
 def _received(prof, W: int) -> list[tuple[str, int]]:
     """(operation, elements this rank received) for every communication op the profiler saw."""
     out = []
-    for e in prof.events():
+    for e in profiled_ops(prof):
         shapes = e.input_shapes
         if e.name == "c10d::_allgather_base_":
             out.append(("all-gather", _numel(shapes[0]) * (W - 1) // W))

@@ -16,6 +16,7 @@ import torch
 import lasp
 from lasp.bench.sp.cost import Message
 from lasp.distributed.comm import p2p_log
+from lasp.distributed.events import profiled_ops
 from lasp.sp.layout import SeqLayout
 
 METHODS = {
@@ -64,9 +65,7 @@ def messages(prof, p2p: list[int]) -> list[Message]:
     whole buffer, an all-to-all by this rank's buffer; hops by each receive (`p2p`: their bytes, from
     lasp.distributed.comm.p2p_log, as the profiler does not record the tensor lists of send and recv)."""
     out = []
-    for e in prof.events():
-        if not e.name.startswith("c10d::"):
-            continue
+    for e in profiled_ops(prof, "c10d::"):
 
         def nbytes(i: int) -> int:
             n = 1
@@ -85,7 +84,7 @@ def messages(prof, p2p: list[int]) -> list[Message]:
 
 def overlapped_seconds(prof) -> float:
     """CPU time under the "lasp2.overlapped" label (LASP-2's intra-chunk compute, while its all-gather flies)."""
-    return sum(e.cpu_time_total for e in prof.events() if e.name == "lasp2.overlapped") / 1e6
+    return sum(e.duration_ns for e in profiled_ops(prof, "lasp2.overlapped")) / 1e9
 
 
 def measure(case: Case, group, rank: int, reps: int, *, check_ranks: bool, barrier=None, count=None) -> dict:
@@ -175,4 +174,4 @@ _COMPUTE = ("aten::mm", "aten::bmm", "aten::matmul", "aten::einsum", "aten::scal
 
 def _compute_shapes(prof) -> list:
     """(op, input shapes) of the matrix products a rank ran: the per-rank compute, whatever the messages."""
-    return [[e.name, e.input_shapes] for e in prof.events() if e.name in _COMPUTE]
+    return [[e.name, e.input_shapes] for e in profiled_ops(prof) if e.name in _COMPUTE]
