@@ -111,6 +111,7 @@ def test_simulation_computes_what_the_distributed_run_computes(dist_pool, method
     assert all(len(s) > 0 for s in dist_rows)
 
 
+@pytest.mark.slow
 def test_the_cpu_sweep_writes_its_files_and_plots(tmp_path):
     out = tmp_path / "sp"
     run = subprocess.run(
@@ -132,7 +133,7 @@ def test_the_cpu_sweep_writes_its_files_and_plots(tmp_path):
     assert "median |error|" in run.stdout and "| lasp2 | 4 |" in run.stdout
 
 
-def test_predicted_steps_add_compute_and_the_exposed_messages(tmp_path):
+def test_predicted_steps_add_compute_and_the_exposed_messages():
     from lasp.bench.sp.predict import step
     from lasp.model.config import ModelConfig
     from lasp.train.flops import flops_per_token
@@ -146,6 +147,10 @@ def test_predicted_steps_add_compute_and_the_exposed_messages(tmp_path):
     kv_ag = collective_time(Message("all_gather", 8 * 1024 * 4 * 128 * 2), 8, link)  # 1 LASP-2H layer, bf16
     assert got["comm_s"] == pytest.approx(3 * 2 * state_ag + 2 * kv_ag)
     assert got["tokens_per_s"] == pytest.approx(8192 / (got["compute_s"] + got["comm_s"]))
+
+
+@pytest.mark.slow
+def test_the_prediction_sweep_writes_its_rows_and_plot(tmp_path):
     run = subprocess.run([sys.executable, "-m", "lasp.bench.sp", "predict", "--world-sizes", "16", "64",
                           "--seq-lens", "65536", "2097152", "--out", str(tmp_path)], capture_output=True, text=True,
                          timeout=300)
@@ -157,6 +162,7 @@ def test_predicted_steps_add_compute_and_the_exposed_messages(tmp_path):
     assert (tmp_path / "predicted_W64.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_the_gated_benchmark_writes_its_rows(tmp_path):
     run = subprocess.run([sys.executable, "-m", "lasp.bench.gated", "--lengths", "96", "--reps", "1", "--out",
                           str(tmp_path / "gated")], capture_output=True, text=True, timeout=300)

@@ -397,6 +397,7 @@ def _default_command(dockerfile: Path, tmp: Path, env: dict, *extra):
     return subprocess.run([*argv, *extra], cwd=tmp, env=env, capture_output=True, text=True, timeout=60)
 
 
+@pytest.mark.slow
 def test_gpu_default_command_trains_the_quickstart_on_every_gpu(tmp_path):
     env = _sandbox(tmp_path, gpus=4)
     _stamp(tmp_path, GPU)
@@ -409,6 +410,7 @@ def test_gpu_default_command_trains_the_quickstart_on_every_gpu(tmp_path):
     assert "NPROC_PER_NODE=4 " in out.stdout and "--set parallel.sp=8" in out.stdout
 
 
+@pytest.mark.slow
 def test_gpu_default_command_without_a_gpu_says_so(tmp_path):
     env = _sandbox(tmp_path, gpus=None)
     _stamp(tmp_path, GPU)
@@ -416,6 +418,7 @@ def test_gpu_default_command_without_a_gpu_says_so(tmp_path):
     assert out.returncode == 1 and "no GPU visible" in out.stderr and not out.stdout
 
 
+@pytest.mark.slow
 def test_cpu_default_command_runs_the_suite_without_reinstalling(tmp_path):
     env = _sandbox(tmp_path, gpus=None)
     _stamp(tmp_path, CPU)
@@ -424,6 +427,7 @@ def test_cpu_default_command_runs_the_suite_without_reinstalling(tmp_path):
     assert (tmp_path / "python.log").read_text().splitlines() == ["-m pytest -q"]
 
 
+@pytest.mark.slow
 def test_a_stale_stamp_would_reinstall(tmp_path):
     """The no-reinstall checks above can fail: the GPU image's stamp under the CPU pins sends setup.sh to pip."""
     env = _sandbox(tmp_path, gpus=None)

@@ -5,9 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
 def test_hybrid_step_example():
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(ROOT / "examples/hybrid_step.py")]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)

@@ -40,25 +40,25 @@ def _assert_dry_run(stdout):
         assert part in stdout
 
 
-@pytest.mark.e2e
+@pytest.mark.slow
 def test_dry_run_through_torchrun():
     _assert_dry_run(_run(["bash", "launch/torchrun.sh", *DRY], {"NPROC_PER_NODE": "1"}))
 
 
-@pytest.mark.e2e
+@pytest.mark.slow
 def test_dry_run_through_torchrun_multi_node_variables():
     env = {"NNODES": "1", "NODE_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
            "NPROC_PER_NODE": "1"}
     _assert_dry_run(_run(["bash", "launch/torchrun.sh", *DRY], env))
 
 
-@pytest.mark.e2e
+@pytest.mark.slow
 def test_dry_run_through_the_deepspeed_launcher():
     _assert_dry_run(_run(["bash", "launch/deepspeed.sh", *DRY],
                          {"NPROC_PER_NODE": "1", "MASTER_PORT": str(_free_port())}))
 
 
-@pytest.mark.e2e
+@pytest.mark.slow
 def test_dry_run_through_slurm_sbatch(tmp_path):
     # stand-ins for SLURM's srun (runs its command once, as on a one-node job) and scontrol
     (tmp_path / "srun").write_text('#!/usr/bin/env bash\nwhile [[ $1 == --* ]]; do shift; done\nexec "$@"\n')
@@ -71,6 +71,7 @@ def test_dry_run_through_slurm_sbatch(tmp_path):
     _assert_dry_run(_run(["bash", "launch/slurm.sbatch", *DRY], env))
 
 
+@pytest.mark.slow
 def test_the_scaling_sweep_runs_through_its_launcher(tmp_path):
     out = tmp_path / "sp"
     _run(["bash", "launch/bench_scaling.sh", "--world-sizes", "1", "2", "--seq-lens", "64", "--tokens-per-rank",

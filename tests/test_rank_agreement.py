@@ -165,6 +165,7 @@ def test_headers_compare_every_field_at_once():
     _check([heads[0], heads[0]], fp)  # agreement: no error
 
 
+@pytest.mark.slow
 def test_the_rank_checks_benchmark_writes_its_rows(tmp_path):
     import json
     import subprocess

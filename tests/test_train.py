@@ -84,7 +84,7 @@ def _rows(run_dir, kind="train"):
         return [r for r in map(json.loads, f) if r["kind"] == kind]
 
 
-@pytest.mark.e2e
+@pytest.mark.slow
 def test_one_process_trains_and_leaves_metrics_tensorboard_and_plot(tmp_path, corpus):
     config, run_dir = _config(tmp_path, corpus, train={"steps": 8})
     out = _train(config)
@@ -101,14 +101,14 @@ def test_one_process_trains_and_leaves_metrics_tensorboard_and_plot(tmp_path, co
     assert yaml.safe_load(open(os.path.join(run_dir, "config.yaml")))["train"]["steps"] == 8
 
 
-@pytest.mark.e2e
+@pytest.mark.slow
 def test_sp2_through_torchrun_gives_the_sp1_losses(tmp_path, corpus, reference):
     config, run_dir = _config(tmp_path, corpus, "sp2", parallel={"sp": 2, "sp_layout": "zigzag"})
     _train(config, nproc=2)
     _same_curve(run_dir, reference)
 
 
-@pytest.mark.e2e
+@pytest.mark.slow
 def test_zero2_through_the_deepspeed_launcher_gives_the_same_losses(tmp_path, corpus, reference):
     port = _free_port()
     config, run_dir = _config(tmp_path, corpus, "zero", parallel={"dp": 2, "zero_stage": 2})
@@ -119,7 +119,7 @@ def test_zero2_through_the_deepspeed_launcher_gives_the_same_losses(tmp_path, co
     _same_curve(run_dir, reference)
 
 
-@pytest.mark.e2e
+@pytest.mark.slow
 def test_nonfinite_loss_stops_or_skips_as_configured(tmp_path, corpus):
     blow_up = ["--set", "optim.lr=1e30", "--set", "optim.grad_clip=0", "--set", "schedule.warmup_steps=0",
                "--set", "train.eval_interval=0", "--set", "train.steps=30"]
@@ -156,7 +156,7 @@ def _wait_for(proc, path, what):
     assert there(), f"no {what} after 120 s"
 
 
-@pytest.mark.e2e
+@pytest.mark.slow
 def test_sigterm_on_one_rank_saves_exits_75_and_a_new_start_resumes(tmp_path, corpus):
     config, run_dir = _config(tmp_path, corpus, "term", train={"steps": 10000, "eval_interval": 0},
                               parallel={"dp": 2}, checkpoint={"interval": 0})
@@ -175,7 +175,7 @@ def test_sigterm_on_one_rank_saves_exits_75_and_a_new_start_resumes(tmp_path, co
     assert [r["step"] for r in _rows(run_dir)] == list(range(1, step + 3))
 
 
-@pytest.mark.e2e
+@pytest.mark.slow
 def test_a_worker_killed_with_sigkill_is_restarted_by_torchrun_and_the_curve_is_exact(tmp_path, corpus):
     slow = dict(model={"hidden_size": 64, "ffn_hidden_size": 128}, data={"seq_len": 256, "global_batch": 8},
                 train={"steps": 24, "eval_interval": 0}, parallel={"sp": 2}, checkpoint={"interval": 4})
@@ -204,7 +204,7 @@ def _two_nodes(config, port):
     ]
 
 
-@pytest.mark.e2e
+@pytest.mark.slow
 def test_two_nodes_through_launch_torchrun_sh_train_together(tmp_path, corpus, reference):
     port = _free_port()
     config, run_dir = _config(tmp_path, corpus, "nodes", train={"steps": 3}, parallel={"sp": 2})
@@ -215,7 +215,7 @@ def test_two_nodes_through_launch_torchrun_sh_train_together(tmp_path, corpus, r
     _same_curve(run_dir, reference, steps=3)
 
 
-@pytest.mark.e2e
+@pytest.mark.slow
 def test_the_deepspeed_launcher_with_a_localhost_hostfile_gives_the_same_losses(tmp_path, corpus, reference):
     config, run_dir = _config(tmp_path, corpus, "hostfile", train={"steps": 3}, parallel={"sp": 2})
     (tmp_path / "hostfile").write_text("localhost slots=2\n")
@@ -226,7 +226,7 @@ def test_the_deepspeed_launcher_with_a_localhost_hostfile_gives_the_same_losses(
     _same_curve(run_dir, reference, steps=3)
 
 
-@pytest.mark.e2e
+@pytest.mark.slow
 def test_a_dead_node_ends_the_other_with_an_error_not_a_hang(tmp_path, corpus):
     port = _free_port()
     config, run_dir = _config(tmp_path, corpus, "dead", train={"steps": 100000, "eval_interval": 0,
@@ -244,7 +244,7 @@ def test_a_dead_node_ends_the_other_with_an_error_not_a_hang(tmp_path, corpus):
     procs[1].communicate()
 
 
-@pytest.mark.e2e
+@pytest.mark.slow
 def test_bf16_autocast_with_activation_checkpointing_follows_the_fp32_curve(tmp_path, corpus, reference):
     config, run_dir = _config(tmp_path, corpus, "bf16", train={"dtype": "bfloat16", "activation_checkpointing": 1,
                                                               "eval_interval": 0, "steps": 3})

@@ -40,13 +40,15 @@ def _decay_and_gate(mode, B, T, dtype=torch.float32):
 
 
 @pytest.mark.parametrize("decay", [False, True], ids=["nodecay", "decay"])
-@pytest.mark.parametrize("T, K, V, block", [(1, 16, 16, 16), (37, 8, 12, 16), (70, 16, 32, 16), (64, 40, 24, 32),
-                                           (16, 264, 16, 16)])
-def test_protocol_matches_pytorch(T, K, V, block, decay):
-    """Every method; in the interpreter the tiles are 16 wide, so K=40 / V=24 / V=32 cross tile borders."""
+@pytest.mark.parametrize("T, K, V, block, B, H", [(1, 16, 16, 16, 1, 3), (37, 8, 12, 16, 2, 3), (70, 16, 32, 16, 1, 3),
+                                                 (64, 40, 24, 32, 1, 3), (16, 264, 16, 16, 1, 1)])
+def test_protocol_matches_pytorch(T, K, V, block, B, H, decay):
+    """Every method; in the interpreter the tiles are 16 wide, so K=40 / V=24 / V=32 cross tile borders,
+    and K=264 (17 tiles) has no head-dim limit. The interpreter runs one program per (row, head, chunk)
+    at a time, so only T=37 takes a second row (batch strides); the others take one."""
     tk = TritonChunkKernel(block=block)
-    q, k, v, do, S = _inputs(T, K, V)
-    g = DECAY.to(DEVICE) if decay else None
+    q, k, v, do, S = _inputs(T, K, V, B=B, H=H)
+    g = DECAY[:H].to(DEVICE) if decay else None
     pairs = [
         ([tk.chunk_state(k, v, g)], [REF.chunk_state(k, v, g)]),
         ([tk.intra_fwd(q, k, v, g, 0.3)], [REF.intra_fwd(q, k, v, g, 0.3)]),
@@ -132,8 +134,9 @@ HALF_CASES = [  # (dtype, T, D): fp16 also in the interpreter (small); its tl.do
 def test_half_precision(dtype, T, D, mode):
     """16-bit forward and backward with states (products in the input dtype, fp32 accumulation),
     against the fp32 PyTorch path on the same inputs (the gate's gradient included)."""
-    q, k, v, do, s0 = _inputs(T, D, D, dtype=dtype)
-    g, gate = _decay_and_gate(mode, 2, T, dtype)
+    B = 2 if ON_GPU else 1  # the interpreter runs programs one at a time; batch strides: the fp32 tests
+    q, k, v, do, s0 = _inputs(T, D, D, dtype=dtype, B=B)
+    g, gate = _decay_and_gate(mode, B, T, dtype)
     inputs = (q, k, v, s0) + (() if gate is None else (gate,))
     got = [x.clone().requires_grad_() for x in inputs]
     ref = [x.float().clone().requires_grad_() for x in inputs]
@@ -150,13 +153,14 @@ def test_half_precision(dtype, T, D, mode):
         assert_close_rel(a.float(), b, tol)
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
-def test_lasp2_runs_the_same_algorithm_on_triton_kernels(dist_pool, layout):
+def test_lasp2_runs_the_same_algorithm_on_triton_kernels(dist_pool):
+    """Zigzag: each rank runs two chunks that are not neighbours, each from its own incoming state (the
+    contiguous layout's one chunk per rank is the simpler case; both layouts run on the torch kernel)."""
     if ON_GPU:
         pytest.skip("the gloo pool runs on CPU; on a GPU the protocol tests above cover the kernels")
     res = dist_pool(2).run(
-        "tests.test_sp_linear:case_sp_linear", algo="lasp2", layout=layout, mode="decay", dtype="f32",
-        chunk_len=21, K=16, V=16, backend="triton",
+        "tests.test_sp_linear:case_sp_linear", algo="lasp2", layout="zigzag", mode="decay", dtype="f32",
+        chunk_len=21, K=16, V=16, B=1, backend="triton",
     )
     assert all(len(r["fwd"]) == 1 and len(r["bwd"]) == 1 for r in res)
 
@@ -187,7 +191,7 @@ def test_lasp2_gated_on_triton_kernels(dist_pool):
     gate's gradient from the local backward) on 2 ranks, zigzag: chunks of 21 tokens, blocks of 16."""
     if ON_GPU:
         pytest.skip("the gloo pool runs on CPU; on a GPU the protocol tests above cover the kernels")
-    res = dist_pool(2).run("tests.test_triton_kernels:case_lasp2_gated_triton", layout="zigzag", chunk_len=21)
+    res = dist_pool(2).run("tests.test_triton_kernels:case_lasp2_gated_triton", layout="zigzag", chunk_len=21, B=1)
     assert res == [True, True]
 
 
