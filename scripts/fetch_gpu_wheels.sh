@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Downloads into .whl/ (ignored by git) the wheels of requirements/gpu-peers.txt: a lent GPU machine
 # has PyTorch, Triton, pytest, matplotlib and einops but no network. Here: bash scripts/fetch_gpu_wheels.sh; there: the
-# device tool carries .whl and scripts/gpu_session.sh installs it (README: "GPU session").
+# device tool carries .whl and scripts/gpu_session.sh installs it (docs/gpu.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py=.venv/bin/python

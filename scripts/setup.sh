@@ -27,5 +27,12 @@ if [ "$(cat "$STAMP" 2>/dev/null || true)" != "$WANT" ]; then
   "$PY" -m pip install --quiet --disable-pip-version-check -c "$PINS" -e "$ROOT[test,bench]"
   # DeepSpeed (ZeRO) builds no ops at install time and must see the installed torch: no build isolation.
   env "${DS_ENV[@]}" "$PY" -m pip install --quiet --disable-pip-version-check --no-build-isolation -c "$PINS" deepspeed
+  if [ "$PINS" = "$ROOT/requirements/constraints-cpu.txt" ]; then
+    # DeepSpeed's CPU accelerator compiles its shared-memory comm op (g++, about 25 s) at the first ZeRO
+    # start; build it now, into torch's extension cache, so no training run or test pays for it.
+    echo "building DeepSpeed's CPU comm op" >&2
+    env "${DS_ENV[@]}" "$PY" -c 'from deepspeed.accelerator import get_accelerator
+get_accelerator().create_op_builder("ShareMemCommBuilder").load(verbose=False)' >/dev/null
+  fi
   echo "$WANT" > "$STAMP"
 fi

@@ -101,7 +101,7 @@ class DistPool:
         for t, p in zip(self._tasks, self._procs):
             if p.is_alive():
                 t.put(None)
-        deadline = time.monotonic() + 3  # a clean exit is quick; a rank stuck in a collective is killed
+        deadline = time.monotonic() + 1  # a clean exit is quick; a rank stuck in a collective is killed
         for p in self._procs:
             p.join(timeout=max(0.0, deadline - time.monotonic()))
             if p.is_alive():

@@ -1,4 +1,6 @@
-"""The launch scripts: they parse (bash -n), and a dry run goes through each launcher."""
+"""The launch scripts: they parse (bash -n), a dry run goes through SLURM's, and the scaling sweep through
+its own. Training through launch/torchrun.sh (one node and two) and launch/deepspeed.sh (local and with a
+hostfile) is in test_train.py."""
 
 import json
 import os
@@ -38,24 +40,6 @@ def _run(cmd, env_extra, timeout=120):
 def _assert_dry_run(stdout):
     for part in ("# mesh", "tp=1 sp=2 (zigzag) pp=1 dp=1: 2 ranks", "model FLOPs per token"):
         assert part in stdout
-
-
-@pytest.mark.slow
-def test_dry_run_through_torchrun():
-    _assert_dry_run(_run(["bash", "launch/torchrun.sh", *DRY], {"NPROC_PER_NODE": "1"}))
-
-
-@pytest.mark.slow
-def test_dry_run_through_torchrun_multi_node_variables():
-    env = {"NNODES": "1", "NODE_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
-           "NPROC_PER_NODE": "1"}
-    _assert_dry_run(_run(["bash", "launch/torchrun.sh", *DRY], env))
-
-
-@pytest.mark.slow
-def test_dry_run_through_the_deepspeed_launcher():
-    _assert_dry_run(_run(["bash", "launch/deepspeed.sh", *DRY],
-                         {"NPROC_PER_NODE": "1", "MASTER_PORT": str(_free_port())}))
 
 
 @pytest.mark.slow

@@ -102,9 +102,13 @@ def test_one_process_trains_and_leaves_metrics_tensorboard_and_plot(tmp_path, co
 
 
 @pytest.mark.slow
-def test_sp2_through_torchrun_gives_the_sp1_losses(tmp_path, corpus, reference):
+def test_sp2_through_launch_torchrun_sh_gives_the_sp1_losses(tmp_path, corpus, reference):
+    """One node through the launch script (torchrun --standalone); two nodes: below."""
     config, run_dir = _config(tmp_path, corpus, "sp2", parallel={"sp": 2, "sp_layout": "zigzag"})
-    _train(config, nproc=2)
+    out = subprocess.run(["bash", "launch/torchrun.sh", "--config", config], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300, env={**_env(), "PYTHON": sys.executable, "NPROC_PER_NODE": "2"})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+    assert "tp=1 sp=2 (zigzag) pp=1 dp=1" in out.stdout
     _same_curve(run_dir, reference)
 
 

@@ -6,7 +6,7 @@ Runs one forward and one backward of each algorithm on the same split (B=1, H=8 
 head dim 64; zigzag, causal) and records the torch.distributed operations each rank asked for. The ops run
 with check_ranks=False: the table is the algorithms' own traffic (the rank checks add a 512-byte header to
 the all-gathers of LASP-2 and LASP-2H, and one 512-byte all-gather per call to LASP-1, Ring and Ulysses;
-see lasp.distributed.agree and the README). Writes
+see lasp.distributed.agree and docs/api.md). Writes
 <out>.jsonl and prints a markdown table. Nothing in the table is typed in by hand.
 """
 

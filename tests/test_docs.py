@@ -1,0 +1,179 @@
+"""The documentation holds together: README.md and every docs/*.md link only to files and headings that
+exist (GitHub's anchors), every `python -m lasp...` they name answers --help, and the README stays short."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+README_MAX_LINES = 250
+HELP_TIMEOUT_S = 180
+
+FENCE = re.compile(r"^\s*(```|~~~)")
+HEADING = re.compile(r"^ {0,3}(#{1,6})\s+(.*?)\s*#*\s*$")
+LINK = re.compile(r"\[(?:[^\[\]]|\[[^\[\]]*\])*\]\(\s*<?([^)\s>]*)>?(?:\s+\"[^\"]*\")?\s*\)")
+CODE_SPAN = re.compile(r"(`+)(?:(?!\1).)+?\1", re.DOTALL)
+MODULE = re.compile(r"python\s+-m\s+(lasp(?:\.\w+)+)")
+
+
+def doc_files() -> list[Path]:
+    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def prose_lines(text: str):
+    """(line number, line) outside fenced code blocks."""
+    fenced = False
+    for n, line in enumerate(text.splitlines(), start=1):
+        if FENCE.match(line):
+            fenced = not fenced
+            continue
+        if not fenced:
+            yield n, line
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor for a heading's text (before de-duplication): inline markup reduced to its text,
+    lowercase, every character but letters, digits, spaces, hyphens and underscores dropped, spaces to
+    hyphens."""
+    text = re.sub(r"!?\[([^\]]*)\]\([^)]*\)", r"\1", heading)  # links and images: their text
+    text = re.sub(r"<[^>]+>", "", text)  # inline HTML
+    text = text.strip().lower()
+    text = re.sub(r"[^\w\- ]", "", text)
+    return text.replace(" ", "-")
+
+
+def anchors(text: str) -> set[str]:
+    """Every heading's anchor in a Markdown text; a repeated slug gets -1, -2, ... as on GitHub."""
+    seen: dict[str, int] = {}
+    out = set()
+    for _, line in prose_lines(text):
+        m = HEADING.match(line)
+        if not m:
+            continue
+        base = slug(m.group(2))
+        if base in seen:
+            seen[base] += 1
+            name = f"{base}-{seen[base]}"
+        else:
+            seen[base] = 0
+            name = base
+        out.add(name)
+    return out
+
+
+def prose_blocks(text: str):
+    """(first line number, text) of each run of non-blank lines outside fenced code blocks."""
+    block: list[str] = []
+    first = prev = 0
+    for n, line in prose_lines(text):
+        if block and (not line.strip() or n != prev + 1):
+            yield first, "\n".join(block)
+            block = []
+        if line.strip():
+            if not block:
+                first = n
+            block.append(line)
+        prev = n
+    if block:
+        yield first, "\n".join(block)
+
+
+def links(text: str):
+    """(line number, target) of every Markdown link or image outside code blocks and code spans; a link's
+    text may run over a line break."""
+    for first, block in prose_blocks(text):
+        # code spans blanked out, line breaks kept, so offsets still give line numbers
+        block = CODE_SPAN.sub(lambda m: re.sub(r"[^\n]", " ", m.group(0)), block)
+        for m in LINK.finditer(block):
+            yield first + block.count("\n", 0, m.start()), m.group(1)
+
+
+def link_problems(docs: dict[str, str], exists, read) -> list[str]:
+    """Every relative link in `docs` ({path: text}) whose file does not exist (relative to the linking
+    file) or whose #anchor is no heading of the target; `exists(path)` and `read(path)` look up the other
+    files. http(s) and mailto links are not checked."""
+    problems = []
+    for path, text in docs.items():
+        for n, target in links(text):
+            if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*:", target):
+                continue  # http:, https:, mailto:
+            file, _, anchor = target.partition("#")
+            dest = os.path.normpath(os.path.join(os.path.dirname(path), file)) if file else path
+            where = f"{path}:{n}: ({target})"
+            if file and not exists(dest):
+                problems.append(f"{where}: no file {dest}")
+                continue
+            if anchor and dest.endswith(".md"):
+                if anchor not in anchors(docs[dest] if dest in docs else read(dest)):
+                    problems.append(f"{where}: no heading #{anchor} in {dest}")
+    return problems
+
+
+def test_the_link_checker_finds_what_it_should():
+    docs = {
+        "README.md": (
+            "# Top\n\n## Same\n\n## Same\n\n"
+            "[ok](docs/a.md) [ok](docs/a.md#packed-documents-cu_seqlens) [ok](#same-1) [ok](#top)\n"
+            "[web](https://example.com/x#y) `[code](nowhere.md)`\n"
+            "```\n[fenced](nowhere.md)\n```\n"
+            "[missing file](docs/b.md) [missing heading](docs/a.md#nope) [third](#same-2)\n"
+            "\nA [link split over\ntwo lines](docs/a.md#gone).\n"
+        ),
+        "docs/a.md": "# A page\n\n## Packed documents (`cu_seqlens`)\n\n[back](../README.md#same)\n",
+    }
+    problems = link_problems(docs, exists=lambda p: p in docs, read=docs.__getitem__)
+    assert len(problems) == 4, problems
+    assert "README.md:14: (docs/a.md#gone): no heading #gone in docs/a.md" in problems
+    assert "README.md:12: (docs/b.md): no file docs/b.md" in problems
+    assert "README.md:12: (docs/a.md#nope): no heading #nope in docs/a.md" in problems
+    assert "README.md:12: (#same-2): no heading #same-2 in README.md" in problems
+    assert slug("Modelled, not measured: the paper's scale") == "modelled-not-measured-the-papers-scale"
+    assert slug("parallelize: TP, SP, PP, DP and ZeRO") == "parallelize-tp-sp-pp-dp-and-zero"
+    assert slug("Read [the docs](x.md) / `a_b`") == "read-the-docs--a_b"
+
+
+def test_every_relative_link_resolves():
+    docs = {os.path.relpath(p, ROOT): p.read_text(encoding="utf-8") for p in doc_files()}
+    problems = link_problems(docs, exists=lambda p: (ROOT / p).exists(),
+                             read=lambda p: (ROOT / p).read_text(encoding="utf-8"))
+    assert not problems, "broken links:\n" + "\n".join(problems)
+
+
+def test_readme_is_short():
+    n = len((ROOT / "README.md").read_text(encoding="utf-8").splitlines())
+    assert n <= README_MAX_LINES, f"README.md has {n} lines, at most {README_MAX_LINES}"
+
+
+HELP_RUNNER = """
+import contextlib, io, json, runpy, sys, traceback
+failed = {}
+for m in sys.argv[1:]:
+    sys.argv = [m, "--help"]
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+            runpy.run_module(m, run_name="__main__", alter_sys=True)
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except BaseException:
+        code, out = 1, io.StringIO(traceback.format_exc())
+    if code != 0:
+        failed[m] = f"exit status {code}\\n{out.getvalue()[-2000:]}"
+print(json.dumps(failed))
+"""
+
+
+def test_every_named_module_answers_help():
+    """Like `python -m X --help` for each module the docs name, in one process: torch is imported once."""
+    modules = sorted({m for p in doc_files() for m in MODULE.findall(p.read_text(encoding="utf-8"))})
+    assert modules, "the docs name no python -m lasp... command"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    run = subprocess.run([sys.executable, "-c", HELP_RUNNER, *modules], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=HELP_TIMEOUT_S)
+    assert run.returncode == 0, run.stderr[-3000:]
+    failed = json.loads(run.stdout.strip().splitlines()[-1])
+    assert not failed, "\n\n".join(f"python -m {m} --help: {why}" for m, why in failed.items())
