@@ -83,6 +83,29 @@ def writable(option: str, path: str | os.PathLike, directory: bool = False) -> l
     return [] if reason is None else [f"{option}: cannot write to {path}: {reason}"]
 
 
+def existing(option: str, path: str | os.PathLike, directory: bool = False) -> list[str]:
+    """An input `path` that must exist and be a file (or a directory with `directory`): missing and of the
+    wrong kind are different mistakes, so each is said as itself."""
+    p = Path(path)
+    if not p.exists():
+        return [f"{option}: {p} does not exist"]
+    if directory and not p.is_dir():
+        return [f"{option}: {p} is a file, not a directory"]
+    if not directory and p.is_dir():
+        return [f"{option}: {p} is a directory, not a file"]
+    return []
+
+
+def new_directory(option: str, path: str | os.PathLike, force: bool) -> list[str]:
+    """An output directory the tool builds beside `path` and renames into place: `path` and its parent
+    must be writable, and an existing non-empty `path` is replaced only with --force."""
+    path = Path(os.path.abspath(path))
+    problems = writable(option, path, directory=True) or writable(option, path.parent, directory=True)
+    if not problems and path.is_dir() and any(path.iterdir()) and not force:
+        problems.append(f"{option}: {path} exists and is not empty; pass --force to replace it")
+    return problems
+
+
 def usage_error(parser: argparse.ArgumentParser, problems: list[str]) -> None:
     """Exit with status 2 and the usage, listing every problem, if there are any."""
     if len(problems) == 1:

@@ -7,7 +7,9 @@ on one device and `python -m lasp.generate` samples from. Runs as one process, w
 
 import argparse
 import os
+import shutil
 import sys
+import tempfile
 
 import torch
 
@@ -69,17 +71,42 @@ def main(argv=None) -> int:
     p.add_argument("--checkpoint", required=True, help="a checkpoint directory (.../checkpoints/step-N)")
     p.add_argument("--out", required=True, help="output directory (model.safetensors, config.json)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="dtype of the weights")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out (once the new export is complete)")
     args = p.parse_args(argv)
 
-    from lasp.model.pretrained import save_pretrained
+    from lasp.cli import new_directory, usage_error
+    from lasp.model.pretrained import PretrainedError, save_pretrained
+    from lasp.train import ckpt_store
     from lasp.train.ckpt_store import CheckpointError
 
+    problems = []
+    what = ckpt_store.describe(args.checkpoint)
+    if what is not None:
+        problems.append(f"--checkpoint {args.checkpoint} {what}")
+    out = os.path.abspath(args.out)
+    if ckpt_store.classify(out)[0] in ("step", "unfinished", "run", "root"):  # not even with --force
+        problems.append(f"--out {out} holds trainer checkpoints; an export goes to a directory of its own")
+    else:
+        problems += new_directory("--out", out, args.force)
+    usage_error(p, problems)
     try:
         model, tokenizer = load_model(args.checkpoint, dtype=getattr(torch, args.dtype))
-    except CheckpointError as e:
+        # built beside --out and renamed into place: a failed export leaves --out as it was
+        tmp = tempfile.mkdtemp(prefix=os.path.basename(out) + ".tmp-", dir=os.path.dirname(out))
+        try:
+            save_pretrained(model, tmp, tokenizer=tokenizer)
+            if os.path.isdir(out):
+                old = tmp + ".old"
+                os.rename(out, old)
+                os.rename(tmp, out)
+                shutil.rmtree(old)
+            else:
+                os.rename(tmp, out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    except (CheckpointError, PretrainedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    save_pretrained(model, args.out, tokenizer=tokenizer)
     n = sum(t.numel() for t in model.state_dict().values())
     print(f"exported {args.checkpoint} -> {os.path.join(args.out, 'model.safetensors')} ({n:,} parameters, "
           f"{args.dtype})")

@@ -101,12 +101,32 @@ def _parse(argv):
     return p.parse_args(argv)
 
 
+def _problems(args) -> list[str]:
+    """Every mistake in the arguments, before any weight is read."""
+    from lasp.train import ckpt_store
+
+    problems = []
+    what = ckpt_store.describe(args.checkpoint, exports=True)
+    if what is not None:
+        problems.append(f"--checkpoint {args.checkpoint} {what}")
+    if args.max_new_tokens < 0:
+        problems.append(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    if not args.temperature >= 0:
+        problems.append(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        problems.append(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        problems.append("--device cuda, but no CUDA GPU is visible")
+    return problems
+
+
 def main(argv=None) -> int:
     args = _parse(argv)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    if device == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda but no CUDA GPU is visible", file=sys.stderr)
+    problems = _problems(args)
+    if problems:
+        print(f"error: {len(problems)} problem(s):\n  " + "\n  ".join(problems), file=sys.stderr)
         return 2
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     try:
         model, tok = load_for_generation(args.checkpoint, device, DTYPES[args.dtype])
         prompt = tok.encode(args.prompt)

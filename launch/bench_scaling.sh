@@ -10,6 +10,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source launch/node_env.sh
+check_launch_vars NNODES NODE_RANK NPROC_PER_NODE MASTER_PORT
 LINK=${LINK:-fit}
 "$PYTHON" -m torch.distributed.run --nnodes "$NNODES" --node-rank "$NODE_RANK" --master-addr "$MASTER_ADDR" \
   --master-port "$MASTER_PORT" --nproc-per-node "$NPROC_PER_NODE" -m lasp.bench.sp sweep "$@"

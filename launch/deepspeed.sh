@@ -13,6 +13,8 @@ MASTER_PORT=${MASTER_PORT:-29500}
 NPROC_PER_NODE=${NPROC_PER_NODE:-$(( gpus > 0 ? gpus : 1 ))}
 PYTHON=${PYTHON:-$( [[ -x .venv/bin/python ]] && echo .venv/bin/python || echo python3 )}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+source launch/node_env.sh  # for check_launch_vars; this launcher's own defaults above stay
+check_launch_vars NPROC_PER_NODE MASTER_PORT
 if (( gpus == 0 )); then export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}; fi
 if [[ -n ${HOSTFILE:-} && ${NO_SSH:-0} == 1 ]]; then
   where=(--hostfile "$HOSTFILE" --no_ssh --node_rank "${NODE_RANK:-0}" --master_addr "${MASTER_ADDR:-127.0.0.1}")

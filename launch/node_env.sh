@@ -13,3 +13,25 @@ MASTER_PORT=${MASTER_PORT:-29500}
 NPROC_PER_NODE=${NPROC_PER_NODE:-${SLURM_GPUS_ON_NODE:-$(( gpus > 0 ? gpus : 1 ))}}
 PYTHON=${PYTHON:-$( [[ -x .venv/bin/python ]] && echo .venv/bin/python || echo python3 )}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+# Check the variables before anything starts: every problem at once, exit 2 (a usage error).
+check_launch_vars() {  # names of variables that must be whole numbers >= 1 (NODE_RANK: >= 0)
+  local bad=() v
+  for v in "$@"; do
+    if [[ ! ${!v} =~ ^[0-9]+$ ]]; then
+      bad+=("$v must be a whole number, got '${!v}'")
+    elif [[ $v != NODE_RANK ]] && (( 10#${!v} < 1 )); then
+      bad+=("$v must be at least 1, got ${!v}")
+    fi
+  done
+  if [[ " $* " == *" NODE_RANK "* && " $* " == *" NNODES "* && ${NODE_RANK} =~ ^[0-9]+$ && ${NNODES} =~ ^[0-9]+$ ]] \
+    && (( 10#$NODE_RANK >= 10#$NNODES )); then
+    bad+=("NODE_RANK must be below NNODES: NODE_RANK=$NODE_RANK, NNODES=$NNODES (ranks count from 0)")
+  fi
+  if [[ " $* " == *" MASTER_PORT "* && ${MASTER_PORT} =~ ^[0-9]+$ ]] && (( 10#$MASTER_PORT > 65535 )); then
+    bad+=("MASTER_PORT must be at most 65535, got $MASTER_PORT")
+  fi
+  if (( ${#bad[@]} )); then
+    printf 'error: %s\n' "${bad[@]}" >&2
+    exit 2
+  fi
+}

@@ -265,12 +265,13 @@ def test_cli_generates_text_from_an_export_and_from_a_trainer_checkpoint(tmp_pat
         return model.cfg, {k: v.clone() for k, v in model.state_dict().items()}, BYTE_TOK
 
     (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "COMMITTED").write_text("{}")  # what the path check looks for; consolidate is faked
     monkeypatch.setitem(sys.modules, "lasp.export", types.SimpleNamespace(consolidate=consolidate))
     assert cli.main(["--checkpoint", str(tmp_path / "ckpt"), *argv]) == 0
     assert capsys.readouterr().out == expected
 
     assert cli.main(["--checkpoint", str(tmp_path / "missing"), *argv]) == 2
-    assert "is not a directory" in capsys.readouterr().err
+    assert "does not exist" in capsys.readouterr().err
     (tmp_path / "export" / "model.safetensors").unlink()
     assert cli.main(["--checkpoint", str(tmp_path / "export"), *argv]) == 2
     assert "model.safetensors: missing" in capsys.readouterr().err
@@ -290,5 +291,4 @@ def test_cli_runs_as_a_module(tmp_path):
 
 def test_cli_refuses_a_directory_that_is_no_checkpoint(tmp_path, capsys):
     assert cli.main(["--checkpoint", str(tmp_path), "--prompt", "x", "--device", "cpu"]) == 2
-    assert "is neither an export directory (no model.safetensors) nor a usable trainer checkpoint" in \
-        capsys.readouterr().err
+    assert "is not a checkpoint: it has no COMMITTED marker and no model.safetensors" in capsys.readouterr().err

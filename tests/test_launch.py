@@ -67,3 +67,23 @@ def test_the_scaling_sweep_runs_through_its_launcher(tmp_path):
     steps = [(r["W"], r["dp"]) for r in rows if r["method"] == "hybrid_train_step"]
     assert sorted(steps) == [(1, 2), (1, 2), (2, 1), (2, 1)]  # every rank: sp=1 x dp=2, then sp=2 x dp=1
     assert (out / "calibration.jsonl").stat().st_size > 0
+
+
+BAD_VARIABLES = [  # (script, environment, what the message must say): refused before anything starts
+    ("launch/torchrun.sh", {"NPROC_PER_NODE": "0"}, "NPROC_PER_NODE must be at least 1, got 0"),
+    ("launch/torchrun.sh", {"NNODES": "abc"}, "NNODES must be a whole number, got 'abc'"),
+    ("launch/torchrun.sh", {"NNODES": "2", "NODE_RANK": "2"}, "NODE_RANK must be below NNODES"),
+    ("launch/torchrun.sh", {"MASTER_PORT": "70000"}, "MASTER_PORT must be at most 65535"),
+    ("launch/torchrun.sh", {"NNODES": "2", "RDZV_TIMEOUT": "soon"}, "RDZV_TIMEOUT must be a whole number"),
+    ("launch/deepspeed.sh", {"NPROC_PER_NODE": "-1"}, "NPROC_PER_NODE must be a whole number, got '-1'"),
+    ("launch/bench_scaling.sh", {"NNODES": "0"}, "NNODES must be at least 1, got 0"),
+]
+
+
+@pytest.mark.parametrize("script, env, says", BAD_VARIABLES)
+def test_launch_scripts_refuse_bad_variables(script, env, says):
+    full = {k: v for k, v in os.environ.items() if k not in ("NNODES", "NODE_RANK", "MASTER_PORT", "NPROC_PER_NODE")}
+    # a PYTHON that fails loudly: nothing may be started
+    out = subprocess.run(["bash", script, "--config", "configs/cpu-quickstart.yaml"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=30, env={**full, "PYTHON": "/bin/false", **env})
+    assert out.returncode == 2 and says in out.stderr and "Traceback" not in out.stderr, out.stderr

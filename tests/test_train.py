@@ -213,9 +213,10 @@ def test_two_nodes_through_launch_torchrun_sh_train_together(tmp_path, corpus, r
     port = _free_port()
     config, run_dir = _config(tmp_path, corpus, "nodes", train={"steps": 3}, parallel={"sp": 2})
     procs = _two_nodes(config, port)
-    for p in procs:
+    for node, p in enumerate(procs):
         out, err = p.communicate(timeout=240)
         assert p.returncode == 0, out[-2000:] + err[-4000:]
+        assert f"node {node} of 2 (1 process(es) here): waiting for all 2 nodes at 127.0.0.1:{port}" in err
     _same_curve(run_dir, reference, steps=3)
 
 

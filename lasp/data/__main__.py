@@ -16,6 +16,8 @@ def summary(meta: dict, output: str) -> str:
     lines = [f"prepared {output} ({tok['name']} tokenizer, vocab {tok['vocab_size']}, {meta['dtype']})"]
     for name, s in meta["splits"].items():
         lines.append(f"  {name}: {s['documents']:,} documents, {s['tokens']:,} tokens -> {s['file']}")
+    if "val" not in meta["splits"]:
+        lines.append("  val: none, as --val-fraction is 0: no documents held out, so training will not evaluate")
     return "\n".join(lines)
 
 

@@ -113,15 +113,60 @@ def list_checkpoints(root: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
+EXPORT_FILES = ("model.safetensors", "config.json")  # what lasp.export writes (lasp.model.pretrained)
+
+
+def classify(path: str) -> tuple[str, str | None]:
+    """What `path` is, as (kind, newest committed step under it or None). Kinds: "missing", "file" (not a
+    directory), "step" (a committed checkpoint), "unfinished" (a step directory without its marker: a save
+    in progress, or one a crash cut short), "export" (lasp.export's output), "run" (a run directory, with
+    checkpoints/), "root" (a checkpoint.dir holding step directories), "other"."""
+    if not os.path.exists(path):
+        return "missing", None
+    if not os.path.isdir(path):
+        return "file", None
+    name = os.path.basename(os.path.normpath(path))
+    if os.path.isfile(os.path.join(path, MARKER)):
+        return "step", None
+    if _NAME.match(name) or (name.endswith(".tmp") and _NAME.match(name[:-4])):
+        return "unfinished", None
+    if any(os.path.isfile(os.path.join(path, f)) for f in EXPORT_FILES):
+        return "export", None
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        found = list_checkpoints(os.path.join(path, "checkpoints"))
+        return "run", found[-1][1] if found else None
+    if any(_NAME.match(n) or n.endswith(".tmp") and _NAME.match(n[:-4]) for n in os.listdir(path)):
+        found = list_checkpoints(path)
+        return "root", found[-1][1] if found else None
+    return "other", None
+
+
+def describe(path: str, exports: bool = False) -> str | None:
+    """None when `path` is a committed checkpoint (or, with `exports`, an export); otherwise what it is
+    instead, as the rest of a sentence that starts with the path, saying what to pass."""
+    kind, newest = classify(path)
+    use = f"; its newest committed checkpoint is {newest}" if newest else "; it holds no committed checkpoint yet"
+    return {
+        "missing": "does not exist",
+        "file": "is a file, not a checkpoint directory",
+        "step": None,
+        "unfinished": f"has no {MARKER} marker: a save still being written, or one that did not finish (a crash "
+                      "during the save); pass a committed step directory",
+        "export": None if exports else "is an export (lasp.export's model.safetensors), not a trainer checkpoint",
+        "run": f"is a run directory, not a checkpoint{use}",
+        "root": f"is a directory of checkpoints, not one checkpoint{use}",
+        "other": "is not a checkpoint: it has no " + MARKER + " marker" +
+                 ("" if not exports else " and no model.safetensors (not an export either)"),
+    }[kind]
+
+
 def verify(path: str) -> dict:
     """The manifest of checkpoint `path` after checking that every file it lists is there with its size.
     Raises CheckpointError naming the file and what is wrong."""
     marker = os.path.join(path, MARKER)
-    if not os.path.isdir(path):
-        raise CheckpointError(f"checkpoint {path!r} does not exist")
-    if not os.path.isfile(marker):
-        raise CheckpointError(f"{path} is not a complete checkpoint: it has no {MARKER} marker (the save did not "
-                              "finish)")
+    what = describe(path)
+    if what is not None:
+        raise CheckpointError(f"checkpoint {path} {what}")
     try:
         with open(marker) as f:
             manifest = json.load(f)
