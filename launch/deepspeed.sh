@@ -16,6 +16,14 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 source launch/node_env.sh  # for check_launch_vars; this launcher's own defaults above stay
 check_launch_vars NPROC_PER_NODE MASTER_PORT
 if (( gpus == 0 )); then export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}; fi
+if [[ -n ${HOSTFILE:-} ]]; then
+  [[ -f $HOSTFILE ]] || { echo "error: HOSTFILE $HOSTFILE does not exist or is not a file" >&2; exit 2; }
+  world=$(awk '!/^[[:space:]]*#/ { for (i = 1; i <= NF; i++) if ($i ~ /^slots=/) { split($i, a, "="); n += a[2] } }
+               END { print n + 0 }' "$HOSTFILE")
+else
+  world=$NPROC_PER_NODE
+fi
+check_config "$world" "$@"
 if [[ -n ${HOSTFILE:-} && ${NO_SSH:-0} == 1 ]]; then
   where=(--hostfile "$HOSTFILE" --no_ssh --node_rank "${NODE_RANK:-0}" --master_addr "${MASTER_ADDR:-127.0.0.1}")
 elif [[ -n ${HOSTFILE:-} ]]; then

@@ -35,3 +35,12 @@ check_launch_vars() {  # names of variables that must be whole numbers >= 1 (NOD
     exit 2
   fi
 }
+# The trainer's config check against the world size about to start, before any process is spawned (exit 2
+# with the trainer's message); skipped for --help and --dry-run, which start nothing anyway.
+check_config() {  # world_size, then the trainer's arguments
+  local world=$1
+  shift
+  if [[ " $* " != *" --help "* && " $* " != *" -h "* && " $* " != *" --dry-run "* ]]; then
+    "$PYTHON" -m lasp.train --check-only --world-size "$world" "$@" || exit $?
+  fi
+}

@@ -8,15 +8,15 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source launch/node_env.sh
-check_launch_vars NNODES NODE_RANK NPROC_PER_NODE MASTER_PORT
+RDZV_TIMEOUT=${RDZV_TIMEOUT:-600}
+check_launch_vars NNODES NODE_RANK NPROC_PER_NODE MASTER_PORT RDZV_TIMEOUT
+check_config $(( NNODES * NPROC_PER_NODE )) "$@"
 # After SIGTERM/SIGINT torchrun waits this long for its workers to finish their step before SIGKILL (30 s
 # by default): a long step at a long sequence needs more.
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-120}
 if (( NNODES == 1 )) && [[ -z ${MASTER_PORT_SET:-} ]]; then
   where=(--standalone)  # one node: torchrun picks a free local port
 else
-  RDZV_TIMEOUT=${RDZV_TIMEOUT:-600}
-  check_launch_vars RDZV_TIMEOUT
   where=(--nnodes "$NNODES" --node-rank "$NODE_RANK" --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT"
          --rdzv-conf "timeout=$RDZV_TIMEOUT")
   if (( NNODES > 1 )); then
@@ -24,4 +24,4 @@ else
       "$MASTER_ADDR:$MASTER_PORT (rendezvous timeout ${RDZV_TIMEOUT} s, RDZV_TIMEOUT)" >&2
   fi
 fi
-exec "$PYTHON" -m torch.distributed.run "${where[@]}" --nproc-per-node "$NPROC_PER_NODE" -m lasp.train "$@"
+exec "$PYTHON" -m lasp.train.torchrun "${where[@]}" --nproc-per-node "$NPROC_PER_NODE" -m lasp.train "$@"

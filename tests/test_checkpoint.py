@@ -17,7 +17,7 @@ import yaml
 from lasp.export import read_tensors
 from lasp.train import ckpt_store
 from lasp.train.ckpt_store import CheckpointError
-from lasp.train.config import resolve
+from lasp.train.config import ConfigError, resolve
 from lasp.train.distributed import Launch
 
 from tests.test_train import TINY as TRAIN_TINY
@@ -159,7 +159,7 @@ def test_a_missing_or_truncated_shard_is_an_error_naming_the_file(tmp_path, save
     with pytest.raises(CheckpointError, match=r"__0_0\.distcp is missing"):
         run(cfg)
     os.remove(os.path.join(path, "COMMITTED"))
-    with pytest.raises(CheckpointError, match="no COMMITTED marker"):
+    with pytest.raises(ConfigError, match=r"train.resume: \S+ has no COMMITTED marker"):  # before any work
         run(cfg)
 
 

@@ -87,3 +87,54 @@ def test_launch_scripts_refuse_bad_variables(script, env, says):
     out = subprocess.run(["bash", script, "--config", "configs/cpu-quickstart.yaml"], cwd=ROOT, capture_output=True,
                          text=True, timeout=30, env={**full, "PYTHON": "/bin/false", **env})
     assert out.returncode == 2 and says in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize("script", ["launch/torchrun.sh", "launch/deepspeed.sh"])
+def test_a_config_for_more_processes_is_refused_before_any_starts(script):
+    """The trainer's own check runs against the world the script is about to start: its message, exit 2,
+    and no launcher started (it would print its own banner or ChildFailedError)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("NNODES", "NODE_RANK", "MASTER_PORT", "RANK",
+                                                            "WORLD_SIZE", "LOCAL_RANK", "HOSTFILE")}
+    out = subprocess.run(["bash", script, "--config", "configs/cpu-quickstart.yaml", "--set", "data.path=/nonexistent"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env={**env, "PYTHON": sys.executable, "NPROC_PER_NODE": "1"})
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert "world size 1 != tp x sp x pp x dp = 1 x 2 x 1 x 1" in out.stderr and "/nonexistent" in out.stderr
+    assert "Traceback" not in out.stderr and "ChildFailedError" not in out.stderr and not out.stdout
+
+
+def test_the_launcher_exits_with_the_trainers_status():
+    from lasp.train.torchrun import outcome
+
+    stop = "stopped by SIGTERM after step 3, with a checkpoint: start the same command again to continue"
+    assert outcome({0: (75, stop), 1: (75, stop)}, 1) == (75, [stop])  # said once
+    assert outcome({0: (2, "error: a"), 1: (2, "error: a")}, 1) == (2, ["error: a"])
+    assert outcome({1: (1, "error (rank 1): timeout"), 0: (75, stop)}, 1) == (1, ["error (rank 1): timeout"])
+    assert outcome({}, 137) == (137, [])  # a worker that died without a word: its own status
+
+
+@pytest.mark.slow
+def test_a_worker_error_is_the_last_thing_printed_with_its_status(tmp_path):
+    """A checkpoint that passes the launch check (it has its marker) but is damaged: every worker refuses it
+    (exit 2); the launcher ends with the trainer's message and status 2, not torchrun's report and 1."""
+    import yaml
+
+    ckpt = tmp_path / "step-00000001"
+    ckpt.mkdir()
+    (ckpt / "COMMITTED").write_text(json.dumps({"files": {"__0_0.distcp": 10}}))
+    cfg = yaml.safe_load(open(os.path.join(ROOT, "configs/cpu-quickstart.yaml")))
+    data = tmp_path / "data"
+    from lasp.data import prepare
+
+    (tmp_path / "doc.txt").write_text("def f():\n    return 1\n" * 400)
+    prepare([str(tmp_path / "doc.txt")], str(data), progress=False)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    out = subprocess.run(["bash", "launch/torchrun.sh", "--config", str(tmp_path / "c.yaml"), "--set",
+                          f"data.path={data}", "--set", f"train.resume={ckpt}", "--set", "train.eval_interval=0",
+                          "--set", f"logging.run_dir={tmp_path / 'run'}"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300, env={**env, "PYTHON": sys.executable, "NPROC_PER_NODE": "2"})
+    assert out.returncode == 2, out.stderr[-3000:]
+    tail = out.stderr[out.stderr.rindex("torchrun: rank"):]  # the launcher's one line, then the trainer's message
+    assert f"checkpoint {ckpt} is damaged" in tail and tail.rstrip().endswith("__0_0.distcp is missing"), tail
+    assert "ChildFailedError" not in out.stderr

@@ -1,4 +1,4 @@
-"""python -m lasp.train --config FILE [--set a.b=value ...] [--dry-run]
+"""python -m lasp.train --config FILE [--set a.b=value ...] [--dry-run | --check-only [--world-size N]]
 
 Runs as a plain python process (one rank), under torchrun, or under the deepspeed launcher.
 
@@ -16,6 +16,19 @@ import warnings
 warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
 
 EXIT_STOPPED = 75
+STATUS_DIR = "LASP_STATUS_DIR"  # set by lasp.train.torchrun: where each rank leaves its exit status and message
+
+
+def _status(code: int, message: str) -> int:
+    """Leave `code` and `message` for the launcher (lasp.train.torchrun), which repeats them last and exits
+    with this status rather than torchrun's 1; returns `code`."""
+    import os
+
+    where = os.environ.get(STATUS_DIR)
+    if where:
+        with open(os.path.join(where, f"rank-{os.environ.get('RANK', '0')}"), "w") as f:
+            f.write(f"{code}\n{message}\n")
+    return code
 
 
 def main(argv=None) -> int:
@@ -27,20 +40,29 @@ def main(argv=None) -> int:
                    help="override one field, e.g. --set optim.lr=3e-4 (value parsed as YAML); repeatable")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config, the mesh, parameters, "
                    "FLOPs per token and memory per rank, then exit")
+    p.add_argument("--check-only", action="store_true", help="check the config (and its data) against "
+                   "--world-size processes and exit: 0 if it can run, 2 with every problem; starts nothing")
+    p.add_argument("--world-size", type=int, metavar="N", help="with --check-only: the processes the launcher "
+                   "will start (default: this launch's WORLD_SIZE)")
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher's
     args = p.parse_args(argv)
+    if args.world_size is not None and (not args.check_only or args.world_size < 1):
+        p.error(f"--world-size {args.world_size}: only with --check-only, and at least 1")
 
     from lasp.train.config import ConfigError, load_config
     from lasp.train.distributed import launch_env
 
     launch = launch_env()
+    world_size = args.world_size if args.world_size is not None else launch.world_size
     try:
-        cfg = load_config(args.config, args.overrides, world_size=None if args.dry_run else launch.world_size,
+        cfg = load_config(args.config, args.overrides, world_size=None if args.dry_run else world_size,
                           check_data=not args.dry_run)
     except ConfigError as e:
         if launch.rank == 0:
             print(f"error: {e}", file=sys.stderr)
-        return 2
+        return _status(2, f"error: {e}")
+    if args.check_only:
+        return 0
     if args.dry_run:
         from lasp.train.dryrun import report
 
@@ -62,16 +84,19 @@ def main(argv=None) -> int:
     except (CheckpointError, ConfigError) as e:  # ConfigError here: what the kernel cannot do
         if launch.rank == 0:
             print(f"error: {e}", file=sys.stderr)
-        return 2
+        return _status(2, f"error: {e}")
     except (CollectiveTimeout, RanksDisagree) as e:  # every rank says what it saw
         print(f"error (rank {launch.rank}): {e}", file=sys.stderr)
-        return 1
+        return _status(1, f"error (rank {launch.rank}): {e}")
     if launch.rank == 0:
         end = f"stopped by {state.stopped_by}" if state.stopped_by else "done"
         print(f"{end}: {state.step} steps, {state.tokens:,} tokens, loss {state.first_loss:.4f} (first step) -> "
               f"{state.last_loss:.4f} (last step)"
               + ("" if state.last_eval_loss is None else f", eval loss {state.last_eval_loss:.4f}"))
-    return EXIT_STOPPED if state.stopped_by else 0
+    if state.stopped_by:
+        return _status(EXIT_STOPPED, f"stopped by {state.stopped_by} after step {state.step}, with a checkpoint: "
+                                     "start the same command again to continue")
+    return 0
 
 
 if __name__ == "__main__":

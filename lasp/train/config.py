@@ -298,6 +298,12 @@ def resolve(data: dict, source: str, world_size: int | None, check_data: bool = 
         problems += _data_problems(dcfg, model, evaluate=tcfg is not None and tcfg.eval_interval > 0)
     if check_data and built["logging"] is not None:
         problems += _output_problems(built["logging"], built["checkpoint"])
+    if check_data and tcfg is not None and tcfg.resume and tcfg.resume not in ("auto", "never"):
+        from lasp.train.ckpt_store import describe
+
+        what = describe(tcfg.resume)
+        if what is not None:
+            problems.append(f"train.resume: {tcfg.resume} {what}")
     if problems:
         raise ConfigError(source, problems)
     return TrainConfig(**built)
