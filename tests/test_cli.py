@@ -161,6 +161,6 @@ def test_data(tmp_path, under_a_file, capsys):
     for part in (f"--output: cannot write to {under_a_file}: {under_a_file.parent} is not a directory",
                  "--seed must be >= 0, got -1", "--val-fraction must be in [0, 1), got 1.5"):
         assert part in err
-    assert "gone.txt" not in err  # refused before any input was looked at
+    assert f"--input {tmp_path / 'gone.txt'}: no such file" in err  # every problem at once; no input read
     err = usage_error(main, ["prepare", "--input", "x", "--output", str(under_a_file.parent)], capsys)
     assert f"cannot write to {under_a_file.parent}: it is not a directory" in err

@@ -315,7 +315,8 @@ def test_cli_bad_input_exits_2(tmp_path, capsys):
     _write(tmp_path / "a.txt", b"abc")
     args = ["prepare", "--input", str(tmp_path / "*.txt"), "--output", str(tmp_path / "out"), "--quiet"]
     assert main(args) == 0
-    assert "train: 1 documents, 4 tokens" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "train: 1 documents, 4 tokens" in out and "val: none, as --val-fraction is 0" in out  # said, not silent
 
 
 def test_data_imports_only_the_layout():

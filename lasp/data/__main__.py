@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from lasp.cli import at_least, usage_error, writable
-from lasp.data.prepare import prepare
+from lasp.data.prepare import expand_inputs, prepare
 from lasp.data.tokenizer import DataError
 
 
@@ -62,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     problems += at_least("--seed", args.seed, low=0)
     if not 0 <= args.val_fraction < 1:
         problems.append(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
+    if problems:  # with the inputs that are missing or no file (cheap: nothing is read), all at once
+        problems += [f"--input {p}" for p in expand_inputs(args.input)[1]]
     usage_error(args.parser, problems)
     try:
         meta = prepare(
