@@ -10,6 +10,7 @@ collect every problem and report them together with `usage_error` (argparse's ex
 
 import argparse
 import os
+import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -83,19 +84,6 @@ def writable(option: str, path: str | os.PathLike, directory: bool = False) -> l
     return [] if reason is None else [f"{option}: cannot write to {path}: {reason}"]
 
 
-def existing(option: str, path: str | os.PathLike, directory: bool = False) -> list[str]:
-    """An input `path` that must exist and be a file (or a directory with `directory`): missing and of the
-    wrong kind are different mistakes, so each is said as itself."""
-    p = Path(path)
-    if not p.exists():
-        return [f"{option}: {p} does not exist"]
-    if directory and not p.is_dir():
-        return [f"{option}: {p} is a file, not a directory"]
-    if not directory and p.is_dir():
-        return [f"{option}: {p} is a directory, not a file"]
-    return []
-
-
 def new_directory(option: str, path: str | os.PathLike, force: bool) -> list[str]:
     """An output directory the tool builds beside `path` and renames into place: `path` and its parent
     must be writable, and an existing non-empty `path` is replaced only with --force."""
@@ -104,6 +92,17 @@ def new_directory(option: str, path: str | os.PathLike, force: bool) -> list[str
     if not problems and path.is_dir() and any(path.iterdir()) and not force:
         problems.append(f"{option}: {path} exists and is not empty; pass --force to replace it")
     return problems
+
+
+def install_directory(tmp: str | os.PathLike, output: str | os.PathLike) -> None:
+    """Move the finished directory `tmp` to `output` (its sibling); an old `output` is removed only once the
+    new one is in place, so a failure before this leaves `output` as it was."""
+    tmp, output = Path(tmp), Path(output)
+    old = output.with_name(f"{output.name}.old-{os.getpid()}")
+    if output.exists():
+        os.rename(output, old)
+    os.rename(tmp, output)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def usage_error(parser: argparse.ArgumentParser, problems: list[str]) -> None:

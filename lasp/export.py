@@ -74,7 +74,7 @@ def main(argv=None) -> int:
     p.add_argument("--force", action="store_true", help="replace a non-empty --out (once the new export is complete)")
     args = p.parse_args(argv)
 
-    from lasp.cli import new_directory, usage_error
+    from lasp.cli import install_directory, new_directory, usage_error
     from lasp.model.pretrained import PretrainedError, save_pretrained
     from lasp.train import ckpt_store
     from lasp.train.ckpt_store import CheckpointError
@@ -95,13 +95,7 @@ def main(argv=None) -> int:
         tmp = tempfile.mkdtemp(prefix=os.path.basename(out) + ".tmp-", dir=os.path.dirname(out))
         try:
             save_pretrained(model, tmp, tokenizer=tokenizer)
-            if os.path.isdir(out):
-                old = tmp + ".old"
-                os.rename(out, old)
-                os.rename(tmp, out)
-                shutil.rmtree(old)
-            else:
-                os.rename(tmp, out)
+            install_directory(tmp, out)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     except (CheckpointError, PretrainedError) as e:

@@ -377,7 +377,7 @@ def test_export_and_generate_refuse_wrong_paths_before_any_work(tmp_path, saved,
     from lasp.export import main as export
     from lasp.generate import main as generate
 
-    cfg, root = saved
+    _, root = saved
     run_dir, step = os.path.dirname(root), ckpt_store.step_dir(root, 2)
     (tmp_path / "a-file").write_text("x")
     unfinished = tmp_path / "step-00000009"

@@ -117,20 +117,16 @@ def test_the_launcher_exits_with_the_trainers_status():
 def test_a_worker_error_is_the_last_thing_printed_with_its_status(tmp_path):
     """A checkpoint that passes the launch check (it has its marker) but is damaged: every worker refuses it
     (exit 2); the launcher ends with the trainer's message and status 2, not torchrun's report and 1."""
-    import yaml
+    from lasp.data import prepare
 
     ckpt = tmp_path / "step-00000001"
     ckpt.mkdir()
     (ckpt / "COMMITTED").write_text(json.dumps({"files": {"__0_0.distcp": 10}}))
-    cfg = yaml.safe_load(open(os.path.join(ROOT, "configs/cpu-quickstart.yaml")))
     data = tmp_path / "data"
-    from lasp.data import prepare
-
     (tmp_path / "doc.txt").write_text("def f():\n    return 1\n" * 400)
     prepare([str(tmp_path / "doc.txt")], str(data), progress=False)
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    out = subprocess.run(["bash", "launch/torchrun.sh", "--config", str(tmp_path / "c.yaml"), "--set",
+    out = subprocess.run(["bash", "launch/torchrun.sh", "--config", "configs/cpu-quickstart.yaml", "--set",
                           f"data.path={data}", "--set", f"train.resume={ckpt}", "--set", "train.eval_interval=0",
                           "--set", f"logging.run_dir={tmp_path / 'run'}"], cwd=ROOT, capture_output=True, text=True,
                          timeout=300, env={**env, "PYTHON": sys.executable, "NPROC_PER_NODE": "2"})

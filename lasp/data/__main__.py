@@ -5,7 +5,7 @@ import os
 import sys
 from pathlib import Path
 
-from lasp.cli import at_least, usage_error, writable
+from lasp.cli import at_least, new_directory, usage_error
 from lasp.data.prepare import expand_inputs, prepare
 from lasp.data.tokenizer import DataError
 
@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # the new directory is built beside DIR and renamed into place: DIR's parent must take it
     output = Path(os.path.abspath(args.output))
-    problems = writable("--output", output, directory=True) or writable("--output", output.parent, directory=True)
+    # force=True: a non-empty DIR is prepare's to refuse (without --force), with the inputs' problems
+    problems = new_directory("--output", output, force=True)
     problems += at_least("--seed", args.seed, low=0)
     if not 0 <= args.val_fraction < 1:
         problems.append(f"--val-fraction must be in [0, 1), got {args.val_fraction}")

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from lasp.cli import install_directory
 from lasp.data.dataset import FORMAT
 from lasp.data.tokenizer import DataError, load_tokenizer
 
@@ -218,15 +219,6 @@ def write_splits(directory: Path, sources: list[Source], tok, val_mask: np.ndarr
         return {n: w.close() for n, w in writers.items()}
 
 
-def _install(tmp: Path, output: Path) -> None:
-    """Move the finished `tmp` to `output`; an old `output` is removed only once the new one is in place."""
-    old = output.with_name(f"{output.name}.old-{os.getpid()}")
-    if output.exists():
-        os.rename(output, old)
-    os.rename(tmp, output)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def prepare(
     inputs: list[str] | str,
     output: str | Path,
@@ -289,7 +281,7 @@ def prepare(
             json.dump(meta, f, indent=2)
             f.flush()
             os.fsync(f.fileno())
-        _install(tmp, output)
+        install_directory(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -8,6 +8,7 @@ again to continue: EX_TEMPFAIL, "try again", which a scheduler can requeue on); 
 """
 
 import argparse
+import os
 import sys
 import warnings
 
@@ -22,8 +23,6 @@ STATUS_DIR = "LASP_STATUS_DIR"  # set by lasp.train.torchrun: where each rank le
 def _status(code: int, message: str) -> int:
     """Leave `code` and `message` for the launcher (lasp.train.torchrun), which repeats them last and exits
     with this status rather than torchrun's 1; returns `code`."""
-    import os
-
     where = os.environ.get(STATUS_DIR)
     if where:
         with open(os.path.join(where, f"rank-{os.environ.get('RANK', '0')}"), "w") as f:

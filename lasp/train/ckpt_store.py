@@ -116,6 +116,11 @@ def list_checkpoints(root: str) -> list[tuple[int, str]]:
 EXPORT_FILES = ("model.safetensors", "config.json")  # what lasp.export writes (lasp.model.pretrained)
 
 
+def _step_name(name: str) -> bool:
+    """`step-N` or its temporary `step-N.tmp`."""
+    return bool(_NAME.match(name[:-4] if name.endswith(".tmp") else name))
+
+
 def classify(path: str) -> tuple[str, str | None]:
     """What `path` is, as (kind, newest committed step under it or None). Kinds: "missing", "file" (not a
     directory), "step" (a committed checkpoint), "unfinished" (a step directory without its marker: a save
@@ -125,17 +130,16 @@ def classify(path: str) -> tuple[str, str | None]:
         return "missing", None
     if not os.path.isdir(path):
         return "file", None
-    name = os.path.basename(os.path.normpath(path))
     if os.path.isfile(os.path.join(path, MARKER)):
         return "step", None
-    if _NAME.match(name) or (name.endswith(".tmp") and _NAME.match(name[:-4])):
+    if _step_name(os.path.basename(os.path.normpath(path))):
         return "unfinished", None
     if any(os.path.isfile(os.path.join(path, f)) for f in EXPORT_FILES):
         return "export", None
     if os.path.isdir(os.path.join(path, "checkpoints")):
         found = list_checkpoints(os.path.join(path, "checkpoints"))
         return "run", found[-1][1] if found else None
-    if any(_NAME.match(n) or n.endswith(".tmp") and _NAME.match(n[:-4]) for n in os.listdir(path)):
+    if any(_step_name(n) for n in os.listdir(path)):
         found = list_checkpoints(path)
         return "root", found[-1][1] if found else None
     return "other", None
