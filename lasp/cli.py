@@ -4,7 +4,7 @@ Each check returns the problems it found, one line each naming the option and it
 collect every problem and report them together with `usage_error` (argparse's exit status 2):
 
     problems = at_least("--heads", args.heads) + processes("--world-size", args.world_size)
-    problems += writable("--out", args.out.with_suffix(".jsonl"))
+    problems += writable("--out", args.out.with_suffix(".jsonl")) + existing("--config", args.config)
     usage_error(parser, problems)
 """
 
@@ -59,6 +59,18 @@ def sequence(option: str, seq_len: int, layout: str, world_size: int) -> list[st
         SeqLayout(layout, world_size).check_global_length(seq_len)
     except ValueError as e:
         return [f"{option} {seq_len}: {e}"]
+    return []
+
+
+def existing(option: str, path: str | os.PathLike, directory: bool = False) -> list[str]:
+    """An input the tool reads: `path` exists and is a file (a directory with `directory`); else one problem
+    that says which: missing, or there but of the other kind."""
+    path = Path(os.path.expanduser(path))
+    if not path.exists():
+        return [f"{option}: {path} does not exist"]
+    if path.is_dir() != directory:
+        return [f"{option}: {path} is a {'directory' if path.is_dir() else 'file'}, not a "
+                f"{'directory' if directory else 'file'}"]
     return []
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from lasp.cli import at_least
 from lasp.data.tokenizer import ByteTokenizer, DataError, load_tokenizer
 from lasp.model.decode import DecodeState, decode_memory, generate
 from lasp.model.pretrained import CONFIG, TOKENIZER, WEIGHTS, from_pretrained, model_from_state_dict, read_config
@@ -109,8 +110,7 @@ def _problems(args) -> list[str]:
     what = ckpt_store.describe(args.checkpoint, exports=True)
     if what is not None:
         problems.append(f"--checkpoint {args.checkpoint} {what}")
-    if args.max_new_tokens < 0:
-        problems.append(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    problems += at_least("--max-new-tokens", args.max_new_tokens)
     if not args.temperature >= 0:
         problems.append(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
     if not 0 < args.top_p <= 1:
@@ -135,7 +135,7 @@ def main(argv=None) -> int:
             gen.seed()
         else:
             gen.manual_seed(args.seed)
-        state = DecodeState.empty(model, 1, capacity=len(prompt) + max(args.max_new_tokens, 0))
+        state = DecodeState.empty(model, 1, capacity=len(prompt) + args.max_new_tokens)
         steps = generate(model, prompt, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                          generator=gen, eos_id=tok.eos_id, state=state)
     except (ValueError, OSError) as e:  # UsageError, DataError and PretrainedError are ValueErrors

@@ -31,4 +31,4 @@ elif [[ -n ${HOSTFILE:-} ]]; then
 else
   where=(--num_gpus "$NPROC_PER_NODE")
 fi
-exec "$PYTHON" -m deepspeed.launcher.runner "${where[@]}" --master_port "$MASTER_PORT" --module lasp.train "$@"
+exec "$PYTHON" -m lasp.train.launcher deepspeed "${where[@]}" --master_port "$MASTER_PORT" --module lasp.train "$@"

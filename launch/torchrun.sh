@@ -24,4 +24,4 @@ else
       "$MASTER_ADDR:$MASTER_PORT (rendezvous timeout ${RDZV_TIMEOUT} s, RDZV_TIMEOUT)" >&2
   fi
 fi
-exec "$PYTHON" -m lasp.train.torchrun "${where[@]}" --nproc-per-node "$NPROC_PER_NODE" -m lasp.train "$@"
+exec "$PYTHON" -m lasp.train.launcher torchrun "${where[@]}" --nproc-per-node "$NPROC_PER_NODE" -m lasp.train "$@"

@@ -20,6 +20,7 @@ from lasp.train.ckpt_store import CheckpointError
 from lasp.train.config import ConfigError, resolve
 from lasp.train.distributed import Launch
 
+from tests.refusals import refuse_all
 from tests.test_train import TINY as TRAIN_TINY
 
 TINY = {**TRAIN_TINY, "checkpoint": {"interval": 2, "keep_last": 0},
@@ -359,20 +360,6 @@ def test_zero_checkpoints_resume_exactly_and_refuse_another_layout(dist_pool, tm
 # -- the CLIs given a wrong path (lasp.export, lasp.generate): exit 2, every problem, nothing changed ------
 
 
-def _cli(main, argv, capsys) -> tuple[int, str]:
-    try:
-        code = main(argv)
-    except SystemExit as e:  # argparse's usage errors
-        code = e.code
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    return code, err
-
-
-def _tree(path) -> dict:
-    return {str(p): p.stat().st_mtime_ns for p in sorted(path.rglob("*"))} if path.exists() else {}
-
-
 def test_export_and_generate_refuse_wrong_paths_before_any_work(tmp_path, saved, capsys):
     from lasp.export import main as export
     from lasp.generate import main as generate
@@ -384,35 +371,30 @@ def test_export_and_generate_refuse_wrong_paths_before_any_work(tmp_path, saved,
     unfinished.mkdir()
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("mine")
-    cases = [  # (tool, argv, what the message must say)
-        (export, ["--checkpoint", run_dir, "--out", str(tmp_path / "e")],
-         f"is a run directory, not a checkpoint; its newest committed checkpoint is {step}"),
-        (export, ["--checkpoint", root, "--out", str(tmp_path / "e")], "is a directory of checkpoints, not one"),
-        (export, ["--checkpoint", str(tmp_path / "none"), "--out", str(tmp_path / "e")], "does not exist"),
-        (export, ["--checkpoint", str(tmp_path / "a-file"), "--out", str(tmp_path / "e")],
-         "is a file, not a checkpoint directory"),
-        (export, ["--checkpoint", str(unfinished), "--out", str(tmp_path / "e")],
-         "a save still being written, or one that did not finish"),
-        (export, ["--checkpoint", step, "--out", str(tmp_path / "a-file")], "it is not a directory"),
-        (export, ["--checkpoint", step, "--out", str(tmp_path / "a-file" / "sub")], "is not a directory"),
-        (export, ["--checkpoint", step, "--out", str(tmp_path / "full")], "exists and is not empty; pass --force"),
-        (export, ["--checkpoint", step, "--out", step, "--force"], "holds trainer checkpoints"),
-        (export, ["--checkpoint", step, "--out", run_dir, "--force"], "holds trainer checkpoints"),
-        (generate, ["--checkpoint", run_dir, "--prompt", "x"], f"its newest committed checkpoint is {step}"),
-        (generate, ["--checkpoint", str(tmp_path / "a-file"), "--prompt", "x"], "is a file"),
-        (generate, ["--checkpoint", step, "--prompt", "x", "--top-p", "0", "--temperature", "-1"],
-         "--temperature must be >= 0"),
-    ]
-    before = _tree(tmp_path), _tree(Path(run_dir))
-    for tool, argv, says in cases:
-        code, err = _cli(tool, argv, capsys)
-        assert code == 2 and says in err, (argv, code, err)
-    assert (_tree(tmp_path), _tree(Path(run_dir))) == before  # nothing written, nothing touched
-    # every problem at once
-    code, err = _cli(export, ["--checkpoint", run_dir, "--out", str(tmp_path / "full")], capsys)
-    assert code == 2 and "2 problems" in err and "run directory" in err and "--force" in err
-    code, err = _cli(generate, ["--checkpoint", step, "--prompt", "x", "--top-p", "0", "--temperature", "-1"], capsys)
-    assert "2 problem(s)" in err and "--top-p must be in (0, 1], got 0.0" in err
+    out = ["--out", str(tmp_path / "e")]
+    refuse_all(export, [
+        (["--checkpoint", run_dir, *out], f"is a run directory, not a checkpoint; its newest committed checkpoint is {step}"),
+        (["--checkpoint", root, *out], "is a directory of checkpoints, not one"),
+        (["--checkpoint", str(tmp_path / "none"), *out], "does not exist"),
+        (["--checkpoint", str(tmp_path / "a-file"), *out], "is a file, not a checkpoint directory"),
+        (["--checkpoint", str(unfinished), *out], "a save still being written, or one that did not finish"),
+        (["--checkpoint", step, "--out", str(tmp_path / "a-file")], "it is not a directory"),
+        (["--checkpoint", step, "--out", str(tmp_path / "a-file" / "sub")], "is not a directory"),
+        (["--checkpoint", step, "--out", str(tmp_path / "full")], "exists and is not empty; pass --force"),
+        (["--checkpoint", step, "--out", step, "--force"], "holds trainer checkpoints"),
+        (["--checkpoint", step, "--out", run_dir, "--force"], "holds trainer checkpoints"),
+        (["--checkpoint", step], "the following arguments are required: --out"),
+        (["--checkpoint", run_dir, "--out", str(tmp_path / "full")],  # every problem at once
+         "2 problems", "run directory", "--force"),
+    ], capsys, watch=[tmp_path, run_dir])  # nothing written, nothing touched
+    refuse_all(generate, [
+        (["--checkpoint", run_dir, "--prompt", "x"], f"its newest committed checkpoint is {step}"),
+        (["--checkpoint", str(tmp_path / "a-file"), "--prompt", "x"], "is a file"),
+        (["--checkpoint", str(unfinished), "--prompt", "x"], "a save still being written"),
+        (["--checkpoint", step, "--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+        (["--checkpoint", step, "--prompt", "x", "--top-p", "0", "--temperature", "-1"],  # every problem at once
+         "2 problem(s)", "--temperature must be >= 0", "--top-p must be in (0, 1], got 0.0"),
+    ], capsys, watch=[tmp_path, run_dir])
 
 
 def test_export_replaces_an_existing_export_only_with_force(tmp_path, saved, capsys):
@@ -422,8 +404,8 @@ def test_export_replaces_an_existing_export_only_with_force(tmp_path, saved, cap
     out = tmp_path / "export"
     assert export(["--checkpoint", ckpt_store.step_dir(root, 1), "--out", str(out)]) == 0
     first = (out / "model.safetensors").read_bytes()
-    code, err = _cli(export, ["--checkpoint", ckpt_store.step_dir(root, 2), "--out", str(out)], capsys)
-    assert code == 2 and "pass --force" in err and (out / "model.safetensors").read_bytes() == first
+    refuse_all(export, [(["--checkpoint", ckpt_store.step_dir(root, 2), "--out", str(out)], "pass --force")], capsys)
+    assert (out / "model.safetensors").read_bytes() == first
     (out / "stale.txt").write_text("from before")
     assert export(["--checkpoint", ckpt_store.step_dir(root, 2), "--out", str(out), "--force"]) == 0
     assert (out / "model.safetensors").read_bytes() != first and not (out / "stale.txt").exists()

@@ -8,6 +8,8 @@ import torch.multiprocessing
 
 from lasp import cli
 
+from tests.refusals import refuse_all
+
 
 @pytest.fixture
 def no_work(monkeypatch):
@@ -57,14 +59,21 @@ def test_the_checks_name_the_option_and_the_value(tmp_path, under_a_file, monkey
 def test_demo(no_work, capsys):
     from lasp.demo import main
 
-    for bad in ("0", "-1"):
-        assert f"--world-size must be >= 1, got {bad}" in usage_error(main, ["--world-size", bad], capsys)
-    err = usage_error(main, ["--world-size", "512", "--heads", "0"], capsys)
-    assert "--world-size 512 is more processes than this machine can run (2 CPU cores; at most 8)" in err
-    assert "--heads must be >= 1, got 0" in err
-    err = usage_error(main, ["--world-size", "2", "--seq-len", "102", "--head-dim", "-4"], capsys)
-    assert "--seq-len 102: sequence length 102 cannot be split by the zigzag layout over 2 ranks" in err
-    assert "--head-dim must be >= 1, got -4" in err
+    refuse_all(main, [
+        (["--world-size", "0"], "--world-size must be >= 1, got 0"),
+        (["--world-size", "-1"], "--world-size must be >= 1, got -1"),
+        (["--world-size", "two"], "argument --world-size: invalid int value: 'two'"),
+        (["--world-size", "512"], "--world-size 512 is more processes than this machine can run (2 CPU cores; at most 8)"),
+        (["--heads", "0"], "--heads must be >= 1, got 0"),
+        (["--head-dim", "-4"], "--head-dim must be >= 1, got -4"),
+        (["--seq-len", "0"], "--seq-len 0: sequence length 0 cannot be split by the zigzag layout over 2 ranks"),
+        (["--world-size", "2", "--seq-len", "102"], "--seq-len 102: sequence length 102 cannot be split"),
+        (["--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
+        (["--device", "cuda"], "--world-size 2 needs one GPU per process; this machine has 0 GPU(s)"),
+        (["--bogus"], "unrecognized arguments: --bogus"),
+        (["--world-size", "512", "--heads", "0", "--head-dim", "-4"],  # every problem at once
+         "3 problems", "--world-size 512 is more processes", "--heads must be >= 1, got 0", "--head-dim must be >= 1"),
+    ], capsys)
 
 
 def test_mesh(capsys):
@@ -108,7 +117,7 @@ def test_kernels(no_work, under_a_file, tmp_path, capsys):
     for part in ("--batch must be >= 1, got 0", "--heads must be >= 1, got -1", "--out: cannot write to"):
         assert part in err
     err = usage_error(main, ["--from-jsonl", str(tmp_path / "gone.jsonl"), "--out", str(under_a_file)], capsys)
-    assert f"--from-jsonl: {tmp_path / 'gone.jsonl'} is not a file" in err and "--out: cannot write to" in err
+    assert f"--from-jsonl: {tmp_path / 'gone.jsonl'} does not exist" in err and "--out: cannot write to" in err
 
 
 def test_loss_memory(no_work, under_a_file, capsys):
@@ -127,40 +136,82 @@ def test_bench_train(no_work, under_a_file, tmp_path, capsys):
     for part in ("--nprocs must be >= 1, got 0", "--steps must be >= 4, got -1", "--out: cannot write to",
                  "--nprocs 512 is more processes than this machine can run (2 CPU cores; at most 8)",
                  "with --nprocs 512: data.seq_len: sequence length 512 is not divisible by the zigzag layout",
-                 "is not a prepared dataset"):
+                 f"data.path: {tmp_path / 'none'} does not exist"):
         assert part in err
-    assert err.count("is not a prepared dataset") == 1  # a problem of the config is not repeated per --nprocs
+    assert err.count("does not exist") == 1  # a problem of the config is not repeated per --nprocs
     assert "does not exist" in usage_error(main, ["--config", str(tmp_path / "no.yaml")], capsys)
 
 
 def test_train(tmp_path, monkeypatch, capsys):
+    from lasp.data import prepare
     from lasp.train.__main__ import main
 
+    (tmp_path / "doc.txt").write_text("def f():\n    return 1\n" * 20)
+    prepare([str(tmp_path / "doc.txt")], str(tmp_path / "data"), progress=False)
     config = tmp_path / "c.yaml"
-    config.write_text("data:\n  seq_len: 64\n")
+    config.write_text(f"data:\n  path: {tmp_path / 'data'}\n  seq_len: 64\nlogging:\n  run_dir: {tmp_path / 'run'}\n")
+    (tmp_path / "list.yaml").write_text("- model\n- data\n")
+    (tmp_path / "broken.yaml").write_text("data: [seq_len\n")
     (tmp_path / "file").write_text("")
-    bad = ["--set", "data.seq_len=0", "--set", "parallel.sp=-1", "--set", f"logging.run_dir={tmp_path}/file/run"]
-    assert main(["--config", str(config), *bad]) == 2
-    err = capsys.readouterr().err
-    for part in ("data.seq_len must be >= 1, got 0", "parallel.sp must be >= 1, got -1",
-                 f"logging.run_dir: cannot write to {tmp_path}/file/run: {tmp_path}/file is not a directory"):
-        assert part in err
-    assert "Traceback" not in err
+    (tmp_path / "run" / "checkpoints" / "step-00000002").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "step-00000002" / "COMMITTED").write_text("{}")
+    (tmp_path / "run" / "checkpoints" / "step-00000004").mkdir()  # a save still being written
+    c = ["--config", str(config)]
+    refuse_all(main, [
+        ([], "the following arguments are required: --config"),
+        (["--config", str(tmp_path / "none.yaml")], f"config file: {tmp_path / 'none.yaml'} does not exist"),
+        (["--config", str(tmp_path)], f"config file: {tmp_path} is a directory, not a file"),
+        (["--config", str(tmp_path / "list.yaml")], "the top level must be a mapping of sections, got list"),
+        (["--config", str(tmp_path / "broken.yaml")], "cannot read YAML"),
+        ([*c, "--set", "optim.lr", "--set", "optim.lrr=1"],  # every problem at once
+         "--set 'optim.lr': expected KEY=VALUE", "optim.lrr: unknown key (did you mean 'lr'?)"),
+        ([*c, "--set", "data.seq_len=0", "--set", "parallel.sp=-1", "--set", f"logging.run_dir={tmp_path}/file/run"],
+         "data.seq_len must be >= 1, got 0", "parallel.sp must be >= 1, got -1",
+         f"logging.run_dir: cannot write to {tmp_path}/file/run: {tmp_path}/file is not a directory"),
+        ([*c, "--set", f"data.path={tmp_path / 'file'}"], f"data.path: {tmp_path / 'file'} is a file, not a directory"),
+        ([*c, "--set", f"data.path={tmp_path / 'gone'}"], "does not exist; make a dataset with python -m lasp.data"),
+        ([*c, "--set", f"train.resume={tmp_path / 'run'}"], "is a run directory, not a checkpoint; its newest "
+         f"committed checkpoint is {tmp_path / 'run' / 'checkpoints' / 'step-00000002'}"),
+        ([*c, "--set", f"train.resume={tmp_path / 'run' / 'checkpoints' / 'step-00000004'}"],
+         "has no COMMITTED marker: a save still being written, or one that did not finish"),
+        ([*c, "--set", "model.layer_pattern=LX"], "model.layer_pattern must be a non-empty string of L and S, got 'LX'"),
+        ([*c, "--world-size", "2"], "--world-size 2: only with --check-only"),
+        ([*c, "--check-only", "--world-size", "0"], "--world-size 0: only with --check-only, and at least 1"),
+        ([*c, "--check-only", "--world-size", "3"], "world size 3 != tp x sp x pp x dp = 1 x 1 x 1 x 1 = 1"),
+        ([*c, "--bogus"], "unrecognized arguments: --bogus"),
+    ], capsys, watch=[tmp_path])
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "512")  # as a launcher that started far too many ranks would say
-    assert main(["--config", str(config)]) == 2
-    assert "world size 512 != tp x sp x pp x dp = 1 x 1 x 1 x 1 = 1" in capsys.readouterr().err
+    refuse_all(main, [(c, "world size 512 != tp x sp x pp x dp = 1 x 1 x 1 x 1 = 1")], capsys, watch=[tmp_path])
 
 
 def test_data(tmp_path, under_a_file, capsys):
     from lasp.data.__main__ import main
 
-    argv = ["prepare", "--input", str(tmp_path / "gone.txt"), "--output", str(under_a_file), "--seed", "-1",
-            "--val-fraction", "1.5"]
-    err = usage_error(main, argv, capsys)
-    for part in (f"--output: cannot write to {under_a_file}: {under_a_file.parent} is not a directory",
-                 "--seed must be >= 0, got -1", "--val-fraction must be in [0, 1), got 1.5"):
-        assert part in err
-    assert f"--input {tmp_path / 'gone.txt'}: no such file" in err  # every problem at once; no input read
-    err = usage_error(main, ["prepare", "--input", "x", "--output", str(under_a_file.parent)], capsys)
-    assert f"cannot write to {under_a_file.parent}: it is not a directory" in err
+    (tmp_path / "one.txt").write_text("a single document")
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "latin.txt").write_bytes(b"caf\xe9\n")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("mine")
+    one, out = ["--input", str(tmp_path / "one.txt")], ["--output", str(tmp_path / "out")]
+    refuse_all(main, [
+        (["prepare"], "the following arguments are required: --input, --output"),
+        (["convert", *one, *out], "invalid choice: 'convert'"),
+        (["prepare", "--input", str(tmp_path / "gone.txt"), *out], f"{tmp_path / 'gone.txt'}: no such file"),
+        (["prepare", "--input", str(tmp_path), *out], f"{tmp_path}: is a directory (give its files, e.g. a quoted glob"),
+        (["prepare", "--input", str(tmp_path / "*.md"), *out], "*.md: no file matches this pattern"),
+        (["prepare", "--input", str(tmp_path / "empty.txt"), *out], "empty.txt: is empty"),
+        (["prepare", "--input", str(tmp_path / "latin.txt"), *out], "latin.txt: not UTF-8"),
+        (["prepare", *one, "--output", str(under_a_file)],
+         f"--output: cannot write to {under_a_file}: {under_a_file.parent} is not a directory"),
+        (["prepare", *one, "--output", str(under_a_file.parent)], f"cannot write to {under_a_file.parent}: it is not a "
+         "directory"),
+        (["prepare", *one, "--output", str(tmp_path / "full")], "output directory exists and is not empty (use --force"),
+        (["prepare", *one, *out, "--val-fraction", "0.1"], "a val split needs at least 2 documents, the inputs have 1"),
+        (["prepare", *one, *out, "--tokenizer", str(tmp_path / "tok.json")], "tok.json' does not exist (expected `byte`"),
+        (["prepare", *one, *out, "--tokenizer", str(tmp_path / "full")], "full' is a directory, not a file"),
+        (["prepare", "--input", str(tmp_path / "gone.txt"), "--output", str(under_a_file), "--seed", "-1",
+          "--val-fraction", "1.5"],  # every problem at once, no input read
+         f"--output: cannot write to {under_a_file}", "--seed must be >= 0, got -1", "--val-fraction must be in [0, 1), "
+         "got 1.5", f"--input {tmp_path / 'gone.txt'}: no such file"),
+    ], capsys, watch=[tmp_path])

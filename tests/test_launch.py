@@ -10,6 +10,8 @@ import sys
 
 import pytest
 
+from tests.refusals import refuse_command
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = ["launch/torchrun.sh", "launch/deepspeed.sh", "launch/slurm.sbatch", "launch/bench_scaling.sh",
            "launch/node_env.sh", "scripts/run.sh"]
@@ -69,42 +71,44 @@ def test_the_scaling_sweep_runs_through_its_launcher(tmp_path):
     assert (out / "calibration.jsonl").stat().st_size > 0
 
 
-BAD_VARIABLES = [  # (script, environment, what the message must say): refused before anything starts
-    ("launch/torchrun.sh", {"NPROC_PER_NODE": "0"}, "NPROC_PER_NODE must be at least 1, got 0"),
-    ("launch/torchrun.sh", {"NNODES": "abc"}, "NNODES must be a whole number, got 'abc'"),
-    ("launch/torchrun.sh", {"NNODES": "2", "NODE_RANK": "2"}, "NODE_RANK must be below NNODES"),
-    ("launch/torchrun.sh", {"MASTER_PORT": "70000"}, "MASTER_PORT must be at most 65535"),
-    ("launch/torchrun.sh", {"NNODES": "2", "RDZV_TIMEOUT": "soon"}, "RDZV_TIMEOUT must be a whole number"),
-    ("launch/deepspeed.sh", {"NPROC_PER_NODE": "-1"}, "NPROC_PER_NODE must be a whole number, got '-1'"),
-    ("launch/bench_scaling.sh", {"NNODES": "0"}, "NNODES must be at least 1, got 0"),
+SRUN = "#!/usr/bin/env bash\nwhile [[ $1 == --* ]]; do shift; done\nexec \"$@\"\n"  # one node's srun
+BAD_LAUNCHES = [  # (script, environment, what the message must say): refused before anything starts
+    ("launch/torchrun.sh", {"NPROC_PER_NODE": "0"}, ["NPROC_PER_NODE must be at least 1, got 0"]),
+    ("launch/torchrun.sh", {"NNODES": "abc"}, ["NNODES must be a whole number, got 'abc'"]),
+    ("launch/torchrun.sh", {"NNODES": "2", "NODE_RANK": "2"}, ["NODE_RANK must be below NNODES: NODE_RANK=2, NNODES=2"]),
+    ("launch/torchrun.sh", {"MASTER_PORT": "70000"}, ["MASTER_PORT must be at most 65535, got 70000"]),
+    ("launch/torchrun.sh", {"NNODES": "2", "RDZV_TIMEOUT": "soon"}, ["RDZV_TIMEOUT must be a whole number"]),
+    ("launch/torchrun.sh", {"NNODES": "x", "NPROC_PER_NODE": "0"},  # every problem at once
+     ["NNODES must be a whole number, got 'x'", "NPROC_PER_NODE must be at least 1, got 0"]),
+    ("launch/deepspeed.sh", {"NPROC_PER_NODE": "-1"}, ["NPROC_PER_NODE must be a whole number, got '-1'"]),
+    ("launch/deepspeed.sh", {"MASTER_PORT": "port"}, ["MASTER_PORT must be a whole number, got 'port'"]),
+    ("launch/deepspeed.sh", {"HOSTFILE": "/nonexistent/hostfile"}, ["HOSTFILE /nonexistent/hostfile does not exist"]),
+    ("launch/bench_scaling.sh", {"NNODES": "0"}, ["NNODES must be at least 1, got 0"]),
+    ("launch/slurm.sbatch", {"SLURM_NNODES": "2", "SLURM_NODEID": "5"}, ["NODE_RANK must be below NNODES: NODE_RANK=5"]),
+    # the trainer's own check against the world the script is about to start: its message, exit 2, and no
+    # launcher started (it would print its own banner, or ChildFailedError)
+    ("launch/torchrun.sh", {"PYTHON": sys.executable, "NPROC_PER_NODE": "1"},
+     ["world size 1 != tp x sp x pp x dp = 1 x 2 x 1 x 1", "data.path: /nonexistent does not exist"]),
+    ("launch/deepspeed.sh", {"PYTHON": sys.executable, "NPROC_PER_NODE": "1"},
+     ["world size 1 != tp x sp x pp x dp = 1 x 2 x 1 x 1", "data.path: /nonexistent does not exist"]),
 ]
 
 
-@pytest.mark.parametrize("script, env, says", BAD_VARIABLES)
-def test_launch_scripts_refuse_bad_variables(script, env, says):
-    full = {k: v for k, v in os.environ.items() if k not in ("NNODES", "NODE_RANK", "MASTER_PORT", "NPROC_PER_NODE")}
-    # a PYTHON that fails loudly: nothing may be started
-    out = subprocess.run(["bash", script, "--config", "configs/cpu-quickstart.yaml"], cwd=ROOT, capture_output=True,
-                         text=True, timeout=30, env={**full, "PYTHON": "/bin/false", **env})
-    assert out.returncode == 2 and says in out.stderr and "Traceback" not in out.stderr, out.stderr
-
-
-@pytest.mark.parametrize("script", ["launch/torchrun.sh", "launch/deepspeed.sh"])
-def test_a_config_for_more_processes_is_refused_before_any_starts(script):
-    """The trainer's own check runs against the world the script is about to start: its message, exit 2,
-    and no launcher started (it would print its own banner or ChildFailedError)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("NNODES", "NODE_RANK", "MASTER_PORT", "RANK",
-                                                            "WORLD_SIZE", "LOCAL_RANK", "HOSTFILE")}
-    out = subprocess.run(["bash", script, "--config", "configs/cpu-quickstart.yaml", "--set", "data.path=/nonexistent"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=120,
-                         env={**env, "PYTHON": sys.executable, "NPROC_PER_NODE": "1"})
-    assert out.returncode == 2, out.stderr[-3000:]
-    assert "world size 1 != tp x sp x pp x dp = 1 x 2 x 1 x 1" in out.stderr and "/nonexistent" in out.stderr
-    assert "Traceback" not in out.stderr and "ChildFailedError" not in out.stderr and not out.stdout
+@pytest.mark.parametrize("script, env, says", BAD_LAUNCHES, ids=[f"{s[7:]}-{'-'.join(e)}" for s, e, _ in BAD_LAUNCHES])
+def test_launch_scripts_refuse_bad_input_before_anything_starts(tmp_path, script, env, says):
+    (tmp_path / "srun").write_text(SRUN)
+    (tmp_path / "srun").chmod(0o755)
+    full = {k: v for k, v in os.environ.items() if k not in ("NNODES", "NODE_RANK", "MASTER_PORT", "NPROC_PER_NODE",
+            "RANK", "WORLD_SIZE", "LOCAL_RANK", "HOSTFILE") and not k.startswith("SLURM_")}
+    full.update({"PYTHON": "/bin/false", "SRUN": str(tmp_path / "srun"), **env})  # /bin/false: start nothing
+    err = refuse_command(["bash", script, "--config", "configs/cpu-quickstart.yaml", "--set", "data.path=/nonexistent",
+                          "--set", f"logging.run_dir={tmp_path / 'run'}"], full, says, watch=[tmp_path], cwd=ROOT,
+                         timeout=120)
+    assert "ChildFailedError" not in err
 
 
 def test_the_launcher_exits_with_the_trainers_status():
-    from lasp.train.torchrun import outcome
+    from lasp.train.launcher import outcome
 
     stop = "stopped by SIGTERM after step 3, with a checkpoint: start the same command again to continue"
     assert outcome({0: (75, stop), 1: (75, stop)}, 1) == (75, [stop])  # said once
@@ -114,9 +118,11 @@ def test_the_launcher_exits_with_the_trainers_status():
 
 
 @pytest.mark.slow
-def test_a_worker_error_is_the_last_thing_printed_with_its_status(tmp_path):
+@pytest.mark.parametrize("script, report", [("launch/torchrun.sh", "torchrun: rank"),
+                                            ("launch/deepspeed.sh", "deepspeed: a worker exited with status 2")])
+def test_a_worker_error_is_the_last_thing_printed_with_its_status(tmp_path, script, report):
     """A checkpoint that passes the launch check (it has its marker) but is damaged: every worker refuses it
-    (exit 2); the launcher ends with the trainer's message and status 2, not torchrun's report and 1."""
+    (exit 2); the launcher ends with the trainer's message and status 2, not its own report and 1."""
     from lasp.data import prepare
 
     ckpt = tmp_path / "step-00000001"
@@ -125,12 +131,13 @@ def test_a_worker_error_is_the_last_thing_printed_with_its_status(tmp_path):
     data = tmp_path / "data"
     (tmp_path / "doc.txt").write_text("def f():\n    return 1\n" * 400)
     prepare([str(tmp_path / "doc.txt")], str(data), progress=False)
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    out = subprocess.run(["bash", "launch/torchrun.sh", "--config", "configs/cpu-quickstart.yaml", "--set",
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "HOSTFILE")}
+    out = subprocess.run(["bash", script, "--config", "configs/cpu-quickstart.yaml", "--set",
                           f"data.path={data}", "--set", f"train.resume={ckpt}", "--set", "train.eval_interval=0",
                           "--set", f"logging.run_dir={tmp_path / 'run'}"], cwd=ROOT, capture_output=True, text=True,
-                         timeout=300, env={**env, "PYTHON": sys.executable, "NPROC_PER_NODE": "2"})
+                         timeout=300, env={**env, "PYTHON": sys.executable, "NPROC_PER_NODE": "2",
+                                                "MASTER_PORT": str(_free_port())})
     assert out.returncode == 2, out.stderr[-3000:]
-    tail = out.stderr[out.stderr.rindex("torchrun: rank"):]  # the launcher's one line, then the trainer's message
+    tail = out.stderr[out.stderr.rindex(report):]  # the launcher's one line, then the trainer's message
     assert f"checkpoint {ckpt} is damaged" in tail and tail.rstrip().endswith("__0_0.distcp is missing"), tail
     assert "ChildFailedError" not in out.stderr

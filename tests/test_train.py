@@ -70,7 +70,7 @@ def _env():
 
 
 def _train(config, nproc=1, extra=(), check=True, timeout=300):
-    launcher = [sys.executable, "-m", "lasp.train.torchrun", "--standalone", f"--nproc-per-node={nproc}"] \
+    launcher = [sys.executable, "-m", "lasp.train.launcher", "torchrun", "--standalone", f"--nproc-per-node={nproc}"] \
         if nproc > 1 else [sys.executable]
     out = subprocess.run([*launcher, "-m", "lasp.train", "--config", config, *extra], cwd=ROOT, env=_env(),
                          capture_output=True, text=True, timeout=timeout)
@@ -139,7 +139,7 @@ def test_nonfinite_loss_stops_or_skips_as_configured(tmp_path, corpus):
 
 
 def _start(config, nproc, extra=()):
-    return subprocess.Popen([sys.executable, "-m", "lasp.train.torchrun", "--standalone", f"--nproc-per-node={nproc}",
+    return subprocess.Popen([sys.executable, "-m", "lasp.train.launcher", "torchrun", "--standalone", f"--nproc-per-node={nproc}",
                              *extra, "-m", "lasp.train", "--config", config], cwd=ROOT, env=_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 

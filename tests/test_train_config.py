@@ -51,7 +51,7 @@ def test_world_size_and_the_data_are_checked(tmp_path):
     problems = _problems({"parallel": {"sp": 2}, "data": {"path": str(tmp_path / "nope"), "seq_len": 64}},
                          world_size=1, check_data=True)
     assert any("world size 1 != tp x sp x pp x dp = 1 x 2 x 1 x 1 = 2" in p for p in problems)
-    assert any("is not a prepared dataset" in p and "lasp.data prepare" in p for p in problems)
+    assert any("nope does not exist" in p and "lasp.data prepare" in p for p in problems)
 
 
 def test_model_problems_come_with_the_rest():

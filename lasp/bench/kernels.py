@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from lasp.bench.common import environment, median_time
-from lasp.cli import at_least, usage_error, writable
+from lasp.cli import at_least, existing, usage_error, writable
 from lasp.kernels import TorchChunkKernel, linear_attn
 
 
@@ -140,8 +140,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     unwritable = writable("--out", args.out.with_suffix(".jsonl")) or writable("--out", args.out.with_suffix(".png"))
     if args.from_jsonl:
-        usage_error(p, [f"--from-jsonl: {path} is not a file" for path in args.from_jsonl if not path.is_file()]
-                    + unwritable)
+        usage_error(p, [q for path in args.from_jsonl for q in existing("--from-jsonl", path)] + unwritable)
         return _merge(args.from_jsonl, args.out)
     problems = []
     if args.device == "cuda" and not torch.cuda.is_available():

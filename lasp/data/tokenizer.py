@@ -56,7 +56,8 @@ class HFTokenizer:
 
         self.path = Path(path)
         if not self.path.is_file():
-            raise DataError(f"tokenizer file {str(self.path)!r} does not exist (expected `byte` or a tokenizer.json)")
+            what = "is a directory, not a file" if self.path.is_dir() else "does not exist"
+            raise DataError(f"tokenizer file {str(self.path)!r} {what} (expected `byte` or a tokenizer.json)")
         try:
             self._tok = Tokenizer.from_file(str(self.path))
         except Exception as e:  # tokenizers raises a bare Exception for malformed files

@@ -17,11 +17,11 @@ import warnings
 warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
 
 EXIT_STOPPED = 75
-STATUS_DIR = "LASP_STATUS_DIR"  # set by lasp.train.torchrun: where each rank leaves its exit status and message
+STATUS_DIR = "LASP_STATUS_DIR"  # set by lasp.train.launcher: where each rank leaves its exit status and message
 
 
 def _status(code: int, message: str) -> int:
-    """Leave `code` and `message` for the launcher (lasp.train.torchrun), which repeats them last and exits
+    """Leave `code` and `message` for the launcher (lasp.train.launcher), which repeats them last and exits
     with this status rather than torchrun's 1; returns `code`."""
     where = os.environ.get(STATUS_DIR)
     if where:

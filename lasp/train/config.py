@@ -16,7 +16,7 @@ from typing import Literal
 
 import yaml
 
-from lasp.cli import writable
+from lasp.cli import existing, writable
 from lasp.model.config import ModelConfig
 from lasp.parallel.config import ParallelConfig
 from lasp.train import schema
@@ -236,6 +236,10 @@ class TrainConfig:
 def _data_problems(data: DataConfig, model: ModelConfig | None, evaluate: bool) -> list[str]:
     path = data.path
     meta = os.path.join(path, "meta.json")
+    wrong = existing("data.path", path, directory=True)
+    if wrong:
+        make = f"; make a dataset with python -m lasp.data prepare --input FILES --output {path}"
+        return [wrong[0] + (make if not os.path.exists(path) else "")]
     if not os.path.isfile(meta):
         return [f"data.path: {data.path!r} is not a prepared dataset (no {meta}); make one with "
                 f"python -m lasp.data prepare --input FILES --output {data.path}"]
@@ -312,8 +316,9 @@ def resolve(data: dict, source: str, world_size: int | None, check_data: bool = 
 def load_config(path: str, overrides: list[str] = (), world_size: int | None = None,
                 check_data: bool = True) -> TrainConfig:
     """Read a YAML file, apply `--set` overrides, and resolve (see `resolve`)."""
-    if not os.path.isfile(path):
-        raise ConfigError(path, [f"config file {path!r} does not exist"])
+    missing = existing("config file", path)
+    if missing:
+        raise ConfigError(path, missing)
     try:
         with open(path) as f:
             data = yaml.safe_load(f) or {}
@@ -323,9 +328,13 @@ def load_config(path: str, overrides: list[str] = (), world_size: int | None = N
         raise ConfigError(path, [f"the top level must be a mapping of sections, got {type(data).__name__}"])
     problems: list[str] = []
     schema.apply_overrides(data, list(overrides), problems)
+    try:
+        cfg = resolve(data, path, world_size, check_data)
+    except ConfigError as e:  # with the overrides' own problems: every problem at once
+        raise ConfigError(path, problems + e.problems) from None
     if problems:
         raise ConfigError(path, problems)
-    return resolve(data, path, world_size, check_data)
+    return cfg
 
 
 def dump(cfg: TrainConfig) -> str:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from lasp.bench.sp.cost import PRESETS
 from lasp.bench.sp.methods import DTYPES, METHODS
-from lasp.cli import at_least, processes, usage_error, writable
+from lasp.cli import at_least, existing, processes, usage_error, writable
 
 CPU_DEFAULTS = dict(world_sizes=[1, 2, 4], seq_lens=[1024, 4096], tokens_per_rank=[512])
 
@@ -194,8 +194,7 @@ def main(argv=None) -> None:
     if a.step == "predict":
         problems = at_least("--world-sizes", a.world_sizes) + at_least("--seq-lens", a.seq_lens)
         problems += at_least("--batch", a.batch) + ([] if a.tflops > 0 else [f"--tflops must be > 0, got {a.tflops}"])
-        if not Path(a.config).is_file():
-            problems.append(f"--config {a.config}: no such file")
+        problems += existing("--config", a.config)
         usage_error(p, problems + writable("--out", a.out, directory=True))
         a.out.mkdir(parents=True, exist_ok=True)
         return predict_main(a)
