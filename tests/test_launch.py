@@ -119,7 +119,7 @@ def test_the_launcher_exits_with_the_trainers_status():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("script, report", [("launch/torchrun.sh", "torchrun: rank"),
-                                            ("launch/deepspeed.sh", "deepspeed: a worker exited with status 2")])
+                                            ("launch/deepspeed.sh", "deepspeed: the launcher exited with status 2")])
 def test_a_worker_error_is_the_last_thing_printed_with_its_status(tmp_path, script, report):
     """A checkpoint that passes the launch check (it has its marker) but is damaged: every worker refuses it
     (exit 2); the launcher ends with the trainer's message and status 2, not its own report and 1."""

@@ -82,7 +82,7 @@ def _deepspeed(argv: list[str]) -> tuple[int, str]:
         return 0, ""
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 1
-        return code, "" if code == 0 else f"deepspeed: a worker exited with status {code}"
+        return code, "" if code == 0 else f"deepspeed: the launcher exited with status {code}"
 
 
 LAUNCHERS = {"torchrun": _torchrun, "deepspeed": _deepspeed}
