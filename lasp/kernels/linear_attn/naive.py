@@ -53,6 +53,40 @@ def recurrent_linear_attn(
     return torch.stack(outs, dim=1).to(q.dtype), S
 
 
+def recurrent_delta_rule(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    beta: Tensor,
+    gate: Tensor | None = None,
+    scale: float | None = None,
+    initial_state: Tensor | None = None,
+    cu_seqlens=None,
+) -> tuple[Tensor, Tensor]:
+    """The delta rule token by token (flash-linear-attention's convention) -> (o [B,T,H,V], S [B,H,K,V]):
+    S_t = (I - b_t k_t k_t^T) Diag(exp(g_t)) S_{t-1} + b_t k_t v_t^T, o_t = s q_t^T S_t, with beta [B,T,H]
+    and the log-gate [B,T,H] (Gated DeltaNet), [B,T,H,K] (KDA) or None (DeltaNet). A gate of -inf and a
+    document start of `cu_seqlens` drop S_{t-1}."""
+    B, T, H, K = q.shape
+    dt = state_dtype(q.dtype)
+    scale = K**-0.5 if scale is None else scale
+    qf, kf, vf, bf = q.to(dt), k.to(dt), v.to(dt), beta.to(dt)
+    S = q.new_zeros(B, H, K, v.shape[-1], dtype=dt) if initial_state is None else initial_state.to(dt)
+    g = None if gate is None else (gate if gate.dim() == 4 else gate[..., None]).to(dt)
+    keep = None if cu_seqlens is None else ~as_documents(cu_seqlens, B, T).resets(q.device)
+    outs = []
+    for t in range(T):
+        if keep is not None:
+            S = S * keep[:, t, None, None, None]
+        if g is not None:
+            S = torch.exp(g[:, t])[..., None] * S
+        kt = kf[:, t]  # [B, H, K]
+        new = vf[:, t] - torch.einsum("bhk,bhkv->bhv", kt, S)
+        S = S + bf[:, t, :, None, None] * kt[..., None] * new[:, :, None, :]
+        outs.append(scale * torch.einsum("bhk,bhkv->bhv", qf[:, t], S))
+    return torch.stack(outs, dim=1).to(q.dtype), S
+
+
 def quadratic_linear_attn(
     q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor | None = None, scale: float | None = None
 ) -> Tensor:
