@@ -21,7 +21,7 @@ from lasp.kernels import DEFAULT_KERNEL, LinearAttnKernel, linear_attn, state_dt
 from lasp.kernels.documents import Documents, as_documents
 from lasp.kernels.linear_attn import check_linear_attn_args
 from lasp.kernels.linear_attn.gated import as_vector_form
-from lasp.kernels.linear_attn.op import check_documents, check_gate, gate_form, gate_with_resets
+from lasp.kernels.linear_attn.op import check_beta, check_documents, check_gate, gate_form, gate_with_resets
 from lasp.kernels.softmax_attn import check_softmax_attn_args, softmax_attn
 from lasp.sp.layout import SeqLayout, shard_sequence
 
@@ -45,7 +45,7 @@ def decay_digest(log_decay: Tensor) -> float | Tensor:
 
 def fingerprint(op: str, q: Tensor, k: Tensor, v: Tensor, layout: str, causal: bool, scale: float,
                 log_decay: Tensor | None, linear: bool, gate: Tensor | None = None,
-                docs: Documents | None = None) -> Fingerprint:
+                docs: Documents | None = None, delta: bool = False) -> Fingerprint:
     """What every rank of an SP op must pass alike (see the module doc); `docs`: the global documents."""
     B, T, H, K = q.shape
     fields = [
@@ -56,6 +56,7 @@ def fingerprint(op: str, q: Tensor, k: Tensor, v: Tensor, layout: str, causal: b
     if linear:
         fields.append(("decay", None if log_decay is None else decay_digest(log_decay)))
         fields.append(("gate", None if gate is None else gate_form(gate)))
+        fields.append(("delta rule", delta))
     fields.append(("documents", None if docs is None else docs.digest()))
     return Fingerprint(op, tuple(fields))
 
@@ -102,6 +103,9 @@ def run_sp_linear_attn(
     gated_impl: Callable[..., Tensor] | None = None,
     cu_seqlens=None,
     documents_in_impl: bool = False,
+    beta: Tensor | None = None,
+    delta_impl: Callable[..., Tensor] | None = None,
+    no_delta: str = "",
 ) -> Tensor:
     """Check every argument before any communication, then run impl(q, k, v, log_decay, scale, causal,
     group, lay, kernel, fingerprint) (k, v repeated to q's heads), or `linear_attn` on a group of one.
@@ -111,7 +115,8 @@ def run_sp_linear_attn(
     instead; an op without `gated_impl` refuses gates. `cu_seqlens` (the GLOBAL documents, alike on every
     rank) runs the gated form with a gate of 0 (-inf) at this rank's document starts, or, with
     `documents_in_impl` and no gate, impl(..., docs=Documents) masks them itself (Ring); an op needs one
-    of the two."""
+    of the two. With `beta` (the delta rule), delta_impl(q, k, v, beta [B, T, H, 1], gate [B, T, H, Kg] or
+    None, scale, group, lay, kernel, fingerprint) runs; an op without it refuses beta, saying `no_delta`."""
     W = group_size(group)
     kernel = DEFAULT_KERNEL if kernel is None else kernel
 
@@ -121,6 +126,10 @@ def run_sp_linear_attn(
             if gated_impl is None:
                 raise ValueError(f"{op} has no gated form: pass gate=None, or use lasp2, lasp1 or ulysses")
             check_gate(gate, q, log_decay, causal, kernel)
+        if beta is not None:
+            if delta_impl is None:
+                raise ValueError(f"{op} has no delta rule (beta){no_delta}: use lasp2, lasp1 or ulysses")
+            check_beta(beta, q, log_decay, causal, kernel)
         docs = None
         if cu_seqlens is not None:
             docs = check_documents(cu_seqlens, q, q.shape[1] * W, causal, kernel)
@@ -132,18 +141,22 @@ def run_sp_linear_attn(
 
     if W == 1:
         k2, v2, s, _, docs = checks()
-        return linear_attn(q, k, v, log_decay=log_decay, gate=gate, causal=causal, scale=s, kernel=kernel,
+        return linear_attn(q, k, v, log_decay=log_decay, gate=gate, beta=beta, causal=causal, scale=s, kernel=kernel,
                            cu_seqlens=docs)
     k2, v2, s, lay, docs = _checked_locally(op, group, _device(q), check_ranks, checks)
     fp = None
     if check_ranks:
-        fp = fingerprint(op, q, k, v, layout, causal, s, log_decay, linear=True, gate=gate, docs=docs)
+        fp = fingerprint(op, q, k, v, layout, causal, s, log_decay, linear=True, gate=gate, docs=docs,
+                         delta=beta is not None)
     fp = _carried(fp, in_band, group, q.device)
-    if docs is not None and docs.has_resets and documents_in_impl and gate is None:
+    if docs is not None and docs.has_resets and documents_in_impl and gate is None and beta is None:
         return impl(q, k2, v2, log_decay, s, causal, group, lay, kernel, fp, docs=docs)
     if docs is not None and docs.has_resets:
         resets = shard_sequence(docs.resets(q.device), rank=group_rank(group), world_size=W, layout=layout)
         gate = gate_with_resets(gate, log_decay, resets, q.shape[2], state_dtype(q.dtype))
+    if beta is not None:
+        g = None if gate is None else as_vector_form(gate)
+        return delta_impl(q, k2, v2, beta[..., None], g, s, group, lay, kernel, fp)
     if gate is not None:
         return gated_impl(q, k2, v2, as_vector_form(gate), s, group, lay, kernel, fp)
     return impl(q, k2, v2, log_decay, s, causal, group, lay, kernel, fp)

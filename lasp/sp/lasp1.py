@@ -19,10 +19,12 @@ from lasp.sp.gated import GatedChunks
 from lasp.sp.layout import SeqLayout, merge_local_chunks, split_local_chunks
 
 
-def _chain_scan(x_nBHKV: Tensor, decay: Tensor | None, lay: SeqLayout, group, reverse: bool) -> Tensor:
+def _chain_scan(x_nBHKV: Tensor, decay: Tensor | None, lay: SeqLayout, group, reverse: bool,
+                matrix: bool = False) -> Tensor:
     """Decayed exclusive prefix (suffix if `reverse`) of every chunk's x in global order, passed hop by
     hop between owners. `decay`: None, a constant per head [H], or one transition per local chunk
-    [n, B, H, Kg, 1] (gates). Returns this rank's entries [n, B, H, K, V]."""
+    [n, B, H, Kg, 1] (gates), or with `matrix` [n, B, H, K, K] (the delta rule; transposed in reverse).
+    Returns this rank's entries [n, B, H, K, V]."""
     rank, num = group_rank(group), lay.num_chunks
     mine = lay.chunks_of(rank)
     step = -1 if reverse else 1
@@ -42,7 +44,10 @@ def _chain_scan(x_nBHKV: Tensor, decay: Tensor | None, lay: SeqLayout, group, re
         else:
             incoming = recv(x_nBHKV[i], lay.owner(prev), group)
         out[i] = incoming
-        carry = x_nBHKV[i] + (incoming if d[i] is None else incoming * d[i])
+        if matrix:
+            carry = x_nBHKV[i] + (d[i].transpose(-1, -2) if reverse else d[i]) @ incoming
+        else:
+            carry = x_nBHKV[i] + (incoming if d[i] is None else incoming * d[i])
         if 0 <= nxt < num and lay.owner(nxt) != rank:
             send(carry, lay.owner(nxt), group)
     return out
@@ -122,6 +127,35 @@ class _Lasp1GatedFn(torch.autograd.Function):
         return (*(merge_local_chunks(x, n) for x in grads), None, None, None, None, None)
 
 
+class _Lasp1DeltaFn(torch.autograd.Function):
+    """LASP-1 under the delta rule: each hop carries a chunk's outgoing state S_out = A S_in + M (K x K A)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, beta, gate, scale, group, lay: SeqLayout, kernel, fp):
+        n = lay.chunks_per_rank
+        qc, kc, vc, bc = (split_local_chunks(x, n) for x in (q, k, v, beta))
+        gc = None if gate is None else split_local_chunks(gate, n)
+        o0, Qm, A, M = kernel.delta_maps(qc, kc, vc, bc[..., 0], gc, scale)
+        A = A.view(n, -1, *A.shape[1:])
+        s_in = _chain_scan(M.view(n, -1, *M.shape[1:]), A, lay, group, reverse=False, matrix=True).flatten(0, 1)
+        o = (o0 + torch.einsum("bthk,bhkv->bthv", Qm, s_in)).to(q.dtype)
+        ctx.save_for_backward(qc, kc, vc, bc, gc, s_in, Qm, A)
+        ctx.scale, ctx.group, ctx.lay, ctx.kernel = scale, group, lay, kernel
+        return merge_local_chunks(o, n)
+
+    @staticmethod
+    def backward(ctx, do):
+        qc, kc, vc, bc, gc, s_in, Qm, A = ctx.saved_tensors
+        n = ctx.lay.chunks_per_rank
+        doc = split_local_chunks(do, n)
+        N = torch.einsum("bthk,bthv->bhkv", Qm, doc.to(Qm.dtype))
+        ds_out = _chain_scan(N.view(n, -1, *N.shape[1:]), A, ctx.lay, ctx.group, reverse=True,
+                             matrix=True).flatten(0, 1)
+        dq, dk, dv, db, dg, _ = ctx.kernel.delta_bwd(qc, kc, vc, bc[..., 0], gc, ctx.scale, s_in, doc, ds_out, False)
+        grads = [dq, dk, dv, db[..., None], dg]
+        return (*(None if x is None else merge_local_chunks(x, n) for x in grads), None, None, None, None, None)
+
+
 def lasp1_linear_attn(
     q: Tensor,
     k: Tensor,
@@ -131,6 +165,7 @@ def lasp1_linear_attn(
     layout: str = "contiguous",
     log_decay: Tensor | None = None,
     gate: Tensor | None = None,
+    beta: Tensor | None = None,
     causal: bool = True,
     scale: float | None = None,
     kernel: LinearAttnKernel | None = None,
@@ -139,8 +174,10 @@ def lasp1_linear_attn(
 ) -> Tensor:
     """LASP-1 (ring, point-to-point) linear attention; same contract as `lasp2_linear_attn`, except that
     `check_ranks` costs one small all-gather of fingerprints per call (its hops carry no header). With a
-    `gate` ([B, T, H] or [B, T, H, K], split like q) every hop carries a chunk's gated outgoing state."""
+    `gate` ([B, T, H] or [B, T, H, K], split like q) every hop carries a chunk's gated outgoing state; with
+    `beta` (the delta rule) the same, after a K x K transition."""
     return run_sp_linear_attn(
         _Lasp1Fn.apply, q, k, v, op="lasp1", group=group, layout=layout, log_decay=log_decay, causal=causal, scale=scale,
         kernel=kernel, check_ranks=check_ranks, gate=gate, cu_seqlens=cu_seqlens, gated_impl=_Lasp1GatedFn.apply,
+        beta=beta, delta_impl=_Lasp1DeltaFn.apply,
     )

@@ -17,7 +17,7 @@ from torch.profiler import record_function
 from lasp.distributed import all_gather_async, group_rank
 from lasp.distributed.agree import Fingerprint, start_checked_gather
 from lasp.kernels import LinearAttnKernel
-from lasp.kernels.scan import affine_scan, exclusive_scan
+from lasp.kernels.scan import affine_scan, exclusive_scan, matrix_affine_scan
 from lasp.sp.dispatch import run_sp_linear_attn
 from lasp.sp.gated import GatedChunks, pack_pairs, unpack_pairs
 from lasp.sp.layout import SeqLayout, merge_local_chunks, split_local_chunks, take_chunks
@@ -145,6 +145,47 @@ class _Lasp2GatedFn(torch.autograd.Function):
         return (*(merge_local_chunks(x, n) for x in grads), None, None, None, None, None)
 
 
+class _Lasp2DeltaFn(torch.autograd.Function):
+    """LASP-2 under the delta rule: each chunk is an affine map of its incoming state, S_out = A S_in + M with
+    a K x K transition A, and its output is affine in S_in too, o = o0 + Qm S_in (the kernel's delta_maps).
+    ONE all-gather of the pairs (A, M) forward and a matrix scan in global chunk order; ONE all-gather of
+    N = Qm^T do backward and the reverse scan dS_in = N + A^T dS_out; then the kernel's local backward
+    from S_in with dS_out. The pairs and the scan stay in the state dtype (fp32 for bf16 inputs)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, beta, gate, scale, group, lay: SeqLayout, kernel, fp):
+        n, rank = lay.chunks_per_rank, group_rank(group)
+        qc, kc, vc, bc = (split_local_chunks(x, n) for x in (q, k, v, beta))
+        gc = None if gate is None else split_local_chunks(gate, n)
+        K = q.shape[-1]
+        with record_function("lasp2.overlapped"):  # the zero-start work, before the gather it needs
+            o0, Qm, A, M = kernel.delta_maps(qc, kc, vc, bc[..., 0], gc, scale)
+        pairs = torch.cat([A, M], dim=-1)
+        gather = _Gather(pairs.view(n, -1, *pairs.shape[1:]), group, fp)
+        everything = _in_global_order(gather.wait(), lay)
+        A_all, M_all = everything[..., :K], everything[..., K:]
+        s_in = _mine(matrix_affine_scan(M_all, A_all)[0], lay, rank)
+        o = (o0 + torch.einsum("bthk,bhkv->bthv", Qm, s_in)).to(q.dtype)
+        ctx.save_for_backward(qc, kc, vc, bc, gc, s_in, Qm, A_all)
+        ctx.scale, ctx.group, ctx.lay, ctx.kernel = scale, group, lay, kernel
+        ctx.bwd_fp = None if fp is None else Fingerprint(fp.op + ".bwd")
+        ctx.call = gather.call
+        return merge_local_chunks(o, n)
+
+    @staticmethod
+    def backward(ctx, do):
+        qc, kc, vc, bc, gc, s_in, Qm, A_all = ctx.saved_tensors
+        lay, n = ctx.lay, ctx.lay.chunks_per_rank
+        doc = split_local_chunks(do, n)
+        N = torch.einsum("bthk,bthv->bhkv", Qm, doc.to(Qm.dtype))
+        gather = _Gather(N.view(n, -1, *N.shape[1:]), ctx.group, ctx.bwd_fp, ctx.call)
+        N_all = _in_global_order(gather.wait(), lay)
+        ds_out = _mine(matrix_affine_scan(N_all, A_all, reverse=True)[0], lay, group_rank(ctx.group))
+        dq, dk, dv, db, dg, _ = ctx.kernel.delta_bwd(qc, kc, vc, bc[..., 0], gc, ctx.scale, s_in, doc, ds_out, False)
+        grads = [dq, dk, dv, db[..., None], dg]
+        return (*(None if x is None else merge_local_chunks(x, n) for x in grads), None, None, None, None, None)
+
+
 def lasp2_linear_attn(
     q: Tensor,
     k: Tensor,
@@ -154,6 +195,7 @@ def lasp2_linear_attn(
     layout: str = "contiguous",
     log_decay: Tensor | None = None,
     gate: Tensor | None = None,
+    beta: Tensor | None = None,
     causal: bool = True,
     scale: float | None = None,
     kernel: LinearAttnKernel | None = None,
@@ -172,6 +214,11 @@ def lasp2_linear_attn(
     (split like q). The all-gather then carries each chunk's pair (D, M): B*H*(K*V + 1) or B*H*(K*V + K)
     floats per chunk; still one all-gather each way, and the gate gets its gradient on every rank.
 
+    `beta` (this rank's shard [B, T, H], split like q) selects the delta rule, as in `linear_attn`: no gate
+    (DeltaNet), a gate [B, T, H] (Gated DeltaNet) or [B, T, H, K] (KDA). Each chunk's pair is then (A, M)
+    with a K x K transition: B*H*(K*K + K*V) floats per chunk forward, B*H*K*V backward, one all-gather
+    each way; beta and the gate get their gradients on every rank.
+
     `cu_seqlens`: packed documents over the GLOBAL sequence (every rank passes the same; see
     lasp.kernels.documents). The state resets at each start: a chunk holding a start has D = 0 and its M
     holds only the tokens from its last start, so the all-gather is unchanged (the forms without a gate
@@ -184,5 +231,5 @@ def lasp2_linear_attn(
     return run_sp_linear_attn(
         _Lasp2Fn.apply, q, k, v, op="lasp2", group=group, layout=layout, log_decay=log_decay, causal=causal, scale=scale,
         kernel=kernel, check_ranks=check_ranks, in_band=True, gate=gate,
-        cu_seqlens=cu_seqlens, gated_impl=_Lasp2GatedFn.apply,
+        cu_seqlens=cu_seqlens, gated_impl=_Lasp2GatedFn.apply, beta=beta, delta_impl=_Lasp2DeltaFn.apply,
     )

@@ -106,15 +106,18 @@ def ring_linear_attn(
     form: str = "right",
     check_ranks: bool = True,
     cu_seqlens=None,
+    beta: Tensor | None = None,
 ) -> Tensor:
     """Ring Attention for linear attention over `group` (a baseline); same contract as `lasp1_linear_attn`
     (no gate), plus `form`: "right" (per-block states) or "quadratic" (L x L scores per block pair).
     `cu_seqlens`: each block pair keeps only pairs within one document (the global ids, no communication);
-    in the right form a later query chunk meets only the key chunk's last document."""
+    in the right form a later query chunk meets only the key chunk's last document. `beta` (the delta rule)
+    is refused: its state is no sum of per-block terms, so there is no right-product form to ring."""
     if form not in FORMS:
         raise ValueError(f"form must be one of {', '.join(FORMS)}, got {form!r}")
     return run_sp_linear_attn(
         lambda *args, **kw: _ring_linear(*args, form=form, **kw), q, k, v, op=f"ring-linear-{form[0]}", group=group,
         layout=layout, log_decay=log_decay, causal=causal, scale=scale, kernel=None, check_ranks=check_ranks,
-        cu_seqlens=cu_seqlens, documents_in_impl=True,
+        cu_seqlens=cu_seqlens, documents_in_impl=True, beta=beta,
+        no_delta=" (the delta rule's state is no sum of per-block terms: there is no right-product form to ring)",
     )

@@ -75,6 +75,15 @@ def _gated(q, k, v, gate, scale, group, lay: SeqLayout, kernel, fp) -> Tensor:
     return _run(lambda q, k, v: linear_attn(q, k, v, gate=gh, scale=scale, kernel=kernel), q, k, v, lay, group)
 
 
+def _delta(q, k, v, beta, gate, scale, group, lay: SeqLayout, kernel, fp) -> Tensor:
+    """beta [B, T, H, 1] (and the gate, if any) go to heads with q: one all-to-all each way for each."""
+    bh = _seq_to_heads(beta, lay, group)[..., 0]
+    gh = None if gate is None else _seq_to_heads(gate, lay, group)
+    gh = gh[..., 0] if gh is not None and gate.shape[-1] == 1 else gh
+    return _run(lambda q, k, v: linear_attn(q, k, v, beta=bh, gate=gh, scale=scale, kernel=kernel), q, k, v, lay,
+                group)
+
+
 def ulysses_linear_attn(
     q: Tensor,
     k: Tensor,
@@ -84,15 +93,16 @@ def ulysses_linear_attn(
     layout: str = "contiguous",
     log_decay: Tensor | None = None,
     gate: Tensor | None = None,
+    beta: Tensor | None = None,
     causal: bool = True,
     scale: float | None = None,
     check_ranks: bool = True,
     cu_seqlens=None,
 ) -> Tensor:
     """Ulysses linear attention over `group`; same contract as `lasp1_linear_attn`, plus H % W == 0. A
-    `gate` goes to heads with q: one more all-to-all each way."""
+    `gate` goes to heads with q: one more all-to-all each way; so does `beta` (the delta rule)."""
     return run_sp_linear_attn(
         _linear, q, k, v, op="ulysses-linear", group=group, layout=layout, log_decay=log_decay, causal=causal,
         scale=scale, kernel=None, check_ranks=check_ranks, heads_divisible=True, gate=gate, gated_impl=_gated,
-        cu_seqlens=cu_seqlens,
+        cu_seqlens=cu_seqlens, beta=beta, delta_impl=_delta,
     )

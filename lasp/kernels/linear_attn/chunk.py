@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from lasp.kernels.linear_attn.blocks import Blocks
+from lasp.kernels.linear_attn import delta as delta_rule
 from lasp.kernels.linear_attn import gated
 from lasp.kernels.protocol import ComposedStates, state_dtype
 from lasp.kernels.scan import exclusive_scan
@@ -83,6 +84,11 @@ class TorchChunkKernel(ComposedStates):
     gated_inter_fwd = staticmethod(gated.gated_inter_fwd)
     gated_inter_bwd = staticmethod(gated.gated_inter_bwd)
     gate_grad = staticmethod(gated.gate_grad)
+
+    delta = True  # the delta rule (beta): lasp.kernels.linear_attn.delta
+    delta_fwd = staticmethod(delta_rule.delta_forward)
+    delta_bwd = staticmethod(delta_rule.delta_backward)
+    delta_maps = staticmethod(delta_rule.chunk_maps)
 
     def __init__(self, block: int = BLOCK, segment_blocks: int = SEGMENT_BLOCKS):
         if block < 1 or segment_blocks < 1:

@@ -30,7 +30,7 @@ S_0's terms after a start and keeps only the block's last document in the state.
 of K x K transitions (`chain`) gives every block's S_0; the same scan from (I, 0) gives the maps of a
 whole chunk (`chunk_maps`), which is what LASP-2 all-gathers.
 
-The backward (`DeltaRuleFn`) recomputes the forward of the call with autograd and differentiates it: the
+The backward (`delta_backward`) recomputes the forward of the call with autograd and differentiates it: the
 saved tensors are the inputs, the live graph is linear in T (the pieces above, one K x K transition per
 block), and nothing of size T x K x K exists.
 """
@@ -138,7 +138,7 @@ def _prepare(q, k, v, beta, gate):
 
 def delta_forward(q, k, v, beta, gate, scale: float, s0: Tensor | None) -> tuple[Tensor, Tensor]:
     """The delta rule over T from s0 [B, H, K, V] (None: zero) -> (o [B, T, H, V] in the state dtype, final
-    state [B, H, K, V]). Differentiable by autograd (`DeltaRuleFn` runs it twice)."""
+    state [B, H, K, V]). Differentiable by autograd (`delta_backward` runs it again under it)."""
     (qb, kb, vb), b, g, L = _prepare(q, k, v, beta, gate)
     o0, Qm, A, M = block_pieces(qb, kb, vb, b, g, scale, L)
     states, final = chain(A, M, None if s0 is None else s0.to(qb.dtype))
@@ -179,29 +179,3 @@ def delta_backward(q, k, v, beta, gate, scale: float, s0, do, dfinal, need_s0: b
     dg = got[4].to(gate.dtype) if gate is not None else None
     ds0 = got[-1] if s is not None and need_s0 else None
     return dq, dk, dv, db, dg, ds0
-
-
-class DeltaRuleFn(torch.autograd.Function):
-    """The delta rule on one device with its own backward (a recomputation, see the module doc)."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, beta, gate, scale, initial_state, want_final):
-        sdt = state_dtype(q.dtype)
-        s0 = None if initial_state is None else initial_state.to(sdt)
-        o, final = delta_forward(q, k, v, beta, gate, scale, s0)
-        ctx.save_for_backward(q, k, v, beta, gate, s0)
-        ctx.scale = scale
-        ctx.s0_dtype = None if initial_state is None else initial_state.dtype
-        ctx.set_materialize_grads(False)
-        o = o.to(q.dtype)
-        return (o, final) if want_final else o
-
-    @staticmethod
-    def backward(ctx, do, dfinal=None):
-        q, k, v, beta, gate, s0 = ctx.saved_tensors
-        if do is None:
-            do = torch.zeros(*q.shape[:3], v.shape[-1], dtype=v.dtype, device=v.device)
-        dq, dk, dv, db, dg, ds0 = delta_backward(q, k, v, beta, gate, ctx.scale, s0, do, dfinal, s0 is not None)
-        if ds0 is not None:
-            ds0 = ds0.to(ctx.s0_dtype)
-        return dq, dk, dv, db, dg, None, ds0, None

@@ -107,6 +107,35 @@ def check_gate(gate, q: Tensor, log_decay: Tensor | None, causal: bool, kernel: 
         raise ValueError("; ".join(problems))
 
 
+def check_beta(beta, q: Tensor, log_decay: Tensor | None, causal: bool, kernel: LinearAttnKernel) -> None:
+    """The delta rule's beta: [B, T, H] of q's batch, length and heads, floating, on q's device, each value
+    in (0, 2] (2: negative eigenvalues; one device-to-host read on a GPU); only causal, not with log_decay
+    (give a gate), and a kernel that has the delta rule. Every problem at once."""
+    if not isinstance(beta, Tensor):
+        raise TypeError(f"beta must be a tensor [B, T, H] of values in (0, 2], or None, got {type(beta).__name__}")
+    B, T, H, _ = q.shape
+    problems = []
+    if tuple(beta.shape) != (B, T, H):
+        problems.append(f"beta must be [B, T, H] = {[B, T, H]}, got {list(beta.shape)}")
+    if not beta.dtype.is_floating_point:
+        problems.append(f"beta must be a floating-point tensor, got {beta.dtype}")
+    if beta.device != q.device:
+        problems.append(f"beta is on {beta.device} but q is on {q.device}")
+    if log_decay is not None:
+        problems.append("the delta rule takes a per-token gate, not log_decay: pass gate=log_decay.expand(B, T, H)")
+    if not causal:
+        problems.append("the delta rule needs causal=True")
+    if not getattr(kernel, "delta", False):
+        problems.append(f"the {kernel.name!r} kernel has no delta rule (beta); use the 'torch' backend")
+    if not problems:
+        wrong = ~((beta > 0) & (beta <= 2))
+        if bool(wrong.any()):
+            bad = beta[wrong]
+            problems.append(f"beta values must be in (0, 2]; {bad.numel()} are not, e.g. {bad.flatten()[:4].tolist()}")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
 def check_documents(cu_seqlens, q: Tensor, N: int, causal: bool, kernel: LinearAttnKernel) -> Documents:
     """`cu_seqlens` over rows of N tokens (the global length under SP) as `Documents`; resets need a causal
     call and a kernel with a scalar gate (they run as gates of 0). Every problem at once."""
@@ -161,6 +190,35 @@ class _GatedLinearAttnFn(torch.autograd.Function):
         return dq, dk, dv, dg.view(gate.shape), None, ds0, None, None
 
 
+class _DeltaRuleFn(torch.autograd.Function):
+    """The delta rule on one device: the kernel's delta_fwd, and its delta_bwd for the backward."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, beta, gate, scale, initial_state, want_final, kernel):
+        sdt = state_dtype(q.dtype)
+        s0 = None if initial_state is None else initial_state.to(sdt)
+        g = None if gate is None else as_vector_form(gate)
+        o, final = kernel.delta_fwd(q, k, v, beta, g, scale, s0)
+        ctx.save_for_backward(q, k, v, beta, gate, s0)
+        ctx.scale, ctx.kernel = scale, kernel
+        ctx.s0_dtype = None if initial_state is None else initial_state.dtype
+        ctx.set_materialize_grads(False)
+        o = o.to(q.dtype)
+        return (o, final) if want_final else o
+
+    @staticmethod
+    def backward(ctx, do, dfinal=None):
+        q, k, v, beta, gate, s0 = ctx.saved_tensors
+        if do is None:
+            do = torch.zeros(*q.shape[:3], v.shape[-1], dtype=v.dtype, device=v.device)
+        g = None if gate is None else as_vector_form(gate)
+        dq, dk, dv, db, dg, ds0 = ctx.kernel.delta_bwd(q, k, v, beta, g, ctx.scale, s0, do, dfinal, s0 is not None)
+        if ds0 is not None:
+            ds0 = ds0.to(ctx.s0_dtype)
+        dg = None if dg is None else dg.view(gate.shape)
+        return dq, dk, dv, db, dg, None, ds0, None, None
+
+
 class _LinearAttnFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, log_decay, scale, causal, initial_state, want_final, kernel):
@@ -212,6 +270,7 @@ def linear_attn(
     *,
     log_decay: Tensor | None = None,
     gate: Tensor | None = None,
+    beta: Tensor | None = None,
     causal: bool = True,
     scale: float | None = None,
     initial_state: Tensor | None = None,
@@ -228,6 +287,10 @@ def linear_attn(
     simple GLA, Mamba-2) or [B, T, H, K] (a vector over the key dim: GLA), with gradients:
     S_t = Diag(exp(g_t)) S_{t-1} + k_t v_t^T.
     A gate of -inf (a gate of exactly 0) resets the state.
+    `beta` [B, T, H], values in (0, 2], selects the delta rule (flash-linear-attention's convention):
+    S_t = (I - b_t k_t k_t^T) Diag(exp(g_t)) S_{t-1} + b_t k_t v_t^T, with no gate (DeltaNet), a gate
+    [B, T, H] (Gated DeltaNet) or [B, T, H, K] (KDA); q and k are used as given (the layer L2-normalises
+    them). Gradients flow to beta and the gate too.
     `cu_seqlens`: packed documents, [0, l1, l1 + l2, ..., T] for B = 1 or one such list per row, or a
     `lasp.kernels.documents.Documents`: the state resets at every document start (initial_state feeds the
     first document). It runs as a scalar gate of the decay (or 0) with -inf at the starts.
@@ -244,8 +307,12 @@ def linear_attn(
     docs = None if cu_seqlens is None else check_documents(cu_seqlens, q, q.shape[1], causal, kernel)
     if gate is not None:
         check_gate(gate, q, log_decay, causal, kernel)
+    if beta is not None:
+        check_beta(beta, q, log_decay, causal, kernel)
     if docs is not None and docs.has_resets:
         gate = gate_with_resets(gate, log_decay, docs.resets(q.device), q.shape[2], state_dtype(q.dtype))
+    if beta is not None:
+        return _DeltaRuleFn.apply(q, k, v, beta, gate, scale, initial_state, output_final_state, kernel)
     if gate is not None:
         return _GatedLinearAttnFn.apply(q, k, v, gate, scale, initial_state, output_final_state, kernel)
     return _LinearAttnFn.apply(q, k, v, log_decay, scale, causal, initial_state, output_final_state, kernel)

@@ -77,6 +77,7 @@ class TritonChunkKernel:
     name = "triton"
     gates = ("scalar",)  # a vector gate (GLA) stays on the torch kernel
     resets = False  # a gate of -inf (document starts): linear_attn refuses it on this backend
+    delta = False  # the delta rule (beta) has no Triton kernel yet: linear_attn refuses it on this backend
 
     def __init__(self, block: int = 64):
         if block < 16 or block & (block - 1):
