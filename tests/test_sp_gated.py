@@ -211,3 +211,23 @@ def test_lasp2_documents_match_the_recurrence(dist_pool, W, layout):
 def test_the_baselines_documents_match_the_recurrence(dist_pool, algo, W, layout):
     """LASP-1 and Ulysses run the gated form; Ring for linear layers (no gate) masks each block pair."""
     dist_pool(W).run("tests.test_sp_gated:case_sp_documents", algo=algo, layout=layout, chunk_len=7)
+
+
+def case_delta_long_float32(N, form, layout="zigzag", B=1, H=2, K=16, V=16):
+    """LASP-2 of the delta rule in float32 over N tokens against the same in float64: the scanned chain of
+    K x K transitions stays in float32 (never bf16 or tf32), so it keeps close at long context."""
+    rank, W = dist.get_rank(), dist.get_world_size()
+    q, k, v, gate, do, beta = delta_inputs(B, N, H, H, K, V, form)
+    shard = lambda x: shard_sequence(x, rank=rank, world_size=W, layout=layout)  # noqa: E731
+    outs = {}
+    for dt in (torch.float64, torch.float32):
+        local = [None if x is None else shard(x).to(dt).requires_grad_() for x in (q, k, v, gate, beta)]
+        o = lasp2_linear_attn(*local[:3], gate=local[3], beta=local[4], layout=layout)
+        o.backward(shard(do).to(dt))
+        outs[dt] = [o.detach()] + [x.grad for x in local if x is not None]
+    for name, lo, hi in zip(["o", "dq", "dk", "dv", "dgate", "dbeta"], outs[torch.float32], outs[torch.float64]):
+        assert_close_rel(lo.double(), hi, 1e-4, f"{form} {name}")
+
+
+def test_lasp2_delta_rule_in_float32_at_8192_tokens_follows_float64(dist_pool):
+    dist_pool(2).run("tests.test_sp_gated:case_delta_long_float32", N=8192, form="gdn")
