@@ -81,6 +81,18 @@ def test_documents(form):
     _check(ins, cu_seqlens=[[0, 1, 64, 65, 150], [0, 90, 150]])
 
 
+def test_the_backward_by_segments_and_both_vector_gate_paths(monkeypatch):
+    """SEGMENT tokens of the backward's graph at a time (here 64, so 3 segments with a start inside one), and
+    KDA with a gate too strong to factor (exact 16-token blocks) next to the factored one."""
+    monkeypatch.setattr(delta, "SEGMENT", 64)
+    for form in FORMS:
+        _check(_inputs(1, 150, 2, 5, 4, form), cu_seqlens=[0, 100, 150])
+    q, k, v, beta, gate, s0 = _inputs(1, 150, 2, 5, 4, "kda")
+    strong = (gate.detach() * 8).requires_grad_()  # sums to about -150 over 64 tokens
+    assert not bool((strong.detach()[:, :64].sum(1) >= -delta.FACTOR_SPAN).all())
+    _check([q, k, v, beta, strong, s0])
+
+
 def test_float32_follows_float64():
     ins = _inputs(2, 200, 2, 16, 16, "gdn", dtype=torch.float32)
     _check(ins, tol=2e-5)

@@ -73,6 +73,9 @@ class Shape:
     layout: str = "zigzag"
     itemsize: int = 2
     """Bytes per element of q, k, v (2: bf16/fp16, 4: fp32, 8: fp64)."""
+    form: str = "none"
+    """The linear form: none or decay (a transition known locally), scalar or vector (a gate), deltanet,
+    gdn or kda (the delta rule: a K x K transition per chunk)."""
 
     @property
     def n(self) -> int:
@@ -81,6 +84,15 @@ class Shape:
     @property
     def state_itemsize(self) -> int:
         return 8 if self.itemsize == 8 else 4
+
+    @property
+    def transition_floats(self) -> int:
+        """Floats per batch row and head a chunk's transition adds to LASP-2's forward pair."""
+        forms = {"none": 0, "decay": 0, "scalar": 1, "vector": self.K, "deltanet": self.K * self.K,
+                 "gdn": self.K * self.K, "kda": self.K * self.K}
+        if self.form not in forms:
+            raise ValueError(f"form must be one of {', '.join(forms)}, got {self.form!r}")
+        return forms[self.form]
 
 
 @dataclass(frozen=True)
@@ -123,9 +135,9 @@ def plan(method: str, s: Shape, causal: bool = True) -> Plan:
     if W == 1:
         return Plan()
     state = s.B * s.H * s.K * s.V * s.state_itemsize
-    if method == "lasp2":
-        ag = Message("all_gather", W * n * state, hidden=True)
-        return Plan([ag], [ag])
+    if method == "lasp2":  # forward: each chunk's pair (transition, state); backward: the state gradients
+        pair = state + s.B * s.H * s.transition_floats * s.state_itemsize
+        return Plan([Message("all_gather", W * n * pair, hidden=True)], [Message("all_gather", W * n * state, hidden=True)])
     if method == "lasp1":  # the chain's hops, in sequence across the group (each rank receives n of them)
         hops = n * (W - 1) * (1 if causal else 2)
         return Plan([Message("p2p", state)] * hops, [Message("p2p", state)] * hops)

@@ -24,15 +24,16 @@ of S_0 in its output and its state (`block_pieces`):
     S_out = (Diag(exp(G_L)) - Kt^T W) S_0 + Kt^T U0      Kt_s = k_s exp(G_L - G_s)
 
 Every exponent is <= 0 (the [L, L] or, for a vector gate, [L, L, K] pairwise weight is masked before its
-exp), so nothing overflows; blocks are 64 tokens, 16 for a vector gate. A log-gate of -inf (a document
-start) counts as 0 in G, and a segment id per token masks every pairwise weight to one document, drops
+exp), so nothing overflows. Blocks are 64 tokens; a vector gate's weight is factored, q exp(G) times
+k exp(-G), while every block's gate sums to no less than -FACTOR_SPAN, else exact over 16-token blocks
+(as lasp.kernels.linear_attn.gated does). A log-gate of -inf (a document start) counts as 0 in G, and a segment id per token masks every pairwise weight to one document, drops
 S_0's terms after a start and keeps only the block's last document in the state. Across blocks one scan
 of K x K transitions (`chain`) gives every block's S_0; the same scan from (I, 0) gives the maps of a
 whole chunk (`chunk_maps`), which is what LASP-2 all-gathers.
 
-The backward (`delta_backward`) recomputes the forward of the call with autograd and differentiates it: the
-saved tensors are the inputs, the live graph is linear in T (the pieces above, one K x K transition per
-block), and nothing of size T x K x K exists.
+The backward (`delta_backward`) recomputes the forward with autograd and differentiates it, one segment of
+SEGMENT tokens at a time from the last (a chain pass gives the states entering the segments): the saved
+tensors are the inputs, the live graph is one segment's, and nothing of size T x K x K exists.
 """
 
 import torch
@@ -42,7 +43,9 @@ from torch import Tensor
 from lasp.kernels.protocol import state_dtype
 
 BLOCK = 64
-VECTOR_BLOCK = 16  # a vector gate's pairwise weight is [L, L, K]
+VECTOR_BLOCK = 16  # a vector gate's exact pairwise weight is [L, L, K]
+FACTOR_SPAN = 30.0  # a vector gate summing to no less than this over every block is factored (exp(30) ~ 1e13)
+SEGMENT = 1024  # tokens whose backward graph lives at once (a multiple of both blocks)
 
 
 def _blocks(x: Tensor, L: int) -> Tensor:
@@ -61,47 +64,54 @@ def _unblocks(x: Tensor, T: int) -> Tensor:
     return x.movedim(1, 3).flatten(1, 2)[:, :T]
 
 
-def block_pieces(q, k, v, beta, gate, scale: float, L: int):
+def block_pieces(q, k, v, beta, gate, scale: float, L: int, outputs: bool = True, factored: bool = False):
     """Every block's affine map, from blocked inputs q, k [B, H, n, L, K], v [B, H, n, L, V], beta
     [B, H, n, L], gate [B, H, n, L, Kg] or None: (o0 [.., L, V], Qm [.., L, K], A [.., K, K], M [.., K, V])
-    with o = o0 + Qm S_0 and S_out = A S_0 + M (module doc)."""
+    with o = o0 + Qm S_0 and S_out = A S_0 + M (module doc); o0 and Qm are None without `outputs`.
+    `factored` (a vector gate whose blocks all sum to >= -FACTOR_SPAN): the pairwise weight by matmuls of
+    q exp(G) and k exp(-G) instead of the exact [L, L, K] weight."""
     idx = torch.arange(L, device=q.device)
     incl = idx[:, None] >= idx[None, :]
     strict = idx[:, None] > idx[None, :]
     if gate is None:
-        same = incl.to(q.dtype)  # [L, L]
-        qk = (q @ k.transpose(-1, -2)) * same
-        kk = (k @ k.transpose(-1, -2)) * (strict.to(q.dtype))
-        eG = kt = None
-        start_free = None
+        eG = kt = start_free = None
+
+        def pair(a, b):  # [.., L, L]: a_t . b_s for s <= t
+            return (a @ b.transpose(-1, -2)) * incl
     else:
         reset = torch.isneginf(gate[..., 0])  # [B, H, n, L]: a document starts here
         g = gate.masked_fill(reset[..., None], 0.0)
         G = g.cumsum(-2)  # [.., L, Kg]
         seg = reset.to(torch.int32).cumsum(-1)
-        one_doc = seg[..., :, None] == seg[..., None, :]  # [.., L, L]
+        keep = (seg[..., :, None] == seg[..., None, :]) & incl  # [.., L, L]: s <= t, one document
         if gate.shape[-1] == 1:
-            diff = (G[..., :, None, 0] - G[..., None, :, 0]).masked_fill(~incl, -torch.inf)
-            w = torch.exp(diff) * one_doc
-            qk = (q @ k.transpose(-1, -2)) * w
-            kk = (k @ k.transpose(-1, -2)) * w * strict
+            w = torch.exp((G[..., :, None, 0] - G[..., None, :, 0]).masked_fill(~keep, -torch.inf))
+
+            def pair(a, b):  # a_t . b_s exp(G_t - G_s)
+                return (a @ b.transpose(-1, -2)) * w
+        elif factored:  # the gate sums to no less than -FACTOR_SPAN over every block: exp(-G) is safe
+            eGp, eGm = torch.exp(G), torch.exp(-G)
+
+            def pair(a, b):
+                return ((a * eGp) @ (b * eGm).transpose(-1, -2)) * keep
         else:
-            diff = (G[..., :, None, :] - G[..., None, :, :]).masked_fill(~incl[..., None], -torch.inf)
-            w = torch.exp(diff) * one_doc[..., None]  # [.., L, L, K]
-            qk = torch.einsum("...tk,...sk,...tsk->...ts", q, k, w)
-            kk = torch.einsum("...tk,...sk,...tsk->...ts", k, k, w) * strict
+            w = torch.exp((G[..., :, None, :] - G[..., None, :, :]).masked_fill(~keep[..., None], -torch.inf))
+
+            def pair(a, b):  # [.., L, L, K] weight: short blocks only
+                return torch.einsum("...tk,...sk,...tsk->...ts", a, b, w)
         start_free = (seg == 0)[..., None]  # no start since the block's beginning: S_0 still counts
         eG = torch.exp(G) * start_free
         last = seg[..., -1:]
         kt = k * torch.exp(G[..., -1:, :] - G) * (seg == last)[..., None]
-    qk = qk * scale
+    kk = pair(k, k) * strict
+    qk = pair(q, k) * scale if outputs else None
     A = kk * beta[..., :, None]
     rhs = torch.cat([beta[..., None] * v, beta[..., None] * (k if eG is None else k * eG)], dim=-1)
     sol = torch.linalg.solve_triangular(A + torch.eye(L, dtype=A.dtype, device=A.device), rhs, upper=False,
                                         unitriangular=True)
     U0, W = sol[..., : v.shape[-1]], sol[..., v.shape[-1]:]
-    o0 = qk @ U0
-    Qm = scale * (q if eG is None else q * eG) - qk @ W
+    o0 = qk @ U0 if outputs else None
+    Qm = scale * (q if eG is None else q * eG) - qk @ W if outputs else None
     kt = k if kt is None else kt
     Kdim = k.shape[-1]
     if gate is None:
@@ -117,40 +127,48 @@ def block_pieces(q, k, v, beta, gate, scale: float, L: int):
 def chain(A: Tensor, M: Tensor, s0: Tensor | None) -> tuple[Tensor, Tensor]:
     """S_0 of every block, [B, H, n, K, V], and the final state: S_{j+1} = A_j S_j + M_j from s0 (None:
     zero)."""
-    n = A.shape[2]
     S = torch.zeros_like(M[:, :, 0]) if s0 is None else s0
     states = []
-    for j in range(n):
+    for A_j, M_j in zip(A.unbind(2), M.unbind(2)):  # unbind: one backward node, not one per block
         states.append(S)
-        S = A[:, :, j] @ S + M[:, :, j]
+        S = torch.baddbmm(M_j.flatten(0, 1), A_j.flatten(0, 1), S.flatten(0, 1)).view_as(M_j)
     return torch.stack(states, 2), S
 
 
 def _prepare(q, k, v, beta, gate):
+    """Blocked inputs in the state dtype: ([q, k, v], beta, gate, L, factored). A vector gate gets 64-token
+    blocks and the factored weight when every block's gate sums to >= -FACTOR_SPAN, else 16-token blocks
+    and the exact weight (one host read of the check)."""
     dt = state_dtype(q.dtype)
-    L = VECTOR_BLOCK if gate is not None and gate.shape[-1] > 1 else BLOCK
-    L = min(L, max(q.shape[1], 1))
+    T = max(q.shape[1], 1)
+    L, factored = min(BLOCK, T), False
+    if gate is not None and gate.shape[-1] > 1:
+        g = _blocks(gate.to(dt).masked_fill(torch.isneginf(gate), 0.0), L)
+        factored = bool((g.sum(-2) >= -FACTOR_SPAN).all())
+        L = L if factored else min(VECTOR_BLOCK, T)
     blocked = [_blocks(x.to(dt), L) for x in (q, k, v)]
     b = _blocks(beta.to(dt)[..., None], L)[..., 0]
     g = None if gate is None else _blocks(gate.to(dt), L)
-    return blocked, b, g, L
+    return blocked, b, g, L, factored
 
 
-def delta_forward(q, k, v, beta, gate, scale: float, s0: Tensor | None) -> tuple[Tensor, Tensor]:
+def delta_forward(q, k, v, beta, gate, scale: float, s0: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
     """The delta rule over T from s0 [B, H, K, V] (None: zero) -> (o [B, T, H, V] in the state dtype, final
-    state [B, H, K, V]). Differentiable by autograd (`delta_backward` runs it again under it)."""
-    (qb, kb, vb), b, g, L = _prepare(q, k, v, beta, gate)
-    o0, Qm, A, M = block_pieces(qb, kb, vb, b, g, scale, L)
+    state [B, H, K, V], the states entering every SEGMENT tokens [ceil(T / SEGMENT), B, H, K, V], which
+    `delta_backward` takes to skip its chain pass). Differentiable by autograd (`delta_backward` runs it
+    again under it)."""
+    (qb, kb, vb), b, g, L, factored = _prepare(q, k, v, beta, gate)
+    o0, Qm, A, M = block_pieces(qb, kb, vb, b, g, scale, L, factored=factored)
     states, final = chain(A, M, None if s0 is None else s0.to(qb.dtype))
-    return _unblocks(o0 + Qm @ states, q.shape[1]), final
+    return _unblocks(o0 + Qm @ states, q.shape[1]), final, states[:, :, :: SEGMENT // L].movedim(2, 0)
 
 
 def chunk_maps(q, k, v, beta, gate, scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """A whole chunk as an affine map of its incoming state S_in: (o0 [B, T, H, V], Qm [B, T, H, K], A
     [B, H, K, K], M [B, H, K, V]) with o = o0 + Qm S_in and S_out = A S_in + M, in the state dtype. The
     chain runs on the state [P | S] from [I | 0]: P collects the transitions, S the zero-start state."""
-    (qb, kb, vb), b, g, L = _prepare(q, k, v, beta, gate)
-    o0, Qm, A, M = block_pieces(qb, kb, vb, b, g, scale, L)
+    (qb, kb, vb), b, g, L, factored = _prepare(q, k, v, beta, gate)
+    o0, Qm, A, M = block_pieces(qb, kb, vb, b, g, scale, L, factored=factored)
     B, H, n, _, K = Qm.shape
     eye = torch.eye(K, dtype=M.dtype, device=M.device).expand(B, H, K, K)
     aug = torch.cat([torch.zeros_like(A), M], dim=-1)  # the transitions' own "values" are zero
@@ -160,22 +178,59 @@ def chunk_maps(q, k, v, beta, gate, scale: float) -> tuple[Tensor, Tensor, Tenso
     return _unblocks(out[..., K:], T), _unblocks(out[..., :K], T), final[..., :K], final[..., K:]
 
 
-def delta_backward(q, k, v, beta, gate, scale: float, s0, do, dfinal, need_s0: bool):
+def _states_at(q, k, v, beta, gate, scale: float, s0: Tensor | None, starts: list[int]) -> list[Tensor | None]:
+    """The state entering each token index of `starts` (ascending, the first 0), by the chain alone: no
+    output is formed, nothing is kept for a backward."""
+    out, S = [], s0
+    with torch.no_grad():
+        for a, b in zip(starts, starts[1:] + [None]):
+            out.append(S)
+            if b is None:
+                break
+            (qb, kb, vb), bb, gb, L, factored = _prepare(*(x[:, a:b] for x in (q, k, v, beta)),
+                                                          None if gate is None else gate[:, a:b])
+            _, _, A, M = block_pieces(qb, kb, vb, bb, gb, scale, L, outputs=False, factored=factored)
+            S = chain(A, M, None if S is None else S.to(qb.dtype))[1]
+    return out
+
+
+def delta_backward(q, k, v, beta, gate, scale: float, s0, do, dfinal, need_s0: bool, checkpoints=None):
     """(dq, dk, dv, dbeta, dgate or None, ds0 or None) of `delta_forward`, given do and the final state's
-    gradient (or None), by differentiating its recomputation."""
-    with torch.enable_grad():
-        xs = [x.detach().requires_grad_() for x in (q, k, v, beta)]
-        g = None if gate is None else gate.detach().requires_grad_()
-        s = None if s0 is None else s0.detach().requires_grad_(need_s0)
-        o, final = delta_forward(*xs, g, scale, s)
-        outs, grads = [o], [do.to(o.dtype)]
-        if dfinal is not None:
-            outs.append(final)
-            grads.append(dfinal.to(final.dtype))
-        inputs = xs + ([g] if g is not None else []) + ([s] if s is not None and need_s0 else [])
-        got = list(torch.autograd.grad(outs, inputs, grads, allow_unused=True))
-    got = [torch.zeros_like(x) if d is None else d for x, d in zip(inputs, got)]
-    dq, dk, dv, db = (d.to(x.dtype) for d, x in zip(got[:4], (q, k, v, beta)))
-    dg = got[4].to(gate.dtype) if gate is not None else None
-    ds0 = got[-1] if s is not None and need_s0 else None
-    return dq, dk, dv, db, dg, ds0
+    gradient (or None), by differentiating its recomputation one segment of SEGMENT tokens at a time, from
+    the last: the states entering the segments are `checkpoints` (delta_forward's third output) or come
+    from a chain pass, and each segment hands the gradient of its incoming state to the one before. The
+    live graph is one segment's."""
+    T = q.shape[1]
+    starts = list(range(0, T, SEGMENT)) or [0]
+    if checkpoints is None:
+        states = _states_at(q, k, v, beta, gate, scale, s0, starts)
+    else:
+        states = [None if (i == 0 and s0 is None) else c for i, c in enumerate(checkpoints.unbind(0))]
+    grads = [torch.empty_like(x) for x in (q, k, v, beta)] + ([torch.empty_like(gate)] if gate is not None else [])
+    dS = dfinal
+    for i in range(len(starts) - 1, -1, -1):
+        a, b = starts[i], (starts[i + 1] if i + 1 < len(starts) else T)
+        first = i == 0
+        with torch.enable_grad():
+            xs = [x[:, a:b].detach().requires_grad_() for x in (q, k, v, beta)]
+            g = None if gate is None else gate[:, a:b].detach().requires_grad_()
+            s = states[i]
+            want_s = s is not None and (need_s0 or not first)
+            if s is not None:
+                s = s.detach().requires_grad_(want_s)
+            o, final, _ = delta_forward(*xs, g, scale, s)
+            outs, seeds = [o], [do[:, a:b].to(o.dtype)]
+            if dS is not None:
+                outs.append(final)
+                seeds.append(dS.to(final.dtype))
+            inputs = xs + ([g] if g is not None else []) + ([s] if want_s else [])
+            got = torch.autograd.grad(outs, inputs, seeds, allow_unused=True)
+        for dst, src, x in zip(grads, got, inputs):
+            if src is None:
+                dst[:, a:b].zero_()
+            else:
+                dst[:, a:b].copy_(src)
+        dS = got[-1] if want_s else None
+    dq, dk, dv, db = grads[:4]
+    dg = grads[4] if gate is not None else None
+    return dq, dk, dv, db, dg, (dS if need_s0 and s0 is not None else None)

@@ -191,15 +191,16 @@ class _GatedLinearAttnFn(torch.autograd.Function):
 
 
 class _DeltaRuleFn(torch.autograd.Function):
-    """The delta rule on one device: the kernel's delta_fwd, and its delta_bwd for the backward."""
+    """The delta rule on one device: the kernel's delta_fwd -> (o, final state, what its backward keeps),
+    and its delta_bwd for the backward."""
 
     @staticmethod
     def forward(ctx, q, k, v, beta, gate, scale, initial_state, want_final, kernel):
         sdt = state_dtype(q.dtype)
         s0 = None if initial_state is None else initial_state.to(sdt)
         g = None if gate is None else as_vector_form(gate)
-        o, final = kernel.delta_fwd(q, k, v, beta, g, scale, s0)
-        ctx.save_for_backward(q, k, v, beta, gate, s0)
+        o, final, saved = kernel.delta_fwd(q, k, v, beta, g, scale, s0)
+        ctx.save_for_backward(q, k, v, beta, gate, s0, saved)
         ctx.scale, ctx.kernel = scale, kernel
         ctx.s0_dtype = None if initial_state is None else initial_state.dtype
         ctx.set_materialize_grads(False)
@@ -208,11 +209,12 @@ class _DeltaRuleFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dfinal=None):
-        q, k, v, beta, gate, s0 = ctx.saved_tensors
+        q, k, v, beta, gate, s0, saved = ctx.saved_tensors
         if do is None:
             do = torch.zeros(*q.shape[:3], v.shape[-1], dtype=v.dtype, device=v.device)
         g = None if gate is None else as_vector_form(gate)
-        dq, dk, dv, db, dg, ds0 = ctx.kernel.delta_bwd(q, k, v, beta, g, ctx.scale, s0, do, dfinal, s0 is not None)
+        dq, dk, dv, db, dg, ds0 = ctx.kernel.delta_bwd(q, k, v, beta, g, ctx.scale, s0, do, dfinal, s0 is not None,
+                                                       saved)
         if ds0 is not None:
             ds0 = ds0.to(ctx.s0_dtype)
         dg = None if dg is None else dg.view(gate.shape)
