@@ -98,9 +98,14 @@ def test_one_step_matches_single_process(dist_pool, tp, sp, pp, dp):
         (2, 2, 1, 1, dict(linear_variant="gla", layout="contiguous")),
         (2, 2, 1, 1, dict(linear_variant="simple_gla", eos_id=0)),
         (1, 2, 2, 1, dict(microbatches=2, eos_id=0)),
+        (2, 2, 1, 1, dict(linear_variant="gated_deltanet")),
+        (1, 2, 2, 1, dict(linear_variant="gated_deltanet", microbatches=2, layout="contiguous")),
+        (2, 2, 1, 1, dict(linear_variant="kda", eos_id=0)),
+        (1, 4, 1, 1, dict(linear_variant="deltanet", allow_neg_eigval=True)),
     ],
     ids=["1f1b-2mb-contiguous", "tied-tp-pp", "f32-retention", "f32-tied-dp", "simple-gla-tp-sp", "gla-tp-sp",
-         "documents-simple-gla-tp-sp", "documents-sp-pp-2mb"],
+         "documents-simple-gla-tp-sp", "documents-sp-pp-2mb", "gated-deltanet-tp-sp", "gated-deltanet-sp-pp",
+         "documents-kda-tp-sp", "deltanet-neg-eigval-sp4"],
 )
 def test_variants_match_single_process(dist_pool, tp, sp, pp, dp, extra):
     dist_pool(tp * sp * pp * dp).run("tests.test_parallel:case_parallel", tp=tp, sp=sp, pp=pp, dp=dp, **extra)

@@ -5,8 +5,9 @@ import types
 import typing
 from dataclasses import dataclass
 
-LINEAR_VARIANTS = ("basic", "lightning", "retention", "simple_gla", "gla")
+LINEAR_VARIANTS = ("basic", "lightning", "retention", "simple_gla", "gla", "deltanet", "gated_deltanet", "kda")
 GATED_VARIANTS = ("simple_gla", "gla")
+DELTA_VARIANTS = ("deltanet", "gated_deltanet", "kda")  # the delta rule: DeltaNetAttention mixers
 FEATURE_MAPS = ("identity", "elu1", "relu", "silu")
 
 
@@ -31,9 +32,15 @@ class ModelConfig:
     linear_variant: str = "lightning"
     """Decay of linear attention: basic (none), lightning (per-head slopes, TNL), retention (RetNet), or a
     data-dependent gate: simple_gla (a scalar per token and head, as simple GLA / Mamba-2), gla (a vector
-    over the key dim from a low-rank projection, as GLA)."""
+    over the key dim from a low-rank projection, as GLA), or the delta rule (flash-linear-attention's layers
+    of the same names: a short convolution, L2-normalised q and k, beta, an output gate): deltanet (no
+    gate), gated_deltanet (a scalar gate per token and head), kda (a vector gate over the key dim)."""
+    allow_neg_eigval: bool = False
+    """Delta rule: beta = 2 sigmoid(...) in (0, 2) instead of sigmoid(...) in (0, 1) (negative eigenvalues)."""
+    conv_size: int = 4
+    """Delta rule: taps of the short causal depthwise convolution on q, k and v (SiLU after it)."""
     gate_low_rank: int = 16
-    """gla: rank of the gate's projection (hidden -> rank -> heads x head dim)."""
+    """gla and kda: rank of the gate's projection (hidden -> rank -> heads x head dim)."""
     gate_normalizer: float = 16.0
     """simple_gla and gla: log-gate = logsigmoid(projection) / gate_normalizer (GLA's gate_logit_normalizer)."""
     feature_map: str = "identity"
@@ -73,6 +80,8 @@ class ModelConfig:
             p.append(f"model.linear_variant must be one of {', '.join(LINEAR_VARIANTS)}, got {self.linear_variant!r}")
         if "feature_map" not in bad and self.feature_map not in FEATURE_MAPS:
             p.append(f"model.feature_map must be one of {', '.join(FEATURE_MAPS)}, got {self.feature_map!r}")
+        if "conv_size" not in bad and self.conv_size < 1:
+            p.append(f"model.conv_size must be >= 1, got {self.conv_size}")
         if "gate_low_rank" not in bad and self.gate_low_rank < 1:
             p.append(f"model.gate_low_rank must be >= 1, got {self.gate_low_rank}")
         for name in ("rope_theta", "norm_eps", "gate_normalizer"):

@@ -62,7 +62,7 @@ def log_decay(variant: str, num_heads: int, layer: int, num_layers: int) -> Tens
     lightning: ALiBi slopes scaled down with depth as in TransNormerLLM / Lightning Attention;
     retention: RetNet's gamma_h = 1 - 2^(-5-h).
     """
-    if variant in ("basic", "simple_gla", "gla"):  # no constant decay (the gated ones have a gate instead)
+    if variant in ("basic", "simple_gla", "gla", "deltanet", "gated_deltanet", "kda"):  # none (or a gate instead)
         return None
     if variant == "lightning":
         depth = 1 - layer / max(num_layers - 1, 1) + 1e-5
@@ -93,6 +93,33 @@ class LogGate(nn.Module):
         z = self.proj(x if self.down is None else self.down(x))
         g = F.logsigmoid(z.float()) / self.normalizer
         return g.unflatten(-1, (-1, self.head_dim)) if self.vector else g
+
+
+class ShortConv(nn.Module):
+    """Depthwise causal convolution of `width` taps over the sequence, then SiLU (flash-linear-attention's
+    ShortConvolution; nn.Conv1d's weight layout and initialisation, the last tap on the current token).
+
+    forward(x [B, T, C], positions [B, T], halo [n, B, width-1, C]): x holds n chunks of the sequence (one
+    on a device of its own; a rank's chunks under sequence parallelism, lasp.sp.halo) and halo the rows
+    before each. A tap reaching j tokens back counts only where the token's position is at least j: a
+    document start (positions restart at 0) cuts the convolution."""
+
+    def __init__(self, channels: int, width: int):
+        super().__init__()
+        self.width = width
+        self.weight = nn.Parameter(torch.empty(channels, width))
+        nn.init.uniform_(self.weight, -width**-0.5, width**-0.5)  # kaiming_uniform(a=sqrt(5)), fan_in = width
+
+    def forward(self, x: Tensor, positions: Tensor, halo: Tensor) -> Tensor:
+        n, w = halo.shape[0], self.width
+        B, T, C = x.shape
+        L = T // n
+        ext = torch.cat([halo.to(x.dtype), x.view(B, n, L, C).transpose(0, 1)], dim=2)  # [n, B, w-1+L, C]
+        pos = positions.view(B, n, L).transpose(0, 1)[..., None]
+        y = ext[:, :, w - 1 :] * self.weight[:, w - 1]
+        for j in range(1, w):
+            y = y + ext[:, :, w - 1 - j : w - 1 - j + L] * self.weight[:, w - 1 - j] * (pos >= j)
+        return F.silu(y.transpose(0, 1).reshape(B, T, C))
 
 
 FEATURE_MAPS = {

@@ -6,6 +6,8 @@ Each mixer calls its attention through one slot, `attn_fn`, which defaults to th
 lasp.parallel fills it with the sequence-parallel op. Nothing here knows about ranks.
 """
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -13,9 +15,8 @@ from torch import Tensor, nn
 from lasp.kernels import linear_attn
 from lasp.kernels.documents import Documents
 from lasp.kernels.softmax_attn import softmax_attn
-from lasp.model.config import ModelConfig
-from lasp.model.config import GATED_VARIANTS
-from lasp.model.layers import FEATURE_MAPS, LogGate, RMSNorm, SwiGLU, log_decay, rope
+from lasp.model.config import DELTA_VARIANTS, GATED_VARIANTS, ModelConfig
+from lasp.model.layers import FEATURE_MAPS, LogGate, RMSNorm, ShortConv, SwiGLU, log_decay, rope
 
 
 class _Projections(nn.Module):
@@ -65,6 +66,84 @@ class LinearAttention(_Projections):
         return self.o_proj(o.flatten(2))
 
 
+def _inverse_softplus_dt(n: int, dt_min: float = 1e-3, dt_max: float = 0.1, floor: float = 1e-4) -> Tensor:
+    """Mamba's dt_bias initialisation (flash-linear-attention's GatedDeltaNet): dt log-uniform in [dt_min,
+    dt_max], floored, stored as its inverse softplus."""
+    dt = torch.exp(torch.rand(n) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=floor)
+    return dt + torch.log(-torch.expm1(-dt))
+
+
+class DeltaNetAttention(_Projections):
+    """Delta-rule mixer, as flash-linear-attention's DeltaNet / GatedDeltaNet / KDA layers: q, k, v through
+    a short causal convolution (SiLU), q and k L2-normalised per head; beta = sigmoid(W_b x) (times 2 with
+    allow_neg_eigval); Gated DeltaNet's log-gate -exp(A_log) softplus(W_a x + dt_bias) per head, KDA's per
+    key dim through a low-rank projection; then RMSNorm(o) * SiLU(W_g x) per head and o_proj.
+
+    `attn_fn` is the op (linear_attn, or LASP-2 under SP); `halo_fn(x [B, T, C], rows)` gives the rows
+    before each local chunk for the convolution ([n, B, rows, C]; zeros on one device, lasp.sp.halo
+    under SP)."""
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__(cfg)
+        H, Hkv, D, hidden = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
+        self.variant, self.neg_eigval, self.conv_size = cfg.linear_variant, cfg.allow_neg_eigval, cfg.conv_size
+        self.q_conv, self.k_conv, self.v_conv = (ShortConv(c, cfg.conv_size) for c in (H * D, Hkv * D, Hkv * D))
+        self.b_proj = nn.Linear(hidden, H, bias=False)
+        self.a_proj = self.f_down = None
+        if self.variant == "gated_deltanet":
+            self.a_proj = nn.Linear(hidden, H, bias=False)
+        elif self.variant == "kda":
+            self.f_down = nn.Linear(hidden, cfg.gate_low_rank, bias=False)
+            self.a_proj = nn.Linear(cfg.gate_low_rank, H * D, bias=False)
+        if self.a_proj is not None:
+            self.A_log = nn.Parameter(torch.log(torch.empty(H).uniform_(1, 16)))
+            self.dt_bias = nn.Parameter(_inverse_softplus_dt(self.a_proj.out_features))
+            self.A_log.no_weight_decay = self.dt_bias.no_weight_decay = True
+        self.g_proj = nn.Linear(hidden, H * D, bias=False)
+        self.out_norm = RMSNorm(D, cfg.norm_eps)
+        self.attn_fn = linear_attn
+        self.halo_fn = None
+
+    def halo(self, x: Tensor) -> Tensor:
+        rows = self.conv_size - 1
+        if self.halo_fn is None:
+            return x.new_zeros(1, x.shape[0], rows, x.shape[2])
+        return self.halo_fn(x, rows)
+
+    def beta_gate(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """beta [B, T, H] and the log-gate ([B, T, H], [B, T, H, D] or None), computed in float32 or better."""
+        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        beta = torch.sigmoid(self.b_proj(x).to(xf.dtype)) * (2.0 if self.neg_eigval else 1.0)
+        if self.a_proj is None:
+            return beta.to(x.dtype), None
+        z = self.a_proj(x if self.f_down is None else self.f_down(x)).to(xf.dtype) + self.dt_bias.to(xf.dtype)
+        H = self.A_log.shape[0]
+        g = -torch.exp(self.A_log.to(xf.dtype)).repeat_interleave(z.shape[-1] // H) * F.softplus(z)
+        return beta.to(x.dtype), (g if self.f_down is None else g.unflatten(-1, (H, -1))).to(x.dtype)
+
+    def mixed(self, x: Tensor, positions: Tensor, halos=None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+        """q, k (convolved, L2-normalised), v (convolved) as [B, T, heads, D], beta and the gate. `halos`:
+        the rows before x for q, k and v's convolutions (decoding), else from `halo_fn`."""
+        out = []
+        for i, (proj, conv) in enumerate(((self.q_proj, self.q_conv), (self.k_proj, self.k_conv),
+                                          (self.v_proj, self.v_conv))):
+            y = proj(x)
+            out.append(conv(y, positions, self.halo(y) if halos is None else halos[i]).unflatten(-1, (-1, self.head_dim)))
+        q, k, v = out
+        q, k = F.normalize(q, dim=-1, eps=1e-6), F.normalize(k, dim=-1, eps=1e-6)
+        return q, k, v, *self.beta_gate(x)
+
+    def output(self, o: Tensor, x: Tensor) -> Tensor:
+        """RMSNorm(o) * SiLU(W_g x) per head, then o_proj."""
+        gate = F.silu(self.g_proj(x).unflatten(-1, (-1, self.head_dim)))
+        return self.o_proj((self.out_norm(o) * gate).flatten(2))
+
+    def forward(self, x: Tensor, positions: Tensor, documents: Documents | None = None) -> Tensor:
+        q, k, v, beta, gate = self.mixed(x, positions)
+        kw = {} if documents is None else {"cu_seqlens": documents}
+        return self.output(self.attn_fn(q, k, v, beta=beta, gate=gate, **kw), x)
+
+
 class SoftmaxAttention(_Projections):
     """Causal softmax mixer with RoPE on global positions and GQA."""
 
@@ -84,7 +163,10 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        mixer = LinearAttention if cfg.mixer(layer) == "L" else SoftmaxAttention
+        if cfg.mixer(layer) == "S":
+            mixer = SoftmaxAttention
+        else:
+            mixer = DeltaNetAttention if cfg.linear_variant in DELTA_VARIANTS else LinearAttention
         self.mixer = mixer(cfg, layer)
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.mlp = SwiGLU(cfg.hidden_size, cfg.ffn_hidden_size)

@@ -15,7 +15,7 @@ from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_para
 from megatron.core.model_parallel_config import ModelParallelConfig
 from torch import Tensor, nn
 
-from lasp.model.llama import LinearAttention, LinearLlama
+from lasp.model.llama import DeltaNetAttention, LinearAttention, LinearLlama
 
 
 class _Megatron(nn.Module):
@@ -54,6 +54,17 @@ def _column(lin: nn.Linear, cfg: ModelParallelConfig, group, rank: int, size: in
     return _Megatron(layer)
 
 
+def _split_parameter(module: nn.Module, name: str, rank: int, size: int) -> None:
+    """Replace the parameter `name` of `module` by this rank's shard along dim 0 (heads or channels)."""
+    old = getattr(module, name)
+    new = nn.Parameter(_shard(old.detach(), 0, rank, size).clone())
+    new.full_name, new.tp_dim = getattr(old, "full_name", None), 0
+    for attr in ("no_weight_decay",):
+        if hasattr(old, attr):
+            setattr(new, attr, getattr(old, attr))
+    setattr(module, name, new)
+
+
 def _row(lin: nn.Linear, cfg: ModelParallelConfig, group, rank: int, size: int) -> _Megatron:
     layer = tensor_parallel.RowParallelLinear(
         lin.in_features, lin.out_features, config=cfg, init_method=nn.init.zeros_, bias=False,
@@ -85,6 +96,16 @@ def apply_tp(model: LinearLlama, cfg: ModelParallelConfig, group, rank: int, siz
         for name in ("q_proj", "k_proj", "v_proj"):
             setattr(mixer, name, _column(getattr(mixer, name), cfg, group, rank, size))
         mixer.o_proj = _row(mixer.o_proj, cfg, group, rank, size)
+        if isinstance(mixer, DeltaNetAttention):
+            # the convolutions' channels, beta, the gate and the output gate follow the heads of q, k, v
+            for conv in (mixer.q_conv, mixer.k_conv, mixer.v_conv):
+                _split_parameter(conv, "weight", rank, size)
+            for name in ("b_proj", "g_proj") + (("a_proj",) if mixer.a_proj is not None else ()):
+                setattr(mixer, name, _column(getattr(mixer, name), cfg, group, rank, size))
+            if mixer.a_proj is not None:
+                _split_parameter(mixer, "A_log", rank, size)
+                _split_parameter(mixer, "dt_bias", rank, size)
+            mixer.out_norm.weight.tp_partial_grad = True
         if isinstance(mixer, LinearAttention):
             if mixer.log_decay is not None:
                 mixer.log_decay = _shard(mixer.log_decay, 0, rank, size).clone()
