@@ -231,3 +231,35 @@ def case_delta_long_float32(N, form, layout="zigzag", B=1, H=2, K=16, V=16):
 
 def test_lasp2_delta_rule_in_float32_at_8192_tokens_follows_float64(dist_pool):
     dist_pool(2).run("tests.test_sp_gated:case_delta_long_float32", N=8192, form="gdn")
+
+
+def case_halo(layout, L=5, rows=3, B=2, C=4):
+    """halo_rows: each local chunk gets the rows before it in the global sequence (zeros at the start), and
+    the gradients reach their owners; one all-gather of the chunks' last rows each way, nothing else."""
+    from lasp.sp.halo import halo_rows
+
+    rank, W = dist.get_rank(), dist.get_world_size()
+    lay = SeqLayout(layout, W)
+    N = L * lay.num_chunks
+    x = torch.randn(B, N, C, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    dh = torch.randn(lay.num_chunks, B, rows, C, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    # the reference on the whole sequence: chunk c's halo is x[:, cL - rows : cL]
+    full = x.clone().requires_grad_()
+    pad = torch.cat([torch.zeros(B, rows, C, dtype=torch.float64), full], dim=1)
+    want = torch.stack([pad[:, c * L : c * L + rows] for c in range(lay.num_chunks)])
+    (want * dh).sum().backward()
+    mine = list(lay.chunks_of(rank))
+    local = shard_sequence(x, rank=rank, world_size=W, layout=layout).requires_grad_()
+    run = lambda: halo_rows(local, rows, layout=layout)  # noqa: E731
+    got, pf, pb = profiled_steady_step(run, dh[mine])
+    assert_close_rel(got, want[mine].detach(), 1e-15, "halo")
+    assert_close_rel(local.grad, shard_sequence(full.grad, rank=rank, world_size=W, layout=layout), 1e-15, "dx")
+    return {"fwd": comm_events(pf), "bwd": comm_events(pb)}
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+@pytest.mark.parametrize("W", [2, 3])
+def test_the_convolution_halo_comes_from_the_previous_chunk(dist_pool, W, layout):
+    n = SeqLayout(layout, W).chunks_per_rank
+    for r in dist_pool(W).run("tests.test_sp_gated:case_halo", layout=layout):
+        assert r["fwd"] == r["bwd"] == [("gloo:all_gather", [[n, 2, 3, 4]])], r  # n chunks x B x rows x C
