@@ -47,6 +47,9 @@ CASES = {
     "softmax-S": dict(layer_pattern="S", num_layers=2),
     "simple-gla-hybrid": dict(linear_variant="simple_gla", layer_pattern="LLS", feature_map="elu1"),
     "gla": dict(linear_variant="gla", num_kv_heads=1),
+    "deltanet-neg-eigval": dict(linear_variant="deltanet", allow_neg_eigval=True),
+    "gated-deltanet-hybrid": dict(linear_variant="gated_deltanet", layer_pattern="LLS"),
+    "kda-mqa-conv2": dict(linear_variant="kda", num_kv_heads=1, conv_size=2),
 }
 
 

@@ -7,6 +7,8 @@ Vocab vocabulary size.
 A linear layer's whole past is its state S [B, H, K, V] (DESIGN.md section 1): one token is the
 recurrence S = lambda S + k v^T, o = s q^T S; several tokens at once (a prompt) go through the chunked
 single-device op `linear_attn` started from S, which returns the same final state in closed form. A
+delta-rule layer keeps S and its convolutions' last conv_size - 1 inputs (`DeltaState`) and runs every
+step through `linear_attn(beta=...)` from S. A
 softmax layer appends its RoPE'd keys and values at their global positions and attends end-aligned.
 Decoding calls the kernels directly, never a mixer's `attn_fn` slot, so it does not matter what a
 parallelised model put there.
@@ -20,9 +22,9 @@ from torch import Tensor
 
 from lasp.kernels import linear_attn, state_dtype
 from lasp.kernels.softmax_attn import softmax_attn
-from lasp.model.config import ModelConfig
+from lasp.model.config import DELTA_VARIANTS, ModelConfig
 from lasp.model.layers import rope
-from lasp.model.llama import LinearAttention, LinearLlama, SoftmaxAttention
+from lasp.model.llama import DeltaNetAttention, LinearAttention, LinearLlama, SoftmaxAttention
 
 
 class KVCache:
@@ -54,6 +56,19 @@ class KVCache:
 
 
 @dataclass
+class DeltaState:
+    """What a delta-rule layer keeps of the past: its state S [B, H, K, V] (the state dtype) and the last
+    conv_size - 1 inputs of each of its three convolutions (q, k, v: [B, conv_size - 1, channels], the
+    weights' dtype). Constant in size."""
+
+    S: Tensor
+    conv: list[Tensor]
+
+    def nbytes(self) -> int:
+        return sum(x.numel() * x.element_size() for x in (self.S, *self.conv))
+
+
+@dataclass
 class DecodeState:
     """Everything a LinearLlama needs of the past: per layer a linear state [B, H, K, V] (float32, or float64
     for a float64 model) or a KVCache; `position` = tokens consumed (the next token's global position)."""
@@ -71,7 +86,12 @@ class DecodeState:
         H, Hkv, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         layers = []
         for block in model.layers:
-            if isinstance(block.mixer, LinearAttention):
+            if isinstance(block.mixer, DeltaNetAttention):
+                S = torch.zeros(batch, H, D, D, dtype=state_dtype(w.dtype), device=w.device)
+                conv = [torch.zeros(batch, cfg.conv_size - 1, c, dtype=w.dtype, device=w.device)
+                        for c in (H * D, Hkv * D, Hkv * D)]
+                layers.append(DeltaState(S, conv))
+            elif isinstance(block.mixer, LinearAttention):
                 layers.append(torch.zeros(batch, H, D, D, dtype=state_dtype(w.dtype), device=w.device))
             else:
                 layers.append(KVCache(batch, Hkv, D, w.dtype, w.device, capacity))
@@ -79,13 +99,15 @@ class DecodeState:
 
     def nbytes(self) -> int:
         """Bytes held by the state (linear states plus allocated KV caches)."""
-        return sum(s.nbytes() if isinstance(s, KVCache) else s.numel() * s.element_size() for s in self.layers)
+        return sum(s.nbytes() if isinstance(s, (KVCache, DeltaState)) else s.numel() * s.element_size()
+                   for s in self.layers)
 
 
 @dataclass(frozen=True)
 class DecodeMemory:
     """Decoding memory of one sequence: `fixed_bytes` (linear states, independent of length) plus
-    `per_token_bytes` for every token held (each softmax layer keeps 2 * Hkv * D values per token)."""
+    `per_token_bytes` for every token held (each softmax layer keeps 2 * Hkv * D values per token). A
+    delta-rule layer's fixed part includes its convolutions' last conv_size - 1 inputs."""
 
     fixed_bytes: int
     per_token_bytes: int
@@ -101,8 +123,11 @@ def decode_memory(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> Decod
     kinds = [cfg.mixer(i) for i in range(cfg.num_layers)]
     state_item = torch.empty((), dtype=state_dtype(dtype)).element_size()
     kv_item = torch.empty((), dtype=dtype).element_size()
+    conv = 0
+    if cfg.linear_variant in DELTA_VARIANTS:
+        conv = (cfg.conv_size - 1) * (cfg.num_heads + 2 * cfg.num_kv_heads) * D * kv_item
     return DecodeMemory(
-        fixed_bytes=kinds.count("L") * cfg.num_heads * D * D * state_item,
+        fixed_bytes=kinds.count("L") * (cfg.num_heads * D * D * state_item + conv),
         per_token_bytes=kinds.count("S") * 2 * cfg.num_kv_heads * D * kv_item,
     )
 
@@ -147,6 +172,18 @@ def _linear_mixer(m: LinearAttention, x: Tensor, S: Tensor) -> tuple[Tensor, Ten
     return m.o_proj(o.flatten(2)), S
 
 
+def _delta_mixer(m: DeltaNetAttention, x: Tensor, st: DeltaState, positions_BT: Tensor) -> Tensor:
+    """T new tokens through a delta-rule layer from `st`, which moves past them."""
+    ys = m.projections(x)
+    rows = m.conv_size - 1
+    q, k, v, beta, gate = m.mixed(x, positions_BT, halos=[c[None] for c in st.conv], ys=ys)
+    for i, (c, y) in enumerate(zip(st.conv, ys)):
+        both = torch.cat([c, y.to(c.dtype)], dim=1)
+        st.conv[i] = both[:, both.shape[1] - rows :]
+    o, st.S = linear_attn(q, k, v, beta=beta, gate=gate, initial_state=st.S, output_final_state=True)
+    return m.output(o, x)
+
+
 def _softmax_mixer(m: SoftmaxAttention, x: Tensor, cache: KVCache, positions_BT: Tensor) -> Tensor:
     q, k, v = m.qkv(x)
     q, k = rope(q, positions_BT, m.rope_theta), rope(k, positions_BT, m.rope_theta)
@@ -184,7 +221,9 @@ def decode_step(model: LinearLlama, tokens_BT: Tensor, state: DecodeState, last_
     x = model.embed(tokens_BT)
     for i, block in enumerate(model.layers):
         h = block.attn_norm(x)
-        if isinstance(block.mixer, LinearAttention):
+        if isinstance(block.mixer, DeltaNetAttention):
+            y = _delta_mixer(block.mixer, h, state.layers[i], positions)
+        elif isinstance(block.mixer, LinearAttention):
             y, state.layers[i] = _linear_mixer(block.mixer, h, state.layers[i])
         elif isinstance(block.mixer, SoftmaxAttention):
             y = _softmax_mixer(block.mixer, h, state.layers[i], positions)

@@ -121,15 +121,19 @@ class DeltaNetAttention(_Projections):
         g = -torch.exp(self.A_log.to(xf.dtype)).repeat_interleave(z.shape[-1] // H) * F.softplus(z)
         return beta.to(x.dtype), (g if self.f_down is None else g.unflatten(-1, (H, -1))).to(x.dtype)
 
-    def mixed(self, x: Tensor, positions: Tensor, halos=None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
-        """q, k (convolved, L2-normalised), v (convolved) as [B, T, heads, D], beta and the gate. `halos`:
-        the rows before x for q, k and v's convolutions (decoding), else from `halo_fn`."""
-        out = []
-        for i, (proj, conv) in enumerate(((self.q_proj, self.q_conv), (self.k_proj, self.k_conv),
-                                          (self.v_proj, self.v_conv))):
-            y = proj(x)
-            out.append(conv(y, positions, self.halo(y) if halos is None else halos[i]).unflatten(-1, (-1, self.head_dim)))
-        q, k, v = out
+    def projections(self, x: Tensor) -> list[Tensor]:
+        """q, k, v before their convolutions, [B, T, channels] each."""
+        return [self.q_proj(x), self.k_proj(x), self.v_proj(x)]
+
+    def mixed(self, x: Tensor, positions: Tensor, halos=None, ys=None) -> tuple[Tensor, Tensor, Tensor, Tensor,
+                                                                                Tensor | None]:
+        """q, k (convolved, L2-normalised), v (convolved) as [B, T, heads, D], beta and the gate. `ys`: the
+        projections if already made; `halos`: the rows before x for q, k and v's convolutions (decoding),
+        else from `halo_fn`."""
+        ys = self.projections(x) if ys is None else ys
+        convs = (self.q_conv, self.k_conv, self.v_conv)
+        q, k, v = (conv(y, positions, self.halo(y) if halos is None else halo).unflatten(-1, (-1, self.head_dim))
+                   for conv, y, halo in zip(convs, ys, halos or [None] * 3))
         q, k = F.normalize(q, dim=-1, eps=1e-6), F.normalize(k, dim=-1, eps=1e-6)
         return q, k, v, *self.beta_gate(x)
 
