@@ -113,6 +113,19 @@ def test_sp2_through_launch_torchrun_sh_gives_the_sp1_losses(tmp_path, corpus, r
 
 
 @pytest.mark.slow
+def test_the_cpu_gated_deltanet_config_trains_at_sp2_with_a_falling_loss(tmp_path, corpus):
+    """configs/cpu-gdn.yaml (the quick start's shape, Gated DeltaNet linear layers) at SP = 2, shortened."""
+    run_dir = tmp_path / "gdn"
+    out = _train("configs/cpu-gdn.yaml", nproc=2, extra=[
+        "--set", f"data.path={corpus}", "--set", "data.seq_len=256", "--set", "train.steps=12",
+        "--set", "train.eval_interval=0", "--set", "schedule.warmup_steps=2", "--set", f"logging.run_dir={run_dir}",
+        "--set", "logging.progress=false", "--set", "checkpoint.interval=0"])
+    assert "tp=1 sp=2 (zigzag) pp=1 dp=1" in out.stdout
+    losses = [r["loss"] for r in _rows(str(run_dir))]
+    assert len(losses) == 12 and losses[-1] < 0.75 * losses[0], losses
+
+
+@pytest.mark.slow
 def test_zero2_through_the_deepspeed_launcher_gives_the_same_losses(tmp_path, corpus, reference):
     port = _free_port()
     config, run_dir = _config(tmp_path, corpus, "zero", parallel={"dp": 2, "zero_stage": 2})

@@ -99,7 +99,9 @@ def test_configs_exist():
     assert "cpu-quickstart.yaml" in names and len(names) >= 5
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(tie_embeddings=True, output_norm=False, layer_pattern="LS")])
+@pytest.mark.parametrize("kw", [dict(), dict(tie_embeddings=True, output_norm=False, layer_pattern="LS"),
+                                dict(linear_variant="deltanet", conv_size=3), dict(linear_variant="gated_deltanet"),
+                                dict(linear_variant="kda", layer_pattern="LLS", num_layers=3)])
 def test_parameter_count_matches_the_model(kw):
     m = ModelConfig(**kw)
     assert param_counts(m)["total"] == sum(p.numel() for p in LinearLlama(m).parameters())
@@ -113,6 +115,9 @@ def test_flops_per_token_knows_the_mixers():
     assert flops_per_token(soft, 1000) == base + soft.num_layers * 6 * H * d * 1000
     assert hardware_flops_per_token(lin, 1000) == flops_per_token(lin, 1000) + lin.num_layers * 6 * H * 64 * 2 * d
     assert hardware_flops_per_token(soft, 1000) == flops_per_token(soft, 1000)
+    gdn = ModelConfig(layer_pattern="L", linear_variant="gated_deltanet")  # the chunk form, written out
+    chunk = 6 * H * (5 * 64 * d + 3 * d * d + d**3 / 64) + 6 * 4 * (H + 2 * gdn.num_kv_heads) * d
+    assert flops_per_token(gdn, 1000) == 6 * param_counts(gdn)["matmul"] + gdn.num_layers * chunk
 
 
 def test_learning_rate_warms_up_then_decays_to_the_floor():

@@ -1,5 +1,9 @@
 """`--dry-run`: the resolved config, the mesh, the parameters, FLOPs per token and memory per rank."""
 
+import torch
+
+from lasp.model.config import DELTA_VARIANTS
+from lasp.model.decode import decode_memory
 from lasp.parallel.mesh import describe
 from lasp.train.config import TrainConfig, dump
 from lasp.train.flops import flops_per_token, hardware_flops_per_token, memory_estimate, param_counts
@@ -19,6 +23,7 @@ def report(cfg: TrainConfig) -> str:
     fpt = flops_per_token(m, d.seq_len)
     mem = memory_estimate(m, p, d.seq_len, d.global_batch, cfg.train.dtype, cfg.train.checkpoint_every)
     per_rank = (counts["total"] - counts["embedding"]) / p.pp / p.tp + counts["embedding"] / p.tp
+    dec = decode_memory(m, getattr(torch, cfg.train.dtype))
     local_tokens = d.seq_len // p.sp * (d.global_batch // p.dp // p.microbatches)
     lines = [
         "# resolved config",
@@ -38,6 +43,9 @@ def report(cfg: TrainConfig) -> str:
         f"({_num(cfg.tokens_per_step)} tokens); MFU counts these",
         f"hardware FLOPs per token of the chunked kernels (64-token blocks): "
         f"{_num(hardware_flops_per_token(m, d.seq_len))}",
+        f"decoding state per sequence: {_num(dec.fixed_bytes)}B fixed (linear layers' states"
+        f"{' and short-convolution inputs' if m.linear_variant in DELTA_VARIANTS else ''}) + "
+        f"{_num(dec.per_token_bytes)}B per token (softmax layers' KV cache), {cfg.train.dtype}",
         f"tokens per rank per microbatch: {local_tokens} ({d.global_batch // p.dp // p.microbatches} rows x "
         f"{d.seq_len // p.sp} tokens)",
         "",

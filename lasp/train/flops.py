@@ -9,12 +9,19 @@ FLOPs per token, forward + backward (DESIGN.md section 8; written out in docs/tr
                                           multiply-add, x3 for forward + backward, half the N x N scores
   + 12 * H * d_k * d_v     per L layer    linear attention: the state update k v^T and the read-out q^T S,
                                           2 FLOPs each, x3 for forward + backward
+  + 6 * H * (5 C d + 3 d^2 + d^3 / C)     the delta rule instead (deltanet, gated_deltanet, kda): its chunk
+        + 6 * w * (H + 2 Hkv) d           form on blocks of C = 64 tokens, per token and head q k^T and k k^T
+                                          (C d each), the triangular solve for [U0 | W] (C d), P U0 and P W
+                                          (C d each), Kt^T W, Kt^T U0 and Qm S0 (d^2 each), and the chain's
+                                          share d^3 / C; and the short convolutions (w taps on q, k and v)
 
 N is the sequence length (tokens attended), H query heads, d the head dim. Hardware FLOPs of the chunked
 kernels (intra-chunk quadratic blocks, recomputation) are higher; MFU counts only the model's.
 """
 
-from lasp.model.config import ModelConfig
+from lasp.model.config import DELTA_VARIANTS, ModelConfig
+
+BLOCK = 64  # tokens per block of the chunked kernels
 from lasp.parallel.config import ParallelConfig
 
 # Dense peak FLOP/s per GPU (no sparsity), from the vendors' data sheets: bf16 tensor cores, and plain
@@ -45,17 +52,32 @@ def peak_flops(device_name: str | None, dtype: str) -> float | None:
 
 
 def param_counts(m: ModelConfig) -> dict[str, int]:
-    """Parameters by kind: embedding, matmul weights (LM head included), norms, and the total."""
-    h, d = m.hidden_size, m.head_dim
-    attn = h * d * (2 * m.num_heads + 2 * m.num_kv_heads)
-    gate = {"simple_gla": h * m.num_heads, "gla": m.gate_low_rank * (h + m.num_heads * d)}.get(m.linear_variant, 0)
-    gates = gate * sum(m.mixer(i) == "L" for i in range(m.num_layers))
+    """Parameters by kind: embedding, matmul weights (LM head included), norms, the delta rule's other
+    small ones (convolutions, A_log, dt_bias), and the total."""
+    h, d, H = m.hidden_size, m.head_dim, m.num_heads
+    attn = h * d * (2 * H + 2 * m.num_kv_heads)
+    delta = m.linear_variant in DELTA_VARIANTS
+    gate = {"simple_gla": h * H, "gla": m.gate_low_rank * (h + H * d),
+            "deltanet": h * H + h * H * d,  # beta, the output gate
+            "gated_deltanet": 2 * h * H + h * H * d,
+            "kda": h * H + m.gate_low_rank * (h + H * d) + h * H * d}.get(m.linear_variant, 0)
+    linear = sum(m.mixer(i) == "L" for i in range(m.num_layers))
     mlp = 3 * h * m.ffn_hidden_size
-    norms = m.num_layers * 2 * h + h + sum(d for i in range(m.num_layers) if m.mixer(i) == "L" and m.output_norm)
+    norms = m.num_layers * 2 * h + h + linear * (d if m.output_norm or delta else 0)
+    small = 0
+    if delta:
+        small = m.conv_size * (H + 2 * m.num_kv_heads) * d
+        small += {"gated_deltanet": 2 * H, "kda": H + H * d}.get(m.linear_variant, 0)
     embed = m.vocab_size * h
-    matmul = m.num_layers * (attn + mlp) + gates + m.vocab_size * h
-    total = embed + matmul + norms - (m.vocab_size * h if m.tie_embeddings else 0)
-    return {"embedding": embed, "matmul": matmul, "norms": norms, "total": total}
+    matmul = m.num_layers * (attn + mlp) + gate * linear + m.vocab_size * h
+    total = embed + matmul + norms + linear * small - (m.vocab_size * h if m.tie_embeddings else 0)
+    return {"embedding": embed, "matmul": matmul, "norms": norms, "other": linear * small, "total": total}
+
+
+def delta_flops_per_token(m: ModelConfig, block: int = BLOCK) -> float:
+    """One delta-rule layer's attention FLOPs per token, forward + backward (module doc)."""
+    d, H = m.head_dim, m.num_heads
+    return 6.0 * H * (5 * block * d + 3 * d * d + d**3 / block) + 6.0 * m.conv_size * (H + 2 * m.num_kv_heads) * d
 
 
 def flops_per_token(m: ModelConfig, seq_len: int) -> float:
@@ -65,17 +87,23 @@ def flops_per_token(m: ModelConfig, seq_len: int) -> float:
     for i in range(m.num_layers):
         if m.mixer(i) == "S":
             f += 6.0 * m.num_heads * d * seq_len
+        elif m.linear_variant in DELTA_VARIANTS:
+            f += delta_flops_per_token(m)
         else:
             f += 12.0 * m.num_heads * d * d
     return f
 
 
-def hardware_flops_per_token(m: ModelConfig, seq_len: int, block: int = 64) -> float:
+def hardware_flops_per_token(m: ModelConfig, seq_len: int, block: int = BLOCK) -> float:
     """What the chunked linear-attention kernels execute per token, forward + backward (reported apart from
     the model FLOPs): each L layer's blocks of `block` tokens also compute the full (masked) q k^T block
-    and its product with v, 2 * block * (d_k + d_v) per token and head forward, x3 with the backward."""
+    and its product with v, 2 * block * (d_k + d_v) per token and head forward, x3 with the backward. The
+    delta rule's model FLOPs are already its chunk form's; its backward recomputes the forward, one third
+    more."""
     d = m.head_dim
     linear_layers = sum(m.mixer(i) == "L" for i in range(m.num_layers))
+    if m.linear_variant in DELTA_VARIANTS:
+        return flops_per_token(m, seq_len) + linear_layers * delta_flops_per_token(m, block) / 3
     return flops_per_token(m, seq_len) + linear_layers * 6.0 * m.num_heads * block * 2 * d
 
 

@@ -37,6 +37,7 @@ from lasp.train.flops import flops_per_token, peak_flops
 from lasp.train.metrics import Metrics, peak_memory_gib
 from lasp.train.optim import build_optimizer, lr_at, set_lr
 from lasp.train.signals import GracefulStop
+from lasp.model.config import DELTA_VARIANTS
 from lasp.train.state import TrainState
 
 
@@ -51,6 +52,9 @@ def _check_kernel(cfg: TrainConfig, kernel) -> None:
     linear = any(cfg.model.mixer(i) == "L" for i in range(cfg.model.num_layers))
     if linear and form is not None and form not in gates:
         problems.append(f"model.linear_variant {cfg.model.linear_variant} needs a {form} gate, which the "
+                        f"{kernel.name!r} kernel lacks (train.kernel={cfg.train.kernel}); set train.kernel=torch")
+    if linear and cfg.model.linear_variant in DELTA_VARIANTS and not getattr(kernel, "delta", False):
+        problems.append(f"model.linear_variant {cfg.model.linear_variant} needs the delta rule, which the "
                         f"{kernel.name!r} kernel lacks (train.kernel={cfg.train.kernel}); set train.kernel=torch")
     if linear and cfg.data.reset_at_documents and not getattr(kernel, "resets", False):
         problems.append(f"data.reset_at_documents needs document resets, which the {kernel.name!r} kernel lacks "
