@@ -138,3 +138,16 @@ def test_bad_arguments_are_clear_errors():
         ring_linear_attn(q, k, v, beta=beta)
     with pytest.raises(TypeError, match="beta must be a tensor"):
         lasp2_linear_attn(q, k, v, beta=0.5)
+
+
+def test_bfloat16_inputs_keep_a_float32_chain():
+    """bf16 activations: the blocks and the chain run in float32 (the state dtype), the output comes back in
+    bf16 and follows the float64 recurrence to bf16's precision; the final state is float32."""
+    q, k, v, beta, gate, s0 = (x.detach() for x in _inputs(1, 300, 2, 16, 16, "gdn"))
+    o, sT = linear_attn(*(x.bfloat16() for x in (q, k, v)), beta=beta.bfloat16(), gate=gate.bfloat16(),
+                        initial_state=s0.float(), output_final_state=True)
+    assert o.dtype == torch.bfloat16 and sT.dtype == torch.float32
+    rounded = [x.bfloat16().double() for x in (q, k, v, beta, gate)]
+    o_ref, sT_ref = recurrent_delta_rule(*rounded[:4], gate=rounded[4], initial_state=s0)
+    torch.testing.assert_close(o.double(), o_ref, atol=2e-2 * float(o_ref.abs().max()), rtol=0)
+    torch.testing.assert_close(sT.double(), sT_ref, atol=1e-4 * float(sT_ref.abs().max()), rtol=0)

@@ -24,7 +24,7 @@ from lasp.distributed.agree import Fingerprint, RanksDisagree, _check, _encode
 LINEAR = {"lasp2": lasp2_linear_attn, "lasp1": lasp1_linear_attn, "ulysses_linear": ulysses_linear_attn}
 SOFTMAX = {"lasp2h": lasp2h_softmax_attn, "ring": ring_softmax_attn, "ulysses": ulysses_softmax_attn}
 BASE = dict(T=8, B=2, H=12, Hkv=6, K=8, V=4, dtype=torch.float32, layout="contiguous", causal=True, decay=None,
-            scale=None)
+            scale=None, beta=False)
 
 
 def _disagreements(W: int) -> dict[str, tuple[dict, str]]:
@@ -48,6 +48,7 @@ def _disagreements(W: int) -> dict[str, tuple[dict, str]]:
         "scale": (dict(scale=0.5), f"ranks disagree on scale: {each(repr(8 ** -0.5), '0.5')}"),
         "decay_one_rank": (dict(decay="on"), f"ranks disagree on decay: {each('none', '')}"),
         "decay_values": (dict(decay="other"), "ranks disagree on decay: rank 0: -"),
+        "delta_one_rank": (dict(beta=True), f"ranks disagree on delta rule: {each('False', 'True')}"),
     }
 
 
@@ -60,6 +61,8 @@ def _inputs(a: dict, linear: bool):
     if linear:
         decay = {None: None, "on": -torch.linspace(0.1, 0.9, a["H"]), "other": -torch.linspace(0.2, 0.8, a["H"])}
         kw["log_decay"] = decay[a["decay"]]
+        if a["beta"]:  # the delta rule on this rank
+            kw["beta"] = torch.rand(a["B"], a["T"], a["H"], generator=gen).add(0.1).to(a["dtype"])
     return q, k, v, kw
 
 
@@ -70,6 +73,8 @@ def case_disagreements(algo: str, names: list[str]) -> dict:
     out = {}
     for name in names:
         change, _ = _disagreements(W)[name]
+        if name == "delta_one_rank" and not linear:
+            continue
         if name in ("decay_one_rank", "decay_values"):
             if not linear:
                 continue
@@ -98,7 +103,7 @@ def test_every_rank_names_the_disagreement(dist_pool, algo, W):
     names = list(_disagreements(W))
     results = dist_pool(W).run("tests.test_rank_agreement:case_disagreements", algo=algo, names=names)
     for name in names:
-        if algo not in LINEAR and name.startswith("decay"):
+        if algo not in LINEAR and name.startswith(("decay", "delta")):
             continue
         want = _disagreements(W)[name][1]
         for rank, r in enumerate(results):
