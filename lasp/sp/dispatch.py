@@ -2,7 +2,8 @@
 fall back to the single-device op on a group of one, agree with the other ranks, else dispatch.
 
 Rank agreement (lasp.distributed.agree): every op's fingerprint holds the local length, the shapes, the
-dtype, the layout, causal, the scale and (linear ops) a digest of the decay. LASP-2 and LASP-2H carry it in
+dtype, the layout, causal, the scale and (linear ops) a digest of the decay, the gate's form and whether
+it is the delta rule. LASP-2 and LASP-2H carry it in
 the buffer they all-gather anyway; LASP-1, Ring and Ulysses, whose collectives carry no such buffer,
 exchange it in one small all-gather per call. A rank whose own arguments are wrong tells the others
 before raising, so that every rank stops. `check_ranks=False` skips all of it (benchmarks); then ranks
