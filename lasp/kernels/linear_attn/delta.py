@@ -56,7 +56,7 @@ def _blocks(x: Tensor, L: int) -> Tensor:
     if pad:
         x = F.pad(x, [0, 0] * (x.dim() - 2) + [0, pad])
     x = x.unflatten(1, (-1, L))  # [B, n, L, H, ...]
-    return x.movedim(3, 1)
+    return x.movedim(3, 1).contiguous()
 
 
 def _unblocks(x: Tensor, T: int) -> Tensor:
@@ -75,41 +75,44 @@ def block_pieces(q, k, v, beta, gate, scale: float, L: int, outputs: bool = True
     strict = idx[:, None] > idx[None, :]
     if gate is None:
         eG = kt = start_free = None
+        w_qk, w_kk = incl.to(q.dtype) * scale, strict.to(q.dtype)  # [L, L]: s <= t scaled for q k^T; s < t for k k^T
 
-        def pair(a, b):  # [.., L, L]: a_t . b_s for s <= t
-            return (a @ b.transpose(-1, -2)) * incl
+        def pair(a, b, w):
+            return (a @ b.transpose(-1, -2)) * w
     else:
         reset = torch.isneginf(gate[..., 0])  # [B, H, n, L]: a document starts here
         g = gate.masked_fill(reset[..., None], 0.0)
         G = g.cumsum(-2)  # [.., L, Kg]
         seg = reset.to(torch.int32).cumsum(-1)
         keep = (seg[..., :, None] == seg[..., None, :]) & incl  # [.., L, L]: s <= t, one document
-        if gate.shape[-1] == 1:
+        if gate.shape[-1] == 1:  # a_t . b_s exp(G_t - G_s)
             w = torch.exp((G[..., :, None, 0] - G[..., None, :, 0]).masked_fill(~keep, -torch.inf))
+            w_qk, w_kk = w * scale, w * strict
 
-            def pair(a, b):  # a_t . b_s exp(G_t - G_s)
+            def pair(a, b, w):
                 return (a @ b.transpose(-1, -2)) * w
         elif factored:  # the gate sums to no less than -FACTOR_SPAN over every block: exp(-G) is safe
             eGp, eGm = torch.exp(G), torch.exp(-G)
+            w_qk, w_kk = keep.to(q.dtype) * scale, keep & strict
 
-            def pair(a, b):
-                return ((a * eGp) @ (b * eGm).transpose(-1, -2)) * keep
-        else:
+            def pair(a, b, w):
+                return ((a * eGp) @ (b * eGm).transpose(-1, -2)) * w
+        else:  # the exact [.., L, L, K] weight: short blocks only
             w = torch.exp((G[..., :, None, :] - G[..., None, :, :]).masked_fill(~keep[..., None], -torch.inf))
+            w_qk, w_kk = w * scale, w * strict[..., None]
 
-            def pair(a, b):  # [.., L, L, K] weight: short blocks only
+            def pair(a, b, w):
                 return torch.einsum("...tk,...sk,...tsk->...ts", a, b, w)
         start_free = (seg == 0)[..., None]  # no start since the block's beginning: S_0 still counts
         eG = torch.exp(G) * start_free
         last = seg[..., -1:]
         kt = k * torch.exp(G[..., -1:, :] - G) * (seg == last)[..., None]
-    kk = pair(k, k) * strict
-    qk = pair(q, k) * scale if outputs else None
-    A = kk * beta[..., :, None]
-    rhs = torch.cat([beta[..., None] * v, beta[..., None] * (k if eG is None else k * eG)], dim=-1)
-    sol = torch.linalg.solve_triangular(A + torch.eye(L, dtype=A.dtype, device=A.device), rhs, upper=False,
-                                        unitriangular=True)
-    U0, W = sol[..., : v.shape[-1]], sol[..., v.shape[-1]:]
+    A = pair(k * beta[..., None], k, w_kk)  # A_ts = b_t k_t . k_s (decayed), s < t
+    qk = pair(q, k, w_qk) if outputs else None
+    eye = torch.eye(L, dtype=A.dtype, device=A.device)
+    bk = beta[..., None] * (k if eG is None else k * eG)
+    U0 = torch.linalg.solve_triangular(A + eye, beta[..., None] * v, upper=False, unitriangular=True)
+    W = torch.linalg.solve_triangular(A + eye, bk, upper=False, unitriangular=True)
     o0 = qk @ U0 if outputs else None
     Qm = scale * (q if eG is None else q * eG) - qk @ W if outputs else None
     kt = k if kt is None else kt
@@ -124,15 +127,45 @@ def block_pieces(q, k, v, beta, gate, scale: float, L: int, outputs: bool = True
     return o0, Qm, A_blk, M_blk
 
 
+class _Chain(torch.autograd.Function):
+    """S_{j+1} = A_j S_j + M_j over the blocks, with its backward written out: one K x K matmul per block
+    each way, and the transitions' gradients in one batched matmul at the end."""
+
+    @staticmethod
+    def forward(ctx, A, M, s0):
+        B, H, n, K, V = M.shape
+        A3, M3 = (x.permute(2, 0, 1, 3, 4).reshape(n, B * H, K, -1) for x in (A, M))
+        states = torch.empty_like(M3)
+        S = s0.reshape(B * H, K, V)
+        for j in range(n):
+            states[j] = S
+            S = torch.baddbmm(M3[j], A3[j], S)
+        ctx.save_for_backward(A3, states)
+        ctx.shape = (B, H, n, K, V)
+        return states.view(n, B, H, K, V).permute(1, 2, 0, 3, 4), S.view(B, H, K, V)
+
+    @staticmethod
+    def backward(ctx, dstates, dfinal):
+        A3, states = ctx.saved_tensors
+        B, H, n, K, V = ctx.shape
+        dS3 = None if dstates is None else dstates.permute(2, 0, 1, 3, 4).reshape(n, B * H, K, V)
+        g = torch.zeros(B * H, K, V, dtype=states.dtype, device=states.device) if dfinal is None \
+            else dfinal.reshape(B * H, K, V).to(states.dtype)
+        dM = torch.empty_like(states)  # the gradient of each block's outgoing state
+        for j in range(n - 1, -1, -1):
+            dM[j] = g
+            g = torch.bmm(A3[j].transpose(-1, -2), g)
+            if dS3 is not None:
+                g = g + dS3[j]
+        dA = dM @ states.transpose(-1, -2)
+        back = lambda x, D: x.view(n, B, H, K, D).permute(1, 2, 0, 3, 4)  # noqa: E731
+        return back(dA, K), back(dM, V), g.view(B, H, K, V)
+
+
 def chain(A: Tensor, M: Tensor, s0: Tensor | None) -> tuple[Tensor, Tensor]:
     """S_0 of every block, [B, H, n, K, V], and the final state: S_{j+1} = A_j S_j + M_j from s0 (None:
     zero)."""
-    S = torch.zeros_like(M[:, :, 0]) if s0 is None else s0
-    states = []
-    for A_j, M_j in zip(A.unbind(2), M.unbind(2)):  # unbind: one backward node, not one per block
-        states.append(S)
-        S = torch.baddbmm(M_j.flatten(0, 1), A_j.flatten(0, 1), S.flatten(0, 1)).view_as(M_j)
-    return torch.stack(states, 2), S
+    return _Chain.apply(A, M, torch.zeros_like(M[:, :, 0]) if s0 is None else s0)
 
 
 def _prepare(q, k, v, beta, gate):
