@@ -168,5 +168,11 @@ def test_the_gated_benchmark_writes_its_rows(tmp_path):
                           str(tmp_path / "gated")], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     rows = [json.loads(x) for x in (tmp_path / "gated.jsonl").read_text().splitlines()]
-    assert [r["form"] for r in rows] == ["decay", "scalar", "vector", "decay-docs", "scalar-docs"] and rows[0]["over_decay"] == 1.0
-    assert "scalar gate at T=96" in run.stdout and "vector gate at T=96" in run.stdout
+    timed = [r for r in rows if r.get("kind") != "gathered_bytes"]
+    assert [r["form"] for r in timed] == ["decay", "scalar", "vector", "decay-docs", "scalar-docs", "deltanet", "gdn",
+                                          "kda"] and timed[0]["over_decay"] == 1.0
+    assert all(r["peak_bytes"] > 0 for r in timed)
+    for line in ("scalar at T=96: ", "vector at T=96: ", "gdn at T=96: ", "the peak memory of scalar"):
+        assert line in run.stdout, line
+    sizes = [r for r in rows if r.get("kind") == "gathered_bytes"]  # LASP-2's pairs against the cost model
+    assert [r["W"] for r in sizes] == [8, 16, 32, 64, 128] and all(r["bytes_built"] == r["bytes_model"] for r in sizes)
