@@ -147,8 +147,9 @@ class _Lasp2GatedFn(torch.autograd.Function):
 
 class _Lasp2DeltaFn(torch.autograd.Function):
     """LASP-2 under the delta rule: each chunk is an affine map of its incoming state, S_out = A S_in + M with
-    a K x K transition A, and its output is affine in S_in too, o = o0 + Qm S_in (the kernel's delta_maps).
-    ONE all-gather of the pairs (A, M) forward and a matrix scan in global chunk order; ONE all-gather of
+    a K x K transition A, and its output is affine in S_in too, o = o0 + Qm S_in (the kernel's
+    delta_transitions, then delta_outputs while the pairs are in flight). ONE all-gather of the pairs
+    (A, M) forward and a matrix scan in global chunk order; ONE all-gather of
     N = Qm^T do backward and the reverse scan dS_in = N + A^T dS_out; then the kernel's local backward
     from S_in with dS_out. The pairs and the scan stay in the state dtype (fp32 for bf16 inputs)."""
 
@@ -158,10 +159,11 @@ class _Lasp2DeltaFn(torch.autograd.Function):
         qc, kc, vc, bc = (split_local_chunks(x, n) for x in (q, k, v, beta))
         gc = None if gate is None else split_local_chunks(gate, n)
         K = q.shape[-1]
-        with record_function("lasp2.overlapped"):  # the zero-start work, before the gather it needs
-            o0, Qm, A, M = kernel.delta_maps(qc, kc, vc, bc[..., 0], gc, scale)
+        A, M, rest = kernel.delta_transitions(qc, kc, vc, bc[..., 0], gc, scale)
         pairs = torch.cat([A, M], dim=-1)
         gather = _Gather(pairs.view(n, -1, *pairs.shape[1:]), group, fp)
+        with record_function("lasp2.overlapped"):  # the output's zero-start pieces, while the pairs travel
+            o0, Qm = kernel.delta_outputs(rest)
         everything = _in_global_order(gather.wait(), lay)
         A_all, M_all = everything[..., :K], everything[..., K:]
         s_in = _mine(matrix_affine_scan(M_all, A_all)[0], lay, rank)

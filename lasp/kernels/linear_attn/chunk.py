@@ -89,6 +89,8 @@ class TorchChunkKernel(ComposedStates):
     delta_fwd = staticmethod(delta_rule.delta_forward)
     delta_bwd = staticmethod(delta_rule.delta_backward)
     delta_maps = staticmethod(delta_rule.chunk_maps)
+    delta_transitions = staticmethod(delta_rule.chunk_transitions)
+    delta_outputs = staticmethod(delta_rule.chunk_outputs)
 
     def __init__(self, block: int = BLOCK, segment_blocks: int = SEGMENT_BLOCKS):
         if block < 1 or segment_blocks < 1:

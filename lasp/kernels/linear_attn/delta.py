@@ -64,67 +64,79 @@ def _unblocks(x: Tensor, T: int) -> Tensor:
     return x.movedim(1, 3).flatten(1, 2)[:, :T]
 
 
-def block_pieces(q, k, v, beta, gate, scale: float, L: int, outputs: bool = True, factored: bool = False):
+class _Pieces:
     """Every block's affine map, from blocked inputs q, k [B, H, n, L, K], v [B, H, n, L, V], beta
-    [B, H, n, L], gate [B, H, n, L, Kg] or None: (o0 [.., L, V], Qm [.., L, K], A [.., K, K], M [.., K, V])
-    with o = o0 + Qm S_0 and S_out = A S_0 + M (module doc); o0 and Qm are None without `outputs`.
-    `factored` (a vector gate whose blocks all sum to >= -FACTOR_SPAN): the pairwise weight by matmuls of
-    q exp(G) and k exp(-G) instead of the exact [L, L, K] weight."""
-    idx = torch.arange(L, device=q.device)
-    incl = idx[:, None] >= idx[None, :]
-    strict = idx[:, None] > idx[None, :]
-    if gate is None:
-        eG = kt = start_free = None
-        w_qk, w_kk = incl.to(q.dtype) * scale, strict.to(q.dtype)  # [L, L]: s <= t scaled for q k^T; s < t for k k^T
+    [B, H, n, L], gate [B, H, n, L, Kg] or None: the transition A [.., K, K] and the zero-start state M
+    [.., K, V] (S_out = A S_0 + M) at once, the output's pieces (o = o0 + Qm S_0) on demand, `outputs()`,
+    which nothing of the chain waits for (module doc). `factored` (a vector gate whose blocks all sum to
+    >= -FACTOR_SPAN): the pairwise weight by matmuls of q exp(G) and k exp(-G) instead of the exact
+    [L, L, K] weight."""
 
-        def pair(a, b, w):
-            return (a @ b.transpose(-1, -2)) * w
-    else:
-        reset = torch.isneginf(gate[..., 0])  # [B, H, n, L]: a document starts here
-        g = gate.masked_fill(reset[..., None], 0.0)
-        G = g.cumsum(-2)  # [.., L, Kg]
-        seg = reset.to(torch.int32).cumsum(-1)
-        keep = (seg[..., :, None] == seg[..., None, :]) & incl  # [.., L, L]: s <= t, one document
-        if gate.shape[-1] == 1:  # a_t . b_s exp(G_t - G_s)
-            w = torch.exp((G[..., :, None, 0] - G[..., None, :, 0]).masked_fill(~keep, -torch.inf))
-            w_qk, w_kk = w * scale, w * strict
+    def __init__(self, q, k, v, beta, gate, scale: float, L: int, factored: bool = False):
+        idx = torch.arange(L, device=q.device)
+        incl = idx[:, None] >= idx[None, :]
+        strict = idx[:, None] > idx[None, :]
+        if gate is None:
+            eG = kt = start_free = None
+            w_qk, w_kk = incl.to(q.dtype) * scale, strict.to(q.dtype)  # [L, L]: s <= t scaled for q k^T; s < t for k k^T
 
             def pair(a, b, w):
                 return (a @ b.transpose(-1, -2)) * w
-        elif factored:  # the gate sums to no less than -FACTOR_SPAN over every block: exp(-G) is safe
-            eGp, eGm = torch.exp(G), torch.exp(-G)
-            w_qk, w_kk = keep.to(q.dtype) * scale, keep & strict
+        else:
+            reset = torch.isneginf(gate[..., 0])  # [B, H, n, L]: a document starts here
+            g = gate.masked_fill(reset[..., None], 0.0)
+            G = g.cumsum(-2)  # [.., L, Kg]
+            seg = reset.to(torch.int32).cumsum(-1)
+            keep = (seg[..., :, None] == seg[..., None, :]) & incl  # [.., L, L]: s <= t, one document
+            if gate.shape[-1] == 1:  # a_t . b_s exp(G_t - G_s)
+                w = torch.exp((G[..., :, None, 0] - G[..., None, :, 0]).masked_fill(~keep, -torch.inf))
+                w_qk, w_kk = w * scale, w * strict
 
-            def pair(a, b, w):
-                return ((a * eGp) @ (b * eGm).transpose(-1, -2)) * w
-        else:  # the exact [.., L, L, K] weight: short blocks only
-            w = torch.exp((G[..., :, None, :] - G[..., None, :, :]).masked_fill(~keep[..., None], -torch.inf))
-            w_qk, w_kk = w * scale, w * strict[..., None]
+                def pair(a, b, w):
+                    return (a @ b.transpose(-1, -2)) * w
+            elif factored:  # the gate sums to no less than -FACTOR_SPAN over every block: exp(-G) is safe
+                eGp, eGm = torch.exp(G), torch.exp(-G)
+                w_qk, w_kk = keep.to(q.dtype) * scale, keep & strict
 
-            def pair(a, b, w):
-                return torch.einsum("...tk,...sk,...tsk->...ts", a, b, w)
-        start_free = (seg == 0)[..., None]  # no start since the block's beginning: S_0 still counts
-        eG = torch.exp(G) * start_free
-        last = seg[..., -1:]
-        kt = k * torch.exp(G[..., -1:, :] - G) * (seg == last)[..., None]
-    A = pair(k * beta[..., None], k, w_kk)  # A_ts = b_t k_t . k_s (decayed), s < t
-    qk = pair(q, k, w_qk) if outputs else None
-    eye = torch.eye(L, dtype=A.dtype, device=A.device)
-    bk = beta[..., None] * (k if eG is None else k * eG)
-    U0 = torch.linalg.solve_triangular(A + eye, beta[..., None] * v, upper=False, unitriangular=True)
-    W = torch.linalg.solve_triangular(A + eye, bk, upper=False, unitriangular=True)
-    o0 = qk @ U0 if outputs else None
-    Qm = scale * (q if eG is None else q * eG) - qk @ W if outputs else None
-    kt = k if kt is None else kt
-    Kdim = k.shape[-1]
-    if gate is None:
-        decay = torch.eye(Kdim, dtype=q.dtype, device=q.device)
-    else:
-        eL = (torch.exp(G[..., -1, :]) * start_free[..., -1, :]).expand(*G.shape[:-2], Kdim)
-        decay = torch.diag_embed(eL)
-    A_blk = decay - kt.transpose(-1, -2) @ W
-    M_blk = kt.transpose(-1, -2) @ U0
-    return o0, Qm, A_blk, M_blk
+                def pair(a, b, w):
+                    return ((a * eGp) @ (b * eGm).transpose(-1, -2)) * w
+            else:  # the exact [.., L, L, K] weight: short blocks only
+                w = torch.exp((G[..., :, None, :] - G[..., None, :, :]).masked_fill(~keep[..., None], -torch.inf))
+                w_qk, w_kk = w * scale, w * strict[..., None]
+
+                def pair(a, b, w):
+                    return torch.einsum("...tk,...sk,...tsk->...ts", a, b, w)
+            start_free = (seg == 0)[..., None]  # no start since the block's beginning: S_0 still counts
+            eG = torch.exp(G) * start_free
+            last = seg[..., -1:]
+            kt = k * torch.exp(G[..., -1:, :] - G) * (seg == last)[..., None]
+        A = pair(k * beta[..., None], k, w_kk)  # A_ts = b_t k_t . k_s (decayed), s < t
+        eye = torch.eye(L, dtype=A.dtype, device=A.device)
+        bk = beta[..., None] * (k if eG is None else k * eG)
+        U0 = torch.linalg.solve_triangular(A + eye, beta[..., None] * v, upper=False, unitriangular=True)
+        W = torch.linalg.solve_triangular(A + eye, bk, upper=False, unitriangular=True)
+        kt = k if kt is None else kt
+        Kdim = k.shape[-1]
+        if gate is None:
+            decay = torch.eye(Kdim, dtype=q.dtype, device=q.device)
+        else:
+            eL = (torch.exp(G[..., -1, :]) * start_free[..., -1, :]).expand(*G.shape[:-2], Kdim)
+            decay = torch.diag_embed(eL)
+        self.A, self.M = decay - kt.transpose(-1, -2) @ W, kt.transpose(-1, -2) @ U0
+        self._later = (q, k, pair, w_qk, U0, W, eG, scale)
+
+    def outputs(self) -> tuple[Tensor, Tensor]:
+        """(o0 [.., L, V], Qm [.., L, K])."""
+        q, k, pair, w_qk, U0, W, eG, scale = self._later
+        qk = pair(q, k, w_qk)
+        return qk @ U0, scale * (q if eG is None else q * eG) - qk @ W
+
+
+def block_pieces(q, k, v, beta, gate, scale: float, L: int, outputs: bool = True, factored: bool = False):
+    """(o0, Qm, A, M) of every block (`_Pieces`); o0 and Qm are None without `outputs`."""
+    p = _Pieces(q, k, v, beta, gate, scale, L, factored)
+    o0, Qm = p.outputs() if outputs else (None, None)
+    return o0, Qm, p.A, p.M
 
 
 class _Chain(torch.autograd.Function):
@@ -196,19 +208,34 @@ def delta_forward(q, k, v, beta, gate, scale: float, s0: Tensor | None) -> tuple
     return _unblocks(o0 + Qm @ states, q.shape[1]), final, states[:, :, :: SEGMENT // L].movedim(2, 0)
 
 
+def chunk_transitions(q, k, v, beta, gate, scale: float):
+    """A whole chunk's pair (A [B, H, K, K], M [B, H, K, V]): S_out = A S_in + M, in the state dtype, and
+    what `chunk_outputs` needs. The chain runs on the state [P | S] from [I | 0]: P collects the
+    transitions, S the zero-start state."""
+    (qb, kb, vb), b, g, L, factored = _prepare(q, k, v, beta, gate)
+    p = _Pieces(qb, kb, vb, b, g, scale, L, factored)
+    B, H, n, K, _ = p.A.shape
+    eye = torch.eye(K, dtype=p.M.dtype, device=p.M.device).expand(B, H, K, K)
+    aug = torch.cat([torch.zeros_like(p.A), p.M], dim=-1)  # the transitions' own "values" are zero
+    states, final = chain(p.A, aug, torch.cat([eye, torch.zeros_like(p.M[:, :, 0])], dim=-1))
+    return final[..., :K], final[..., K:], (p, states, q.shape[1])
+
+
+def chunk_outputs(rest) -> tuple[Tensor, Tensor]:
+    """The chunk's output as an affine map of S_in, o = o0 + Qm S_in: (o0 [B, T, H, V], Qm [B, T, H, K]),
+    from `chunk_transitions`' second part (LASP-2 runs this while the pairs are in flight)."""
+    p, states, T = rest
+    o0, Qm = p.outputs()
+    K = Qm.shape[-1]
+    out = torch.cat([torch.zeros_like(Qm), o0], dim=-1) + Qm @ states
+    return _unblocks(out[..., K:], T), _unblocks(out[..., :K], T)
+
+
 def chunk_maps(q, k, v, beta, gate, scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """A whole chunk as an affine map of its incoming state S_in: (o0 [B, T, H, V], Qm [B, T, H, K], A
-    [B, H, K, K], M [B, H, K, V]) with o = o0 + Qm S_in and S_out = A S_in + M, in the state dtype. The
-    chain runs on the state [P | S] from [I | 0]: P collects the transitions, S the zero-start state."""
-    (qb, kb, vb), b, g, L, factored = _prepare(q, k, v, beta, gate)
-    o0, Qm, A, M = block_pieces(qb, kb, vb, b, g, scale, L, factored=factored)
-    B, H, n, _, K = Qm.shape
-    eye = torch.eye(K, dtype=M.dtype, device=M.device).expand(B, H, K, K)
-    aug = torch.cat([torch.zeros_like(A), M], dim=-1)  # the transitions' own "values" are zero
-    states, final = chain(A, aug, torch.cat([eye, torch.zeros_like(M[:, :, 0])], dim=-1))
-    out = torch.cat([torch.zeros_like(Qm), o0], dim=-1) + Qm @ states
-    T = q.shape[1]
-    return _unblocks(out[..., K:], T), _unblocks(out[..., :K], T), final[..., :K], final[..., K:]
+    [B, H, K, K], M [B, H, K, V]) with o = o0 + Qm S_in and S_out = A S_in + M, in the state dtype."""
+    A, M, rest = chunk_transitions(q, k, v, beta, gate, scale)
+    return *chunk_outputs(rest), A, M
 
 
 def _states_at(q, k, v, beta, gate, scale: float, s0: Tensor | None, starts: list[int]) -> list[Tensor | None]:
