@@ -102,10 +102,15 @@ def test_one_step_matches_single_process(dist_pool, tp, sp, pp, dp):
         (1, 2, 2, 1, dict(linear_variant="gated_deltanet", microbatches=2, layout="contiguous")),
         (2, 2, 1, 1, dict(linear_variant="kda", eos_id=0)),
         (1, 4, 1, 1, dict(linear_variant="deltanet", allow_neg_eigval=True)),
+        # what an imported Qwen / Llama 3.1 brings: q/k/v biases, q/k norms, a larger head dim, llama3 RoPE
+        (2, 2, 1, 1, dict(attention_bias=True, qk_norm=True, attention_head_dim=24, rope_scaling="llama3",
+                          rope_original_max_positions=32, float32_norm_rope=True)),
+        (1, 2, 2, 1, dict(attention_bias=True, qk_norm=True, layer_pattern="S", rope_scaling="llama3",
+                          rope_original_max_positions=32)),
     ],
     ids=["1f1b-2mb-contiguous", "tied-tp-pp", "f32-retention", "f32-tied-dp", "simple-gla-tp-sp", "gla-tp-sp",
          "documents-simple-gla-tp-sp", "documents-sp-pp-2mb", "gated-deltanet-tp-sp", "gated-deltanet-sp-pp",
-         "documents-kda-tp-sp", "deltanet-neg-eigval-sp4"],
+         "documents-kda-tp-sp", "deltanet-neg-eigval-sp4", "imported-features-tp-sp", "imported-softmax-sp-pp"],
 )
 def test_variants_match_single_process(dist_pool, tp, sp, pp, dp, extra):
     dist_pool(tp * sp * pp * dp).run("tests.test_parallel:case_parallel", tp=tp, sp=sp, pp=pp, dp=dp, **extra)

@@ -51,6 +51,27 @@ class ModelConfig:
     """Share the input embedding with the output projection."""
     rope_theta: float = 10000.0
     """RoPE base of the softmax layers (positions are global token positions)."""
+    rope_scaling: str = "none"
+    """RoPE frequency scaling: none, or llama3 (Llama 3.1's: rope_factor, rope_low_freq_factor,
+    rope_high_freq_factor over rope_original_max_positions)."""
+    rope_factor: float = 8.0
+    """llama3 RoPE scaling: how much longer the context is than rope_original_max_positions."""
+    rope_low_freq_factor: float = 1.0
+    """llama3 RoPE scaling: wavelengths above rope_original_max_positions / this are scaled fully."""
+    rope_high_freq_factor: float = 4.0
+    """llama3 RoPE scaling: wavelengths below rope_original_max_positions / this are kept."""
+    rope_original_max_positions: int = 8192
+    """llama3 RoPE scaling: the context the model was first trained at."""
+    attention_head_dim: int = 0
+    """Head dim of every mixer; 0: hidden_size / num_heads (Qwen3's are larger)."""
+    attention_bias: bool = False
+    """Biases on the q, k and v projections (Qwen2)."""
+    qk_norm: bool = False
+    """Per-head RMSNorm on q and k before RoPE in the softmax layers (Qwen3)."""
+    float32_norm_rope: bool = False
+    """RMSNorm and RoPE in float32 whatever the model's dtype, as transformers computes them (an imported
+    model then gives transformers' logits to the last bits); false: in the model's dtype (float64 stays
+    float64 throughout)."""
     norm_eps: float = 1e-5
     """Epsilon of every RMSNorm."""
     init_std: float = 0.02
@@ -69,7 +90,7 @@ class ModelConfig:
             if name not in bad and getattr(self, name) < 1:
                 p.append(f"model.{name} must be >= 1, got {getattr(self, name)}")
         ok = {name for name in sizes if name not in bad and getattr(self, name) >= 1}
-        if {"hidden_size", "num_heads"} <= ok and self.hidden_size % self.num_heads:
+        if {"hidden_size", "num_heads"} <= ok and self.hidden_size % self.num_heads and not self.attention_head_dim:
             p.append(f"model.hidden_size ({self.hidden_size}) must be divisible by model.num_heads ({self.num_heads})")
         if {"num_heads", "num_kv_heads"} <= ok and self.num_heads % self.num_kv_heads:
             p.append(f"model.num_heads ({self.num_heads}) must be a multiple of model.num_kv_heads ({self.num_kv_heads})")
@@ -87,11 +108,23 @@ class ModelConfig:
         for name in ("rope_theta", "norm_eps", "gate_normalizer"):
             if name not in bad and not getattr(self, name) > 0:
                 p.append(f"model.{name} must be > 0, got {getattr(self, name)}")
+        if "rope_scaling" not in bad and self.rope_scaling not in ("none", "llama3"):
+            p.append(f"model.rope_scaling must be none or llama3, got {self.rope_scaling!r}")
+        if self.rope_scaling == "llama3":
+            for name in ("rope_factor", "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_positions"):
+                if name not in bad and not getattr(self, name) > 0:
+                    p.append(f"model.{name} must be > 0, got {getattr(self, name)}")
+            if not {"rope_low_freq_factor", "rope_high_freq_factor"} & set(bad) and \
+                    self.rope_high_freq_factor <= self.rope_low_freq_factor:
+                p.append(f"model.rope_high_freq_factor ({self.rope_high_freq_factor}) must be above "
+                         f"model.rope_low_freq_factor ({self.rope_low_freq_factor})")
+        if "attention_head_dim" not in bad and self.attention_head_dim < 0:
+            p.append(f"model.attention_head_dim must be >= 0 (0: hidden_size / num_heads), got {self.attention_head_dim}")
         if "init_std" not in bad and self.init_std < 0:
             p.append(f"model.init_std must be >= 0, got {self.init_std}")
         # RoPE rotates pairs of channels, and only the softmax layers use it
         if (pattern_ok and "S" in self.layer_pattern and {"hidden_size", "num_heads"} <= ok
-                and self.hidden_size % self.num_heads == 0 and self.head_dim % 2):
+                and (self.attention_head_dim or self.hidden_size % self.num_heads == 0) and self.head_dim % 2):
             p.append(f"head dim {self.head_dim} must be even for RoPE (model.hidden_size {self.hidden_size} / "
                      f"model.num_heads {self.num_heads}; model.layer_pattern {self.layer_pattern!r} has softmax "
                      "layers)")
@@ -99,7 +132,7 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
+        return self.attention_head_dim or self.hidden_size // self.num_heads
 
     def mixer(self, layer: int) -> str:
         """'L' or 'S' for layer `layer`."""

@@ -23,7 +23,6 @@ from torch import Tensor
 from lasp.kernels import linear_attn, state_dtype
 from lasp.kernels.softmax_attn import softmax_attn
 from lasp.model.config import DELTA_VARIANTS, ModelConfig
-from lasp.model.layers import rope
 from lasp.model.llama import DeltaNetAttention, LinearAttention, LinearLlama, SoftmaxAttention
 
 
@@ -185,8 +184,7 @@ def _delta_mixer(m: DeltaNetAttention, x: Tensor, st: DeltaState, positions_BT: 
 
 
 def _softmax_mixer(m: SoftmaxAttention, x: Tensor, cache: KVCache, positions_BT: Tensor) -> Tensor:
-    q, k, v = m.qkv(x)
-    q, k = rope(q, positions_BT, m.rope_theta), rope(k, positions_BT, m.rope_theta)
+    q, k, v = m.rotated_qkv(x, positions_BT)
     k_all, v_all = cache.append(k, v)
     # one query sees every cached key: no mask needed; several are masked end-aligned
     o = softmax_attn(q, k_all, v_all, causal=x.shape[1] > 1)

@@ -11,13 +11,15 @@ from torch import Tensor, nn
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    """x / rms(x) * weight, in float32 or better (`float32`: in float32 always, as transformers does)."""
+
+    def __init__(self, dim: int, eps: float, float32: bool = False):
         super().__init__()
-        self.eps = eps
+        self.eps, self.float32 = eps, float32
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        xf = x.float() if self.float32 or x.dtype in (torch.float16, torch.bfloat16) else x
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
 
 
@@ -34,11 +36,29 @@ class SwiGLU(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-def rope(x_BTHD: Tensor, positions_BT: Tensor, theta: float) -> Tensor:
-    """Rotary embedding (rotate-half form) at the given global token positions."""
+def rope_frequencies(D: int, theta: float, scaling: dict | None = None, dtype=torch.float64) -> Tensor:
+    """RoPE's inverse frequencies [D/2] (float64): theta^(-2i/D), with Llama 3.1's scaling when `scaling`
+    is {factor, low_freq_factor, high_freq_factor, original_max_positions} (as transformers'
+    `_compute_llama3_parameters`): long wavelengths divided by factor, short ones kept, a smooth blend
+    between. In `dtype` (float32: transformers' own rounding)."""
+    inv = 1.0 / (theta ** (torch.arange(0, D, 2, dtype=torch.int64).to(dtype) / D))
+    if scaling is None:
+        return inv
+    factor, low, high, old = (scaling[k] for k in ("factor", "low_freq_factor", "high_freq_factor",
+                                                  "original_max_positions"))
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > old / low, inv / factor, inv)
+    smooth = (old / wavelen - low) / (high - low)
+    medium = (wavelen >= old / high) & (wavelen <= old / low)
+    return torch.where(medium, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
+
+
+def rope(x_BTHD: Tensor, positions_BT: Tensor, theta: float, inv_freq: Tensor | None = None) -> Tensor:
+    """Rotary embedding (rotate-half form) at the given global token positions; `inv_freq` [D/2] from
+    `rope_frequencies` (default: unscaled, from theta), whose dtype the angles are computed in."""
     D = x_BTHD.shape[-1]
-    inv = 1.0 / theta ** (torch.arange(0, D, 2, device=x_BTHD.device, dtype=torch.float64) / D)
-    ang = positions_BT.to(torch.float64)[..., None] * inv  # [B, T, D/2]
+    inv = (rope_frequencies(D, theta) if inv_freq is None else inv_freq).to(x_BTHD.device)
+    ang = positions_BT.to(inv.dtype)[..., None] * inv  # [B, T, D/2]
     cos = torch.cos(ang).repeat(1, 1, 2)[:, :, None, :].to(x_BTHD.dtype)
     sin = torch.sin(ang).repeat(1, 1, 2)[:, :, None, :].to(x_BTHD.dtype)
     x1, x2 = x_BTHD[..., : D // 2], x_BTHD[..., D // 2 :]

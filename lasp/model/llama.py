@@ -16,7 +16,7 @@ from lasp.kernels import linear_attn
 from lasp.kernels.documents import Documents
 from lasp.kernels.softmax_attn import softmax_attn
 from lasp.model.config import DELTA_VARIANTS, GATED_VARIANTS, ModelConfig
-from lasp.model.layers import FEATURE_MAPS, LogGate, RMSNorm, ShortConv, SwiGLU, log_decay, rope
+from lasp.model.layers import FEATURE_MAPS, LogGate, RMSNorm, ShortConv, SwiGLU, log_decay, rope, rope_frequencies
 
 
 class _Projections(nn.Module):
@@ -24,9 +24,10 @@ class _Projections(nn.Module):
         super().__init__()
         H, Hkv, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.head_dim = D
-        self.q_proj = nn.Linear(cfg.hidden_size, H * D, bias=False)
-        self.k_proj = nn.Linear(cfg.hidden_size, Hkv * D, bias=False)
-        self.v_proj = nn.Linear(cfg.hidden_size, Hkv * D, bias=False)
+        bias = cfg.attention_bias
+        self.q_proj = nn.Linear(cfg.hidden_size, H * D, bias=bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, Hkv * D, bias=bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, Hkv * D, bias=bias)
         self.o_proj = nn.Linear(H * D, cfg.hidden_size, bias=False)
 
     def qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -154,11 +155,28 @@ class SoftmaxAttention(_Projections):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__(cfg)
         self.rope_theta = cfg.rope_theta
+        scaling = None
+        if cfg.rope_scaling == "llama3":
+            scaling = dict(factor=cfg.rope_factor, low_freq_factor=cfg.rope_low_freq_factor,
+                           high_freq_factor=cfg.rope_high_freq_factor,
+                           original_max_positions=cfg.rope_original_max_positions)
+        dtype = torch.float32 if cfg.float32_norm_rope else torch.float64
+        self.inv_freq_dtype = dtype  # kept through model.to(dtype): the angles' precision is the config's
+        self.register_buffer("inv_freq", rope_frequencies(cfg.head_dim, cfg.rope_theta, scaling, dtype), persistent=False)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, cfg.float32_norm_rope) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, cfg.float32_norm_rope) if cfg.qk_norm else None
         self.attn_fn = softmax_attn
 
-    def forward(self, x: Tensor, positions: Tensor, documents: Documents | None = None) -> Tensor:
+    def rotated_qkv(self, x: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k (normed per head with qk_norm, then RoPE at `positions`) and v."""
         q, k, v = self.qkv(x)
-        q, k = rope(q, positions, self.rope_theta), rope(k, positions, self.rope_theta)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        inv = self.inv_freq.to(self.inv_freq_dtype)
+        return rope(q, positions, self.rope_theta, inv), rope(k, positions, self.rope_theta, inv), v
+
+    def forward(self, x: Tensor, positions: Tensor, documents: Documents | None = None) -> Tensor:
+        q, k, v = self.rotated_qkv(x, positions)
         kw = {} if documents is None else {"cu_seqlens": documents}
         return self.o_proj(self.attn_fn(q, k, v, **kw).flatten(2))
 
@@ -166,13 +184,13 @@ class SoftmaxAttention(_Projections):
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
-        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, cfg.float32_norm_rope)
         if cfg.mixer(layer) == "S":
             mixer = SoftmaxAttention
         else:
             mixer = DeltaNetAttention if cfg.linear_variant in DELTA_VARIANTS else LinearAttention
         self.mixer = mixer(cfg, layer)
-        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, cfg.float32_norm_rope)
         self.mlp = SwiGLU(cfg.hidden_size, cfg.ffn_hidden_size)
 
     def forward(self, x: Tensor, positions: Tensor, documents: Documents | None = None) -> Tensor:
@@ -188,7 +206,7 @@ class LinearLlama(nn.Module):
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, cfg.float32_norm_rope)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
@@ -212,6 +230,14 @@ class LinearLlama(nn.Module):
 
     def forward(self, tokens: Tensor, positions: Tensor | None = None, documents: Documents | None = None) -> Tensor:
         return self.lm_head(self.hidden_states(tokens, positions, documents))
+
+    @classmethod
+    def from_hf(cls, path, *, dtype: torch.dtype | None = None, device="cpu", **overrides) -> "LinearLlama":
+        """Import a Hugging Face Llama / Mistral / Qwen2 / Qwen3 directory exactly (see lasp.model.hf);
+        `overrides` are ModelConfig fields, e.g. layer_pattern="LLLS" to linearise layers."""
+        from lasp.model.hf import from_hf
+
+        return from_hf(path, dtype=dtype, device=device, **overrides)
 
     @classmethod
     def from_pretrained(cls, directory, device="cpu", dtype: torch.dtype | None = None) -> "LinearLlama":

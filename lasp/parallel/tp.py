@@ -47,10 +47,12 @@ def _adopt(new: nn.Parameter, old: nn.Parameter, dim: int, rank: int, size: int)
 
 def _column(lin: nn.Linear, cfg: ModelParallelConfig, group, rank: int, size: int) -> _Megatron:
     layer = tensor_parallel.ColumnParallelLinear(
-        lin.in_features, lin.out_features, config=cfg, init_method=nn.init.zeros_, bias=False,
+        lin.in_features, lin.out_features, config=cfg, init_method=nn.init.zeros_, bias=lin.bias is not None,
         gather_output=False, tp_group=group,
     )
     _adopt(layer.weight, lin.weight, 0, rank, size)
+    if lin.bias is not None:  # Qwen2's q/k/v biases split with their heads
+        _adopt(layer.bias, lin.bias, 0, rank, size)
     return _Megatron(layer)
 
 
@@ -96,6 +98,9 @@ def apply_tp(model: LinearLlama, cfg: ModelParallelConfig, group, rank: int, siz
         for name in ("q_proj", "k_proj", "v_proj"):
             setattr(mixer, name, _column(getattr(mixer, name), cfg, group, rank, size))
         mixer.o_proj = _row(mixer.o_proj, cfg, group, rank, size)
+        for norm in (getattr(mixer, "q_norm", None), getattr(mixer, "k_norm", None)):
+            if norm is not None:  # Qwen3's per-head q/k norms: one weight shared by the local heads
+                norm.weight.tp_partial_grad = True
         if isinstance(mixer, DeltaNetAttention):
             # the convolutions' channels, beta, the gate and the output gate follow the heads of q, k, v
             for conv in (mixer.q_conv, mixer.k_conv, mixer.v_conv):

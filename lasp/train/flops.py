@@ -64,14 +64,16 @@ def param_counts(m: ModelConfig) -> dict[str, int]:
     linear = sum(m.mixer(i) == "L" for i in range(m.num_layers))
     mlp = 3 * h * m.ffn_hidden_size
     norms = m.num_layers * 2 * h + h + linear * (d if m.output_norm or delta else 0)
+    norms += (m.num_layers - linear) * 2 * d if m.qk_norm else 0  # Qwen3's q/k norms in the softmax layers
     small = 0
     if delta:
         small = m.conv_size * (H + 2 * m.num_kv_heads) * d
         small += {"gated_deltanet": 2 * H, "kda": H + H * d}.get(m.linear_variant, 0)
+    biases = m.num_layers * (H + 2 * m.num_kv_heads) * d if m.attention_bias else 0  # Qwen2's q/k/v biases
     embed = m.vocab_size * h
     matmul = m.num_layers * (attn + mlp) + gate * linear + m.vocab_size * h
-    total = embed + matmul + norms + linear * small - (m.vocab_size * h if m.tie_embeddings else 0)
-    return {"embedding": embed, "matmul": matmul, "norms": norms, "other": linear * small, "total": total}
+    total = embed + matmul + norms + linear * small + biases - (m.vocab_size * h if m.tie_embeddings else 0)
+    return {"embedding": embed, "matmul": matmul, "norms": norms, "other": linear * small + biases, "total": total}
 
 
 def delta_flops_per_token(m: ModelConfig, block: int = BLOCK) -> float:

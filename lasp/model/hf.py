@@ -1,0 +1,188 @@
+"""Import a Hugging Face Llama-family model directory into a LinearLlama, exactly.
+
+    model = LinearLlama.from_hf("path/to/dir", dtype=torch.float64, layer_pattern="LLLS")
+
+Reads config.json and the weights (model.safetensors, or shards listed in model.safetensors.index.json)
+of Llama 2/3/3.1/3.2 (`llama3` RoPE scaling included), Mistral, Qwen2/2.5 (q/k/v biases) and Qwen3
+(per-head q/k RMSNorm). With every layer softmax (the default pattern here, "S") the logits equal
+transformers' own forward. A config field it cannot honour (another activation, MLP or output biases,
+sliding windows, another RoPE scaling, ...) is an error naming it and its value, with every such
+problem at once; nothing is silently dropped. `overrides` are ModelConfig fields, e.g. layer_pattern
+and linear_variant to linearise layers: the linear layers then reuse the imported q, k, v and o.
+"""
+
+import json
+import os
+
+import torch
+from torch import nn
+
+from lasp.model.config import ModelConfig
+
+ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+}
+# fields that change nothing in a forward pass (ids, bookkeeping, generation and output options)
+HARMLESS = {
+    "_name_or_path", "architectures", "bos_token_id", "eos_token_id", "pad_token_id", "dtype", "torch_dtype",
+    "transformers_version", "use_cache", "initializer_range", "max_position_embeddings", "model_type",
+    "chunk_size_feed_forward", "id2label", "label2id", "is_encoder_decoder", "output_attentions",
+    "output_hidden_states", "problem_type", "return_dict", "max_window_layers", "tokenizer_class",
+    "attention_dropout",  # dropout is off in evaluation; LASP trains without it (checked below to be 0)
+}
+
+
+class HFImportError(ValueError):
+    """Everything in a Hugging Face directory that LASP cannot import exactly, one problem per line."""
+
+    def __init__(self, path: str, problems: list[str]):
+        self.problems = problems
+        super().__init__(f"cannot import {path}: {len(problems)} problem(s)\n  " + "\n  ".join(problems))
+
+
+def _rope(c: dict, problems: list[str]) -> dict:
+    """ModelConfig's RoPE fields from transformers 5's rope_parameters (or 4's rope_theta + rope_scaling)."""
+    params = dict(c.get("rope_parameters") or {})
+    if not params:
+        params = dict(c.get("rope_scaling") or {})
+        params.setdefault("rope_theta", c.get("rope_theta", 10000.0))
+    kind = params.get("rope_type", params.get("type", "default"))
+    out = {"rope_theta": float(params.get("rope_theta", c.get("rope_theta", 10000.0)))}
+    if kind == "llama3":
+        out.update(rope_scaling="llama3", rope_factor=float(params["factor"]),
+                   rope_low_freq_factor=float(params["low_freq_factor"]),
+                   rope_high_freq_factor=float(params["high_freq_factor"]),
+                   rope_original_max_positions=int(params["original_max_position_embeddings"]))
+    elif kind != "default":
+        problems.append(f"rope_parameters.rope_type = {kind!r}: only default and llama3 RoPE are supported")
+    return out
+
+
+def model_config(c: dict, path: str = "config.json", **overrides) -> ModelConfig:
+    """A ModelConfig from a transformers config dict, or HFImportError naming every field it cannot honour."""
+    problems = []
+    archs = c.get("architectures") or []
+    family = {ARCHITECTURES.get(a) for a in archs} - {None}
+    if len(family) != 1:
+        raise HFImportError(path, [f"architectures = {archs}: supported are {', '.join(ARCHITECTURES)}"])
+    family = family.pop()
+    known = HARMLESS | {
+        "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+        "head_dim", "vocab_size", "rms_norm_eps", "tie_word_embeddings", "hidden_act", "rope_parameters",
+        "rope_theta", "rope_scaling", "attention_bias", "mlp_bias", "pretraining_tp", "sliding_window",
+        "use_sliding_window", "layer_types",
+    }
+    for key in sorted(set(c) - known):
+        problems.append(f"{key} = {c[key]!r}: a config field LASP does not know, so it cannot honour it")
+    if c.get("hidden_act", "silu") != "silu":
+        problems.append(f"hidden_act = {c['hidden_act']!r}: LASP's MLP is SwiGLU (silu)")
+    if c.get("mlp_bias"):
+        problems.append("mlp_bias = True: LASP's MLP has no biases")
+    if c.get("attention_bias"):
+        problems.append(f"attention_bias = True: {family}'s attention biases include o_proj's, which LASP lacks")
+    if c.get("pretraining_tp", 1) != 1:
+        problems.append(f"pretraining_tp = {c['pretraining_tp']}: only 1 (exact matmuls) is supported")
+    if float(c.get("attention_dropout") or 0.0) != 0.0:
+        problems.append(f"attention_dropout = {c['attention_dropout']}: LASP has no attention dropout")
+    window = c.get("sliding_window")
+    if window is not None and (family == "mistral" or c.get("use_sliding_window")):
+        problems.append(f"sliding_window = {window}: LASP's softmax layers attend over the whole sequence; a "
+                        "model trained with a window is not imported (set it to null only if it never mattered)")
+    kinds = set(c.get("layer_types") or ["full_attention"])
+    if kinds != {"full_attention"}:
+        problems.append(f"layer_types = {sorted(kinds)}: only full_attention layers are supported")
+    rope = _rope(c, problems)
+    H = c.get("num_attention_heads")
+    head_dim = c.get("head_dim") or (c["hidden_size"] // H if H else 0)
+    fields = dict(
+        vocab_size=c.get("vocab_size"), hidden_size=c.get("hidden_size"), num_layers=c.get("num_hidden_layers"),
+        num_heads=H, num_kv_heads=c.get("num_key_value_heads") or H, ffn_hidden_size=c.get("intermediate_size"),
+        layer_pattern="S", tie_embeddings=bool(c.get("tie_word_embeddings", False)),
+        norm_eps=float(c.get("rms_norm_eps", 1e-6)), attention_bias=family == "qwen2", qk_norm=family == "qwen3",
+        float32_norm_rope=True,
+        attention_head_dim=head_dim if H and head_dim != c["hidden_size"] // H else 0, **rope,
+    )
+    missing = [k for k, v in fields.items() if v is None]
+    problems += [f"config.json has no value for {k}" for k in missing]
+    if problems:
+        raise HFImportError(path, problems)
+    try:
+        return ModelConfig(**{**fields, **overrides})
+    except (TypeError, ValueError) as e:
+        raise HFImportError(path, [str(e)]) from None
+
+
+def _names(cfg: ModelConfig) -> dict[str, str]:
+    """LASP parameter name -> transformers' name, for every imported parameter."""
+    out = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"}
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = "lm_head.weight"
+    for i in range(cfg.num_layers):
+        hf, ours = f"model.layers.{i}.", f"layers.{i}."
+        out[ours + "attn_norm.weight"] = hf + "input_layernorm.weight"
+        out[ours + "mlp_norm.weight"] = hf + "post_attention_layernorm.weight"
+        for p in ("gate_proj", "up_proj", "down_proj"):
+            out[f"{ours}mlp.{p}.weight"] = f"{hf}mlp.{p}.weight"
+        for p in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            out[f"{ours}mixer.{p}.weight"] = f"{hf}self_attn.{p}.weight"
+            if cfg.attention_bias and p != "o_proj":
+                out[f"{ours}mixer.{p}.bias"] = f"{hf}self_attn.{p}.bias"
+        if cfg.qk_norm and cfg.mixer(i) == "S":
+            out[ours + "mixer.q_norm.weight"] = hf + "self_attn.q_norm.weight"
+            out[ours + "mixer.k_norm.weight"] = hf + "self_attn.k_norm.weight"
+    return out
+
+
+def read_weights(path: str) -> dict[str, torch.Tensor]:
+    """Every tensor of the directory's model.safetensors, or of the shards its index lists."""
+    from safetensors.torch import load_file
+
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    elif os.path.isfile(os.path.join(path, "model.safetensors")):
+        files = ["model.safetensors"]
+    else:
+        raise HFImportError(path, ["no model.safetensors or model.safetensors.index.json (pytorch_model.bin is "
+                                   "not read: convert it with transformers' save_pretrained)"])
+    out = {}
+    for name in files:
+        out.update(load_file(os.path.join(path, name)))
+    return out
+
+
+def from_hf(path: str, dtype: torch.dtype | None = None, device="cpu", **overrides) -> nn.Module:
+    """The LinearLlama of a Hugging Face directory (see the module doc); `dtype` defaults to the weights'."""
+    from lasp.model.llama import LinearLlama
+
+    if not os.path.isdir(path):
+        raise HFImportError(path, ["it is not a directory" if os.path.exists(path) else "it does not exist"])
+    config = os.path.join(path, "config.json")
+    if not os.path.isfile(config):
+        raise HFImportError(path, ["no config.json"])
+    with open(config) as f:
+        cfg = model_config(json.load(f), config, **overrides)
+    weights = read_weights(path)
+    names = _names(cfg)
+    if cfg.tie_embeddings:
+        weights.pop("lm_head.weight", None)  # some exports write the tied copy too
+    problems = [f"{hf} is missing (for {ours})" for ours, hf in names.items() if hf not in weights]
+    unused = sorted(set(weights) - set(names.values()) - {k for k in weights if k.endswith("rotary_emb.inv_freq")})
+    problems += [f"{k}: a tensor LASP has no place for" for k in unused]
+    if problems:
+        raise HFImportError(path, problems)
+    dtype = dtype or weights[names["embed.weight"]].dtype
+    model = LinearLlama(cfg).to(dtype=dtype, device=device)
+    own = model.state_dict()
+    for ours, hf in names.items():
+        if tuple(weights[hf].shape) != tuple(own[ours].shape):
+            problems.append(f"{hf} has shape {list(weights[hf].shape)}, LASP's {ours} {list(own[ours].shape)}")
+    if problems:
+        raise HFImportError(path, problems)
+    # the parameters the import does not provide (a linearised layer's gates, ...) keep their initialisation
+    model.load_state_dict({ours: weights[hf].to(dtype) for ours, hf in names.items()}, strict=False)
+    return model.eval()
