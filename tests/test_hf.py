@@ -90,3 +90,77 @@ def test_missing_and_extra_tensors_are_named(tmp_path):
     assert "model.layers.1.self_attn.extra.weight: a tensor LASP has no place for" in str(e.value)
     with pytest.raises(HFImportError, match="does not exist"):
         LinearLlama.from_hf(str(tmp_path / "nowhere"))
+
+
+# -- train.init_from ----------------------------------------------------------------------------------------
+
+SHAPE = {"vocab_size": 320, "hidden_size": 32, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2,
+         "ffn_hidden_size": 64, "layer_pattern": "LS", "linear_variant": "basic", "rope_theta": 10000.0,
+         "norm_eps": 1e-6, "tie_embeddings": False}
+
+
+def _trainer_cfg(src, data, run_dir, parallel=None, **model):
+    return {"model": {**SHAPE, **model}, "parallel": parallel or {}, "data": {"path": data, "seq_len": 32,
+            "global_batch": 2}, "train": {"steps": 1, "eval_interval": 0, "init_from": str(src)},
+            "logging": {"run_dir": str(run_dir), "progress": False, "tensorboard": False, "plot": False}}
+
+
+@pytest.fixture(scope="module")
+def hf_dir_and_data(tmp_path_factory):
+    from lasp.data import prepare
+
+    root = tmp_path_factory.mktemp("init")
+    _save(root / "hf", "LlamaConfig", "LlamaForCausalLM", dict(vocab_size=320))
+    (root / "doc.txt").write_text("def f(x):\n    return x + 1\n" * 40)
+    prepare([str(root / "doc.txt")], str(root / "data"), progress=False)
+    return root / "hf", str(root / "data")
+
+
+def case_init_from(cfg: dict, src: str) -> bool:
+    """Under cfg's layout, every rank's shard of every imported tensor is the source's shard."""
+    import torch.distributed as dist
+
+    from lasp.kernels import get_kernel
+    from lasp.model.hf import initial_state
+    from lasp.parallel import init_groups
+    from lasp.train.config import resolve
+    from lasp.train.loop import build_stage
+
+    c = resolve(cfg, "test", dist.get_world_size())
+    groups = init_groups(c.parallel)
+    stage, _, _ = build_stage(c, groups, torch.device("cpu"), get_kernel("torch"), init_from=src)
+    want = initial_state(src, c.model)
+    checked = 0
+    for p in stage.parameters():
+        w = want.get(p.full_name)
+        if w is None:
+            continue
+        if getattr(p, "tp_dim", None) is not None:
+            w = w.chunk(c.parallel.tp, dim=p.tp_dim)[groups.tp_rank]
+        assert torch.equal(p.detach(), w.to(p.dtype)), p.full_name
+        checked += 1
+    return checked
+
+
+def test_init_from_loads_the_weights_under_tp_and_linearises(dist_pool, hf_dir_and_data, tmp_path):
+    src, data = hf_dir_and_data
+    cfg = _trainer_cfg(src, data, tmp_path / "run", parallel={"tp": 2})
+    checked = dist_pool(2).run("tests.test_hf:case_init_from", cfg=cfg, src=str(src))
+    assert checked[0] == checked[1] > 10  # the linear layer 0 took layer 0's q, k, v, o too
+
+
+def test_init_from_trains_and_a_shape_mismatch_is_a_config_error(hf_dir_and_data, tmp_path, capsys):
+    from lasp.train.__main__ import main
+    import yaml
+
+    src, data = hf_dir_and_data
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(_trainer_cfg(src, data, tmp_path / "run")))
+    assert main(["--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert f"initialised from {src}: " in out and "new (initialised fresh)" in out
+    path.write_text(yaml.safe_dump(_trainer_cfg(src, data, tmp_path / "run2", hidden_size=64, num_heads=8)))
+    assert main(["--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "train.init_from: model.hidden_size = 64, but the weights have 32" in err
+    assert "train.init_from: model.num_heads = 8, but the weights have 4" in err

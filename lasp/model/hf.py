@@ -186,3 +186,53 @@ def from_hf(path: str, dtype: torch.dtype | None = None, device="cpu", **overrid
     # the parameters the import does not provide (a linearised layer's gates, ...) keep their initialisation
     model.load_state_dict({ours: weights[hf].to(dtype) for ours, hf in names.items()}, strict=False)
     return model.eval()
+
+
+SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "ffn_hidden_size",
+                "head_dim", "tie_embeddings", "attention_bias", "qk_norm", "rope_theta", "rope_scaling",
+                "norm_eps")
+
+
+def source_config(path: str) -> ModelConfig:
+    """The ModelConfig of a Hugging Face directory or a LASP export (lasp.export), or HFImportError."""
+    from lasp.model.pretrained import FORMAT
+
+    config = os.path.join(path, "config.json")
+    if not os.path.isdir(path):
+        raise HFImportError(path, ["it is not a directory" if os.path.exists(path) else "it does not exist"])
+    if not os.path.isfile(config):
+        raise HFImportError(path, ["no config.json: neither a Hugging Face model directory nor a LASP export"])
+    with open(config) as f:
+        c = json.load(f)
+    if c.get("format") == FORMAT:
+        return ModelConfig(**c["model"])
+    return model_config(c, config)
+
+
+def mismatches(ours: ModelConfig, source: ModelConfig) -> list[str]:
+    """The shape fields in which a run's model differs from the weights it starts from (the mixers'
+    pattern and variant may differ: that is linearisation)."""
+    return [f"model.{k} = {getattr(ours, k)!r}, but the weights have {getattr(source, k)!r}"
+            for k in SHAPE_FIELDS if getattr(ours, k) != getattr(source, k)]
+
+
+def initial_state(path: str, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """The weights of a Hugging Face directory or a LASP export under the LASP names of a model of `cfg`
+    (whose layer_pattern and linear_variant may differ from the source's: a linear layer takes the
+    softmax layer's q, k, v, o). Parameters the source lacks (a new layer's gates) are left out."""
+    from lasp.model.pretrained import FORMAT
+
+    with open(os.path.join(path, "config.json")) as f:
+        c = json.load(f)
+    if c.get("format") == FORMAT:
+        from safetensors.torch import load_file
+
+        weights = load_file(os.path.join(path, "model.safetensors"))
+        names = {k: k for k in weights}
+        for i in range(cfg.num_layers):  # a linear layer of the run keeps what a softmax layer had, and back
+            for p in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                for suffix in ("weight", "bias"):
+                    names[f"layers.{i}.mixer.{p}.{suffix}"] = f"layers.{i}.mixer.{p}.{suffix}"
+    else:
+        weights, names = read_weights(path), _names(cfg)
+    return {ours: weights[src] for ours, src in names.items() if src in weights}

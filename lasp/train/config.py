@@ -137,6 +137,11 @@ class TrainSection:
     resume: str = "auto"
     """auto: continue from the newest complete checkpoint in checkpoint.dir (a fresh start when there is
     none); never: always start fresh (an error if checkpoint.dir holds checkpoints); or a checkpoint path."""
+    init_from: str = ""
+    """Start from these weights instead of a random initialisation (step 0, a fresh optimizer): a Hugging
+    Face Llama / Mistral / Qwen2 / Qwen3 directory or a LASP export. The model section must have the same
+    shape; layer_pattern and linear_variant may differ (linear layers reuse the softmax layers' q, k, v, o
+    and initialise what is new). A checkpoint to resume from wins: the run continues from it."""
     max_minutes: float | None = None
     """Stop after the step that crosses this many minutes, save a checkpoint and exit with status 75
     (as on SIGTERM): set it a few minutes under the job's time limit. None: no limit."""
@@ -302,6 +307,13 @@ def resolve(data: dict, source: str, world_size: int | None, check_data: bool = 
         problems += _data_problems(dcfg, model, evaluate=tcfg is not None and tcfg.eval_interval > 0)
     if check_data and built["logging"] is not None:
         problems += _output_problems(built["logging"], built["checkpoint"])
+    if check_data and tcfg is not None and tcfg.init_from and model is not None:
+        from lasp.model.hf import HFImportError, mismatches, source_config
+
+        try:
+            problems += [f"train.init_from: {q}" for q in mismatches(model, source_config(tcfg.init_from))]
+        except (HFImportError, ValueError, OSError, KeyError) as e:
+            problems.append(f"train.init_from: {e}".replace("\n", "\n  "))
     if check_data and tcfg is not None and tcfg.resume and tcfg.resume not in ("auto", "never"):
         from lasp.train.ckpt_store import describe
 

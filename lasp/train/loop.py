@@ -119,11 +119,32 @@ def _resume_path(cfg: TrainConfig, tokenizer: dict) -> tuple[str | None, int, li
     return path, step, notes
 
 
-def build_stage(cfg: TrainConfig, groups: ParallelGroups, device: torch.device, kernel):
-    """This rank's part of the model, its optimizer, and the ZeRO engine (or None): (stage, optimizer, engine)."""
+def _initialise(model: LinearLlama, path: str) -> tuple[int, int]:
+    """Load train.init_from's weights into the full model (before it is parallelised); (loaded, new) counts."""
+    from lasp.model.hf import initial_state
+
+    state = initial_state(path, model.cfg)
+    own = model.state_dict()
+    wrong = [f"{k}: {list(v.shape)} there, {list(own[k].shape)} here" for k, v in state.items()
+             if k in own and v.shape != own[k].shape]
+    if wrong:
+        raise ConfigError("train.init_from", wrong)
+    model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+    aliases = {"lm_head.weight"} if model.cfg.tie_embeddings else set()
+    return len(state), len([k for k in own if k not in state and k not in aliases])
+
+
+def build_stage(cfg: TrainConfig, groups: ParallelGroups, device: torch.device, kernel, init_from: str = "",
+                say=lambda message: None):
+    """This rank's part of the model, its optimizer, and the ZeRO engine (or None): (stage, optimizer, engine).
+    `init_from`: the weights to start from (train.init_from), loaded into the full model before it is
+    split, so any layout starts from them."""
     p = cfg.parallel
     torch.manual_seed(cfg.train.seed)  # the same full model on every rank; parallelize keeps its shard
     model = LinearLlama(cfg.model).to(device)
+    if init_from:
+        loaded, new = _initialise(model, init_from)
+        say(f"initialised from {init_from}: {loaded} tensors loaded, {new} new (initialised fresh)")
     apply_ac(model, cfg.train.checkpoint_every)
     stage = parallelize(model, p, groups)
     apply_kernel(stage, kernel)
@@ -153,7 +174,8 @@ def _setup_and_loop(cfg: TrainConfig, device: torch.device, kernel, stop: Gracef
         with open(os.path.join(cfg.logging.run_dir, "config.yaml"), "w") as f:
             f.write(dump(cfg))
 
-    stage, optimizer, engine = build_stage(cfg, groups, device, kernel)
+    stage, optimizer, engine = build_stage(cfg, groups, device, kernel, "" if resume else cfg.train.init_from,
+                                           metrics.message)
     metrics.message(f"{dist.get_world_size()} rank(s) on {device.type}, tp={p.tp} sp={p.sp} ({p.sp_layout}) "
                     f"pp={p.pp} dp={p.dp}, kernel {kernel.name}, {cfg.train.dtype}")
 
