@@ -72,6 +72,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="output directory (model.safetensors, config.json)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="dtype of the weights")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out (once the new export is complete)")
+    p.add_argument("--hf", action="store_true", help="when every layer is softmax, write a transformers "
+                   "directory (LlamaForCausalLM, or Qwen2 / Qwen3 for their features); else the LASP layout")
     args = p.parse_args(argv)
 
     from lasp.cli import install_directory, new_directory, usage_error
@@ -94,7 +96,16 @@ def main(argv=None) -> int:
         # built beside --out and renamed into place: a failed export leaves --out as it was
         tmp = tempfile.mkdtemp(prefix=os.path.basename(out) + ".tmp-", dir=os.path.dirname(out))
         try:
-            save_pretrained(model, tmp, tokenizer=tokenizer)
+            hf = args.hf and all(model.cfg.mixer(i) == "S" for i in range(model.cfg.num_layers))
+            if args.hf and not hf:
+                print(f"--hf: model.layer_pattern {model.cfg.layer_pattern!r} has linear layers, which transformers "
+                      "does not have: writing the LASP layout (load it with LinearLlama.from_pretrained)")
+            if hf:
+                from lasp.model.hf import to_hf
+
+                to_hf(model, tmp, tokenizer)
+            else:
+                save_pretrained(model, tmp, tokenizer=tokenizer)
             install_directory(tmp, out)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

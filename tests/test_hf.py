@@ -164,3 +164,18 @@ def test_init_from_trains_and_a_shape_mismatch_is_a_config_error(hf_dir_and_data
     err = capsys.readouterr().err
     assert "train.init_from: model.hidden_size = 64, but the weights have 32" in err
     assert "train.init_from: model.num_heads = 8, but the weights have 4" in err
+
+
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_an_all_softmax_export_loads_in_transformers_with_equal_logits(tmp_path, case):
+    """transformers -> from_hf -> to_hf -> transformers: the same architecture and the same logits."""
+    from lasp.model.hf import to_hf
+
+    hf = _save(tmp_path / "src", *case)
+    ours = LinearLlama.from_hf(str(tmp_path / "src"), dtype=torch.float64)
+    to_hf(ours, str(tmp_path / "out"))
+    back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), dtype=torch.float64).eval()
+    assert type(back).__name__ == {"MistralForCausalLM": "LlamaForCausalLM"}.get(case[1], case[1])  # no window left
+    tokens = torch.randint(0, TINY["vocab_size"], (2, 70), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(back(tokens).logits, hf(tokens).logits, atol=1e-9, rtol=1e-9)

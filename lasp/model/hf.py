@@ -236,3 +236,59 @@ def initial_state(path: str, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     else:
         weights, names = read_weights(path), _names(cfg)
     return {ours: weights[src] for ours, src in names.items() if src in weights}
+
+
+def hf_config(cfg: ModelConfig, dtype: torch.dtype) -> dict:
+    """transformers' config.json for a LinearLlama whose every layer is softmax: LlamaForCausalLM, or
+    Qwen2ForCausalLM with q/k/v biases, or Qwen3ForCausalLM with q/k norms; HFImportError otherwise."""
+    problems = [f"layer {i} is linear (model.layer_pattern {cfg.layer_pattern!r}): transformers has no such "
+                "layer" for i in range(cfg.num_layers) if cfg.mixer(i) != "S"]
+    if cfg.attention_bias and cfg.qk_norm:
+        problems.append("q/k/v biases with q/k norms: neither Qwen2 nor Qwen3")
+    if problems:
+        raise HFImportError("the model", problems)
+    family = "qwen3" if cfg.qk_norm else "qwen2" if cfg.attention_bias else "llama"
+    arch = {v: k for k, v in ARCHITECTURES.items()}[family]
+    rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if cfg.rope_scaling == "llama3":
+        rope.update(rope_type="llama3", factor=cfg.rope_factor, low_freq_factor=cfg.rope_low_freq_factor,
+                    high_freq_factor=cfg.rope_high_freq_factor,
+                    original_max_position_embeddings=cfg.rope_original_max_positions)
+    out = {
+        "architectures": [arch], "model_type": family, "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size, "intermediate_size": cfg.ffn_hidden_size,
+        "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim, "hidden_act": "silu",
+        "rms_norm_eps": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings, "rope_parameters": rope,
+        "max_position_embeddings": int(cfg.rope_original_max_positions * (cfg.rope_factor if cfg.rope_scaling ==
+                                                                           "llama3" else 1)),
+        "dtype": str(dtype).removeprefix("torch."),
+    }
+    if family != "qwen2":
+        out["attention_bias"] = False
+    if family != "llama":
+        out.update(use_sliding_window=False, sliding_window=None)
+    return out
+
+
+def to_hf(model: nn.Module, directory: str, tokenizer: dict | None = None) -> None:
+    """Write `model` (every layer softmax) as a transformers model directory: config.json, model.safetensors
+    with transformers' names (and tokenizer.json when the tokenizer description names one). transformers loads it and
+    gives the same logits (exactly, with model.float32_norm_rope)."""
+    from safetensors.torch import save_file
+
+    from lasp.model.pretrained import TOKENIZER
+
+    cfg = model.cfg
+    state = model.state_dict()
+    dtype = state["embed.weight"].dtype
+    config = hf_config(cfg, dtype)
+    os.makedirs(directory, exist_ok=True)
+    weights = {hf: state[ours].contiguous() for ours, hf in _names(cfg).items()}
+    save_file(weights, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    if tokenizer and tokenizer.get("path") and os.path.isfile(tokenizer["path"]):
+        import shutil
+
+        shutil.copyfile(tokenizer["path"], os.path.join(directory, TOKENIZER))
