@@ -209,7 +209,7 @@ def test_data(tmp_path, under_a_file, capsys):
         (["prepare", *one, "--output", str(tmp_path / "full")], "output directory exists and is not empty (use --force"),
         (["prepare", *one, *out, "--val-fraction", "0.1"], "a val split needs at least 2 documents, the inputs have 1"),
         (["prepare", *one, *out, "--tokenizer", str(tmp_path / "tok.json")], "tok.json' does not exist (expected `byte`"),
-        (["prepare", *one, *out, "--tokenizer", str(tmp_path / "full")], "full' is a directory, not a file"),
+        (["prepare", *one, *out, "--tokenizer", str(tmp_path / "full")], "full' is a directory without a tokenizer.json"),
         (["prepare", "--input", str(tmp_path / "gone.txt"), "--output", str(under_a_file), "--seed", "-1",
           "--val-fraction", "1.5"],  # every problem at once, no input read
          f"--output: cannot write to {under_a_file}", "--seed must be >= 0, got -1", "--val-fraction must be in [0, 1), "

@@ -179,3 +179,18 @@ def test_an_all_softmax_export_loads_in_transformers_with_equal_logits(tmp_path,
     tokens = torch.randint(0, TINY["vocab_size"], (2, 70), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         torch.testing.assert_close(back(tokens).logits, hf(tokens).logits, atol=1e-9, rtol=1e-9)
+
+
+def test_prepare_takes_the_model_directorys_tokenizer(tmp_path):
+    """--tokenizer DIR reads DIR/tokenizer.json (a Hugging Face model directory)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from lasp.data import prepare
+
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1, "b": 2, "</s>": 3}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    (tmp_path / "model").mkdir()
+    tok.save(str(tmp_path / "model" / "tokenizer.json"))
+    (tmp_path / "doc.txt").write_text("a b a")
+    meta = prepare(str(tmp_path / "doc.txt"), tmp_path / "out", tokenizer=str(tmp_path / "model"), progress=False)
+    assert meta["tokenizer"]["name"] == "tokenizer.json" and meta["tokenizer"]["eos_id"] == 3

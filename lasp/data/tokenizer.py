@@ -55,8 +55,10 @@ class HFTokenizer:
         from tokenizers import Tokenizer
 
         self.path = Path(path)
+        if self.path.is_dir() and (self.path / "tokenizer.json").is_file():  # a model directory (Hugging Face's)
+            self.path = self.path / "tokenizer.json"
         if not self.path.is_file():
-            what = "is a directory, not a file" if self.path.is_dir() else "does not exist"
+            what = "is a directory without a tokenizer.json" if self.path.is_dir() else "does not exist"
             raise DataError(f"tokenizer file {str(self.path)!r} {what} (expected `byte` or a tokenizer.json)")
         try:
             self._tok = Tokenizer.from_file(str(self.path))
@@ -102,7 +104,8 @@ class HFTokenizer:
 
 
 def load_tokenizer(spec: str = "byte") -> ByteTokenizer | HFTokenizer:
-    """`byte` -> ByteTokenizer; anything else is the path of a local Hugging Face tokenizer.json."""
+    """`byte` -> ByteTokenizer; anything else is the path of a local Hugging Face tokenizer.json, or of a
+    model directory holding one (what `LinearLlama.from_hf` and `train.init_from` read)."""
     if spec == "byte":
         return ByteTokenizer()
     return HFTokenizer(spec)
