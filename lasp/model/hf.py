@@ -27,7 +27,8 @@ ARCHITECTURES = {
 }
 # fields that change nothing in a forward pass (ids, bookkeeping, generation and output options)
 HARMLESS = {
-    "_name_or_path", "architectures", "bos_token_id", "eos_token_id", "pad_token_id", "dtype", "torch_dtype",
+    "_name_or_path", "_model_name_or_path", "architectures", "bos_token_id", "eos_token_id", "pad_token_id",
+    "unk_token_id", "sep_token_id", "cls_token_id", "mask_token_id", "dtype", "torch_dtype",
     "transformers_version", "use_cache", "initializer_range", "max_position_embeddings", "model_type",
     "chunk_size_feed_forward", "id2label", "label2id", "is_encoder_decoder", "output_attentions",
     "output_hidden_states", "problem_type", "return_dict", "max_window_layers", "tokenizer_class",
