@@ -179,6 +179,8 @@ def test_train(tmp_path, monkeypatch, capsys):
         ([*c, "--check-only", "--world-size", "0"], "--world-size 0: only with --check-only, and at least 1"),
         ([*c, "--check-only", "--world-size", "3"], "world size 3 != tp x sp x pp x dp = 1 x 1 x 1 x 1 = 1"),
         ([*c, "--bogus"], "unrecognized arguments: --bogus"),
+        ([*c, "--set", "train.trainable=new"], "train.trainable = new needs train.init_from"),
+        ([*c, "--set", f"train.init_from={tmp_path / 'nowhere'}"], "train.init_from: cannot import"),
     ], capsys, watch=[tmp_path])
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "512")  # as a launcher that started far too many ranks would say

@@ -194,3 +194,44 @@ def test_prepare_takes_the_model_directorys_tokenizer(tmp_path):
     (tmp_path / "doc.txt").write_text("a b a")
     meta = prepare(str(tmp_path / "doc.txt"), tmp_path / "out", tokenizer=str(tmp_path / "model"), progress=False)
     assert meta["tokenizer"]["name"] == "tokenizer.json" and meta["tokenizer"]["eos_id"] == 3
+
+
+def case_trainable_new(cfg: dict, src: str) -> dict:
+    """One step with train.trainable = new under cfg's layout: the imported tensors are bit-identical after
+    it and have no optimizer state; the new ones moved."""
+    import torch.distributed as dist
+
+    from lasp.kernels import get_kernel
+    from lasp.model.hf import provided
+    from lasp.parallel import train_step
+    from lasp.train.config import resolve
+    from lasp.parallel import init_groups
+    from lasp.train.loop import build_stage
+
+    c = resolve(cfg, "test", dist.get_world_size())
+    groups = init_groups(c.parallel)
+    stage, optimizer, _ = build_stage(c, groups, torch.device("cpu"), get_kernel("torch"), init_from=src)
+    frozen = provided(src, c.model)
+    before = {p.full_name: p.detach().clone() for p in stage.parameters()}
+    tokens = torch.randint(0, c.model.vocab_size, (2, c.data.seq_len + 1), generator=torch.Generator().manual_seed(3))
+    train_step(stage, tokens, c.parallel, groups)
+    optimizer.step()
+    in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    moved, kept = 0, 0
+    for p in stage.parameters():
+        if p.full_name in frozen:
+            assert torch.equal(p.detach(), before[p.full_name]), p.full_name
+            assert id(p) not in in_optimizer and p not in optimizer.state and p.grad is None, p.full_name
+            kept += 1
+        else:
+            assert id(p) in in_optimizer and not torch.equal(p.detach(), before[p.full_name]), p.full_name
+            moved += 1
+    return {"kept": kept, "moved": moved}
+
+
+def test_only_the_new_parameters_train(dist_pool, hf_dir_and_data, tmp_path):
+    src, data = hf_dir_and_data
+    cfg = _trainer_cfg(src, data, tmp_path / "run", parallel={"sp": 2}, linear_variant="gated_deltanet")
+    cfg["train"]["trainable"] = "new"
+    for r in dist_pool(2).run("tests.test_hf:case_trainable_new", cfg=cfg, src=str(src)):
+        assert r["kept"] > 10 and r["moved"] >= 8, r  # layer 0's convolutions, beta, gate, A_log, dt_bias, ...

@@ -293,3 +293,29 @@ def to_hf(model: nn.Module, directory: str, tokenizer: dict | None = None) -> No
         import shutil
 
         shutil.copyfile(tokenizer["path"], os.path.join(directory, TOKENIZER))
+
+
+def provided(path: str, cfg: ModelConfig) -> set[str]:
+    """The LASP names of the parameters a source (a Hugging Face directory or a LASP export) provides for a
+    model of `cfg`, read from the file headers only (no tensor is loaded)."""
+    from safetensors import safe_open
+
+    from lasp.model.pretrained import FORMAT
+
+    with open(os.path.join(path, "config.json")) as f:
+        lasp_export = json.load(f).get("format") == FORMAT
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            keys = set(json.load(f)["weight_map"])
+    else:
+        with safe_open(os.path.join(path, "model.safetensors"), "pt") as f:
+            keys = set(f.keys())
+    if lasp_export:
+        names = {k: k for k in keys}
+    else:
+        names = _names(cfg)
+    out = {ours for ours, src in names.items() if src in keys}
+    if cfg.tie_embeddings and "embed.weight" in out:
+        out.add("lm_head.weight")
+    return out

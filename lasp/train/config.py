@@ -142,6 +142,9 @@ class TrainSection:
     Face Llama / Mistral / Qwen2 / Qwen3 directory or a LASP export. The model section must have the same
     shape; layer_pattern and linear_variant may differ (linear layers reuse the softmax layers' q, k, v, o
     and initialise what is new). A checkpoint to resume from wins: the run continues from it."""
+    trainable: str = "all"
+    """Which parameters train: all, or new (only those train.init_from does not provide: a linearised
+    layer's gates, beta, convolutions, output norms; the rest is frozen and has no optimizer state)."""
     max_minutes: float | None = None
     """Stop after the step that crosses this many minutes, save a checkpoint and exit with status 75
     (as on SIGTERM): set it a few minutes under the job's time limit. None: no limit."""
@@ -164,6 +167,10 @@ class TrainSection:
             p.append(f"train.max_minutes must be > 0 (or null for no limit), got {self.max_minutes}")
         if not self.resume:
             p.append("train.resume must be auto, never or the path of a checkpoint, got an empty string")
+        if self.trainable not in ("all", "new"):
+            p.append(f"train.trainable must be all or new, got {self.trainable!r}")
+        elif self.trainable == "new" and not self.init_from:
+            p.append("train.trainable = new needs train.init_from (the weights that stay frozen)")
         return p
 
     @property

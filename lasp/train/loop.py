@@ -145,6 +145,14 @@ def build_stage(cfg: TrainConfig, groups: ParallelGroups, device: torch.device, 
     if init_from:
         loaded, new = _initialise(model, init_from)
         say(f"initialised from {init_from}: {loaded} tensors loaded, {new} new (initialised fresh)")
+    if cfg.train.trainable == "new":  # also when resuming: the same parameters train as before
+        from lasp.model.hf import provided
+
+        frozen = provided(cfg.train.init_from, cfg.model)
+        for name, param in model.named_parameters():
+            param.requires_grad_(name not in frozen)
+        n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        say(f"train.trainable = new: {n:,} parameters train, the {len(frozen)} imported tensors are frozen")
     apply_ac(model, cfg.train.checkpoint_every)
     stage = parallelize(model, p, groups)
     apply_kernel(stage, kernel)
