@@ -102,14 +102,14 @@ def gathered_bytes(form: str = "gdn", T: int = 4096, world_sizes=WORLD_SIZES) ->
     the 2W chunks, against the cost model's plan; the bytes do not depend on T."""
     from lasp.bench.sp.cost import Shape, plan
     from lasp.kernels import DEFAULT_KERNEL
+    from lasp.kernels.linear_attn.gated import as_vector_form
 
     gen = torch.Generator().manual_seed(0)
     L = 64  # a chunk's length does not change its pair
     q, k, v = (torch.randn(B, L, H, D, generator=gen) for _ in range(3))
     gate = None if DELTA[form] is None else -torch.rand(B, L, H, *([D] if DELTA[form] == "vector" else []))
     beta = torch.rand(B, L, H, generator=gen)
-    _, _, A, M = DEFAULT_KERNEL.delta_maps(q, k, v, beta, None if gate is None else gate.unsqueeze(-1)
-                                           if gate.dim() == 3 else gate, D**-0.5)
+    _, _, A, M = DEFAULT_KERNEL.delta_maps(q, k, v, beta, None if gate is None else as_vector_form(gate), D**-0.5)
     pair = torch.cat([A, M], dim=-1).nbytes
     rows = []
     print(f"LASP-2 all-gather per layer, {form}, fp32, B={B} H={H} K=V={D}, zigzag (bytes do not depend on T):")

@@ -137,22 +137,36 @@ def _names(cfg: ModelConfig) -> dict[str, str]:
     return out
 
 
+def _config_json(path: str, what: str = "no config.json") -> dict:
+    """The parsed config.json of a model directory, or HFImportError saying what the path is instead."""
+    if not os.path.isdir(path):
+        raise HFImportError(path, ["it is not a directory" if os.path.exists(path) else "it does not exist"])
+    config = os.path.join(path, "config.json")
+    if not os.path.isfile(config):
+        raise HFImportError(path, [what])
+    with open(config) as f:
+        return json.load(f)
+
+
+def _weight_files(path: str) -> list[str]:
+    """The safetensors files of a directory: model.safetensors, or the shards its index lists."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            return [os.path.join(path, n) for n in sorted(set(json.load(f)["weight_map"].values()))]
+    if os.path.isfile(os.path.join(path, "model.safetensors")):
+        return [os.path.join(path, "model.safetensors")]
+    raise HFImportError(path, ["no model.safetensors or model.safetensors.index.json (pytorch_model.bin is "
+                               "not read: convert it with transformers' save_pretrained)"])
+
+
 def read_weights(path: str) -> dict[str, torch.Tensor]:
     """Every tensor of the directory's model.safetensors, or of the shards its index lists."""
     from safetensors.torch import load_file
 
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-    elif os.path.isfile(os.path.join(path, "model.safetensors")):
-        files = ["model.safetensors"]
-    else:
-        raise HFImportError(path, ["no model.safetensors or model.safetensors.index.json (pytorch_model.bin is "
-                                   "not read: convert it with transformers' save_pretrained)"])
     out = {}
-    for name in files:
-        out.update(load_file(os.path.join(path, name)))
+    for name in _weight_files(path):
+        out.update(load_file(name))
     return out
 
 
@@ -160,13 +174,7 @@ def from_hf(path: str, dtype: torch.dtype | None = None, device="cpu", **overrid
     """The LinearLlama of a Hugging Face directory (see the module doc); `dtype` defaults to the weights'."""
     from lasp.model.llama import LinearLlama
 
-    if not os.path.isdir(path):
-        raise HFImportError(path, ["it is not a directory" if os.path.exists(path) else "it does not exist"])
-    config = os.path.join(path, "config.json")
-    if not os.path.isfile(config):
-        raise HFImportError(path, ["no config.json"])
-    with open(config) as f:
-        cfg = model_config(json.load(f), config, **overrides)
+    cfg = model_config(_config_json(path), os.path.join(path, "config.json"), **overrides)
     weights = read_weights(path)
     names = _names(cfg)
     if cfg.tie_embeddings:
@@ -194,20 +202,24 @@ SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_
                 "norm_eps")
 
 
-def source_config(path: str) -> ModelConfig:
-    """The ModelConfig of a Hugging Face directory or a LASP export (lasp.export), or HFImportError."""
+def _model_names(cfg: ModelConfig) -> list[str]:
+    """The state-dict names of a LinearLlama of `cfg` (built on the meta device: no memory)."""
+    from lasp.model.llama import LinearLlama
+
+    with torch.device("meta"):
+        return list(LinearLlama(cfg).state_dict())
+
+
+def _is_lasp_export(c: dict) -> bool:
     from lasp.model.pretrained import FORMAT
 
-    config = os.path.join(path, "config.json")
-    if not os.path.isdir(path):
-        raise HFImportError(path, ["it is not a directory" if os.path.exists(path) else "it does not exist"])
-    if not os.path.isfile(config):
-        raise HFImportError(path, ["no config.json: neither a Hugging Face model directory nor a LASP export"])
-    with open(config) as f:
-        c = json.load(f)
-    if c.get("format") == FORMAT:
-        return ModelConfig(**c["model"])
-    return model_config(c, config)
+    return c.get("format") == FORMAT
+
+
+def source_config(path: str) -> ModelConfig:
+    """The ModelConfig of a Hugging Face directory or a LASP export (lasp.export), or HFImportError."""
+    c = _config_json(path, "no config.json: neither a Hugging Face model directory nor a LASP export")
+    return ModelConfig(**c["model"]) if _is_lasp_export(c) else model_config(c, os.path.join(path, "config.json"))
 
 
 def mismatches(ours: ModelConfig, source: ModelConfig) -> list[str]:
@@ -217,26 +229,18 @@ def mismatches(ours: ModelConfig, source: ModelConfig) -> list[str]:
             for k in SHAPE_FIELDS if getattr(ours, k) != getattr(source, k)]
 
 
+def _source_names(path: str, cfg: ModelConfig) -> dict[str, str]:
+    """LASP name -> the source's name, for a model of `cfg` (a LASP export uses LASP's names; its linear and
+    softmax layers share the q, k, v, o names, so a changed pattern still finds them)."""
+    return _names(cfg) if not _is_lasp_export(_config_json(path)) else {k: k for k in _model_names(cfg)}
+
+
 def initial_state(path: str, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """The weights of a Hugging Face directory or a LASP export under the LASP names of a model of `cfg`
     (whose layer_pattern and linear_variant may differ from the source's: a linear layer takes the
     softmax layer's q, k, v, o). Parameters the source lacks (a new layer's gates) are left out."""
-    from lasp.model.pretrained import FORMAT
-
-    with open(os.path.join(path, "config.json")) as f:
-        c = json.load(f)
-    if c.get("format") == FORMAT:
-        from safetensors.torch import load_file
-
-        weights = load_file(os.path.join(path, "model.safetensors"))
-        names = {k: k for k in weights}
-        for i in range(cfg.num_layers):  # a linear layer of the run keeps what a softmax layer had, and back
-            for p in ("q_proj", "k_proj", "v_proj", "o_proj"):
-                for suffix in ("weight", "bias"):
-                    names[f"layers.{i}.mixer.{p}.{suffix}"] = f"layers.{i}.mixer.{p}.{suffix}"
-    else:
-        weights, names = read_weights(path), _names(cfg)
-    return {ours: weights[src] for ours, src in names.items() if src in weights}
+    weights = read_weights(path)
+    return {ours: weights[src] for ours, src in _source_names(path, cfg).items() if src in weights}
 
 
 def hf_config(cfg: ModelConfig, dtype: torch.dtype) -> dict:
@@ -300,22 +304,11 @@ def provided(path: str, cfg: ModelConfig) -> set[str]:
     model of `cfg`, read from the file headers only (no tensor is loaded)."""
     from safetensors import safe_open
 
-    from lasp.model.pretrained import FORMAT
-
-    with open(os.path.join(path, "config.json")) as f:
-        lasp_export = json.load(f).get("format") == FORMAT
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        with open(index) as f:
-            keys = set(json.load(f)["weight_map"])
-    else:
-        with safe_open(os.path.join(path, "model.safetensors"), "pt") as f:
-            keys = set(f.keys())
-    if lasp_export:
-        names = {k: k for k in keys}
-    else:
-        names = _names(cfg)
-    out = {ours for ours, src in names.items() if src in keys}
+    keys = set()
+    for name in _weight_files(path):
+        with safe_open(name, "pt") as f:
+            keys |= set(f.keys())
+    out = {ours for ours, src in _source_names(path, cfg).items() if src in keys}
     if cfg.tie_embeddings and "embed.weight" in out:
         out.add("lm_head.weight")
     return out

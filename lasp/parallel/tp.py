@@ -61,9 +61,8 @@ def _split_parameter(module: nn.Module, name: str, rank: int, size: int) -> None
     old = getattr(module, name)
     new = nn.Parameter(_shard(old.detach(), 0, rank, size).clone())
     new.full_name, new.tp_dim = getattr(old, "full_name", None), 0
-    for attr in ("no_weight_decay",):
-        if hasattr(old, attr):
-            setattr(new, attr, getattr(old, attr))
+    if hasattr(old, "no_weight_decay"):
+        new.no_weight_decay = old.no_weight_decay
     setattr(module, name, new)
 
 

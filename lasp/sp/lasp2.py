@@ -106,6 +106,14 @@ class _Lasp2Fn(torch.autograd.Function):
         return (*(merge_local_chunks(x, n) for x in (dq, dk, dv)), None, None, None, None, None, None, None)
 
 
+def _keep(ctx, scale: float, group, lay: SeqLayout, kernel, fp: Fingerprint | None, gather: _Gather) -> None:
+    """What the backward of a pair-gathering LASP-2 needs besides its tensors: the call's settings, and the
+    rank check of its all-gather (the same call number, the op named .bwd)."""
+    ctx.scale, ctx.group, ctx.lay, ctx.kernel = scale, group, lay, kernel
+    ctx.bwd_fp = None if fp is None else Fingerprint(fp.op + ".bwd")
+    ctx.call = gather.call
+
+
 class _Lasp2GatedFn(torch.autograd.Function):
     """LASP-2 under a data-dependent gate: ONE all-gather of the chunks' affine maps (D_c, M_c) forward, a
     scan with (D2, M2) o (D1, M1) = (D2 D1, D2 M1 + M2) in global chunk order; ONE all-gather of the state
@@ -124,9 +132,7 @@ class _Lasp2GatedFn(torch.autograd.Function):
         s_in = _mine(affine_scan(M_all, D_all)[0], lay, rank)
         o = o + ch.inter(s_in)
         ctx.save_for_backward(ch.q, ch.k, ch.v, ch.gate, s_in, D[..., None] * s_in + M, D_all)
-        ctx.scale, ctx.group, ctx.lay, ctx.kernel = scale, group, lay, kernel
-        ctx.bwd_fp = None if fp is None else Fingerprint(fp.op + ".bwd")
-        ctx.call = gather.call
+        _keep(ctx, scale, group, lay, kernel, fp, gather)
         return merge_local_chunks(o, n)
 
     @staticmethod
@@ -169,9 +175,7 @@ class _Lasp2DeltaFn(torch.autograd.Function):
         s_in = _mine(matrix_affine_scan(M_all, A_all)[0], lay, rank)
         o = (o0 + torch.einsum("bthk,bhkv->bthv", Qm, s_in)).to(q.dtype)
         ctx.save_for_backward(qc, kc, vc, bc, gc, s_in, Qm, A_all)
-        ctx.scale, ctx.group, ctx.lay, ctx.kernel = scale, group, lay, kernel
-        ctx.bwd_fp = None if fp is None else Fingerprint(fp.op + ".bwd")
-        ctx.call = gather.call
+        _keep(ctx, scale, group, lay, kernel, fp, gather)
         return merge_local_chunks(o, n)
 
     @staticmethod

@@ -26,10 +26,11 @@ of S_0 in its output and its state (`block_pieces`):
 Every exponent is <= 0 (the [L, L] or, for a vector gate, [L, L, K] pairwise weight is masked before its
 exp), so nothing overflows. Blocks are 64 tokens; a vector gate's weight is factored, q exp(G) times
 k exp(-G), while every block's gate sums to no less than -FACTOR_SPAN, else exact over 16-token blocks
-(as lasp.kernels.linear_attn.gated does). A log-gate of -inf (a document start) counts as 0 in G, and a segment id per token masks every pairwise weight to one document, drops
-S_0's terms after a start and keeps only the block's last document in the state. Across blocks one scan
-of K x K transitions (`chain`) gives every block's S_0; the same scan from (I, 0) gives the maps of a
-whole chunk (`chunk_maps`), which is what LASP-2 all-gathers.
+(as lasp.kernels.linear_attn.gated does). A log-gate of -inf (a document start) counts as 0 in G, and a
+segment id per token masks every pairwise weight to one document, drops S_0's terms after a start and
+keeps only the block's last document in the state. Across blocks one scan of K x K transitions (`chain`)
+gives every block's S_0; the same scan from (I, 0) gives the pair of a whole chunk
+(`chunk_transitions`, which LASP-2 all-gathers) and its output pieces (`chunk_outputs`).
 
 The backward (`delta_backward`) recomputes the forward with autograd and differentiates it, one segment of
 SEGMENT tokens at a time from the last (a chain pass gives the states entering the segments): the saved

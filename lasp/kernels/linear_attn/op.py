@@ -62,6 +62,22 @@ def gate_form(gate: Tensor) -> str:
     return "scalar" if gate.dim() == 3 else "vector"
 
 
+def _per_token_problems(name: str, x: Tensor, q: Tensor, log_decay: Tensor | None, causal: bool,
+                        no_decay: str, not_causal: str) -> list[str]:
+    """What a per-token argument (the gate, beta) shares: floating, on q's device, not with log_decay
+    (`no_decay` says so) and causal only (`not_causal` says so)."""
+    problems = []
+    if not x.dtype.is_floating_point:
+        problems.append(f"{name} must be a floating-point tensor, got {x.dtype}")
+    if x.device != q.device:
+        problems.append(f"{name} is on {x.device} but q is on {q.device}")
+    if log_decay is not None:
+        problems.append(no_decay)
+    if not causal:
+        problems.append(not_causal)
+    return problems
+
+
 def check_gate(gate, q: Tensor, log_decay: Tensor | None, causal: bool, kernel: LinearAttnKernel) -> None:
     """A log-gate: [B, T, H] (scalar per token and head) or [B, T, H, K] (vector over the key dim) of q's
     batch, length and heads, floating, on q's device, <= 0 and not NaN (one device-to-host read on a GPU;
@@ -75,14 +91,9 @@ def check_gate(gate, q: Tensor, log_decay: Tensor | None, causal: bool, kernel: 
     if tuple(gate.shape) not in ((B, T, H), (B, T, H, K)):
         problems.append(f"gate must be [B, T, H] = {[B, T, H]} (scalar) or [B, T, H, K] = {[B, T, H, K]} "
                         f"(vector), got {list(gate.shape)}")
-    if not gate.dtype.is_floating_point:
-        problems.append(f"gate must be a floating-point tensor, got {gate.dtype}")
-    if gate.device != q.device:
-        problems.append(f"gate is on {gate.device} but q is on {q.device}")
-    if log_decay is not None:
-        problems.append("give either log_decay (a constant per head) or gate (per token), not both")
-    if not causal:
-        problems.append("a gate needs causal=True: bidirectional linear attention has no gate")
+    problems += _per_token_problems("gate", gate, q, log_decay, causal,
+                                    "give either log_decay (a constant per head) or gate (per token), not both",
+                                    "a gate needs causal=True: bidirectional linear attention has no gate")
     if not problems:
         wrong = torch.isnan(gate) | (gate > 0)
         if bool(wrong.any()):
@@ -117,14 +128,9 @@ def check_beta(beta, q: Tensor, log_decay: Tensor | None, causal: bool, kernel: 
     problems = []
     if tuple(beta.shape) != (B, T, H):
         problems.append(f"beta must be [B, T, H] = {[B, T, H]}, got {list(beta.shape)}")
-    if not beta.dtype.is_floating_point:
-        problems.append(f"beta must be a floating-point tensor, got {beta.dtype}")
-    if beta.device != q.device:
-        problems.append(f"beta is on {beta.device} but q is on {q.device}")
-    if log_decay is not None:
-        problems.append("the delta rule takes a per-token gate, not log_decay: pass gate=log_decay.expand(B, T, H)")
-    if not causal:
-        problems.append("the delta rule needs causal=True")
+    problems += _per_token_problems("beta", beta, q, log_decay, causal,
+                                    "the delta rule takes a per-token gate, not log_decay: pass gate=log_decay.expand(B, T, H)",
+                                    "the delta rule needs causal=True")
     if not getattr(kernel, "delta", False):
         problems.append(f"the {kernel.name!r} kernel has no delta rule (beta); use the 'torch' backend")
     if not problems:
