@@ -50,6 +50,10 @@ CASES = {
     "deltanet-neg-eigval": dict(linear_variant="deltanet", allow_neg_eigval=True),
     "gated-deltanet-hybrid": dict(linear_variant="gated_deltanet", layer_pattern="LLS"),
     "kda-mqa-conv2": dict(linear_variant="kda", num_kv_heads=1, conv_size=2),
+    # linearised layers: Hedgehog features, Liger's key gate, RoPE'd q and k, a softmax window
+    "window-hedgehog-key-gate": dict(linear_variant="simple_gla", gate_source="key", feature_map="hedgehog",
+                                     window=6, linear_rope=True, output_norm=False, layer_pattern="LLS"),
+    "window-elu1-qk-norm": dict(linear_variant="lightning", feature_map="elu1", window=1, qk_norm=True),
 }
 
 

@@ -46,6 +46,18 @@ def test_sizes_below_one_and_the_later_checks_all_reported():
     assert "divisible" not in msg and "multiple" not in msg  # nothing is divided by a size below one
 
 
+def test_a_window_or_hedgehog_the_linear_form_cannot_take_is_refused_by_name():
+    msg = _model_problems(window=4, linear_variant="gated_deltanet", feature_map="identity", qk_norm=True)
+    for part in ["model.window (4) needs model.linear_variant basic, lightning, retention, simple_gla",
+                 "needs a non-negative feature map (hedgehog, elu1, relu), got model.feature_map identity",
+                 "model.qk_norm (per-head q/k RMSNorm) is not applied by the delta-rule layers"]:
+        assert part in msg, msg
+    msg = _model_problems(window=-1, feature_map="hedgehog", linear_variant="gla", gate_source="value")
+    for part in ["model.window must be >= 0 (0: no window), got -1", "model.gate_source must be projection or key",
+                 "model.feature_map hedgehog doubles the key dim, which model.linear_variant gla"]:
+        assert part in msg, msg
+
+
 @pytest.mark.parametrize("name", ["norm_eps", "rope_theta"])
 @pytest.mark.parametrize("value", [0.0, -1e-6])
 def test_norm_eps_and_rope_theta_must_be_positive(name, value):

@@ -107,10 +107,16 @@ def test_one_step_matches_single_process(dist_pool, tp, sp, pp, dp):
                           rope_original_max_positions=32, float32_norm_rope=True)),
         (1, 2, 2, 1, dict(attention_bias=True, qk_norm=True, layer_pattern="S", rope_scaling="llama3",
                           rope_original_max_positions=32)),
+        # linearised layers: Hedgehog features, Liger's key gate, RoPE'd q and k, a softmax window
+        (2, 2, 1, 1, dict(feature_map="hedgehog", window=4, linear_variant="simple_gla", gate_source="key",
+                          linear_rope=True, output_norm=False, qk_norm=True, eos_id=0)),
+        (1, 2, 2, 1, dict(feature_map="elu1", window=3, linear_variant="lightning", layout="contiguous",
+                          microbatches=2)),
     ],
     ids=["1f1b-2mb-contiguous", "tied-tp-pp", "f32-retention", "f32-tied-dp", "simple-gla-tp-sp", "gla-tp-sp",
          "documents-simple-gla-tp-sp", "documents-sp-pp-2mb", "gated-deltanet-tp-sp", "gated-deltanet-sp-pp",
-         "documents-kda-tp-sp", "deltanet-neg-eigval-sp4", "imported-features-tp-sp", "imported-softmax-sp-pp"],
+         "documents-kda-tp-sp", "deltanet-neg-eigval-sp4", "imported-features-tp-sp", "imported-softmax-sp-pp",
+         "documents-window-hedgehog-tp-sp", "window-sp-pp-2mb"],
 )
 def test_variants_match_single_process(dist_pool, tp, sp, pp, dp, extra):
     dist_pool(tp * sp * pp * dp).run("tests.test_parallel:case_parallel", tp=tp, sp=sp, pp=pp, dp=dp, **extra)

@@ -263,3 +263,57 @@ def test_the_convolution_halo_comes_from_the_previous_chunk(dist_pool, W, layout
     n = SeqLayout(layout, W).chunks_per_rank
     for r in dist_pool(W).run("tests.test_sp_gated:case_halo", layout=layout):
         assert r["fwd"] == r["bwd"] == [("gloo:all_gather", [[n, 2, 3, 4]])], r  # n chunks x B x rows x C
+
+
+def case_window_layer(layout, window, variant, feature_map, chunk_len=7, B=2, hidden=32):
+    """A linearised layer with a softmax window (lasp.model.window) under LASP-2: its output and the
+    gradients of its input and parameters equal one process; the window adds one halo all-gather each way."""
+    from functools import partial
+
+    from lasp.model import ModelConfig
+    from lasp.model.llama import LinearAttention
+    from lasp.sp.halo import halo_rows
+
+    rank, W = dist.get_rank(), dist.get_world_size()
+    cfg = ModelConfig(hidden_size=hidden, num_heads=4, num_kv_heads=2, linear_variant=variant, window=window,
+                      feature_map=feature_map, linear_rope=True, output_norm=False,
+                      gate_source="key" if variant == "simple_gla" else "projection")
+    torch.manual_seed(0)
+    m = LinearAttention(cfg, 1).double()
+    N = chunk_len * SeqLayout(layout, W).num_chunks
+    gen = torch.Generator().manual_seed(5)
+    x, dy = (torch.randn(B, N, hidden, generator=gen, dtype=torch.float64) for _ in range(2))
+    pos = torch.arange(N).expand(B, N)
+    full = x.clone().requires_grad_()
+    y_ref = m(full, pos)
+    y_ref.backward(dy)
+    ref = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad()
+    shard = lambda t: shard_sequence(t, rank=rank, world_size=W, layout=layout)  # noqa: E731
+    m.attn_fn = partial(lasp2_linear_attn, layout=layout)
+    m.halo_fn = partial(halo_rows, layout=layout)
+    local = shard(x).requires_grad_()
+    y, pf, pb = profiled_steady_step(lambda: m(local, shard(pos)), shard(dy))
+    assert_close_rel(y, shard(y_ref).detach(), 1e-10, "y")
+    assert_close_rel(local.grad, shard(full.grad), 1e-10, "dx")
+    for n, p in m.named_parameters():
+        dist.all_reduce(p.grad)
+        assert_close_rel(p.grad, ref[n], 1e-10, f"d{n}")
+    channels = 2 * (2 * 8) + 2 * (16 if feature_map == "hedgehog" else 8) + (4 if variant == "simple_gla" else 0)
+    return {"fwd": comm_events(pf), "bwd": comm_events(pb), "channels": channels}
+
+
+WINDOWS = [(1, 1, "zigzag"), (2, 2, "contiguous"), (2, 3, "zigzag"), (3, 4, "contiguous"), (4, 4, "zigzag")]
+
+
+@pytest.mark.parametrize("variant, feature_map", [("simple_gla", "hedgehog"), ("lightning", "elu1")])
+@pytest.mark.parametrize("W, window, layout", WINDOWS, ids=[f"W{w}-window{n}-{lay}" for w, n, lay in WINDOWS])
+def test_a_window_layer_matches_one_process_with_a_halo(dist_pool, W, window, layout, variant, feature_map):
+    n = SeqLayout(layout, W).chunks_per_rank
+    for r in dist_pool(W).run("tests.test_sp_gated:case_window_layer", layout=layout, window=window,
+                              variant=variant, feature_map=feature_map):
+        halo = [("gloo:all_gather", [[n, 2, window - 1, r["channels"]]])] if W > 1 and window > 1 else []
+        for events in (r["fwd"], r["bwd"]):  # LASP-2's one packed all-gather, and the window's halo
+            rest = [e for e in events if e not in halo]
+            assert len(events) == len(halo) + len(rest) and [e[0] for e in rest] == ["gloo:all_gather"] * (W > 1), events
+            assert all(len(shape) == 1 for e in rest for shape in e[1]), events  # packed bytes, not the sequence

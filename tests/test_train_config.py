@@ -102,7 +102,9 @@ def test_configs_exist():
 @pytest.mark.parametrize("kw", [dict(), dict(tie_embeddings=True, output_norm=False, layer_pattern="LS"),
                                 dict(linear_variant="deltanet", conv_size=3), dict(linear_variant="gated_deltanet"),
                                 dict(linear_variant="kda", layer_pattern="LLS", num_layers=3),
-                                dict(attention_bias=True, qk_norm=True, attention_head_dim=24, layer_pattern="LS")])
+                                dict(attention_bias=True, qk_norm=True, attention_head_dim=24, layer_pattern="LS"),
+                                dict(feature_map="hedgehog", linear_variant="simple_gla", gate_source="key", window=4),
+                                dict(feature_map="elu1", linear_variant="gla", window=0)])
 def test_parameter_count_matches_the_model(kw):
     m = ModelConfig(**kw)
     assert param_counts(m)["total"] == sum(p.numel() for p in LinearLlama(m).parameters())

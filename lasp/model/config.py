@@ -8,7 +8,8 @@ from dataclasses import dataclass
 LINEAR_VARIANTS = ("basic", "lightning", "retention", "simple_gla", "gla", "deltanet", "gated_deltanet", "kda")
 GATED_VARIANTS = ("simple_gla", "gla")
 DELTA_VARIANTS = ("deltanet", "gated_deltanet", "kda")  # the delta rule: DeltaNetAttention mixers
-FEATURE_MAPS = ("identity", "elu1", "relu", "silu")
+FEATURE_MAPS = ("identity", "elu1", "relu", "silu", "hedgehog")
+WINDOW_VARIANTS = ("basic", "lightning", "retention", "simple_gla")  # decays a window can be cut out of
 
 
 @dataclass
@@ -44,7 +45,19 @@ class ModelConfig:
     gate_normalizer: float = 16.0
     """simple_gla and gla: log-gate = logsigmoid(projection) / gate_normalizer (GLA's gate_logit_normalizer)."""
     feature_map: str = "identity"
-    """Map applied to q and k before linear attention: identity, elu1, relu, silu."""
+    """Map applied to q and k before linear attention: identity, elu1, relu, silu, or hedgehog (LoLCATs:
+    [softmax(x W), softmax(-x W)] per head, W learned and starting at the identity; the key dim doubles)."""
+    gate_source: str = "projection"
+    """simple_gla and gla: where the gate comes from: projection (its own, new parameters) or key (Liger:
+    the layer's key projection, pooled over the head dim for simple_gla; no new parameters)."""
+    linear_rope: bool = False
+    """Linear layers apply the softmax layers' RoPE (after q/k norm) to q and k before their feature map,
+    as LoLCATs does to a linearised layer."""
+    window: int = 0
+    """Linear layers (constant decay, no decay or a scalar gate, with a non-negative feature map) also attend
+    exactly to the last `window` tokens, the current one included: softmax scores over the RoPE'd q and k
+    for those, the linear branch for older ones, under one normaliser (LoLCATs' sliding window). 0: off.
+    Under sequence parallelism each rank receives the window - 1 rows before its chunks (a halo)."""
     output_norm: bool = True
     """RMS-normalise the linear-attention output per head before the output projection."""
     tie_embeddings: bool = False
@@ -101,6 +114,7 @@ class ModelConfig:
             p.append(f"model.linear_variant must be one of {', '.join(LINEAR_VARIANTS)}, got {self.linear_variant!r}")
         if "feature_map" not in bad and self.feature_map not in FEATURE_MAPS:
             p.append(f"model.feature_map must be one of {', '.join(FEATURE_MAPS)}, got {self.feature_map!r}")
+        p += self._linearise_problems(bad)
         if "conv_size" not in bad and self.conv_size < 1:
             p.append(f"model.conv_size must be >= 1, got {self.conv_size}")
         if "gate_low_rank" not in bad and self.gate_low_rank < 1:
@@ -122,12 +136,41 @@ class ModelConfig:
             p.append(f"model.attention_head_dim must be >= 0 (0: hidden_size / num_heads), got {self.attention_head_dim}")
         if "init_std" not in bad and self.init_std < 0:
             p.append(f"model.init_std must be >= 0, got {self.init_std}")
-        # RoPE rotates pairs of channels, and only the softmax layers use it
-        if (pattern_ok and "S" in self.layer_pattern and {"hidden_size", "num_heads"} <= ok
+        # RoPE rotates pairs of channels: the softmax layers use it, and linear ones with linear_rope or a window
+        rotates = pattern_ok and ("S" in self.layer_pattern or self.linear_rope is True or
+                                  (isinstance(self.window, int) and self.window > 0))
+        if (rotates and {"hidden_size", "num_heads"} <= ok
                 and (self.attention_head_dim or self.hidden_size % self.num_heads == 0) and self.head_dim % 2):
             p.append(f"head dim {self.head_dim} must be even for RoPE (model.hidden_size {self.hidden_size} / "
-                     f"model.num_heads {self.num_heads}; model.layer_pattern {self.layer_pattern!r} has softmax "
-                     "layers)")
+                     f"model.num_heads {self.num_heads}; RoPE is used by softmax layers (model.layer_pattern "
+                     f"{self.layer_pattern!r}), model.linear_rope and model.window)")
+        return p
+
+    def _linearise_problems(self, bad: dict) -> list[str]:
+        """The feature map, gate source and window of linearised layers (LoLCATs, Liger)."""
+        p = []
+        if "gate_source" not in bad and self.gate_source not in ("projection", "key"):
+            p.append(f"model.gate_source must be projection or key, got {self.gate_source!r}")
+        if {"feature_map", "linear_variant"} & set(bad):
+            return p
+        if self.feature_map == "hedgehog" and self.linear_variant in ("gla",) + DELTA_VARIANTS:
+            p.append(f"model.feature_map hedgehog doubles the key dim, which model.linear_variant "
+                     f"{self.linear_variant} (a gate or delta rule over the key dim) does not take")
+        if self.qk_norm is True and self.linear_variant in DELTA_VARIANTS and "L" in str(self.layer_pattern):
+            p.append(f"model.qk_norm (per-head q/k RMSNorm) is not applied by the delta-rule layers of "
+                     f"model.linear_variant {self.linear_variant}, which L2-normalise q and k themselves")
+        if "window" in bad:
+            return p
+        if self.window < 0:
+            p.append(f"model.window must be >= 0 (0: no window), got {self.window}")
+        elif self.window:
+            if self.linear_variant not in WINDOW_VARIANTS:
+                p.append(f"model.window ({self.window}) needs model.linear_variant {', '.join(WINDOW_VARIANTS)} "
+                         f"(a state older tokens can be taken out of), got {self.linear_variant}")
+            if self.feature_map not in ("hedgehog", "elu1", "relu"):
+                p.append(f"model.window ({self.window}) shares one normaliser between softmax and linear "
+                         f"scores, which needs a non-negative feature map (hedgehog, elu1, relu), got "
+                         f"model.feature_map {self.feature_map}")
         return p
 
     @property

@@ -8,8 +8,9 @@ A linear layer's whole past is its state S [B, H, K, V] (DESIGN.md section 1): o
 recurrence S = lambda S + k v^T, o = s q^T S; several tokens at once (a prompt) go through the chunked
 single-device op `linear_attn` started from S, which returns the same final state in closed form. A
 delta-rule layer keeps S and its convolutions' last conv_size - 1 inputs (`DeltaState`) and runs every
-step through `linear_attn(beta=...)` from S. A
-softmax layer appends its RoPE'd keys and values at their global positions and attends end-aligned.
+step through `linear_attn(beta=...)` from S. A linear layer with a window (model.window) keeps its
+state over [v, 1] and the last window - 1 rows of its keys, values, features and gates (`WindowState`),
+which stand in for the halo of lasp.model.window. A softmax layer appends its RoPE'd keys and values at their global positions and attends end-aligned.
 Decoding calls the kernels directly, never a mixer's `attn_fn` slot, so it does not matter what a
 parallelised model put there.
 """
@@ -24,6 +25,7 @@ from lasp.kernels import linear_attn, state_dtype
 from lasp.kernels.softmax_attn import softmax_attn
 from lasp.model.config import DELTA_VARIANTS, ModelConfig
 from lasp.model.llama import DeltaNetAttention, LinearAttention, LinearLlama, SoftmaxAttention
+from lasp.model.window import window_attention
 
 
 class KVCache:
@@ -68,6 +70,38 @@ class DeltaState:
 
 
 @dataclass
+class WindowState:
+    """A linear layer with a window: the state S [B, H, K, D + 1] of the linear branch over every token so far
+    (values with a column of ones: the normaliser) and `rows` [B, window - 1, C], the last window - 1 tokens'
+    RoPE'd keys, values, key features and gates, as lasp.model.window concatenates them."""
+
+    S: Tensor
+    rows: Tensor
+
+    def nbytes(self) -> int:
+        return sum(x.numel() * x.element_size() for x in (self.S, self.rows))
+
+    def halo(self, x: Tensor, rows: int) -> Tensor:
+        """The rows before x [B, T, C] (the window's halo, [1, B, rows, C]); keeps x's last rows for next time."""
+        before = self.rows
+        both = torch.cat([before, x.to(before.dtype)], dim=1)
+        self.rows = both[:, both.shape[1] - rows :]
+        return before[None]
+
+
+def _window_channels(cfg: ModelConfig) -> int:
+    """Channels of a window layer's rows: keys and values (Hkv x D each), key features, a scalar gate."""
+    F = 2 * cfg.head_dim if cfg.feature_map == "hedgehog" else cfg.head_dim
+    gate = cfg.num_heads if cfg.linear_variant == "simple_gla" else 0
+    return cfg.num_kv_heads * (2 * cfg.head_dim + F) + gate
+
+
+def _linear_state_shape(cfg: ModelConfig, batch: int) -> tuple[int, ...]:
+    K = 2 * cfg.head_dim if cfg.feature_map == "hedgehog" else cfg.head_dim
+    return batch, cfg.num_heads, K, cfg.head_dim + (1 if cfg.window else 0)
+
+
+@dataclass
 class DecodeState:
     """Everything a LinearLlama needs of the past: per layer a linear state [B, H, K, V] (float32, or float64
     for a float64 model) or a KVCache; `position` = tokens consumed (the next token's global position)."""
@@ -91,14 +125,16 @@ class DecodeState:
                         for c in (H * D, Hkv * D, Hkv * D)]
                 layers.append(DeltaState(S, conv))
             elif isinstance(block.mixer, LinearAttention):
-                layers.append(torch.zeros(batch, H, D, D, dtype=state_dtype(w.dtype), device=w.device))
+                S = torch.zeros(_linear_state_shape(cfg, batch), dtype=state_dtype(w.dtype), device=w.device)
+                layers.append(S if not cfg.window else WindowState(
+                    S, torch.zeros(batch, cfg.window - 1, _window_channels(cfg), dtype=w.dtype, device=w.device)))
             else:
                 layers.append(KVCache(batch, Hkv, D, w.dtype, w.device, capacity))
         return cls(layers, batch)
 
     def nbytes(self) -> int:
         """Bytes held by the state (linear states plus allocated KV caches)."""
-        return sum(s.nbytes() if isinstance(s, (KVCache, DeltaState)) else s.numel() * s.element_size()
+        return sum(s.nbytes() if isinstance(s, (KVCache, DeltaState, WindowState)) else s.numel() * s.element_size()
                    for s in self.layers)
 
 
@@ -122,11 +158,14 @@ def decode_memory(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> Decod
     kinds = [cfg.mixer(i) for i in range(cfg.num_layers)]
     state_item = torch.empty((), dtype=state_dtype(dtype)).element_size()
     kv_item = torch.empty((), dtype=dtype).element_size()
-    conv = 0
+    extra = 0
     if cfg.linear_variant in DELTA_VARIANTS:
-        conv = (cfg.conv_size - 1) * (cfg.num_heads + 2 * cfg.num_kv_heads) * D * kv_item
+        extra = (cfg.conv_size - 1) * (cfg.num_heads + 2 * cfg.num_kv_heads) * D * kv_item
+    if cfg.window:
+        extra = (cfg.window - 1) * _window_channels(cfg) * kv_item
+    _, H, K, V = _linear_state_shape(cfg, 1)
     return DecodeMemory(
-        fixed_bytes=kinds.count("L") * (cfg.num_heads * D * D * state_item + conv),
+        fixed_bytes=kinds.count("L") * (H * K * V * state_item + extra),
         per_token_bytes=kinds.count("S") * 2 * cfg.num_kv_heads * D * kv_item,
     )
 
@@ -157,11 +196,16 @@ def linear_step(
     return o.to(q_BHK.dtype), S
 
 
-def _linear_mixer(m: LinearAttention, x: Tensor, S: Tensor) -> tuple[Tensor, Tensor]:
-    q, k, v = m.qkv(x)
-    q, k = m.feature(q), m.feature(k)
-    g = m.log_gates(x)
-    if x.shape[1] == 1:
+def _linear_mixer(m: LinearAttention, x: Tensor, S: Tensor | WindowState, positions_BT: Tensor
+                  ) -> tuple[Tensor, Tensor | WindowState]:
+    q_r, k_r, v, q, k, g = m.linear_inputs(x, positions_BT)
+    if m.window:
+        ones = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], -1)
+        linear, S.S = linear_attn(q, k, ones, log_decay=m.log_decay, gate=g, scale=1.0, initial_state=S.S,
+                                  output_final_state=True)
+        o = window_attention(q_r, k_r, v, q, k, linear, window=m.window, positions=positions_BT, halo=S.halo,
+                             log_decay=m.log_decay, gate=g)
+    elif x.shape[1] == 1:
         o, S = linear_step(q[:, 0], k[:, 0], v[:, 0], m.log_decay, S, gate=None if g is None else g[:, 0])
         o = o[:, None]
     else:
@@ -222,7 +266,7 @@ def decode_step(model: LinearLlama, tokens_BT: Tensor, state: DecodeState, last_
         if isinstance(block.mixer, DeltaNetAttention):
             y = _delta_mixer(block.mixer, h, state.layers[i], positions)
         elif isinstance(block.mixer, LinearAttention):
-            y, state.layers[i] = _linear_mixer(block.mixer, h, state.layers[i])
+            y, state.layers[i] = _linear_mixer(block.mixer, h, state.layers[i], positions)
         elif isinstance(block.mixer, SoftmaxAttention):
             y = _softmax_mixer(block.mixer, h, state.layers[i], positions)
         else:

@@ -148,3 +148,24 @@ FEATURE_MAPS = {
     "relu": F.relu,
     "silu": F.silu,
 }
+
+
+class Hedgehog(nn.Module):
+    """LoLCATs' Hedgehog feature map, per head: phi(x) = [softmax(x W_h), softmax(-x W_h)] over the feature
+    dim, x [B, T, heads, D] -> [B, T, heads, 2 D], positive; W_h [D, D] starts at the identity (LoLCATs'
+    initialisation) and is what attention transfer trains. Tensor parallelism splits W by heads."""
+
+    def __init__(self, heads: int, head_dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.eye(head_dim).repeat(heads, 1, 1))
+        self.weight.no_weight_decay = True
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        z = torch.einsum("bthd,hde->bthe", xf, self.weight.to(xf.dtype))
+        return torch.cat([torch.softmax(z, -1), torch.softmax(-z, -1)], -1).to(x.dtype)
+
+
+def feature_map(name: str, heads: int, head_dim: int) -> nn.Module | None:
+    """The module of a learned feature map (hedgehog), or None for the fixed ones in FEATURE_MAPS."""
+    return Hedgehog(heads, head_dim) if name == "hedgehog" else None

@@ -16,55 +16,148 @@ from lasp.kernels import linear_attn
 from lasp.kernels.documents import Documents
 from lasp.kernels.softmax_attn import softmax_attn
 from lasp.model.config import DELTA_VARIANTS, GATED_VARIANTS, ModelConfig
-from lasp.model.layers import FEATURE_MAPS, LogGate, RMSNorm, ShortConv, SwiGLU, log_decay, rope, rope_frequencies
+from lasp.model.layers import (
+    FEATURE_MAPS, LogGate, RMSNorm, ShortConv, SwiGLU, feature_map, log_decay, rope, rope_frequencies,
+)
+from lasp.model.window import window_attention
 
 
 class _Projections(nn.Module):
+    """q, k, v and o projections (GQA), the per-head q/k norm (qk_norm) and RoPE of a mixer. Every mixer can
+    compute the softmax attention of its own q, k, v (`teacher`): a softmax layer's output, and the target
+    of a linearised layer in attention transfer."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         H, Hkv, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.head_dim = D
+        self.head_dim, self.num_heads = D, H  # num_heads: the model's, whatever TP keeps here
         bias = cfg.attention_bias
         self.q_proj = nn.Linear(cfg.hidden_size, H * D, bias=bias)
         self.k_proj = nn.Linear(cfg.hidden_size, Hkv * D, bias=bias)
         self.v_proj = nn.Linear(cfg.hidden_size, Hkv * D, bias=bias)
         self.o_proj = nn.Linear(H * D, cfg.hidden_size, bias=False)
+        self.rope_theta = cfg.rope_theta
+        scaling = None
+        if cfg.rope_scaling == "llama3":
+            scaling = dict(factor=cfg.rope_factor, low_freq_factor=cfg.rope_low_freq_factor,
+                           high_freq_factor=cfg.rope_high_freq_factor,
+                           original_max_positions=cfg.rope_original_max_positions)
+        dtype = torch.float32 if cfg.float32_norm_rope else torch.float64
+        self.inv_freq_dtype = dtype  # kept through model.to(dtype): the angles' precision is the config's
+        self.register_buffer("inv_freq", rope_frequencies(D, cfg.rope_theta, scaling, dtype),
+                             persistent=False)
+        self.q_norm = RMSNorm(D, cfg.norm_eps, cfg.float32_norm_rope) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(D, cfg.norm_eps, cfg.float32_norm_rope) if cfg.qk_norm else None
+        self.teacher_fn = softmax_attn
+        self.transfer: list[Tensor] | None = None
+        """Attention transfer (lasp.parallel.loss): the squared errors of the forwards since the last reset."""
 
     def qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """[B, T, hidden] -> q [B, T, H, D], k, v [B, T, Hkv, D] (local heads under TP)."""
-        return tuple(p(x).unflatten(-1, (-1, self.head_dim)) for p in (self.q_proj, self.k_proj, self.v_proj))
+        """[B, T, hidden] -> q [B, T, H, D], k, v [B, T, Hkv, D] (local heads under TP), q and k normed
+        per head with qk_norm."""
+        q, k, v = (p(x).unflatten(-1, (-1, self.head_dim)) for p in (self.q_proj, self.k_proj, self.v_proj))
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return q, k, v
+
+    def rotate(self, q: Tensor, k: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+        inv = self.inv_freq.to(self.inv_freq_dtype)
+        return rope(q, positions, self.rope_theta, inv), rope(k, positions, self.rope_theta, inv)
+
+    def rotated_qkv(self, x: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k (normed per head with qk_norm, then RoPE at `positions`) and v."""
+        q, k, v = self.qkv(x)
+        return *self.rotate(q, k, positions), v
+
+    def teacher(self, x: Tensor, positions: Tensor, documents: Documents | None = None) -> Tensor:
+        """Causal softmax attention of this layer's q, k, v: [B, T, H, D], before o_proj."""
+        kw = {} if documents is None else {"cu_seqlens": documents}
+        return self.teacher_fn(*self.rotated_qkv(x, positions), **kw)
+
+    def transferred(self, x: Tensor, positions: Tensor, documents: Documents | None = None) -> Tensor:
+        """Attention transfer: record the squared error of this linear layer's output (before o_proj, from
+        detached inputs) against its softmax teacher's, summed over tokens and averaged over the model's
+        heads and dims; pass the TEACHER's output on, so every layer learns on the inputs it had."""
+        with torch.no_grad():
+            target = self.teacher(x, positions, documents)
+        student = self.attend(x.detach(), positions, documents)
+        err = student - target
+        err = err.float() if err.dtype in (torch.float16, torch.bfloat16) else err
+        self.transfer.append(err.pow(2).sum() / (self.num_heads * self.head_dim))
+        return self.o_proj(target.flatten(2))
+
+    def forward(self, x: Tensor, positions: Tensor, documents: Documents | None = None) -> Tensor:
+        if self.transfer is not None:
+            return self.transferred(x, positions, documents)
+        return self.o_proj(self.attend(x, positions, documents).flatten(2))
 
 
 class LinearAttention(_Projections):
-    """Linear-attention mixer: feature map on q, k; a per-head decay or a data-dependent gate; optional
-    per-head output norm."""
+    """Linear-attention mixer: feature map on q, k (RoPE'd first with linear_rope); a per-head decay or a
+    data-dependent gate (its own projection, or Liger's pooled key); optional per-head output norm; with
+    model.window, an exact softmax window beside the linear branch (lasp.model.window).
+
+    `attn_fn` is the op (linear_attn, or LASP-2 under SP); `halo_fn(x [B, T, C], rows)` gives the rows
+    before each local chunk for the window ([n, B, rows, C]; zeros on one device, lasp.sp.halo under SP)."""
 
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__(cfg)
-        self.feature = FEATURE_MAPS[cfg.feature_map]
+        self.feature = FEATURE_MAPS.get(cfg.feature_map)
+        self.feature_q = feature_map(cfg.feature_map, cfg.num_heads, cfg.head_dim)
+        self.feature_k = feature_map(cfg.feature_map, cfg.num_kv_heads, cfg.head_dim)
+        self.linear_rope, self.window = cfg.linear_rope, cfg.window
         self.out_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.output_norm else None
         g = log_decay(cfg.linear_variant, cfg.num_heads, layer, cfg.num_layers)
         self.register_buffer("log_decay", None if g is None else g.float(), persistent=False)
-        self.gate = None
-        if cfg.linear_variant in GATED_VARIANTS:
+        self.gate = self.key_gate = None
+        if cfg.linear_variant in GATED_VARIANTS and cfg.gate_source == "key":
+            self.key_gate = (cfg.linear_variant == "gla", cfg.gate_normalizer)
+        elif cfg.linear_variant in GATED_VARIANTS:
             self.gate = LogGate(cfg.linear_variant, cfg.hidden_size, cfg.num_heads, cfg.head_dim, cfg.gate_low_rank,
                                 cfg.gate_normalizer)
         self.attn_fn = linear_attn
+        self.halo_fn = None
 
-    def log_gates(self, x: Tensor) -> Tensor | None:
-        """[B, T, H] or [B, T, H, D] log-gates in q's dtype, or None for a constant decay."""
+    def log_gates(self, x: Tensor, k: Tensor) -> Tensor | None:
+        """[B, T, H] or [B, T, H, D] log-gates in x's dtype from x or from the (normed) keys k, or None for a
+        constant decay."""
+        if self.key_gate is not None:  # Liger: logsigmoid of the key (pooled over the head dim) / normalizer
+            vector, normalizer = self.key_gate
+            kf = k.float() if k.dtype in (torch.float16, torch.bfloat16) else k
+            g = F.logsigmoid(kf if vector else kf.mean(-1)) / normalizer
+            return g.repeat_interleave(self.q_proj.weight.shape[0] // k.shape[2] // self.head_dim, 2).to(x.dtype)
         return None if self.gate is None else self.gate(x).to(x.dtype)
 
-    def forward(self, x: Tensor, positions: Tensor, documents: Documents | None = None) -> Tensor:
+    def features(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+        if self.feature_q is not None:
+            return self.feature_q(q), self.feature_k(k)
+        return self.feature(q), self.feature(k)
+
+    def linear_inputs(self, x: Tensor, positions: Tensor) -> tuple[Tensor, ...]:
+        """q, k (RoPE'd when linear_rope or a window needs them), v, the features of q and k, the gate."""
         q, k, v = self.qkv(x)
-        gate = self.log_gates(x)
+        gate = self.log_gates(x, k)
+        if self.linear_rope or self.window:
+            q, k = self.rotate(q, k, positions)
+        return q, k, v, *self.features(q, k), gate
+
+    def halo(self, x: Tensor, rows: int) -> Tensor:
+        return x.new_zeros(1, x.shape[0], rows, x.shape[2]) if self.halo_fn is None else self.halo_fn(x, rows)
+
+    def attend(self, x: Tensor, positions: Tensor, documents: Documents | None = None) -> Tensor:
+        """The output before o_proj, [B, T, H, D]."""
+        q, k, v, fq, fk, gate = self.linear_inputs(x, positions)
         kw = {} if gate is None else {"gate": gate}
         if documents is not None:
             kw["cu_seqlens"] = documents
-        o = self.attn_fn(self.feature(q), self.feature(k), v, log_decay=self.log_decay, **kw)
-        if self.out_norm is not None:
-            o = self.out_norm(o)
-        return self.o_proj(o.flatten(2))
+        if not self.window:
+            o = self.attn_fn(fq, fk, v, log_decay=self.log_decay, **kw)
+        else:
+            ones = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], -1)
+            linear = self.attn_fn(fq, fk, ones, log_decay=self.log_decay, scale=1.0, **kw)
+            o = window_attention(q, k, v, fq, fk, linear, window=self.window, positions=positions, halo=self.halo,
+                                 log_decay=self.log_decay, gate=gate)
+        return o if self.out_norm is None else self.out_norm(o)
 
 
 def _inverse_softplus_dt(n: int, dt_min: float = 1e-3, dt_max: float = 0.1, floor: float = 1e-4) -> Tensor:
@@ -138,15 +231,19 @@ class DeltaNetAttention(_Projections):
         q, k = F.normalize(q, dim=-1, eps=1e-6), F.normalize(k, dim=-1, eps=1e-6)
         return q, k, v, *self.beta_gate(x)
 
-    def output(self, o: Tensor, x: Tensor) -> Tensor:
-        """RMSNorm(o) * SiLU(W_g x) per head, then o_proj."""
-        gate = F.silu(self.g_proj(x).unflatten(-1, (-1, self.head_dim)))
-        return self.o_proj((self.out_norm(o) * gate).flatten(2))
+    def gated(self, o: Tensor, x: Tensor) -> Tensor:
+        """RMSNorm(o) * SiLU(W_g x) per head, [B, T, H, D]."""
+        return self.out_norm(o) * F.silu(self.g_proj(x).unflatten(-1, (-1, self.head_dim)))
 
-    def forward(self, x: Tensor, positions: Tensor, documents: Documents | None = None) -> Tensor:
+    def output(self, o: Tensor, x: Tensor) -> Tensor:
+        """The gated output through o_proj."""
+        return self.o_proj(self.gated(o, x).flatten(2))
+
+    def attend(self, x: Tensor, positions: Tensor, documents: Documents | None = None) -> Tensor:
+        """The output before o_proj, [B, T, H, D]."""
         q, k, v, beta, gate = self.mixed(x, positions)
         kw = {} if documents is None else {"cu_seqlens": documents}
-        return self.output(self.attn_fn(q, k, v, beta=beta, gate=gate, **kw), x)
+        return self.gated(self.attn_fn(q, k, v, beta=beta, gate=gate, **kw), x)
 
 
 class SoftmaxAttention(_Projections):
@@ -154,31 +251,11 @@ class SoftmaxAttention(_Projections):
 
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__(cfg)
-        self.rope_theta = cfg.rope_theta
-        scaling = None
-        if cfg.rope_scaling == "llama3":
-            scaling = dict(factor=cfg.rope_factor, low_freq_factor=cfg.rope_low_freq_factor,
-                           high_freq_factor=cfg.rope_high_freq_factor,
-                           original_max_positions=cfg.rope_original_max_positions)
-        dtype = torch.float32 if cfg.float32_norm_rope else torch.float64
-        self.inv_freq_dtype = dtype  # kept through model.to(dtype): the angles' precision is the config's
-        self.register_buffer("inv_freq", rope_frequencies(cfg.head_dim, cfg.rope_theta, scaling, dtype), persistent=False)
-        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, cfg.float32_norm_rope) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, cfg.float32_norm_rope) if cfg.qk_norm else None
         self.attn_fn = softmax_attn
 
-    def rotated_qkv(self, x: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """q, k (normed per head with qk_norm, then RoPE at `positions`) and v."""
-        q, k, v = self.qkv(x)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        inv = self.inv_freq.to(self.inv_freq_dtype)
-        return rope(q, positions, self.rope_theta, inv), rope(k, positions, self.rope_theta, inv), v
-
-    def forward(self, x: Tensor, positions: Tensor, documents: Documents | None = None) -> Tensor:
-        q, k, v = self.rotated_qkv(x, positions)
+    def attend(self, x: Tensor, positions: Tensor, documents: Documents | None = None) -> Tensor:
         kw = {} if documents is None else {"cu_seqlens": documents}
-        return self.o_proj(self.attn_fn(q, k, v, **kw).flatten(2))
+        return self.attn_fn(*self.rotated_qkv(x, positions), **kw)
 
 
 class Block(nn.Module):

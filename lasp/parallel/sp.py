@@ -12,13 +12,15 @@ from lasp.sp.halo import halo_rows
 
 def apply_sp(model: LinearLlama, group, layout: str) -> None:
     """Linear mixers run LASP-2, softmax mixers LASP-2H, all on `group` with `layout`; the delta rule's
-    short convolutions get the rows before each local chunk from their owners (lasp.sp.halo). The data
-    must be split once with `shard_sequence(..., layout=layout)`, positions included."""
+    short convolutions and the linear layers' windows get the rows before each local chunk from their
+    owners (lasp.sp.halo), and attention transfer's teacher (every mixer's own softmax) runs LASP-2H. The
+    data must be split once with `shard_sequence(..., layout=layout)`, positions included."""
     for block in model.layers:
         op = lasp2h_softmax_attn if isinstance(block.mixer, SoftmaxAttention) else lasp2_linear_attn
         block.mixer.attn_fn = partial(op, group=group, layout=layout)
-        if isinstance(block.mixer, DeltaNetAttention):
-            block.mixer.halo_fn = lambda x, rows: halo_rows(x, rows, group=group, layout=layout)
+        block.mixer.teacher_fn = partial(lasp2h_softmax_attn, group=group, layout=layout)
+        if isinstance(block.mixer, (DeltaNetAttention, LinearAttention)):
+            block.mixer.halo_fn = partial(halo_rows, group=group, layout=layout)
 
 
 def apply_kernel(module: nn.Module, kernel: LinearAttnKernel) -> int:

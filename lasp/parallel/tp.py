@@ -111,6 +111,9 @@ def apply_tp(model: LinearLlama, cfg: ModelParallelConfig, group, rank: int, siz
                 _split_parameter(mixer, "dt_bias", rank, size)
             mixer.out_norm.weight.tp_partial_grad = True
         if isinstance(mixer, LinearAttention):
+            for fmap in (mixer.feature_q, mixer.feature_k):
+                if fmap is not None:  # Hedgehog's per-head weights follow the heads of q and k
+                    _split_parameter(fmap, "weight", rank, size)
             if mixer.log_decay is not None:
                 mixer.log_decay = _shard(mixer.log_decay, 0, rank, size).clone()
             if mixer.out_norm is not None:

@@ -1,5 +1,5 @@
 """The rows a local operator needs from before each of this rank's chunks (a halo), for the short causal
-convolution of delta-rule layers (DESIGN.md section 1, "local operators that reach across a rank boundary").
+convolution of delta-rule layers and the sliding window of linearised ones (DESIGN.md section 1, "local operators that reach across a rank boundary").
 
 Legend: B batch, T local tokens, C channels, n chunks per rank, L tokens per chunk, r halo rows.
 
@@ -59,7 +59,7 @@ class _HaloFn(torch.autograd.Function):
 def halo_rows(x_BTC: Tensor, rows: int, *, group=None, layout: str = "contiguous") -> Tensor:
     """For each of this rank's chunks of x [B, T, C] (split by `layout` over `group`), the `rows` rows
     before it in the global sequence: [n, B, rows, C], zeros before the sequence's start. With no process
-    group or a group of one: zeros (one chunk). Chunks must hold at least `rows` tokens."""
+    group or a group of one: zeros (one chunk); no collective for 0 rows. Chunks must hold at least `rows` tokens."""
     W = group_size(group)
     lay = SeqLayout(layout, W)
     n = lay.chunks_per_rank
@@ -67,6 +67,6 @@ def halo_rows(x_BTC: Tensor, rows: int, *, group=None, layout: str = "contiguous
     if T % n or T // n < rows:
         raise ValueError(f"a halo of {rows} rows needs chunks of at least {rows} tokens: {T} local tokens in {n} "
                          f"chunk(s) of the {layout} layout over {W} ranks")
-    if W == 1:
-        return x_BTC.new_zeros(1, B, rows, C)
+    if W == 1 or rows == 0:
+        return x_BTC.new_zeros(1 if W == 1 else n, B, rows, C)
     return _HaloFn.apply(x_BTC, rows, group, lay)

@@ -52,22 +52,23 @@ def peak_flops(device_name: str | None, dtype: str) -> float | None:
 
 
 def param_counts(m: ModelConfig) -> dict[str, int]:
-    """Parameters by kind: embedding, matmul weights (LM head included), norms, the delta rule's other
-    small ones (convolutions, A_log, dt_bias), and the total."""
+    """Parameters by kind: embedding, matmul weights (LM head included), norms, the other small ones (the
+    delta rule's convolutions, A_log, dt_bias; Hedgehog's feature maps), and the total."""
     h, d, H = m.hidden_size, m.head_dim, m.num_heads
     attn = h * d * (2 * H + 2 * m.num_kv_heads)
     delta = m.linear_variant in DELTA_VARIANTS
-    gate = {"simple_gla": h * H, "gla": m.gate_low_rank * (h + H * d),
+    projected = m.gate_source == "projection"  # Liger's key gate has no parameters
+    gate = {"simple_gla": h * H * projected, "gla": m.gate_low_rank * (h + H * d) * projected,
             "deltanet": h * H + h * H * d,  # beta, the output gate
             "gated_deltanet": 2 * h * H + h * H * d,
             "kda": h * H + m.gate_low_rank * (h + H * d) + h * H * d}.get(m.linear_variant, 0)
     linear = sum(m.mixer(i) == "L" for i in range(m.num_layers))
     mlp = 3 * h * m.ffn_hidden_size
     norms = m.num_layers * 2 * h + h + linear * (d if m.output_norm or delta else 0)
-    norms += (m.num_layers - linear) * 2 * d if m.qk_norm else 0  # Qwen3's q/k norms in the softmax layers
-    small = 0
+    norms += m.num_layers * 2 * d if m.qk_norm else 0  # Qwen3's q/k norms
+    small = (H + m.num_kv_heads) * d * d if m.feature_map == "hedgehog" else 0  # its per-head maps
     if delta:
-        small = m.conv_size * (H + 2 * m.num_kv_heads) * d
+        small += m.conv_size * (H + 2 * m.num_kv_heads) * d
         small += {"gated_deltanet": 2 * H, "kda": H + H * d}.get(m.linear_variant, 0)
     biases = m.num_layers * (H + 2 * m.num_kv_heads) * d if m.attention_bias else 0  # Qwen2's q/k/v biases
     embed = m.vocab_size * h
@@ -91,8 +92,9 @@ def flops_per_token(m: ModelConfig, seq_len: int) -> float:
             f += 6.0 * m.num_heads * d * seq_len
         elif m.linear_variant in DELTA_VARIANTS:
             f += delta_flops_per_token(m)
-        else:
-            f += 12.0 * m.num_heads * d * d
+        else:  # Hedgehog's features are 2 d wide; a window adds its scores and values, twice (taken out)
+            f += 12.0 * m.num_heads * d * d * (2 if m.feature_map == "hedgehog" else 1)
+            f += 24.0 * m.num_heads * d * m.window
     return f
 
 
