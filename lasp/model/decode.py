@@ -10,7 +10,8 @@ single-device op `linear_attn` started from S, which returns the same final stat
 delta-rule layer keeps S and its convolutions' last conv_size - 1 inputs (`DeltaState`) and runs every
 step through `linear_attn(beta=...)` from S. A linear layer with a window (model.window) keeps its
 state over [v, 1] and the last window - 1 rows of its keys, values, features and gates (`WindowState`),
-which stand in for the halo of lasp.model.window. A softmax layer appends its RoPE'd keys and values at their global positions and attends end-aligned.
+which stand in for the halo of lasp.model.window. A softmax layer appends its RoPE'd keys and values at
+their global positions and attends end-aligned.
 Decoding calls the kernels directly, never a mixer's `attn_fn` slot, so it does not matter what a
 parallelised model put there.
 """
