@@ -149,16 +149,22 @@ def test_init_from_loads_the_weights_under_tp_and_linearises(dist_pool, hf_dir_a
     assert checked[0] == checked[1] > 10  # the linear layer 0 took layer 0's q, k, v, o too
 
 
-def test_init_from_trains_and_a_shape_mismatch_is_a_config_error(hf_dir_and_data, tmp_path, capsys):
+def test_init_from_transfers_resumes_and_a_shape_mismatch_is_a_config_error(hf_dir_and_data, tmp_path, capsys):
     from lasp.train.__main__ import main
     import yaml
 
     src, data = hf_dir_and_data
     path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump(_trainer_cfg(src, data, tmp_path / "run")))
+    cfg = _trainer_cfg(src, data, tmp_path / "run", feature_map="hedgehog", window=2, output_norm=False)
+    cfg["train"].update(trainable="new", objective="attention_transfer")
+    path.write_text(yaml.safe_dump(cfg))
     assert main(["--config", str(path)]) == 0
     out = capsys.readouterr().out
     assert f"initialised from {src}: " in out and "new (initialised fresh)" in out
+    assert "the loss is the squared error of 1 linear layer(s)" in out
+    # frozen tensors have no optimizer state: the checkpoint holds their weights only, and resumes
+    assert main(["--config", str(path), "--set", "train.steps=2"]) == 0
+    assert "resuming from" in capsys.readouterr().out
     path.write_text(yaml.safe_dump(_trainer_cfg(src, data, tmp_path / "run2", hidden_size=64, num_heads=8)))
     assert main(["--config", str(path)]) == 2
     err = capsys.readouterr().err
@@ -214,7 +220,19 @@ def case_trainable_new(cfg: dict, src: str) -> dict:
     frozen = provided(src, c.model)
     before = {p.full_name: p.detach().clone() for p in stage.parameters()}
     tokens = torch.randint(0, c.model.vocab_size, (2, c.data.seq_len + 1), generator=torch.Generator().manual_seed(3))
-    train_step(stage, tokens, c.parallel, groups)
+    loss = float(train_step(stage, tokens, c.parallel, groups))
+    if c.train.objective == "attention_transfer":  # the same loss as one process (float32: the trainer's)
+        from lasp.model.hf import initial_state
+        from lasp.parallel import attention_transfer
+        from lasp.parallel.loss import transfer_loss_sum
+
+        torch.manual_seed(c.train.seed)  # the new tensors' initialisation, as build_stage draws it
+        one = LinearLlama(c.model)
+        one.load_state_dict(initial_state(src, c.model), strict=False)
+        mixers = attention_transfer(one)
+        one(tokens[:, :-1])
+        want = float(transfer_loss_sum(mixers).detach()) / tokens[:, 1:].numel()
+        assert want > 0 and abs(loss - want) <= 1e-5 * want, (loss, want)
     optimizer.step()
     in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
     moved, kept = 0, 0
@@ -229,9 +247,23 @@ def case_trainable_new(cfg: dict, src: str) -> dict:
     return {"kept": kept, "moved": moved}
 
 
-def test_only_the_new_parameters_train(dist_pool, hf_dir_and_data, tmp_path):
+TRAINABLE = {  # the layout, the model and the objective of a run whose imported tensors stay frozen
+    "lm-gdn-sp2": ({"sp": 2}, dict(linear_variant="gated_deltanet"), "lm"),
+    "transfer-window-tp2-sp2": ({"tp": 2, "sp": 2}, dict(linear_variant="simple_gla", gate_source="key",
+                                feature_map="hedgehog", window=4, linear_rope=True, output_norm=False),
+                                "attention_transfer"),
+    "transfer-gdn-sp2": ({"sp": 2, "sp_layout": "contiguous"}, dict(linear_variant="gated_deltanet"),
+                         "attention_transfer"),
+}
+
+
+@pytest.mark.parametrize("case", TRAINABLE.values(), ids=TRAINABLE.keys())
+def test_only_the_new_parameters_train(dist_pool, hf_dir_and_data, tmp_path, case):
+    layout, model, objective = case
     src, data = hf_dir_and_data
-    cfg = _trainer_cfg(src, data, tmp_path / "run", parallel={"sp": 2}, linear_variant="gated_deltanet")
-    cfg["train"]["trainable"] = "new"
-    for r in dist_pool(2).run("tests.test_hf:case_trainable_new", cfg=cfg, src=str(src)):
-        assert r["kept"] > 10 and r["moved"] >= 8, r  # layer 0's convolutions, beta, gate, A_log, dt_bias, ...
+    cfg = _trainer_cfg(src, data, tmp_path / "run", parallel=layout, **model)
+    cfg["train"].update(trainable="new", objective=objective)
+    world = layout.get("tp", 1) * layout.get("sp", 1)
+    for r in dist_pool(world).run("tests.test_hf:case_trainable_new", cfg=cfg, src=str(src)):
+        # layer 0's new tensors: the delta rule's convolutions, beta, gate, A_log, dt_bias, ...; Hedgehog's maps
+        assert r["kept"] > 10 and r["moved"] >= (8 if "deltanet" in model["linear_variant"] else 2), r

@@ -225,3 +225,14 @@ def test_a_kernel_without_gates_or_resets_is_refused_before_any_process_group():
     _check_kernel(cfg, __import__("lasp").kernels.DEFAULT_KERNEL)  # the torch kernel has both
     softmax_only = resolve({"model": {"linear_variant": "gla", "layer_pattern": "S"}}, "x.yaml", 1, check_data=False)
     _check_kernel(softmax_only, NoGates())  # no linear layer: nothing to ask
+
+
+def test_attention_transfer_names_what_it_needs():
+    p = _problems({"model": {"layer_pattern": "S"}, "parallel": {"pp": 2},
+                   "train": {"objective": "attention_transfer"}}, world_size=2)
+    for part in ["train.objective = attention_transfer trains only the new parameters: set train.trainable = new",
+                 "needs linear layers, but model.layer_pattern 'S' has none",
+                 "runs with parallel.pp = 1 (every layer's error is summed on one stage), got 2"]:
+        assert any(part in q for q in p), p
+    assert any("train.objective must be lm or attention_transfer, got 'mse'" in q
+               for q in _problems({"train": {"objective": "mse"}}))

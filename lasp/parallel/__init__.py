@@ -13,19 +13,22 @@ from lasp.parallel.config import ParallelConfig
 from lasp.parallel.clip import clip_grad_norm_
 from lasp.parallel.dp import DataParallel, apply_dp, zero_grads
 from lasp.parallel.groups import ParallelGroups, init_groups
+from lasp.parallel.loss import attention_transfer, transfer_loss_sum
 from lasp.parallel.pipeline import PipelineStage, forward_backward
 from lasp.parallel.sp import apply_sp
 from lasp.parallel.tp import apply_tp, megatron_config, vocab_parallel_loss_sum
 from lasp.parallel.zero import zero_engine, zero_eval_step, zero_train_step
 
 
-def parallelize(model: LinearLlama, cfg: ParallelConfig, groups: ParallelGroups) -> DataParallel | PipelineStage:
+def parallelize(model: LinearLlama, cfg: ParallelConfig, groups: ParallelGroups,
+                frozen: frozenset[str] = frozenset()) -> DataParallel | PipelineStage:
     """TP (shard the layers), then SP (fill the mixer slots), then PP (keep this rank's stage), then DP.
 
     `model` must be the same fully built single-device model on every rank (same seed); it is changed in
     place and this rank's stage is returned, wrapped in `DataParallel` (it reads like the stage: is_first,
     is_last, parameters()) unless cfg.zero_stage > 0 (then wrap it with `zero_engine`). Gradients are
-    summed during the backward of `forward_backward_step`.
+    summed during the backward of `forward_backward_step`. `frozen`: the full names of the parameters that
+    do not train (requires_grad False on every shard).
     """
     cpu_shims.install()
     for name, p in model.named_parameters():
@@ -38,13 +41,20 @@ def parallelize(model: LinearLlama, cfg: ParallelConfig, groups: ParallelGroups)
     if cfg.sp > 1:
         apply_sp(model, groups.sp, cfg.sp_layout)
     stage = PipelineStage(model, groups.pp_rank, cfg.pp, mcfg)
+    for p in stage.parameters():  # after TP, whose layers hold new parameters; before DP sizes its buffers
+        p.requires_grad_(p.full_name not in frozen)
     return apply_dp(stage, cfg, groups)
 
 
 def loss_sum_fn(cfg: ParallelConfig, groups: ParallelGroups, stage: nn.Module):
     """(output of the last `stage`, labels [b, T_local]) -> summed token cross-entropy (vocab-parallel
     under TP). The stage's output is its normed hidden states: the LM head runs inside the loss, chunked
-    by cfg.loss_chunk_tokens (stages built with logits=True get the plain loss of their logits)."""
+    by cfg.loss_chunk_tokens (stages built with logits=True get the plain loss of their logits). A stage
+    switched to attention transfer (lasp.parallel.loss.attention_transfer) gets its mixers' errors instead."""
+    mixers = getattr(stage, "transfer_mixers", None)
+    if mixers:  # attention transfer: the output and labels do not matter, the mixers' records do
+        group = groups.tp if cfg.tp > 1 else None
+        return lambda hidden, labels: transfer_loss_sum(mixers, group)
     if stage.logits:
         return lm_loss_sum if cfg.tp == 1 else partial(vocab_parallel_loss_sum, group=groups.tp, rank=groups.tp_rank)
 
@@ -108,6 +118,7 @@ def train_step(stage: DataParallel, tokens: torch.Tensor, cfg: ParallelConfig, g
 __all__ = [
     "DataParallel",
     "apply_dp",
+    "attention_transfer",
     "clip_grad_norm_",
     "eval_step",
     "forward_backward_step",

@@ -5,7 +5,9 @@ Legend: B batch, T local tokens, D hidden, V vocabulary.
 """
 
 import torch.distributed as dist
-from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
+from megatron.core.tensor_parallel.mappings import (
+    copy_to_tensor_model_parallel_region, reduce_from_tensor_model_parallel_region,
+)
 from torch import Tensor, nn
 
 from lasp.model.loss import chunked_lm_loss_sum
@@ -52,3 +54,33 @@ class LMHeadLoss(nn.Module):
             return chunked_lm_loss_sum(hidden, weight, labels, chunk_tokens=chunk_tokens)
         return vocab_parallel_chunked_loss_sum(hidden, weight, labels, chunk_tokens=chunk_tokens, group=group,
                                                rank=rank)
+
+
+def attention_transfer(stage: nn.Module) -> list[nn.Module]:
+    """Switch every linear mixer of `stage` (a model or a pipeline stage) to attention transfer: each forward
+    records its squared error against its softmax teacher and passes the teacher's output on (see
+    `_Projections.transferred`). The records are cleared when `stage` starts a forward, so an activation
+    checkpoint's recomputation in the backward leaves nothing behind. Returns the mixers, also kept as
+    `stage.transfer_mixers` (which `transfer_loss_sum` reads)."""
+    from lasp.model.llama import DeltaNetAttention, LinearAttention
+
+    mixers = [m for m in stage.modules() if isinstance(m, (LinearAttention, DeltaNetAttention))]
+    for m in mixers:
+        m.transfer = []
+
+    def clear(module, args):
+        for m in mixers:
+            m.transfer.clear()
+
+    stage.register_forward_pre_hook(clear)
+    stage.transfer_mixers = mixers
+    return mixers
+
+
+def transfer_loss_sum(mixers: list[nn.Module], group=None) -> Tensor:
+    """The squared errors the mixers recorded in the forward just run, summed (and taken), summed over the
+    TP `group` when given (each rank holds its heads' errors; the gradient passes straight through)."""
+    total = sum(e for m in mixers for e in m.transfer)
+    for m in mixers:
+        m.transfer.clear()
+    return total if group is None else reduce_from_tensor_model_parallel_region(total, group=group)

@@ -87,7 +87,9 @@ def state_dict(stage: nn.Module, optimizer: torch.optim.Optimizer, sharding: _Sh
     for p in _unique_params(stage):
         name = p.full_name
         sd[f"model/{name}"] = sharding.wrap(p, p)
-        st = optimizer.state[p]
+        st = optimizer.state.get(p)
+        if not st:  # frozen (train.trainable): no optimizer state
+            continue
         sd[f"optim/{name}/exp_avg"] = sharding.wrap(st["exp_avg"], p)
         sd[f"optim/{name}/exp_avg_sq"] = sharding.wrap(st["exp_avg_sq"], p)
         sd[f"optim/{name}/step"] = st["step"]

@@ -145,6 +145,12 @@ class TrainSection:
     trainable: str = "all"
     """Which parameters train: all, or new (only those train.init_from does not provide: a linearised
     layer's gates, beta, convolutions, output norms; the rest is frozen and has no optimizer state)."""
+    objective: str = "lm"
+    """What the loss is: lm (next-token cross-entropy), or attention_transfer (LoLCATs' stage 1: each linear
+    layer's output before o_proj is trained to match the softmax attention of the same layer and weights on
+    the same inputs, which the forward passes on; the loss is the squared error summed over layers, averaged
+    over heads and dims, per token). attention_transfer needs train.init_from, train.trainable = new and
+    parallel.pp = 1."""
     max_minutes: float | None = None
     """Stop after the step that crosses this many minutes, save a checkpoint and exit with status 75
     (as on SIGTERM): set it a few minutes under the job's time limit. None: no limit."""
@@ -171,6 +177,11 @@ class TrainSection:
             p.append(f"train.trainable must be all or new, got {self.trainable!r}")
         elif self.trainable == "new" and not self.init_from:
             p.append("train.trainable = new needs train.init_from (the weights that stay frozen)")
+        if self.objective not in ("lm", "attention_transfer"):
+            p.append(f"train.objective must be lm or attention_transfer, got {self.objective!r}")
+        elif self.objective == "attention_transfer" and self.trainable != "new":
+            p.append(f"train.objective = attention_transfer trains only the new parameters: set train.trainable "
+                     f"= new (got {self.trainable!r})")
         return p
 
     @property
@@ -284,6 +295,17 @@ def _output_problems(logging: LoggingConfig, checkpoint: CheckpointConfig | None
     return p
 
 
+def _transfer_problems(model: ModelConfig | None, par) -> list[str]:
+    p = []
+    if model is not None and not any(model.mixer(i) == "L" for i in range(model.num_layers)):
+        p.append(f"train.objective = attention_transfer needs linear layers, but model.layer_pattern "
+                 f"{model.layer_pattern!r} has none")
+    if par is not None and par.pp != 1:
+        p.append(f"train.objective = attention_transfer runs with parallel.pp = 1 (every layer's error is summed "
+                 f"on one stage), got {par.pp}")
+    return p
+
+
 def resolve(data: dict, source: str, world_size: int | None, check_data: bool = True) -> TrainConfig:
     """A TrainConfig from a parsed YAML dict, or ConfigError with every problem. `world_size` None skips
     the check against the launched world (dry runs picture the configured mesh); `check_data` False skips
@@ -310,6 +332,8 @@ def resolve(data: dict, source: str, world_size: int | None, check_data: bool = 
     if par is not None and tcfg is not None and par.zero_stage and tcfg.nonfinite == "skip":
         problems.append(f"train.nonfinite = skip needs parallel.zero_stage 0 (got {par.zero_stage}): DeepSpeed "
                         "applies the update inside its step; use train.nonfinite = stop")
+    if tcfg is not None and tcfg.objective == "attention_transfer":
+        problems += _transfer_problems(model, par)
     if check_data and dcfg is not None:
         problems += _data_problems(dcfg, model, evaluate=tcfg is not None and tcfg.eval_interval > 0)
     if check_data and built["logging"] is not None:

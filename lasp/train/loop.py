@@ -23,7 +23,7 @@ from lasp.distributed.timeouts import named_timeouts
 from lasp.kernels import get_kernel
 from lasp.model import LinearLlama
 from lasp.parallel import (
-    ParallelGroups, clip_grad_norm_, eval_step, forward_backward_step, init_groups, loss_sum_fn, parallelize,
+    ParallelGroups, attention_transfer, clip_grad_norm_, eval_step, forward_backward_step, init_groups, loss_sum_fn, parallelize,
     zero_engine, zero_eval_step, zero_train_step,
 )
 from lasp.parallel.ac import apply_ac
@@ -145,16 +145,19 @@ def build_stage(cfg: TrainConfig, groups: ParallelGroups, device: torch.device, 
     if init_from:
         loaded, new = _initialise(model, init_from)
         say(f"initialised from {init_from}: {loaded} tensors loaded, {new} new (initialised fresh)")
+    frozen = frozenset()
     if cfg.train.trainable == "new":  # also when resuming: the same parameters train as before
         from lasp.model.hf import provided
 
-        frozen = provided(cfg.train.init_from, cfg.model)
-        for name, param in model.named_parameters():
-            param.requires_grad_(name not in frozen)
-        n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        frozen = frozenset(provided(cfg.train.init_from, cfg.model))
+        n = sum(p.numel() for name, p in model.named_parameters() if name not in frozen)
         say(f"train.trainable = new: {n:,} parameters train, the {len(frozen)} imported tensors are frozen")
     apply_ac(model, cfg.train.checkpoint_every)
-    stage = parallelize(model, p, groups)
+    stage = parallelize(model, p, groups, frozen)
+    if cfg.train.objective == "attention_transfer":
+        n = len(attention_transfer(getattr(stage, "module", stage)))  # the stage inside DataParallel
+        say(f"train.objective = attention_transfer: the loss is the squared error of {n} linear layer(s) "
+            "against their own softmax attention")
     apply_kernel(stage, kernel)
     optimizer = build_optimizer(stage, cfg.optim, device)
     rows = cfg.data.global_batch // p.dp // p.microbatches
