@@ -2,7 +2,8 @@
 
 Consolidates a sharded trainer checkpoint, whatever the layout that saved it (tp, sp, pp, dp), into one
 `model.safetensors` plus `config.json` (and the tokenizer), which `LinearLlama.from_pretrained(DIR)` loads
-on one device and `python -m lasp.generate` samples from. Runs as one process, without a process group.
+on one device and `python -m lasp.generate` samples from. LoRA adapters are merged into their weights
+(lasp.model.lora.merge_lora). Runs as one process, without a process group.
 """
 
 import argparse
@@ -93,6 +94,11 @@ def main(argv=None) -> int:
     usage_error(p, problems)
     try:
         model, tokenizer = load_model(args.checkpoint, dtype=getattr(torch, args.dtype))
+        if model.cfg.lora_rank:
+            from lasp.model.lora import merge_lora
+
+            rank, model = model.cfg.lora_rank, merge_lora(model)
+            print(f"merged the LoRA adapters (rank {rank}) into their weights")
         # built beside --out and renamed into place: a failed export leaves --out as it was
         tmp = tempfile.mkdtemp(prefix=os.path.basename(out) + ".tmp-", dir=os.path.dirname(out))
         try:

@@ -239,20 +239,21 @@ def case_reload(cfg: dict, src: str):
 
 
 RESHARD = [
-    ({"tp": 2, "sp": 2}, {"tp": 1, "sp": 4}, 4, "lightning"),
-    ({"pp": 2}, {"pp": 1, "dp": 2}, 2, "lightning"),
-    ({"sp": 2}, {"sp": 1, "dp": 2}, 2, "lightning"),
+    # LoRA adapters split with their layers (column-parallel B, row-parallel A) and whole (A, B) at TP = 2
+    ({"tp": 2, "sp": 2}, {"tp": 1, "sp": 4}, 4, {"lora_rank": 4, "lora_targets": "q_proj,o_proj,up_proj,down_proj"}),
+    ({"pp": 2}, {"pp": 1, "dp": 2}, 2, {}),
+    ({"sp": 2}, {"sp": 1, "dp": 2}, 2, {}),
     # the delta rule's head-split parameters (convolutions, A_log, dt_bias) gathered from TP = 2
-    ({"tp": 2, "sp": 2}, {"tp": 1, "sp": 4}, 4, "gated_deltanet"),
+    ({"tp": 2, "sp": 2}, {"tp": 1, "sp": 4}, 4, {"linear_variant": "gated_deltanet"}),
 ]
 
 
-@pytest.mark.parametrize("old,new,world,variant", RESHARD,
-                         ids=["tp2sp2-to-sp4", "pp2-to-dp2", "sp2-to-sp1", "gated-deltanet-tp2sp2-to-sp4"])
-def test_a_checkpoint_reshards_to_another_layout(dist_pool, tmp_path, big_corpus, old, new, world, variant):
+@pytest.mark.parametrize("old,new,world,extra", RESHARD,
+                         ids=["lora-tp2sp2-to-sp4", "pp2-to-dp2", "sp2-to-sp1", "gated-deltanet-tp2sp2-to-sp4"])
+def test_a_checkpoint_reshards_to_another_layout(dist_pool, tmp_path, big_corpus, old, new, world, extra):
     pool = dist_pool(world)
     model = {"num_layers": 4, "num_heads": 4, "num_kv_heads": 2, "hidden_size": 32, "layer_pattern": "LLS",
-             "linear_variant": variant}
+             "linear_variant": "lightning", **extra}
     base = _cfg(TINY, model=model, data={"path": big_corpus}, train={"steps": 2, "eval_interval": 0},
                 checkpoint={"interval": 1})
     saved = _cfg(base, parallel=old, logging={"run_dir": str(tmp_path / "old")})

@@ -13,11 +13,22 @@ SEQ, BATCH = 96, 2
 TOL = {"f64": 1e-10, "f32": 1e-5}
 
 
-def _reference(cfg, tokens, dtype, steps, lr, eos_id=None):
+def _with_lora_b(model, std):
+    """LoRA's B starts at zero, where A gets no gradient: draw it (the same on every rank) to test both."""
+    if std:
+        gen = torch.Generator().manual_seed(11)
+        for name, p in model.named_parameters():
+            if name.endswith(".lora_B"):
+                with torch.no_grad():
+                    p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * std)
+    return model
+
+
+def _reference(cfg, tokens, dtype, steps, lr, eos_id=None, lora_b=0.0):
     from lasp.kernels.documents import Documents
 
     torch.manual_seed(0)
-    model = LinearLlama(cfg).to(dtype)
+    model = _with_lora_b(LinearLlama(cfg).to(dtype), lora_b)
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     docs = None if eos_id is None else Documents.from_eos(tokens[:, :-1], eos_id)
     losses = []
@@ -32,7 +43,7 @@ def _reference(cfg, tokens, dtype, steps, lr, eos_id=None):
 
 
 def case_parallel(tp, sp, pp, dp, layout="zigzag", dtype="f64", microbatches=1, steps=1, lr=1e-2,
-                  loss_chunk_tokens=4096, eos_id=None, **model_kw):
+                  loss_chunk_tokens=4096, eos_id=None, lora_b=0.0, **model_kw):
     from lasp.parallel import ParallelConfig, init_groups, parallelize, train_step
     from lasp.parallel.mesh import coords
 
@@ -45,14 +56,14 @@ def case_parallel(tp, sp, pp, dp, layout="zigzag", dtype="f64", microbatches=1, 
     if eos_id is not None:  # packed documents: 1-token ones, a start at the middle, on a chunk boundary
         tokens[tokens == eos_id] = eos_id + 1
         tokens[0, [3, 4, 23, 47, 60]] = tokens[1, [11, 70]] = eos_id
-    ref, ref_losses = _reference(cfg, tokens, dt, steps, lr, eos_id)
+    ref, ref_losses = _reference(cfg, tokens, dt, steps, lr, eos_id, lora_b)
     ref_grads = {n: p.grad for n, p in ref.named_parameters()}
 
     groups = init_groups(pcfg)
     c = coords(pcfg)[dist.get_rank()]  # the picture in the README is megatron's mesh
     assert (c.tp, c.sp, c.dp, c.pp) == (groups.tp_rank, groups.sp_rank, groups.dp_rank, groups.pp_rank)
     torch.manual_seed(0)
-    stage = parallelize(LinearLlama(cfg).to(dt), pcfg, groups)
+    stage = parallelize(_with_lora_b(LinearLlama(cfg).to(dt), lora_b), pcfg, groups)
     opt = torch.optim.AdamW(stage.parameters(), lr=lr)
     losses = []
     for _ in range(steps):
@@ -112,11 +123,14 @@ def test_one_step_matches_single_process(dist_pool, tp, sp, pp, dp):
                           linear_rope=True, output_norm=False, qk_norm=True, eos_id=0)),
         (1, 2, 2, 1, dict(feature_map="elu1", window=3, linear_variant="lightning", layout="contiguous",
                           microbatches=2)),
+        # LoRA adapters inside the TP layers: column-parallel (q, v, up) and row-parallel (o, down)
+        (2, 2, 1, 1, dict(lora_rank=4, lora_targets="q_proj,v_proj,o_proj,up_proj,down_proj", lora_b=0.05,
+                          attention_bias=True)),
     ],
     ids=["1f1b-2mb-contiguous", "tied-tp-pp", "f32-retention", "f32-tied-dp", "simple-gla-tp-sp", "gla-tp-sp",
          "documents-simple-gla-tp-sp", "documents-sp-pp-2mb", "gated-deltanet-tp-sp", "gated-deltanet-sp-pp",
          "documents-kda-tp-sp", "deltanet-neg-eigval-sp4", "imported-features-tp-sp", "imported-softmax-sp-pp",
-         "documents-window-hedgehog-tp-sp", "window-sp-pp-2mb"],
+         "documents-window-hedgehog-tp-sp", "window-sp-pp-2mb", "lora-tp-sp"],
 )
 def test_variants_match_single_process(dist_pool, tp, sp, pp, dp, extra):
     dist_pool(tp * sp * pp * dp).run("tests.test_parallel:case_parallel", tp=tp, sp=sp, pp=pp, dp=dp, **extra)

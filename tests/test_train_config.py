@@ -104,7 +104,8 @@ def test_configs_exist():
                                 dict(linear_variant="kda", layer_pattern="LLS", num_layers=3),
                                 dict(attention_bias=True, qk_norm=True, attention_head_dim=24, layer_pattern="LS"),
                                 dict(feature_map="hedgehog", linear_variant="simple_gla", gate_source="key", window=4),
-                                dict(feature_map="elu1", linear_variant="gla", window=0)])
+                                dict(feature_map="elu1", linear_variant="gla", window=0),
+                                dict(lora_rank=3, lora_targets="q_proj, v_proj,down_proj,gate_proj", qk_norm=True)])
 def test_parameter_count_matches_the_model(kw):
     m = ModelConfig(**kw)
     assert param_counts(m)["total"] == sum(p.numel() for p in LinearLlama(m).parameters())
@@ -236,3 +237,13 @@ def test_attention_transfer_names_what_it_needs():
         assert any(part in q for q in p), p
     assert any("train.objective must be lm or attention_transfer, got 'mse'" in q
                for q in _problems({"train": {"objective": "mse"}}))
+
+
+def test_lora_names_what_it_needs():
+    p = _problems({"model": {"lora_rank": -1, "lora_alpha": 0, "lora_targets": "q_proj,attn"}})
+    for part in ["model.lora_rank must be >= 0 (0: no adapters), got -1", "model.lora_alpha must be > 0, got 0",
+                 "model.lora_targets must name projections among q_proj, k_proj, v_proj, o_proj, gate_proj, "
+                 "up_proj, down_proj, got 'q_proj,attn'"]:
+        assert any(part in q for q in p), p
+    p = _problems({"train": {"trainable": "lora"}})
+    assert any("train.trainable = lora needs adapters: set model.lora_rank" in q for q in p), p

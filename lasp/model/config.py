@@ -85,6 +85,14 @@ class ModelConfig:
     """RMSNorm and RoPE in float32 whatever the model's dtype, as transformers computes them (an imported
     model then gives transformers' logits to the last bits); false: in the model's dtype (float64 stays
     float64 throughout)."""
+    lora_rank: int = 0
+    """LoRA adapters of this rank on the projections of lora_targets (lasp.model.lora); 0: none. An adapted
+    model starts equal to its base (B = 0); lasp.export merges the adapters into the weights."""
+    lora_alpha: float = 16.0
+    """LoRA's alpha: the adapter's output is scaled by lora_alpha / lora_rank."""
+    lora_targets: str = "q_proj,k_proj,v_proj,o_proj"
+    """The projections that get adapters, comma-separated, among q_proj, k_proj, v_proj, o_proj, gate_proj,
+    up_proj, down_proj (every layer's)."""
     norm_eps: float = 1e-5
     """Epsilon of every RMSNorm."""
     init_std: float = 0.02
@@ -115,6 +123,7 @@ class ModelConfig:
         if "feature_map" not in bad and self.feature_map not in FEATURE_MAPS:
             p.append(f"model.feature_map must be one of {', '.join(FEATURE_MAPS)}, got {self.feature_map!r}")
         p += self._linearise_problems(bad)
+        p += self._lora_problems(bad)
         if "conv_size" not in bad and self.conv_size < 1:
             p.append(f"model.conv_size must be >= 1, got {self.conv_size}")
         if "gate_low_rank" not in bad and self.gate_low_rank < 1:
@@ -144,6 +153,22 @@ class ModelConfig:
             p.append(f"head dim {self.head_dim} must be even for RoPE (model.hidden_size {self.hidden_size} / "
                      f"model.num_heads {self.num_heads}; RoPE is used by softmax layers (model.layer_pattern "
                      f"{self.layer_pattern!r}), model.linear_rope and model.window)")
+        return p
+
+    def _lora_problems(self, bad: dict) -> list[str]:
+        from lasp.model.lora import LORA_TARGETS
+
+        p = []
+        if "lora_rank" not in bad and self.lora_rank < 0:
+            p.append(f"model.lora_rank must be >= 0 (0: no adapters), got {self.lora_rank}")
+        if "lora_alpha" not in bad and not self.lora_alpha > 0:
+            p.append(f"model.lora_alpha must be > 0, got {self.lora_alpha}")
+        if "lora_targets" not in bad:
+            names = [t.strip() for t in self.lora_targets.split(",") if t.strip()]
+            unknown = [t for t in names if t not in LORA_TARGETS]
+            if unknown or (not names and "lora_rank" not in bad and self.lora_rank > 0):
+                p.append(f"model.lora_targets must name projections among {', '.join(LORA_TARGETS)}, got "
+                         f"{self.lora_targets!r}")
         return p
 
     def _linearise_problems(self, bad: dict) -> list[str]:

@@ -290,6 +290,10 @@ class LinearLlama(nn.Module):
                 nn.init.normal_(m.weight, std=cfg.init_std)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+        if cfg.lora_rank:
+            from lasp.model.lora import add_lora
+
+            add_lora(self, cfg)
 
     def hidden_states(self, tokens: Tensor, positions: Tensor | None = None,
                       documents: Documents | None = None) -> Tensor:

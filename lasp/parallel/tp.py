@@ -5,17 +5,22 @@ the SAME weights, so a parallel model starts exactly where the single-device one
 q/k/v, gate/up and the LM head are column-parallel (heads, MLP width and vocabulary split), o and down
 are row-parallel, the embedding is vocab-parallel, and the loss is a vocab-parallel cross-entropy.
 Parameters whose gradient covers only the local heads (the per-head output norm) are marked
-`tp_partial_grad` so the gradient sync sums them over the TP group.
+`tp_partial_grad` so the gradient sync sums them over the TP group. LoRA adapters follow their layer
+(`_LoRA`).
 """
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from megatron.core import tensor_parallel
-from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
+from megatron.core.tensor_parallel.mappings import (
+    copy_to_tensor_model_parallel_region, reduce_from_tensor_model_parallel_region,
+)
 from megatron.core.model_parallel_config import ModelParallelConfig
 from torch import Tensor, nn
 
 from lasp.model.llama import DeltaNetAttention, LinearAttention, LinearLlama
+from lasp.model.lora import LoRALinear
 
 
 class _Megatron(nn.Module):
@@ -45,6 +50,46 @@ def _adopt(new: nn.Parameter, old: nn.Parameter, dim: int, rank: int, size: int)
     new.tp_dim = dim
 
 
+class _LoRA(nn.Module):
+    """A megatron layer plus this rank's part of a LoRA adapter (lasp.model.lora).
+
+    Column-parallel (q, k, v, gate, up): A [r, in] whole on every rank, B split by output rows like the
+    weight; the input goes through copy-to-TP-region so its gradient is summed over the ranks, and A's
+    gradient (each rank sees its rows of B) is marked `tp_partial_grad`. Row-parallel (o, down), the mirror:
+    A split by input columns like the weight, A x all-reduced, B whole (its gradient is the same on every
+    rank)."""
+
+    def __init__(self, base: _Megatron, lin: nn.Linear, column: bool, group, rank: int, size: int):
+        super().__init__()
+        self.base, self.column, self.group, self.scaling = base, column, group, lin.scaling
+        self.lora_A = nn.Parameter(torch.empty_like(_shard(lin.lora_A, 1, rank, size) if not column else lin.lora_A))
+        self.lora_B = nn.Parameter(torch.empty_like(_shard(lin.lora_B, 0, rank, size) if column else lin.lora_B))
+        if column:
+            _adopt(self.lora_B, lin.lora_B, 0, rank, size)
+            _whole(self.lora_A, lin.lora_A)
+            self.lora_A.tp_partial_grad = True
+        else:
+            _adopt(self.lora_A, lin.lora_A, 1, rank, size)
+            _whole(self.lora_B, lin.lora_B)
+
+    @property
+    def weight(self) -> nn.Parameter:
+        return self.base.weight
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.column:
+            z = F.linear(copy_to_tensor_model_parallel_region(x, group=self.group), self.lora_A)
+        else:
+            z = reduce_from_tensor_model_parallel_region(F.linear(x, self.lora_A), group=self.group)
+        return self.base(x) + F.linear(z, self.lora_B) * self.scaling
+
+
+def _whole(new: nn.Parameter, old: nn.Parameter) -> None:
+    with torch.no_grad():
+        new.copy_(old)
+    new.full_name, new.tp_dim = getattr(old, "full_name", None), None
+
+
 def _column(lin: nn.Linear, cfg: ModelParallelConfig, group, rank: int, size: int) -> _Megatron:
     layer = tensor_parallel.ColumnParallelLinear(
         lin.in_features, lin.out_features, config=cfg, init_method=nn.init.zeros_, bias=lin.bias is not None,
@@ -53,7 +98,7 @@ def _column(lin: nn.Linear, cfg: ModelParallelConfig, group, rank: int, size: in
     _adopt(layer.weight, lin.weight, 0, rank, size)
     if lin.bias is not None:  # Qwen2's q/k/v biases split with their heads
         _adopt(layer.bias, lin.bias, 0, rank, size)
-    return _Megatron(layer)
+    return _LoRA(_Megatron(layer), lin, True, group, rank, size) if isinstance(lin, LoRALinear) else _Megatron(layer)
 
 
 def _split_parameter(module: nn.Module, name: str, rank: int, size: int) -> None:
@@ -72,7 +117,7 @@ def _row(lin: nn.Linear, cfg: ModelParallelConfig, group, rank: int, size: int) 
         input_is_parallel=True, skip_bias_add=False, tp_group=group,
     )
     _adopt(layer.weight, lin.weight, 1, rank, size)
-    return _Megatron(layer)
+    return _LoRA(_Megatron(layer), lin, False, group, rank, size) if isinstance(lin, LoRALinear) else _Megatron(layer)
 
 
 def megatron_config(tp: int, pp: int, sp: int, dtype: torch.dtype, hidden: int, num_layers: int, heads: int):

@@ -143,8 +143,9 @@ class TrainSection:
     shape; layer_pattern and linear_variant may differ (linear layers reuse the softmax layers' q, k, v, o
     and initialise what is new). A checkpoint to resume from wins: the run continues from it."""
     trainable: str = "all"
-    """Which parameters train: all, or new (only those train.init_from does not provide: a linearised
-    layer's gates, beta, convolutions, output norms; the rest is frozen and has no optimizer state)."""
+    """Which parameters train: all; new (only those train.init_from does not provide: a linearised layer's
+    gates, beta, convolutions, output norms, feature maps); or lora (only the LoRA adapters of
+    model.lora_rank). The rest is frozen and has no optimizer state."""
     objective: str = "lm"
     """What the loss is: lm (next-token cross-entropy), or attention_transfer (LoLCATs' stage 1: each linear
     layer's output before o_proj is trained to match the softmax attention of the same layer and weights on
@@ -173,8 +174,8 @@ class TrainSection:
             p.append(f"train.max_minutes must be > 0 (or null for no limit), got {self.max_minutes}")
         if not self.resume:
             p.append("train.resume must be auto, never or the path of a checkpoint, got an empty string")
-        if self.trainable not in ("all", "new"):
-            p.append(f"train.trainable must be all or new, got {self.trainable!r}")
+        if self.trainable not in ("all", "new", "lora"):
+            p.append(f"train.trainable must be all, new or lora, got {self.trainable!r}")
         elif self.trainable == "new" and not self.init_from:
             p.append("train.trainable = new needs train.init_from (the weights that stay frozen)")
         if self.objective not in ("lm", "attention_transfer"):
@@ -332,6 +333,8 @@ def resolve(data: dict, source: str, world_size: int | None, check_data: bool = 
     if par is not None and tcfg is not None and par.zero_stage and tcfg.nonfinite == "skip":
         problems.append(f"train.nonfinite = skip needs parallel.zero_stage 0 (got {par.zero_stage}): DeepSpeed "
                         "applies the update inside its step; use train.nonfinite = stop")
+    if tcfg is not None and model is not None and tcfg.trainable == "lora" and not model.lora_rank:
+        problems.append("train.trainable = lora needs adapters: set model.lora_rank (and model.lora_targets)")
     if tcfg is not None and tcfg.objective == "attention_transfer":
         problems += _transfer_problems(model, par)
     if check_data and dcfg is not None:

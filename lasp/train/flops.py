@@ -20,6 +20,7 @@ kernels (intra-chunk quadratic blocks, recomputation) are higher; MFU counts onl
 """
 
 from lasp.model.config import DELTA_VARIANTS, ModelConfig
+from lasp.model.lora import targets
 
 BLOCK = 64  # tokens per block of the chunked kernels
 from lasp.parallel.config import ParallelConfig
@@ -53,7 +54,7 @@ def peak_flops(device_name: str | None, dtype: str) -> float | None:
 
 def param_counts(m: ModelConfig) -> dict[str, int]:
     """Parameters by kind: embedding, matmul weights (LM head included), norms, the other small ones (the
-    delta rule's convolutions, A_log, dt_bias; Hedgehog's feature maps), and the total."""
+    delta rule's convolutions, A_log, dt_bias; Hedgehog's feature maps), LoRA adapters, and the total."""
     h, d, H = m.hidden_size, m.head_dim, m.num_heads
     attn = h * d * (2 * H + 2 * m.num_kv_heads)
     delta = m.linear_variant in DELTA_VARIANTS
@@ -71,10 +72,15 @@ def param_counts(m: ModelConfig) -> dict[str, int]:
         small += m.conv_size * (H + 2 * m.num_kv_heads) * d
         small += {"gated_deltanet": 2 * H, "kda": H + H * d}.get(m.linear_variant, 0)
     biases = m.num_layers * (H + 2 * m.num_kv_heads) * d if m.attention_bias else 0  # Qwen2's q/k/v biases
+    dims = {"q_proj": (h, H * d), "k_proj": (h, m.num_kv_heads * d), "v_proj": (h, m.num_kv_heads * d),
+            "o_proj": (H * d, h), "gate_proj": (h, m.ffn_hidden_size), "up_proj": (h, m.ffn_hidden_size),
+            "down_proj": (m.ffn_hidden_size, h)}
+    lora = m.num_layers * m.lora_rank * sum(sum(dims[t]) for t in targets(m)) if m.lora_rank else 0
     embed = m.vocab_size * h
     matmul = m.num_layers * (attn + mlp) + gate * linear + m.vocab_size * h
-    total = embed + matmul + norms + linear * small + biases - (m.vocab_size * h if m.tie_embeddings else 0)
-    return {"embedding": embed, "matmul": matmul, "norms": norms, "other": linear * small + biases, "total": total}
+    total = embed + matmul + norms + linear * small + biases + lora - (m.vocab_size * h if m.tie_embeddings else 0)
+    return {"embedding": embed, "matmul": matmul, "norms": norms, "other": linear * small + biases, "lora": lora,
+            "total": total}
 
 
 def delta_flops_per_token(m: ModelConfig, block: int = BLOCK) -> float:
@@ -86,7 +92,8 @@ def delta_flops_per_token(m: ModelConfig, block: int = BLOCK) -> float:
 def flops_per_token(m: ModelConfig, seq_len: int) -> float:
     """Model FLOPs per trained token, forward + backward (formula in the module docstring)."""
     d = m.head_dim
-    f = 6.0 * param_counts(m)["matmul"]
+    counts = param_counts(m)
+    f = 6.0 * (counts["matmul"] + counts["lora"])
     for i in range(m.num_layers):
         if m.mixer(i) == "S":
             f += 6.0 * m.num_heads * d * seq_len

@@ -152,6 +152,10 @@ def build_stage(cfg: TrainConfig, groups: ParallelGroups, device: torch.device, 
         frozen = frozenset(provided(cfg.train.init_from, cfg.model))
         n = sum(p.numel() for name, p in model.named_parameters() if name not in frozen)
         say(f"train.trainable = new: {n:,} parameters train, the {len(frozen)} imported tensors are frozen")
+    elif cfg.train.trainable == "lora":
+        frozen = frozenset(name for name, _ in model.named_parameters() if not name.endswith((".lora_A", ".lora_B")))
+        n = sum(p.numel() for name, p in model.named_parameters() if name not in frozen)
+        say(f"train.trainable = lora: {n:,} adapter parameters train, the other {len(frozen)} tensors are frozen")
     apply_ac(model, cfg.train.checkpoint_every)
     stage = parallelize(model, p, groups, frozen)
     if cfg.train.objective == "attention_transfer":
