@@ -23,8 +23,8 @@ from lasp.distributed.timeouts import named_timeouts
 from lasp.kernels import get_kernel
 from lasp.model import LinearLlama
 from lasp.parallel import (
-    ParallelGroups, attention_transfer, clip_grad_norm_, eval_step, forward_backward_step, init_groups, loss_sum_fn, parallelize,
-    zero_engine, zero_eval_step, zero_train_step,
+    ParallelGroups, attention_transfer, clip_grad_norm_, eval_step, forward_backward_step, init_groups, loss_sum_fn,
+    parallelize, zero_engine, zero_eval_step, zero_train_step,
 )
 from lasp.parallel.ac import apply_ac
 from lasp.parallel.sp import apply_kernel
