@@ -19,12 +19,23 @@ import torch
 from torch import Tensor
 
 
+def _pairs(x: Tensor, W: int, nb: int) -> Tensor:
+    """[n, B, W - 1 + L, ...] rows (a halo, then a chunk) -> [n, B, nb, 2W, ...]: for query block b (queries
+    bW .. bW + W - 1 of the chunk), the rows bW .. bW + 2W - 1 (zero-padded past the end)."""
+    pad = (nb + 1) * W - x.shape[2]
+    x = torch.cat([x, x.new_zeros(*x.shape[:2], pad, *x.shape[3:])], dim=2).unflatten(2, (nb + 1, W))
+    return torch.cat([x[:, :, :-1], x[:, :, 1:]], dim=3)
+
+
 def window_attention(q: Tensor, k: Tensor, v: Tensor, fq: Tensor, fk: Tensor, linear: Tensor, *, window: int,
                      positions: Tensor, halo, log_decay: Tensor | None = None, gate: Tensor | None = None) -> Tensor:
     """q [B, T, H, D], k, v [B, T, G, D] (q, k RoPE'd); fq [B, T, H, F], fk [B, T, G, F] the linear branch's
     features; linear [B, T, H, D + 1] the linear op over every key of (fq, fk, [v, 1]) with scale 1 and the
     same decay; positions [B, T] (within the document: a window stops at its start); log_decay [H] or a
-    scalar gate [B, T, H]; halo(x [B, T, C], rows) -> [n, B, rows, C]. Returns o [B, T, H, D]."""
+    scalar gate [B, T, H]; halo(x [B, T, C], rows) -> [n, B, rows, C]. Returns o [B, T, H, D].
+
+    Queries go in blocks of W; block b's windows lie in the 2W rows from its first query's window start,
+    so scores are [.., W, 2W] per block (banded, masked), never [T, T]."""
     B, T, H, D = q.shape
     G, F, W = k.shape[2], fk.shape[-1], window
     r = H // G
@@ -32,30 +43,44 @@ def window_attention(q: Tensor, k: Tensor, v: Tensor, fq: Tensor, fk: Tensor, li
     x = torch.cat(parts, -1)
     before = halo(x, W - 1)  # [n, B, W - 1, C]
     n = before.shape[0]
-    ext = torch.cat([before.to(x.dtype), x.view(B, n, T // n, -1).transpose(0, 1)], dim=2)
-    # slot w of token i's window holds token i - (W - 1) + w: a distance of W - 1 - w
-    win = ext.unfold(2, W, 1).transpose(0, 1).reshape(B, T, -1, W)  # [B, T, C, W]
-    kw, vw, fkw, *gw = win.split([G * D, G * D, G * F] + ([] if gate is None else [H]), dim=2)
-    kw, vw, fkw = kw.unflatten(2, (G, D)), vw.unflatten(2, (G, D)), fkw.unflatten(2, (G, F))
-    dist = torch.arange(W - 1, -1, -1, device=q.device)
-    valid = (dist <= positions[..., None])[:, :, None, None, :]  # [B, T, 1, 1, W]
-    qg, fqg = q.unflatten(2, (G, r)), fq.unflatten(2, (G, r))
-    s = torch.einsum("btgrd,btgdw->btgrw", qg, kw) * D**-0.5
-    lin = torch.einsum("btgrf,btgfw->btgrw", fqg, fkw)
+    L = T // n
+    nb = -(-L // W)
+    rows = _pairs(torch.cat([before.to(x.dtype), x.view(B, n, L, -1).transpose(0, 1)], dim=2), W, nb)
+    kp, vp, fkp, *gp = rows.split([G * D, G * D, G * F] + ([] if gate is None else [H]), dim=-1)
+    kp, vp, fkp = kp.unflatten(-1, (G, D)), vp.unflatten(-1, (G, D)), fkp.unflatten(-1, (G, F))  # [n,B,nb,2W,G,.]
+
+    def blocks(t: Tensor) -> Tensor:  # [B, T, ...] -> [n, B, nb, W, ...], zero-padded queries
+        t = t.view(B, n, L, *t.shape[2:]).transpose(0, 1)
+        t = torch.cat([t, t.new_zeros(n, B, nb * W - L, *t.shape[3:])], dim=2)
+        return t.unflatten(2, (nb, W))
+
+    qb, fqb = blocks(q).unflatten(-2, (G, r)), blocks(fq).unflatten(-2, (G, r))  # [n, B, nb, W, G, r, .]
+    pos = blocks(positions)  # [n, B, nb, W], padding at position 0 (masked out below)
+    j = torch.arange(W, device=q.device)[:, None]
+    u = torch.arange(2 * W, device=q.device)[None, :]
+    dist = j + W - 1 - u  # [W, 2W]: how far key u is behind query j
+    valid = (dist >= 0) & (dist < W) & (dist <= pos[..., None])  # [n, B, nb, W, 2W]
+    valid = valid[..., None, None, :, :]  # [n, B, nb, 1, 1, W, 2W]
+    s = torch.einsum("zbcjgrd,zbcugd->zbcgrju", qb, kp) * D**-0.5
+    lin = torch.einsum("zbcjgrf,zbcugf->zbcgrju", fqb, fkp)
     if log_decay is not None:
-        lin = lin * torch.exp(dist.to(log_decay.dtype) * log_decay[:, None]).to(lin.dtype).view(G, r, W)
-    if gate is not None:  # the gates of the tokens after each key, up to i: a reverse cumulative sum
-        g = gw[0]  # [B, T, H, W]
-        after = g.flip(-1).cumsum(-1).flip(-1) - g
-        lin = lin * torch.exp(after).unflatten(2, (G, r))
+        decay = torch.exp(dist.clamp(min=0).to(log_decay.dtype) * log_decay[:, None, None])  # [H, W, 2W]
+        lin = lin * decay.to(lin.dtype).view(G, r, W, 2 * W)
+    if gate is not None:  # the gates of the tokens after key u, up to query j: differences of a running sum
+        c = gp[0].cumsum(3)  # [n, B, nb, 2W, H]
+        cq = c[:, :, :, W - 1 :][:, :, :, :W]  # the queries' rows (query j sits at row j + W - 1)
+        after = (cq[:, :, :, :, None] - c[:, :, :, None]).permute(0, 1, 2, 5, 3, 4)  # [n, B, nb, H, W, 2W]
+        lin = lin * torch.exp(torch.minimum(after, after.new_zeros(()))).unflatten(3, (G, r))
     s = s.masked_fill(~valid, float("-inf"))
-    m = s.amax(-1)  # the window always holds the token itself
+    m = s.amax(-1)  # finite: every query, a padded one too, sees its own row (distance 0)
     e = torch.exp(s - m[..., None])
     lin = lin * valid
-    num = torch.einsum("btgrw,btgdw->btgrd", e, vw)
-    num_lin = torch.einsum("btgrw,btgdw->btgrd", lin, vw)
-    full = linear.unflatten(2, (G, r))
+    num = torch.einsum("zbcgrju,zbcugd->zbcgrjd", e, vp)
+    num_lin = torch.einsum("zbcgrju,zbcugd->zbcgrjd", lin, vp)
+    full = blocks(linear).unflatten(-2, (G, r)).movedim(3, 5)  # [n, B, nb, G, r, W, D + 1]
     older = torch.exp(-m)
-    out = (num + older[..., None] * (full[..., :D] - num_lin)) / \
-        (e.sum(-1) + older * (full[..., D] - lin.sum(-1)))[..., None]
-    return out.flatten(2, 3)
+    z = e.sum(-1) + older * (full[..., D] - lin.sum(-1))
+    out = (num + older[..., None] * (full[..., :D] - num_lin)) / z[..., None]  # z >= 1: the query's own score
+    # [n, B, nb, G, r, W, D] -> [B, T, H, D]
+    out = out.movedim(5, 3).flatten(2, 3)[:, :, :L].flatten(3, 4)
+    return out.transpose(0, 1).reshape(B, T, H, D)
