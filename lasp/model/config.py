@@ -56,7 +56,8 @@ class ModelConfig:
     window: int = 0
     """Linear layers (constant decay, no decay or a scalar gate, with a non-negative feature map) also attend
     exactly to the last `window` tokens, the current one included: softmax scores over the RoPE'd q and k
-    for those, the linear branch for older ones, under one normaliser (LoLCATs' sliding window). 0: off.
+    for those, the linear branch for older ones, under one normaliser with a learned per-head share of each
+    (LoLCATs' sliding window, lasp.model.window). 0: off.
     Under sequence parallelism each rank receives the window - 1 rows before its chunks (a halo)."""
     output_norm: bool = True
     """RMS-normalise the linear-attention output per head before the output projection."""

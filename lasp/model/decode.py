@@ -205,7 +205,7 @@ def _linear_mixer(m: LinearAttention, x: Tensor, S: Tensor | WindowState, positi
         linear, S.S = linear_attn(q, k, ones, log_decay=m.log_decay, gate=g, scale=1.0, initial_state=S.S,
                                   output_final_state=True)
         o = window_attention(q_r, k_r, v, q, k, linear, window=m.window, positions=positions_BT, halo=S.halo,
-                             log_decay=m.log_decay, gate=g)
+                             share=torch.sigmoid(m.window_share), log_decay=m.log_decay, gate=g)
     elif x.shape[1] == 1:
         o, S = linear_step(q[:, 0], k[:, 0], v[:, 0], m.log_decay, S, gate=None if g is None else g[:, 0])
         o = o[:, None]

@@ -115,6 +115,10 @@ class LinearAttention(_Projections):
         elif cfg.linear_variant in GATED_VARIANTS:
             self.gate = LogGate(cfg.linear_variant, cfg.hidden_size, cfg.num_heads, cfg.head_dim, cfg.gate_low_rank,
                                 cfg.gate_normalizer)
+        self.window_share = None
+        if cfg.window:  # LoLCATs' window factor: sigmoid(0) = 1/2, the window's and the linear branch's share
+            self.window_share = nn.Parameter(torch.zeros(cfg.num_heads))
+            self.window_share.no_weight_decay = True
         self.attn_fn = linear_attn
         self.halo_fn = None
 
@@ -156,7 +160,7 @@ class LinearAttention(_Projections):
             ones = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], -1)
             linear = self.attn_fn(fq, fk, ones, log_decay=self.log_decay, scale=1.0, **kw)
             o = window_attention(q, k, v, fq, fk, linear, window=self.window, positions=positions, halo=self.halo,
-                                 log_decay=self.log_decay, gate=gate)
+                                 share=torch.sigmoid(self.window_share), log_decay=self.log_decay, gate=gate)
         return o if self.out_norm is None else self.out_norm(o)
 
 

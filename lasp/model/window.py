@@ -5,14 +5,17 @@ W window, n chunks per rank (1 on one device), L tokens per chunk.
 
 Query i attends to the keys j of its window (i - W, i] inside its document with softmax scores
 e_ij = exp(q_i.k_j / sqrt(D) - m_i) (q, k RoPE'd, m_i the window's largest score), and to older keys through
-the linear branch, l_ij = phi(q_i)^T Gamma(i, j) phi(k_j) (Gamma: the decay or gates between j and i):
+the linear branch, l_ij = phi(q_i)^T Gamma(i, j) phi(k_j) (Gamma: the decay or gates between j and i),
+each side weighted by a per-head share (w_h, 1 - w_h):
 
-    o_i = (sum_win e_ij v_j + exp(-m_i) sum_older l_ij v_j) / (sum_win e_ij + exp(-m_i) sum_older l_ij)
+    o_i = (w sum_win e_ij v_j + (1 - w) sum_older l_ij v_j) / (w sum_win e_ij + (1 - w) sum_older l_ij)
 
-The linear op gives the sums over ALL keys (N, Z: values with a column of ones); this module computes the
-window's part of them and takes it out, so the linear op (and LASP-2 over it) is unchanged. The window
-reaches W - 1 rows back, into the chunk before (another rank's under sequence parallelism): `halo`
-returns those rows (zeros on one device; lasp.sp.halo under SP).
+as LoLCATs' hybrid attention: the linear scores are not rescaled by exp(-m_i), so the feature maps learn
+their size against the window's max-normalised ones. The linear op gives the sums over ALL keys (values
+with a column of ones: the normaliser); this module computes the window's part of them and takes it out, so
+the linear op (and LASP-2 over it) is unchanged. The window reaches W - 1 rows back, into the chunk before
+(another rank's under sequence parallelism): `halo` returns those rows (zeros on one device; lasp.sp.halo
+under SP).
 """
 
 import torch
@@ -28,11 +31,13 @@ def _pairs(x: Tensor, W: int, nb: int) -> Tensor:
 
 
 def window_attention(q: Tensor, k: Tensor, v: Tensor, fq: Tensor, fk: Tensor, linear: Tensor, *, window: int,
-                     positions: Tensor, halo, log_decay: Tensor | None = None, gate: Tensor | None = None) -> Tensor:
+                     positions: Tensor, halo, share: Tensor, log_decay: Tensor | None = None,
+                     gate: Tensor | None = None) -> Tensor:
     """q [B, T, H, D], k, v [B, T, G, D] (q, k RoPE'd); fq [B, T, H, F], fk [B, T, G, F] the linear branch's
     features; linear [B, T, H, D + 1] the linear op over every key of (fq, fk, [v, 1]) with scale 1 and the
-    same decay; positions [B, T] (within the document: a window stops at its start); log_decay [H] or a
-    scalar gate [B, T, H]; halo(x [B, T, C], rows) -> [n, B, rows, C]. Returns o [B, T, H, D].
+    same decay; positions [B, T] (within the document: a window stops at its start); halo(x [B, T, C],
+    rows) -> [n, B, rows, C]; share [H] the window's weight w in (0, 1); log_decay [H] or a scalar gate
+    [B, T, H]. Returns o [B, T, H, D].
 
     Queries go in blocks of W; block b's windows lie in the 2W rows from its first query's window start,
     so scores are [.., W, 2W] per block (banded, masked), never [T, T]."""
@@ -73,14 +78,14 @@ def window_attention(q: Tensor, k: Tensor, v: Tensor, fq: Tensor, fk: Tensor, li
         lin = lin * torch.exp(torch.minimum(after, after.new_zeros(()))).unflatten(3, (G, r))
     s = s.masked_fill(~valid, float("-inf"))
     m = s.amax(-1)  # finite: every query, a padded one too, sees its own row (distance 0)
-    e = torch.exp(s - m[..., None])
+    w = share.to(s.dtype).view(G, r, 1)
+    e = torch.exp(s - m[..., None]) * w[..., None]
     lin = lin * valid
     num = torch.einsum("zbcgrju,zbcugd->zbcgrjd", e, vp)
     num_lin = torch.einsum("zbcgrju,zbcugd->zbcgrjd", lin, vp)
     full = blocks(linear).unflatten(-2, (G, r)).movedim(3, 5)  # [n, B, nb, G, r, W, D + 1]
-    older = torch.exp(-m)
-    z = e.sum(-1) + older * (full[..., D] - lin.sum(-1))
-    out = (num + older[..., None] * (full[..., :D] - num_lin)) / z[..., None]  # z >= 1: the query's own score
+    z = e.sum(-1) + (1 - w) * (full[..., D] - lin.sum(-1))  # >= w: the query's own score is exp(0)
+    out = (num + (1 - w)[..., None] * (full[..., :D] - num_lin)) / z[..., None]
     # [n, B, nb, G, r, W, D] -> [B, T, H, D]
     out = out.movedim(5, 3).flatten(2, 3)[:, :, :L].flatten(3, 4)
     return out.transpose(0, 1).reshape(B, T, H, D)

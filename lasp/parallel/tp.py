@@ -159,6 +159,8 @@ def apply_tp(model: LinearLlama, cfg: ModelParallelConfig, group, rank: int, siz
             for fmap in (mixer.feature_q, mixer.feature_k):
                 if fmap is not None:  # Hedgehog's per-head weights follow the heads of q and k
                     _split_parameter(fmap, "weight", rank, size)
+            if mixer.window_share is not None:
+                _split_parameter(mixer, "window_share", rank, size)
             if mixer.log_decay is not None:
                 mixer.log_decay = _shard(mixer.log_decay, 0, rank, size).clone()
             if mixer.out_norm is not None:

@@ -68,6 +68,7 @@ def param_counts(m: ModelConfig) -> dict[str, int]:
     norms = m.num_layers * 2 * h + h + linear * (d if m.output_norm or delta else 0)
     norms += m.num_layers * 2 * d if m.qk_norm else 0  # Qwen3's q/k norms
     small = (H + m.num_kv_heads) * d * d if m.feature_map == "hedgehog" else 0  # its per-head maps
+    small += H if m.window else 0  # the window's per-head share
     if delta:
         small += m.conv_size * (H + 2 * m.num_kv_heads) * d
         small += {"gated_deltanet": 2 * H, "kda": H + H * d}.get(m.linear_variant, 0)
