@@ -5,7 +5,8 @@
 The recipe (LoLCATs' two stages, with Liger's gate), every step through `python -m lasp.train`:
 
 - the hybrid: every 4th layer stays softmax (LLLS); the others become linear layers that reuse the layer's
-  q, k, v, o: a scalar gate pooled from the key projection (Liger: no new parameters), Hedgehog feature
+  q, k, v, o: a scalar gate pooled from the key projection (Liger: no new parameters; divided by
+  --gate-normalizer, so that it starts close to no decay and the sink tokens stay in reach), Hedgehog feature
   maps on the RoPE'd q and k (LoLCATs: starting at the identity), and an exact softmax window of the last
   --window tokens beside the linear branch;
 - stage 1, attention transfer (train.objective = attention_transfer, train.trainable = new): each linear
@@ -40,9 +41,9 @@ TRAIN_TEXT = ["email", "asyncio", "concurrent", "http", "importlib", "logging", 
 HELD_OUT = sorted(glob.glob(os.path.join(STDLIB, "json", "*.py")))
 
 
-def hybrid_fields(window: int) -> dict:
+def hybrid_fields(window: int, gate_normalizer: float = 256.0) -> dict:
     return dict(layer_pattern="LLLS", linear_variant="simple_gla", gate_source="key", feature_map="hedgehog",
-                linear_rope=True, window=window, output_norm=False)
+                linear_rope=True, window=window, output_norm=False, gate_normalizer=gate_normalizer)
 
 
 def held_out_windows(hf: str, seq_len: int, tokens: int) -> torch.Tensor:
@@ -115,9 +116,11 @@ def main(argv=None) -> None:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch", type=int, default=2, help="sequences per step")
     p.add_argument("--window", type=int, default=64, help="the softmax window of the linear layers")
-    p.add_argument("--stage1-steps", type=int, default=40)
-    p.add_argument("--stage2-steps", type=int, default=40)
-    p.add_argument("--stage1-lr", type=float, default=1e-2)
+    p.add_argument("--gate-normalizer", type=float, default=256.0,
+                   help="the key gate's logsigmoid is divided by it: larger, a slower decay at the start")
+    p.add_argument("--stage1-steps", type=int, default=150)
+    p.add_argument("--stage2-steps", type=int, default=60)
+    p.add_argument("--stage1-lr", type=float, default=3e-2)
     p.add_argument("--stage2-lr", type=float, default=2e-3)
     p.add_argument("--lora-rank", type=int, default=8)
     p.add_argument("--eval-tokens", type=int, default=4096, help="held-out tokens of each perplexity")
@@ -140,12 +143,12 @@ def main(argv=None) -> None:
     print(f"training text: {len(files)} files of {', '.join(TRAIN_TEXT)}; held out: {windows.numel():,} tokens of "
           f"the json package in {len(windows)} windows of {a.seq_len + 1}", flush=True)
 
-    hybrid = {**dataclasses.asdict(source_config(a.hf)), **hybrid_fields(a.window)}
+    hybrid = {**dataclasses.asdict(source_config(a.hf)), **hybrid_fields(a.window, a.gate_normalizer)}
     results = {"setup": {k: getattr(a, k) for k in vars(a)}, "perplexity": {}, "seconds": {}, "tokens": {}}
     ppl = results["perplexity"]
     ppl["teacher (every layer softmax)"] = perplexity(LinearLlama.from_hf(a.hf), windows)
     torch.manual_seed(0)
-    converted = LinearLlama.from_hf(a.hf, **hybrid_fields(a.window))
+    converted = LinearLlama.from_hf(a.hf, **hybrid_fields(a.window, a.gate_normalizer))
     ppl["hybrid, no training"] = perplexity(converted, windows)
     before = attention_errors(converted, windows)
 

@@ -203,12 +203,13 @@ def test_prepare_takes_the_model_directorys_tokenizer(tmp_path):
 
 
 def case_trainable_new(cfg: dict, src: str) -> dict:
-    """One step with train.trainable = new under cfg's layout: the imported tensors are bit-identical after
-    it and have no optimizer state; the new ones moved."""
+    """One step with train.trainable = new or lora under cfg's layout: the frozen tensors are bit-identical
+    after it and have no optimizer state; the others moved. With attention transfer or distillation, the
+    loss equals one process's, computed here without the trainer's code."""
     import torch.distributed as dist
 
     from lasp.kernels import get_kernel
-    from lasp.model.hf import provided
+    from lasp.model.hf import initial_state, provided
     from lasp.parallel import train_step
     from lasp.train.config import resolve
     from lasp.parallel import init_groups
@@ -217,21 +218,48 @@ def case_trainable_new(cfg: dict, src: str) -> dict:
     c = resolve(cfg, "test", dist.get_world_size())
     groups = init_groups(c.parallel)
     stage, optimizer, _ = build_stage(c, groups, torch.device("cpu"), get_kernel("torch"), init_from=src)
-    frozen = provided(src, c.model)
+    torch.manual_seed(c.train.seed)  # one process, the new tensors drawn as build_stage draws them
+    one = LinearLlama(c.model)
+    one.load_state_dict(initial_state(src, c.model), strict=False)
+    if c.train.trainable == "lora":
+        frozen = {n for n, _ in one.named_parameters() if not n.endswith((".lora_A", ".lora_B"))}
+        # B starts at zero, where A gets no gradient: draw it, the same on every rank (its shard under TP)
+        gen = torch.Generator().manual_seed(5)
+        drawn = {n: torch.randn(p.shape, generator=gen) * 0.05 for n, p in one.named_parameters()
+                 if n.endswith(".lora_B")}
+        with torch.no_grad():
+            for n, p in one.named_parameters():
+                if n in drawn:
+                    p.copy_(drawn[n])
+            for p in stage.parameters():
+                if p.full_name in drawn:
+                    w, dim = drawn[p.full_name], getattr(p, "tp_dim", None)
+                    p.copy_(w if dim is None else w.chunk(c.parallel.tp, dim=dim)[groups.tp_rank])
+    else:
+        frozen = provided(src, c.model)
     before = {p.full_name: p.detach().clone() for p in stage.parameters()}
     tokens = torch.randint(0, c.model.vocab_size, (2, c.data.seq_len + 1), generator=torch.Generator().manual_seed(3))
     loss = float(train_step(stage, tokens, c.parallel, groups))
-    if c.train.objective == "attention_transfer":  # the same loss as one process (float32: the trainer's)
-        from lasp.model.hf import initial_state
+    want = None
+    if c.train.objective == "attention_transfer":
         from lasp.parallel import attention_transfer
         from lasp.parallel.loss import transfer_loss_sum
 
-        torch.manual_seed(c.train.seed)  # the new tensors' initialisation, as build_stage draws it
-        one = LinearLlama(c.model)
-        one.load_state_dict(initial_state(src, c.model), strict=False)
         mixers = attention_transfer(one)
         one(tokens[:, :-1])
         want = float(transfer_loss_sum(mixers).detach()) / tokens[:, 1:].numel()
+    elif c.train.distill_weight:
+        from lasp.model.llama import softmax_teacher
+
+        with torch.no_grad(), softmax_teacher(one):
+            teacher = one(tokens[:, :-1])
+        logits = one(tokens[:, :-1]).detach()
+        ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten(), reduction="sum")
+        kl = torch.nn.functional.kl_div(logits.log_softmax(-1), teacher.log_softmax(-1), log_target=True,
+                                        reduction="sum")
+        assert kl > 1e-3  # the linear layers and the adapters differ from the teacher
+        want = float(ce + c.train.distill_weight * kl) / tokens[:, 1:].numel()
+    if want is not None:  # float32: the trainer's
         assert want > 0 and abs(loss - want) <= 1e-5 * want, (loss, want)
     optimizer.step()
     in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
@@ -254,6 +282,10 @@ TRAINABLE = {  # the layout, the model and the objective of a run whose imported
                                 "attention_transfer"),
     "transfer-gdn-sp2": ({"sp": 2, "sp_layout": "contiguous"}, dict(linear_variant="gated_deltanet"),
                          "attention_transfer"),
+    # stage 2: LoRA adapters and KL distillation to the original softmax model, at TP = 2 x SP = 2
+    "lora-distill-window-tp2-sp2": ({"tp": 2, "sp": 2}, dict(linear_variant="simple_gla", gate_source="key",
+                                    feature_map="hedgehog", window=4, linear_rope=True, output_norm=False,
+                                    lora_rank=4, lora_targets="q_proj,v_proj,o_proj,down_proj"), "distill"),
 }
 
 
@@ -262,11 +294,16 @@ def test_only_the_new_parameters_train(dist_pool, hf_dir_and_data, tmp_path, cas
     layout, model, objective = case
     src, data = hf_dir_and_data
     cfg = _trainer_cfg(src, data, tmp_path / "run", parallel=layout, **model)
-    cfg["train"].update(trainable="new", objective=objective)
+    if objective == "distill":
+        cfg["train"].update(trainable="lora", distill_weight=0.5)
+    else:
+        cfg["train"].update(trainable="new", objective=objective)
     world = layout.get("tp", 1) * layout.get("sp", 1)
     for r in dist_pool(world).run("tests.test_hf:case_trainable_new", cfg=cfg, src=str(src)):
-        # layer 0's new tensors: the delta rule's convolutions, beta, gate, A_log, dt_bias, ...; Hedgehog's maps
-        assert r["kept"] > 10 and r["moved"] >= (8 if "deltanet" in model["linear_variant"] else 2), r
+        # layer 0's new tensors: the delta rule's convolutions, beta, gate, A_log, dt_bias, ...; Hedgehog's
+        # maps and the window's share; LoRA: A and B of 4 projections in 2 layers
+        least = {"distill": 16, "lm": 8}.get(objective, 8 if "deltanet" in model["linear_variant"] else 3)
+        assert r["kept"] > 10 and r["moved"] >= least, r
 
 
 def test_a_lora_run_exports_merged_and_transformers_gives_the_adapted_logits(hf_dir_and_data, tmp_path, capsys):

@@ -46,6 +46,27 @@ def test_chunked_equals_plain_f64(B, T, chunk):
         assert_close_rel(g, x, 1e-10, what)
 
 
+@pytest.mark.parametrize("chunk", [8, 0, 5])
+def test_chunked_kl_to_a_teacher_equals_plain_f64(chunk):
+    """Distillation's KL(teacher || model), chunked: equal to the plain one from the logits; the teacher
+    gets no gradient, ignored labels count nothing."""
+    from lasp.model.loss import chunked_kl_sum
+
+    hidden, weight, labels = _inputs(2, 37, torch.float64)
+    teacher = torch.randn(2, 37, D, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+
+    def plain(h, w, y):
+        kl = torch.nn.functional.kl_div((h @ w.T).log_softmax(-1), (teacher @ w.detach().T).log_softmax(-1),
+                                        log_target=True, reduction="none").sum(-1)
+        return kl[y != -100].sum()
+
+    got = _loss_and_grads(lambda h, w, y: chunked_kl_sum(h, teacher, w, y, chunk_tokens=chunk), hidden, weight,
+                          labels)
+    want = _loss_and_grads(plain, hidden, weight, labels)
+    for g, x, what in zip(got, want, ("kl", "dhidden", "dweight")):
+        assert_close_rel(g, x, 1e-10, what)
+
+
 def test_all_ignored_gives_zero_loss_and_gradients():
     hidden, weight, labels = _inputs(2, 9, torch.float64)
     labels[:] = -100

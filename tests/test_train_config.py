@@ -239,6 +239,16 @@ def test_attention_transfer_names_what_it_needs():
                for q in _problems({"train": {"objective": "mse"}}))
 
 
+def test_distillation_names_what_it_needs():
+    p = _problems({"parallel": {"pp": 2}, "train": {"distill_weight": 0.5}}, world_size=2)
+    assert any("train.distill_weight runs with parallel.pp = 1" in q for q in p), p
+    p = _problems({"train": {"distill_weight": -1.0}})
+    assert any("train.distill_weight must be >= 0 (0: no distillation), got -1.0" in q for q in p), p
+    p = _problems({"train": {"distill_weight": 1.0, "objective": "attention_transfer", "trainable": "new",
+                             "init_from": "x"}})
+    assert any("adds to the lm objective, not to attention_transfer" in q for q in p), p
+
+
 def test_lora_names_what_it_needs():
     p = _problems({"model": {"lora_rank": -1, "lora_alpha": 0, "lora_targets": "q_proj,attn"}})
     for part in ["model.lora_rank must be >= 0 (0: no adapters), got -1", "model.lora_alpha must be > 0, got 0",

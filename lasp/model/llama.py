@@ -6,6 +6,7 @@ Each mixer calls its attention through one slot, `attn_fn`, which defaults to th
 lasp.parallel fills it with the sequence-parallel op. Nothing here knows about ranks.
 """
 
+import contextlib
 import math
 
 import torch
@@ -86,10 +87,35 @@ class _Projections(nn.Module):
         self.transfer.append(err.pow(2).sum() / (self.num_heads * self.head_dim))
         return self.o_proj(target.flatten(2))
 
+    as_teacher = False
+    """True inside `softmax_teacher`: this mixer computes the softmax attention of its own q, k, v."""
+
     def forward(self, x: Tensor, positions: Tensor, documents: Documents | None = None) -> Tensor:
+        if self.as_teacher:
+            return self.o_proj(self.teacher(x, positions, documents).flatten(2))
         if self.transfer is not None:
             return self.transferred(x, positions, documents)
         return self.o_proj(self.attend(x, positions, documents).flatten(2))
+
+
+@contextlib.contextmanager
+def softmax_teacher(module: nn.Module):
+    """Within it, `module` (a model or a pipeline stage) is the original softmax model its weights came
+    from: every mixer the causal softmax attention of its own q, k, v (no linear branch, no window), every
+    LoRA adapter off. For KL distillation to that teacher (train.distill_weight)."""
+    mixers = [m for m in module.modules() if isinstance(m, _Projections)]
+    adapters = [m for m in module.modules() if hasattr(m, "lora_A")]
+    for m in mixers:
+        m.as_teacher = True
+    for a in adapters:
+        a.enabled = False
+    try:
+        yield
+    finally:
+        for m in mixers:
+            m.as_teacher = False
+        for a in adapters:
+            a.enabled = True
 
 
 class LinearAttention(_Projections):

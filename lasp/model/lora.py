@@ -32,7 +32,12 @@ class LoRALinear(nn.Linear):
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, dtype=base.weight.dtype))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # peft's initialisation
 
+    enabled = True
+    """False: the base layer alone (lasp.model.llama.softmax_teacher)."""
+
     def forward(self, x: Tensor) -> Tensor:
+        if not self.enabled:
+            return super().forward(x)
         return super().forward(x) + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling
 
     def merged_weight(self) -> Tensor:

@@ -119,3 +119,76 @@ def chunked_lm_loss_sum(
     if chunk_tokens < 0:
         raise ValueError(f"chunk_tokens must be >= 0, got {chunk_tokens}")
     return _ChunkedLMLoss.apply(hidden, weight, labels, chunk_tokens, vocab_start, reduce_max, reduce_sum)
+
+
+class _ChunkedKL(torch.autograd.Function):
+    """KL(teacher || model) per token of the logits hidden @ weight.T (teacher: teacher_hidden @ weight.T,
+    no gradient), chunked over tokens like _ChunkedLMLoss. Per token, with z the model's logits, y the
+    teacher's, S_y = sum exp(y - m_y): KL = sum p_y (y - z) - lse_y + lse_z = (b - a) / S_y + lse_z - lse_y,
+    a = sum exp(y - m_y) z, b = sum exp(y - m_y) y. Its gradient in z is p_z - p_y."""
+
+    @staticmethod
+    @_no_autocast
+    def forward(ctx, hidden, teacher, weight, mask, chunk_tokens, reduce_max, reduce_sum):
+        dt = _compute_dtype(hidden, weight)
+        h, t, w = hidden.reshape(-1, hidden.shape[-1]), teacher.reshape(-1, teacher.shape[-1]), weight.to(dt)
+        N = h.shape[0]
+        mz, sz, my, sy, a, b = (torch.empty(N, dtype=dt, device=h.device) for _ in range(6))
+        for lo, hi in _spans(N, chunk_tokens):
+            z, y = h[lo:hi].to(dt) @ w.T, t[lo:hi].to(dt) @ w.T
+            mz[lo:hi], my[lo:hi] = z.amax(1), y.amax(1)
+            py = (y - my[lo:hi, None]).exp_()
+            sy[lo:hi], a[lo:hi], b[lo:hi] = py.sum(1), (py * z).sum(1), (py * y).sum(1)
+            sz[lo:hi] = z.sub_(mz[lo:hi, None]).exp_().sum(1)
+            del z, y, py
+        if reduce_max is not None:  # other ranks hold other vocabulary rows
+            gz, gy = reduce_max(torch.stack([mz, my])).unbind(0)
+            sz, (sy, a, b) = sz * torch.exp(mz - gz), (x * torch.exp(my - gy) for x in (sy, a, b))
+            mz, my = gz, gy
+        if reduce_sum is not None:
+            sz, sy, a, b = reduce_sum(torch.stack([sz, sy, a, b])).unbind(0)
+        lse_z, lse_y = mz + torch.log(sz), my + torch.log(sy)
+        ctx.chunk_tokens = chunk_tokens
+        ctx.save_for_backward(hidden, teacher, weight, mask, lse_z, lse_y)
+        return torch.where(mask.reshape(-1), (b - a) / sy + lse_z - lse_y, 0).sum()
+
+    @staticmethod
+    @_no_autocast
+    def backward(ctx, grad):
+        hidden, teacher, weight, mask, lse_z, lse_y = ctx.saved_tensors
+        dt = lse_z.dtype
+        h, t, w = hidden.reshape(-1, hidden.shape[-1]), teacher.reshape(-1, teacher.shape[-1]), weight.to(dt)
+        scale = torch.where(mask.reshape(-1), grad.to(dt), 0)[:, None]
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+        dh = torch.empty_like(h) if need_h else None
+        dw = torch.zeros_like(w) if need_w else None
+        for lo, hi in _spans(h.shape[0], ctx.chunk_tokens):
+            hc = h[lo:hi].to(dt)
+            p = (hc @ w.T).sub_(lse_z[lo:hi, None]).exp_()
+            p.sub_((t[lo:hi].to(dt) @ w.T).sub_(lse_y[lo:hi, None]).exp_()).mul_(scale[lo:hi])
+            if need_h:
+                dh[lo:hi] = p @ w
+            if need_w:
+                dw.addmm_(p.T, hc)
+            del p
+        return (dh.view_as(hidden) if need_h else None, None, dw.to(weight.dtype) if need_w else None,
+                None, None, None, None)
+
+
+def chunked_kl_sum(
+    hidden: Tensor,
+    teacher_hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    chunk_tokens: int,
+    reduce_max: Callable[[Tensor], Tensor] | None = None,
+    reduce_sum: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
+    """Summed KL(teacher || model) over the tokens whose label is not -100, of the logits hidden @ weight.T
+    against teacher_hidden @ weight.T (the teacher gets no gradient), `chunk_tokens` tokens at a time;
+    a vocabulary split over ranks as in `chunked_lm_loss_sum` (weight: this rank's rows)."""
+    if chunk_tokens < 0:
+        raise ValueError(f"chunk_tokens must be >= 0, got {chunk_tokens}")
+    return _ChunkedKL.apply(hidden, teacher_hidden.detach(), weight, labels != IGNORE, chunk_tokens, reduce_max,
+                            reduce_sum)

@@ -13,7 +13,7 @@ from lasp.parallel.config import ParallelConfig
 from lasp.parallel.clip import clip_grad_norm_
 from lasp.parallel.dp import DataParallel, apply_dp, zero_grads
 from lasp.parallel.groups import ParallelGroups, init_groups
-from lasp.parallel.loss import attention_transfer, transfer_loss_sum
+from lasp.parallel.loss import attention_transfer, distillation, transfer_loss_sum
 from lasp.parallel.pipeline import PipelineStage, forward_backward
 from lasp.parallel.sp import apply_sp
 from lasp.parallel.tp import apply_tp, megatron_config, vocab_parallel_loss_sum
@@ -60,8 +60,11 @@ def loss_sum_fn(cfg: ParallelConfig, groups: ParallelGroups, stage: nn.Module):
 
     def loss_sum(hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         # the head is read at call time: only the last stage has one
+        teacher = getattr(stage, "teacher_hidden", None)  # distillation, in training (lasp.parallel.loss)
+        distill = getattr(stage, "distill_weight", 0.0) if teacher is not None else 0.0
         return stage.head_loss(hidden, stage.lm_head.weight, labels, chunk_tokens=cfg.loss_chunk_tokens,
-                               group=groups.tp if cfg.tp > 1 else None, rank=groups.tp_rank)
+                               group=groups.tp if cfg.tp > 1 else None, rank=groups.tp_rank,
+                               teacher=teacher, distill_weight=distill)
 
     return loss_sum
 
@@ -119,6 +122,7 @@ __all__ = [
     "DataParallel",
     "apply_dp",
     "attention_transfer",
+    "distillation",
     "clip_grad_norm_",
     "eval_step",
     "forward_backward_step",

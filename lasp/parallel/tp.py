@@ -76,7 +76,11 @@ class _LoRA(nn.Module):
     def weight(self) -> nn.Parameter:
         return self.base.weight
 
+    enabled = True
+
     def forward(self, x: Tensor) -> Tensor:
+        if not self.enabled:
+            return self.base(x)
         if self.column:
             z = F.linear(copy_to_tensor_model_parallel_region(x, group=self.group), self.lora_A)
         else:

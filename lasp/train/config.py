@@ -152,6 +152,11 @@ class TrainSection:
     the same inputs, which the forward passes on; the loss is the squared error summed over layers, averaged
     over heads and dims, per token). attention_transfer needs train.init_from, train.trainable = new and
     parallel.pp = 1."""
+    distill_weight: float = 0.0
+    """With the lm objective: add this times KL(teacher || model) per token to the loss, the teacher being the
+    original softmax model of the same weights (every layer the softmax attention of its own q, k, v, no
+    window, LoRA adapters off), run in the same step without gradients. 0: no distillation. Needs
+    parallel.pp = 1."""
     max_minutes: float | None = None
     """Stop after the step that crosses this many minutes, save a checkpoint and exit with status 75
     (as on SIGTERM): set it a few minutes under the job's time limit. None: no limit."""
@@ -178,6 +183,11 @@ class TrainSection:
             p.append(f"train.trainable must be all, new or lora, got {self.trainable!r}")
         elif self.trainable == "new" and not self.init_from:
             p.append("train.trainable = new needs train.init_from (the weights that stay frozen)")
+        if self.distill_weight < 0:
+            p.append(f"train.distill_weight must be >= 0 (0: no distillation), got {self.distill_weight}")
+        elif self.distill_weight and self.objective != "lm":
+            p.append(f"train.distill_weight ({self.distill_weight}) adds to the lm objective, not to "
+                     f"{self.objective}")
         if self.objective not in ("lm", "attention_transfer"):
             p.append(f"train.objective must be lm or attention_transfer, got {self.objective!r}")
         elif self.objective == "attention_transfer" and self.trainable != "new":
@@ -337,6 +347,9 @@ def resolve(data: dict, source: str, world_size: int | None, check_data: bool = 
         problems.append("train.trainable = lora needs adapters: set model.lora_rank (and model.lora_targets)")
     if tcfg is not None and tcfg.objective == "attention_transfer":
         problems += _transfer_problems(model, par)
+    if tcfg is not None and par is not None and tcfg.distill_weight and par.pp != 1:
+        problems.append(f"train.distill_weight runs with parallel.pp = 1 (the teacher runs the whole model), "
+                        f"got {par.pp}")
     if check_data and dcfg is not None:
         problems += _data_problems(dcfg, model, evaluate=tcfg is not None and tcfg.eval_interval > 0)
     if check_data and built["logging"] is not None:

@@ -23,8 +23,8 @@ from lasp.distributed.timeouts import named_timeouts
 from lasp.kernels import get_kernel
 from lasp.model import LinearLlama
 from lasp.parallel import (
-    ParallelGroups, attention_transfer, clip_grad_norm_, eval_step, forward_backward_step, init_groups, loss_sum_fn,
-    parallelize, zero_engine, zero_eval_step, zero_train_step,
+    ParallelGroups, attention_transfer, clip_grad_norm_, distillation, eval_step, forward_backward_step,
+    init_groups, loss_sum_fn, parallelize, zero_engine, zero_eval_step, zero_train_step,
 )
 from lasp.parallel.ac import apply_ac
 from lasp.parallel.sp import apply_kernel
@@ -162,6 +162,10 @@ def build_stage(cfg: TrainConfig, groups: ParallelGroups, device: torch.device, 
         n = len(attention_transfer(getattr(stage, "module", stage)))  # the stage inside DataParallel
         say(f"train.objective = attention_transfer: the loss is the squared error of {n} linear layer(s) "
             "against their own softmax attention")
+    if cfg.train.distill_weight:
+        distillation(getattr(stage, "module", stage), cfg.train.distill_weight)
+        say(f"train.distill_weight = {cfg.train.distill_weight}: the training loss adds the KL to the original "
+            "softmax model (the evaluation's is the LM loss alone)")
     apply_kernel(stage, kernel)
     optimizer = build_optimizer(stage, cfg.optim, device)
     rows = cfg.data.global_batch // p.dp // p.microbatches
