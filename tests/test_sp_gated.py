@@ -303,11 +303,15 @@ def case_window_layer(layout, window, variant, feature_map, chunk_len=7, B=2, hi
     return {"fwd": comm_events(pf), "bwd": comm_events(pb), "channels": channels}
 
 
-WINDOWS = [(1, 1, "zigzag"), (2, 2, "contiguous"), (2, 3, "zigzag"), (3, 4, "contiguous"), (4, 4, "zigzag")]
+WINDOWS = [  # ranks, window, layout, the linear form (a gate pooled from the key, or a constant decay)
+    (1, 1, "zigzag", "simple_gla", "hedgehog"), (2, 2, "contiguous", "lightning", "elu1"),
+    (2, 3, "zigzag", "simple_gla", "hedgehog"), (3, 4, "contiguous", "simple_gla", "hedgehog"),
+    (4, 4, "zigzag", "lightning", "elu1"), (4, 2, "contiguous", "simple_gla", "hedgehog"),
+]
 
 
-@pytest.mark.parametrize("variant, feature_map", [("simple_gla", "hedgehog"), ("lightning", "elu1")])
-@pytest.mark.parametrize("W, window, layout", WINDOWS, ids=[f"W{w}-window{n}-{lay}" for w, n, lay in WINDOWS])
+@pytest.mark.parametrize("W, window, layout, variant, feature_map", WINDOWS,
+                         ids=[f"W{w}-window{n}-{lay}-{v}" for w, n, lay, v, _ in WINDOWS])
 def test_a_window_layer_matches_one_process_with_a_halo(dist_pool, W, window, layout, variant, feature_map):
     n = SeqLayout(layout, W).chunks_per_rank
     for r in dist_pool(W).run("tests.test_sp_gated:case_window_layer", layout=layout, window=window,
