@@ -326,6 +326,10 @@ def test_a_lora_run_exports_merged_and_transformers_gives_the_adapted_logits(hf_
     assert export(["--checkpoint", step, "--out", str(tmp_path / "hf_out"), "--hf"]) == 0
     assert "merged the LoRA adapters (rank 4)" in capsys.readouterr().out
     adapted, _ = load_model(step, dtype=torch.float64)
+    from lasp.model.hf import HFImportError, to_hf
+
+    with pytest.raises(HFImportError, match="LoRA adapters .model.lora_rank 4.: merge them"):
+        to_hf(adapted, str(tmp_path / "unmerged"))  # never the base weights without their adapters
     base = LinearLlama.from_hf(str(src), dtype=torch.float64)
     for name, p in adapted.named_parameters():
         if not name.endswith((".lora_A", ".lora_B")):  # frozen: bit-identical to the import (trained in float32)

@@ -250,6 +250,9 @@ def hf_config(cfg: ModelConfig, dtype: torch.dtype) -> dict:
                 "layer" for i in range(cfg.num_layers) if cfg.mixer(i) != "S"]
     if cfg.attention_bias and cfg.qk_norm:
         problems.append("q/k/v biases with q/k norms: neither Qwen2 nor Qwen3")
+    if cfg.lora_rank:
+        problems.append(f"LoRA adapters (model.lora_rank {cfg.lora_rank}): merge them into the weights first "
+                        "(lasp.model.lora.merge_lora; python -m lasp.export does)")
     if problems:
         raise HFImportError("the model", problems)
     family = "qwen3" if cfg.qk_norm else "qwen2" if cfg.attention_bias else "llama"
