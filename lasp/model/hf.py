@@ -216,6 +216,14 @@ def _is_lasp_export(c: dict) -> bool:
     return c.get("format") == FORMAT
 
 
+def is_hf_directory(path: str) -> bool:
+    """A directory whose config.json is a Hugging Face model's (not a LASP export's)."""
+    try:
+        return not _is_lasp_export(_config_json(path))
+    except (HFImportError, OSError, ValueError):
+        return False
+
+
 def source_config(path: str) -> ModelConfig:
     """The ModelConfig of a Hugging Face directory or a LASP export (lasp.export), or HFImportError."""
     c = _config_json(path, "no config.json: neither a Hugging Face model directory nor a LASP export")
