@@ -85,7 +85,8 @@ def run(cmd: list[str], log: str) -> float:
     with open(log, "w") as f:
         done = subprocess.run([sys.executable, "-m", *cmd], stdout=f, stderr=subprocess.STDOUT)
     if done.returncode:
-        sys.exit(f"{' '.join(cmd[:2])} failed (exit {done.returncode}); see {log}:\n" + "".join(open(log).readlines()[-15:]))
+        tail = "".join(open(log).readlines()[-15:])
+        sys.exit(f"{' '.join(cmd[:2])} failed (exit {done.returncode}); see {log}:\n{tail}")
     return time.time() - start
 
 
@@ -105,7 +106,8 @@ def train(work: str, name: str, model: dict, init_from: str, steps: int, lr: flo
     seconds = run(["lasp.train", "--config", path], os.path.join(work, f"{name}.log"))
     out = os.path.join(work, f"{name}-export")
     step = os.path.join(work, name, "checkpoints", f"step-{steps:08d}")
-    seconds += run(["lasp.export", "--checkpoint", step, "--out", out, "--force"], os.path.join(work, f"{name}-export.log"))
+    seconds += run(["lasp.export", "--checkpoint", step, "--out", out, "--force"],
+                   os.path.join(work, f"{name}-export.log"))
     return out, seconds
 
 
