@@ -107,3 +107,116 @@ def test_bad_input_is_refused_up_front(export_and_data, tmp_path, capsys, monkey
         (["positions", "--checkpoint", ck, "--data", data, "--split", "train", "--seq-len", "4000"],
          "no document of split 'train' holds --seq-len + 1 = 4001 tokens"),
     ], capsys, watch=[root, tmp_path])
+
+
+# -- passkey ------------------------------------------------------------------------------------------------
+
+
+class _Copier(torch.nn.Module):
+    """A stand-in that reads the key from its context: after the question it predicts the digits that follow
+    the needle's "The pass key is "."""
+
+    def __init__(self, tok):
+        super().__init__()
+        from lasp.eval.passkey import QUESTION
+
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.tok, self.lead, self.question = tok, tok.encode("The pass key is "), tok.encode(QUESTION)
+
+    def _find(self, seq, pattern, last=False):
+        hits = [i for i in range(len(seq) - len(pattern) + 1) if seq[i : i + len(pattern)] == pattern]
+        return hits[-1] if last else hits[0]
+
+    def forward(self, tokens, positions):
+        seq = tokens[0].tolist()
+        at = self._find(seq, self.lead) + len(self.lead)
+        answer = self.tok.encode(" " + self.tok.decode(seq[at : at + 5]))
+        first = self._find(seq, self.question, last=True) + len(self.question) - 1
+        logits = torch.zeros(1, len(seq), 257)
+        for i, t in enumerate(answer):
+            logits[0, first + i, t] = 1.0
+        return logits
+
+
+class _Noise(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, tokens, positions):
+        return torch.randn(1, tokens.shape[1], 257, generator=torch.Generator().manual_seed(int(tokens.sum())))
+
+
+def test_passkey_copier_scores_one_and_noise_zero():
+    from lasp.data.tokenizer import ByteTokenizer
+    from lasp.eval.passkey import passkey_accuracy
+
+    tok = ByteTokenizer()
+    copied = passkey_accuracy(_Copier(tok), tok, [300, 700], [0, 0.5, 1], trials=3, seed=1)
+    assert [r["accuracy"] for r in copied] == [1.0] * 6
+    assert all(len(set(r["answers"])) == 3 and all(len(a) == 5 for a in r["answers"]) for r in copied), copied
+    noise = passkey_accuracy(_Noise(), tok, [300, 700], [0, 0.5, 1], trials=3, seed=1)
+    assert [r["accuracy"] for r in noise] == [0.0] * 6
+
+
+@pytest.mark.parametrize("depth", [0, 0.25, 0.5, 1])
+def test_passkey_prompts_are_the_seeds_and_the_key_sits_at_its_depth(depth):
+    from lasp.data.tokenizer import ByteTokenizer
+    from lasp.eval.passkey import INTRO, NEEDLE, QUESTION, keys, make_prompt
+
+    tok = ByteTokenizer()
+    assert keys(3, 4) == keys(3, 4) != keys(4, 4)
+    a, b = (make_prompt(tok, 1000, depth, keys(3, 1)[0]) for _ in range(2))
+    assert a == b and len(a.ids) == 1000
+    room = 1000 - len(INTRO) - len(NEEDLE.format(key=a.key)) - len(QUESTION)
+    assert a.needle_at == len(INTRO) + round(depth * room)
+    assert tok.decode(a.ids[a.needle_at : a.needle_at + 22]) == f"The pass key is {a.key}."
+
+
+def case_passkey(layout: str):
+    import torch.distributed as dist
+
+    from lasp.data.tokenizer import ByteTokenizer
+    from lasp.eval.passkey import answered, make_prompt
+    from lasp.parallel.sp import apply_sp
+
+    torch.manual_seed(0)
+    model = LinearLlama(ModelConfig(**{**MODEL, "vocab_size": 257})).double().eval()
+    prompts = [make_prompt(ByteTokenizer(), 301, d, "12345") for d in (0, 0.5)]
+    want = [answered(model, p) for p in prompts]
+    apply_sp(model, dist.group.WORLD, layout)
+    got = [answered(model, p, group=dist.group.WORLD, layout=layout) for p in prompts]  # 306 tokens, padded
+    assert got == want, (got, want)
+    return got
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+def test_passkey_under_sp_answers_as_one_process(dist_pool, layout):
+    dist_pool(2).run("tests.test_eval:case_passkey", layout=layout)
+
+
+def test_the_passkey_command_writes_jsonl_and_a_heatmap(export_and_data, tmp_path, capsys):
+    from lasp.eval.__main__ import main
+
+    out, plot = tmp_path / "k.jsonl", tmp_path / "k.png"
+    assert main(["passkey", "--checkpoint", str(export_and_data / "export"), "--lengths", "300,500", "--depths",
+                 "0,1", "--trials", "2", "--out", str(out), "--plot", str(plot)]) == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["length"], r["depth"]) for r in records] == [(300, 0), (300, 1), (500, 0), (500, 1)]
+    assert all(0 <= r["accuracy"] <= 1 and r["trials"] == 2 for r in records) and plot.stat().st_size > 0
+
+
+def test_bad_passkey_input_is_refused_up_front(export_and_data, tmp_path, capsys):
+    from lasp.eval.__main__ import main
+
+    bare = tmp_path / "bare"
+    torch.manual_seed(0)
+    LinearLlama(ModelConfig(**{**MODEL, "vocab_size": 257})).save_pretrained(str(bare))  # no tokenizer
+    ck = str(export_and_data / "export")
+    refuse_all(main, [
+        (["passkey", "--checkpoint", ck, "--lengths", "10,300", "--depths", "0,1.5,-0.1", "--trials", "0"],
+         "--lengths 10: a prompt needs at least", "--depths: 1.5 is outside [0, 1]", "--depths: -0.1 is outside",
+         "--trials must be >= 1, got 0"),
+        (["passkey", "--checkpoint", str(bare), "--lengths", "1k"], f"--checkpoint {bare}: no tokenizer",
+         "--lengths must be comma-separated numbers, got '1k'"),
+    ], capsys, watch=[export_and_data, tmp_path])

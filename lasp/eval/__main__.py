@@ -1,12 +1,15 @@
-"""python -m lasp.eval positions --checkpoint PATH [PATH ...] --data DIR --seq-len N [--rows R] [--split val]
-    [--out FILE.jsonl] [--plot FILE.png] [--layout zigzag]
+"""python -m lasp.eval positions|passkey --checkpoint PATH [PATH ...] ...
 
-Loss by position (lasp.eval.positions): the mean next-token loss in log-spaced position buckets (1-64,
-65-128, ..., up to N) over held-out rows of N tokens that lie inside one document, for each --checkpoint (a
-trainer checkpoint, a LASP export or a Hugging Face directory). Under torchrun (`torchrun --nproc-per-node W
--m lasp.eval positions ...`) every row is split over the W ranks with LASP-2 / LASP-2H, so the evaluation
-reaches the lengths training does. Writes one JSON line per checkpoint and bucket, and a plot of every
-checkpoint on one figure.
+Long-context evaluation of trainer checkpoints, LASP exports or Hugging Face directories, as one process or
+under torchrun (`torchrun --nproc-per-node W -m lasp.eval ...`), where every sequence is split over the W
+ranks with LASP-2 / LASP-2H, so the evaluation reaches the lengths training does.
+
+  positions  the mean next-token loss in log-spaced position buckets (1-64, 65-128, ..., up to --seq-len)
+             over held-out rows that lie inside one document (lasp.eval.positions)
+  passkey    a random 5-digit key hidden at relative depths of filler text at each length, then a question;
+             accuracy of greedy decoding per (length, depth) (lasp.eval.passkey)
+
+Both write one JSON line per checkpoint and measurement (stdout and --out) and a plot (--plot).
 """
 
 import argparse
@@ -16,41 +19,55 @@ import sys
 
 
 def _parse(argv):
-    p = argparse.ArgumentParser(prog="python -m lasp.eval", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m lasp.eval", description=__doc__.split("\n\n")[0],
+                                epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    q = sub.add_parser("positions", help="mean loss per log-spaced position bucket",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    q.add_argument("--checkpoint", required=True, nargs="+", help="trainer checkpoints, LASP exports or HF directories")
+    parsers = {}
+    for name, what in (("positions", "mean loss per log-spaced position bucket"),
+                       ("passkey", "passkey retrieval accuracy per length and depth")):
+        q = parsers[name] = sub.add_parser(name, help=what, description=what)
+        q.add_argument("--checkpoint", required=True, nargs="+",
+                       help="trainer checkpoints, LASP exports or Hugging Face directories")
+        q.add_argument("--layout", choices=("contiguous", "zigzag"), default="zigzag", help="the SP layout")
+        q.add_argument("--out", default=None, help="JSONL output (default: stdout only)")
+        q.add_argument("--plot", default=None, help="a PNG of the results of every checkpoint")
+    q = parsers["positions"]
     q.add_argument("--data", required=True, help="a directory from python -m lasp.data prepare")
     q.add_argument("--split", default="val", help="the split to read (default: val, the held-out one)")
     q.add_argument("--seq-len", type=int, required=True, help="tokens per row (positions 1..N)")
     q.add_argument("--rows", type=int, default=16, help="at most this many rows (documents long enough)")
-    q.add_argument("--layout", choices=("contiguous", "zigzag"), default="zigzag", help="the SP layout")
-    q.add_argument("--out", default=None, help="JSONL output (default: stdout only)")
-    q.add_argument("--plot", default=None, help="a PNG of loss against position, every checkpoint")
+    q = parsers["passkey"]
+    q.add_argument("--lengths", required=True, help="prompt lengths in tokens, comma-separated: 1024,2048,...")
+    q.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="relative depths of the key in [0, 1]")
+    q.add_argument("--trials", type=int, default=5, help="keys per (length, depth)")
+    q.add_argument("--seed", type=int, default=0, help="the seed of the keys: the same tests for every model")
+    q.add_argument("--filler", default=None, help="the filler text, repeated (default: Landmark Attention's)")
     a = p.parse_args(argv)
-    return q, a
+    return parsers[a.command], a
 
 
-def _problems(a, world: int) -> list[str]:
-    """Every mistake in the arguments, before a model or the data is read."""
-    from lasp.cli import at_least, existing, sequence, writable
+def _numbers(option: str, text: str, kind) -> tuple[list, list[str]]:
+    try:
+        values = [kind(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        return [], [f"{option} must be comma-separated numbers, got {text!r}"]
+    return values, [] if values else [f"{option} is empty"]
+
+
+def tokenizer_of(path: str):
+    """The tokenizer a model directory or checkpoint records, without reading its weights (DataError if
+    it has none)."""
+    from lasp.data.tokenizer import load_tokenizer
+    from lasp.generate import load_tokenizer_for, tokenizer_from_description
+    from lasp.model.hf import is_hf_directory
+    from lasp.model.pretrained import CONFIG
     from lasp.train import ckpt_store
 
-    problems = at_least("--seq-len", a.seq_len) + at_least("--rows", a.rows)
-    from lasp.model.hf import is_hf_directory
-
-    for path in a.checkpoint:
-        what = None if is_hf_directory(path) else ckpt_store.describe(path, exports=True)
-        if what is not None:
-            problems.append(f"--checkpoint {path} {what}")
-    problems += existing("--data", a.data, directory=True)
-    if a.seq_len >= 1:
-        problems += sequence("--seq-len", a.seq_len, a.layout, world)
-    for option, path in (("--out", a.out), ("--plot", a.plot)):
-        if path:
-            problems += writable(option, path)
-    return problems
+    if is_hf_directory(path):
+        return load_tokenizer(path)
+    if os.path.isfile(os.path.join(path, CONFIG)):
+        return load_tokenizer_for(path)
+    return tokenizer_from_description(ckpt_store.read_state(path).get("tokenizer"), None, path)
 
 
 def load(path: str, device: str = "cpu"):
@@ -65,22 +82,81 @@ def load(path: str, device: str = "cpu"):
     return load_for_generation(path, device)[0]
 
 
-def _plot(records: list[dict], path: str) -> None:
+def _problems(a, world: int) -> tuple[list[str], dict]:
+    """Every mistake in the arguments, before a model is read; and what was read to check them."""
+    from lasp.cli import at_least, existing, sequence, writable
+    from lasp.model.hf import is_hf_directory
+    from lasp.train import ckpt_store
+
+    problems, found = [], {}
+    for path in a.checkpoint:
+        what = None if is_hf_directory(path) else ckpt_store.describe(path, exports=True)
+        if what is not None:
+            problems.append(f"--checkpoint {path} {what}")
+        elif a.command == "passkey":
+            try:
+                found.setdefault("tokenizers", {})[path] = tokenizer_of(path)
+            except Exception as e:  # noqa: BLE001 - any unreadable tokenizer is the user's to fix
+                problems.append(f"--checkpoint {path}: no tokenizer to write the prompts with ({e})")
+    for option, path in (("--out", a.out), ("--plot", a.plot)):
+        if path:
+            problems += writable(option, path)
+    if a.command == "positions":
+        problems += at_least("--seq-len", a.seq_len) + at_least("--rows", a.rows)
+        problems += existing("--data", a.data, directory=True)
+        if a.seq_len >= 1:
+            problems += sequence("--seq-len", a.seq_len, a.layout, world)
+        return problems, found
+    lengths, bad = _numbers("--lengths", a.lengths, int)
+    depths, bad_depths = _numbers("--depths", a.depths, float)
+    problems += bad + bad_depths + at_least("--trials", a.trials)
+    problems += [f"--depths: {d} is outside [0, 1]" for d in depths if not 0 <= d <= 1]
+    from lasp.eval.passkey import FILLER, shortest
+
+    for path, tok in found.get("tokenizers", {}).items():
+        low = shortest(tok)
+        short = [n for n in lengths if n < low]
+        if short:
+            problems.append(f"--lengths {','.join(map(str, short))}: a prompt needs at least {low} tokens with "
+                            f"the tokenizer of {path}")
+        if not tok.encode(a.filler or FILLER):
+            problems.append("--filler is empty once tokenized")
+    found.update(lengths=lengths, depths=depths)
+    return problems, found
+
+
+def _plot(records: list[dict], path: str, command: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name in dict.fromkeys(r["checkpoint"] for r in records):
-        mine = [r for r in records if r["checkpoint"] == name and r["tokens"]]
-        ax.plot([(r["lo"] + r["hi"]) / 2 for r in mine], [r["loss"] for r in mine], marker="o", label=name)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("position in the document (bucket centre)")
-    ax.set_ylabel("mean next-token loss")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    names = list(dict.fromkeys(r["checkpoint"] for r in records))
+    if command == "positions":
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name in names:
+            mine = [r for r in records if r["checkpoint"] == name and r["tokens"]]
+            ax.plot([(r["lo"] + r["hi"]) / 2 for r in mine], [r["loss"] for r in mine], marker="o", label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("position in the document (bucket centre)")
+        ax.set_ylabel("mean next-token loss")
+        ax.legend(fontsize=7)
+    else:
+        fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.5), squeeze=False)
+        for ax, name in zip(axes[0], names):
+            mine = [r for r in records if r["checkpoint"] == name]
+            lengths = sorted({r["length"] for r in mine})
+            depths = sorted({r["depth"] for r in mine})
+            grid = [[next(r["accuracy"] for r in mine if r["length"] == n and r["depth"] == d) for n in lengths]
+                    for d in depths]
+            im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="lower")
+            ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], fontsize=7)
+            ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths], fontsize=7)
+            ax.set_xlabel("prompt length (tokens)")
+            ax.set_ylabel("depth of the key")
+            ax.set_title(os.path.basename(os.path.normpath(name)), fontsize=8)
+        fig.colorbar(im, ax=axes[0].tolist(), label="accuracy")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
 
 
 def main(argv=None) -> int:
@@ -90,9 +166,9 @@ def main(argv=None) -> int:
     from lasp.cli import usage_error
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    problems = _problems(a, world)
+    problems, found = _problems(a, world)
     rows = None
-    if not problems:
+    if not problems and a.command == "positions":
         from lasp.data import TokenData
         from lasp.data.tokenizer import DataError
         from lasp.eval.positions import document_rows
@@ -106,12 +182,13 @@ def main(argv=None) -> int:
             if len(rows) == 0:
                 problems.append(f"--data {a.data}: no document of split {a.split!r} holds --seq-len + 1 = "
                                 f"{a.seq_len + 1} tokens before its end: lower --seq-len")
-    if problems:
-        usage_error(parser, problems)
+    usage_error(parser, problems)
     group = None
     if world > 1:
         dist.init_process_group("gloo")
         group = dist.group.WORLD
+    lead = int(os.environ.get("RANK", "0")) == 0
+    from lasp.eval.passkey import FILLER, passkey_accuracy
     from lasp.eval.positions import position_losses
     from lasp.parallel.sp import apply_sp
 
@@ -121,12 +198,19 @@ def main(argv=None) -> int:
             model = load(path).eval()
             if group is not None:
                 apply_sp(model, group, a.layout)
-            for r in position_losses(model, rows, group=group, layout=a.layout):
-                records.append({"checkpoint": path, "seq_len": a.seq_len, "rows": len(rows), **r})
+            if a.command == "positions":
+                results = [{"seq_len": a.seq_len, "rows": len(rows), **r}
+                           for r in position_losses(model, rows, group=group, layout=a.layout)]
+            else:
+                say = (lambda m, p=path: print(f"{p}: {m}", file=sys.stderr, flush=True)) if lead else (lambda m: None)
+                results = passkey_accuracy(model, found["tokenizers"][path], found["lengths"], found["depths"],
+                                           a.trials, a.seed, filler=a.filler or FILLER, group=group,
+                                           layout=a.layout, say=say)
+            records += [{"checkpoint": path, **r} for r in results]
     finally:
         if group is not None:
             dist.destroy_process_group()
-    if world > 1 and int(os.environ.get("RANK", "0")) != 0:
+    if not lead:
         return 0
     lines = [json.dumps(r) for r in records]
     print("\n".join(lines))
@@ -134,7 +218,7 @@ def main(argv=None) -> int:
         with open(a.out, "w") as f:
             f.write("\n".join(lines) + "\n")
     if a.plot:
-        _plot(records, a.plot)
+        _plot(records, a.plot, a.command)
     return 0
 
 
