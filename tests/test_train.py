@@ -104,12 +104,27 @@ def test_one_process_trains_and_leaves_metrics_tensorboard_and_plot(tmp_path, co
 @pytest.mark.slow
 def test_sp2_through_launch_torchrun_sh_gives_the_sp1_losses(tmp_path, corpus, reference):
     """One node through the launch script (torchrun --standalone); two nodes: below."""
-    config, run_dir = _config(tmp_path, corpus, "sp2", parallel={"sp": 2, "sp_layout": "zigzag"})
+    config, run_dir = _config(tmp_path, corpus, "sp2", parallel={"sp": 2, "sp_layout": "zigzag"},
+                              train={"eval_positions": True})
     out = subprocess.run(["bash", "launch/torchrun.sh", "--config", config], cwd=ROOT, capture_output=True, text=True,
                          timeout=300, env={**_env(), "PYTHON": sys.executable, "NPROC_PER_NODE": "2"})
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
     assert "tp=1 sp=2 (zigzag) pp=1 dp=1" in out.stdout
     _same_curve(run_dir, reference)
+    # train.eval_positions under SP = 2: the last evaluation's buckets are the final checkpoint's, on one process
+    import torch
+
+    from lasp.data import TokenData
+    from lasp.eval.positions import document_rows, position_losses
+    from lasp.export import load_model
+
+    logged = _rows(run_dir, "eval_positions")
+    assert [r["step"] for r in logged] == [3, 6] and "eval loss by position: 1-64" in out.stdout
+    val = TokenData(corpus, "val")
+    model, _ = load_model(os.path.join(run_dir, "checkpoints", "step-00000006"))
+    with torch.no_grad():
+        want = position_losses(model.eval(), document_rows(val.tokens, val.doc_offsets, 64, 4))
+    assert abs(logged[-1]["loss_1_64"] - want[0]["loss"]) <= 1e-5 * want[0]["loss"], (logged[-1], want)
 
 
 @pytest.mark.slow

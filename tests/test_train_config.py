@@ -257,3 +257,9 @@ def test_lora_names_what_it_needs():
         assert any(part in q for q in p), p
     p = _problems({"train": {"trainable": "lora"}})
     assert any("train.trainable = lora needs adapters: set model.lora_rank" in q for q in p), p
+
+
+def test_eval_positions_names_what_it_needs():
+    p = _problems({"parallel": {"tp": 2}, "train": {"eval_positions": True, "eval_interval": 0}}, world_size=2)
+    assert any("train.eval_positions needs tp = pp = 1, zero_stage 0, the lm objective and evaluations; got "
+               "parallel.tp = 2, train.eval_interval = 0" in q for q in p), p

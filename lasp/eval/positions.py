@@ -54,10 +54,12 @@ def bucket_sums(losses: Tensor, positions: Tensor, edges: list[tuple[int, int]])
 
 
 @torch.no_grad()
-def position_losses(model, rows: Tensor, *, batch: int = 1, group=None, layout: str = "zigzag") -> list[dict]:
-    """Mean loss per position bucket of `model` over `rows` [R, N + 1] (the same on every rank of `group`;
-    the model already parallelised over it with lasp.parallel.sp.apply_sp when it has several ranks):
-    [{"lo", "hi", "loss", "tokens"}]."""
+def position_losses(model, rows: Tensor, *, batch: int = 1, group=None, layout: str = "zigzag",
+                    device: torch.device | None = None) -> list[dict]:
+    """Mean loss per position bucket of `model` ((tokens, positions) -> logits) over `rows` [R, N + 1] (the
+    same on every rank of `group`; the model already parallelised over it with lasp.parallel.sp.apply_sp
+    when it has several ranks): [{"lo", "hi", "loss", "tokens"}]. `device`: the model's (default: its first
+    parameter's)."""
     from lasp.sp.layout import shard_sequence
 
     n = rows.shape[1] - 1
@@ -65,7 +67,7 @@ def position_losses(model, rows: Tensor, *, batch: int = 1, group=None, layout: 
     world = 1 if group is None else dist.get_world_size(group)
     rank = 0 if group is None else dist.get_rank(group)
     totals = torch.zeros(2, len(edges), dtype=torch.float64)
-    device = next(model.parameters()).device
+    device = device or next(model.parameters()).device
     for i in range(0, len(rows), batch):
         part = rows[i : i + batch]
         tokens, labels = part[:, :-1], part[:, 1:]

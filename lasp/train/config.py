@@ -126,6 +126,11 @@ class TrainSection:
     """Evaluate the held-out split every this many steps and at the end (0: never)."""
     eval_batches: int = 4
     """Global batches of the held-out split per evaluation."""
+    eval_positions: bool = False
+    """At each evaluation also log the mean loss per log-spaced position bucket (1-64, 65-128, ...) over
+    held-out rows of data.seq_len tokens inside one document (lasp.eval.positions; up to eval_batches x
+    global_batch rows), into metrics.jsonl ("eval_positions") and TensorBoard. Needs parallel.tp = pp = 1
+    and zero_stage 0 (the whole vocabulary's logits on each rank); runs under SP."""
     nonfinite: Literal["skip", "stop"] = "stop"
     """A non-finite loss or gradient norm: skip the step (no update) or stop the run with an error."""
     max_skipped_steps: int = 10
@@ -347,6 +352,14 @@ def resolve(data: dict, source: str, world_size: int | None, check_data: bool = 
         problems.append("train.trainable = lora needs adapters: set model.lora_rank (and model.lora_targets)")
     if tcfg is not None and tcfg.objective == "attention_transfer":
         problems += _transfer_problems(model, par)
+    if tcfg is not None and par is not None and tcfg.eval_positions:
+        bad = [f"parallel.{k} = {getattr(par, k)}" for k, ok in (("tp", 1), ("pp", 1), ("zero_stage", 0))
+               if getattr(par, k) != ok]
+        if bad or tcfg.objective != "lm" or not tcfg.eval_interval:
+            why = bad + ([f"train.objective = {tcfg.objective}"] if tcfg.objective != "lm" else []) + \
+                (["train.eval_interval = 0"] if not tcfg.eval_interval else [])
+            problems.append("train.eval_positions needs tp = pp = 1, zero_stage 0, the lm objective and "
+                            f"evaluations; got {', '.join(why)}")
     if tcfg is not None and par is not None and tcfg.distill_weight and par.pp != 1:
         problems.append(f"train.distill_weight runs with parallel.pp = 1 (the teacher runs the whole model), "
                         f"got {par.pp}")

@@ -95,6 +95,8 @@ class _Run:
     """(TokenData, step=..., shuffle=...) -> this rank's microbatches of global batch `step`."""
     autocast: Callable
     device: torch.device
+    position_rows: torch.Tensor = torch.empty(0)
+    """Held-out rows inside one document for train.eval_positions (none: not asked for)."""
 
 
 def _resume_path(cfg: TrainConfig, tokenizer: dict) -> tuple[str | None, int, list[str]]:
@@ -210,6 +212,14 @@ def _setup_and_loop(cfg: TrainConfig, device: torch.device, kernel, stop: Gracef
     autocast = (partial(torch.autocast, device.type, dtype=torch.bfloat16) if cfg.train.dtype == "bfloat16"
                 else contextlib.nullcontext)
     run = _Run(stage, engine, optimizer, groups, batch, autocast, device)
+    if val is not None and cfg.train.eval_positions:
+        from lasp.eval.positions import document_rows
+
+        run.position_rows = document_rows(val.tokens, val.doc_offsets, cfg.data.seq_len,
+                                          cfg.train.eval_batches * cfg.data.global_batch)
+        metrics.message(f"train.eval_positions: {len(run.position_rows)} held-out rows of {cfg.data.seq_len} "
+                        "tokens inside one document" + ("" if len(run.position_rows) else
+                                                        ": none long enough, no position buckets"))
 
     ckpt = Checkpointer(cfg, stage, optimizer, engine, groups, device, data.meta["tokenizer"], metrics.message)
     state = TrainState()
@@ -267,6 +277,9 @@ def _loop(cfg: TrainConfig, run: _Run, state: TrainState, stop: GracefulStop, da
             with _timeouts(cfg, f"the evaluation after step {state.step}"):
                 state.last_eval_loss = _evaluate(run, val, cfg)
             metrics.log_eval(state.step, state.last_eval_loss)
+            if len(run.position_rows):
+                with _timeouts(cfg, f"the position buckets after step {state.step}"):
+                    metrics.log_positions(state.step, _positions(run, cfg))
         with _timeouts(cfg, f"the stop check after step {state.step}"):
             stopping = stop.agreed(out_of_time=deadline is not None and time.monotonic() > deadline)
         last = stopping or state.step == cfg.train.steps
@@ -316,6 +329,20 @@ def _evaluate(run: _Run, val: TokenData, cfg: TrainConfig) -> float:
                 loss_fn = loss_sum_fn(p, run.groups, run.stage)
                 losses.append(zero_eval_step(run.engine, mbs, loss_fn, run.groups, cfg.tokens_per_step))
     return float(sum(losses) / len(losses))
+
+
+def _positions(run: _Run, cfg: TrainConfig) -> list[dict]:
+    """The held-out loss per position bucket of the model as it is (tp = pp = 1: the stage is the model,
+    its head whole), under SP over the SP group."""
+    from lasp.eval.positions import position_losses
+
+    def logits(tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return run.stage.lm_head(run.stage(tokens, positions))
+
+    group = run.groups.sp if cfg.parallel.sp > 1 else None
+    with torch.no_grad(), run.autocast():
+        return position_losses(logits, run.position_rows, group=group, layout=cfg.parallel.sp_layout,
+                               device=run.device)
 
 
 def _nonfinite(cfg: TrainConfig, state: TrainState, loss: float, norm: float, metrics: Metrics) -> None:

@@ -93,6 +93,16 @@ class Metrics:
         self._write({"kind": "eval", "step": step, "eval_loss": loss})
         self.message(f"step {step:>6} | eval loss {loss:.4f}")
 
+    def log_positions(self, step: int, buckets: list[dict]) -> None:
+        """The held-out loss per position bucket (lasp.eval.positions): one row, a column per bucket."""
+        if not self.enabled:
+            return
+        self._write({"kind": "eval_positions", "step": step,
+                     **{f"loss_{b['lo']}_{b['hi']}": b["loss"] for b in buckets},
+                     "tokens": sum(b["tokens"] for b in buckets)})
+        self.message(f"step {step:>6} | eval loss by position: " +
+                     ", ".join(f"{b['lo']}-{b['hi']} {b['loss']:.4f}" for b in buckets))
+
     def message(self, text: str) -> None:
         if not self.enabled:
             return
