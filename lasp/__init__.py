@@ -29,3 +29,12 @@ __all__ = [
     "ulysses_softmax_attn",
     "unshard_sequence",
 ]
+
+import sys as _sys
+
+if "lm_eval" in _sys.modules:  # lm-eval already imported: its `lasp` model (lasp.eval.harness), loaded on use
+    import lm_eval.models  # noqa: F401, E402 - the built-in models first: lm-eval fills only an empty registry
+    from lm_eval.api.registry import model_registry as _models  # noqa: E402
+
+    if "lasp" not in _models.keys():
+        _models.register("lasp", target="lasp.eval.harness:LaspLM")

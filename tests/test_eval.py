@@ -220,3 +220,71 @@ def test_bad_passkey_input_is_refused_up_front(export_and_data, tmp_path, capsys
         (["passkey", "--checkpoint", str(bare), "--lengths", "1k"], f"--checkpoint {bare}: no tokenizer",
          "--lengths must be comma-separated numbers, got '1k'"),
     ], capsys, watch=[export_and_data, tmp_path])
+
+
+# -- lm-evaluation-harness ----------------------------------------------------------------------------------
+
+
+def test_lm_eval_runs_a_local_task_with_the_lasp_model(export_and_data, tmp_path):
+    """A local two-example multiple-choice task and a rolling-loglikelihood one through
+    lm_eval.simple_evaluate: the loglikelihoods are the model's own summed log-probabilities."""
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+
+    import lasp.eval.harness  # noqa: F401 - registers the `lasp` model
+    from lasp.eval.__main__ import tokenizer_of
+    from lasp.model.pretrained import from_pretrained
+
+    data = tmp_path / "qa.jsonl"
+    data.write_text("\n".join(json.dumps(d) for d in [
+        {"question": "x = [i * 1 for i in", "choices": [" range(10)]", " banana"], "answer": 0},
+        {"question": "2 + 2 =", "choices": [" 4", " 5"], "answer": 1}]) + "\n")
+    (tmp_path / "tasks").mkdir()
+    common = f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\ntest_split: test\n"
+    (tmp_path / "tasks" / "mc.yaml").write_text(
+        "task: lasp_local_mc\n" + common + "output_type: multiple_choice\ndoc_to_text: '{{question}}'\n"
+        "doc_to_choice: '{{choices}}'\ndoc_to_target: '{{answer}}'\nmetric_list:\n  - metric: acc\n")
+    (tmp_path / "tasks" / "ppl.yaml").write_text(
+        "task: lasp_local_ppl\n" + common + "output_type: loglikelihood_rolling\ndoc_to_text: '{{question}}'\n"
+        "doc_to_target: '{{question}}'\nmetric_list:\n  - metric: word_perplexity\n")
+    path = str(export_and_data / "export")
+    out = lm_eval.simple_evaluate(model="lasp", model_args=f"path={path},dtype=float64",
+                                  tasks=["lasp_local_mc", "lasp_local_ppl"], log_samples=True,
+                                  task_manager=TaskManager(include_path=str(tmp_path / "tasks")))
+    model = from_pretrained(path, dtype=torch.float64)
+    tok = tokenizer_of(path)
+
+    def summed(context: list[int], continuation: list[int]) -> float:
+        ids = context + continuation
+        with torch.no_grad():
+            logp = model(torch.tensor([ids[:-1]]))[0].log_softmax(-1)
+        n = len(continuation)
+        return float(logp[-n:].gather(1, torch.tensor(continuation)[:, None]).sum())
+
+    mc = out["samples"]["lasp_local_mc"]
+    assert len(mc) == 2
+    for sample in mc:  # each choice: (context, continuation) -> [(loglikelihood, is_greedy)]
+        for (context, continuation), resp in zip(sample["arguments"], sample["resps"]):
+            want = summed(tok.encode(context), tok.encode(continuation))
+            assert abs(float(resp[0][0]) - want) <= 1e-6 * abs(want), (context, continuation, resp, want)
+    for sample in out["samples"]["lasp_local_ppl"]:  # the whole text after an EOS
+        text = sample["arguments"][0][0]
+        want = summed([tok.eos_id], tok.encode(text))
+        assert abs(float(sample["resps"][0][0]) - want) <= 1e-6 * abs(want), (text, sample["resps"], want)
+    assert 0 <= out["results"]["lasp_local_mc"]["acc,none"] <= 1
+
+    # generate_until: recurrent greedy decoding equals greedy full forwards, cut at the stop string
+    from types import SimpleNamespace
+
+    lm = lasp.eval.harness.LaspLM(path=path, dtype="float64")
+    got = lm.generate_until([SimpleNamespace(args=("x = [i", {"until": ["]"], "max_gen_toks": 12}))])[0]
+    ids, new = tok.encode("x = [i"), []
+    with torch.no_grad():
+        for _ in range(12):
+            nxt = int(model(torch.tensor([ids + new]))[0, -1].argmax())
+            if nxt == tok.eos_id:
+                break
+            new.append(nxt)
+            if "]" in tok.decode(new):
+                break
+    assert got == tok.decode(new).split("]")[0], (got, tok.decode(new))
