@@ -20,7 +20,8 @@ import sys
 
 def _parse(argv):
     p = argparse.ArgumentParser(prog="python -m lasp.eval", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
+                                epilog=__doc__.split("\n\n", 2)[2],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     parsers = {}
     for name, what in (("positions", "mean loss per log-spaced position bucket"),
