@@ -1,4 +1,4 @@
-"""Loss by position (lasp.eval.positions, `python -m lasp.eval positions`): the buckets equal a direct
+"""Loss by position (lasp.parallel.positions, `python -m lasp.eval positions`): the buckets equal a direct
 per-token computation on one process and under SP = 2 on both layouts; bad input is refused up front."""
 
 import json
@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lasp.eval.positions import buckets, position_losses
+from lasp.parallel.positions import buckets, position_losses
 from lasp.model import LinearLlama, ModelConfig
 from tests.refusals import refuse_all
 

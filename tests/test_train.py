@@ -115,7 +115,7 @@ def test_sp2_through_launch_torchrun_sh_gives_the_sp1_losses(tmp_path, corpus, r
     import torch
 
     from lasp.data import TokenData
-    from lasp.eval.positions import document_rows, position_losses
+    from lasp.parallel.positions import document_rows, position_losses
     from lasp.export import load_model
 
     logged = _rows(run_dir, "eval_positions")

@@ -5,7 +5,7 @@ under torchrun (`torchrun --nproc-per-node W -m lasp.eval ...`), where every seq
 ranks with LASP-2 / LASP-2H, so the evaluation reaches the lengths training does.
 
   positions  the mean next-token loss in log-spaced position buckets (1-64, 65-128, ..., up to --seq-len)
-             over held-out rows that lie inside one document (lasp.eval.positions)
+             over held-out rows that lie inside one document (lasp.parallel.positions)
   passkey    a random 5-digit key hidden at relative depths of filler text at each length, then a question;
              accuracy of greedy decoding per (length, depth) (lasp.eval.passkey)
 
@@ -172,7 +172,7 @@ def main(argv=None) -> int:
     if not problems and a.command == "positions":
         from lasp.data import TokenData
         from lasp.data.tokenizer import DataError
-        from lasp.eval.positions import document_rows
+        from lasp.parallel.positions import document_rows
 
         try:
             data = TokenData(a.data, a.split)
@@ -190,7 +190,7 @@ def main(argv=None) -> int:
         group = dist.group.WORLD
     lead = int(os.environ.get("RANK", "0")) == 0
     from lasp.eval.passkey import FILLER, passkey_accuracy
-    from lasp.eval.positions import position_losses
+    from lasp.parallel.positions import position_losses
     from lasp.parallel.sp import apply_sp
 
     records = []

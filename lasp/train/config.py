@@ -128,7 +128,7 @@ class TrainSection:
     """Global batches of the held-out split per evaluation."""
     eval_positions: bool = False
     """At each evaluation also log the mean loss per log-spaced position bucket (1-64, 65-128, ...) over
-    held-out rows of data.seq_len tokens inside one document (lasp.eval.positions; up to eval_batches x
+    held-out rows of data.seq_len tokens inside one document (lasp.parallel.positions; up to eval_batches x
     global_batch rows), into metrics.jsonl ("eval_positions") and TensorBoard. Needs parallel.tp = pp = 1
     and zero_stage 0 (the whole vocabulary's logits on each rank); runs under SP."""
     nonfinite: Literal["skip", "stop"] = "stop"

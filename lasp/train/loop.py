@@ -213,7 +213,7 @@ def _setup_and_loop(cfg: TrainConfig, device: torch.device, kernel, stop: Gracef
                 else contextlib.nullcontext)
     run = _Run(stage, engine, optimizer, groups, batch, autocast, device)
     if val is not None and cfg.train.eval_positions:
-        from lasp.eval.positions import document_rows
+        from lasp.parallel.positions import document_rows
 
         run.position_rows = document_rows(val.tokens, val.doc_offsets, cfg.data.seq_len,
                                           cfg.train.eval_batches * cfg.data.global_batch)
@@ -334,7 +334,7 @@ def _evaluate(run: _Run, val: TokenData, cfg: TrainConfig) -> float:
 def _positions(run: _Run, cfg: TrainConfig) -> list[dict]:
     """The held-out loss per position bucket of the model as it is (tp = pp = 1: the stage is the model,
     its head whole), under SP over the SP group."""
-    from lasp.eval.positions import position_losses
+    from lasp.parallel.positions import position_losses
 
     def logits(tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return run.stage.lm_head(run.stage(tokens, positions))

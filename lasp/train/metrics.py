@@ -94,7 +94,7 @@ class Metrics:
         self.message(f"step {step:>6} | eval loss {loss:.4f}")
 
     def log_positions(self, step: int, buckets: list[dict]) -> None:
-        """The held-out loss per position bucket (lasp.eval.positions): one row, a column per bucket."""
+        """The held-out loss per position bucket (lasp.parallel.positions): one row, a column per bucket."""
         if not self.enabled:
             return
         self._write({"kind": "eval_positions", "step": step,

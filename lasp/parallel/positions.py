@@ -1,4 +1,5 @@
-"""Loss by position: does the model use its context? (issue 25, `python -m lasp.eval positions`).
+"""Loss by position: does the model use its context? (`python -m lasp.eval positions`, and the trainer's
+train.eval_positions, which is why it lives below both).
 
 Rows of N + 1 tokens are taken from the start of held-out documents long enough to hold them, so a row lies
 inside one document and token t of a row is at position t of its document. The mean next-token loss is
