@@ -288,3 +288,27 @@ def test_lm_eval_runs_a_local_task_with_the_lasp_model(export_and_data, tmp_path
             if "]" in tok.decode(new):
                 break
     assert got == tok.decode(new).split("]")[0], (got, tok.decode(new))
+
+
+# -- the retrieval benchmark --------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_the_retrieval_benchmark_writes_its_rows_and_plot(tmp_path, capsys):
+    """Two steps of one model: the rows at 1x, 2x (one process) and 4x, 8x (SP = 2 through torchrun)."""
+    from lasp.bench.retrieval import main
+
+    assert main(["--out", str(tmp_path), "--steps", "2", "--models", "hybrid LLLS simple_gla", "--trials", "1",
+                 "--train-len", "200", "--hidden", "32", "--layers", "4"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "retrieval.jsonl").read_text().splitlines()]
+    assert [(r["length"], r["sp"]) for r in rows] == [(200, 1), (400, 1), (800, 2), (1600, 2)]
+    assert all(0 <= r["accuracy"] <= 1 and len(r["by_depth"]) == 5 for r in rows)
+    assert (tmp_path / "retrieval.png").stat().st_size > 0 and "| hybrid LLLS simple_gla |" in capsys.readouterr().out
+
+
+def test_the_retrieval_benchmark_refuses_bad_input(tmp_path, capsys):
+    from lasp.bench.retrieval import main
+
+    refuse_all(main, [(["--out", str(tmp_path / "o"), "--models", "mamba", "--steps", "0", "--train-len", "100"],
+                       "--models: unknown 'mamba'", "--steps must be >= 1, got 0", "--train-len must be at least 200")],
+               capsys, watch=[tmp_path])
