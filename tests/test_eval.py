@@ -299,9 +299,9 @@ def test_the_retrieval_benchmark_writes_its_rows_and_plot(tmp_path, capsys):
     from lasp.bench.retrieval import main
 
     assert main(["--out", str(tmp_path), "--steps", "2", "--models", "hybrid LLLS simple_gla", "--trials", "1",
-                 "--train-len", "200", "--hidden", "32", "--layers", "4"]) == 0
+                 "--train-len", "256", "--hidden", "32", "--layers", "4"]) == 0
     rows = [json.loads(line) for line in (tmp_path / "retrieval.jsonl").read_text().splitlines()]
-    assert [(r["length"], r["sp"]) for r in rows] == [(200, 1), (400, 1), (800, 2), (1600, 2)]
+    assert [(r["length"], r["sp"]) for r in rows] == [(256, 1), (512, 1), (1024, 2), (2048, 2)]
     assert all(0 <= r["accuracy"] <= 1 and len(r["by_depth"]) == 5 for r in rows)
     assert (tmp_path / "retrieval.png").stat().st_size > 0 and "| hybrid LLLS simple_gla |" in capsys.readouterr().out
 
@@ -310,5 +310,5 @@ def test_the_retrieval_benchmark_refuses_bad_input(tmp_path, capsys):
     from lasp.bench.retrieval import main
 
     refuse_all(main, [(["--out", str(tmp_path / "o"), "--models", "mamba", "--steps", "0", "--train-len", "100"],
-                       "--models: unknown 'mamba'", "--steps must be >= 1, got 0", "--train-len must be at least 200")],
+                       "--models: unknown 'mamba'", "--steps must be >= 1, got 0", "--train-len must be at least 251")],
                capsys, watch=[tmp_path])

@@ -1,7 +1,7 @@
 """Do hybrids keep retrieval where pure linear models lose it? Passkey retrieval of small models trained
 alike, on CPU.
 
-    python -m lasp.bench.retrieval [--out DIR] [--steps 300] [--train-len 256] [--models lightning,...]
+    python -m lasp.bench.retrieval [--out DIR] [--steps 3000] [--train-len 512] [--models lightning,...]
 
 Every model has the same shape (byte vocabulary, --layers layers of --hidden, 4 heads, 2 KV heads) and is
 trained the same way (--steps AdamW steps of --batch sequences of --train-len bytes, one seed) on a
@@ -83,9 +83,9 @@ def main(argv=None) -> int:
                                 epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/bench-retrieval", help="output directory (JSONL, PNG, the models)")
     p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, among: {', '.join(MODELS)}")
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--train-len", type=int, default=256, help="training length; evaluation at 1x, 2x, 4x, 8x")
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--train-len", type=int, default=512, help="training length; evaluation at 1x, 2x, 4x, 8x")
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--lr", type=float, default=3e-3)
@@ -98,8 +98,13 @@ def main(argv=None) -> int:
     problems = [f"--models: unknown {m!r} (known: {', '.join(MODELS)})" for m in names if m not in MODELS]
     problems += at_least("--steps", a.steps) + at_least("--batch", a.batch) + at_least("--trials", a.trials)
     problems += at_least("--hidden", a.hidden, 8) + at_least("--layers", a.layers)
-    if a.train_len < 200:
-        problems.append(f"--train-len must be at least 200 (a passkey prompt needs 181 bytes), got {a.train_len}")
+    from lasp.data.tokenizer import ByteTokenizer
+    from lasp.eval.passkey import shortest
+
+    low = shortest(ByteTokenizer()) + 8  # the shortest prompt, its answer and an EOS
+    if a.train_len < low:
+        problems.append(f"--train-len must be at least {low} (a passkey prompt, its answer and an EOS in bytes), "
+                        f"got {a.train_len}")
     problems += writable("--out", a.out, directory=True)
     usage_error(p, problems)
 
