@@ -6,7 +6,7 @@ alike, on CPU.
 Every model has the same shape (byte vocabulary, --layers layers of --hidden, 4 heads, 2 KV heads) and is
 trained the same way (--steps AdamW steps of --batch sequences of --train-len bytes, one seed) on a
 synthetic passkey mixture: prompts of lasp.eval.passkey with their answers, at random lengths up to the
-training length, random depths and keys (another seed than the evaluation's). Then passkey accuracy (greedy
+training length, random depths and keys (another seed than the evaluation's), the loss on the answer. Then passkey accuracy (greedy
 decoding, lasp.eval.passkey) at 1x, 2x, 4x and 8x the training length, over --trials keys at 5 depths;
 4x and 8x run under SP = 2 (`torchrun --nproc-per-node 2 -m lasp.eval passkey`, LASP-2 / LASP-2H).
 
@@ -38,19 +38,25 @@ MODELS = {
 }
 
 
-def training_batch(tok, rng: random.Random, batch: int, length: int) -> torch.Tensor:
-    """[batch, length + 1] byte ids: passkey prompts with their answers and an EOS, each of a random length
-    that fits, at a random depth with a random key, padded with EOS (the loss covers every token)."""
+def training_batch(tok, rng: random.Random, batch: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """([batch, length + 1] byte ids, [batch, length] labels): passkey prompts with their answers and an
+    EOS, each of a random length that fits, at a random depth with a random key, padded with EOS. The
+    labels are the answer's tokens (-100 elsewhere): the loss is the retrieval alone, which a small model
+    learns within the budget (with the loss on every token, none did, softmax included)."""
     from lasp.eval.passkey import make_prompt, shortest
 
     low = shortest(tok)
-    rows = []
+    rows, labels = [], []
     for _ in range(batch):
         key = str(rng.randint(10000, 99999))
         p = make_prompt(tok, rng.randint(low, length - 7), rng.random(), key)
         ids = (p.ids + p.answer + [tok.eos_id])[: length + 1]
         rows.append(ids + [tok.eos_id] * (length + 1 - len(ids)))
-    return torch.tensor(rows)
+        y = [-100] * length
+        for i, t in enumerate(p.answer):
+            y[len(p.ids) - 1 + i] = t
+        labels.append(y)
+    return torch.tensor(rows), torch.tensor(labels)
 
 
 def train(name: str, cfg, a, say) -> tuple[object, float]:
@@ -67,8 +73,8 @@ def train(name: str, cfg, a, say) -> tuple[object, float]:
         lr = a.lr * min(1.0, (step + 1) / 20)
         for g in opt.param_groups:
             g["lr"] = lr
-        x = training_batch(tok, rng, a.batch, a.train_len)
-        loss = F.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
+        x, y = training_batch(tok, rng, a.batch, a.train_len)
+        loss = F.cross_entropy(model(x[:, :-1]).flatten(0, 1), y.flatten(), ignore_index=-100)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
