@@ -10,6 +10,7 @@ from tests.dist import assert_close_rel
 MODEL = dict(vocab_size=256, hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2, ffn_hidden_size=128,
              layer_pattern="LLLS")
 SEQ, BATCH = 96, 2
+MOE = dict(num_experts=4, top_k=2, ffn_hidden_size=32, aux_loss_coeff=0.1, z_loss_coeff=0.01)
 TOL = {"f64": 1e-10, "f32": 1e-5}
 
 
@@ -24,39 +25,50 @@ def _with_lora_b(model, std):
     return model
 
 
-def _reference(cfg, tokens, dtype, steps, lr, eos_id=None, lora_b=0.0):
+def _reference(cfg, tokens, dtype, steps, lr, eos_id=None, lora_b=0.0, parts=1):
+    """One process. With MoE layers the balancing losses are per part of the batch (`parts` = dp x
+    microbatches contiguous row blocks, as the ranks see them), averaged (lasp.parallel.ep's convention)."""
     from lasp.kernels.documents import Documents
+    from lasp.model.moe import MoE, aux_loss
 
     torch.manual_seed(0)
     model = _with_lora_b(LinearLlama(cfg).to(dtype), lora_b)
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    docs = None if eos_id is None else Documents.from_eos(tokens[:, :-1], eos_id)
     losses = []
     for _ in range(steps):
         opt.zero_grad()
-        loss = lm_loss_sum(model(tokens[:, :-1], documents=docs), tokens[:, 1:]) / tokens[:, 1:].numel()
-        loss.backward()
-        losses.append(loss.item())
+        loss = aux = 0.0
+        for rows in tokens.chunk(parts if cfg.moe else 1, dim=0):
+            docs = None if eos_id is None else Documents.from_eos(rows[:, :-1], eos_id)
+            loss = loss + lm_loss_sum(model(rows[:, :-1], documents=docs), rows[:, 1:]) / tokens[:, 1:].numel()
+            if cfg.moe:
+                aux = aux + aux_loss(model) / parts
+        (loss + aux).backward()
+        losses.append(loss.item())  # the LM loss: train_step reports it (the MoE losses are logged apart)
         if steps > 1:
             opt.step()
+            for m in model.modules():
+                if isinstance(m, MoE):
+                    m.update_expert_bias()
     return model, losses
 
 
 def case_parallel(tp, sp, pp, dp, layout="zigzag", dtype="f64", microbatches=1, steps=1, lr=1e-2,
-                  loss_chunk_tokens=4096, eos_id=None, lora_b=0.0, **model_kw):
+                  loss_chunk_tokens=4096, eos_id=None, lora_b=0.0, ep=1, etp=1, **model_kw):
     from lasp.parallel import ParallelConfig, init_groups, parallelize, train_step
+    from lasp.parallel.ep import moe_step
     from lasp.parallel.mesh import coords
 
     dt = {"f64": torch.float64, "f32": torch.float32}[dtype]
     cfg = ModelConfig(**{**MODEL, **model_kw})
     pcfg = ParallelConfig(tp=tp, sp=sp, pp=pp, dp=dp, sp_layout=layout, microbatches=microbatches,
-                          loss_chunk_tokens=loss_chunk_tokens)
+                          loss_chunk_tokens=loss_chunk_tokens, ep=ep, etp=etp)
     pcfg.check(cfg, dist.get_world_size(), SEQ, BATCH)
     tokens = torch.randint(0, cfg.vocab_size, (BATCH, SEQ + 1), generator=torch.Generator().manual_seed(7))
     if eos_id is not None:  # packed documents: 1-token ones, a start at the middle, on a chunk boundary
         tokens[tokens == eos_id] = eos_id + 1
         tokens[0, [3, 4, 23, 47, 60]] = tokens[1, [11, 70]] = eos_id
-    ref, ref_losses = _reference(cfg, tokens, dt, steps, lr, eos_id, lora_b)
+    ref, ref_losses = _reference(cfg, tokens, dt, steps, lr, eos_id, lora_b, parts=dp * microbatches)
     ref_grads = {n: p.grad for n, p in ref.named_parameters()}
 
     groups = init_groups(pcfg)
@@ -71,6 +83,7 @@ def case_parallel(tp, sp, pp, dp, layout="zigzag", dtype="f64", microbatches=1, 
         losses.append(train_step(stage, tokens, pcfg, groups, eos_id=eos_id))
         if steps > 1:
             opt.step()
+            moe_step(stage, pcfg, cfg.moe, cfg.num_layers, tokens[:, 1:].numel())
     checked = 0
     if steps == 1:
         for p in stage.parameters():
@@ -126,11 +139,24 @@ def test_one_step_matches_single_process(dist_pool, tp, sp, pp, dp):
         # LoRA adapters inside the TP layers: column-parallel (q, v, up) and row-parallel (o, down)
         (2, 2, 1, 1, dict(lora_rank=4, lora_targets="q_proj,v_proj,o_proj,up_proj,down_proj", lora_b=0.05,
                           attention_bias=True)),
+        # mixtures of experts (lasp.parallel.ep): EP over DP, over SP (both layouts), with TP (experts whole
+        # or split), with PP; the balancing and z-losses' gradients included
+        (1, 1, 1, 2, dict(ep=2, moe=MOE)),
+        (1, 2, 1, 1, dict(ep=2, moe=MOE)),
+        (1, 2, 1, 1, dict(ep=2, moe=MOE, layout="contiguous", linear_variant="gated_deltanet", eos_id=0)),
+        (2, 1, 1, 2, dict(ep=2, moe=MOE)),
+        (2, 2, 1, 1, dict(ep=2, etp=2, moe={**MOE, "shared_ffn_hidden_size": 16, "top_k": 1})),
+        (1, 1, 2, 2, dict(ep=2, moe={**MOE, "pattern": "DM"})),
+        # the sigmoid router with the expert bias (auxiliary-loss-free), moved after each of 3 steps
+        (1, 2, 1, 1, dict(ep=2, steps=3, moe={**MOE, "router": "sigmoid", "expert_bias": True,
+                                               "bias_update_rate": 0.05})),
     ],
     ids=["1f1b-2mb-contiguous", "tied-tp-pp", "f32-retention", "f32-tied-dp", "simple-gla-tp-sp", "gla-tp-sp",
          "documents-simple-gla-tp-sp", "documents-sp-pp-2mb", "gated-deltanet-tp-sp", "gated-deltanet-sp-pp",
          "documents-kda-tp-sp", "deltanet-neg-eigval-sp4", "imported-features-tp-sp", "imported-softmax-sp-pp",
-         "documents-window-hedgehog-tp-sp", "window-sp-pp-2mb", "lora-tp-sp"],
+         "documents-window-hedgehog-tp-sp", "window-sp-pp-2mb", "lora-tp-sp", "moe-ep2-dp2", "moe-ep2-sp2",
+         "moe-documents-ep2-sp2-contiguous", "moe-tp2-ep2", "moe-tp2-etp2-ep2-sp2", "moe-pp2-ep2",
+         "moe-expert-bias-3-steps"],
 )
 def test_variants_match_single_process(dist_pool, tp, sp, pp, dp, extra):
     dist_pool(tp * sp * pp * dp).run("tests.test_parallel:case_parallel", tp=tp, sp=sp, pp=pp, dp=dp, **extra)

@@ -5,6 +5,8 @@ import types
 import typing
 from dataclasses import dataclass
 
+from lasp.model.moe import MoEConfig
+
 LINEAR_VARIANTS = ("basic", "lightning", "retention", "simple_gla", "gla", "deltanet", "gated_deltanet", "kda")
 GATED_VARIANTS = ("simple_gla", "gla")
 DELTA_VARIANTS = ("deltanet", "gated_deltanet", "kda")  # the delta rule: DeltaNetAttention mixers
@@ -98,8 +100,13 @@ class ModelConfig:
     """Epsilon of every RMSNorm."""
     init_std: float = 0.02
     """Standard deviation of the normal initialisation of every weight matrix."""
+    moe: MoEConfig | None = None
+    """Mixture-of-experts feed-forward layers (lasp.model.moe.MoEConfig: experts, top-k, router, which
+    layers); null: every layer has the dense SwiGLU MLP."""
 
     def __post_init__(self):
+        if isinstance(self.moe, dict):  # a config read back from JSON (checkpoints, exports)
+            self.moe = MoEConfig(**self.moe)
         problems = self.problems()
         if problems:
             raise ValueError("invalid model config:\n  " + "\n  ".join(problems))
@@ -125,6 +132,11 @@ class ModelConfig:
             p.append(f"model.feature_map must be one of {', '.join(FEATURE_MAPS)}, got {self.feature_map!r}")
         p += self._linearise_problems(bad)
         p += self._lora_problems(bad)
+        if self.moe is not None and "lora_targets" not in bad and "lora_rank" not in bad and self.lora_rank:
+            on_mlp = [t for t in self.lora_targets.split(",") if t.strip() in ("gate_proj", "up_proj", "down_proj")]
+            if on_mlp:
+                p.append(f"model.lora_targets {', '.join(on_mlp)}: LoRA on the feed-forward layers is not "
+                         "supported with model.moe (the experts); adapt the attention projections")
         if "conv_size" not in bad and self.conv_size < 1:
             p.append(f"model.conv_size must be >= 1, got {self.conv_size}")
         if "gate_low_rank" not in bad and self.gate_low_rank < 1:

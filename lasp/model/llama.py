@@ -20,6 +20,7 @@ from lasp.model.config import DELTA_VARIANTS, GATED_VARIANTS, ModelConfig
 from lasp.model.layers import (
     FEATURE_MAPS, LogGate, RMSNorm, ShortConv, SwiGLU, feature_map, log_decay, rope, rope_frequencies,
 )
+from lasp.model.moe import MoE
 from lasp.model.window import window_attention
 
 
@@ -298,7 +299,8 @@ class Block(nn.Module):
             mixer = DeltaNetAttention if cfg.linear_variant in DELTA_VARIANTS else LinearAttention
         self.mixer = mixer(cfg, layer)
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, cfg.float32_norm_rope)
-        self.mlp = SwiGLU(cfg.hidden_size, cfg.ffn_hidden_size)
+        moe = cfg.moe is not None and cfg.moe.is_moe(layer)
+        self.mlp = MoE(cfg.hidden_size, cfg.moe) if moe else SwiGLU(cfg.hidden_size, cfg.ffn_hidden_size)
 
     def forward(self, x: Tensor, positions: Tensor, documents: Documents | None = None) -> Tensor:
         x = x + self.mixer(self.attn_norm(x), positions, documents)

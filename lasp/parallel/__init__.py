@@ -11,6 +11,7 @@ from lasp.parallel import cpu_shims
 from lasp.parallel.batch import local_microbatches
 from lasp.parallel.config import ParallelConfig
 from lasp.parallel.clip import clip_grad_norm_
+from lasp.parallel.ep import apply_ep, set_aux_scale
 from lasp.parallel.dp import DataParallel, apply_dp, zero_grads
 from lasp.parallel.groups import ParallelGroups, init_groups
 from lasp.parallel.loss import attention_transfer, distillation, transfer_loss_sum
@@ -22,7 +23,7 @@ from lasp.parallel.zero import zero_engine, zero_eval_step, zero_train_step
 
 def parallelize(model: LinearLlama, cfg: ParallelConfig, groups: ParallelGroups,
                 frozen: frozenset[str] = frozenset()) -> DataParallel | PipelineStage:
-    """TP (shard the layers), then SP (fill the mixer slots), then PP (keep this rank's stage), then DP.
+    """TP (shard the layers), then EP (the MoE layers in megatron's MoELayer), then SP (fill the mixer slots), then PP (keep this rank's stage), then DP.
 
     `model` must be the same fully built single-device model on every rank (same seed); it is changed in
     place and this rank's stage is returned, wrapped in `DataParallel` (it reads like the stage: is_first,
@@ -38,6 +39,7 @@ def parallelize(model: LinearLlama, cfg: ParallelConfig, groups: ParallelGroups,
         cfg.tp, cfg.pp, cfg.sp, dtype, model.cfg.hidden_size, model.cfg.num_layers, model.cfg.num_heads
     )
     apply_tp(model, mcfg, groups.tp, groups.tp_rank, cfg.tp)
+    apply_ep(model, cfg, groups)
     if cfg.sp > 1:
         apply_sp(model, groups.sp, cfg.sp_layout)
     stage = PipelineStage(model, groups.pp_rank, cfg.pp, mcfg)
@@ -84,6 +86,7 @@ def _global_loss(share: torch.Tensor | None, stage: nn.Module, groups: ParallelG
 def _run(stage: nn.Module, microbatches: list[dict], cfg: ParallelConfig, groups: ParallelGroups,
          total_tokens: int, forward_only: bool) -> torch.Tensor:
     seq_len = microbatches[0]["tokens"].shape[1] * cfg.sp  # megatron sizes its stage-to-stage messages from it
+    set_aux_scale(cfg, total_tokens)
     share = forward_backward(stage, microbatches, seq_len, loss_sum_fn(cfg, groups, stage), total_tokens, forward_only)
     return _global_loss(share, stage, groups)
 

@@ -3,8 +3,9 @@
 Every distinct parameter of the single-device model is counted once: TP shards (marked `tp_dim`) are
 summed over the TP group, TP-duplicated parameters (norm weights; `tp_partial_grad` ones are duplicates
 too once their TP sum is done) count on TP rank 0 only, stages are summed over the PP group, and a tied
-embedding held by the first and the last stage counts on the first. The DP x SP ranks hold the same
-(already summed) gradients, so they compute the same norm without communicating.
+embedding held by the first and the last stage counts on the first. Experts (`allreduce = False`, lasp.parallel.ep)
+differ between the EP ranks and are summed over the EP group. The DP x SP ranks hold the same (already
+summed) gradients, so they compute the same norm without communicating.
 """
 
 import torch
@@ -30,9 +31,16 @@ def clip_grad_norm_(stage: nn.Module, groups: ParallelGroups, max_norm: float) -
     device = grads[0].device if grads else next(stage.parameters()).device
     # squares summed in float64: a bf16 / fp32 sum over billions of elements loses digits
     sq = torch.zeros((), dtype=torch.float64, device=device)
+    experts = torch.zeros((), dtype=torch.float64, device=device)
     for p in stage.parameters():
         if p.grad is not None and _counted_here(p, stage, groups):
-            sq += p.grad.double().square().sum()
+            if getattr(p, "allreduce", True):
+                sq += p.grad.double().square().sum()
+            else:
+                experts += p.grad.double().square().sum()
+    if groups.ep is not None and dist.get_world_size(groups.ep) > 1:
+        dist.all_reduce(experts, group=groups.ep)
+    sq += experts
     for group in (groups.tp, groups.pp):
         if dist.get_world_size(group) > 1:
             dist.all_reduce(sq, group=group)

@@ -18,6 +18,12 @@ class ParallelConfig:
     """Pipeline stages: the layers are split into this many equal stages."""
     dp: int = 1
     """Data-parallel replicas: the global batch is split across them."""
+    ep: int = 1
+    """Expert-parallel ranks (model.moe): each MoE layer's experts are split over ep ranks carved from the
+    DP x SP ranks, which send each token to its experts' rank with an all-to-all. Adds no ranks."""
+    etp: int = 1
+    """Expert tensor parallelism: 1 (every expert whole on its rank) or tp (each expert's width split over
+    the TP group, like the dense MLP)."""
     sp_layout: str = "zigzag"
     """Token split of the SP group, the same for every layer: contiguous or zigzag."""
     microbatches: int = 1
@@ -58,6 +64,7 @@ class ParallelConfig:
                     p.append(f"model.{name} ({getattr(model, name)}) is not divisible by parallel.tp ({self.tp})")
         if model is not None and "pp" in ok and model.num_layers % self.pp:
             p.append(f"model.num_layers ({model.num_layers}) is not divisible by parallel.pp ({self.pp}) stages")
+        p += self._moe_problems(model, bad, ok, seq_len, global_batch)
         layout_ok = "sp_layout" not in bad and self.sp_layout in LAYOUTS
         if "sp_layout" not in bad and not layout_ok:
             p.append(f"parallel.sp_layout must be one of {', '.join(LAYOUTS)}, got {self.sp_layout!r}")
@@ -87,6 +94,43 @@ class ParallelConfig:
             # each TP rank's per-head output norm gets a partial gradient; only the DDP path sums it over TP
             p.append(f"parallel.zero_stage {self.zero_stage} with parallel.tp = {self.tp} needs model.output_norm = "
                      "false (ZeRO would not sum the per-head output norm's gradient over the TP ranks)")
+        return p
+
+    def _moe_problems(self, model: ModelConfig | None, bad: dict, ok: set, seq_len: int, global_batch: int) -> list[str]:
+        p = []
+        for name in ("ep", "etp"):
+            if name not in bad and getattr(self, name) < 1:
+                p.append(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
+        ep_ok = "ep" not in bad and self.ep >= 1
+        moe = getattr(model, "moe", None)
+        if ep_ok and self.ep > 1 and model is not None and moe is None:
+            p.append(f"parallel.ep = {self.ep} needs mixture-of-experts layers (model.moe)")
+        if ep_ok and {"dp", "sp"} <= ok and (self.dp * self.sp) % self.ep:
+            p.append(f"parallel.ep ({self.ep}) must divide parallel.dp x parallel.sp = {self.dp} x {self.sp} "
+                     f"= {self.dp * self.sp} (experts are split over the DP x SP ranks)")
+        if "etp" not in bad and "tp" in ok and self.etp not in (1, self.tp):
+            p.append(f"parallel.etp must be 1 or parallel.tp ({self.tp}), got {self.etp}")
+        if moe is None:
+            return p
+        if ep_ok and moe.num_experts % self.ep:
+            p.append(f"model.moe.num_experts ({moe.num_experts}) is not divisible by parallel.ep ({self.ep})")
+        if "tp" in ok and self.tp > 1:
+            if self.etp == self.tp and moe.ffn_hidden_size % self.tp:
+                p.append(f"model.moe.ffn_hidden_size ({moe.ffn_hidden_size}) is not divisible by parallel.etp "
+                         f"({self.etp})")
+            if moe.shared_ffn_hidden_size % self.tp:
+                p.append(f"model.moe.shared_ffn_hidden_size ({moe.shared_ffn_hidden_size}) is not divisible by "
+                         f"parallel.tp ({self.tp})")
+            if {"sp", "dp", "microbatches"} <= ok and seq_len >= 1 and global_batch >= 1:
+                rows = global_batch // (self.dp * self.microbatches) if global_batch % (self.dp * self.microbatches) == 0 else 0
+                tokens = rows * (seq_len // self.sp)
+                if rows and seq_len % self.sp == 0 and tokens % self.tp:
+                    p.append(f"model.moe with parallel.tp = {self.tp}: the tokens of a microbatch on one rank "
+                             f"({rows} rows x {seq_len // self.sp}) must split evenly over the TP ranks, which "
+                             "route them apart")
+        if "zero_stage" not in bad and self.zero_stage:
+            p.append(f"model.moe needs parallel.zero_stage 0, got {self.zero_stage} (ZeRO would not reduce the "
+                     "experts' gradients over their own groups)")
         return p
 
     def check(self, model: ModelConfig, world_size: int, seq_len: int, global_batch: int) -> None:

@@ -45,8 +45,8 @@ def _process_groups(groups: ParallelGroups) -> ProcessGroupCollection:
     """Our groups in megatron's collection, so its DDP reads no parallel_state globals."""
     pgs = ProcessGroupCollection()
     pgs.tp, pgs.pp, pgs.dp, pgs.dp_cp = groups.tp, groups.pp, groups.dp, groups.dp_sp
-    # No expert layers: the expert buffers stay empty. With ep = 1 megatron's expert-DP group IS dp_sp.
-    pgs.ep, pgs.expt_dp = None, groups.dp_sp
+    # expert parameters (allreduce = False, lasp.parallel.ep) are reduced over their own group
+    pgs.ep, pgs.expt_dp = groups.ep, groups.expt_dp or groups.dp_sp
     return pgs
 
 

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from lasp.model.llama import DeltaNetAttention, LinearAttention, LinearLlama
 from lasp.model.lora import LoRALinear
+from lasp.model.moe import MoE
 
 
 class _Megatron(nn.Module):
@@ -173,9 +174,12 @@ def apply_tp(model: LinearLlama, cfg: ModelParallelConfig, group, rank: int, siz
                 # the last projection splits by heads like q. GLA's low-rank one stays whole on every rank:
                 # the column-parallel layer after it all-reduces its input gradient, so its gradient is whole
                 mixer.gate.proj = _column(mixer.gate.proj, cfg, group, rank, size)
-        mlp.gate_proj = _column(mlp.gate_proj, cfg, group, rank, size)
-        mlp.up_proj = _column(mlp.up_proj, cfg, group, rank, size)
-        mlp.down_proj = _row(mlp.down_proj, cfg, group, rank, size)
+        if isinstance(mlp, MoE):  # the routed experts are lasp.parallel.ep's; the shared one splits like an MLP
+            mlp = mlp.shared
+        if mlp is not None:
+            mlp.gate_proj = _column(mlp.gate_proj, cfg, group, rank, size)
+            mlp.up_proj = _column(mlp.up_proj, cfg, group, rank, size)
+            mlp.down_proj = _row(mlp.down_proj, cfg, group, rank, size)
     tied = model.cfg.tie_embeddings
     emb = tensor_parallel.VocabParallelEmbedding(
         model.embed.num_embeddings, model.embed.embedding_dim, init_method=nn.init.zeros_, config=cfg, tp_group=group

@@ -1,8 +1,9 @@
 """Sharded, reshardable, atomic checkpoints of a run (torch.distributed.checkpoint, DCP).
 
 What a checkpoint holds (one directory, see ckpt_store for the commit protocol):
-- `.metadata` + `__<rank>_0.distcp`: DCP files. `model/<name>` is every parameter under its name in the
-  single-device model (`p.full_name`), `optim/<name>/{exp_avg,exp_avg_sq,step}` its AdamW state. A TP
+- `.metadata` + `__<rank>_0.distcp`: DCP files. `model/<name>` is every parameter (and named buffer: the
+  MoE expert biases) under its name in the single-device model (`p.full_name`; each expert is its own
+  tensor, written by the ranks that hold it), `optim/<name>/{exp_avg,exp_avg_sq,step}` its AdamW state. A TP
   shard is a DTensor placed Shard(dim) over the TP group, so DCP records every tensor's global shape and
   each chunk's offset; replicas (DP, SP, the stages' tied embedding) are written once. Loading asks for
   this rank's chunks under the NEW layout and DCP reads the overlapping pieces: any tp / sp / pp / dp.
@@ -93,6 +94,9 @@ def state_dict(stage: nn.Module, optimizer: torch.optim.Optimizer, sharding: _Sh
         sd[f"optim/{name}/exp_avg"] = sharding.wrap(st["exp_avg"], p)
         sd[f"optim/{name}/exp_avg_sq"] = sharding.wrap(st["exp_avg_sq"], p)
         sd[f"optim/{name}/step"] = st["step"]
+    for b in stage.buffers():  # state that is no parameter: the MoE layers' expert biases
+        if getattr(b, "full_name", None):
+            sd[f"model/{b.full_name}"] = b
     return sd
 
 

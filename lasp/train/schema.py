@@ -47,6 +47,15 @@ def _yaml11_float(value, tp):
     return value
 
 
+def _optional_dataclass(tp):
+    """D for a field typed `D | None` with D a dataclass (an optional section, absent = None), else None."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(inner) == 1 and dataclasses.is_dataclass(inner[0]):
+            return inner[0]
+    return None
+
+
 def build(cls, data: Any, path: str, problems: list[str]):
     """An instance of dataclass `cls` from `data` (a dict), defaults for missing keys. Problems are
     appended to `problems` (the returned object then holds defaults where values were wrong). A ValueError
@@ -58,7 +67,7 @@ def build(cls, data: Any, path: str, problems: list[str]):
         data = {}
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    kwargs = {}
+    kwargs, failed = {}, False
     for key, value in data.items():
         where = f"{path}.{key}" if path else str(key)
         if key not in fields:
@@ -68,8 +77,11 @@ def build(cls, data: Any, path: str, problems: list[str]):
             continue
         tp = hints[key]
         value = _yaml11_float(value, tp)
-        if dataclasses.is_dataclass(tp):
-            kwargs[key] = build(tp, value, where, problems)
+        inner = _optional_dataclass(tp)
+        if dataclasses.is_dataclass(tp) or (inner is not None and isinstance(value, dict)):
+            kwargs[key] = built = build(inner or tp, value, where, problems)
+            if built is None:
+                failed = True
         elif _matches(value, tp):
             kwargs[key] = float(value) if tp is float else value
         else:
@@ -77,7 +89,7 @@ def build(cls, data: Any, path: str, problems: list[str]):
     for name, f in fields.items():
         if name not in kwargs and dataclasses.is_dataclass(hints[name]):
             kwargs[name] = build(hints[name], {}, f"{path}.{name}" if path else name, problems)
-    if any(v is None and dataclasses.is_dataclass(hints[k]) for k, v in kwargs.items()):
+    if failed or any(v is None and dataclasses.is_dataclass(hints[k]) for k, v in kwargs.items()):
         return None
     try:
         return cls(**kwargs)
