@@ -245,11 +245,18 @@ RESHARD = [
     ({"sp": 2}, {"sp": 1, "dp": 2}, 2, {}),
     # the delta rule's head-split parameters (convolutions, A_log, dt_bias) gathered from TP = 2
     ({"tp": 2, "sp": 2}, {"tp": 1, "sp": 4}, 4, {"linear_variant": "gated_deltanet"}),
+    # experts split over EP gathered on every rank, and (with the expert bias, a buffer) from EP x SP x TP
+    # to SP (dp stays: the balancing losses are per DP rank)
+    ({"dp": 2, "ep": 2}, {"dp": 2}, 2, {"moe": {"num_experts": 4, "top_k": 2, "ffn_hidden_size": 16}}),
+    ({"sp": 2, "tp": 2, "ep": 2}, {"sp": 4}, 4,
+     {"moe": {"num_experts": 4, "top_k": 2, "ffn_hidden_size": 16, "router": "sigmoid", "expert_bias": True,
+              "shared_ffn_hidden_size": 8, "pattern": "DM"}}),
 ]
 
 
 @pytest.mark.parametrize("old,new,world,extra", RESHARD,
-                         ids=["lora-tp2sp2-to-sp4", "pp2-to-dp2", "sp2-to-sp1", "gated-deltanet-tp2sp2-to-sp4"])
+                         ids=["lora-tp2sp2-to-sp4", "pp2-to-dp2", "sp2-to-sp1", "gated-deltanet-tp2sp2-to-sp4",
+                              "moe-ep2-to-ep1", "moe-ep2sp2tp2-to-sp4"])
 def test_a_checkpoint_reshards_to_another_layout(dist_pool, tmp_path, big_corpus, old, new, world, extra):
     pool = dist_pool(world)
     model = {"num_layers": 4, "num_heads": 4, "num_kv_heads": 2, "hidden_size": 32, "layer_pattern": "LLS",
@@ -267,6 +274,9 @@ def test_a_checkpoint_reshards_to_another_layout(dist_pool, tmp_path, big_corpus
     for prefix in ("model/", "optim/"):
         a, b = read_tensors(src, prefix), read_tensors(copy, prefix)
         assert a.keys() == b.keys()
+        if "moe" in extra and prefix == "model/":  # every expert, and the expert biases, once
+            assert sum(".experts." in k for k in a) == 4 * 3 * (2 if extra["moe"].get("pattern") == "DM" else 4)
+            assert sum(k.endswith(".expert_bias") for k in a) == (2 if extra["moe"].get("expert_bias") else 0)
         for k in a:
             assert torch.equal(a[k], b[k]), k
 

@@ -340,3 +340,36 @@ def test_a_lora_run_exports_merged_and_transformers_gives_the_adapted_logits(hf_
         want, got = adapted(tokens), back(tokens).logits
         assert (want - base(tokens)).abs().max() > 1e-4  # the adapters moved
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)  # float32 weights in the export
+
+
+@pytest.mark.parametrize("qk_norm, pattern, family", [(False, "M", "MixtralForCausalLM"),
+                                                     (True, "DM", "Qwen3MoeForCausalLM")], ids=["mixtral", "qwen3-moe"])
+def test_a_moe_export_loads_in_transformers_per_expert_with_equal_logits(tmp_path, qk_norm, pattern, family):
+    """Experts one tensor each under Mixtral's (w1, w3, w2) or Qwen3-MoE's names (dense layers as
+    mlp_only_layers); transformers gives the same logits."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from lasp.model import LinearLlama, ModelConfig
+    from lasp.model.hf import HFImportError, to_hf
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden_size=48,
+                      layer_pattern="S", qk_norm=qk_norm, float32_norm_rope=True,
+                      moe=dict(num_experts=4, top_k=2, ffn_hidden_size=16, pattern=pattern))
+    ours = LinearLlama(cfg).eval()
+    to_hf(ours, str(tmp_path / "out"))
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f:
+        expert = "block_sparse_moe.experts.3.w2" if not qk_norm else "mlp.experts.3.down_proj"
+        assert f"model.layers.1.{expert}.weight" in set(f.keys())
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out")).eval()
+    assert type(hf).__name__ == family
+    tokens = torch.randint(0, 64, (2, 17), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(tokens).logits, ours(tokens), rtol=1e-5, atol=1e-6)
+    shared = LinearLlama(ModelConfig(**{**cfg.__dict__, "qk_norm": False, "moe": dict(
+        num_experts=4, ffn_hidden_size=16, shared_ffn_hidden_size=8, router="sigmoid", top_k=1)}))
+    with pytest.raises(HFImportError) as e:
+        to_hf(shared, str(tmp_path / "refused"))
+    for part in ("model.moe.router = 'sigmoid'", "model.moe.shared_ffn_hidden_size = 8", "model.moe.top_k = 1"):
+        assert part in str(e.value), str(e.value)

@@ -105,7 +105,9 @@ def test_configs_exist():
                                 dict(attention_bias=True, qk_norm=True, attention_head_dim=24, layer_pattern="LS"),
                                 dict(feature_map="hedgehog", linear_variant="simple_gla", gate_source="key", window=4),
                                 dict(feature_map="elu1", linear_variant="gla", window=0),
-                                dict(lora_rank=3, lora_targets="q_proj, v_proj,down_proj,gate_proj", qk_norm=True)])
+                                dict(lora_rank=3, lora_targets="q_proj, v_proj,down_proj,gate_proj", qk_norm=True),
+                                dict(moe=dict(num_experts=6, top_k=2, ffn_hidden_size=40, shared_ffn_hidden_size=24,
+                                              pattern="DM", router="sigmoid", expert_bias=True))])
 def test_parameter_count_matches_the_model(kw):
     m = ModelConfig(**kw)
     assert param_counts(m)["total"] == sum(p.numel() for p in LinearLlama(m).parameters())
@@ -122,6 +124,18 @@ def test_flops_per_token_knows_the_mixers():
     gdn = ModelConfig(layer_pattern="L", linear_variant="gated_deltanet")  # the chunk form, written out
     chunk = 6 * H * (5 * 64 * d + 3 * d * d + d**3 / 64) + 6 * 4 * (H + 2 * gdn.num_kv_heads) * d
     assert flops_per_token(gdn, 1000) == 6 * param_counts(gdn)["matmul"] + gdn.num_layers * chunk
+
+
+def test_moe_flops_count_the_active_experts():
+    moe = dict(num_experts=8, top_k=2, ffn_hidden_size=40, shared_ffn_hidden_size=24, pattern="DM")
+    m, dense = ModelConfig(layer_pattern="L", moe=moe), ModelConfig(layer_pattern="L")
+    c, h = param_counts(m), m.hidden_size
+    moe_layers = m.num_layers // 2
+    assert c["experts"] == moe_layers * 8 * 3 * h * 40
+    assert c["total"] - c["active"] == moe_layers * 6 * 3 * h * 40  # the 6 experts a token skips
+    # per MoE layer, instead of the dense MLP: the router, 2 experts and the shared one
+    per_layer = h * 8 + 2 * 3 * h * 40 + 3 * h * 24 - 3 * h * dense.ffn_hidden_size
+    assert flops_per_token(m, 1000) == flops_per_token(dense, 1000) + 6 * moe_layers * per_layer
 
 
 def test_learning_rate_warms_up_then_decays_to_the_floor():

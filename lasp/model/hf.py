@@ -125,8 +125,11 @@ def _names(cfg: ModelConfig) -> dict[str, str]:
         hf, ours = f"model.layers.{i}.", f"layers.{i}."
         out[ours + "attn_norm.weight"] = hf + "input_layernorm.weight"
         out[ours + "mlp_norm.weight"] = hf + "post_attention_layernorm.weight"
-        for p in ("gate_proj", "up_proj", "down_proj"):
-            out[f"{ours}mlp.{p}.weight"] = f"{hf}mlp.{p}.weight"
+        if cfg.moe is not None and cfg.moe.is_moe(i):
+            out.update(_expert_names(cfg, ours, hf))
+        else:
+            for p in ("gate_proj", "up_proj", "down_proj"):
+                out[f"{ours}mlp.{p}.weight"] = f"{hf}mlp.{p}.weight"
         for p in ("q_proj", "k_proj", "v_proj", "o_proj"):
             out[f"{ours}mixer.{p}.weight"] = f"{hf}self_attn.{p}.weight"
             if cfg.attention_bias and p != "o_proj":
@@ -134,6 +137,24 @@ def _names(cfg: ModelConfig) -> dict[str, str]:
         if cfg.qk_norm and cfg.mixer(i) == "S":
             out[ours + "mixer.q_norm.weight"] = hf + "self_attn.q_norm.weight"
             out[ours + "mixer.k_norm.weight"] = hf + "self_attn.k_norm.weight"
+    return out
+
+
+def _expert_names(cfg: ModelConfig, ours: str, hf: str) -> dict[str, str]:
+    """A MoE layer's names: Mixtral's (block_sparse_moe.gate, experts.{e}.w1 / w3 / w2 for gate / up / down)
+    or, for a model with q/k norms, Qwen3-MoE's (mlp.gate, mlp.experts.{e}.gate_proj / up_proj / down_proj):
+    one tensor per expert, as both families store them."""
+    out = {}
+    if cfg.qk_norm:
+        out[f"{ours}mlp.router.weight"] = f"{hf}mlp.gate.weight"
+        for e in range(cfg.moe.num_experts):
+            for p in ("gate_proj", "up_proj", "down_proj"):
+                out[f"{ours}mlp.experts.{e}.{p}.weight"] = f"{hf}mlp.experts.{e}.{p}.weight"
+        return out
+    out[f"{ours}mlp.router.weight"] = f"{hf}block_sparse_moe.gate.weight"
+    for e in range(cfg.moe.num_experts):
+        for p, w in (("gate_proj", "w1"), ("up_proj", "w3"), ("down_proj", "w2")):
+            out[f"{ours}mlp.experts.{e}.{p}.weight"] = f"{hf}block_sparse_moe.experts.{e}.{w}.weight"
     return out
 
 
@@ -253,7 +274,8 @@ def initial_state(path: str, cfg: ModelConfig) -> dict[str, torch.Tensor]:
 
 def hf_config(cfg: ModelConfig, dtype: torch.dtype) -> dict:
     """transformers' config.json for a LinearLlama whose every layer is softmax: LlamaForCausalLM, or
-    Qwen2ForCausalLM with q/k/v biases, or Qwen3ForCausalLM with q/k norms; HFImportError otherwise."""
+    Qwen2ForCausalLM with q/k/v biases, or Qwen3ForCausalLM with q/k norms; with MoE layers
+    MixtralForCausalLM, or Qwen3MoeForCausalLM with q/k norms; HFImportError otherwise."""
     problems = [f"layer {i} is linear (model.layer_pattern {cfg.layer_pattern!r}): transformers has no such "
                 "layer" for i in range(cfg.num_layers) if cfg.mixer(i) != "S"]
     if cfg.attention_bias and cfg.qk_norm:
@@ -261,8 +283,22 @@ def hf_config(cfg: ModelConfig, dtype: torch.dtype) -> dict:
     if cfg.lora_rank:
         problems.append(f"LoRA adapters (model.lora_rank {cfg.lora_rank}): merge them into the weights first "
                         "(lasp.model.lora.merge_lora; python -m lasp.export does)")
+    moe = cfg.moe
+    if moe is not None:  # Mixtral, or Qwen3-MoE with q/k norms: softmax top-k renormalised, no shared expert
+        bad = [f"model.moe.{k} = {getattr(moe, k)!r} (transformers' Mixtral / Qwen3-MoE take {v!r})"
+               for k, v in (("router", "softmax"), ("shared_ffn_hidden_size", 0), ("expert_bias", False))
+               if getattr(moe, k) != v]
+        if moe.top_k < 2:
+            bad.append(f"model.moe.top_k = {moe.top_k} (their top-1 weight is 1, LASP's the softmax probability)")
+        if not cfg.qk_norm and "D" in moe.pattern:
+            bad.append(f"model.moe.pattern {moe.pattern!r}: Mixtral has experts in every layer")
+        if cfg.attention_bias:
+            bad.append("q/k/v biases: neither Mixtral nor Qwen3-MoE has them")
+        problems += bad
     if problems:
         raise HFImportError("the model", problems)
+    if moe is not None:
+        return _moe_config(cfg, dtype)
     family = "qwen3" if cfg.qk_norm else "qwen2" if cfg.attention_bias else "llama"
     arch = {v: k for k, v in ARCHITECTURES.items()}[family]
     rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
@@ -284,6 +320,28 @@ def hf_config(cfg: ModelConfig, dtype: torch.dtype) -> dict:
         out["attention_bias"] = False
     if family != "llama":
         out.update(use_sliding_window=False, sliding_window=None)
+    return out
+
+
+def _moe_config(cfg: ModelConfig, dtype: torch.dtype) -> dict:
+    moe, qwen = cfg.moe, cfg.qk_norm
+    out = {
+        "architectures": ["Qwen3MoeForCausalLM" if qwen else "MixtralForCausalLM"],
+        "model_type": "qwen3_moe" if qwen else "mixtral", "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim, "hidden_act": "silu",
+        "rms_norm_eps": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "max_position_embeddings": cfg.rope_original_max_positions, "num_experts_per_tok": moe.top_k,
+        "router_aux_loss_coef": moe.aux_loss_coeff, "output_router_logits": False, "attention_bias": False,
+        "sliding_window": None, "dtype": str(dtype).removeprefix("torch."),
+    }
+    if qwen:
+        out.update(num_experts=moe.num_experts, moe_intermediate_size=moe.ffn_hidden_size,
+                   intermediate_size=cfg.ffn_hidden_size, norm_topk_prob=True, decoder_sparse_step=1,
+                   mlp_only_layers=[i for i in range(cfg.num_layers) if not moe.is_moe(i)], use_sliding_window=False)
+    else:
+        out.update(num_local_experts=moe.num_experts, intermediate_size=moe.ffn_hidden_size)
     return out
 
 

@@ -192,9 +192,10 @@ def routers(module: nn.Module) -> list[tuple[int, _Router]]:
 
 
 @torch.no_grad()
-def moe_step(stage: nn.Module, cfg, moe_cfg: MoEConfig | None, num_layers: int, total_tokens: int) -> dict | None:
+def moe_step(stage: nn.Module, cfg, moe_cfg: MoEConfig | None, num_layers: int, total_tokens: int,
+             update_bias: bool = True) -> dict | None:
     """After a training step: the MoE layers' statistics summed over every rank, the expert biases moved
-    (model.moe.expert_bias), the counts reset. Returns {"aux_loss": [per layer], "z_loss": [per layer],
+    (model.moe.expert_bias; not when `update_bias` is False: a skipped step), the counts reset. Returns {"aux_loss": [per layer], "z_loss": [per layer],
     "load_max_mean": [per layer: max / mean tokens per expert]} (None for dense layers) on every rank, or
     None without MoE layers. `cfg` the ParallelConfig; one all-reduce over the world."""
     mine = routers(stage)
@@ -218,7 +219,7 @@ def moe_step(stage: nn.Module, cfg, moe_cfg: MoEConfig | None, num_layers: int, 
         out["z_loss"].append(float(row[e + 1] / total_tokens))
         out["load_max_mean"].append(float(load.max() / load.mean()) if load.sum() > 0 else None)
     for layer, r in mine:
-        if r.expert_bias is not None:
+        if r.expert_bias is not None and update_bias:
             load = table[layer, :e].float()
             r.expert_bias += torch.sign(load.mean() - load).to(r.expert_bias) * moe_cfg.bias_update_rate
         r.load.zero_()

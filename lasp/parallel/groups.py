@@ -127,7 +127,7 @@ def _make_expert_groups(cfg: ParallelConfig, timeout_s: float | None) -> dict:
     in the same order, as torch.distributed requires)."""
     import datetime
 
-    from lasp.parallel.mesh import Coord, coords
+    from lasp.parallel.mesh import Coord, coords, ep_groups
 
     if cfg.ep == 1:
         expt_tp = ps.get_tensor_model_parallel_group() if cfg.etp > 1 else None
@@ -141,14 +141,11 @@ def _make_expert_groups(cfg: ParallelConfig, timeout_s: float | None) -> dict:
     where = coords(cfg)
     rank_of = {c: r for r, c in enumerate(where)}
     dp_sp = [(dp, sp) for dp in range(cfg.dp) for sp in range(cfg.sp)]  # SP fastest, as megatron's CP
+    for ranks in ep_groups(cfg):
+        g = dist.new_group(ranks, **kw)
+        if me in ranks:
+            mine["ep"], mine["ep_rank"] = g, ranks.index(me)
     for pp in range(cfg.pp):
-        for tp in range(cfg.tp):
-            line = [rank_of[Coord(tp, sp, dp, pp)] for dp, sp in dp_sp]
-            for i in range(0, len(line), cfg.ep):
-                ranks = line[i: i + cfg.ep]
-                g = dist.new_group(ranks, **kw)
-                if me in ranks:
-                    mine["ep"], mine["ep_rank"] = g, ranks.index(me)
         # expert data parallel: the same EP rank (and with etp = 1 any TP rank)
         for tps in ([[t] for t in range(cfg.tp)] if cfg.etp > 1 else [list(range(cfg.tp))]):
             for j in range(cfg.ep):

@@ -94,7 +94,8 @@ def state_dict(stage: nn.Module, optimizer: torch.optim.Optimizer, sharding: _Sh
         sd[f"optim/{name}/exp_avg"] = sharding.wrap(st["exp_avg"], p)
         sd[f"optim/{name}/exp_avg_sq"] = sharding.wrap(st["exp_avg_sq"], p)
         sd[f"optim/{name}/step"] = st["step"]
-    for b in stage.buffers():  # state that is no parameter: the MoE layers' expert biases
+    for b in nn.Module.buffers(stage):  # no parameter, but state: the MoE layers' expert biases (megatron
+        # DDP has a `buffers` attribute of its own)
         if getattr(b, "full_name", None):
             sd[f"model/{b.full_name}"] = b
     return sd

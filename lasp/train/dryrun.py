@@ -22,7 +22,9 @@ def report(cfg: TrainConfig) -> str:
     counts = param_counts(m)
     fpt = flops_per_token(m, d.seq_len)
     mem = memory_estimate(m, p, d.seq_len, d.global_batch, cfg.train.dtype, cfg.train.checkpoint_every)
-    per_rank = (counts["total"] - counts["embedding"]) / p.pp / p.tp + counts["embedding"] / p.tp
+    experts = counts["experts"]
+    per_rank = ((counts["total"] - counts["embedding"] - experts) / p.tp + experts / (p.ep * p.etp)) / p.pp \
+        + counts["embedding"] / p.tp
     dec = decode_memory(m, getattr(torch, cfg.train.dtype))
     local_tokens = d.seq_len // p.sp * (d.global_batch // p.dp // p.microbatches)
     lines = [
@@ -39,6 +41,11 @@ def report(cfg: TrainConfig) -> str:
         f"heads {m.num_heads} (kv {m.num_kv_heads}), head dim {m.head_dim}, vocab {m.vocab_size}",
         f"parameters: {_num(counts['total'])} total, {_num(counts['total'] - counts['embedding'])} without the "
         f"embedding, {_num(counts['matmul'])} in matmuls (LM head included); about {_num(per_rank)} per rank",
+        *([f"mixture of experts: {_num(counts['active'])} active parameters per token of {_num(counts['total'])} "
+           f"({m.moe.top_k} of {m.moe.num_experts} experts of width {m.moe.ffn_hidden_size}"
+           f"{f', a shared one of {m.moe.shared_ffn_hidden_size}' if m.moe.shared_ffn_hidden_size else ''}, "
+           f"pattern {m.moe.pattern}); {_num(experts)} in routed experts, split over ep = {p.ep} ranks "
+           f"(etp = {p.etp})"] if m.moe else []),
         f"model FLOPs per token (forward + backward): {_num(fpt)}; per step: {_num(fpt * cfg.tokens_per_step)} "
         f"({_num(cfg.tokens_per_step)} tokens); MFU counts these",
         f"hardware FLOPs per token of the chunked kernels (64-token blocks): "

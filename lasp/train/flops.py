@@ -4,7 +4,9 @@ FLOPs per token, forward + backward (DESIGN.md section 8; written out in docs/tr
 
     6 * N_matmul                          every weight matrix a token passes through (q, k, v, o, gate, up,
                                           down of each layer, the log-gate projections of simple_gla / gla
-                                          layers, and the LM head; not the embedding lookup)
+                                          layers, and the LM head; not the embedding lookup; in a MoE layer
+                                          the router and the top_k routed experts plus the shared one: the
+                                          active parameters)
   + 6 * H * d * N          per S layer    causal softmax attention: q k^T and p v, 2 FLOPs per
                                           multiply-add, x3 for forward + backward, half the N x N scores
   + 12 * H * d_k * d_v     per L layer    linear attention: the state update k v^T and the read-out q^T S,
@@ -64,7 +66,7 @@ def param_counts(m: ModelConfig) -> dict[str, int]:
             "gated_deltanet": 2 * h * H + h * H * d,
             "kda": h * H + m.gate_low_rank * (h + H * d) + h * H * d}.get(m.linear_variant, 0)
     linear = sum(m.mixer(i) == "L" for i in range(m.num_layers))
-    mlp = 3 * h * m.ffn_hidden_size
+    mlp, experts, inactive = _mlp_params(m)
     norms = m.num_layers * 2 * h + h + linear * (d if m.output_norm or delta else 0)
     norms += m.num_layers * 2 * d if m.qk_norm else 0  # Qwen3's q/k norms
     small = (H + m.num_kv_heads) * d * d if m.feature_map == "hedgehog" else 0  # its per-head maps
@@ -78,10 +80,26 @@ def param_counts(m: ModelConfig) -> dict[str, int]:
             "down_proj": (m.ffn_hidden_size, h)}
     lora = m.num_layers * m.lora_rank * sum(sum(dims[t]) for t in targets(m)) if m.lora_rank else 0
     embed = m.vocab_size * h
-    matmul = m.num_layers * (attn + mlp) + gate * linear + m.vocab_size * h
+    matmul = m.num_layers * attn + mlp + gate * linear + m.vocab_size * h
     total = embed + matmul + norms + linear * small + biases + lora - (m.vocab_size * h if m.tie_embeddings else 0)
     return {"embedding": embed, "matmul": matmul, "norms": norms, "other": linear * small + biases, "lora": lora,
-            "total": total}
+            "total": total, "experts": experts, "active": total - inactive, "active_matmul": matmul - inactive}
+
+
+def _mlp_params(m: ModelConfig) -> tuple[int, int, int]:
+    """(feed-forward matmul parameters of every layer, of which routed experts, of which a token does not
+    use: the experts outside its top k). A MoE layer: the router (h x E), E routed SwiGLUs, the shared one."""
+    h, moe = m.hidden_size, m.moe
+    total = experts = inactive = 0
+    for i in range(m.num_layers):
+        if moe is None or not moe.is_moe(i):
+            total += 3 * h * m.ffn_hidden_size
+            continue
+        one = 3 * h * moe.ffn_hidden_size
+        total += h * moe.num_experts + moe.num_experts * one + 3 * h * moe.shared_ffn_hidden_size
+        experts += moe.num_experts * one
+        inactive += (moe.num_experts - moe.top_k) * one
+    return total, experts, inactive
 
 
 def delta_flops_per_token(m: ModelConfig, block: int = BLOCK) -> float:
@@ -94,7 +112,7 @@ def flops_per_token(m: ModelConfig, seq_len: int) -> float:
     """Model FLOPs per trained token, forward + backward (formula in the module docstring)."""
     d = m.head_dim
     counts = param_counts(m)
-    f = 6.0 * (counts["matmul"] + counts["lora"])
+    f = 6.0 * (counts["active_matmul"] + counts["lora"])  # MoE: the router, the top k and shared experts
     for i in range(m.num_layers):
         if m.mixer(i) == "S":
             f += 6.0 * m.num_heads * d * seq_len
@@ -129,7 +147,9 @@ def memory_estimate(m: ModelConfig, p: ParallelConfig, seq_len: int, global_batc
     chunk of float32 logits on the last stage. An estimate to plan a layout, typically within +-30%."""
     counts = param_counts(m)
     vh = m.vocab_size * m.hidden_size
-    layer_params = (counts["matmul"] - vh) / m.num_layers
+    # per layer and TP rank; the routed experts are split over ep (and etp) ranks instead
+    layer_params = ((counts["matmul"] - vh - counts["experts"]) / p.tp + counts["experts"] / (p.ep * p.etp)) \
+        / m.num_layers
     layers = m.num_layers // p.pp
     elt = 2 if dtype == "bfloat16" else 4
     tokens = seq_len // p.sp * (global_batch // p.dp // p.microbatches)
@@ -144,7 +164,7 @@ def memory_estimate(m: ModelConfig, p: ParallelConfig, seq_len: int, global_batc
         + 8 / (shards if p.zero_stage >= 1 else 1)
 
     def stage(first: bool, last: bool) -> dict[str, float]:
-        params = layer_params * layers / p.tp + (vh / p.tp if first else 0)
+        params = layer_params * layers + (vh / p.tp if first else 0)
         params += vh / p.tp if last and not (first and m.tie_embeddings) else 0
         acts = (min(p.pp, p.microbatches) if first else 1) * acts_one
         return {"weights": 4 * params / (shards if p.zero_stage >= 3 else 1),

@@ -27,6 +27,7 @@ from lasp.parallel import (
     init_groups, loss_sum_fn, parallelize, zero_engine, zero_eval_step, zero_train_step,
 )
 from lasp.parallel.ac import apply_ac
+from lasp.parallel.ep import moe_step
 from lasp.parallel.sp import apply_kernel
 from lasp.train import ckpt_store
 from lasp.train.checkpoint import Checkpointer, checkpoint_root, compatibility
@@ -34,7 +35,7 @@ from lasp.train.ckpt_store import CheckpointError
 from lasp.train.config import ConfigError, TrainConfig, dump
 from lasp.train.distributed import Launch, init_distributed, pick_device, shutdown
 from lasp.train.flops import flops_per_token, peak_flops
-from lasp.train.metrics import Metrics, peak_memory_gib
+from lasp.train.metrics import Metrics, moe_columns, peak_memory_gib
 from lasp.train.optim import build_optimizer, lr_at, set_lr
 from lasp.train.signals import GracefulStop
 from lasp.model.config import DELTA_VARIANTS
@@ -255,6 +256,9 @@ def _loop(cfg: TrainConfig, run: _Run, state: TrainState, stop: GracefulStop, da
         finite = math.isfinite(loss) and math.isfinite(grad_norm)
         if finite and run.engine is None:
             run.optimizer.step()
+        with _timeouts(cfg, f"the MoE statistics of step {state.step + 1}"):
+            moe = moe_step(run.stage, cfg.parallel, cfg.model.moe, cfg.model.num_layers, cfg.tokens_per_step,
+                           update_bias=finite)
         state.skipped_in_a_row = 0 if finite else state.skipped_in_a_row + 1
         state.skipped_steps += not finite
         state.step += 1
@@ -269,7 +273,7 @@ def _loop(cfg: TrainConfig, run: _Run, state: TrainState, stop: GracefulStop, da
                 "step": state.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": state.tokens,
                 "tokens_per_s": tokens_per_s,
                 "mfu": None if peak is None else fpt * tokens_per_s / (peak * dist.get_world_size()),
-                "mem_gib": peak_memory_gib(run.device), "skipped": not finite,
+                "mem_gib": peak_memory_gib(run.device), "skipped": not finite, **moe_columns(moe),
             })
         if not finite:
             _nonfinite(cfg, state, loss, grad_norm, metrics)

@@ -19,6 +19,21 @@ from lasp.train.ckpt_store import write_file
 COLUMNS = ("step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "mfu", "mem_gib")
 
 
+def moe_columns(stats: dict | None) -> dict:
+    """The MoE layers' step statistics (lasp.parallel.ep.moe_step) as metrics columns: the balancing and
+    z-losses summed over the layers, the worst load (max / mean tokens per expert), and each layer's
+    (`moe_load_L3`: layer 3's max / mean). {} without MoE layers."""
+    if not stats:
+        return {}
+    layers = [i for i, v in enumerate(stats["load_max_mean"]) if stats["aux_loss"][i] is not None]
+    loads = [stats["load_max_mean"][i] for i in layers if stats["load_max_mean"][i] is not None]
+    return {"moe_aux_loss": sum(stats["aux_loss"][i] for i in layers),
+            "moe_z_loss": sum(stats["z_loss"][i] for i in layers),
+            "moe_load_max": max(loads) if loads else None,
+            **{f"moe_load_L{i}": stats["load_max_mean"][i] for i in layers},
+            **{f"moe_aux_loss_L{i}": stats["aux_loss"][i] for i in layers}}
+
+
 def peak_memory_gib(device: torch.device) -> float:
     """Peak memory of this process: allocated CUDA memory on a GPU, the resident set size on CPU."""
     if device.type == "cuda":
@@ -80,6 +95,8 @@ class Metrics:
         mfu = "n/a" if row.get("mfu") is None else f"{100 * row['mfu']:.1f}%"
         text = (f"loss {row['loss']:.4f} | {row['tokens_per_s']:,.0f} tok/s | mfu {mfu} | "
                 f"mem {row['mem_gib']:.2f} GiB")
+        if row.get("moe_load_max") is not None:
+            text += f" | moe aux {row['moe_aux_loss']:.4f}, load max/mean {row['moe_load_max']:.2f}"
         if self._bar is not None:
             self._bar.update(row["step"] - self._bar.n)
             self._bar.set_postfix_str(text, refresh=False)
