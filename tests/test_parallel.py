@@ -74,6 +74,10 @@ def case_parallel(tp, sp, pp, dp, layout="zigzag", dtype="f64", microbatches=1, 
     groups = init_groups(pcfg)
     c = coords(pcfg)[dist.get_rank()]  # the picture in the README is megatron's mesh
     assert (c.tp, c.sp, c.dp, c.pp) == (groups.tp_rank, groups.sp_rank, groups.dp_rank, groups.pp_rank)
+    if ep > 1:  # the EP groups the mesh picture shows are the ones the all-to-all runs on
+        from lasp.parallel.mesh import ep_groups
+
+        assert dist.get_process_group_ranks(groups.ep) in ep_groups(pcfg)
     torch.manual_seed(0)
     stage = parallelize(_with_lora_b(LinearLlama(cfg).to(dt), lora_b), pcfg, groups)
     opt = torch.optim.AdamW(stage.parameters(), lr=lr)
