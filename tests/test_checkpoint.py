@@ -266,6 +266,10 @@ def test_a_checkpoint_reshards_to_another_layout(dist_pool, tmp_path, big_corpus
     saved = _cfg(base, parallel=old, logging={"run_dir": str(tmp_path / "old")})
     pool.run("tests.test_checkpoint:case_train", cfg=saved, world_size=world)
     src = ckpt_store.step_dir(str(tmp_path / "old" / "checkpoints"), 2)
+    if "moe" in extra:  # each step's MoE statistics are logged
+        with open(tmp_path / "old" / "metrics.jsonl") as f:
+            step = [r for r in map(json.loads, f) if r["kind"] == "train"][-1]
+        assert step["moe_load_max"] >= 1.0 and step["moe_aux_loss"] > 0 and "moe_load_L3" in step, step
 
     # 1. loading under the new layout and saving again gives back every tensor exactly
     again = _cfg(base, parallel=new, checkpoint={"dir": str(tmp_path / "again")})
