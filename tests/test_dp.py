@@ -8,15 +8,16 @@ import torch.distributed as dist
 from lasp.distributed.events import profiled_ops
 from lasp.model import LinearLlama, ModelConfig
 from tests.dist import assert_close_rel
-from tests.test_parallel import BATCH, MODEL, SEQ, TOL, _reference
+from tests.test_parallel import BATCH, MODEL, MOE, SEQ, TOL, _reference
 
 
-def _build(tp, sp, pp, dp, microbatches=1, dp_bucket_size=None, batch=BATCH, **model_kw):
+def _build(tp, sp, pp, dp, microbatches=1, dp_bucket_size=None, batch=BATCH, ep=1, **model_kw):
     """(model config, parallel config, groups, this rank's stage, tokens [batch, N+1]) in float64."""
     from lasp.parallel import ParallelConfig, init_groups, parallelize
 
     cfg = ModelConfig(**{**MODEL, **model_kw})
-    pcfg = ParallelConfig(tp=tp, sp=sp, pp=pp, dp=dp, microbatches=microbatches, dp_bucket_size=dp_bucket_size)
+    pcfg = ParallelConfig(tp=tp, sp=sp, pp=pp, dp=dp, microbatches=microbatches, dp_bucket_size=dp_bucket_size,
+                          ep=ep)
     pcfg.check(cfg, dist.get_world_size(), SEQ, batch)
     groups = init_groups(pcfg)
     torch.manual_seed(0)
@@ -128,7 +129,7 @@ def case_clip(tp, sp, pp, dp, **model_kw):
     from lasp.parallel import clip_grad_norm_, train_step
 
     cfg, pcfg, groups, stage, tokens = _build(tp, sp, pp, dp, **model_kw)
-    ref, _ = _reference(cfg, tokens, torch.float64, 1, 0.0)
+    ref, _ = _reference(cfg, tokens, torch.float64, 1, 0.0, parts=dp)
     ref_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), float("inf")).item()
     train_step(stage, tokens, pcfg, groups)
     grads = [p.grad.clone() for p in stage.parameters()]
@@ -147,11 +148,13 @@ def case_clip(tp, sp, pp, dp, **model_kw):
 
 
 CLIP_LAYOUTS = [(2, 1, 1, 1, {}), (1, 1, 2, 1, {}), (1, 2, 1, 1, {}), (1, 1, 1, 2, {}),
-                (2, 1, 2, 1, dict(tie_embeddings=True))]
+                (2, 1, 2, 1, dict(tie_embeddings=True)),
+                # experts differ between EP ranks (summed over EP), and are whole on both TP ranks (counted once)
+                (2, 1, 1, 2, dict(ep=2, moe=MOE))]
 
 
 @pytest.mark.parametrize("tp, sp, pp, dp, extra", CLIP_LAYOUTS,
-                         ids=["tp2", "pp2", "sp2", "dp2", "tp2-pp2-tied"])
+                         ids=["tp2", "pp2", "sp2", "dp2", "tp2-pp2-tied", "moe-tp2-ep2"])
 def test_clip_grad_norm_matches_single_process(dist_pool, tp, sp, pp, dp, extra):
     norms = dist_pool(tp * sp * pp * dp).run("tests.test_dp:case_clip", tp=tp, sp=sp, pp=pp, dp=dp, **extra)
     assert len(set(norms)) == 1, norms  # the same value on every rank
