@@ -151,3 +151,13 @@ def test_the_yaml_section_is_typed_and_checked():
     cfg = schema.build(ModelConfig, {"moe": {"num_experts": 4}}, "model", problems)
     assert problems == [] and cfg.moe.num_experts == 4 and schema.build(ModelConfig, {}, "model", []).moe is None
     assert ModelConfig(**dataclasses.asdict(cfg)).moe == cfg.moe  # as checkpoints and exports read it back
+
+
+def test_activation_checkpointing_counts_each_token_once():
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    moe = MoE(16, MoEConfig(num_experts=4, top_k=2, ffn_hidden_size=8))
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    checkpoint(moe, x, use_reentrant=False).sum().backward()  # the backward re-runs the forward
+    assert moe.load.sum() == 2 * 5 * 2 and moe.last_aux is not None

@@ -102,6 +102,12 @@ class MoEConfig:
         return self.pattern[layer % len(self.pattern)] == "M"
 
 
+def recomputing() -> bool:
+    """True inside a backward pass: activation checkpointing re-running a forward, whose routing statistics
+    were already counted."""
+    return torch._C._current_graph_task_id() != -1
+
+
 def router_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype the router's logits are computed in: float64 for a float64 model, else float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -176,7 +182,7 @@ class MoE(nn.Module):
         flat = x.reshape(-1, x.shape[-1])
         logits = self.logits(x)
         weights, chosen = route(logits, self.cfg, self.expert_bias)
-        if self.training and torch.is_grad_enabled():
+        if self.training and torch.is_grad_enabled() and not recomputing():
             aux = logits.new_zeros(())
             if self.cfg.aux_loss_coeff:
                 aux = aux + balancing_loss(logits, self.cfg)

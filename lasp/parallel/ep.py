@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from lasp.model.layers import SwiGLU
 from lasp.model.llama import LinearLlama
-from lasp.model.moe import MoE, MoEConfig
+from lasp.model.moe import MoE, MoEConfig, recomputing
 
 
 class _Router(TopKRouter):
@@ -53,14 +53,15 @@ class _Router(TopKRouter):
 
     def routing(self, logits: Tensor, padding_mask=None):
         probs, routing_map = super().routing(logits, padding_mask)
-        if self.training and torch.is_grad_enabled():
+        if self.training and torch.is_grad_enabled() and not recomputing():
             with torch.no_grad():
                 self.load += routing_map.sum(0).double().cpu()
                 self.z_sum += torch.logsumexp(logits.detach(), -1).square().sum().double().cpu()
         return probs, routing_map
 
     def attach_and_log_load_balancing_loss(self, activation, aux_loss_coeff, aux_loss, *args, **kwargs):
-        self.aux_sum += aux_loss.detach().double().cpu() / aux_loss_coeff  # this rank's share
+        if not recomputing():
+            self.aux_sum += aux_loss.detach().double().cpu() / aux_loss_coeff  # this rank's share
         return super().attach_and_log_load_balancing_loss(activation, aux_loss_coeff, aux_loss, *args, **kwargs)
 
 
