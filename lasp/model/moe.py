@@ -182,14 +182,15 @@ class MoE(nn.Module):
         flat = x.reshape(-1, x.shape[-1])
         logits = self.logits(x)
         weights, chosen = route(logits, self.cfg, self.expert_bias)
-        if self.training and torch.is_grad_enabled() and not recomputing():
+        if self.training and torch.is_grad_enabled():
             aux = logits.new_zeros(())
             if self.cfg.aux_loss_coeff:
                 aux = aux + balancing_loss(logits, self.cfg)
             if self.cfg.z_loss_coeff:
                 aux = aux + z_loss(logits, self.cfg)
-            self.last_aux = aux
-            self.load = self.load.to(logits.device) + chosen.sum(0).to(self.load.dtype)
+            if not recomputing():  # activation checkpointing's second forward: the first one counted
+                self.last_aux = aux
+                self.load = self.load.to(logits.device) + chosen.sum(0).to(self.load.dtype)
         out = torch.zeros_like(flat)
         for e, expert in enumerate(self.experts):
             rows = chosen[:, e].nonzero().squeeze(1)
