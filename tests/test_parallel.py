@@ -287,3 +287,32 @@ def test_zero_matches_single_process(dist_pool, stage):
 
 def test_zero_with_sequence_parallel(dist_pool):
     dist_pool(4).run("tests.test_parallel:case_zero", stage=2, sp=2)
+
+
+def case_ep_comm():
+    """One forward of a MoE hybrid at SP = 2 x EP = 2 under the profiler -> the all-to-alls per layer."""
+    from lasp.distributed.events import profiled_ops
+    from lasp.parallel import ParallelConfig, eval_step, init_groups, local_microbatches, parallelize
+
+    cfg = ModelConfig(**{**MODEL, "moe": {**MOE, "pattern": "DM"}})
+    pcfg = ParallelConfig(sp=2, ep=2)
+    groups = init_groups(pcfg)
+    torch.manual_seed(0)
+    stage = parallelize(LinearLlama(cfg).double(), pcfg, groups)
+    tokens = torch.randint(0, cfg.vocab_size, (BATCH, SEQ + 1), generator=torch.Generator().manual_seed(7))
+    mbs = local_microbatches(tokens, pcfg, groups)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+        eval_step(stage, mbs, pcfg, groups, tokens[:, 1:].numel())
+    return [(op.name, op.input_shapes[0]) for op in profiled_ops(prof, "gloo:all_to_all")]
+
+
+def test_expert_parallelism_sends_each_routed_token_once_each_way(dist_pool):
+    # per MoE layer (2 of 4: "DM") megatron's dispatcher sends the rank's tokens once per chosen expert,
+    # their router weights, and the expert outputs back: three all-to-alls, nothing else per layer
+    local_rows = BATCH * SEQ // 2 * MOE["top_k"]
+    for ops in dist_pool(2).run("tests.test_parallel:case_ep_comm"):
+        assert len(ops) == 3 * 2, ops
+        for layer in range(2):
+            tokens, weights, back = (shape for _, shape in ops[3 * layer: 3 * layer + 3])
+            assert tokens == [local_rows, MODEL["hidden_size"]] and weights == [local_rows]
+            assert back[1] == MODEL["hidden_size"]  # the rows this rank's experts received
