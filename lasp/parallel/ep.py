@@ -107,13 +107,14 @@ class ParallelMoE(nn.Module):
         for e in self.layer.local_expert_indices:
             src = moe.experts[e]
             inner = src.gate_proj.out_features // split
-            dst = SwiGLU(src.gate_proj.in_features, inner).to(src.gate_proj.weight.dtype)
+            dst = SwiGLU(src.gate_proj.in_features, inner).to(src.gate_proj.weight)  # its dtype and device
             for proj, dim in (("gate_proj", 0), ("up_proj", 0), ("down_proj", 1)):
                 w = getattr(src, proj).weight.chunk(split, dim=dim)[rank]
                 p = getattr(dst, proj).weight
                 _copy_param(p, w, f"{name}.experts.{e}.{proj}.weight", dim if split > 1 else None)
                 p.allreduce = False  # megatron's DDP: reduced over the expert-data-parallel group
             self.layer.experts.local.append(dst)
+        self.layer.to(moe.router.weight.device)  # megatron builds on the CPU; in place: the attributes stay
         self.shared = moe.shared  # TP-split by apply_tp like the dense MLP
 
     def forward(self, x: Tensor) -> Tensor:
