@@ -306,6 +306,28 @@ def test_the_retrieval_benchmark_writes_its_rows_and_plot(tmp_path, capsys):
     assert (tmp_path / "retrieval.png").stat().st_size > 0 and "| hybrid LLLS simple_gla |" in capsys.readouterr().out
 
 
+def test_the_retrieval_benchmark_gathers_runs_of_a_few_models_each(tmp_path, capsys):
+    """--collect: two runs' rows in one JSONL, plot and table; a model in both runs is refused."""
+    from lasp.bench.retrieval import main
+
+    def run(d, *models):
+        rows = [{"model": m, "params": 10, "train_len": 8, "length": n, "accuracy": a, "train_seconds": 1.0}
+                for m in models for n, a in ((8, 1.0), (16, 0.5), (32, 0.25), (64, 0.0))]
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "retrieval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return rows
+
+    both = run("a", "softmax") + run("b", "lightning", "simple_gla")
+    assert main(["--out", str(tmp_path / "all"), "--collect", f"{tmp_path / 'a'},{tmp_path / 'b'}"]) == 0
+    assert [json.loads(line) for line in (tmp_path / "all" / "retrieval.jsonl").read_text().splitlines()] == both
+    out = capsys.readouterr().out
+    assert "| softmax | 10 | 1 | 1.00 | 0.50 | 0.25 | 0.00 |" in out and "| simple_gla |" in out
+    assert (tmp_path / "all" / "retrieval.png").stat().st_size > 0
+    run("c", "softmax")
+    refuse_all(main, [(["--out", str(tmp_path / "o"), "--collect", f"{tmp_path / 'a'},{tmp_path / 'c'},{tmp_path / 'x'}"],
+                       "model 'softmax' is in", "x/retrieval.jsonl does not exist")], capsys, watch=[tmp_path])
+
+
 def test_the_retrieval_benchmark_refuses_bad_input(tmp_path, capsys):
     from lasp.bench.retrieval import main
 

@@ -2,6 +2,7 @@
 alike, on CPU.
 
     python -m lasp.bench.retrieval [--out DIR] [--steps 3000] [--train-len 512] [--models lightning,...]
+    python -m lasp.bench.retrieval --out DIR --collect DIR1,DIR2      # one table and plot from several runs
 
 Every model has the same shape (byte vocabulary, --layers layers of --hidden, 4 heads, 2 KV heads) and is
 trained the same way (--steps AdamW steps of --batch sequences of --train-len bytes, one seed) on a
@@ -13,6 +14,7 @@ decoding, lasp.eval.passkey) at 1x, 2x, 4x and 8x the training length, over --tr
 Models: pure linear (lightning: constant decay; simple_gla: a scalar gate; gated_deltanet: the delta rule),
 a 3:1 hybrid (LLLS, simple_gla) and all softmax. Writes OUT/retrieval.jsonl (one row per model and length),
 OUT/retrieval.png (accuracy against length) and prints a table with the parameter counts and wall times.
+Models are independent: runs of a few models each (in parallel, one thread each) are gathered by --collect.
 """
 
 import argparse
@@ -103,8 +105,14 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--trials", type=int, default=4, help="keys per (length, depth)")
     p.add_argument("--seed", type=int, default=0, help="the training seed (the evaluation's keys use seed 1234)")
+    p.add_argument("--collect", default=None, metavar="DIR,...",
+                   help="train nothing: gather the rows of earlier runs' DIR/retrieval.jsonl into OUT, with the plot "
+                        "and the table")
     a = p.parse_args(argv)
     from lasp.cli import at_least, usage_error, writable
+
+    if a.collect is not None:
+        return _collect(p, a)
 
     names = [m.strip() for m in a.models.split(",") if m.strip()]
     problems = [f"--models: unknown {m!r} (known: {', '.join(MODELS)})" for m in names if m not in MODELS]
@@ -156,10 +164,37 @@ def main(argv=None) -> int:
         say(f"{name}: {params:,} parameters, trained in {seconds:.0f} s; accuracy " +
             ", ".join(f"{r['length']}: {r['accuracy']:.2f}" for r in rows if r["model"] == name))
         write_jsonl(out / "retrieval.jsonl", rows)  # after each model: a long run interrupted keeps its rows
+    return _report(rows, out)
+
+
+def _collect(p: argparse.ArgumentParser, a) -> int:
+    """--collect: the rows of several runs in one JSONL, plot and table (a model in two runs is refused)."""
+    from lasp.cli import usage_error, writable
+
+    dirs = [Path(d.strip()) for d in a.collect.split(",") if d.strip()]
+    problems = [] if dirs else ["--collect: no directory given"]
+    problems += [f"--collect: {d / 'retrieval.jsonl'} does not exist" for d in dirs
+                 if not (d / "retrieval.jsonl").is_file()]
+    problems += writable("--out", a.out, directory=True)
+    runs = {d: [json.loads(line) for line in (d / "retrieval.jsonl").read_text().splitlines() if line.strip()]
+            for d in dirs if (d / "retrieval.jsonl").is_file()}
+    where: dict[str, list[str]] = {}
+    for d, mine in runs.items():
+        for name in dict.fromkeys(r["model"] for r in mine):
+            where.setdefault(name, []).append(str(d))
+    problems += [f"--collect: model {name!r} is in {' and '.join(ds)}" for name, ds in where.items() if len(ds) > 1]
+    rows = [r for mine in runs.values() for r in mine]
+    usage_error(p, problems + ([] if rows or problems else [f"--collect: no rows in {', '.join(map(str, dirs))}"]))
+    write_jsonl(Path(a.out) / "retrieval.jsonl", rows)
+    return _report(rows, Path(a.out))
+
+
+def _report(rows: list[dict], out: Path) -> int:
+    """The plot, and the table on stdout."""
     _plot(rows, out / "retrieval.png")
     print(f"| model | parameters | train s | {' | '.join(f'{k}x' for k in (1, 2, 4, 8))} |")
     print("|---|---|---|---|---|---|---|")
-    for name in names:
+    for name in dict.fromkeys(r["model"] for r in rows):
         mine = [r for r in rows if r["model"] == name]
         print(f"| {name} | {mine[0]['params']:,} | {mine[0]['train_seconds']:.0f} | " +
               " | ".join(f"{r['accuracy']:.2f}" for r in mine) + " |")
