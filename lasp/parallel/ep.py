@@ -59,6 +59,11 @@ class _Router(TopKRouter):
                 self.z_sum += torch.logsumexp(logits.detach(), -1).square().sum().double().cpu()
         return probs, routing_map
 
+    def _apply_expert_bias(self, routing_map: Tensor, padding_mask=None) -> None:
+        """Nothing: megatron counts each expert's tokens here for its own bias update, under torch.compile
+        (about 7 s of compiling per process on CPU for one in-place sum); `load` above replaces that count
+        and skips recomputed forwards, and `moe_step` updates the bias from it."""
+
     def attach_and_log_load_balancing_loss(self, activation, aux_loss_coeff, aux_loss, *args, **kwargs):
         if not recomputing():
             self.aux_sum += aux_loss.detach().double().cpu() / aux_loss_coeff  # this rank's share
@@ -225,8 +230,6 @@ def moe_step(stage: nn.Module, cfg, moe_cfg: MoEConfig | None, num_layers: int, 
             load = table[layer, :e].float()
             r.expert_bias += torch.sign(load.mean() - load).to(r.expert_bias) * moe_cfg.bias_update_rate
         r.load.zero_()
-        if r.local_tokens_per_expert is not None:  # megatron's own count, which this one replaces
-            r.local_tokens_per_expert.zero_()
         r.aux_sum.zero_()
         r.z_sum.zero_()
     return out
