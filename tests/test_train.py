@@ -102,32 +102,6 @@ def test_one_process_trains_and_leaves_metrics_tensorboard_and_plot(tmp_path, co
 
 
 @pytest.mark.slow
-def test_sp2_through_launch_torchrun_sh_gives_the_sp1_losses(tmp_path, corpus, reference):
-    """One node through the launch script (torchrun --standalone); two nodes: below."""
-    config, run_dir = _config(tmp_path, corpus, "sp2", parallel={"sp": 2, "sp_layout": "zigzag"},
-                              train={"eval_positions": True})
-    out = subprocess.run(["bash", "launch/torchrun.sh", "--config", config], cwd=ROOT, capture_output=True, text=True,
-                         timeout=300, env={**_env(), "PYTHON": sys.executable, "NPROC_PER_NODE": "2"})
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
-    assert "tp=1 sp=2 (zigzag) pp=1 dp=1" in out.stdout
-    _same_curve(run_dir, reference)
-    # train.eval_positions under SP = 2: the last evaluation's buckets are the final checkpoint's, on one process
-    import torch
-
-    from lasp.data import TokenData
-    from lasp.parallel.positions import document_rows, position_losses
-    from lasp.export import load_model
-
-    logged = _rows(run_dir, "eval_positions")
-    assert [r["step"] for r in logged] == [3, 6] and "eval loss by position: 1-64" in out.stdout
-    val = TokenData(corpus, "val")
-    model, _ = load_model(os.path.join(run_dir, "checkpoints", "step-00000006"))
-    with torch.no_grad():
-        want = position_losses(model.eval(), document_rows(val.tokens, val.doc_offsets, 64, 4))
-    assert abs(logged[-1]["loss_1_64"] - want[0]["loss"]) <= 1e-5 * want[0]["loss"], (logged[-1], want)
-
-
-@pytest.mark.slow
 def test_the_cpu_gated_deltanet_config_trains_at_sp2_with_a_falling_loss(tmp_path, corpus):
     """configs/cpu-gdn.yaml (the quick start's shape, Gated DeltaNet linear layers) at SP = 2, shortened."""
     run_dir = tmp_path / "gdn"
@@ -228,15 +202,35 @@ def _two_nodes(config, port):
 
 
 @pytest.mark.slow
-def test_two_nodes_through_launch_torchrun_sh_train_together(tmp_path, corpus, reference):
+def test_two_nodes_through_launch_torchrun_sh_give_the_sp1_losses(tmp_path, corpus, reference):
+    """SP = 2 over two torchrun "nodes" of one process each (one node, `--standalone`, goes through the same
+    script in test_launch.py's worker-error test)."""
     port = _free_port()
-    config, run_dir = _config(tmp_path, corpus, "nodes", train={"steps": 3}, parallel={"sp": 2})
+    config, run_dir = _config(tmp_path, corpus, "nodes", parallel={"sp": 2, "sp_layout": "zigzag"},
+                              train={"eval_positions": True})
     procs = _two_nodes(config, port)
+    outs = []
     for node, p in enumerate(procs):
         out, err = p.communicate(timeout=240)
         assert p.returncode == 0, out[-2000:] + err[-4000:]
         assert f"node {node} of 2 (1 process(es) here): waiting for all 2 nodes at 127.0.0.1:{port}" in err
-    _same_curve(run_dir, reference, steps=3)
+        outs.append(out)
+    assert "tp=1 sp=2 (zigzag) pp=1 dp=1" in outs[0]
+    _same_curve(run_dir, reference)
+    # train.eval_positions under SP = 2: the last evaluation's buckets are the final checkpoint's, on one process
+    import torch
+
+    from lasp.data import TokenData
+    from lasp.export import load_model
+    from lasp.parallel.positions import document_rows, position_losses
+
+    logged = _rows(run_dir, "eval_positions")
+    assert [r["step"] for r in logged] == [3, 6] and "eval loss by position: 1-64" in outs[0]
+    val = TokenData(corpus, "val")
+    model, _ = load_model(os.path.join(run_dir, "checkpoints", "step-00000006"))
+    with torch.no_grad():
+        want = position_losses(model.eval(), document_rows(val.tokens, val.doc_offsets, 64, 4))
+    assert abs(logged[-1]["loss_1_64"] - want[0]["loss"]) <= 1e-5 * want[0]["loss"], (logged[-1], want)
 
 
 @pytest.mark.slow
