@@ -177,11 +177,13 @@ def test_sigterm_on_one_rank_saves_exits_75_and_a_new_start_resumes(tmp_path, co
 
 
 @pytest.mark.slow
-def test_a_worker_killed_with_sigkill_is_restarted_by_torchrun_and_the_curve_is_exact(tmp_path, corpus):
+def test_a_worker_killed_with_sigkill_is_restarted_by_torchrun_and_the_curve_is_exact(tmp_path, corpus,
+                                                                                    dist_pool):
     slow = dict(model={"hidden_size": 64, "ffn_hidden_size": 128}, data={"seq_len": 256, "global_batch": 8},
                 train={"steps": 24, "eval_interval": 0}, parallel={"sp": 2}, checkpoint={"interval": 4})
     config, ref_dir = _config(tmp_path, corpus, "straight", **slow)
-    _train(config, nproc=2)
+    # the uninterrupted run on the shared pool's two ranks (one thread each, as the torchrun workers here)
+    dist_pool(2).run("tests.test_checkpoint:case_train", cfg=yaml.safe_load(open(config)), world_size=2)
     want = [(r["step"], r["loss"], r["grad_norm"]) for r in _rows(ref_dir)]
     config, run_dir = _config(tmp_path, corpus, "killed", **slow)
     proc = _start(config, 2, extra=["--max-restarts=1"])
