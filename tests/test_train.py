@@ -120,16 +120,21 @@ def test_the_cpu_gated_deltanet_config_trains_at_sp2_with_a_falling_loss(tmp_pat
 
 @pytest.mark.slow
 def test_nonfinite_loss_stops_or_skips_as_configured(tmp_path, corpus):
-    blow_up = ["--set", "optim.lr=1e30", "--set", "optim.grad_clip=0", "--set", "schedule.warmup_steps=0",
-               "--set", "train.eval_interval=0", "--set", "train.steps=30"]
-    config, run_dir = _config(tmp_path, corpus, "stop")
-    out = _train(config, extra=blow_up, check=False)
-    assert out.returncode != 0 and "non-finite loss" in out.stderr and "train.nonfinite = stop" in out.stderr
+    """In this process (the trainer's entry point ends with the error's traceback and status 1)."""
+    from lasp.train.loop import NonFiniteError
+    from tests.test_checkpoint import run
+
+    blow_up = dict(optim={"lr": 1e30, "grad_clip": 0}, schedule={"warmup_steps": 0},
+                   train={"eval_interval": 0, "steps": 30})
+    config, run_dir = _config(tmp_path, corpus, "stop", **blow_up)
+    with pytest.raises(NonFiniteError, match=r"non-finite loss .*; stopping \(train.nonfinite = stop\)") as e:
+        run(yaml.safe_load(open(config)))
     bad = _rows(run_dir)[-1]
-    assert bad["skipped"] and out.stderr.count(f"step {bad['step']}: non-finite") >= 1
-    config, run_dir = _config(tmp_path, corpus, "skip", train={"nonfinite": "skip", "max_skipped_steps": 2})
-    out = _train(config, extra=blow_up, check=False)
-    assert out.returncode != 0 and "3 steps skipped in a row" in out.stderr
+    assert bad["skipped"] and str(e.value).startswith(f"step {bad['step']}: non-finite")
+    config, run_dir = _config(tmp_path, corpus, "skip", **{**blow_up, "train": {
+        **blow_up["train"], "nonfinite": "skip", "max_skipped_steps": 2}})
+    with pytest.raises(NonFiniteError, match="3 steps skipped in a row"):
+        run(yaml.safe_load(open(config)))
     assert sum(r["skipped"] for r in _rows(run_dir)) == 3
 
 
