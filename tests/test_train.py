@@ -37,10 +37,13 @@ def corpus(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, corpus):
-    """Per-step (loss, grad norm) of the tiny config trained by one plain python process."""
+    """Per-step (loss, grad norm) of the tiny config trained by one process (this one: the entry point's own
+    run is test_one_process_trains_...)."""
+    from tests.test_checkpoint import run
+
     tmp = tmp_path_factory.mktemp("reference")
     config, run_dir = _config(tmp, corpus, "one")
-    _train(config)
+    run(yaml.safe_load(open(config)))
     return [(r["loss"], r["grad_norm"]) for r in _rows(run_dir)]
 
 
