@@ -52,6 +52,7 @@ def _simulated(method: str, W: int, N: int, **kw) -> list[dict]:
     return simulate(Case(method, W, N, **kw), reps=1)
 
 
+@pytest.mark.slow
 def test_counted_messages_follow_the_algorithms():
     for method in METHODS:  # every rank's counted messages are the cost model's plan (LASP-1: its share)
         rows = _simulated(method, 4, 256)
@@ -73,6 +74,7 @@ def test_counted_messages_follow_the_algorithms():
     assert hops == 2 * (4 - 1)
 
 
+@pytest.mark.slow
 def test_peak_memory_is_the_allocators_running_peak():
     import torch
 

@@ -254,9 +254,13 @@ RESHARD = [
 ]
 
 
-@pytest.mark.parametrize("old,new,world,extra", RESHARD,
-                         ids=["lora-tp2sp2-to-sp4", "pp2-to-dp2", "sp2-to-sp1", "gated-deltanet-tp2sp2-to-sp4",
-                              "moe-ep2-to-ep1", "moe-ep2sp2tp2-to-sp4"])
+RESHARD_IDS = ["lora-tp2sp2-to-sp4", "pp2-to-dp2", "sp2-to-sp1", "gated-deltanet-tp2sp2-to-sp4", "moe-ep2-to-ep1",
+               "moe-ep2sp2tp2-to-sp4"]
+
+
+@pytest.mark.parametrize("old,new,world,extra", [  # the inner loop (-m "not slow") keeps sp2-to-sp1
+    pytest.param(*case, id=name, marks=[] if name == "sp2-to-sp1" else [pytest.mark.slow])
+    for case, name in zip(RESHARD, RESHARD_IDS)])
 def test_a_checkpoint_reshards_to_another_layout(dist_pool, tmp_path, big_corpus, old, new, world, extra):
     pool = dist_pool(world)
     model = {"num_layers": 4, "num_heads": 4, "num_kv_heads": 2, "hidden_size": 32, "layer_pattern": "LLS",
@@ -353,6 +357,7 @@ def test_export_of_a_tp2_sp2_checkpoint_gives_the_distributed_logits(dist_pool, 
     assert json.load(open(tmp_path / "export" / "config.json"))["tokenizer"]["name"] == "byte"
 
 
+@pytest.mark.slow
 def test_zero_checkpoints_resume_exactly_and_refuse_another_layout(dist_pool, tmp_path, big_corpus):
     from lasp.export import consolidate
 

@@ -225,6 +225,7 @@ def test_bad_passkey_input_is_refused_up_front(export_and_data, tmp_path, capsys
 # -- lm-evaluation-harness ----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_lm_eval_runs_a_local_task_with_the_lasp_model(export_and_data, tmp_path):
     """A local two-example multiple-choice task and a rolling-loglikelihood one through
     lm_eval.simple_evaluate: the loglikelihoods are the model's own summed log-probabilities."""

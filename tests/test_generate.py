@@ -287,6 +287,7 @@ def test_cli_generates_text_from_an_export_and_from_a_trainer_checkpoint(tmp_pat
     assert "prompt is empty" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_cli_runs_as_a_module(tmp_path):
     save_pretrained(tiny(vocab_size=320, dtype=torch.float32), tmp_path / "m", tokenizer=BYTE_TOK)
     r = subprocess.run([sys.executable, "-m", "lasp.generate", "--checkpoint", str(tmp_path / "m"), "--prompt",

@@ -94,7 +94,9 @@ BAD_LAUNCHES = [  # (script, environment, what the message must say): refused be
 ]
 
 
-@pytest.mark.parametrize("script, env, says", BAD_LAUNCHES, ids=[f"{s[7:]}-{'-'.join(e)}" for s, e, _ in BAD_LAUNCHES])
+@pytest.mark.parametrize("script, env, says", [  # those that reach the trainer's check (a python start): slow
+    pytest.param(s, e, says, id=f"{s[7:]}-{'-'.join(e)}", marks=[pytest.mark.slow] if "PYTHON" in e else [])
+    for s, e, says in BAD_LAUNCHES])
 def test_launch_scripts_refuse_bad_input_before_anything_starts(tmp_path, script, env, says):
     (tmp_path / "srun").write_text(SRUN)
     (tmp_path / "srun").chmod(0o755)
