@@ -1,14 +1,17 @@
 """The trainer's configuration: strict YAML, every problem at once with its path, --set, dry runs."""
 
+import dataclasses
 import glob
+import math
 import os
+import typing
 
 import pytest
 import yaml
 
 from lasp.model import LinearLlama, ModelConfig
 from lasp.train.__main__ import main
-from lasp.train.config import ConfigError, load_config, resolve
+from lasp.train.config import ConfigError, TrainConfig, load_config, resolve
 from lasp.train.flops import flops_per_token, hardware_flops_per_token, param_counts
 from lasp.train.optim import lr_at
 
@@ -38,7 +41,7 @@ def test_every_problem_at_once_with_its_path():
         "optim.lr: expected float, got str 'fast'",
         "train.dtype: expected one of 'float32', 'bfloat16', got str 'float16'",
         "train.activation_checkpointing: expected one of 'none', 'full' or int, got str 'some'",
-        "optim.beta1 and optim.beta2 must be in [0, 1), got 0.9, 1.5",
+        "optim.beta2 must be in [0, 1), got 1.5",
         "train.steps must be >= 1, got 0",
         "model.num_heads (6) is not divisible by parallel.tp (4)",
         "sequence length 102 is not divisible by the zigzag layout over parallel.sp = 2 ranks",
@@ -72,16 +75,138 @@ def test_overrides_are_yaml_scalars_and_checked(tmp_path):
     assert any("--set 'nokey': expected KEY=VALUE" in p for p in e.value.problems)
 
 
-def test_missing_config_file_is_named(tmp_path):
-    with pytest.raises(ConfigError, match="does not exist"):
-        load_config(str(tmp_path / "missing.yaml"))
-
-
-def test_cli_reports_problems_with_exit_status_2(tmp_path, capsys):
+@pytest.mark.parametrize("content, problem", [
+    (None, "config file: {path} does not exist"),
+    (b"\x89PNG\r\n\x1a\n\x00\x00",
+     "cannot read YAML: not a text file (byte #x89 at byte 0 is not utf-8: invalid start byte)"),
+    (b"model:\n  hidden_size: 64\xff\n",
+     "cannot read YAML: not a text file (byte #xff at byte 24 is not utf-8: invalid start byte)"),
+    (b"model:\n  \x00",
+     "cannot read YAML: not a text file (character #x0000 at character 9: special characters are not allowed)"),
+    (b"model:\n  layer_pattern: [L\n",
+     "cannot read YAML: line 3, column 1: while parsing a flow sequence: expected ',' or ']', but got '<stream end>'"),
+    (b"model:\n\tnum_heads: 4\n",
+     "cannot read YAML: line 2, column 1: while scanning for the next token: found character '\\t' that cannot "
+     "start any token"),
+    (b"- model\n- optim\n", "the top level must be a mapping of sections, got list"),
+    (b"just some text\n", "the top level must be a mapping of sections, got str"),
+], ids=["missing", "binary", "not-utf8", "nul", "syntax", "tab", "list", "text"])
+def test_a_config_file_that_is_not_a_yaml_mapping_is_one_problem_naming_it(tmp_path, content, problem):
     path = tmp_path / "c.yaml"
-    path.write_text("model:\n  num_heads: 3\n")
-    assert main(["--config", str(path), "--dry-run"]) == 2
-    assert "model.hidden_size (64) must be divisible by model.num_heads (3)" in capsys.readouterr().err
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(ConfigError) as e:
+        load_config(str(path), world_size=1, check_data=False)
+    assert e.value.problems == [problem.format(path=path)]
+    assert str(e.value).startswith(f"{path}: 1 problem(s)")
+
+
+@pytest.mark.parametrize("content, overrides, flag, problem", [
+    ("model:\n  num_heads: 3\n", [], "--dry-run", "model.hidden_size (64) must be divisible by model.num_heads (3)"),
+    (bytes(range(128, 256)), [], "--check-only", "cannot read YAML: not a text file (byte #x80 at byte 0"),
+    ("", ["optim.lr=.nan"], "--dry-run", "optim.lr: nan is not a finite number"),
+    ("", ["optim.lr=inf", "optim.grad_clip=nan"], "--check-only",
+     "optim.lr: inf is not a finite number\n  optim.grad_clip: nan is not a finite number"),
+], ids=["model", "binary", "nan-lr", "inf-lr"])
+def test_cli_reports_problems_with_exit_status_2(tmp_path, capsys, content, overrides, flag, problem):
+    path = tmp_path / "c.yaml"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    sets = [a for o in overrides for a in ("--set", o)]
+    assert main(["--config", str(path), *sets, flag]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {path}: ") and problem in err and "Traceback" not in err, err
+
+
+def _float_fields(cls, prefix=""):
+    """YAML paths of every float field (float or float | None) of dataclass `cls` and of its sections, optional
+    ones (model.moe) included."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        args = typing.get_args(hints[f.name]) or (hints[f.name],)
+        sections = [a for a in args if dataclasses.is_dataclass(a)]
+        if sections:
+            yield from _float_fields(sections[0], f"{prefix}{f.name}.")
+        elif float in args:
+            yield prefix + f.name
+
+
+FLOAT_FIELDS = list(_float_fields(TrainConfig))
+
+
+def _at(path, value, **sections):
+    """The config dict with `value` at the YAML path `path` (a.b.c), beside `sections`."""
+    data = {k: dict(v) for k, v in sections.items()}
+    *parents, key = path.split(".")
+    node = data
+    for name in parents:
+        node = node.setdefault(name, {})
+    node[key] = value
+    return data
+
+
+def test_the_float_fields_are_all_found():
+    assert {"optim.lr", "optim.grad_clip", "schedule.min_lr_ratio", "train.max_minutes", "model.norm_eps",
+            "model.init_std", "model.moe.aux_loss_coeff", "model.moe.capacity_factor"} <= set(FLOAT_FIELDS)
+
+
+@pytest.mark.parametrize("path", FLOAT_FIELDS)
+def test_a_float_field_refuses_nan_and_inf_by_name(path):
+    # "nan" and "1e999": YAML 1.1 reads them as a string, which a float field takes as the number it spells
+    for value, shown in ((math.nan, "nan"), (math.inf, "inf"), (-math.inf, "-inf"), ("nan", "nan"), ("1e999", "inf")):
+        assert _problems(_at(path, value)) == [f"{path}: {shown} is not a finite number"], value
+
+
+RANGES = [
+    ("optim.lr", 0.0, "optim.lr must be > 0, got 0.0"),
+    ("optim.eps", -1e-8, "optim.eps must be > 0, got -1e-08"),
+    ("optim.beta1", -0.1, "optim.beta1 must be in [0, 1), got -0.1"),
+    ("optim.beta2", 1, "optim.beta2 must be in [0, 1), got 1.0"),
+    ("optim.weight_decay", -0.1, "optim.weight_decay must be >= 0, got -0.1"),
+    ("optim.grad_clip", -1.0, "optim.grad_clip must be >= 0 (0: no clipping), got -1.0"),
+    ("schedule.min_lr_ratio", 1.5, "schedule.min_lr_ratio must be in [0, 1], got 1.5"),
+    ("train.max_minutes", 0.0, "train.max_minutes must be > 0 (or null for no limit), got 0.0"),
+    ("train.distill_weight", -0.5, "train.distill_weight must be >= 0 (0: no distillation), got -0.5"),
+    ("model.rope_theta", 0.0, "model.rope_theta must be > 0, got 0.0"),
+    ("model.norm_eps", -1e-5, "model.norm_eps must be > 0, got -1e-05"),
+    ("model.gate_normalizer", 0.0, "model.gate_normalizer must be > 0, got 0.0"),
+    ("model.lora_alpha", -2.0, "model.lora_alpha must be > 0, got -2.0"),
+    ("model.init_std", -0.02, "model.init_std must be >= 0, got -0.02"),
+    ("model.moe.bias_update_rate", -1e-3, "model.moe.bias_update_rate must be >= 0, got -0.001"),
+    ("model.moe.aux_loss_coeff", -0.01, "model.moe.aux_loss_coeff must be >= 0, got -0.01"),
+    ("model.moe.z_loss_coeff", -1.0, "model.moe.z_loss_coeff must be >= 0, got -1.0"),
+    ("model.moe.capacity_factor", 0.0, "model.moe.capacity_factor must be > 0 or null (dropless), got 0.0"),
+]
+
+
+@pytest.mark.parametrize("path, value, problem", RANGES, ids=[path for path, _, _ in RANGES])
+def test_a_float_out_of_its_range_is_named_with_its_value(path, value, problem):
+    assert _problems(_at(path, value)) == [problem]
+
+
+@pytest.mark.parametrize("name", ["rope_factor", "rope_low_freq_factor", "rope_high_freq_factor"])
+def test_the_llama3_rope_factors_must_be_positive(name):
+    problems = _problems(_at(f"model.{name}", 0.0, model={"rope_scaling": "llama3"}))
+    assert f"model.{name} must be > 0, got 0.0" in problems, problems
+
+
+def test_the_edges_of_the_ranges_are_allowed():
+    zero = {"optim": {"grad_clip": 0, "weight_decay": 0, "beta1": 0, "beta2": 0}, "schedule": {"min_lr_ratio": 0},
+            "train": {"distill_weight": 0}, "model": {"init_std": 0, "moe": {"aux_loss_coeff": 0, "z_loss_coeff": 0,
+                                                                              "bias_update_rate": 0}}}
+    cfg = resolve(zero, "x.yaml", 1, check_data=False)
+    assert cfg.optim.grad_clip == 0.0 and cfg.model.moe.aux_loss_coeff == 0.0
+    assert resolve({"schedule": {"min_lr_ratio": 1}}, "x.yaml", 1, check_data=False).schedule.min_lr_ratio == 1.0
+
+
+def test_bad_numbers_in_every_section_are_reported_together():
+    problems = _problems({"optim": {"lr": math.nan, "grad_clip": -1.0, "beta2": 1.0}, "train": {"max_minutes": 0.0},
+                          "model": {"init_std": math.inf, "norm_eps": 0.0, "moe": {"capacity_factor": -math.inf,
+                                                                                   "z_loss_coeff": -1.0}}})
+    assert sorted(problems) == sorted([
+        "optim.lr: nan is not a finite number", "optim.grad_clip must be >= 0 (0: no clipping), got -1.0",
+        "optim.beta2 must be in [0, 1), got 1.0", "train.max_minutes must be > 0 (or null for no limit), got 0.0",
+        "model.init_std: inf is not a finite number", "model.norm_eps must be > 0, got 0.0",
+        "model.moe.capacity_factor: -inf is not a finite number", "model.moe.z_loss_coeff must be >= 0, got -1.0"])
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)

@@ -156,7 +156,7 @@ class ModelConfig:
                          f"model.rope_low_freq_factor ({self.rope_low_freq_factor})")
         if "attention_head_dim" not in bad and self.attention_head_dim < 0:
             p.append(f"model.attention_head_dim must be >= 0 (0: hidden_size / num_heads), got {self.attention_head_dim}")
-        if "init_std" not in bad and self.init_std < 0:
+        if "init_std" not in bad and not self.init_std >= 0:
             p.append(f"model.init_std must be >= 0, got {self.init_std}")
         # RoPE rotates pairs of channels: the softmax layers use it, and linear ones with linear_rope or a window
         rotates = pattern_ok and ("S" in self.layer_pattern or self.linear_rope is True or

@@ -92,7 +92,7 @@ class MoEConfig:
             p.append("model.moe.expert_bias (auxiliary-loss-free balancing) needs model.moe.router sigmoid, got "
                      f"{self.router}")
         for name in ("aux_loss_coeff", "z_loss_coeff", "bias_update_rate"):
-            if name not in bad and getattr(self, name) < 0:
+            if name not in bad and not getattr(self, name) >= 0:
                 p.append(f"model.moe.{name} must be >= 0, got {getattr(self, name)}")
         if "capacity_factor" not in bad and self.capacity_factor is not None and not self.capacity_factor > 0:
             p.append(f"model.moe.capacity_factor must be > 0 or null (dropless), got {self.capacity_factor}")

@@ -72,14 +72,15 @@ class OptimConfig:
     """Clip the global gradient norm (over every TP / PP / DP shard) to this; 0 disables clipping."""
 
     def problems(self) -> list[str]:
-        p = []
-        if self.lr <= 0:
-            p.append(f"optim.lr must be > 0, got {self.lr}")
-        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
-            p.append(f"optim.beta1 and optim.beta2 must be in [0, 1), got {self.beta1}, {self.beta2}")
-        if self.weight_decay < 0 or self.grad_clip < 0 or self.eps <= 0:
-            p.append(f"optim.weight_decay and optim.grad_clip must be >= 0 and optim.eps > 0, got "
-                     f"{self.weight_decay}, {self.grad_clip}, {self.eps}")
+        # written `not ok` so that a nan is out of range too (the loader refuses it first, by name)
+        p = [f"optim.{name} must be > 0, got {getattr(self, name)}" for name in ("lr", "eps")
+             if not getattr(self, name) > 0]
+        p += [f"optim.{name} must be in [0, 1), got {getattr(self, name)}" for name in ("beta1", "beta2")
+              if not 0 <= getattr(self, name) < 1]
+        if not self.weight_decay >= 0:
+            p.append(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        if not self.grad_clip >= 0:
+            p.append(f"optim.grad_clip must be >= 0 (0: no clipping), got {self.grad_clip}")
         return p
 
 
@@ -180,7 +181,7 @@ class TrainSection:
             p.append(f"train.max_skipped_steps must be >= 0, got {self.max_skipped_steps}")
         if self.collective_timeout_s < 1:
             p.append(f"train.collective_timeout_s must be >= 1, got {self.collective_timeout_s}")
-        if self.max_minutes is not None and self.max_minutes <= 0:
+        if self.max_minutes is not None and not self.max_minutes > 0:
             p.append(f"train.max_minutes must be > 0 (or null for no limit), got {self.max_minutes}")
         if not self.resume:
             p.append("train.resume must be auto, never or the path of a checkpoint, got an empty string")
@@ -188,7 +189,7 @@ class TrainSection:
             p.append(f"train.trainable must be all, new or lora, got {self.trainable!r}")
         elif self.trainable == "new" and not self.init_from:
             p.append("train.trainable = new needs train.init_from (the weights that stay frozen)")
-        if self.distill_weight < 0:
+        if not self.distill_weight >= 0:
             p.append(f"train.distill_weight must be >= 0 (0: no distillation), got {self.distill_weight}")
         elif self.distill_weight and self.objective != "lm":
             p.append(f"train.distill_weight ({self.distill_weight}) adds to the lm objective, not to "
@@ -385,6 +386,18 @@ def resolve(data: dict, source: str, world_size: int | None, check_data: bool = 
     return TrainConfig(**built)
 
 
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """What PyYAML found wrong, on one line (its own message spans several and repeats the file's name)."""
+    if isinstance(e, yaml.reader.ReaderError):
+        where = (f"character #x{e.character:04x} at character {e.position}" if e.encoding == "unicode" else
+                 f"byte #x{e.character:02x} at byte {e.position} is not {e.encoding}")
+        return f"not a text file ({where}: {e.reason})"
+    if isinstance(e, yaml.MarkedYAMLError) and e.problem_mark is not None:
+        mark = e.problem_mark
+        return f"line {mark.line + 1}, column {mark.column + 1}: " + (f"{e.context}: " if e.context else "") + e.problem
+    return " ".join(str(e).split())
+
+
 def load_config(path: str, overrides: list[str] = (), world_size: int | None = None,
                 check_data: bool = True) -> TrainConfig:
     """Read a YAML file, apply `--set` overrides, and resolve (see `resolve`)."""
@@ -392,10 +405,14 @@ def load_config(path: str, overrides: list[str] = (), world_size: int | None = N
     if missing:
         raise ConfigError(path, missing)
     try:
-        with open(path) as f:
+        with open(os.path.expanduser(path), "rb") as f:  # bytes: PyYAML decodes them and names a bad byte
             data = yaml.safe_load(f) or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise ConfigError(path, [f"cannot read YAML: {e}"]) from None
+    except OSError as e:
+        raise ConfigError(path, [f"cannot read YAML: {e.strerror or e}"]) from None
+    except yaml.YAMLError as e:
+        raise ConfigError(path, [f"cannot read YAML: {_yaml_problem(e)}"]) from None
+    except RecursionError:
+        raise ConfigError(path, ["cannot read YAML: nested too deeply"]) from None
     if not isinstance(data, dict):
         raise ConfigError(path, [f"the top level must be a mapping of sections, got {type(data).__name__}"])
     problems: list[str] = []

@@ -1,11 +1,13 @@
 """Strict mapping of nested dicts (parsed YAML) onto typed dataclasses.
 
 Every problem is collected, never just the first: an unknown key (with a close match suggested), a
-wrong type, a section that is not a mapping. Each problem names its YAML path (`optim.lr`) and the value.
+wrong type, a number that is not finite (nan, inf: no field of any config takes one), a section that is
+not a mapping. Each problem names its YAML path (`optim.lr`) and the value.
 """
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from typing import Any
@@ -59,7 +61,8 @@ def _optional_dataclass(tp):
 def build(cls, data: Any, path: str, problems: list[str]):
     """An instance of dataclass `cls` from `data` (a dict), defaults for missing keys. Problems are
     appended to `problems` (the returned object then holds defaults where values were wrong). A ValueError
-    from the class's own checks (`__post_init__`) is recorded line by line and None is returned."""
+    from the class's own checks (`__post_init__`) is recorded line by line and None is returned; so is None
+    when a nested section failed (the class's own checks still ran, on that section's default)."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -67,7 +70,7 @@ def build(cls, data: Any, path: str, problems: list[str]):
         data = {}
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    kwargs, failed = {}, False
+    kwargs, failed = {}, set()
     for key, value in data.items():
         where = f"{path}.{key}" if path else str(key)
         if key not in fields:
@@ -81,7 +84,9 @@ def build(cls, data: Any, path: str, problems: list[str]):
         if dataclasses.is_dataclass(tp) or (inner is not None and isinstance(value, dict)):
             kwargs[key] = built = build(inner or tp, value, where, problems)
             if built is None:
-                failed = True
+                failed.add(key)
+        elif isinstance(value, float) and not math.isfinite(value) and _matches(value, tp):
+            problems.append(f"{where}: {value} is not a finite number")
         elif _matches(value, tp):
             kwargs[key] = float(value) if tp is float else value
         else:
@@ -89,14 +94,15 @@ def build(cls, data: Any, path: str, problems: list[str]):
     for name, f in fields.items():
         if name not in kwargs and dataclasses.is_dataclass(hints[name]):
             kwargs[name] = build(hints[name], {}, f"{path}.{name}" if path else name, problems)
-    if failed or any(v is None and dataclasses.is_dataclass(hints[k]) for k, v in kwargs.items()):
-        return None
-    try:
-        return cls(**kwargs)
+            if kwargs[name] is None:
+                failed.add(name)
+    try:  # a failed section at its default: the class's own checks of the rest still report
+        built = cls(**{k: v for k, v in kwargs.items() if k not in failed})
     except ValueError as e:
         lines = str(e).splitlines()
         problems.extend(line.strip() for line in (lines[1:] if len(lines) > 1 else lines) if line.strip())
         return None
+    return None if failed else built
 
 
 def apply_overrides(data: dict, overrides: list[str], problems: list[str]) -> dict:
