@@ -1,6 +1,6 @@
 """The launch scripts: they parse (bash -n), a dry run goes through SLURM's, and the scaling sweep through
-its own. Training through launch/torchrun.sh (one node and two) and launch/deepspeed.sh (local and with a
-hostfile) is in test_train.py."""
+its own; a port in use is refused before any worker starts. Training through launch/torchrun.sh (one node
+and two) and launch/deepspeed.sh (local and with a hostfile) is in test_train.py."""
 
 import json
 import os
@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from tests.refusals import refuse_command
+from tests.refusals import refuse_all, refuse_command
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = ["launch/torchrun.sh", "launch/deepspeed.sh", "launch/slurm.sbatch", "launch/bench_scaling.sh",
@@ -143,3 +143,63 @@ def test_a_worker_error_is_the_last_thing_printed_with_its_status(tmp_path, scri
     tail = out.stderr[out.stderr.rindex(report):]  # the launcher's one line, then the trainer's message
     assert f"checkpoint {ckpt} is damaged" in tail and tail.rstrip().endswith("__0_0.distcp is missing"), tail
     assert "ChildFailedError" not in out.stderr
+
+
+@pytest.fixture
+def taken_port():
+    """A port that a program on this machine listens on (this test, on 127.0.0.1)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        yield s.getsockname()[1]
+
+
+@pytest.mark.parametrize("argv, option", [
+    (["torchrun", "--nnodes", "1", "--master-addr", "127.0.0.1", "--master-port", "{port}", "--nproc-per-node", "1",
+      "-m", "lasp.train"], "--master-port"),
+    (["torchrun", "--nnodes", "2", "--node-rank", "0", "--rdzv-endpoint", "127.0.0.1:{port}", "--nproc-per-node",
+      "1", "-m", "lasp.train"], "--rdzv-endpoint"),
+    (["deepspeed", "--num_gpus", "1", "--master_port", "{port}", "--module", "lasp.train"], "--master_port"),
+], ids=["torchrun", "torchrun-endpoint", "deepspeed"])
+def test_a_port_in_use_is_refused_before_any_worker_starts(taken_port, argv, option, capsys, monkeypatch):
+    from lasp.train.launcher import main
+
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    argv = [a.format(port=taken_port) for a in argv] + ["--config", "/nonexistent.yaml"]
+    refuse_all(main, [(argv, f"port {taken_port} on 127.0.0.1 is in use (by another run?): pass another {option} / "
+                             "MASTER_PORT")], capsys)
+
+
+def test_only_the_node_that_listens_tries_its_port(tmp_path, taken_port):
+    from lasp.train.distributed import port_problem
+    from lasp.train.launcher import _deepspeed_listens, _torchrun_listens
+
+    run = ["--nproc-per-node", "1", "-m", "lasp.train"]
+    assert _torchrun_listens(["--standalone", *run]) is None
+    assert _torchrun_listens(["--nnodes", "1", *run]) is None  # torchrun picks a free port itself
+    assert _torchrun_listens(["--nnodes", "2", "--node-rank", "1", "--master-addr", "10.0.0.1", *run]) is None
+    assert _torchrun_listens(["--nnodes", "2", "--master-addr", "10.0.0.1", *run]) == ("10.0.0.1", 29500,
+                                                                                       "--master-port")
+    (tmp_path / "hostfile").write_text("node-a slots=1\nnode-b slots=1\n")
+    ds = ["--hostfile", str(tmp_path / "hostfile"), "--master_addr", "node-a", "--master_port", "1234"]
+    assert _deepspeed_listens([*ds, "--module", "lasp.train"]) is None  # over ssh: rank 0 may run elsewhere
+    assert _deepspeed_listens([*ds, "--no_ssh", "--node_rank", "1", "--module", "lasp.train"]) is None
+    assert _deepspeed_listens([*ds, "--no_ssh", "--node_rank", "0", "--module", "lasp.train"]) == ("node-a", 1234,
+                                                                                                   "--master_port")
+    assert port_problem("127.0.0.1", _free_port(), "--master-port") is None
+    assert "is in use" in port_problem("127.0.0.1", taken_port, "--master-port")
+
+
+def test_a_rank_0_that_cannot_listen_says_which_port(taken_port, monkeypatch):
+    """Under the deepspeed launcher rank 0 itself listens on MASTER_PORT: a port taken after the launcher's
+    check is a ConfigError (the trainer exits 2 with that line), not torch's DistNetworkError."""
+    import torch
+
+    from lasp.train.config import ConfigError
+    from lasp.train.distributed import Launch, init_distributed
+
+    for k, v in {"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(taken_port)}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE", raising=False)
+    with pytest.raises(ConfigError, match=f"port {taken_port} on 127.0.0.1 is in use"):
+        init_distributed(Launch(0, 2, 0, True), torch.device("cpu"), 10)

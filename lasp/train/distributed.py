@@ -5,7 +5,9 @@ MASTER_PORT; a plain `python` process has none of them and runs as a world of on
 """
 
 import datetime
+import errno
 import os
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -56,9 +58,39 @@ def init_distributed(launch: Launch, device: torch.device, timeout_s: int) -> No
         dist.init_process_group(backend, store=_attempt_store(timeout), rank=launch.rank,
                                 world_size=launch.world_size, timeout=timeout, device_id=device_id)
     elif launch.launched:
-        dist.init_process_group(backend, timeout=timeout, device_id=device_id)
+        try:
+            dist.init_process_group(backend, timeout=timeout, device_id=device_id)
+        except dist.DistNetworkError as e:  # rank 0 listens on MASTER_PORT here (the deepspeed launcher's workers)
+            if "EADDRINUSE" not in str(e):
+                raise
+            from lasp.train.config import ConfigError
+
+            host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+            raise ConfigError("the launch", [in_use(host, port, "--master_port")]) from e
     else:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+
+
+def in_use(host: str, port: int, option: str) -> str:
+    """The one line that says `port` is taken and what to do."""
+    return f"port {port} on {host} is in use (by another run?): pass another {option} / MASTER_PORT"
+
+
+def port_problem(host: str, port: int, option: str) -> str | None:
+    """Why this process could not listen on `port` (the launcher's rendezvous store, or rank 0's), None when
+    it could. torch's store listens on every interface with SO_REUSEADDR, and the port is tried the same way,
+    so the answer is torch's (a listener anywhere, or a connection of that port still closing, takes it)."""
+    if not 0 < port < 65536:
+        return f"port {port} is not a port (1-65535): pass another {option} / MASTER_PORT"
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("", port))
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                return in_use(host, port, option)
+            return f"port {port} on {host} cannot be listened on ({e.strerror}): pass another {option} / MASTER_PORT"
+    return None
 
 
 def _attempt_store(timeout: datetime.timedelta) -> dist.Store:

@@ -7,6 +7,10 @@ the worker said; the deepspeed launcher logs its own lines after the worker's me
 line on the launcher's outcome, then that message last, and exits with its status: 2 for a config or
 checkpoint error (nothing trained), 75 for a clean stop that saved a checkpoint (start again to continue),
 1 otherwise. Each launcher is its own code, run in this process: signals reach it as before.
+
+Before any worker starts, the port the job listens on here is tried when it was given (torchrun's
+--master-port on node 0, the deepspeed launcher's --master_port where its rank 0 runs): one that is taken
+ends the launch with one line and status 2 instead of a traceback from the store.
 """
 
 import os
@@ -15,6 +19,7 @@ import sys
 import tempfile
 
 from lasp.train.__main__ import EXIT_STOPPED, STATUS_DIR
+from lasp.train.distributed import port_problem
 
 
 def _statuses(directory: str) -> dict[int, tuple[int, str]]:
@@ -85,7 +90,37 @@ def _deepspeed(argv: list[str]) -> tuple[int, str]:
         return code, "" if code == 0 else f"deepspeed: the launcher exited with status {code}"
 
 
-LAUNCHERS = {"torchrun": _torchrun, "deepspeed": _deepspeed}
+def _torchrun_listens(argv: list[str]) -> tuple[str, int, str] | None:
+    """(host, port, option) of the static rendezvous store this node's torchrun would listen on (node 0); None
+    where torchrun picks a free port (--standalone, or one node without --master-port), another node listens,
+    or another rendezvous backend decides."""
+    from torch.distributed.run import parse_args, parse_min_max_nnodes
+
+    a = parse_args(argv)
+    if a.standalone or a.rdzv_backend != "static" or a.node_rank != 0:
+        return None
+    if a.rdzv_endpoint:
+        host, _, port = a.rdzv_endpoint.rpartition(":")
+        return host, int(port), "--rdzv-endpoint"
+    if a.master_port is None and parse_min_max_nnodes(a.nnodes)[1] == 1:
+        return None
+    return a.master_addr, 29500 if a.master_port is None else a.master_port, "--master-port"
+
+
+def _deepspeed_listens(argv: list[str]) -> tuple[str, int, str] | None:
+    """(host, port, option) its rank 0 listens on when that runs on this node: without a hostfile (one node),
+    or with --no_ssh as node 0; None when the launcher reaches the hosts over ssh (rank 0 may be elsewhere)."""
+    from deepspeed.launcher.runner import parse_args
+
+    a = parse_args(argv)
+    if not os.path.isfile(a.hostfile):
+        return "127.0.0.1", a.master_port, "--master_port"
+    if a.no_ssh and a.node_rank == 0:
+        return a.master_addr, a.master_port, "--master_port"
+    return None
+
+
+LAUNCHERS = {"torchrun": (_torchrun, _torchrun_listens), "deepspeed": (_deepspeed, _deepspeed_listens)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,9 +132,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{__doc__.strip()}\n\nerror: the first argument must be one of {', '.join(LAUNCHERS)}, got "
               f"{argv[0] if argv else 'nothing'}", file=sys.stderr)
         return 2
+    launch, listens = LAUNCHERS[argv[0]]
+    where = listens(argv[1:])
+    problem = where and port_problem(*where)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     with tempfile.TemporaryDirectory(prefix="lasp-status-") as status_dir:
         os.environ[STATUS_DIR] = status_dir  # the workers inherit it
-        fallback, report = LAUNCHERS[argv[0]](argv[1:])
+        fallback, report = launch(argv[1:])
         if fallback == 0:
             return 0
         code, messages = outcome(_statuses(status_dir), fallback)
