@@ -3,7 +3,9 @@
 Consolidates a sharded trainer checkpoint, whatever the layout that saved it (tp, sp, pp, dp), into one
 `model.safetensors` plus `config.json` (and the tokenizer), which `LinearLlama.from_pretrained(DIR)` loads
 on one device and `python -m lasp.generate` samples from. LoRA adapters are merged into their weights
-(lasp.model.lora.merge_lora). Runs as one process, without a process group.
+(lasp.model.lora.merge_lora). `lasp_export.json` records the checkpoint, the files written and the data's
+tokenizer. --force replaces only an export (nothing else in it), never a checkpoint or the directory of one.
+Runs as one process, without a process group.
 """
 
 import argparse
@@ -66,31 +68,46 @@ def load_model(checkpoint_dir: str, device: str = "cpu", dtype: torch.dtype | No
     return model_from_state_dict(cfg, sd, checkpoint_dir, device=device, dtype=dtype), tokenizer
 
 
+def _tokenizer_file(checkpoint: str) -> list[str]:
+    """The tokenizer.json the export copies, when the checkpoint's data had one: an input too."""
+    from lasp.train import ckpt_store
+
+    try:
+        path = (ckpt_store.read_state(checkpoint).get("tokenizer") or {}).get("path")
+    except (OSError, ValueError, AttributeError):  # consolidate's verify names the damage, with the rest
+        return []
+    return [path] if path else []
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m lasp.export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a checkpoint directory (.../checkpoints/step-N)")
     p.add_argument("--out", required=True, help="output directory (model.safetensors, config.json)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="dtype of the weights")
-    p.add_argument("--force", action="store_true", help="replace a non-empty --out (once the new export is complete)")
+    p.add_argument("--force", action="store_true", help="replace --out when it is an export (once the new export is "
+                   "complete); anything else is refused")
     p.add_argument("--hf", action="store_true", help="when every layer is softmax, write a transformers "
                    "directory (LlamaForCausalLM, or Qwen2 / Qwen3 for their features); else the LASP layout")
     args = p.parse_args(argv)
 
     from lasp.cli import install_directory, new_directory, usage_error
-    from lasp.model.pretrained import PretrainedError, save_pretrained
+    from lasp.model.pretrained import OWN, PretrainedError, export_files, save_pretrained, write_export_record
     from lasp.train import ckpt_store
     from lasp.train.ckpt_store import CheckpointError
 
     problems = []
     what = ckpt_store.describe(args.checkpoint)
+    inputs = [args.checkpoint]
     if what is not None:
         problems.append(f"--checkpoint {args.checkpoint} {what}")
+    else:
+        inputs += _tokenizer_file(args.checkpoint)
     out = os.path.abspath(args.out)
     if ckpt_store.classify(out)[0] in ("step", "unfinished", "run", "root"):  # not even with --force
         problems.append(f"--out {out} holds trainer checkpoints; an export goes to a directory of its own")
     else:
-        problems += new_directory("--out", out, args.force)
+        problems += new_directory("--out", out, args.force, export_files, OWN, inputs)
     usage_error(p, problems)
     try:
         model, tokenizer = load_model(args.checkpoint, dtype=getattr(torch, args.dtype))
@@ -112,7 +129,10 @@ def main(argv=None) -> int:
                 to_hf(model, tmp, tokenizer)
             else:
                 save_pretrained(model, tmp, tokenizer=tokenizer)
-            install_directory(tmp, out)
+            write_export_record(tmp, args.checkpoint, "hf" if hf else "lasp", tokenizer)
+            removed = install_directory(tmp, out)
+            if removed:
+                print(removed, file=sys.stderr)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     except (CheckpointError, PretrainedError) as e:

@@ -1,6 +1,7 @@
 """Every command-line tool turns a bad size, an absurd process count or an unwritable output into a usage
 error (exit status 2, the option and the value named) before it spawns a process or does any work."""
 
+import shutil
 import subprocess
 
 import pytest
@@ -51,9 +52,17 @@ def test_the_checks_name_the_option_and_the_value(tmp_path, under_a_file, monkey
         "positive multiple of 8 tokens"]
     assert cli.writable("--out", under_a_file) == [
         f"--out: cannot write to {under_a_file}: {under_a_file.parent} is not a directory"]
+    before = tmp_path.stat().st_mtime_ns
     assert cli.writable("--out", tmp_path / "new" / "deeper" / "x.jsonl") == []
     assert cli.writable("--out", tmp_path, directory=False) == [f"--out: cannot write to {tmp_path}: it is a directory"]
-    assert not (tmp_path / "new").exists()  # checking creates nothing
+    assert not (tmp_path / "new").exists()  # checking by trying leaves nothing behind, not even a new mtime
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"] and tmp_path.stat().st_mtime_ns == before
+    # permission bits say yes here (os.access), the kernel says no: only trying tells
+    assert cli.writable("--out", "/proc/lasp/x.jsonl") == [
+        "--out: cannot write to /proc/lasp/x.jsonl: /proc is not writable (creating /proc/lasp failed: No such file or "
+        "directory)"]
+    assert cli.writable("--out", "/proc", directory=True)[0].startswith("--out: cannot write to /proc: /proc is not "
+                                                                        "writable")
 
 
 def test_demo(no_work, capsys):
@@ -156,6 +165,14 @@ def test_train(tmp_path, monkeypatch, capsys):
     (tmp_path / "run" / "checkpoints" / "step-00000002").mkdir(parents=True)
     (tmp_path / "run" / "checkpoints" / "step-00000002" / "COMMITTED").write_text("{}")
     (tmp_path / "run" / "checkpoints" / "step-00000004").mkdir()  # a save still being written
+    raw = (tmp_path / "data" / "train.bin").read_bytes()
+    for name, tokens in (("short", raw[:-4]), ("changed", raw[::-1])):  # truncated; the same size, other bytes
+        shutil.copytree(tmp_path / "data", tmp_path / name)
+        (tmp_path / name / "train.bin").write_bytes(tokens)
+    from lasp.model import LinearLlama, ModelConfig
+
+    other = {"name": "tokenizer.json", "vocab_size": 257, "eos_id": 0, "sha256": "ab" * 32}
+    LinearLlama(ModelConfig(vocab_size=257)).save_pretrained(str(tmp_path / "export"), tokenizer=other)  # its ids
     c = ["--config", str(config)]
     refuse_all(main, [
         ([], "the following arguments are required: --config"),
@@ -181,6 +198,13 @@ def test_train(tmp_path, monkeypatch, capsys):
         ([*c, "--bogus"], "unrecognized arguments: --bogus"),
         ([*c, "--set", "train.trainable=new"], "train.trainable = new needs train.init_from"),
         ([*c, "--set", f"train.init_from={tmp_path / 'nowhere'}"], "train.init_from: cannot import"),
+        ([*c, "--set", f"data.path={tmp_path / 'short'}"], f"data.path: {tmp_path / 'short' / 'train.bin'}: wrong "
+         f"size, expected {len(raw)} bytes"),
+        ([*c, "--set", f"data.path={tmp_path / 'changed'}"], f"data.path: {tmp_path / 'changed' / 'train.bin'}: "
+         "checksum mismatch: sha256 ", "meta.json records "),
+        ([*c, "--set", "model.vocab_size=257", "--set", f"train.init_from={tmp_path / 'export'}"],
+         f"train.init_from {tmp_path / 'export'} was trained with tokenizer 'tokenizer.json' (vocab 257, EOS 0",
+         f"but data.path {tmp_path / 'data'} has 'byte' (vocab 257, EOS 256)"),
     ], capsys, watch=[tmp_path])
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "512")  # as a launcher that started far too many ranks would say
@@ -195,6 +219,10 @@ def test_data(tmp_path, under_a_file, capsys):
     (tmp_path / "latin.txt").write_bytes(b"caf\xe9\n")
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("mine")
+    run = tmp_path / "run"  # a run directory with a committed checkpoint: never prepare's to replace
+    (run / "checkpoints" / "step-00000002").mkdir(parents=True)
+    (run / "checkpoints" / "step-00000002" / "COMMITTED").write_text("{}")
+    (run / "metrics.jsonl").write_text("{}\n")
     one, out = ["--input", str(tmp_path / "one.txt")], ["--output", str(tmp_path / "out")]
     refuse_all(main, [
         (["prepare"], "the following arguments are required: --input, --output"),
@@ -208,7 +236,15 @@ def test_data(tmp_path, under_a_file, capsys):
          f"--output: cannot write to {under_a_file}: {under_a_file.parent} is not a directory"),
         (["prepare", *one, "--output", str(under_a_file.parent)], f"cannot write to {under_a_file.parent}: it is not a "
          "directory"),
-        (["prepare", *one, "--output", str(tmp_path / "full")], "output directory exists and is not empty (use --force"),
+        (["prepare", *one, "--output", str(tmp_path / "full")], f"--output: {tmp_path / 'full'} is not empty and has "
+         "no meta.json (it holds keep.txt): --force replaces only a dataset made by lasp.data prepare"),
+        (["prepare", *one, "--output", str(run), "--force"], f"{run} is not empty and has no meta.json (it holds "
+         "checkpoints/, metrics.jsonl): --force replaces only a dataset"),
+        (["prepare", "--input", str(tmp_path / "full" / "keep.txt"), "--output", str(tmp_path / "full"), "--force"],
+         f"{tmp_path / 'full'} holds the input {tmp_path / 'full' / 'keep.txt'}: a tool does not write over its own"),
+        (["prepare", *one, "--output", str(tmp_path), "--force"], f"{tmp_path} holds the input {tmp_path / 'one.txt'}"),
+        (["prepare", *one, "--output", "/proc/lasp-data"],
+         "--output: cannot write to /proc/lasp-data: /proc is not writable (creating /proc/lasp-data failed"),
         (["prepare", *one, *out, "--val-fraction", "0.1"], "a val split needs at least 2 documents, the inputs have 1"),
         (["prepare", *one, *out, "--tokenizer", str(tmp_path / "tok.json")], "tok.json' does not exist (expected `byte`"),
         (["prepare", *one, *out, "--tokenizer", str(tmp_path / "full")], "full' is a directory without a tokenizer.json"),

@@ -142,17 +142,53 @@ def test_every_bad_input_named_in_one_error_and_nothing_written(tmp_path):
     assert not any(p.is_dir() for p in tmp_path.iterdir())
 
 
-def test_existing_output_needs_force(tmp_path):
+def test_existing_output_needs_force(tmp_path, capsys):
     a, b = _write(tmp_path / "a.txt", b"first"), _write(tmp_path / "b.txt", b"second")
     prepare(a, tmp_path / "out", progress=False)
     with pytest.raises(DataError, match="--force"):
         prepare(b, tmp_path / "out", progress=False)
     assert split_docs(TokenData(tmp_path / "out"), load_tokenizer()) == ["first"]
+    capsys.readouterr()
     prepare(b, tmp_path / "out", force=True, progress=False)
     assert split_docs(TokenData(tmp_path / "out"), load_tokenizer()) == ["second"]
+    removed = capsys.readouterr().err  # said, in one line
+    assert removed == (f"removed the previous {tmp_path / 'out'}: 3 file(s), 0.0 MB (meta.json, train.bin, "
+                       "train.docs.npy)\n")
     (tmp_path / "empty").mkdir()
     prepare(a, tmp_path / "empty", progress=False)  # an empty directory is no loss
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.txt", "empty", "out"]
+
+
+def test_force_replaces_only_a_dataset_and_never_its_inputs(tmp_path):
+    """--force over a run directory, over a dataset that holds more than prepare wrote, or over a directory
+    holding the inputs is refused (exit 2 from the CLI), and the directory is left as it was."""
+    from tests.refusals import tree
+
+    src = _write(tmp_path / "a.txt", b"some text")
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step-00000004").mkdir(parents=True)
+    (run / "checkpoints" / "step-00000004" / "COMMITTED").write_text("{}")
+    (run / "config.yaml").write_text("data: {}\n")
+    prepare(src, tmp_path / "data", progress=False)
+    (tmp_path / "data" / "notes.md").write_text("mine")
+    prepare(src, tmp_path / "inside" / "data", progress=False)
+    inner = _write(tmp_path / "inside" / "data" / "more.txt", b"an input kept in the dataset")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "meta.json").write_text("{not json")
+    cases = {
+        run: f"{run} is not empty and has no meta.json (it holds checkpoints/, config.yaml): --force replaces only "
+             "a dataset made by lasp.data prepare",
+        tmp_path / "data": f"{tmp_path / 'data'} is a dataset made by lasp.data prepare but also holds what the "
+                           "tool did not write (notes.md)",
+        tmp_path / "inside": f"{tmp_path / 'inside'} holds the input {inner}",
+        tmp_path / "bad": "its meta.json cannot be read as prepare's (JSONDecodeError(",
+    }
+    before = tree(tmp_path)
+    for out, says in cases.items():
+        with pytest.raises(DataError) as e:
+            prepare([src, inner], out, force=True, progress=False)
+        assert says in str(e.value)
+    assert tree(tmp_path) == before  # nothing removed, nothing written
 
 
 def test_crash_leaves_no_complete_looking_output(tmp_path, monkeypatch):
@@ -201,6 +237,64 @@ def test_token_data_errors(tmp_path):
     (out / "train.bin").unlink()
     with pytest.raises(DataError, match="train.bin: token file of split 'train' is missing"):
         TokenData(out)
+
+
+def file_sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_changed_token_file_is_refused_by_its_hash_or_its_sampled_blocks(tmp_path, monkeypatch):
+    dataset = importlib.import_module("lasp.data.dataset")
+    monkeypatch.setattr(dataset, "SAMPLE_BLOCKS", 4)  # 4 blocks of 8 bytes, so a small file is sampled
+    monkeypatch.setattr(dataset, "SAMPLE_BLOCK_BYTES", 8)
+    out = tmp_path / "out"
+    prepare(_write(tmp_path / "a.txt", bytes(range(32, 127)) * 3), out, progress=False)
+    assert dataset.dataset_problems(out, ["train"]) == []
+    raw = (out / "train.bin").read_bytes()  # 286 tokens, 572 bytes: blocks at 0, 188, 376 and 564
+    meta = json.loads((out / "meta.json").read_text())
+    recorded = meta["splits"]["train"]
+
+    def changed_at(offset: int) -> list[str]:
+        (out / "train.bin").write_bytes(raw[:offset] + bytes([raw[offset] ^ 1]) + raw[offset + 1 :])
+        return dataset.dataset_problems(out, ["train"])
+
+    whole = changed_at(100)  # at most FULL_HASH_BYTES: the whole file is hashed
+    assert whole == [f"{out / 'train.bin'}: checksum mismatch: sha256 {file_sha(out / 'train.bin')}, meta.json records "
+                     f"{recorded['sha256']} (the file changed after prepare: prepare the directory again)"]
+    monkeypatch.setattr(dataset, "FULL_HASH_BYTES", 64)  # larger splits: the sampled blocks
+    sampled = changed_at(190)
+    assert len(sampled) == 1 and "checksum mismatch: sampled-block sha256 " in sampled[0]
+    assert recorded["sample_sha256"] in sampled[0]
+    assert changed_at(100) == []  # between the blocks: what sampling gives up above FULL_HASH_BYTES
+    del recorded["sample_sha256"]  # a directory prepared before sampled digests: hashed whole, whatever its size
+    (out / "meta.json").write_text(json.dumps(meta))
+    assert "checksum mismatch: sha256 " in changed_at(100)[0]
+    (out / "train.bin").write_bytes(raw)
+    assert dataset.dataset_problems(out, ["train"]) == []
+
+
+def test_damaged_files_are_one_line_each_naming_the_file(tmp_path):
+    dataset = importlib.import_module("lasp.data.dataset")
+    docs = "".join(json.dumps({"text": f"document number {i}"}) + "\n" for i in range(10))
+    out = tmp_path / "out"
+    meta = prepare(_write(tmp_path / "d.jsonl", docs.encode()), out, val_fraction=0.3, progress=False)
+    assert dataset.dataset_problems(out, ["train", "val"]) == []
+    n = meta["splits"]["train"]["tokens"]
+    (out / "train.bin").write_bytes((out / "train.bin").read_bytes()[:-1])
+    (out / "val.docs.npy").write_bytes(b"\x93NUMPY garbage")
+    train, val = dataset.dataset_problems(out, ["train", "val"])  # every problem, one line each
+    assert train == (f"{out / 'train.bin'}: wrong size, expected {2 * n} bytes ({n} uint16 tokens), found {2 * n - 1} "
+                     "bytes (truncated, not a whole number of uint16 tokens)")
+    assert val.startswith(f"{out / 'val.docs.npy'}: document offsets of split 'val' are damaged (") and "\n" not in val
+    (out / "val.bin").unlink()
+    assert dataset.dataset_problems(out, ["val"]) == [f"{out / 'val.bin'}: token file of split 'val' is missing"]
+    del meta["dtype"]
+    (out / "meta.json").write_text(json.dumps(meta))
+    assert dataset.dataset_problems(out, ["train", "val"]) == [
+        f"{out / 'meta.json'}: damaged or incomplete, KeyError('dtype') (prepare the directory again)"]
+    (out / "meta.json").write_text('{"format": ')
+    [broken] = dataset.dataset_problems(out, ["train", "val"])  # one problem, not one per split
+    assert broken.startswith(f"{out / 'meta.json'}: cannot be read as JSON (")
 
 
 def test_sampler_is_a_pure_function_of_seed_and_step():

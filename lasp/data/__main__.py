@@ -6,7 +6,8 @@ import sys
 from pathlib import Path
 
 from lasp.cli import at_least, new_directory, usage_error
-from lasp.data.prepare import expand_inputs, prepare
+from lasp.data.dataset import OWN, dataset_files
+from lasp.data.prepare import expand_inputs, own_inputs, prepare
 from lasp.data.tokenizer import DataError
 
 
@@ -46,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--val-fraction", type=float, default=0.0, metavar="F", help="fraction of the documents that go to val"
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the choice of val documents")
-    p.add_argument("--force", action="store_true", help="replace a non-empty DIR (once the new one is complete)")
+    p.add_argument("--force", action="store_true", help="replace DIR when it is a dataset prepare made (once the "
+                   "new one is complete); anything else is refused")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(parser=p)  # for usage errors
     return parser
@@ -58,13 +60,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # the new directory is built beside DIR and renamed into place: DIR's parent must take it
     output = Path(os.path.abspath(args.output))
-    # force=True: a non-empty DIR is prepare's to refuse (without --force), with the inputs' problems
-    problems = new_directory("--output", output, force=True)
+    files, missing = expand_inputs(args.input)
+    problems = new_directory("--output", output, args.force, dataset_files, OWN, own_inputs(files, args.tokenizer))
     problems += at_least("--seed", args.seed, low=0)
     if not 0 <= args.val_fraction < 1:
         problems.append(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
     if problems:  # with the inputs that are missing or no file (cheap: nothing is read), all at once
-        problems += [f"--input {p}" for p in expand_inputs(args.input)[1]]
+        problems += [f"--input {p}" for p in missing]
     usage_error(args.parser, problems)
     try:
         meta = prepare(

@@ -3,11 +3,13 @@
 Layout of a prepared directory (format `lasp-tokens-1`):
     train.bin, val.bin          tokens, flat uint16 (vocab <= 65536) or uint32: doc0 EOS doc1 EOS ...
     train.docs.npy, ...         int64 [documents + 1]: where each document starts; the last is the token count
-    meta.json                   tokenizer, dtype, per-split counts and sha256, sources; written last
+    meta.json                   tokenizer, dtype, per-split counts, sha256 and sampled-block sha256
+                                (lasp.data.dataset.sample_sha256), sources; written last
 
 Every input is checked before anything is written, and every problem is reported in one DataError. The
 directory is built beside its destination and renamed into place when complete, so a crash never leaves a
-directory that looks prepared.
+directory that looks prepared. An existing output is replaced only with `force`, only when it is a
+dataset prepare made (its meta.json says so, and it holds nothing else), never when it holds an input.
 """
 
 import glob
@@ -25,8 +27,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from lasp.cli import install_directory
-from lasp.data.dataset import FORMAT
+from lasp.cli import install_directory, new_directory
+from lasp.data.dataset import FORMAT, OWN, dataset_files, sample_sha256
 from lasp.data.tokenizer import DataError, load_tokenizer
 
 MAX_PROBLEMS_PER_FILE = 20  # a file with thousands of bad lines reports this many and a count of the rest
@@ -65,6 +67,12 @@ def expand_inputs(inputs: list[str]) -> tuple[list[Path], list[str]]:
                 seen.add(key)
                 files.append(Path(m))
     return files, problems
+
+
+def own_inputs(files: list[Path], tokenizer: str) -> list[str | Path]:
+    """What prepare reads, which its output must not be, hold or lie inside: the input files and the
+    tokenizer (a tokenizer.json, or a model directory holding one)."""
+    return [*files, *([tokenizer] if tokenizer != "byte" else [])]
 
 
 def _check_jsonl_line(raw: bytes) -> str | None:
@@ -182,6 +190,7 @@ class SplitWriter:
             "tokens": int(self.offsets[-1]),
             "documents": len(self.offsets) - 1,
             "sha256": self.sha.hexdigest(),
+            "sample_sha256": sample_sha256(self.bin_path),  # 64 MiB read back at most, from the page cache
         }
 
 
@@ -242,12 +251,9 @@ def prepare(
         problems.append(f"val fraction must be in [0, 1), got {val_fraction}")
     if seed < 0:
         problems.append(f"seed must be >= 0, got {seed}")
-    if output.exists() and not output.is_dir():
-        problems.append(f"{output}: output exists and is not a directory")
-    elif output.is_dir() and any(output.iterdir()) and not force:
-        problems.append(f"{output}: output directory exists and is not empty (use --force to replace it)")
     files, found = expand_inputs(inputs)
     problems += found if inputs else ["no inputs given"]
+    problems += new_directory("--output", output, force, dataset_files, OWN, own_inputs(files, tokenizer))
     sources = []
     for path in tqdm(files, desc="checking", unit="file", file=sys.stderr, disable=not progress):
         src, found = check_file(path)
@@ -281,7 +287,9 @@ def prepare(
             json.dump(meta, f, indent=2)
             f.flush()
             os.fsync(f.fileno())
-        install_directory(tmp, output)
+        removed = install_directory(tmp, output)
+        if removed:
+            print(removed, file=sys.stderr)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

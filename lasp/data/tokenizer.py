@@ -109,3 +109,31 @@ def load_tokenizer(spec: str = "byte") -> ByteTokenizer | HFTokenizer:
     if spec == "byte":
         return ByteTokenizer()
     return HFTokenizer(spec)
+
+
+def directory_tokenizer(path: str | Path) -> dict | None:
+    """The description of the tokenizer.json a model directory holds (a Hugging Face one's own tokenizer),
+    or None when it holds none."""
+    return HFTokenizer(path).describe() if (Path(path) / "tokenizer.json").is_file() else None
+
+
+def _text(desc: dict) -> str:
+    sha = f", sha256 {desc['sha256'][:12]}..." if desc.get("sha256") else ""
+    return f"{desc.get('name')!r} (vocab {desc.get('vocab_size', '?')}, EOS {desc.get('eos_id', '?')}{sha})"
+
+
+def tokenizer_problems(expected: dict | None, found: dict | None, expected_from: str, found_from: str) -> list[str]:
+    """How two tokenizer descriptions (`describe()` dicts, as prepare, checkpoints and exports record them)
+    disagree: one line naming both sides and what differs, or [] when everything both record agrees. Files
+    are compared by sha256 when both sides have one, else by name; then vocab_size and eos_id. A side that
+    records nothing (None) cannot be compared: [] (the caller says so)."""
+    if not expected or not found:
+        return []
+    keys = ("sha256", "vocab_size", "eos_id") if expected.get("sha256") and found.get("sha256") else \
+        ("name", "vocab_size", "eos_id")
+    differ = [f"{k} {found[k]!r} vs {expected[k]!r}" for k in keys if k in expected and k in found
+              and expected[k] != found[k]]
+    if not differ:
+        return []
+    return [f"{found_from} was trained with tokenizer {_text(found)}, but {expected_from} has {_text(expected)}: "
+            f"the same ids would mean other text ({', '.join(differ)})"]

@@ -4,6 +4,8 @@
     dir/config.json         {"format": "lasp-linear-llama", "version": 1, "model": ModelConfig fields,
                              "tokenizer": the tokenizer's description or null}
     dir/tokenizer.json      a copy of the Hugging Face tokenizer file, when the description has a "path"
+    dir/lasp_export.json    written by `python -m lasp.export` (either layout, transformers' too): the
+                            checkpoint, the layout, the files it wrote and the data's tokenizer
 
 Loading is strict: a missing file, a config that does not build, a missing, unexpected or mis-shaped
 tensor are errors naming the file and every problem found.
@@ -25,6 +27,8 @@ from lasp.model.llama import LinearAttention, LinearLlama
 
 FORMAT, VERSION = "lasp-linear-llama", 1
 WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.json"
+RECORD, RECORD_FORMAT = "lasp_export.json", "lasp-export"
+OWN = "an export made by lasp.export"
 
 
 class PretrainedError(ValueError):
@@ -144,3 +148,51 @@ def from_pretrained(directory: str | Path, device="cpu", dtype: torch.dtype | No
     except (SafetensorError, OSError) as e:
         raise PretrainedError(f"{weights}: not a readable safetensors file: {e}") from e
     return model_from_state_dict(cfg, tensors, str(weights), device, dtype)
+
+
+def write_export_record(directory: str | Path, checkpoint: str, layout: str, tokenizer: dict | None) -> None:
+    """Record what `python -m lasp.export` wrote into `directory` (every file there now), from which
+    checkpoint, in which layout ("lasp" or "hf"), and the tokenizer of the data it was trained on."""
+    out = Path(directory)
+    record = {"format": RECORD_FORMAT, "version": 1, "checkpoint": os.path.abspath(checkpoint), "layout": layout,
+              "files": sorted(p.name for p in out.iterdir()) + [RECORD], "tokenizer": tokenizer or None}
+    _write_atomic(out / RECORD, lambda p: p.write_text(json.dumps(record, indent=2) + "\n"))
+
+
+def _record(directory: Path) -> dict | None:
+    try:
+        record = json.loads((directory / RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and record.get("format") == RECORD_FORMAT else None
+
+
+def _lasp_config(directory: Path) -> dict | None:
+    try:
+        return read_config(directory)
+    except (PretrainedError, OSError):
+        return None
+
+
+def export_files(directory: str | Path) -> set[str] | str:
+    """The names lasp.export (or `save_pretrained`) wrote into `directory`: the files its record lists, or
+    for a directory without one whose config.json is a LASP model's, what `save_pretrained` writes. Else why
+    it is not an export, as the rest of a sentence about it (what `--force` may replace: lasp.cli)."""
+    directory = Path(directory)
+    record = _record(directory)
+    if record is not None and isinstance(record.get("files"), list):
+        return {str(name) for name in record["files"]}
+    if _lasp_config(directory) is not None:
+        return {WEIGHTS, CONFIG, TOKENIZER}
+    return f"has no {RECORD} and no config.json of a LASP model"
+
+
+def recorded_tokenizer(directory: str | Path) -> dict | None:
+    """The description of the tokenizer a LASP export's model was trained with (its record's, else its
+    config.json's); None when it records none, or is no LASP export (a Hugging Face directory)."""
+    directory = Path(directory)
+    record = _record(directory)
+    if record is not None:
+        return record.get("tokenizer") or None
+    config = _lasp_config(directory)
+    return (config.get("tokenizer") or None) if config is not None else None
