@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from lasp.cli import at_least
+from lasp.cli import at_least, memory
 from lasp.data.tokenizer import ByteTokenizer, DataError, load_tokenizer
-from lasp.model.decode import DecodeState, decode_memory, generate
+from lasp.model.decode import DecodeState, decode_memory, forward_memory, generate
 from lasp.model.pretrained import CONFIG, TOKENIZER, WEIGHTS, from_pretrained, model_from_state_dict, read_config
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -130,6 +130,14 @@ def main(argv=None) -> int:
     try:
         model, tok = load_for_generation(args.checkpoint, device, DTYPES[args.dtype])
         prompt = tok.encode(args.prompt)
+        held = len(prompt) + args.max_new_tokens  # the KV caches are allocated for all of them at once
+        need = forward_memory(model.cfg, model.embed.weight.dtype, len(prompt), logits_tokens=1, held_tokens=held)
+        problems = memory("--max-new-tokens", args.max_new_tokens, need, device,
+                          f"lower it or shorten the prompt ({len(prompt):,} tokens)"
+                          + (", or use --dtype bfloat16" if args.dtype == "float32" else ""))
+        if problems:
+            print(f"error: {problems[0]}", file=sys.stderr)
+            return 2
         gen = torch.Generator(device=device)
         if args.seed is None:
             gen.seed()

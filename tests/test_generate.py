@@ -23,6 +23,7 @@ from lasp.model import (
     sample,
     save_pretrained,
 )
+from tests.refusals import refuse_all
 
 BYTE_TOK = ByteTokenizer().describe()
 
@@ -300,3 +301,43 @@ def test_cli_runs_as_a_module(tmp_path):
 def test_cli_refuses_a_directory_that_is_no_checkpoint(tmp_path, capsys):
     assert cli.main(["--checkpoint", str(tmp_path), "--prompt", "x", "--device", "cpu"]) == 2
     assert "is not a checkpoint: it has no COMMITTED marker and no model.safetensors" in capsys.readouterr().err
+
+
+def test_cli_refuses_more_new_tokens_than_the_memory_holds(tmp_path, capsys):
+    """The KV cache is allocated for the prompt and every new token at once: far beyond the memory available,
+    the request is refused before, with the estimate, the memory and what to lower."""
+    save_pretrained(tiny(vocab_size=320, layer_pattern="LLS", dtype=torch.float32), tmp_path / "m", tokenizer=BYTE_TOK)
+    n = 10**15  # x 128 bytes of KV cache per token
+    refuse_all(cli.main, [(["--checkpoint", str(tmp_path / "m"), "--prompt", "Hi", "--max-new-tokens", str(n),
+                            "--device", "cpu"], f"--max-new-tokens {n}: needs at least 119,209,289",
+                           "GiB are available (MemAvailable): lower it or shorten the prompt (2 tokens), or use "
+                           "--dtype bfloat16")], capsys, watch=[tmp_path])
+
+
+def test_positions_past_what_float32_rope_angles_tell_apart_are_refused():
+    from lasp.model.decode import position_limit
+
+    model = tiny(layer_pattern="LLS", float32_norm_rope=True, dtype=torch.float32)
+    assert position_limit(model.cfg) == 2**24
+    assert position_limit(tiny(layer_pattern="LLS").cfg) is None  # float64 angles
+    assert position_limit(tiny(float32_norm_rope=True).cfg) is None  # no layer rotates
+    with pytest.raises(ValueError, match=r"max_new_tokens \(16,777,216\) need 16,777,217 positions, more than "
+                                         r"the 16,777,216 this model tells apart"):
+        generate(model, [1, 2], 2**24)
+    state = DecodeState.empty(model, 1)
+    state.position = 2**24 - 1
+    decode_step(model, torch.tensor([[1]]), state)  # the last position float32 holds apart from the others
+    with pytest.raises(ValueError, match="16,777,216 tokens decoded and 1 more need 16,777,217 positions"):
+        decode_step(model, torch.tensor([[1]]), state)
+
+
+def test_available_memory_of_a_gpu_counts_what_torch_holds_unused(monkeypatch):
+    from lasp.cli import available_memory
+
+    GiB = 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (5 * GiB, 80 * GiB))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 3 * GiB)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 1 * GiB)
+    assert available_memory("cuda") == (7 * GiB, "free on the GPU")
+    have, what = available_memory("cpu")
+    assert what == "MemAvailable" and 0 < have <= int(open("/proc/meminfo").read().split()[1]) * 1024  # MemTotal

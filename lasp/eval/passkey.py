@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from lasp.model.decode import forward_memory
+
 INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
          "I will quiz you about the important information there.\n")
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.\n"
@@ -62,6 +64,12 @@ def make_prompt(tokenizer, length: int, depth: float, key: str, filler: str = FI
     cut = round(depth * room)
     ids = intro + hay[:cut] + needle + hay[cut:] + question
     return Prompt(ids, tokenizer.encode(ANSWER.format(key=key)), key, len(intro) + cut)
+
+
+def memory_needed(cfg, dtype: torch.dtype, length: int, world: int = 1) -> int:
+    """A lower bound on the bytes one rank's forward over a prompt of `length` tokens needs, the sequence split
+    over `world` ranks (`forward_memory` of lasp.model.decode: the logits, vocab values a token, are most of it)."""
+    return forward_memory(cfg, dtype, -(-length // world))
 
 
 @torch.no_grad()

@@ -171,6 +171,42 @@ def decode_memory(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> Decod
     )
 
 
+def forward_memory(cfg: ModelConfig, dtype: torch.dtype, tokens: int, *, logits_tokens: int | None = None,
+                   held_tokens: int = 0, batch: int = 1) -> int:
+    """A lower bound on the bytes an inference forward of `tokens` new tokens per sequence needs, beyond the
+    weights: what exists at once when the LM head runs. That is the decode state holding `held_tokens`
+    tokens (`decode_memory`; 0 for a plain forward), the final hidden states (hidden values per token), the
+    logits of `logits_tokens` positions (vocab values each; default all `tokens`, generation keeps only the
+    last) and the tokens' ids and positions (int64). Values are `dtype`'s size. A layer's temporaries and
+    kernel workspaces are left out, so a request above this cannot run and one below it may still not fit:
+    the CLIs refuse only the first kind (lasp.generate, lasp.eval passkey)."""
+    item = torch.empty((), dtype=dtype).element_size()
+    logits_tokens = tokens if logits_tokens is None else logits_tokens
+    state = decode_memory(cfg, dtype).at(held_tokens, batch) if held_tokens else 0
+    return state + batch * (tokens * (cfg.hidden_size * item + 16) + logits_tokens * cfg.vocab_size * item)
+
+
+FLOAT32_EXACT_POSITIONS = 2**24
+"""float32 holds every whole number up to 2**24, and rounds larger ones to a multiple of 2 or more."""
+
+
+def position_limit(cfg: ModelConfig) -> int | None:
+    """The most tokens one sequence can hold, None for no limit. RoPE angles in float32
+    (model.float32_norm_rope) see positions past 2**24 rounded onto their neighbours: two tokens would share
+    one rotation. The default float64 angles are exact to 2**53, beyond any memory."""
+    rotates = "S" in cfg.layer_pattern or cfg.linear_rope or cfg.window > 0
+    return FLOAT32_EXACT_POSITIONS if rotates and cfg.float32_norm_rope else None
+
+
+def check_positions(cfg: ModelConfig, tokens: int, what: str) -> None:
+    """ValueError when `what` (`tokens` positions of one sequence) passes `position_limit`."""
+    limit = position_limit(cfg)
+    if limit is not None and tokens > limit:
+        raise ValueError(f"{what} need {tokens:,} positions, more than the {limit:,} this model tells apart: its "
+                         "RoPE angles are float32 (model.float32_norm_rope), which rounds larger positions onto "
+                         "their neighbours")
+
+
 def linear_step(
     q_BHK: Tensor, k_BHK: Tensor, v_BHV: Tensor, log_decay_H: Tensor | None, state_BHKV: Tensor,
     scale: float | None = None, gate: Tensor | None = None,
@@ -260,6 +296,7 @@ def decode_step(model: LinearLlama, tokens_BT: Tensor, state: DecodeState, last_
         raise ValueError(f"tokens have batch {B} but the decode state was made for batch {state.batch}")
     if len(state.layers) != len(model.layers):
         raise ValueError(f"decode state has {len(state.layers)} layers, the model {len(model.layers)}")
+    check_positions(model.cfg, state.position + T, f"{state.position:,} tokens decoded and {T:,} more")
     positions = (state.position + torch.arange(T, device=tokens_BT.device)).expand(B, T)
     x = model.embed(tokens_BT)
     for i, block in enumerate(model.layers):
@@ -332,6 +369,9 @@ def generate(
     check_token_ids(prompt, model.cfg.vocab_size, "prompt ids")
     if eos_id is not None and not 0 <= eos_id < model.cfg.vocab_size:
         raise ValueError(f"eos_id must be in [0, {model.cfg.vocab_size}), got {eos_id}")
+    done = 0 if state is None else state.position  # the last sampled token is never fed back
+    check_positions(model.cfg, done + prompt.shape[1] + max(max_new_tokens - 1, 0),
+                    f"the prompt ({prompt.shape[1]:,} tokens) and max_new_tokens ({max_new_tokens:,})")
     if state is None:
         state = DecodeState.empty(model, prompt.shape[0], capacity=prompt.shape[1] + max_new_tokens)
     return _generate(model, prompt, max_new_tokens, temperature, top_p, generator, eos_id, state)
