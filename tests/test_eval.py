@@ -109,6 +109,37 @@ def test_bad_input_is_refused_up_front(export_and_data, tmp_path, capsys, monkey
     ], capsys, watch=[root, tmp_path])
 
 
+def test_damaged_data_and_another_tokenizer_are_refused_up_front(export_and_data, tmp_path, capsys):
+    """A truncated or same-size-but-changed token file, and a model trained with another tokenizer than the
+    data's: exit 2 naming the file (and both hashes), or both tokenizers; nothing read further."""
+    import shutil
+
+    from lasp.eval.__main__ import main
+
+    root = export_and_data
+    short, changed = tmp_path / "short", tmp_path / "changed"
+    for d in (short, changed):
+        shutil.copytree(root / "data", d)
+    raw = (root / "data" / "train.bin").read_bytes()
+    (short / "train.bin").write_bytes(raw[:-3])  # not even a whole number of uint16 tokens
+    (changed / "train.bin").write_bytes(raw[2:] + raw[:2])  # the same size, other bytes
+    other = tmp_path / "other"  # the same model shape, trained on another tokenizer's ids
+    torch.manual_seed(0)
+    LinearLlama(ModelConfig(**{**MODEL, "vocab_size": 257})).save_pretrained(
+        str(other), tokenizer={"name": "tokenizer.json", "vocab_size": 257, "eos_id": 0, "sha256": "ab" * 32})
+    args = ["--split", "train", "--seq-len", "192"]
+    ck = ["positions", "--checkpoint", str(root / "export")]
+    refuse_all(main, [
+        ([*ck, "--data", str(short), *args], f"{short / 'train.bin'}: wrong size, expected {len(raw)} bytes",
+         "(truncated, not a whole number of uint16 tokens)"),
+        ([*ck, "--data", str(changed), *args], f"{changed / 'train.bin'}: checksum mismatch: sha256 ",
+         f"meta.json records {json.loads((root / 'data' / 'meta.json').read_text())['splits']['train']['sha256']}"),
+        (["positions", "--checkpoint", str(other), "--data", str(root / "data"), *args],
+         f"--checkpoint {other} was trained with tokenizer 'tokenizer.json' (vocab 257, EOS 0, sha256 abababababab",
+         f"but --data {root / 'data'} has 'byte' (vocab 257, EOS 256)", "name 'tokenizer.json' vs 'byte'"),
+    ], capsys, watch=[root, tmp_path])
+
+
 # -- passkey ------------------------------------------------------------------------------------------------
 
 
@@ -220,6 +251,46 @@ def test_bad_passkey_input_is_refused_up_front(export_and_data, tmp_path, capsys
         (["passkey", "--checkpoint", str(bare), "--lengths", "1k"], f"--checkpoint {bare}: no tokenizer",
          "--lengths must be comma-separated numbers, got '1k'"),
     ], capsys, watch=[export_and_data, tmp_path])
+
+
+def test_passkey_lengths_beyond_the_memory_or_the_positions_are_refused(export_and_data, tmp_path, capsys):
+    """Checked once the model is read, before any prompt is built: the logits of one forward over the longest
+    prompt (and, with float32 RoPE angles, its positions) must fit."""
+    from lasp.eval.__main__ import main
+
+    f32 = tmp_path / "f32"
+    torch.manual_seed(0)
+    LinearLlama(ModelConfig(**{**MODEL, "vocab_size": 257, "float32_norm_rope": True})).save_pretrained(
+        str(f32), tokenizer={"name": "byte"})
+    n = 10**15
+    refuse_all(main, [
+        (["passkey", "--checkpoint", str(export_and_data / "export"), "--lengths", f"300,{n}"],
+         f"--lengths {n}: needs at least 1,091,510,0", "GiB are available (MemAvailable): lower --lengths"),
+        (["passkey", "--checkpoint", str(f32), "--lengths", f"300,{n}"], f"--lengths {n} and the answer need",
+         "more than the 16,777,216 this model tells apart", f"--lengths {n}: needs at least"),
+    ], capsys, watch=[export_and_data, tmp_path])
+
+
+def test_passkey_takes_the_tokenizer_an_export_records_and_refuses_ids_past_the_vocabulary(tmp_path, capsys):
+    from lasp.data.tokenizer import ByteTokenizer, DataError
+    from lasp.eval.__main__ import main, tokenizer_of
+    from lasp.model.hf import to_hf
+    from lasp.model.pretrained import write_export_record
+    from tests.test_data import hf_tokenizer
+
+    softmax = {**MODEL, "layer_pattern": "SS"}
+    hf = tmp_path / "hf"
+    to_hf(LinearLlama(ModelConfig(**{**softmax, "vocab_size": 257})), str(hf))
+    with pytest.raises(DataError, match="is a directory without a tokenizer.json"):
+        tokenizer_of(str(hf))
+    write_export_record(hf, "step-00000002", "hf", ByteTokenizer().describe())  # what lasp.export --hf adds
+    assert tokenizer_of(str(hf)).describe() == ByteTokenizer().describe()
+    small = tmp_path / "small"
+    to_hf(LinearLlama(ModelConfig(**{**softmax, "vocab_size": 3})), str(small))
+    hf_tokenizer(small / "tokenizer.json", with_eos=False)  # its EOS is appended at id 3: past the 3 ids
+    refuse_all(main, [(["passkey", "--checkpoint", str(small), "--lengths", "5000"], f"--checkpoint {small}: its "
+                       "tokenizer 'tokenizer.json' has 4 ids (EOS 3), more than the model's vocabulary of 3")],
+               capsys, watch=[tmp_path])
 
 
 # -- lm-evaluation-harness ----------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 
 def _parse(argv):
@@ -61,14 +62,70 @@ def tokenizer_of(path: str):
     from lasp.data.tokenizer import load_tokenizer
     from lasp.generate import load_tokenizer_for, tokenizer_from_description
     from lasp.model.hf import is_hf_directory
-    from lasp.model.pretrained import CONFIG
+    from lasp.model.pretrained import CONFIG, TOKENIZER, recorded_tokenizer
     from lasp.train import ckpt_store
 
-    if is_hf_directory(path):
-        return load_tokenizer(path)
+    if is_hf_directory(path):  # lasp.export --hf records the tokenizer beside transformers' files
+        desc = recorded_tokenizer(path)
+        return load_tokenizer(path) if desc is None else tokenizer_from_description(desc, Path(path) / TOKENIZER, path)
     if os.path.isfile(os.path.join(path, CONFIG)):
         return load_tokenizer_for(path)
     return tokenizer_from_description(ckpt_store.read_state(path).get("tokenizer"), None, path)
+
+
+def recorded(path: str) -> tuple[dict | None, int]:
+    """(the description of the tokenizer a trainer checkpoint, LASP export or Hugging Face directory records,
+    None when it records none; the model's vocabulary size), without reading any weight."""
+    from lasp.data.tokenizer import directory_tokenizer
+    from lasp.model.hf import is_hf_directory, source_config
+    from lasp.model.pretrained import CONFIG, recorded_tokenizer
+    from lasp.train import ckpt_store
+
+    if os.path.isfile(os.path.join(path, CONFIG)):
+        desc = recorded_tokenizer(path)
+        if desc is None and is_hf_directory(path):
+            desc = directory_tokenizer(path)
+        return desc, source_config(path).vocab_size
+    state = ckpt_store.read_state(path)
+    return state.get("tokenizer") or None, int(state["model"]["vocab_size"])
+
+
+def against_data(paths: list[str], data, option: str, lead: bool = True) -> list[str]:
+    """Each model of `paths` against the tokenizer of `data` (a TokenData): the tokenizers they record agree
+    and the data's ids fit the model's vocabulary; one line per problem, naming both sides. A model that
+    records no tokenizer is compared by its vocabulary size only, which is said (on stderr, by `lead`)."""
+    from lasp.data.tokenizer import tokenizer_problems
+
+    problems, tok = [], data.meta["tokenizer"]
+    for path in paths:
+        try:
+            desc, vocab = recorded(path)
+        except (ValueError, OSError, KeyError, TypeError) as e:
+            problems.append(f"--checkpoint {path}: cannot read its tokenizer or vocabulary ({e})")
+            continue
+        problems += tokenizer_problems(tok, desc, f"{option} {data.path}", f"--checkpoint {path}")
+        if vocab < data.vocab_size:
+            problems.append(f"--checkpoint {path} has a vocabulary of {vocab}, smaller than that of {option} "
+                            f"{data.path} ({data.vocab_size}, tokenizer {tok.get('name')!r}): prepare it with "
+                            "the model's tokenizer")
+        elif desc is None and lead:
+            print(f"note: --checkpoint {path} records no tokenizer: only its vocabulary size ({vocab}) is "
+                  f"compared with the data's ({data.vocab_size}), not which tokenizer made the data",
+                  file=sys.stderr)
+    return problems
+
+
+def fits(path: str, tok) -> list[str]:
+    """The ids of `tok` (the tokenizer a model directory or checkpoint gives, `tokenizer_of`) lie inside the
+    model's vocabulary: a Hugging Face tokenizer may add an EOS past it."""
+    try:
+        vocab = recorded(path)[1]
+    except (ValueError, OSError, KeyError, TypeError) as e:
+        return [f"--checkpoint {path}: cannot read its vocabulary size ({e})"]
+    if tok.vocab_size <= vocab:
+        return []
+    return [f"--checkpoint {path}: its tokenizer {tok.name!r} has {tok.vocab_size} ids (EOS {tok.eos_id}), more than "
+            f"the model's vocabulary of {vocab}"]
 
 
 def load(path: str, device: str = "cpu"):
@@ -122,8 +179,28 @@ def _problems(a, world: int) -> tuple[list[str], dict]:
                             f"the tokenizer of {path}")
         if not tok.encode(a.filler or FILLER):
             problems.append("--filler is empty once tokenized")
+        problems += fits(path, tok)
     found.update(lengths=lengths, depths=depths)
     return problems, found
+
+
+def _passkey_fits(model, tokenizer, lengths: list[int], world: int) -> list[str]:
+    """The longest prompt and its answer within the model's positions, and one forward per process (the
+    LOCAL_WORLD_SIZE processes of this node together) within the memory the CPU has available."""
+    from lasp.cli import memory
+    from lasp.eval.passkey import ANSWER, memory_needed
+    from lasp.model.decode import check_positions
+
+    longest, problems = max(lengths), []
+    try:
+        check_positions(model.cfg, longest + len(tokenizer.encode(ANSWER.format(key="00000"))),
+                        f"--lengths {longest} and the answer")
+    except ValueError as e:
+        problems.append(str(e))
+    here = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    need = here * memory_needed(model.cfg, model.embed.weight.dtype, longest, world)
+    shared = f" ({here} processes on this node share it)" if here > 1 else ""
+    return problems + memory("--lengths", longest, need, "cpu", f"lower --lengths{shared}")
 
 
 def _plot(records: list[dict], path: str, command: str) -> None:
@@ -171,15 +248,15 @@ def main(argv=None) -> int:
     rows = None
     if not problems and a.command == "positions":
         from lasp.data import TokenData
-        from lasp.data.tokenizer import DataError
+        from lasp.data.dataset import dataset_problems
         from lasp.parallel.positions import document_rows
 
-        try:
+        damaged = [f"--data {a.data}: {q}" for q in dataset_problems(a.data, [a.split])]  # sizes, checksums
+        problems += damaged
+        if not damaged:
             data = TokenData(a.data, a.split)
+            problems += against_data(a.checkpoint, data, "--data", lead=int(os.environ.get("RANK", "0")) == 0)
             rows = document_rows(data.tokens, data.doc_offsets, a.seq_len, a.rows)
-        except DataError as e:
-            problems.append(f"--data {a.data}: {e}")
-        else:
             if len(rows) == 0:
                 problems.append(f"--data {a.data}: no document of split {a.split!r} holds --seq-len + 1 = "
                                 f"{a.seq_len + 1} tokens before its end: lower --seq-len")
@@ -197,6 +274,8 @@ def main(argv=None) -> int:
     try:
         for path in a.checkpoint:
             model = load(path).eval()
+            if a.command == "passkey":
+                usage_error(parser, _passkey_fits(model, found["tokenizers"][path], found["lengths"], world))
             if group is not None:
                 apply_sp(model, group, a.layout)
             if a.command == "positions":

@@ -29,15 +29,18 @@ class LaspLM(LM):
     def __init__(self, path: str, device: str = "cpu", dtype: str = "float32", max_length: int | None = None,
                  max_gen_toks: int = 256, **_ignored):
         super().__init__()
-        from lasp.eval.__main__ import load, tokenizer_of
+        from lasp.eval.__main__ import fits, load, tokenizer_of
 
         device = str(device or "cpu")
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"the lasp model was asked for device {device!r} (lm-eval's command line defaults to "
                              "cuda), but no CUDA GPU is visible: pass --device cpu")
 
-        self.model = load(path, device).to(getattr(torch, dtype)).eval()
         self.tok = tokenizer_of(path)
+        wrong = fits(path, self.tok)
+        if wrong:
+            raise ValueError(wrong[0])
+        self.model = load(path, device).to(getattr(torch, dtype)).eval()
         self.device_ = torch.device(device)
         self.max_length = None if max_length in (None, "", "None") else int(max_length)
         self.max_gen_toks = int(max_gen_toks)
