@@ -112,7 +112,11 @@ class TokenData:
                 f"{self.bin_path}: wrong size, expected {expected} bytes ({self.num_tokens} {self.dtype.name} "
                 f"tokens), found {actual} bytes ({'truncated' if actual < expected else 'too long'}{whole})"
             )
-        self.tokens = np.memmap(self.bin_path, dtype=self.dtype, mode="r", shape=(self.num_tokens,))
+        try:
+            self.tokens = np.memmap(self.bin_path, dtype=self.dtype, mode="r", shape=(self.num_tokens,))
+        except (OSError, ValueError) as e:  # an empty file cannot be mapped; an unreadable one cannot be opened
+            tokens = f"{self.num_tokens} {self.dtype.name} tokens"
+            raise DataError(f"{self.bin_path}: cannot be read as {tokens} ({e})") from None
         """The split's token stream, 1-D [num_tokens], read-only."""
 
     @cached_property
