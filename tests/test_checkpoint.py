@@ -7,6 +7,7 @@ ranks call the same `train` on the pool's process group.
 import glob
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from lasp.train.ckpt_store import CheckpointError
 from lasp.train.config import ConfigError, resolve
 from lasp.train.distributed import Launch
 
-from tests.refusals import refuse_all
+from tests.refusals import refuse_all, tree
 from tests.test_train import TINY as TRAIN_TINY
 
 TINY = {**TRAIN_TINY, "checkpoint": {"interval": 2, "keep_last": 0},
@@ -108,7 +109,8 @@ def test_two_resumes_in_a_row_across_an_epoch_end_give_bit_identical_losses(tmp_
     third = run(cfg)  # resume 2: from step 2 to the end
     assert third.step == 9 and third.stopped_by is None
     assert rows(cfg["logging"]["run_dir"]) == want  # every step, bit for bit
-    assert [s for s, _ in ckpt_store.list_checkpoints(root)] == [6, 9]  # keep_last 2; leftovers purged
+    # keep_last 2, and step 2, which this attempt started from, is never purged by it; leftovers purged
+    assert [s for s, _ in ckpt_store.list_checkpoints(root)] == [2, 6, 9]
     assert not os.path.exists(os.path.join(root, "step-00000003.tmp"))
 
 
@@ -196,6 +198,137 @@ def test_cli_exits_2_with_the_checkpoint_error(tmp_path, saved):
     os.remove(os.path.join(path, "__0_0.distcp"))
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
     assert main(["--config", str(tmp_path / "c.yaml")]) == 2
+
+
+def test_a_checkpoint_damaged_in_place_is_refused_naming_the_file(tmp_path, saved, capsys):
+    from lasp.train.__main__ import main
+
+    cfg, path = _copy(saved, tmp_path)
+    shard = os.path.join(path, "__0_0.distcp")
+    size = os.path.getsize(shard)
+    with open(shard, "r+b") as f:  # one byte flipped in the middle: the size is unchanged
+        f.seek(size // 2)
+        byte = f.read(1)
+        f.seek(size // 2)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    assert os.path.getsize(shard) == size
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["--config", str(tmp_path / "c.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"__0_0\.distcp has sha256 [0-9a-f]{16}\.\.\., the manifest says [0-9a-f]{16}", err), err
+    assert "checkpoint.verify=false" in err and "Traceback" not in err
+    assert not os.path.exists(tmp_path / "again" / "metrics.jsonl")  # refused before any work
+
+    # checkpoint.verify=false skips the sha256: what the damage breaks is then one message, not a traceback
+    cfg["checkpoint"]["verify"] = False
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["--config", str(tmp_path / "c.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert f"checkpoint {path} could not be read" in err and "Traceback" not in err, err
+    with open(shard, "r+b") as f:
+        f.seek(size // 2)
+        f.write(byte)
+    rng = os.path.join(path, "rng", "rank-00000.pt")
+    open(rng, "r+b").write(b"\0" * 16)
+    assert main(["--config", str(tmp_path / "c.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "rank-00000.pt is unreadable or not this trainer's RNG state" in err and "Traceback" not in err
+
+
+def test_two_runs_in_one_directory_the_second_is_refused_and_changes_nothing(tmp_path, saved, capsys):
+    import socket
+
+    from lasp.train.__main__ import main
+    from lasp.train.run_lock import RunLock
+
+    cfg, _ = saved
+    run_dir = tmp_path / "shared"
+    shutil.copytree(cfg["logging"]["run_dir"], run_dir)
+    new = _cfg(cfg, logging={"run_dir": str(run_dir)}, train={"steps": 4})
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(new))
+    first = RunLock(str(run_dir))  # the lock a running trainer holds (flock: another open file conflicts)
+    assert first.acquire() is None
+    before = tree(run_dir)
+    assert main(["--config", str(tmp_path / "c.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert f"is in use by another run (pid {os.getpid()} on host {socket.gethostname()}" in err, err
+    assert tree(run_dir) == before  # no metrics, checkpoint or temporary directory touched
+
+    first.release()
+    state = run(new)  # released: the run goes on from the committed step 2
+    assert state.step == 4 and os.path.getsize(run_dir / "run.lock") == 0  # a clean end empties the lock
+
+    # a run killed with -9 leaves its name in the file but no lock: the next start names it and takes over
+    (run_dir / "run.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": 2**22 + 7,
+                                                  "started": "2026-12-05T10:00:00+00:00"}))
+    capsys.readouterr()
+    run(_cfg(new, train={"steps": 5}))
+    out = capsys.readouterr().out
+    assert f"the run of pid {2**22 + 7} on host {socket.gethostname()}" in out
+    assert "ended without releasing the lock (no longer running" in out
+
+
+def test_a_roll_back_moves_the_abandoned_branch_aside_and_a_restart_follows_the_new_one(tmp_path, corpus,
+                                                                                      capsys):
+    sections = dict(train={"steps": 6, "eval_interval": 0}, checkpoint={"interval": 2, "keep_last": 1},
+                    schedule={"decay_steps": 12})  # the learning rate does not depend on train.steps
+    ref = _tiny(tmp_path, corpus, "ref", **_cfg(sections, train={"steps": 8}))
+    run(ref)
+    cfg = _tiny(tmp_path, corpus, "run", **sections)
+    run(cfg)  # steps 1-6; keep_last 1 leaves step 6
+    root = os.path.join(cfg["logging"]["run_dir"], "checkpoints")
+    assert [s for s, _ in ckpt_store.list_checkpoints(root)] == [6]
+    cfg["checkpoint"]["keep_last"] = 0
+    run(_cfg(cfg, train={"steps": 8}))  # on to step 8, keeping 6 and 8
+    assert [s for s, _ in ckpt_store.list_checkpoints(root)] == [6, 8]
+
+    capsys.readouterr()
+    back = _cfg(cfg, train={"resume": ckpt_store.step_dir(root, 6), "steps": 10},
+                checkpoint={"keep_last": 1})
+    back["train"]["max_minutes"] = 1e-9  # the rolled-back run trains one step (7), saves it, and stops
+    state = run(back)
+    assert state.step == 7 and state.stopped_by == "train.max_minutes"
+    out = capsys.readouterr().out
+    moved = re.search(r"rolling back to step 6 \(\S+\): the later step-00000008 of the abandoned branch are "
+                      r"moved to (\S+) \(kept", out)
+    assert moved, out
+    assert os.path.isfile(os.path.join(moved.group(1), "step-00000008", ckpt_store.MARKER))  # kept whole
+    # keep_last 1 kept the new step 7 and the step the roll-back started from; step 8 is not a checkpoint here
+    assert [s for s, _ in ckpt_store.list_checkpoints(root)] == [6, 7]
+
+    state = run(_cfg(cfg, train={"steps": 8}))  # a plain restart: the new branch (7), not the abandoned 8
+    assert state.step == 8
+    assert "resuming from " + ckpt_store.step_dir(root, 7) in capsys.readouterr().out
+    assert rows(cfg["logging"]["run_dir"]) == rows(ref["logging"]["run_dir"])  # the same steps, bit for bit
+
+
+def test_a_full_disk_during_a_save_says_so_and_keeps_the_last_good_checkpoint(tmp_path, saved, capsys,
+                                                                              monkeypatch):
+    import errno
+
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    from lasp.train.__main__ import main
+
+    cfg, _ = saved
+    run_dir = tmp_path / "full"
+    shutil.copytree(cfg["logging"]["run_dir"], run_dir)
+    new = _cfg(cfg, logging={"run_dir": str(run_dir)}, train={"steps": 3})
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(new))
+
+    def no_space(self, plan, planner):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.path.join(str(self.path), "__0_0.distcp"))
+
+    monkeypatch.setattr(FileSystemWriter, "write_data", no_space)
+    assert main(["--config", str(tmp_path / "c.yaml")]) == 1
+    err = capsys.readouterr().err
+    root = os.path.join(run_dir, "checkpoints")
+    assert (f"checkpoint step 3 could not be saved: the disk is full (no space left on device under {root}); "
+            f"the last good checkpoint, {ckpt_store.step_dir(root, 2)}, is kept") in err, err
+    assert "Traceback" not in err
+    assert [s for s, _ in ckpt_store.list_checkpoints(root)] == [1, 2]
+    assert not os.path.exists(ckpt_store.tmp_dir(root, 3))  # the failed save's own directory is removed
+    ckpt_store.verify(ckpt_store.step_dir(root, 2))  # and the last good one is whole
 
 
 def test_commit_is_the_last_step_and_purges_only_after_it(tmp_path):
@@ -404,7 +537,9 @@ def test_export_and_generate_refuse_wrong_paths_before_any_work(tmp_path, saved,
         (["--checkpoint", str(unfinished), *out], "a save still being written, or one that did not finish"),
         (["--checkpoint", step, "--out", str(tmp_path / "a-file")], "it is not a directory"),
         (["--checkpoint", step, "--out", str(tmp_path / "a-file" / "sub")], "is not a directory"),
-        (["--checkpoint", step, "--out", str(tmp_path / "full")], "exists and is not empty; pass --force"),
+        (["--checkpoint", step, "--out", str(tmp_path / "full"), "--force"], "is not empty and has no "
+         "lasp_export.json and no config.json of a LASP model (it holds keep.txt): --force replaces only an export"),
+        (["--checkpoint", step, "--out", os.path.join(step, "export")], "lies inside the input"),
         (["--checkpoint", step, "--out", step, "--force"], "holds trainer checkpoints"),
         (["--checkpoint", step, "--out", run_dir, "--force"], "holds trainer checkpoints"),
         (["--checkpoint", step], "the following arguments are required: --out"),
@@ -430,7 +565,15 @@ def test_export_replaces_an_existing_export_only_with_force(tmp_path, saved, cap
     first = (out / "model.safetensors").read_bytes()
     refuse_all(export, [(["--checkpoint", ckpt_store.step_dir(root, 2), "--out", str(out)], "pass --force")], capsys)
     assert (out / "model.safetensors").read_bytes() == first
-    (out / "stale.txt").write_text("from before")
+    (out / "notes.txt").write_text("mine, not the export's")
+    refuse_all(export, [(["--checkpoint", ckpt_store.step_dir(root, 2), "--out", str(out), "--force"],
+                         "also holds what the tool did not write (notes.txt): --force does not remove them")], capsys)
+    assert (out / "notes.txt").exists() and (out / "model.safetensors").read_bytes() == first
+    (out / "notes.txt").unlink()
     assert export(["--checkpoint", ckpt_store.step_dir(root, 2), "--out", str(out), "--force"]) == 0
-    assert (out / "model.safetensors").read_bytes() != first and not (out / "stale.txt").exists()
+    assert (out / "model.safetensors").read_bytes() != first
+    assert f"removed the previous {out}: 3 file(s)" in capsys.readouterr().err  # said, one line
+    record = json.loads((out / "lasp_export.json").read_text())
+    assert record["tokenizer"] == ckpt_store.read_state(ckpt_store.step_dir(root, 2))["tokenizer"]
+    assert sorted(record["files"]) == sorted(p.name for p in out.iterdir())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # no temporary directory left

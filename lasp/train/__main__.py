@@ -2,9 +2,11 @@
 
 Runs as a plain python process (one rank), under torchrun, or under the deepspeed launcher.
 
-Exit status: 0 done (train.steps reached); 2 a bad config or a checkpoint that cannot be resumed (nothing
-was trained); 75 stopped early by SIGTERM / SIGINT / train.max_minutes after saving a checkpoint (start it
-again to continue: EX_TEMPFAIL, "try again", which a scheduler can requeue on); 1 any other error.
+Exit status: 0 done (train.steps reached); 2 a bad config, a checkpoint that cannot be resumed, or a run
+directory another run holds (nothing was trained); 1 a checkpoint that could not be saved (a full disk:
+the checkpoints saved before it are kept) or any other error; 75 stopped early by SIGTERM / SIGINT /
+train.max_minutes after saving a checkpoint (start it again to continue: EX_TEMPFAIL, "try again", which a
+scheduler can requeue on).
 """
 
 import argparse
@@ -73,17 +75,23 @@ def main(argv=None) -> int:
 
     from lasp.distributed.agree import RanksDisagree
     from lasp.distributed.timeouts import CollectiveTimeout
+    from lasp.train.checkpoint import CheckpointSaveError
     from lasp.train.ckpt_store import CheckpointError
     from lasp.train.loop import train
+    from lasp.train.run_lock import RunDirLocked
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")  # megatron and DeepSpeed talk at INFO
     logging.getLogger("lasp").setLevel(logging.INFO if launch.rank == 0 else logging.WARNING)
     try:
         state = train(cfg, launch)
-    except (CheckpointError, ConfigError) as e:  # ConfigError here: what the kernel cannot do
+    except (CheckpointError, ConfigError, RunDirLocked) as e:  # ConfigError here: what the kernel cannot do
         if launch.rank == 0:
             print(f"error: {e}", file=sys.stderr)
         return _status(2, f"error: {e}")
+    except CheckpointSaveError as e:  # every rank raises it together; the run's checkpoints are kept
+        if launch.rank == 0:
+            print(f"error: {e}", file=sys.stderr)
+        return _status(1, f"error: {e}")
     except (CollectiveTimeout, RanksDisagree) as e:  # every rank says what it saw
         print(f"error (rank {launch.rank}): {e}", file=sys.stderr)
         return _status(1, f"error (rank {launch.rank}): {e}")

@@ -18,6 +18,7 @@ The data position is the step: the loader is a pure function of (seed, step).
 
 import dataclasses
 import datetime
+import errno
 import json
 import os
 import random
@@ -28,6 +29,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.tensor import DTensor, Shard
 
 from lasp.parallel import ParallelGroups
@@ -37,6 +39,24 @@ from lasp.train.config import TrainConfig, dump
 from lasp.train.state import TrainState
 
 FORMAT_VERSION = 1
+
+
+class CheckpointSaveError(RuntimeError):
+    """A save that could not be written (a full disk, a write error): the run stops, the checkpoints
+    committed before it are kept."""
+
+
+def _os_errors(e: BaseException) -> list[OSError]:
+    """The OSErrors inside `e`: itself, its causes, and the failures DCP collected from every rank."""
+    out, todo = [], [e]
+    while todo:
+        x = todo.pop()
+        if isinstance(x, OSError):
+            out.append(x)
+        if isinstance(x, CheckpointException):
+            todo += [f[0] for f in x.failures.values() if isinstance(f, tuple) and f]
+        todo += [c for c in (x.__cause__, x.__context__) if c is not None and c is not x]
+    return out
 
 
 def _unique_params(stage: nn.Module) -> list[nn.Parameter]:
@@ -170,6 +190,7 @@ class Checkpointer:
         self.rank, self.tokenizer, self.say = dist.get_rank(), tokenizer, say
         self.sharding = None if engine is not None else _Sharding(groups, cfg.parallel.tp, device)
         self._pending = None  # (future, step, state json) of an asynchronous save not yet committed
+        self.started_from: str | None = None  # the checkpoint this run resumed from: keep_last never removes it
         # the saves' own collectives: a longer timeout than training's, and a background writer's
         # collectives never share the training group
         self._group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=c.timeout_s))
@@ -183,29 +204,70 @@ class Checkpointer:
         tensors are copied to host memory, written in the background and committed by `poll` / `finish`."""
         self.finish()
         step = state.step
-        if self.rank == 0:
-            store.prepare(self.root, step)
-        dist.barrier(group=self._group)
+        error = None
+        try:
+            if self.rank == 0:
+                store.prepare(self.root, step)
+        except OSError as e:
+            error = e
+        self._agree(step, error)  # also the barrier: the directory exists before any rank writes
         tmp = store.tmp_dir(self.root, step)
-        os.makedirs(os.path.join(tmp, "rng"), exist_ok=True)
-        with open(os.path.join(tmp, "rng", f"rank-{self.rank:05d}.pt"), "wb") as f:
-            torch.save(_rng_states(), f)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            os.makedirs(os.path.join(tmp, "rng"), exist_ok=True)
+            with open(os.path.join(tmp, "rng", f"rank-{self.rank:05d}.pt"), "wb") as f:
+                torch.save(_rng_states(), f)
+                f.flush()
+                os.fsync(f.fileno())
+        except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+            error = e
+        self._agree(step, error)  # a rank that cannot write must not leave the others in DCP's collectives
         info = self._info(state)
-        if self.engine is not None:
-            self.engine.save_checkpoint(tmp, tag="zero", save_latest=False)
-            dist.barrier(group=self._group)
-            self._commit(step, info)
-            return
-        sd = state_dict(self.stage, self.optimizer, self.sharding)
-        writer = dcp.FileSystemWriter(tmp, single_file_per_rank=True, sync_files=True)
-        if not self.asynchronous:
-            dcp.save(sd, storage_writer=writer, process_group=self._group)
-            self._commit(step, info)
-            return
-        self._pending = (dcp.async_save(sd, storage_writer=writer, process_group=self._group), step, info)
+        try:
+            if self.engine is not None:
+                self.engine.save_checkpoint(tmp, tag="zero", save_latest=False)
+                dist.barrier(group=self._group)
+                self._commit(step, info)
+                return
+            sd = state_dict(self.stage, self.optimizer, self.sharding)
+            writer = dcp.FileSystemWriter(tmp, single_file_per_rank=True, sync_files=True)
+            if not self.asynchronous:
+                dcp.save(sd, storage_writer=writer, process_group=self._group)
+                self._commit(step, info)
+                return
+            self._pending = (dcp.async_save(sd, storage_writer=writer, process_group=self._group), step, info)
+        except (OSError, RuntimeError, CheckpointException) as e:
+            self._failed(step, e)
         self.say(f"checkpoint step {step}: writing in the background")
+
+    def _agree(self, step: int, error: BaseException | None) -> None:
+        """Every rank learns whether any rank failed to write its part; all fail together if one did."""
+        seen = [None] * dist.get_world_size(self._group)
+        dist.all_gather_object(seen, None if error is None else f"rank {self.rank}: {error}", group=self._group)
+        failed = [s for s in seen if s is not None]
+        if failed:
+            self._failed(step, error if error is not None else OSError("; ".join(failed)), others=failed)
+
+    def _failed(self, step: int, e: BaseException, others: list[str] = ()) -> None:
+        """Stop the run with one message: what failed (the disk full, named), and the checkpoint kept."""
+        oserrors = _os_errors(e)
+        full = any(x.errno in (errno.ENOSPC, errno.EDQUOT) for x in oserrors)
+        tmp = store.tmp_dir(self.root, step)
+        if self.rank == 0:  # the unfinished directory is this save's own: free its space
+            store.remove_unfinished(tmp)
+        found = store.list_checkpoints(self.root)
+        kept = f"the last good checkpoint, {found[-1][1]}, is kept" if found else "no earlier checkpoint exists"
+        if full:
+            what = f"the disk is full (no space left on device under {self.root})"
+        elif oserrors:
+            x = oserrors[0]
+            what = f"a write failed: {x.strerror or x}" + (f" ({x.filename})" if x.filename else "")
+        else:
+            what = f"the write failed: {str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__}"
+        if others and not oserrors:
+            what += " (" + "; ".join(others) + ")"
+        raise CheckpointSaveError(f"checkpoint step {step} could not be saved: {what}; {kept}. Free space (or set "
+                                  "checkpoint.dir to another filesystem), then start the same command again to "
+                                  "resume from it") from None
 
     def poll(self) -> None:
         """Commit a finished background save (cheap; call once per step)."""
@@ -218,8 +280,11 @@ class Checkpointer:
             return
         future, step, info = self._pending
         self._pending = None
-        future.result()  # the coordinator's result: every rank's files and the metadata are written
-        self._commit(step, info)
+        try:
+            future.result()  # the coordinator's result: every rank's files and the metadata are written
+            self._commit(step, info)
+        except (OSError, RuntimeError, CheckpointException) as e:
+            self._failed(step, e)
 
     def _info(self, state: TrainState) -> str:
         return json.dumps({
@@ -234,7 +299,7 @@ class Checkpointer:
         tmp = store.tmp_dir(self.root, step)
         store.write_file(os.path.join(tmp, store.STATE_FILE), info)
         store.write_file(os.path.join(tmp, store.CONFIG_FILE), dump(self.cfg))
-        path = store.commit(self.root, step, self.keep_last)
+        path = store.commit(self.root, step, self.keep_last, keep=self.started_from)
         self.say(f"checkpoint step {step}: saved {path}")
 
     # -- load ----------------------------------------------------------------------------------------------
@@ -249,7 +314,12 @@ class Checkpointer:
         same_layout = info["world_size"] == dist.get_world_size() and info["layout"] == _layout(self.cfg)
         rng = os.path.join(path, "rng", f"rank-{self.rank:05d}.pt")
         if same_layout and os.path.isfile(rng):
-            _set_rng_states(torch.load(rng, weights_only=False))
+            try:
+                states = torch.load(rng, weights_only=False)
+                _set_rng_states(states)
+            except Exception as e:  # noqa: BLE001 - unpickling damaged bytes raises anything
+                raise CheckpointError(f"{rng} is unreadable or not this trainer's RNG state ({type(e).__name__}: "
+                                      f"{str(e).splitlines()[0] if str(e) else ''}); use an earlier checkpoint") from None
         return TrainState(**info["state"])
 
     def _load_dcp(self, path: str) -> None:
@@ -270,8 +340,10 @@ class Checkpointer:
                 raise CheckpointError(f"checkpoint {path}: {k} has shape {have}, this run's is {want}")
         try:
             dcp.load(sd, storage_reader=reader)
-        except Exception as e:  # noqa: BLE001 - DCP wraps file errors in its own exception types
-            raise CheckpointError(f"checkpoint {path} could not be read: {e}") from e
+        except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP wraps file errors in its own types
+            last = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+            raise CheckpointError(f"checkpoint {path} could not be read ({last}): damaged files? With "
+                                  "checkpoint.verify=true (the default) the sha256 check names them") from None
 
 
 def checkpoint_root(cfg: TrainConfig) -> str:

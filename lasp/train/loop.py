@@ -37,6 +37,7 @@ from lasp.train.distributed import Launch, init_distributed, pick_device, shutdo
 from lasp.train.flops import flops_per_token, peak_flops
 from lasp.train.metrics import Metrics, moe_columns, peak_memory_gib
 from lasp.train.optim import build_optimizer, lr_at, set_lr
+from lasp.train.run_lock import RunDirLocked, RunLock
 from lasp.train.signals import GracefulStop
 from lasp.model.config import DELTA_VARIANTS
 from lasp.train.state import TrainState
@@ -102,30 +103,88 @@ class _Run:
 
 def _resume_path(cfg: TrainConfig, tokenizer: dict) -> tuple[str | None, int, list[str]]:
     """The checkpoint every rank resumes from (None: a fresh start), its step, and notes on what changed.
-    Every rank looks (a shared filesystem); they must agree, or every rank raises."""
+    Every rank looks (a shared filesystem); they must agree, or every rank raises. The ranks share the
+    checksum reading: each hashes its part of the files, and a damage any rank finds stops them all."""
     path, problems, notes, step = None, [], [], 0
+    rank, world = dist.get_rank(), dist.get_world_size()
     try:
-        path = ckpt_store.resolve_resume(cfg.train.resume, checkpoint_root(cfg))
-        if path is not None:
-            problems, notes = compatibility(path, cfg, tokenizer)
-            step = int(ckpt_store.read_state(path)["state"]["step"]) if not problems else 0
+        path = ckpt_store.resolve_resume(cfg.train.resume, checkpoint_root(cfg), checksums=False)
     except CheckpointError as e:
         problems = [str(e)]
-    seen = [None] * dist.get_world_size()
-    dist.all_gather_object(seen, (path, problems))
-    if len({str(s) for s in seen}) > 1:
+    seen = [None] * world
+    dist.all_gather_object(seen, path)
+    if len(set(seen)) > 1:
         raise CheckpointError("ranks disagree on the checkpoint to resume from (is checkpoint.dir on a filesystem "
-                              "every node sees?): " + "; ".join(f"rank {r}: {s[0]}" for r, s in enumerate(seen)))
+                              "every node sees?): " + "; ".join(f"rank {r}: {s}" for r, s in enumerate(seen)))
+    if path is not None and not problems:
+        try:
+            if cfg.checkpoint.verify:
+                ckpt_store.verify(path, checksums=True, part=(rank, world))
+            problems, notes = compatibility(path, cfg, tokenizer)
+            step = int(ckpt_store.read_state(path)["state"]["step"]) if not problems else 0
+        except CheckpointError as e:
+            problems = [str(e)]
+    everyone = [None] * world
+    dist.all_gather_object(everyone, problems)
+    problems = list(dict.fromkeys(p for ps in everyone for p in ps))
     if problems:
         where = f"checkpoint {path}" if path else f"train.resume = {cfg.train.resume}"
         raise CheckpointError(f"{where} cannot be loaded into this run:\n  " + "\n  ".join(problems))
     return path, step, notes
 
 
-def _initialise(model: LinearLlama, path: str) -> tuple[int, int]:
-    """Load train.init_from's weights into the full model (before it is parallelised); (loaded, new) counts."""
-    from lasp.model.hf import initial_state
+def _lock_run(cfg: TrainConfig) -> list[RunLock]:
+    """Rank 0 takes the lock of the run directory (and of checkpoint.dir when it lies outside it) before
+    anything there is written or removed; every rank raises RunDirLocked if another run holds one."""
+    dirs = [cfg.logging.run_dir]
+    root = os.path.abspath(checkpoint_root(cfg))
+    if os.path.commonpath([root, os.path.abspath(cfg.logging.run_dir)]) != os.path.abspath(cfg.logging.run_dir):
+        dirs.append(root)
+    locks, error, notes = [], None, []
+    if dist.get_rank() == 0:
+        try:
+            for d in dirs:
+                lock = RunLock(d)
+                note = lock.acquire()
+                locks.append(lock)
+                notes += [note] if note else []
+        except (RunDirLocked, OSError) as e:
+            for lock in locks:
+                lock.release()
+            locks, error = [], str(e) if isinstance(e, RunDirLocked) else f"cannot lock {d}: {e.strerror or e}"
+        for note in notes:
+            print(note, flush=True)
+    seen = [error]
+    dist.broadcast_object_list(seen, src=0)
+    if seen[0] is not None:
+        raise RunDirLocked(seen[0])
+    return locks
 
+
+def _roll_back(cfg: TrainConfig, resume: str, step: int, say) -> None:
+    """An explicit train.resume to a step older than the newest under checkpoint.dir: the later steps are
+    the abandoned branch; rank 0 moves them aside so that saves and a plain restart follow the new one."""
+    if cfg.train.resume in ("auto", "never") or dist.get_rank() != 0:
+        return
+    moved = ckpt_store.set_aside(checkpoint_root(cfg), step)
+    if moved is not None:
+        aside, names = moved
+        say(f"rolling back to step {step} ({resume}): the later {', '.join(names)} of the abandoned branch are "
+            f"moved to {aside} (kept, not read again; a plain restart continues from this branch)")
+
+
+def _initialise(model: LinearLlama, path: str) -> tuple[int, int]:
+    """Load train.init_from's weights into the full model (before it is parallelised); (loaded, new) counts.
+    The config check compared the source's tokenizer with the data's; a source without one is said here."""
+    import logging
+
+    from lasp.model.hf import initial_state
+    from lasp.model.pretrained import TOKENIZER, recorded_tokenizer
+
+    if recorded_tokenizer(path) is None and not os.path.isfile(os.path.join(path, TOKENIZER)):
+        logging.getLogger(__name__).info(
+            f"train.init_from {path} records no tokenizer (no lasp.export record, no {TOKENIZER}): only its "
+            f"vocabulary size ({model.cfg.vocab_size}) was checked against the data's, not which tokenizer made it")
     state = initial_state(path, model.cfg)
     own = model.state_dict()
     wrong = [f"{k}: {list(v.shape)} there, {list(own[k].shape)} here" for k, v in state.items()
@@ -186,9 +245,20 @@ def _train(cfg: TrainConfig, device: torch.device, kernel) -> TrainState:
 
 
 def _setup_and_loop(cfg: TrainConfig, device: torch.device, kernel, stop: GracefulStop) -> TrainState:
+    locks = _lock_run(cfg)
+    try:
+        return _locked(cfg, device, kernel, stop)
+    finally:
+        for lock in locks:
+            lock.release()
+
+
+def _locked(cfg: TrainConfig, device: torch.device, kernel, stop: GracefulStop) -> TrainState:
     p, groups = cfg.parallel, init_groups(cfg.parallel, cfg.train.collective_timeout_s)
     data = TokenData(cfg.data.path, "train")
     resume, resume_step, notes = _resume_path(cfg, data.meta["tokenizer"])
+    if resume:
+        _roll_back(cfg, resume, resume_step, lambda m: print(m, flush=True))
     metrics = Metrics(cfg.logging.run_dir, dist.get_rank() == 0, cfg.train.steps, cfg.logging.progress,
                       cfg.logging.tensorboard, resume_step=resume_step if resume else None)
     metrics.message(f"run directory: {os.path.abspath(cfg.logging.run_dir)}")
@@ -226,6 +296,7 @@ def _setup_and_loop(cfg: TrainConfig, device: torch.device, kernel, stop: Gracef
     state = TrainState()
     if resume:
         state = ckpt.load(resume)
+        ckpt.started_from = resume
         state.stopped_by = None
         metrics.message(f"resuming from {resume}: step {state.step}, {state.tokens:,} tokens seen"
                         + "".join(f"\n  {n}" for n in notes))
