@@ -3,6 +3,7 @@
 import glob
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -164,13 +165,22 @@ def _wait_for(proc, path, what):
 
 
 @pytest.mark.slow
-def test_sigterm_on_one_rank_saves_exits_75_and_a_new_start_resumes(tmp_path, corpus, dist_pool):
+def test_sigterm_on_one_rank_saves_exits_75_and_a_new_start_resumes(tmp_path, corpus, dist_pool, capsys):
     config, run_dir = _config(tmp_path, corpus, "term", train={"steps": 10000, "eval_interval": 0},
                               parallel={"dp": 2}, checkpoint={"interval": 0})
     proc = _start(config, 2)
     _wait_for(proc, os.path.join(run_dir, "metrics.jsonl"), "its first step")
     workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
     assert len(workers) == 2, workers
+    # a second run started in the same directory meanwhile is refused, naming the first, and touches nothing
+    from lasp.train.__main__ import main
+
+    checkpoints = os.path.join(run_dir, "checkpoints")
+    assert main(["--config", config, "--set", "parallel.dp=1"]) == 2
+    err = capsys.readouterr().err
+    holder = re.search(r"is in use by another run \(pid (\d+) on host", err)
+    assert holder and holder.group(1) in workers, err
+    assert _rows(run_dir) and not os.path.exists(checkpoints)  # the first run's metrics are still there
     os.kill(int(workers[-1]), signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert "stopping cleanly after step" in out and "stopped by" in out

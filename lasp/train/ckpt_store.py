@@ -229,8 +229,9 @@ def verify(path: str, checksums: bool = True, part: tuple[int, int] = (0, 1)) ->
                 problems.append(f"{full} has sha256 {digest[:16]}..., the manifest says {sums[name][:16]}... (its "
                                 "bytes changed after the save: disk or copy damage)")
     if problems:
-        raise CheckpointError(f"checkpoint {path} is damaged:\n  " + "\n  ".join(problems) + "\n  (use an "
-                              "earlier checkpoint; checkpoint.verify=false skips the sha256 check, at your risk)")
+        hint = ("\n  (use an earlier checkpoint; checkpoint.verify=false skips the sha256 check, at your risk)"
+                if any("sha256" in p for p in problems) else "")
+        raise CheckpointError(f"checkpoint {path} is damaged:\n  " + "\n  ".join(problems) + hint)
     return manifest
 
 
