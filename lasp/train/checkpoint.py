@@ -22,6 +22,7 @@ import errno
 import json
 import os
 import random
+import shutil
 
 import numpy as np
 import torch
@@ -39,6 +40,9 @@ from lasp.train.config import TrainConfig, dump
 from lasp.train.state import TrainState
 
 FORMAT_VERSION = 1
+
+
+FULL_BELOW_BYTES = 16 * 2**20  # a failed save with less than this free under checkpoint.dir: the disk is full
 
 
 class CheckpointSaveError(RuntimeError):
@@ -250,14 +254,21 @@ class Checkpointer:
     def _failed(self, step: int, e: BaseException, others: list[str] = ()) -> None:
         """Stop the run with one message: what failed (the disk full, named), and the checkpoint kept."""
         oserrors = _os_errors(e)
-        full = any(x.errno in (errno.ENOSPC, errno.EDQUOT) for x in oserrors)
+        try:  # before the failed save's files are removed: a full disk has (nearly) nothing left
+            free = shutil.disk_usage(self.root).free
+        except OSError:
+            free = None
+        # torch.save reports a full disk without its errno ("unexpected pos"): the free space tells
+        full = (any(x.errno in (errno.ENOSPC, errno.EDQUOT) for x in oserrors)
+                or (free is not None and free < FULL_BELOW_BYTES))
         tmp = store.tmp_dir(self.root, step)
         if self.rank == 0:  # the unfinished directory is this save's own: free its space
             store.remove_unfinished(tmp)
         found = store.list_checkpoints(self.root)
         kept = f"the last good checkpoint, {found[-1][1]}, is kept" if found else "no earlier checkpoint exists"
         if full:
-            what = f"the disk is full (no space left on device under {self.root})"
+            left = "" if free is None else f", {free / 2**20:.1f} MiB free"
+            what = f"the disk is full (no space left on device under {self.root}{left})"
         elif oserrors:
             x = oserrors[0]
             what = f"a write failed: {x.strerror or x}" + (f" ({x.filename})" if x.filename else "")
