@@ -2,6 +2,7 @@
 with save_pretrained, imported with LinearLlama.from_hf; float64 logits equal transformers' own forward.
 (Under TP, SP and PP the same model features are checked in test_parallel.py.)"""
 
+import dataclasses
 import json
 
 import pytest
@@ -92,6 +93,55 @@ def test_missing_and_extra_tensors_are_named(tmp_path):
         LinearLlama.from_hf(str(tmp_path / "nowhere"))
 
 
+# the linearisation recipe's fields (docs/pretrained.md) on a model of TINY's size, the window cut to fit
+RECIPE = dict(layer_pattern="LS", linear_variant="simple_gla", gate_source="key", feature_map="hedgehog",
+              linear_rope=True, window=4, gate_normalizer=256.0)
+
+
+def _layer0_error(model, tokens) -> float:
+    """Layer 0's output before o_proj against the softmax attention of its own q, k, v (the layer it
+    replaces) on the same input: the squared error over the teacher's squared norm."""
+    mixer, B, T = model.layers[0].mixer, *tokens.shape
+    x, positions = model.layers[0].attn_norm(model.embed(tokens)), torch.arange(T).expand(B, T)
+    want, got = mixer.teacher(x, positions), mixer.attend(x, positions)
+    return float((got - want).pow(2).sum() / want.pow(2).sum())
+
+
+@pytest.mark.parametrize("case", [CASES["llama3.1-rope-gqa"], CASES["qwen3-qk-norm"]], ids=["llama", "qwen3"])
+def test_a_linearised_layer_starts_close_to_the_softmax_layer_it_replaces(tmp_path, case):
+    """With the recipe's fields (a window among them) and from_hf's output_norm (off with a window), a
+    linearised layer's output is close to its softmax layer's (a squared error below the softmax output's
+    own), and the logits within a small KL of the teacher's. A fresh output norm on it (what train.init_from
+    would build) is a hundred times further off: refused, by from_hf and (test below) by the trainer. Qwen3's
+    q/k norms are imported into the linear layer too: it normalises q and k as the softmax layer did."""
+    from lasp.model.hf import initial_state
+
+    sd = _save(tmp_path, *case).state_dict()
+    teacher = LinearLlama.from_hf(str(tmp_path), dtype=torch.float64)
+    hybrid = LinearLlama.from_hf(str(tmp_path), dtype=torch.float64, **RECIPE)
+    assert not hybrid.cfg.output_norm and hybrid.cfg.mixer(0) == "L"
+    for name in ("q_norm", "k_norm") if hybrid.cfg.qk_norm else ():
+        assert torch.equal(getattr(hybrid.layers[0].mixer, name).weight, sd[f"model.layers.0.self_attn.{name}.weight"])
+    normed = LinearLlama(dataclasses.replace(hybrid.cfg, output_norm=True)).double().eval()
+    normed.load_state_dict(initial_state(str(tmp_path), normed.cfg), strict=False)
+    tokens = torch.randint(0, TINY["vocab_size"], (2, 64), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = teacher(tokens).log_softmax(-1)
+        kl = [float((want.exp() * (want - m(tokens).log_softmax(-1))).sum(-1).mean()) for m in (hybrid, normed)]
+        error = [_layer0_error(m, tokens) for m in (hybrid, normed)]
+    # measured: error 0.22 (Llama) and 0.72 (Qwen3) against 140 and 245; KL 1.0e-3 and 3.7e-3 against 2.8e-2
+    # and 2.5e-2
+    assert error[0] < 1 and kl[0] < 1e-2, (error, kl)
+    assert error[1] > 20 and kl[1] > 1.5e-2, (error, kl)
+    with pytest.raises(HFImportError) as e:
+        LinearLlama.from_hf(str(tmp_path), **{**RECIPE, "output_norm": True})
+    for part in ("model.output_norm = True with model.window = 4 on 1 layer(s) linearised from the weights' "
+                 "softmax layers (0)", "set output_norm to false"):
+        assert part in str(e.value), str(e.value)
+    # without a window the linear branch has no normaliser but the norm: from_hf keeps it on
+    assert LinearLlama.from_hf(str(tmp_path), **{**RECIPE, "window": 0}).cfg.output_norm
+
+
 # -- train.init_from ----------------------------------------------------------------------------------------
 
 SHAPE = {"vocab_size": 320, "hidden_size": 32, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2,
@@ -165,11 +215,86 @@ def test_init_from_transfers_resumes_and_a_shape_mismatch_is_a_config_error(hf_d
     # frozen tensors have no optimizer state: the checkpoint holds their weights only, and resumes
     assert main(["--config", str(path), "--set", "train.steps=2"]) == 0
     assert "resuming from" in capsys.readouterr().out
-    path.write_text(yaml.safe_dump(_trainer_cfg(src, data, tmp_path / "run2", hidden_size=64, num_heads=8)))
+    path.write_text(yaml.safe_dump(_trainer_cfg(src, data, tmp_path / "run2", hidden_size=64, num_heads=8,
+                                                feature_map="hedgehog", window=2)))
     assert main(["--config", str(path)]) == 2
     err = capsys.readouterr().err
     assert "train.init_from: model.hidden_size = 64, but the weights have 32" in err
     assert "train.init_from: model.num_heads = 8, but the weights have 4" in err
+    assert ("train.init_from: model.output_norm = True with model.window = 2 on 1 layer(s) linearised from the "
+            "weights' softmax layers (0)") in err
+
+
+def _drop(directory, file: str, tensor: str, from_index: bool = False) -> None:
+    """Rewrite `file` without `tensor` (and the index without it too, with `from_index`)."""
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(directory / file)
+    weights.pop(tensor)
+    save_file(weights, directory / file, metadata={"format": "pt"})
+    if from_index:
+        index = json.loads((directory / "model.safetensors.index.json").read_text())
+        index["weight_map"].pop(tensor)
+        (directory / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+def _shard_of(directory, tensor: str) -> str:
+    return json.loads((directory / "model.safetensors.index.json").read_text())["weight_map"][tensor]
+
+
+UP = "model.layers.1.mlp.up_proj.weight"
+BROKEN = {  # name: (how the sharded directory is broken, what the error says)
+    "config-not-json": (lambda d: (d / "config.json").write_text('{"architectures": ["LlamaForCausalLM"],'),
+                        "config.json is not readable JSON: Expecting property name"),
+    "index-not-json": (lambda d: (d / "model.safetensors.index.json").write_bytes(b"\xff\xfe"),
+                       "model.safetensors.index.json is not readable JSON"),
+    "shard-missing": (lambda d: (d / _shard_of(d, UP)).unlink(),
+                      "model-00003-of-00004.safetensors: named in model.safetensors.index.json for 5 tensor(s), "
+                      "but absent"),
+    "shard-truncated": (lambda d: (d / _shard_of(d, UP)).write_bytes((d / _shard_of(d, UP)).read_bytes()[:-100]),
+                        "model-00003-of-00004.safetensors: not a readable safetensors file (truncated or damaged?)"),
+    "tensor-not-in-its-shard": (lambda d: _drop(d, _shard_of(d, UP), UP),
+                                f"model-00003-of-00004.safetensors: model.safetensors.index.json maps {UP} to it, "
+                                "but it holds no such tensor"),
+    "tensor-nowhere": (lambda d: _drop(d, _shard_of(d, UP), UP, from_index=True),
+                       f"{UP} is missing from the files model.safetensors.index.json lists (for "
+                       "layers.1.mlp.up_proj.weight)"),
+}
+
+
+@pytest.fixture(scope="module")
+def sharded_dir(tmp_path_factory):
+    """A Llama of SHAPE (the trainer tests' model) in 4 shards through model.safetensors.index.json."""
+    root = tmp_path_factory.mktemp("sharded")
+    _save(root, "LlamaConfig", "LlamaForCausalLM", dict(vocab_size=320), max_shard_size="100KB")
+    assert _shard_of(root, UP) == "model-00003-of-00004.safetensors"
+    return root
+
+
+@pytest.mark.parametrize("case", BROKEN.values(), ids=BROKEN.keys())
+def test_a_broken_directory_is_an_error_naming_the_file(sharded_dir, hf_dir_and_data, tmp_path, case, capsys):
+    """from_hf: an HFImportError naming the file and what is wrong; the trainer (train.init_from): exit 2
+    with that message, before anything starts."""
+    import shutil
+
+    import yaml
+
+    from lasp.train.__main__ import main
+
+    breaks, message = case
+    src = tmp_path / "hf"
+    shutil.copytree(sharded_dir, src)
+    LinearLlama.from_hf(str(src))  # whole, it imports
+    breaks(src)
+    with pytest.raises(HFImportError) as e:
+        LinearLlama.from_hf(str(src))
+    assert message in str(e.value) and str(e.value).count("\n") == 1, str(e.value)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(_trainer_cfg(src, hf_dir_and_data[1], tmp_path / "run")))
+    assert main(["--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"train.init_from: cannot import {src}" in err and message in err, err
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())

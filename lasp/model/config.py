@@ -62,7 +62,11 @@ class ModelConfig:
     (LoLCATs' sliding window, lasp.model.window). 0: off.
     Under sequence parallelism each rank receives the window - 1 rows before its chunks (a halo)."""
     output_norm: bool = True
-    """RMS-normalise the linear-attention output per head before the output projection."""
+    """RMS-normalise the linear-attention output per head before the output projection (the delta rule's
+    layers have their gated norm regardless): the normaliser of a linear branch that has none. With a window,
+    whose normaliser puts the output on softmax's scale, an import that turns softmax layers linear
+    (from_hf, train.init_from) refuses it: the fresh norm would rescale the imported layer's output to RMS 1
+    (lasp.model.hf.fresh_norm_problems); from_hf then defaults it to false."""
     tie_embeddings: bool = False
     """Share the input embedding with the output projection."""
     rope_theta: float = 10000.0

@@ -8,7 +8,10 @@ of Llama 2/3/3.1/3.2 (`llama3` RoPE scaling included), Mistral, Qwen2/2.5 (q/k/v
 transformers' own forward. A config field it cannot honour (another activation, MLP or output biases,
 sliding windows, another RoPE scaling, ...) is an error naming it and its value, with every such
 problem at once; nothing is silently dropped. `overrides` are ModelConfig fields, e.g. layer_pattern
-and linear_variant to linearise layers: the linear layers then reuse the imported q, k, v and o.
+and linear_variant to linearise layers: the linear layers then reuse the imported q, k, v and o. With a
+window, output_norm defaults to false here, and true is refused (`fresh_norm_problems`).
+A directory that cannot be read (config.json or the index not JSON, a shard the index names absent, a
+truncated safetensors file, a tensor missing) is an HFImportError naming the file and what is wrong.
 """
 
 import json
@@ -17,7 +20,7 @@ import os
 import torch
 from torch import nn
 
-from lasp.model.config import ModelConfig
+from lasp.model.config import DELTA_VARIANTS, ModelConfig
 
 ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -103,7 +106,7 @@ def model_config(c: dict, path: str = "config.json", **overrides) -> ModelConfig
         num_heads=H, num_kv_heads=c.get("num_key_value_heads") or H, ffn_hidden_size=c.get("intermediate_size"),
         layer_pattern="S", tie_embeddings=bool(c.get("tie_word_embeddings", False)),
         norm_eps=float(c.get("rms_norm_eps", 1e-6)), attention_bias=family == "qwen2", qk_norm=family == "qwen3",
-        float32_norm_rope=True,
+        float32_norm_rope=True, output_norm=not overrides.get("window"),  # see fresh_norm_problems
         attention_head_dim=head_dim if H and head_dim != c["hidden_size"] // H else 0, **rope,
     )
     missing = [k for k, v in fields.items() if v is None]
@@ -111,9 +114,34 @@ def model_config(c: dict, path: str = "config.json", **overrides) -> ModelConfig
     if problems:
         raise HFImportError(path, problems)
     try:
-        return ModelConfig(**{**fields, **overrides})
+        cfg = ModelConfig(**{**fields, **overrides})
     except (TypeError, ValueError) as e:
         raise HFImportError(path, [str(e)]) from None
+    problems = fresh_norm_problems(cfg, ModelConfig(**fields))
+    if problems:
+        raise HFImportError(path, problems)
+    return cfg
+
+
+def fresh_norm_problems(cfg: ModelConfig, source: ModelConfig) -> list[str]:
+    """model.output_norm with model.window on layers that are softmax in the weights and linear in `cfg`
+    (linearised), refused. The window's normaliser, shared with the linear branch, already gives a
+    weighted mean of v, on the scale of the softmax output it stands in for; a fresh per-head RMSNorm
+    (weight 1) on top puts every head's output at RMS 1 instead, and the imported o_proj starts far from the
+    original model. Without a window the linear branch has no normaliser and the norm is what bounds its
+    output (either way such a layer starts far off). The delta rule's layers have their gated norm
+    whatever output_norm says."""
+    if not (cfg.output_norm and cfg.window) or cfg.linear_variant in DELTA_VARIANTS:
+        return []
+    layers = [i for i in range(cfg.num_layers) if cfg.mixer(i) == "L" and source.mixer(i) == "S"]
+    if not layers:
+        return []
+    shown = ", ".join(map(str, layers[:8])) + (", ..." if len(layers) > 8 else "")
+    return [f"model.output_norm = True with model.window = {cfg.window} on {len(layers)} layer(s) linearised "
+            f"from the weights' softmax layers ({shown}): the window's normaliser already puts each head's "
+            "output on the softmax output's scale, and a fresh RMSNorm would rescale it to RMS 1, so the "
+            "imported o_proj would start far from the original model; set output_norm to false (from_hf's "
+            "default with a window)"]
 
 
 def _names(cfg: ModelConfig) -> dict[str, str]:
@@ -134,7 +162,7 @@ def _names(cfg: ModelConfig) -> dict[str, str]:
             out[f"{ours}mixer.{p}.weight"] = f"{hf}self_attn.{p}.weight"
             if cfg.attention_bias and p != "o_proj":
                 out[f"{ours}mixer.{p}.bias"] = f"{hf}self_attn.{p}.bias"
-        if cfg.qk_norm and cfg.mixer(i) == "S":
+        if cfg.qk_norm:  # linear layers normalise their q and k too (the delta rule's refuse qk_norm)
             out[ours + "mixer.q_norm.weight"] = hf + "self_attn.q_norm.weight"
             out[ours + "mixer.k_norm.weight"] = hf + "self_attn.k_norm.weight"
     return out
@@ -165,29 +193,88 @@ def _config_json(path: str, what: str = "no config.json") -> dict:
     config = os.path.join(path, "config.json")
     if not os.path.isfile(config):
         raise HFImportError(path, [what])
-    with open(config) as f:
-        return json.load(f)
+    return _json(path, "config.json")
+
+
+def _json(path: str, name: str) -> dict:
+    """The JSON object in the file `name` of directory `path`, or HFImportError naming the file."""
+    try:
+        with open(os.path.join(path, name), encoding="utf-8") as f:
+            out = json.load(f)
+    except (ValueError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise HFImportError(path, [f"{name} is not readable JSON: {e}"]) from None
+    if not isinstance(out, dict):
+        raise HFImportError(path, [f"{name} holds a JSON {type(out).__name__}, not an object"])
+    return out
+
+
+INDEX = "model.safetensors.index.json"
+
+
+def _weight_map(path: str) -> dict[str, str] | None:
+    """The index's tensor name -> file name, or None without an index."""
+    if not os.path.isfile(os.path.join(path, INDEX)):
+        return None
+    mapping = _json(path, INDEX).get("weight_map")
+    if not isinstance(mapping, dict) or not all(isinstance(v, str) for v in mapping.values()):
+        raise HFImportError(path, [f"{INDEX} has no weight_map of tensor names to file names"])
+    return mapping
 
 
 def _weight_files(path: str) -> list[str]:
-    """The safetensors files of a directory: model.safetensors, or the shards its index lists."""
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        with open(index) as f:
-            return [os.path.join(path, n) for n in sorted(set(json.load(f)["weight_map"].values()))]
+    """The safetensors files of a directory: model.safetensors, or the shards its index lists (each present)."""
+    mapping = _weight_map(path)
+    if mapping is not None:
+        names = sorted(set(mapping.values()))
+        absent = [n for n in names if not os.path.isfile(os.path.join(path, n))]
+        if absent:
+            raise HFImportError(path, [f"{n}: named in {INDEX} for {sum(v == n for v in mapping.values())} "
+                                       "tensor(s), but absent" for n in absent])
+        return [os.path.join(path, n) for n in names]
     if os.path.isfile(os.path.join(path, "model.safetensors")):
         return [os.path.join(path, "model.safetensors")]
     raise HFImportError(path, ["no model.safetensors or model.safetensors.index.json (pytorch_model.bin is "
                                "not read: convert it with transformers' save_pretrained)"])
 
 
-def read_weights(path: str) -> dict[str, torch.Tensor]:
-    """Every tensor of the directory's model.safetensors, or of the shards its index lists."""
-    from safetensors.torch import load_file
+def _unreadable(path: str, file: str, e: Exception) -> HFImportError:
+    return HFImportError(path, [f"{os.path.basename(file)}: not a readable safetensors file (truncated or "
+                                f"damaged?): {e}"])
+
+
+def weight_keys(path: str) -> dict[str, set[str]]:
+    """The tensor names of each safetensors file of the directory, from the file headers only (no tensor is
+    loaded); HFImportError naming a file that cannot be read (truncated, damaged: its header must describe
+    exactly its bytes) or that lacks a tensor the index maps to it."""
+    from safetensors import SafetensorError, safe_open
 
     out = {}
     for name in _weight_files(path):
-        out.update(load_file(name))
+        try:
+            with safe_open(name, "pt") as f:
+                out[name] = set(f.keys())
+        except (SafetensorError, OSError) as e:
+            raise _unreadable(path, name, e) from None
+    lacking = sorted((n, file) for n, file in (_weight_map(path) or {}).items()
+                     if n not in out[os.path.join(path, file)])
+    if lacking:
+        raise HFImportError(path, [f"{file}: {INDEX} maps {n} to it, but it holds no such tensor"
+                                   for n, file in lacking])
+    return out
+
+
+def read_weights(path: str) -> dict[str, torch.Tensor]:
+    """Every tensor of the directory's model.safetensors, or of the shards its index lists (`weight_keys`
+    checks the files first)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    out = {}
+    for name in weight_keys(path):
+        try:
+            out.update(load_file(name))
+        except (SafetensorError, OSError) as e:
+            raise _unreadable(path, name, e) from None
     return out
 
 
@@ -200,9 +287,7 @@ def from_hf(path: str, dtype: torch.dtype | None = None, device="cpu", **overrid
     names = _names(cfg)
     if cfg.tie_embeddings:
         weights.pop("lm_head.weight", None)  # some exports write the tied copy too
-    problems = [f"{hf} is missing (for {ours})" for ours, hf in names.items() if hf not in weights]
-    unused = sorted(set(weights) - set(names.values()) - {k for k in weights if k.endswith("rotary_emb.inv_freq")})
-    problems += [f"{k}: a tensor LASP has no place for" for k in unused]
+    problems = _tensor_problems(path, names, set(weights), cfg.tie_embeddings)
     if problems:
         raise HFImportError(path, problems)
     dtype = dtype or weights[names["embed.weight"]].dtype
@@ -216,6 +301,16 @@ def from_hf(path: str, dtype: torch.dtype | None = None, device="cpu", **overrid
     # the parameters the import does not provide (a linearised layer's gates, ...) keep their initialisation
     model.load_state_dict({ours: weights[hf].to(dtype) for ours, hf in names.items()}, strict=False)
     return model.eval()
+
+
+def _tensor_problems(path: str, names: dict[str, str], keys: set[str], tied: bool) -> list[str]:
+    """Each tensor of `names` (LASP name -> the source's) that the files lack, and each tensor of the files
+    that has no place (a tied model's lm_head copy and RoPE buffers aside)."""
+    where = f"the files {INDEX} lists" if _weight_map(path) is not None else "model.safetensors"
+    problems = [f"{src} is missing from {where} (for {ours})" for ours, src in names.items() if src not in keys]
+    spare = {k for k in keys if k.endswith("rotary_emb.inv_freq")} | ({"lm_head.weight"} if tied else set())
+    problems += [f"{k}: a tensor LASP has no place for" for k in sorted(keys - set(names.values()) - spare)]
+    return problems
 
 
 SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "ffn_hidden_size",
@@ -246,16 +341,28 @@ def is_hf_directory(path: str) -> bool:
 
 
 def source_config(path: str) -> ModelConfig:
-    """The ModelConfig of a Hugging Face directory or a LASP export (lasp.export), or HFImportError."""
+    """The ModelConfig of a Hugging Face directory or a LASP export (lasp.export), once its weight files'
+    headers show every tensor of that config and nothing else; HFImportError naming what is wrong."""
     c = _config_json(path, "no config.json: neither a Hugging Face model directory nor a LASP export")
-    return ModelConfig(**c["model"]) if _is_lasp_export(c) else model_config(c, os.path.join(path, "config.json"))
+    if _is_lasp_export(c):
+        cfg = ModelConfig(**c["model"])
+        names = {k: k for k in _model_names(cfg) if not (cfg.tie_embeddings and k == "lm_head.weight")}
+    else:
+        cfg = model_config(c, os.path.join(path, "config.json"))
+        names = _names(cfg)
+    keys = set().union(*weight_keys(path).values())
+    problems = _tensor_problems(path, names, keys, cfg.tie_embeddings)
+    if problems:
+        raise HFImportError(path, problems)
+    return cfg
 
 
 def mismatches(ours: ModelConfig, source: ModelConfig) -> list[str]:
     """The shape fields in which a run's model differs from the weights it starts from (the mixers'
-    pattern and variant may differ: that is linearisation)."""
+    pattern and variant may differ: that is linearisation), and a fresh output norm on a linearised layer
+    (`fresh_norm_problems`)."""
     return [f"model.{k} = {getattr(ours, k)!r}, but the weights have {getattr(source, k)!r}"
-            for k in SHAPE_FIELDS if getattr(ours, k) != getattr(source, k)]
+            for k in SHAPE_FIELDS if getattr(ours, k) != getattr(source, k)] + fresh_norm_problems(ours, source)
 
 
 def _source_names(path: str, cfg: ModelConfig) -> dict[str, str]:
@@ -371,12 +478,7 @@ def to_hf(model: nn.Module, directory: str, tokenizer: dict | None = None) -> No
 def provided(path: str, cfg: ModelConfig) -> set[str]:
     """The LASP names of the parameters a source (a Hugging Face directory or a LASP export) provides for a
     model of `cfg`, read from the file headers only (no tensor is loaded)."""
-    from safetensors import safe_open
-
-    keys = set()
-    for name in _weight_files(path):
-        with safe_open(name, "pt") as f:
-            keys |= set(f.keys())
+    keys = set().union(*weight_keys(path).values())
     out = {ours for ours, src in _source_names(path, cfg).items() if src in keys}
     if cfg.tie_embeddings and "embed.weight" in out:
         out.add("lm_head.weight")
