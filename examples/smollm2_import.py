@@ -9,10 +9,14 @@
 2. `LinearLlama.from_hf` imports that directory; its loss on the first 1,024 tokens of the standard
    library's json/decoder.py is compared with transformers' own.
 3. The same weights with every 4th layer kept softmax and the rest linear (LLLS; the linear layers reuse
-   each layer's q, k, v, o), with no training: where the linearisation recipe starts.
+   each layer's q, k, v, o), with no training: where the linearisation recipe starts. With `basic` and
+   `gated_deltanet` layers, and with the recipe's layers (smollm2_linearise.py: a window among them),
+   without an output norm (from_hf's default with a window) and, to show why an import refuses it, with a
+   fresh one (the same weights loaded into a model with output_norm on, as train.init_from would).
 """
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import math
@@ -68,7 +72,10 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
     from transformers import LlamaForCausalLM
 
+    from smollm2_linearise import hybrid_fields
+
     from lasp.model import LinearLlama
+    from lasp.model.hf import initial_state
 
     start = time.time()
     torch.manual_seed(0)  # the linear layers' new parameters (gates, beta, convolutions) start from it
@@ -86,6 +93,11 @@ def main(argv=None) -> None:
         for variant in ("basic", "gated_deltanet"):
             hybrid = LinearLlama.from_hf(a.out, dtype=torch.float32, layer_pattern="LLLS", linear_variant=variant)
             rows[f"LASP, LLLS {variant}, no training"] = loss(hybrid(tokens), tokens)
+        recipe = LinearLlama.from_hf(a.out, dtype=torch.float32, **hybrid_fields(window=64))
+        rows["LASP, LLLS recipe layers, no training"] = loss(recipe(tokens), tokens)
+        normed = LinearLlama(dataclasses.replace(recipe.cfg, output_norm=True)).eval()
+        normed.load_state_dict(initial_state(a.out, normed.cfg), strict=False)
+        rows["the same with a fresh output norm"] = loss(normed(tokens), tokens)
     print(f"{'model':40s} {'loss':>10s} {'perplexity':>12s}")
     for name, value in rows.items():
         print(f"{name:40s} {value:10.7f} {math.exp(value):12.2f}")
