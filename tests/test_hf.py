@@ -284,11 +284,18 @@ def test_a_broken_directory_is_an_error_naming_the_file(sharded_dir, hf_dir_and_
     breaks, message = case
     src = tmp_path / "hf"
     shutil.copytree(sharded_dir, src)
-    LinearLlama.from_hf(str(src))  # whole, it imports
+    model = LinearLlama.from_hf(str(src))  # whole, it imports
     breaks(src)
     with pytest.raises(HFImportError) as e:
         LinearLlama.from_hf(str(src))
     assert message in str(e.value) and str(e.value).count("\n") == 1, str(e.value)
+    from lasp.train.config import ConfigError
+    from lasp.train.loop import _initialise
+
+    if "is missing from the files" not in message:  # a file that breaks after the config check: a message too
+        with pytest.raises(ConfigError) as e:  # (a tensor absent from every file is the config check's alone)
+            _initialise(model, str(src))
+        assert message in str(e.value)
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(_trainer_cfg(src, hf_dir_and_data[1], tmp_path / "run")))
     assert main(["--config", str(path)]) == 2

@@ -178,14 +178,17 @@ def _initialise(model: LinearLlama, path: str) -> tuple[int, int]:
     The config check compared the source's tokenizer with the data's; a source without one is said here."""
     import logging
 
-    from lasp.model.hf import initial_state
+    from lasp.model.hf import HFImportError, initial_state
     from lasp.model.pretrained import TOKENIZER, recorded_tokenizer
 
     if recorded_tokenizer(path) is None and not os.path.isfile(os.path.join(path, TOKENIZER)):
         logging.getLogger(__name__).info(
             f"train.init_from {path} records no tokenizer (no lasp.export record, no {TOKENIZER}): only its "
             f"vocabulary size ({model.cfg.vocab_size}) was checked against the data's, not which tokenizer made it")
-    state = initial_state(path, model.cfg)
+    try:  # the config check read the files' headers; what changed since (or a dry run's skip) is said here
+        state = initial_state(path, model.cfg)
+    except HFImportError as e:
+        raise ConfigError("train.init_from", [str(e)]) from None
     own = model.state_dict()
     wrong = [f"{k}: {list(v.shape)} there, {list(own[k].shape)} here" for k, v in state.items()
              if k in own and v.shape != own[k].shape]
