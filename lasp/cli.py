@@ -84,10 +84,11 @@ def _restore_mtime(directory: Path, stat: os.stat_result) -> None:
 
 
 def _try_writing(path: Path, directory: bool) -> str | None:
-    """Write at `path` for real and undo it: None when that worked, else why not. A missing path is created
-    (its missing parents as directories, then itself as a directory or an empty file) and removed again,
-    deepest first; an existing directory gets a probe file of a unique name, an existing file is opened for
-    appending (nothing written). Only what this call created is removed."""
+    """Write at `path` for real and undo it: None when that worked, else why not. For a missing path, a
+    directory of a unique name is made in its nearest existing parent and removed again (never `path`
+    itself: the ranks of one run check the same path at once, and one's check must not meet another's); an
+    existing directory gets a probe file of a unique name, an existing file is opened for appending (nothing
+    written). Only what this call created is removed."""
     if path.exists():
         if path.is_dir() != directory:
             return "it is a directory" if path.is_dir() else "it is not a directory"
@@ -108,25 +109,12 @@ def _try_writing(path: Path, directory: bool) -> str | None:
         parent = parent.parent
     if not parent.is_dir():
         return f"{parent} is not a directory"
-    before, made = parent.stat(), []
-    missing = [p for p in reversed(path.parents) if p not in parent.parents and p != parent] + [path]
+    before = parent.stat()
     try:
-        for p in missing:
-            if p != path or directory:
-                os.mkdir(p)
-            else:
-                os.close(os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL))
-            made.append(p)
+        os.rmdir(tempfile.mkdtemp(prefix=".lasp-write-probe-", dir=parent))
     except OSError as e:
-        return f"{parent} is not writable (creating {missing[len(made)]} failed: {e.strerror or e})"
-    finally:
-        for p in reversed(made):
-            if p.is_dir():
-                p.rmdir()
-            else:
-                p.unlink()
-        if made:
-            _restore_mtime(parent, before)
+        return f"{parent} is not writable (creating a directory in it failed: {e.strerror or e})"
+    _restore_mtime(parent, before)
     return None
 
 

@@ -59,8 +59,14 @@ def test_the_checks_name_the_option_and_the_value(tmp_path, under_a_file, monkey
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"] and tmp_path.stat().st_mtime_ns == before
     # permission bits say yes here (os.access), the kernel says no: only trying tells
     assert cli.writable("--out", "/proc/lasp/x.jsonl") == [
-        "--out: cannot write to /proc/lasp/x.jsonl: /proc is not writable (creating /proc/lasp failed: No such file or "
-        "directory)"]
+        "--out: cannot write to /proc/lasp/x.jsonl: /proc is not writable (creating a directory in it failed: "
+        "No such file or directory)"]
+    # every rank of a run checks the same new logging.run_dir at once: no check may meet another's probe
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda _: cli.writable("--out", tmp_path / "run" / "new", directory=True), range(400)))
+    assert got == [[]] * 400 and sorted(p.name for p in tmp_path.iterdir()) == ["file"]
     assert cli.writable("--out", "/proc", directory=True)[0].startswith("--out: cannot write to /proc: /proc is not "
                                                                         "writable")
 
@@ -244,7 +250,7 @@ def test_data(tmp_path, under_a_file, capsys):
          f"{tmp_path / 'full'} holds the input {tmp_path / 'full' / 'keep.txt'}: a tool does not write over its own"),
         (["prepare", *one, "--output", str(tmp_path), "--force"], f"{tmp_path} holds the input {tmp_path / 'one.txt'}"),
         (["prepare", *one, "--output", "/proc/lasp-data"],
-         "--output: cannot write to /proc/lasp-data: /proc is not writable (creating /proc/lasp-data failed"),
+         "--output: cannot write to /proc/lasp-data: /proc is not writable (creating a directory in it failed"),
         (["prepare", *one, *out, "--val-fraction", "0.1"], "a val split needs at least 2 documents, the inputs have 1"),
         (["prepare", *one, *out, "--tokenizer", str(tmp_path / "tok.json")], "tok.json' does not exist (expected `byte`"),
         (["prepare", *one, *out, "--tokenizer", str(tmp_path / "full")], "full' is a directory without a tokenizer.json"),
