@@ -22,6 +22,7 @@ def read_tensors(checkpoint_dir: str, prefix: str) -> dict[str, torch.Tensor]:
     keyed without the prefix. Reads only those tensors, in this one process."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
     from lasp.train.ckpt_store import CheckpointError
@@ -32,7 +33,12 @@ def read_tensors(checkpoint_dir: str, prefix: str) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"checkpoint {checkpoint_dir} holds no tensors under {prefix!r}")
     sd: dict = {}
     # what dcp's own _load_state_dict_from_keys does, without its collective when a process group exists
-    _load_state_dict(sd, storage_reader=reader, planner=_EmptyStateDictLoadPlanner(keys=keys), no_dist=True)
+    try:
+        _load_state_dict(sd, storage_reader=reader, planner=_EmptyStateDictLoadPlanner(keys=keys), no_dist=True)
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP's own is a BaseException
+        last = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+        raise CheckpointError(f"checkpoint {checkpoint_dir} could not be read ({last}): a damaged file? (a "
+                              "checkpoint saved before the sha256 manifests is checked by sizes only)") from None
     return {k[len(prefix):]: v for k, v in sd.items()}
 
 

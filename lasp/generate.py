@@ -111,8 +111,8 @@ def _problems(args) -> list[str]:
     if what is not None:
         problems.append(f"--checkpoint {args.checkpoint} {what}")
     problems += at_least("--max-new-tokens", args.max_new_tokens)
-    if not args.temperature >= 0:
-        problems.append(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
+    if not 0 <= args.temperature < float("inf"):
+        problems.append(f"--temperature must be a finite number >= 0 (0 = greedy), got {args.temperature}")
     if not 0 < args.top_p <= 1:
         problems.append(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.device == "cuda" and not torch.cuda.is_available():

@@ -254,6 +254,18 @@ def test_two_runs_in_one_directory_the_second_is_refused_and_changes_nothing(tmp
     assert f"is in use by another run (pid {os.getpid()} on host {socket.gethostname()}" in err, err
     assert tree(run_dir) == before  # no metrics, checkpoint or temporary directory touched
 
+    # nor a run of another run directory that names this one's checkpoints as its checkpoint.dir
+    beside = _cfg(new, logging={"run_dir": str(tmp_path / "beside")},
+                  checkpoint={"dir": str(run_dir / "checkpoints")})
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump(beside))
+    held = RunLock(str(run_dir / "checkpoints"))  # the first run holds its checkpoint.dir's lock too
+    held.acquire()
+    before = tree(run_dir)
+    assert main(["--config", str(tmp_path / "b.yaml")]) == 2
+    assert f"{run_dir / 'checkpoints'} is in use by another run" in capsys.readouterr().err
+    assert tree(run_dir) == before
+    held.release()
+
     first.release()
     state = run(new)  # released: the run goes on from the committed step 2
     assert state.step == 4 and os.path.getsize(run_dir / "run.lock") == 0  # a clean end empties the lock
@@ -290,9 +302,10 @@ def test_a_roll_back_moves_the_abandoned_branch_aside_and_a_restart_follows_the_
     assert state.step == 7 and state.stopped_by == "train.max_minutes"
     out = capsys.readouterr().out
     moved = re.search(r"rolling back to step 6 \(\S+\): the later step-00000008 of the abandoned branch are "
-                      r"moved to (\S+) \(kept", out)
+                      r"moved to (\S+) with its 2 metrics rows \(kept", out)
     assert moved, out
     assert os.path.isfile(os.path.join(moved.group(1), "step-00000008", ckpt_store.MARKER))  # kept whole
+    assert [s for s, *_ in rows(moved.group(1))] == [7, 8]  # the abandoned branch's history, beside it
     # keep_last 1 kept the new step 7 and the step the roll-back started from; step 8 is not a checkpoint here
     assert [s for s, _ in ckpt_store.list_checkpoints(root)] == [6, 7]
 
@@ -560,7 +573,7 @@ def test_export_and_generate_refuse_wrong_paths_before_any_work(tmp_path, saved,
         (["--checkpoint", str(unfinished), "--prompt", "x"], "a save still being written"),
         (["--checkpoint", step, "--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
         (["--checkpoint", step, "--prompt", "x", "--top-p", "0", "--temperature", "-1"],  # every problem at once
-         "2 problem(s)", "--temperature must be >= 0", "--top-p must be in (0, 1], got 0.0"),
+         "2 problem(s)", "--temperature must be a finite number >= 0", "--top-p must be in (0, 1], got 0.0"),
     ], capsys, watch=[tmp_path, run_dir])
 
 

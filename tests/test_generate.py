@@ -158,8 +158,9 @@ def test_top_p_keeps_the_smallest_nucleus():
 
 
 @pytest.mark.parametrize("kw, match", [
-    (dict(temperature=-0.5), r"temperature must be >= 0 .* got -0.5"),
-    (dict(temperature=float("nan")), r"temperature must be >= 0 .* got nan"),
+    (dict(temperature=-0.5), r"temperature must be a finite number >= 0 .* got -0.5"),
+    (dict(temperature=float("nan")), r"temperature must be a finite number >= 0 .* got nan"),
+    (dict(temperature=float("inf")), r"temperature must be a finite number >= 0 .* got inf"),
     (dict(top_p=0.0), r"top_p must be in \(0, 1\], got 0.0"),
     (dict(top_p=1.5), r"top_p must be in \(0, 1\], got 1.5"),
     (dict(prompt_ids=[]), r"prompt is empty"),

@@ -154,6 +154,17 @@ def test_a_float_field_refuses_nan_and_inf_by_name(path):
     # "nan" and "1e999": YAML 1.1 reads them as a string, which a float field takes as the number it spells
     for value, shown in ((math.nan, "nan"), (math.inf, "inf"), (-math.inf, "-inf"), ("nan", "nan"), ("1e999", "inf")):
         assert _problems(_at(path, value)) == [f"{path}: {shown} is not a finite number"], value
+    huge = 10**400  # an int past a float's range (YAML's 1000...0): no OverflowError, a message
+    assert _problems(_at(path, huge)) == [f"{path}: {huge} is not a finite number (beyond a float's range)"]
+
+
+def test_a_model_config_built_in_python_refuses_nan_and_inf_by_name():
+    from lasp.model import ModelConfig
+
+    for field in ("rope_theta", "norm_eps", "init_std", "rope_factor"):
+        for value in (math.nan, math.inf):
+            with pytest.raises(ValueError, match=f"model.{field}: {value} is not a finite number"):
+                ModelConfig(**{field: value})
 
 
 RANGES = [

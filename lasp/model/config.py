@@ -1,6 +1,7 @@
 """Model configuration: a typed dataclass, one docstring per field, every problem reported at once."""
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass
@@ -251,4 +252,6 @@ def type_problems(obj, section: str) -> dict[str, str]:
         value, tp = getattr(obj, f.name), hints[f.name]
         if not _matches(value, tp):
             out[f.name] = f"{section}.{f.name}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}"
+        elif isinstance(value, float) and not math.isfinite(value):
+            out[f.name] = f"{section}.{f.name}: {value} is not a finite number"
     return out

@@ -318,9 +318,10 @@ def decode_step(model: LinearLlama, tokens_BT: Tensor, state: DecodeState, last_
 
 
 def check_sampling(temperature: float, top_p: float) -> None:
-    """temperature >= 0 (0 = greedy) and top_p in (0, 1]; a clear error otherwise."""
-    if not temperature >= 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    """temperature finite and >= 0 (0 = greedy; inf would sample uniformly) and top_p in (0, 1]; a clear
+    error otherwise."""
+    if not 0 <= temperature < float("inf"):
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
 

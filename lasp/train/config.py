@@ -245,9 +245,9 @@ class CheckpointConfig:
     """Timeout of the collectives of a save (its own process group): writing a large checkpoint to shared
     storage may take far longer than train.collective_timeout_s allows a training collective."""
     verify: bool = True
-    """Check the sha256 of every file of the checkpoint a run resumes from (or exports) against its manifest,
-    refusing a damaged one by name; the ranks share the reading (about 0.75 s per GB on one CPU core).
-    false: sizes only."""
+    """Check the sha256 of every file of the checkpoint a run resumes from against its manifest, refusing a
+    damaged one by name; the ranks share the reading (about 0.75 s per GB on one CPU core). false: sizes
+    only. (lasp.export, lasp.generate and lasp.eval always check.)"""
 
     def problems(self) -> list[str]:
         p = []

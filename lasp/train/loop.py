@@ -35,7 +35,7 @@ from lasp.train.ckpt_store import CheckpointError
 from lasp.train.config import ConfigError, TrainConfig, dump
 from lasp.train.distributed import Launch, init_distributed, pick_device, shutdown
 from lasp.train.flops import flops_per_token, peak_flops
-from lasp.train.metrics import Metrics, moe_columns, peak_memory_gib
+from lasp.train.metrics import Metrics, keep_rows_after, moe_columns, peak_memory_gib
 from lasp.train.optim import build_optimizer, lr_at, set_lr
 from lasp.train.run_lock import RunDirLocked, RunLock
 from lasp.train.signals import GracefulStop
@@ -134,12 +134,12 @@ def _resume_path(cfg: TrainConfig, tokenizer: dict) -> tuple[str | None, int, li
 
 
 def _lock_run(cfg: TrainConfig) -> list[RunLock]:
-    """Rank 0 takes the lock of the run directory (and of checkpoint.dir when it lies outside it) before
-    anything there is written or removed; every rank raises RunDirLocked if another run holds one."""
+    """Rank 0 takes the locks of the run directory and of checkpoint.dir (its own lock even inside the run
+    directory: another run may name it as its checkpoint.dir) before anything there is written or removed;
+    every rank raises RunDirLocked if another run holds one."""
     dirs = [cfg.logging.run_dir]
-    root = os.path.abspath(checkpoint_root(cfg))
-    if os.path.commonpath([root, os.path.abspath(cfg.logging.run_dir)]) != os.path.abspath(cfg.logging.run_dir):
-        dirs.append(root)
+    if os.path.abspath(checkpoint_root(cfg)) != os.path.abspath(cfg.logging.run_dir):
+        dirs.append(checkpoint_root(cfg))
     locks, error, notes = [], None, []
     if dist.get_rank() == 0:
         try:
@@ -169,8 +169,10 @@ def _roll_back(cfg: TrainConfig, resume: str, step: int, say) -> None:
     moved = ckpt_store.set_aside(checkpoint_root(cfg), step)
     if moved is not None:
         aside, names = moved
+        rows = keep_rows_after(cfg.logging.run_dir, step, aside)
         say(f"rolling back to step {step} ({resume}): the later {', '.join(names)} of the abandoned branch are "
-            f"moved to {aside} (kept, not read again; a plain restart continues from this branch)")
+            f"moved to {aside}" + (f" with its {rows} metrics rows" if rows else "")
+            + " (kept, not read again; a plain restart continues from this branch)")
 
 
 def _initialise(model: LinearLlama, path: str) -> tuple[int, int]:

@@ -140,6 +140,16 @@ class Metrics:
             plot_losses(self.rows, os.path.join(self.run_dir, "loss.png"))
 
 
+def keep_rows_after(run_dir: str, step: int, dest: str) -> int:
+    """Copy the metrics.jsonl rows of `run_dir` past `step` into `dest`/metrics.jsonl (a roll-back's
+    abandoned branch keeps its history beside its checkpoints: resuming drops them from the run's file).
+    Returns how many."""
+    rows = [r for r in _read_rows(os.path.join(run_dir, "metrics.jsonl")) if r.get("step", 0) > step]
+    if rows:
+        write_file(os.path.join(dest, "metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
+    return len(rows)
+
+
 def _read_rows(path: str) -> list[dict]:
     """The rows of a metrics.jsonl (a line cut short by a crash is dropped)."""
     rows = []

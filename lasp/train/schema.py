@@ -38,6 +38,14 @@ def _matches(value, tp) -> bool:
     return isinstance(value, tp)
 
 
+def _finite_as_float(value: int) -> bool:
+    """An int a float field can hold: 10**400 is past a float's range."""
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
+
+
 def _yaml11_float(value, tp):
     """YAML 1.1 (PyYAML) reads `3e-4` as a string (it wants `3.0e-4`); for a float field, take it as
     the number everyone means."""
@@ -87,6 +95,8 @@ def build(cls, data: Any, path: str, problems: list[str]):
                 failed.add(key)
         elif isinstance(value, float) and not math.isfinite(value) and _matches(value, tp):
             problems.append(f"{where}: {value} is not a finite number")
+        elif _matches(value, tp) and isinstance(value, int) and not _finite_as_float(value):
+            problems.append(f"{where}: {value} is not a finite number (beyond a float's range)")
         elif _matches(value, tp):
             kwargs[key] = float(value) if tp is float else value
         else:
