@@ -170,7 +170,10 @@ def _roll_back(cfg: TrainConfig, resume: str, step: int, say) -> None:
     if moved is not None:
         aside, names = moved
         rows = keep_rows_after(cfg.logging.run_dir, step, aside)
-        say(f"rolling back to step {step} ({resume}): the later {', '.join(names)} of the abandoned branch are "
+        inside = os.path.dirname(os.path.realpath(resume)) == os.path.realpath(checkpoint_root(cfg))
+        start = (f"rolling back to step {step} ({resume})" if inside else
+                 f"starting from step {step} of {resume}, outside checkpoint.dir")
+        say(f"{start}: the later {', '.join(names)} of the abandoned branch are "
             f"moved to {aside}" + (f" with its {rows} metrics rows" if rows else "")
             + " (kept, not read again; a plain restart continues from this branch)")
 
