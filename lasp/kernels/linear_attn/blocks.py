@@ -1,8 +1,15 @@
-"""Blocks of a [B, T, H, D] sequence for the chunked PyTorch paths (constant decay and gates)."""
+"""Blocks of a [B, T, H, D] sequence for the chunked PyTorch paths (constant decay, gates, the delta rule),
+and the block sizes every family shares."""
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+VECTOR_BLOCK = 16
+"""At most this many tokens per block where a vector gate needs the exact pairwise weight ([C, C, K])."""
+FACTOR_SPAN = 30.0
+"""A vector gate summing to no less than -FACTOR_SPAN over every block is factored: q exp(G) and k exp(-G)
+stay within exp(30) ~ 1e13, neither overflowing nor losing the product."""
 
 
 class Blocks:

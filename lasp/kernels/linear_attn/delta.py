@@ -41,11 +41,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lasp.kernels.linear_attn.blocks import FACTOR_SPAN, VECTOR_BLOCK
 from lasp.kernels.protocol import state_dtype
 
 BLOCK = 64
-VECTOR_BLOCK = 16  # a vector gate's exact pairwise weight is [L, L, K]
-FACTOR_SPAN = 30.0  # a vector gate summing to no less than this over every block is factored (exp(30) ~ 1e13)
 SEGMENT = 1024  # tokens whose backward graph lives at once (a multiple of both blocks)
 
 

@@ -32,12 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lasp.kernels.linear_attn.blocks import Blocks
+from lasp.kernels.linear_attn.blocks import FACTOR_SPAN, VECTOR_BLOCK, Blocks
 from lasp.kernels.protocol import state_dtype
 from lasp.kernels.scan import affine_scan
-
-VECTOR_BLOCK = 16  # at most, for a vector gate whose blocks need the exact [C, C, K] weight
-FACTOR_SPAN = 30.0  # a vector gate summing to no less than -30 over any block is factored (exp(30) ~ 1e13)
 
 
 def as_vector_form(gate: Tensor) -> Tensor:
