@@ -25,7 +25,7 @@ def read_tensors(checkpoint_dir: str, prefix: str) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
-    from lasp.train.ckpt_store import CheckpointError
+    from lasp.train.ckpt_store import CheckpointError, last_line
 
     reader = dcp.FileSystemReader(checkpoint_dir)
     keys = {k for k in reader.read_metadata().state_dict_metadata if k.startswith(prefix)}
@@ -36,8 +36,7 @@ def read_tensors(checkpoint_dir: str, prefix: str) -> dict[str, torch.Tensor]:
     try:
         _load_state_dict(sd, storage_reader=reader, planner=_EmptyStateDictLoadPlanner(keys=keys), no_dist=True)
     except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP's own is a BaseException
-        last = (str(e).strip().splitlines() or [type(e).__name__])[-1]
-        raise CheckpointError(f"checkpoint {checkpoint_dir} could not be read ({last}): a damaged file? (a "
+        raise CheckpointError(f"checkpoint {checkpoint_dir} could not be read ({last_line(e)}): a damaged file? (a "
                               "checkpoint saved before the sha256 manifests is checked by sizes only)") from None
     return {k[len(prefix):]: v for k, v in sd.items()}
 

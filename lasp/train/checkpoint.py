@@ -249,9 +249,9 @@ class Checkpointer:
         dist.all_gather_object(seen, None if error is None else f"rank {self.rank}: {error}", group=self._group)
         failed = [s for s in seen if s is not None]
         if failed:
-            self._failed(step, error if error is not None else OSError("; ".join(failed)), others=failed)
+            self._failed(step, error if error is not None else RuntimeError("; ".join(failed)))
 
-    def _failed(self, step: int, e: BaseException, others: list[str] = ()) -> None:
+    def _failed(self, step: int, e: BaseException) -> None:
         """Stop the run with one message: what failed (the disk full, named), and the checkpoint kept."""
         oserrors = _os_errors(e)
         try:  # before the failed save's files are removed: a full disk has (nearly) nothing left
@@ -273,9 +273,7 @@ class Checkpointer:
             x = oserrors[0]
             what = f"a write failed: {x.strerror or x}" + (f" ({x.filename})" if x.filename else "")
         else:
-            what = f"the write failed: {str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__}"
-        if others and not oserrors:
-            what += " (" + "; ".join(others) + ")"
+            what = f"the write failed: {store.last_line(e)}"
         raise CheckpointSaveError(f"checkpoint step {step} could not be saved: {what}; {kept}. Free space (or set "
                                   "checkpoint.dir to another filesystem), then start the same command again to "
                                   "resume from it") from None
@@ -326,11 +324,10 @@ class Checkpointer:
         rng = os.path.join(path, "rng", f"rank-{self.rank:05d}.pt")
         if same_layout and os.path.isfile(rng):
             try:
-                states = torch.load(rng, weights_only=False)
-                _set_rng_states(states)
+                _set_rng_states(torch.load(rng, weights_only=False))
             except Exception as e:  # noqa: BLE001 - unpickling damaged bytes raises anything
                 raise CheckpointError(f"{rng} is unreadable or not this trainer's RNG state ({type(e).__name__}: "
-                                      f"{str(e).splitlines()[0] if str(e) else ''}); use an earlier checkpoint") from None
+                                      f"{store.last_line(e)}); use an earlier checkpoint") from None
         return TrainState(**info["state"])
 
     def _load_dcp(self, path: str) -> None:
@@ -352,8 +349,7 @@ class Checkpointer:
         try:
             dcp.load(sd, storage_reader=reader)
         except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP wraps file errors in its own types
-            last = (str(e).strip().splitlines() or [type(e).__name__])[-1]
-            raise CheckpointError(f"checkpoint {path} could not be read ({last}): damaged files? With "
+            raise CheckpointError(f"checkpoint {path} could not be read ({store.last_line(e)}): damaged files? With "
                                   "checkpoint.verify=true (the default) the sha256 check names them") from None
 
 

@@ -19,12 +19,13 @@ branch.
 Nothing here touches process groups: the caller decides which rank calls what.
 """
 
-import hashlib
 import json
 import os
 import re
 import shutil
 import time
+
+from lasp.data.tokenizer import file_sha256
 
 MARKER = "COMMITTED"
 STATE_FILE = "train_state.json"
@@ -34,6 +35,12 @@ _NAME = re.compile(r"^step-(\d{8,})$")
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, incomplete, corrupt or does not fit this run (names the file)."""
+
+
+def last_line(e: BaseException) -> str:
+    """The line of an exception worth showing: DCP's own (CheckpointException) carries every rank's whole
+    traceback, and its last line is what went wrong."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[-1]
 
 
 def step_dir(root: str, step: int) -> str:
@@ -71,15 +78,6 @@ def _files(path: str) -> dict[str, int]:
     return out
 
 
-def sha256_file(path: str, block: int = 1 << 22) -> str:
-    """The sha256 of a file's bytes, read in 4 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def prepare(root: str, step: int) -> str:
     """Rank 0, before a save: a fresh, empty temporary directory for checkpoint `step`."""
     os.makedirs(root, exist_ok=True)
@@ -97,7 +95,7 @@ def commit(root: str, step: int, keep_last: int, keep: str | None = None) -> str
     tmp, final = tmp_dir(root, step), step_dir(root, step)
     files = _files(tmp)
     manifest = {"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": files,
-                "sha256": {name: sha256_file(os.path.join(tmp, name)) for name in sorted(files)}}
+                "sha256": {name: file_sha256(os.path.join(tmp, name)) for name in sorted(files)}}
     write_file(os.path.join(tmp, MARKER), json.dumps(manifest, indent=1))
     fsync_dir(tmp)
     if os.path.exists(final):  # a checkpoint of the same step from an earlier attempt: the new one wins
@@ -221,7 +219,7 @@ def verify(path: str, checksums: bool = True, part: tuple[int, int] = (0, 1)) ->
                             "overwritten)")
         elif checksums and name in sums and i % part[1] == part[0]:
             try:
-                digest = sha256_file(full)
+                digest = file_sha256(full)
             except OSError as e:
                 problems.append(f"{full} cannot be read ({e.strerror or e})")
                 continue

@@ -46,10 +46,15 @@ def _finite_as_float(value: int) -> bool:
         return False
 
 
+def _float_field(tp) -> bool:
+    """A field of type float or float | None."""
+    return tp is float or float in typing.get_args(tp)
+
+
 def _yaml11_float(value, tp):
     """YAML 1.1 (PyYAML) reads `3e-4` as a string (it wants `3.0e-4`); for a float field, take it as
     the number everyone means."""
-    if isinstance(value, str) and (tp is float or float in typing.get_args(tp)):
+    if isinstance(value, str) and _float_field(tp):
         try:
             return float(value)
         except ValueError:
@@ -95,7 +100,7 @@ def build(cls, data: Any, path: str, problems: list[str]):
                 failed.add(key)
         elif isinstance(value, float) and not math.isfinite(value) and _matches(value, tp):
             problems.append(f"{where}: {value} is not a finite number")
-        elif _matches(value, tp) and isinstance(value, int) and not _finite_as_float(value):
+        elif _matches(value, tp) and _float_field(tp) and isinstance(value, int) and not _finite_as_float(value):
             problems.append(f"{where}: {value} is not a finite number (beyond a float's range)")
         elif _matches(value, tp):
             kwargs[key] = float(value) if tp is float else value
