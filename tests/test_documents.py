@@ -8,9 +8,9 @@ import torch
 from lasp import linear_attn
 from lasp.kernels import TorchChunkKernel, recurrent_linear_attn
 from lasp.kernels.documents import Documents, as_documents
-from lasp.kernels.scan import affine_scan
+from lasp.kernels.linear_attn.affine import compose
+from lasp.kernels.linear_attn.affine import exclusive_scan as affine_exclusive_scan
 from lasp.sp import ring_linear_attn
-from lasp.sp.gated import combine_pairs
 from tests.test_gated_linear_attn import _grads, _inputs
 
 TOL = dict(atol=1e-10, rtol=1e-10)
@@ -141,23 +141,42 @@ def test_one_document_is_the_plain_call():
     torch.testing.assert_close(linear_attn(q, k, v, cu_seqlens=[0, 12]), linear_attn(q, k, v), rtol=0, atol=0)
 
 
-def test_the_combine_is_associative_and_is_the_scan():
-    """(D2, M2) o (D1, M1) in any grouping, with a reset (D = 0) inside, equals `affine_scan`'s carry."""
+def _dense(A, K):
+    """A transition of any kind as its K x K matrix."""
+    if A.shape[-1] != 1:
+        return A
+    return torch.diag_embed(A[..., 0].expand(*A.shape[:-2], K))
+
+
+@pytest.mark.parametrize("kinds", [("scalar",) * 5, ("diagonal",) * 5, ("full",) * 5,
+                                   ("full", "diagonal", "scalar", "full", "diagonal")])
+def test_the_combine_is_associative_and_is_the_scan(kinds):
+    """(A2, M2) o (A1, M1) in any grouping, with a reset (A = 0) inside, equals the sequential scan's carry and
+    its transposed scan: for every kind of transition, mixed kinds included."""
     g = torch.Generator().manual_seed(0)
-    n, K, V = 5, 3, 2
-    D = torch.rand(n, 2, K, 1, generator=g, dtype=torch.float64)
-    D[2] = 0
-    M = torch.randn(n, 2, K, V, generator=g, dtype=torch.float64)
-    pairs = list(zip(D, M))
+    K, V = 3, 2
+    shape = {"scalar": (2, 1, 1), "diagonal": (2, K, 1), "full": (2, K, K)}
+    A = [torch.rand(shape[kind], generator=g, dtype=torch.float64) for kind in kinds]
+    A[2] = torch.zeros_like(A[2])
+    M = torch.randn(len(kinds), 2, K, V, generator=g, dtype=torch.float64)
+    pairs = list(zip(A, M))
     left = pairs[0]
     for p in pairs[1:]:
-        left = combine_pairs(p, left)
+        left = compose(p, left)
     right = pairs[-1]
     for p in reversed(pairs[:-1]):
-        right = combine_pairs(right, p)
-    mid = combine_pairs(combine_pairs(pairs[4], pairs[3]), combine_pairs(combine_pairs(pairs[2], pairs[1]), pairs[0]))
+        right = compose(right, p)
+    mid = compose(compose(pairs[4], pairs[3]), compose(compose(pairs[2], pairs[1]), pairs[0]))
     for a, b in [(left, right), (left, mid)]:
-        torch.testing.assert_close(a[0], b[0], **TOL)
+        torch.testing.assert_close(_dense(a[0], K), _dense(b[0], K), **TOL)
         torch.testing.assert_close(a[1], b[1], **TOL)
-    carry = affine_scan(M.unsqueeze(1), D.unsqueeze(1))[1]
-    torch.testing.assert_close(carry[0], left[1], **TOL)
+    full = torch.stack([_dense(a, K) for a in A])
+    out, carry = affine_exclusive_scan(full, M)
+    torch.testing.assert_close(carry, left[1], **TOL)
+    for i in range(1, len(kinds)):
+        torch.testing.assert_close(out[i], affine_exclusive_scan(full[:i], M[:i])[1], **TOL)
+    back, _ = affine_exclusive_scan(full, M, reverse=True)  # out_{i-1} = A_i^T out_i + x_i
+    want = torch.zeros_like(M[0])
+    for i in range(len(kinds) - 1, 0, -1):
+        want = M[i] + full[i].transpose(-1, -2) @ want
+        torch.testing.assert_close(back[i - 1], want, **TOL)

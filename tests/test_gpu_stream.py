@@ -16,7 +16,8 @@ def _check(rank: int, store_path: str) -> None:
 
     from lasp.distributed import comm
     from lasp.kernels import get_kernel, linear_attn
-    from lasp.sp.lasp2 import _Lasp2Fn
+    from lasp.sp.core import Job, sp_core
+    from lasp.sp.lasp2 import AllGather
     from lasp.sp.layout import SeqLayout
 
     torch.cuda.set_device(0)
@@ -37,7 +38,7 @@ def _check(rank: int, store_path: str) -> None:
         q, k, v = (torch.randn(2, 256, 4, 64, device="cuda", generator=g, requires_grad=True) for _ in range(3))
         decay = -torch.linspace(0.05, 0.5, 4, device="cuda")
         lay = SeqLayout("contiguous", 1)
-        o = _Lasp2Fn.apply(q, k, v, decay, 0.125, True, None, lay, kernel)
+        o, _ = sp_core(q, k, v, Job(AllGather(None, lay, None), lay, None, kernel, 0.125, True, decay))
         grads = torch.autograd.grad(o.square().sum(), (q, k, v))
         o_ref = linear_attn(q, k, v, log_decay=decay, scale=0.125, kernel=kernel)
         grads_ref = torch.autograd.grad(o_ref.square().sum(), (q, k, v))

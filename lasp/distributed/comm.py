@@ -118,16 +118,40 @@ def global_rank(group, rank: int) -> int:
     return dist.get_global_rank(group if group is not None else dist.group.WORLD, rank)
 
 
-def send(x: Tensor, dst: int, group=None) -> None:
+def send(x: Tensor, dst: int, group=None, tag: int = 0) -> None:
     """Blocking send of x to group rank `dst`."""
     note_collective(f"send of {tuple(x.shape)} to group rank {dst}")
-    dist.send(x.contiguous(), dst=global_rank(group, dst), group=group)
+    dist.send(x.contiguous(), dst=global_rank(group, dst), group=group, tag=tag)
 
 
-def recv(like: Tensor, src: int, group=None) -> Tensor:
+def isend(x: Tensor, dst: int, group=None, tag: int = 0) -> dist.Work:
+    """Start sending x to group rank `dst`; wait on the returned work before x is changed."""
+    note_collective(f"send of {tuple(x.shape)} to group rank {dst}")
+    return dist.isend(x.contiguous(), dst=global_rank(group, dst), group=group, tag=tag)
+
+
+def recv(like: Tensor, src: int, group=None, tag: int = 0) -> Tensor:
     """Blocking receive, from group rank `src`, of a tensor shaped like `like`."""
     out = torch.empty_like(like, memory_format=torch.contiguous_format)
     note_collective(f"receive of {tuple(like.shape)} from group rank {src}")
     note_p2p(out.numel() * out.element_size())
-    dist.recv(out, src=global_rank(group, src), group=group)
+    dist.recv(out, src=global_rank(group, src), group=group, tag=tag)
     return out
+
+
+def exchange(sends: list[tuple[Tensor, int, int]], recvs: list[tuple[Tensor, int, int]], group=None) -> list[Tensor]:
+    """One round of point-to-point messages, all in flight at once: sends (x, dst, tag), receives (like, src,
+    tag); returns the received tensors in the order of `recvs`."""
+    ops, outs = [], []
+    for x, dst, tag in sends:
+        ops.append(dist.P2POp(dist.isend, x.contiguous(), global_rank(group, dst), group, tag))
+    for like, src, tag in recvs:
+        out = torch.empty_like(like, memory_format=torch.contiguous_format)
+        note_p2p(out.numel() * out.element_size())
+        ops.append(dist.P2POp(dist.irecv, out, global_rank(group, src), group, tag))
+        outs.append(out)
+    if ops:
+        note_collective(f"a round of {len(sends)} sends and {len(recvs)} receives")
+        for work in dist.batch_isend_irecv(ops):
+            work.wait()
+    return outs

@@ -12,6 +12,7 @@ that disagree compute wrong results or hang, as they would in any collective cod
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -22,7 +23,8 @@ from lasp.kernels import DEFAULT_KERNEL, LinearAttnKernel, linear_attn, state_dt
 from lasp.kernels.documents import Documents, as_documents
 from lasp.kernels.linear_attn import check_linear_attn_args
 from lasp.kernels.linear_attn.gated import as_vector_form
-from lasp.kernels.linear_attn.op import check_beta, check_documents, check_gate, gate_form, gate_with_resets
+from lasp.kernels.linear_attn.op import (check_beta, check_documents, check_gate, check_initial_state, gate_form,
+                                        gate_with_resets)
 from lasp.kernels.softmax_attn import check_softmax_attn_args, softmax_attn
 from lasp.sp.layout import SeqLayout, shard_sequence
 
@@ -46,7 +48,8 @@ def decay_digest(log_decay: Tensor) -> float | Tensor:
 
 def fingerprint(op: str, q: Tensor, k: Tensor, v: Tensor, layout: str, causal: bool, scale: float,
                 log_decay: Tensor | None, linear: bool, gate: Tensor | None = None,
-                docs: Documents | None = None, delta: bool = False) -> Fingerprint:
+                docs: Documents | None = None, delta: bool = False,
+                states: tuple[bool, bool] = (False, False)) -> Fingerprint:
     """What every rank of an SP op must pass alike (see the module doc); `docs`: the global documents."""
     B, T, H, K = q.shape
     fields = [
@@ -58,6 +61,8 @@ def fingerprint(op: str, q: Tensor, k: Tensor, v: Tensor, layout: str, causal: b
         fields.append(("decay", None if log_decay is None else decay_digest(log_decay)))
         fields.append(("gate", None if gate is None else gate_form(gate)))
         fields.append(("delta rule", delta))
+        fields.append(("initial state", states[0]))
+        fields.append(("final state", states[1]))
     fields.append(("documents", None if docs is None else docs.digest()))
     return Fingerprint(op, tuple(fields))
 
@@ -84,8 +89,28 @@ def _device(q) -> torch.device:
     return q.device if isinstance(q, Tensor) else torch.device("cpu")
 
 
+@dataclass(frozen=True)
+class LinearForm:
+    """A linear-attention call's form once checked, as every SP implementation takes it."""
+
+    log_decay: Tensor | None = None
+    gate: Tensor | None = None
+    """[B, T, H, Kg] (Kg = 1 a scalar gate, K a vector gate), document starts as -inf; None: no gate."""
+    beta: Tensor | None = None
+    """[B, T, H]: the delta rule; None: not."""
+    causal: bool = True
+    docs: Documents | None = None
+    """The global documents, only for an implementation that masks them itself (Ring); else in the gate."""
+    initial_state: Tensor | None = None
+    want_final: bool = False
+
+
+SUPPORTS = frozenset({"gate", "beta", "states"})
+"""What the core methods take (lasp.sp.core); "own_documents" marks an op that masks documents itself."""
+
+
 def run_sp_linear_attn(
-    impl: Callable[..., Tensor],
+    impl: Callable[..., Tensor | tuple[Tensor, Tensor]],
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -98,39 +123,46 @@ def run_sp_linear_attn(
     scale: float | None,
     kernel: LinearAttnKernel | None,
     check_ranks: bool,
+    gate: Tensor | None = None,
+    beta: Tensor | None = None,
+    cu_seqlens=None,
+    initial_state: Tensor | None = None,
+    output_final_state: bool = False,
     in_band: bool = False,
     heads_divisible: bool = False,
-    gate: Tensor | None = None,
-    gated_impl: Callable[..., Tensor] | None = None,
-    cu_seqlens=None,
-    documents_in_impl: bool = False,
-    beta: Tensor | None = None,
-    delta_impl: Callable[..., Tensor] | None = None,
-    no_delta: str = "",
-) -> Tensor:
-    """Check every argument before any communication, then run impl(q, k, v, log_decay, scale, causal,
+    supports: frozenset = SUPPORTS,
+    why_not: dict[str, str] | None = None,
+):
+    """Check every argument before any communication, then run impl(q, k, v, form: LinearForm, scale,
     group, lay, kernel, fingerprint) (k, v repeated to q's heads), or `linear_attn` on a group of one.
-    `in_band`: `impl` carries the fingerprint in its own all-gather; else it is exchanged here first.
-    `heads_divisible`: the query heads must split evenly across the group (Ulysses).
-    With a `gate`, gated_impl(q, k, v, gate [B, T, H, Kg], scale, group, lay, kernel, fingerprint) runs
-    instead; an op without `gated_impl` refuses gates. `cu_seqlens` (the GLOBAL documents, alike on every
-    rank) runs the gated form with a gate of 0 (-inf) at this rank's document starts, or, with
-    `documents_in_impl` and no gate, impl(..., docs=Documents) masks them itself (Ring); an op needs one
-    of the two. With `beta` (the delta rule), delta_impl(q, k, v, beta [B, T, H, 1], gate [B, T, H, Kg] or
-    None, scale, group, lay, kernel, fingerprint) runs; an op without it refuses beta, saying `no_delta`."""
+    `in_band`: `impl` carries the fingerprint in its own first collective; else it is exchanged here first.
+    `heads_divisible`: the query heads must split evenly across the group (Ulysses). `supports` names what
+    `impl` takes beyond the plain form: "gate", "beta" (the delta rule), "states" (initial and final), and
+    "own_documents" (it masks `cu_seqlens` itself; else they become a gate with -inf at the starts, which
+    needs "gate"); what it lacks is refused by name, with `why_not[name]` (the reason) added."""
     W = group_size(group)
     kernel = DEFAULT_KERNEL if kernel is None else kernel
 
+    def lacks(what: str, arg: str) -> str:
+        return f"{op} has no {what} ({arg}){(why_not or {}).get(arg, '')}"
+
     def checks():
+        problems = []
+        if gate is not None and "gate" not in supports:
+            problems.append(lacks("gated form", "gate"))
+        if beta is not None and "beta" not in supports:
+            problems.append(lacks("delta rule", "beta"))
+        if (initial_state is not None or output_final_state) and "states" not in supports:
+            problems.append(lacks("initial or final state", "initial_state, output_final_state"))
+        if problems:
+            raise ValueError("; ".join(problems) + ": use lasp2, lasp1, allscan or logscan")
         k2, v2, s = check_linear_attn_args(q, k, v, log_decay, causal, scale)
         if gate is not None:
-            if gated_impl is None:
-                raise ValueError(f"{op} has no gated form: pass gate=None, or use lasp2, lasp1 or ulysses")
             check_gate(gate, q, log_decay, causal, kernel)
         if beta is not None:
-            if delta_impl is None:
-                raise ValueError(f"{op} has no delta rule (beta){no_delta}: use lasp2, lasp1 or ulysses")
             check_beta(beta, q, log_decay, causal, kernel)
+        if initial_state is not None:
+            check_initial_state(initial_state, q, v)
         docs = None
         if cu_seqlens is not None:
             docs = check_documents(cu_seqlens, q, q.shape[1] * W, causal, kernel)
@@ -143,24 +175,24 @@ def run_sp_linear_attn(
     if W == 1:
         k2, v2, s, _, docs = checks()
         return linear_attn(q, k, v, log_decay=log_decay, gate=gate, beta=beta, causal=causal, scale=s, kernel=kernel,
-                           cu_seqlens=docs)
+                           cu_seqlens=docs, initial_state=initial_state, output_final_state=output_final_state)
     k2, v2, s, lay, docs = _checked_locally(op, group, _device(q), check_ranks, checks)
     fp = None
     if check_ranks:
         fp = fingerprint(op, q, k, v, layout, causal, s, log_decay, linear=True, gate=gate, docs=docs,
-                         delta=beta is not None)
+                         delta=beta is not None, states=(initial_state is not None, output_final_state))
     fp = _carried(fp, in_band, group, q.device)
-    if docs is not None and docs.has_resets and documents_in_impl and gate is None and beta is None:
-        return impl(q, k2, v2, log_decay, s, causal, group, lay, kernel, fp, docs=docs)
+    own = None
     if docs is not None and docs.has_resets:
-        resets = shard_sequence(docs.resets(q.device), rank=group_rank(group), world_size=W, layout=layout)
-        gate = gate_with_resets(gate, log_decay, resets, q.shape[2], state_dtype(q.dtype))
-    if beta is not None:
-        g = None if gate is None else as_vector_form(gate)
-        return delta_impl(q, k2, v2, beta[..., None], g, s, group, lay, kernel, fp)
-    if gate is not None:
-        return gated_impl(q, k2, v2, as_vector_form(gate), s, group, lay, kernel, fp)
-    return impl(q, k2, v2, log_decay, s, causal, group, lay, kernel, fp)
+        if "own_documents" in supports and gate is None and beta is None:
+            own = docs
+        else:
+            resets = shard_sequence(docs.resets(q.device), rank=group_rank(group), world_size=W, layout=layout)
+            gate = gate_with_resets(gate, log_decay, resets, q.shape[2], state_dtype(q.dtype))
+    form = LinearForm(log_decay=None if gate is not None else log_decay,
+                      gate=None if gate is None else as_vector_form(gate), beta=beta, causal=causal, docs=own,
+                      initial_state=initial_state, want_final=output_final_state)
+    return impl(q, k2, v2, form, s, group, lay, kernel, fp)
 
 
 def run_sp_softmax_attn(

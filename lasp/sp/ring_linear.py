@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from lasp.distributed import group_rank, ring_shift
-from lasp.sp.dispatch import run_sp_linear_attn
+from lasp.sp.dispatch import LinearForm, run_sp_linear_attn
 from lasp.sp.kv import pack_kv, unpack_kv
 from lasp.sp.layout import SeqLayout
 
@@ -64,8 +64,8 @@ def _pair(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, gap: int | None, fo
     return torch.einsum("bhlm,bmhv->blhv", scores, v)
 
 
-def _ring_linear(q, k, v, log_decay, scale, causal, group, lay: SeqLayout, kernel, fp, *, form: str,
-                 docs=None) -> Tensor:
+def _ring_linear(q, k, v, lf: LinearForm, scale, group, lay: SeqLayout, kernel, fp, *, form: str) -> Tensor:
+    log_decay, causal, docs = lf.log_decay, lf.causal, lf.docs
     rank, W, n = group_rank(group), lay.world_size, lay.chunks_per_rank
     B, T, H, K = q.shape
     L = T // n
@@ -118,6 +118,6 @@ def ring_linear_attn(
     return run_sp_linear_attn(
         lambda *args, **kw: _ring_linear(*args, form=form, **kw), q, k, v, op=f"ring-linear-{form[0]}", group=group,
         layout=layout, log_decay=log_decay, causal=causal, scale=scale, kernel=None, check_ranks=check_ranks,
-        cu_seqlens=cu_seqlens, documents_in_impl=True, beta=beta,
-        no_delta=" (the delta rule's state is no sum of per-block terms: there is no right-product form to ring)",
+        cu_seqlens=cu_seqlens, beta=beta, supports=frozenset({"own_documents"}),
+        why_not={"beta": " (the delta rule's state is no sum of per-block terms: there is no right-product form to ring)"},
     )

@@ -15,7 +15,7 @@ from torch import Tensor
 from lasp.distributed import all_to_all_stack, group_rank
 from lasp.kernels import linear_attn
 from lasp.kernels.softmax_attn import softmax_attn
-from lasp.sp.dispatch import run_sp_linear_attn, run_sp_softmax_attn
+from lasp.sp.dispatch import LinearForm, run_sp_linear_attn, run_sp_softmax_attn
 from lasp.sp.layout import SeqLayout, global_to_stacked, stacked_to_global
 
 
@@ -62,26 +62,16 @@ def ulysses_softmax_attn(
     )
 
 
-def _linear(q, k, v, log_decay, scale, causal, group, lay: SeqLayout, kernel, fp) -> Tensor:
+def _linear(q, k, v, form: LinearForm, scale, group, lay: SeqLayout, kernel, fp) -> Tensor:
+    """Every form: a gate [B, T, H, Kg] and beta [B, T, H] go to heads with q (one more all-to-all each way
+    for each); a constant decay is sliced to this rank's heads."""
     h, r = q.shape[2] // lay.world_size, group_rank(group)
-    mine = None if log_decay is None else log_decay[r * h : (r + 1) * h]
-    return _run(linear_attn, q, k, v, lay, group, log_decay=mine, causal=causal, scale=scale)
-
-
-def _gated(q, k, v, gate, scale, group, lay: SeqLayout, kernel, fp) -> Tensor:
-    """The gate [B, T, H, Kg] goes to heads with q (one more all-to-all each way)."""
-    gh = _seq_to_heads(gate, lay, group)
-    gh = gh[..., 0] if gate.shape[-1] == 1 else gh  # the op's scalar form
-    return _run(lambda q, k, v: linear_attn(q, k, v, gate=gh, scale=scale, kernel=kernel), q, k, v, lay, group)
-
-
-def _delta(q, k, v, beta, gate, scale, group, lay: SeqLayout, kernel, fp) -> Tensor:
-    """beta [B, T, H, 1] (and the gate, if any) go to heads with q: one all-to-all each way for each."""
-    bh = _seq_to_heads(beta, lay, group)[..., 0]
-    gh = None if gate is None else _seq_to_heads(gate, lay, group)
-    gh = gh[..., 0] if gh is not None and gate.shape[-1] == 1 else gh
-    return _run(lambda q, k, v: linear_attn(q, k, v, beta=bh, gate=gh, scale=scale, kernel=kernel), q, k, v, lay,
-                group)
+    decay = None if form.log_decay is None else form.log_decay[r * h : (r + 1) * h]
+    gate = None if form.gate is None else _seq_to_heads(form.gate, lay, group)
+    gate = gate[..., 0] if gate is not None and gate.shape[-1] == 1 else gate  # the op's scalar form
+    beta = None if form.beta is None else _seq_to_heads(form.beta[..., None], lay, group)[..., 0]
+    return _run(lambda q, k, v: linear_attn(q, k, v, log_decay=decay, gate=gate, beta=beta, causal=form.causal,
+                                            scale=scale, kernel=kernel), q, k, v, lay, group)
 
 
 def ulysses_linear_attn(
@@ -103,6 +93,6 @@ def ulysses_linear_attn(
     `gate` goes to heads with q: one more all-to-all each way; so does `beta` (the delta rule)."""
     return run_sp_linear_attn(
         _linear, q, k, v, op="ulysses-linear", group=group, layout=layout, log_decay=log_decay, causal=causal,
-        scale=scale, kernel=None, check_ranks=check_ranks, heads_divisible=True, gate=gate, gated_impl=_gated,
-        cu_seqlens=cu_seqlens, beta=beta, delta_impl=_delta,
+        scale=scale, kernel=None, check_ranks=check_ranks, heads_divisible=True, gate=gate, cu_seqlens=cu_seqlens,
+        beta=beta, supports=frozenset({"gate", "beta"}),
     )

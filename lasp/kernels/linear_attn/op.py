@@ -142,6 +142,23 @@ def check_beta(beta, q: Tensor, log_decay: Tensor | None, causal: bool, kernel: 
         raise ValueError("; ".join(problems))
 
 
+def check_initial_state(initial_state, q: Tensor, v: Tensor) -> None:
+    """A state [B, H, K, V] of q's batch, heads and key dim and v's value dim, floating, on q's device."""
+    want = (q.shape[0], q.shape[2], q.shape[3], v.shape[3])
+    if not isinstance(initial_state, Tensor):
+        raise TypeError(f"initial_state must be a tensor [B, H, K, V] = {list(want)} or None, got "
+                        f"{type(initial_state).__name__}")
+    problems = []
+    if tuple(initial_state.shape) != want:
+        problems.append(f"initial_state must be [B, H, K, V] = {list(want)}, got {list(initial_state.shape)}")
+    if not initial_state.dtype.is_floating_point:
+        problems.append(f"initial_state must be a floating-point tensor, got {initial_state.dtype}")
+    if initial_state.device != q.device:
+        problems.append(f"initial_state is on {initial_state.device} but q is on {q.device}")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
 def check_documents(cu_seqlens, q: Tensor, N: int, causal: bool, kernel: LinearAttnKernel) -> Documents:
     """`cu_seqlens` over rows of N tokens (the global length under SP) as `Documents`; resets need a causal
     call and a kernel with a scalar gate (they run as gates of 0). Every problem at once."""
@@ -308,9 +325,7 @@ def linear_attn(
     """
     k, v, scale = check_linear_attn_args(q, k, v, log_decay, causal, scale)
     if initial_state is not None:
-        want = (q.shape[0], q.shape[2], q.shape[3], v.shape[3])
-        if tuple(initial_state.shape) != want:
-            raise ValueError(f"initial_state must be [B, H, K, V] = {list(want)}, got {list(initial_state.shape)}")
+        check_initial_state(initial_state, q, v)
     kernel = DEFAULT_KERNEL if kernel is None else kernel
     docs = None if cu_seqlens is None else check_documents(cu_seqlens, q, q.shape[1], causal, kernel)
     if gate is not None:
