@@ -41,15 +41,3 @@ def affine_scan(
     return out, h
 
 
-def matrix_affine_scan(x: Tensor, A: Tensor, reverse: bool = False) -> tuple[Tensor, Tensor]:
-    """Exclusive scan along dim 0 with a matrix transition per step (the delta rule's chunks): out_0 = 0,
-    out_{i+1} = A_i out_i + x_i; with `reverse` the transposed recurrence from the last index down, out_{i-1}
-    = A_i^T out_i + x_i (the backward's state gradients). x [n, ..., K, V], A [n, ..., K, K]; returns (out,
-    the carry out)."""
-    out = torch.empty_like(x)
-    A = A.to(x.dtype)
-    h = torch.zeros_like(x[0])
-    for i in range(x.shape[0] - 1, -1, -1) if reverse else range(x.shape[0]):
-        out[i] = h
-        h = x[i] + (A[i].transpose(-1, -2) if reverse else A[i]) @ h
-    return out, h

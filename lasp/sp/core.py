@@ -112,7 +112,8 @@ def _broadcast(x: Tensor, src: int, group) -> Tensor:
 
 
 def _all_reduce(x: Tensor, group) -> Tensor:
-    x = x.contiguous()
+    """The sum over the group, in a new tensor (x, autograd's gradient, is left alone)."""
+    x = x.clone(memory_format=torch.contiguous_format)
     note_collective(f"all-reduce of the final state's gradient {tuple(x.shape)}")
     dist.all_reduce(x, group=group)
     return x

@@ -1,0 +1,183 @@
+"""Every way of combining the chunks' maps (lasp2, lasp1, allscan, logscan) x every linear form x both
+layouts on W gloo processes reproduces one process's `linear_attn` in float64: the output, the final state
+and the gradients of q, k, v (GQA), the gate, beta and the initial state, with documents crossing ranks.
+Then the profiler counts each method's messages (lasp.sp.core, docs/communication.md)."""
+
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from lasp import SeqLayout, linear_attn, shard_sequence, sp_linear_attn
+from lasp.distributed.comm import p2p_log
+from lasp.sp.chain import ALLSCAN_BLOCKS, column_blocks
+from lasp.sp.logscan import rounds
+from tests.dist import assert_close_rel, comm_events
+
+GATE = {"scalar": "scalar", "vector": "vector", "deltanet": None, "gdn": "scalar", "kda": "vector"}
+FORMS = ["none", "decay", "bidirectional", "scalar", "vector", "deltanet", "gdn", "kda"]
+DOCS = ["decay", "kda"]  # these forms run a second time with documents that cross ranks
+METHODS = ["lasp2", "lasp1", "allscan", "logscan"]
+B, H, HKV, K, V = 2, 4, 2, 6, 5
+
+
+def _inputs(form: str, N: int, seed: int = 7):
+    gen = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
+    q, k, v, do = r(B, N, H, K), r(B, N, HKV, K), r(B, N, HKV, V), r(B, N, H, V)
+    s0, dfin = r(B, H, K, V), r(B, H, K, V)
+    args = {"causal": form != "bidirectional"}
+    if form == "decay":
+        args["log_decay"] = -torch.linspace(0.02, 0.9, H, dtype=torch.float64)
+    if form in ("deltanet", "gdn", "kda"):
+        k = torch.nn.functional.normalize(k, dim=-1)
+        args["beta"] = torch.rand(B, N, H, generator=gen, dtype=torch.float64) * 1.9 + 0.05
+    if GATE.get(form):
+        shape = (B, N, H) if GATE[form] == "scalar" else (B, N, H, K)
+        args["gate"] = -torch.rand(shape, generator=gen, dtype=torch.float64) * 0.5
+    return q, k, v, do, s0, dfin, args
+
+
+_REFERENCES: dict = {}
+
+
+def _reference(form: str, with_docs: bool, N: int, cu, kernel):
+    """One process's output, final state and gradients (kept: the methods of a W and layout share them)."""
+    key = (form, with_docs, N)
+    if key not in _REFERENCES:
+        q, k, v, do, s0, dfin, args = _inputs(form, N)
+        full = {"q": q, "k": k, "v": v, "s0": s0, **{a: args[a] for a in ("gate", "beta") if a in args}}
+        ref = {n: x.clone().requires_grad_() for n, x in full.items()}
+        other = {a: x for a, x in args.items() if a not in ("gate", "beta")}
+        o, final = linear_attn(ref["q"], ref["k"], ref["v"], gate=ref.get("gate"), beta=ref.get("beta"),
+                               initial_state=ref["s0"], output_final_state=True, kernel=kernel, cu_seqlens=cu,
+                               **other)
+        torch.autograd.backward([o, final], [do, dfin])
+        _REFERENCES[key] = o.detach(), final.detach(), ref
+    return _REFERENCES[key]
+
+
+def case_every_form(method: str, layout: str, chunk_len: int, forms=tuple(FORMS), docs=tuple(DOCS)):
+    from lasp.kernels import TorchChunkKernel
+
+    rank, W = dist.get_rank(), dist.get_world_size()
+    lay = SeqLayout(layout, W)
+    N = chunk_len * lay.num_chunks
+    kernel = TorchChunkKernel(block=4, segment_blocks=2)
+    shard = lambda x: shard_sequence(x, rank=rank, world_size=W, layout=layout)  # noqa: E731
+    share = (rank + 1) / (W * (W + 1) / 2)  # each rank's share of the final state's gradient
+    out = {}
+    for form, with_docs in [(f, False) for f in forms] + [(f, True) for f in docs]:
+        q, k, v, do, s0, dfin, args = _inputs(form, N)
+        cu = [[0, 3, chunk_len + 2, N - 1, N], [0, N - chunk_len - 1, N]] if with_docs else None
+        full = {"q": q, "k": k, "v": v, "s0": s0, **{a: args[a] for a in ("gate", "beta") if a in args}}
+        other = {a: x for a, x in args.items() if a not in ("gate", "beta")}
+        o_ref, f_ref, ref = _reference(form, with_docs, N, cu, kernel)
+        mine = {n: (x if n == "s0" else shard(x)).clone().requires_grad_() for n, x in full.items()}
+        run = lambda: sp_linear_attn(mine["q"], mine["k"], mine["v"], method=method, layout=layout,  # noqa: E731
+                                     gate=mine.get("gate"), beta=mine.get("beta"), initial_state=mine["s0"],
+                                     output_final_state=True, kernel=kernel, cu_seqlens=cu, **other)
+        with torch.no_grad():  # a new size is announced once (lasp.distributed.agree): count a steady call
+            run()
+        act = [torch.profiler.ProfilerActivity.CPU]
+        with p2p_log() as got_fwd, torch.profiler.profile(activities=act, record_shapes=True) as pf:
+            o, final = run()
+        with p2p_log() as got_bwd, torch.profiler.profile(activities=act, record_shapes=True) as pb:
+            torch.autograd.backward([o, final], [shard(do), dfin * share])
+        what = f"{method} {layout} {form}{' docs' if with_docs else ''}"
+        assert_close_rel(o, shard(o_ref), 1e-10, f"{what}: o")
+        assert_close_rel(final, f_ref, 1e-10, f"{what}: final state")
+        ds0 = mine["s0"].grad.clone()
+        dist.all_reduce(ds0)  # partial per rank
+        for n, x in mine.items():
+            want = ref[n].grad if n == "s0" else shard(ref[n].grad)
+            assert_close_rel(ds0 if n == "s0" else x.grad, want, 1e-9, f"{what}: d{n}")
+        out[(form, with_docs)] = {"fwd": comm_events(pf), "bwd": comm_events(pb), "p2p_fwd": list(got_fwd),
+                                  "p2p_bwd": list(got_bwd)}
+    return out
+
+
+def _expect(method: str, layout: str, W: int, form: str, rank: int, results) -> None:
+    """The messages of one form on one rank, besides the states' broadcast (forward) and all-reduce (back)."""
+    lay = SeqLayout(layout, W)
+    n, C = lay.chunks_per_rank, lay.num_chunks
+    state = B * H * K * V * 8
+    for phase in ("fwd", "bwd"):
+        events = [e for e, _ in results[phase]]
+        extra = "gloo:broadcast" if phase == "fwd" else "gloo:all_reduce"
+        if form != "bidirectional" or phase == "bwd":  # the bidirectional final state is every chunk's S_in
+            assert events.count(extra) == 1, (phase, events)
+            events.remove(extra)
+        received = results[f"p2p_{phase}"]
+        if method == "lasp2":
+            assert events == ["gloo:all_gather"], (phase, events)
+            assert received == []
+            continue
+        if phase == "fwd":  # the rank check's one small all-gather (lasp2 carries it in its own)
+            events.remove("gloo:all_gather")
+        assert set(events) <= {"gloo:send", "gloo:recv"}, (phase, events)
+        chains = 2 if form == "bidirectional" else 1
+        if method in ("lasp1", "allscan"):
+            hops_in = sum(1 for c in lay.chunks_of(rank) for prev in (c - 1, c + 1)
+                          if 0 <= prev < C and lay.owner(prev) != rank and (chains == 2 or
+                                                                             prev == (c - 1 if phase == "fwd" else c + 1)))
+            pieces = len(column_blocks(V, ALLSCAN_BLOCKS if method == "allscan" else 1))
+            assert len(received) == hops_in * pieces, (phase, received)
+            # the whole state crosses each hop once, whatever W: K x V per chunk and direction
+            assert sum(received) == hops_in * state, (phase, received)
+        else:  # logscan: at most one message per local chunk and round; only the pairs, never W of them
+            assert len(received) <= n * rounds(C) * chains, (phase, received)
+            assert all(b <= state + B * H * K * K * 8 for b in received), (phase, received)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+@pytest.mark.parametrize("W", [2, 3, 4])
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_and_form_matches_one_process(dist_pool, method, W, layout):
+    results = dist_pool(W).run("tests.test_sp_methods:case_every_form", method=method, layout=layout,
+                               chunk_len=5 if W % 2 else 4)
+    for rank, per_form in enumerate(results):
+        for (form, _), r in per_form.items():
+            _expect(method, layout, W, form, rank, r)
+    if method == "logscan":  # the last chunk's owner hears from someone in every round of the forward scan
+        lay = SeqLayout(layout, W)
+        last = lay.owner(lay.num_chunks - 1)
+        assert len(results[last][("none", False)]["p2p_fwd"]) >= rounds(lay.num_chunks) - (layout == "zigzag")
+
+
+def case_counts(method: str, W_expected: int):
+    """The messages of one plain call at this W (no states): lengths only."""
+    rank, W = dist.get_rank(), dist.get_world_size()
+    assert W == W_expected
+    q, k, v, do, *_ = _inputs("gdn", 4 * W)
+    args = _inputs("gdn", 4 * W)[-1]
+    local = [shard_sequence(x, rank=rank, world_size=W, layout="contiguous").requires_grad_() for x in (q, k, v)]
+    extra = {a: shard_sequence(x, rank=rank, world_size=W, layout="contiguous") for a, x in args.items()
+             if a in ("gate", "beta")}
+    sp_linear_attn(*local, method=method, layout="contiguous", check_ranks=False, **extra)  # warm
+    with p2p_log() as fwd:
+        o = sp_linear_attn(*local, method=method, layout="contiguous", check_ranks=False, **extra)
+    with p2p_log() as bwd:
+        o.backward(shard_sequence(do, rank=rank, world_size=W, layout="contiguous"))
+    return {"fwd": list(fwd), "bwd": list(bwd)}
+
+
+@pytest.mark.parametrize("W", [2, 4])
+def test_point_to_point_bytes_per_rank_do_not_grow_with_W(dist_pool, W):
+    """allscan and lasp1: each rank receives one K x V state per direction whatever W; logscan: ceil(log2 W)
+    rounds of pairs (Gated DeltaNet: K x K + K x V), so its bytes grow with log W, never with W."""
+    pair, state = B * H * (K * K + K * V) * 8, B * H * K * V * 8
+    for method in ("lasp1", "allscan", "logscan"):
+        res = dist_pool(W).run("tests.test_sp_methods:case_counts", method=method, W_expected=W)
+        for rank, r in enumerate(res):
+            for phase in ("fwd", "bwd"):
+                got = sum(r[phase])
+                if method == "logscan":
+                    assert got <= rounds(W) * pair, (method, rank, phase, r[phase])
+                    assert len(r[phase]) <= rounds(W)
+                else:
+                    first = rank == 0 if phase == "fwd" else rank == W - 1
+                    assert got == (0 if first else state), (method, rank, phase, r[phase])
+        if method == "logscan":
+            assert max(len(r["fwd"]) for r in res) == math.ceil(math.log2(W))
