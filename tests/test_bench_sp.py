@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch.distributed as dist
 
-from lasp.bench.sp.cost import Compute, Link, Message, Shape, collective_time, fit_link, layer_time, plan
+from lasp.sp.cost import Compute, Link, Message, Shape, collective_time, fit_link, layer_time, plan
 from lasp.bench.sp.methods import METHODS, Case, measure
 
 

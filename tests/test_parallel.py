@@ -54,15 +54,17 @@ def _reference(cfg, tokens, dtype, steps, lr, eos_id=None, lora_b=0.0, parts=1):
 
 
 def case_parallel(tp, sp, pp, dp, layout="zigzag", dtype="f64", microbatches=1, steps=1, lr=1e-2,
-                  loss_chunk_tokens=4096, eos_id=None, lora_b=0.0, ep=1, etp=1, **model_kw):
+                  loss_chunk_tokens=4096, eos_id=None, lora_b=0.0, ep=1, etp=1, sp_method=None, **model_kw):
     from lasp.parallel import ParallelConfig, init_groups, parallelize, train_step
+    from lasp.parallel.config import SpMethodConfig
     from lasp.parallel.ep import moe_step
     from lasp.parallel.mesh import coords
 
     dt = {"f64": torch.float64, "f32": torch.float32}[dtype]
     cfg = ModelConfig(**{**MODEL, **model_kw})
     pcfg = ParallelConfig(tp=tp, sp=sp, pp=pp, dp=dp, sp_layout=layout, microbatches=microbatches,
-                          loss_chunk_tokens=loss_chunk_tokens, ep=ep, etp=etp)
+                          loss_chunk_tokens=loss_chunk_tokens, ep=ep, etp=etp,
+                          sp_method=SpMethodConfig(**(sp_method or {})))
     pcfg.check(cfg, dist.get_world_size(), SEQ, BATCH)
     tokens = torch.randint(0, cfg.vocab_size, (BATCH, SEQ + 1), generator=torch.Generator().manual_seed(7))
     if eos_id is not None:  # packed documents: 1-token ones, a start at the middle, on a chunk boundary
@@ -123,13 +125,15 @@ def test_one_step_matches_single_process(dist_pool, tp, sp, pp, dp):
         (2, 2, 1, 1, dict(dtype="f32", linear_variant="retention", feature_map="elu1")),
         (1, 2, 1, 2, dict(dtype="f32", linear_variant="basic", tie_embeddings=True)),
         (2, 2, 1, 1, dict(linear_variant="simple_gla")),
-        (2, 2, 1, 1, dict(linear_variant="gla", layout="contiguous")),
+        (2, 2, 1, 1, dict(linear_variant="gla", layout="contiguous", sp_method={"linear": "auto", "softmax": "auto"})),
         (2, 2, 1, 1, dict(linear_variant="simple_gla", eos_id=0)),
         (1, 2, 2, 1, dict(microbatches=2, eos_id=0)),
         (2, 2, 1, 1, dict(linear_variant="gated_deltanet")),
-        (1, 2, 2, 1, dict(linear_variant="gated_deltanet", microbatches=2, layout="contiguous")),
-        (2, 2, 1, 1, dict(linear_variant="kda", eos_id=0)),
-        (1, 4, 1, 1, dict(linear_variant="deltanet", allow_neg_eigval=True)),
+        (1, 2, 2, 1, dict(linear_variant="gated_deltanet", microbatches=2, layout="contiguous",
+                          sp_method={"linear": "allscan", "softmax": "ulysses"})),
+        (2, 2, 1, 1, dict(linear_variant="kda", eos_id=0, sp_method={"linear": "lasp1"})),
+        (1, 4, 1, 1, dict(linear_variant="deltanet", allow_neg_eigval=True,
+                          sp_method={"linear": "logscan", "softmax": "ring"})),
         # what an imported Qwen / Llama 3.1 brings: q/k/v biases, q/k norms, a larger head dim, llama3 RoPE
         (2, 2, 1, 1, dict(attention_bias=True, qk_norm=True, attention_head_dim=24, rope_scaling="llama3",
                           rope_original_max_positions=32, float32_norm_rope=True)),
@@ -155,9 +159,9 @@ def test_one_step_matches_single_process(dist_pool, tp, sp, pp, dp):
         (1, 2, 1, 1, dict(ep=2, steps=3, moe={**MOE, "router": "sigmoid", "expert_bias": True,
                                                "bias_update_rate": 0.05})),
     ],
-    ids=["1f1b-2mb-contiguous", "tied-tp-pp", "f32-retention", "f32-tied-dp", "simple-gla-tp-sp", "gla-tp-sp",
-         "documents-simple-gla-tp-sp", "documents-sp-pp-2mb", "gated-deltanet-tp-sp", "gated-deltanet-sp-pp",
-         "documents-kda-tp-sp", "deltanet-neg-eigval-sp4", "imported-features-tp-sp", "imported-softmax-sp-pp",
+    ids=["1f1b-2mb-contiguous", "tied-tp-pp", "f32-retention", "f32-tied-dp", "simple-gla-tp-sp",
+         "gla-tp-sp-auto", "documents-simple-gla-tp-sp", "documents-sp-pp-2mb", "gated-deltanet-tp-sp",
+         "gated-deltanet-sp-pp-allscan-ulysses", "documents-kda-tp-sp-lasp1", "deltanet-neg-eigval-sp4-logscan-ring", "imported-features-tp-sp", "imported-softmax-sp-pp",
          "documents-window-hedgehog-tp-sp", "window-sp-pp-2mb", "lora-tp-sp", "moe-ep2-dp2", "moe-ep2-sp2",
          "moe-documents-ep2-sp2-contiguous", "moe-tp2-ep2", "moe-tp2-etp2-ep2-sp2", "moe-pp2-ep2",
          "moe-expert-bias-3-steps"],

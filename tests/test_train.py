@@ -108,7 +108,7 @@ def test_one_process_trains_and_leaves_metrics_tensorboard_and_plot(tmp_path, co
 @pytest.mark.slow
 def test_the_cpu_gated_deltanet_config_trains_at_sp2_with_a_falling_loss(tmp_path, corpus, dist_pool):
     """configs/cpu-gdn.yaml (the quick start's shape, Gated DeltaNet linear layers) at SP = 2, shortened, on
-    the shared pool's two ranks (the launch itself is tested above)."""
+    the shared pool's two ranks (the launch itself is tested above), with `auto` SP methods."""
     cfg = yaml.safe_load(open(os.path.join(ROOT, "configs", "cpu-gdn.yaml")))
     assert cfg["parallel"] == {"sp": 2, "sp_layout": "zigzag"}
     run_dir = tmp_path / "gdn"
@@ -117,6 +117,7 @@ def test_the_cpu_gated_deltanet_config_trains_at_sp2_with_a_falling_loss(tmp_pat
     cfg["schedule"]["warmup_steps"] = 2
     cfg["logging"] = {"run_dir": str(run_dir), "progress": False, "tensorboard": False, "plot": False}
     cfg["checkpoint"]["interval"] = 0
+    cfg["parallel"]["sp_method"] = {"linear": "auto", "softmax": "auto"}  # the cost model picks, per layer kind
     dist_pool(2).run("tests.test_checkpoint:case_train", cfg=cfg, world_size=2)
     losses = [r["loss"] for r in _rows(str(run_dir))]
     assert len(losses) == 12 and losses[-1] < 0.75 * losses[0], losses

@@ -9,7 +9,7 @@ the scalar gate over packed documents of DOC_LEN tokens (`cu_seqlens`), and the 
 memory of each, and prints against the targets: the scalar gate <= 1.3x the constant decay, the vector
 gate <= 2x; Gated DeltaNet <= 3x the scalar gate in time and <= 2x in peak memory. Last, LASP-2's
 gathered bytes per layer for Gated DeltaNet at W = 8..128 (two chunks per rank, zigzag): the pair this
-code builds for a chunk, times the chunks, beside the cost model's (lasp.bench.sp.cost) prediction.
+code builds for a chunk, times the chunks, beside the cost model's (lasp.sp.cost) prediction.
 """
 
 import argparse
@@ -100,7 +100,7 @@ def gathered_bytes(form: str = "gdn", T: int = 4096, world_sizes=WORLD_SIZES) ->
     """LASP-2's forward all-gather per layer, fp32, B=1, H=4, K=V=64, zigzag (2 chunks per rank): the pair
     (A, M) this code builds for one chunk (lasp.kernels delta_maps, as lasp.sp.lasp2 sends it), times
     the 2W chunks, against the cost model's plan; the bytes do not depend on T."""
-    from lasp.bench.sp.cost import Shape, plan
+    from lasp.sp.cost import Shape, plan
     from lasp.kernels import DEFAULT_KERNEL
     from lasp.kernels.linear_attn.gated import as_vector_form
 

@@ -11,6 +11,8 @@ from lasp.model.moe import MoEConfig
 LINEAR_VARIANTS = ("basic", "lightning", "retention", "simple_gla", "gla", "deltanet", "gated_deltanet", "kda")
 GATED_VARIANTS = ("simple_gla", "gla")
 DELTA_VARIANTS = ("deltanet", "gated_deltanet", "kda")  # the delta rule: DeltaNetAttention mixers
+LINEAR_FORMS = {"basic": "none", "lightning": "decay", "retention": "decay", "simple_gla": "scalar", "gla": "vector",
+                "deltanet": "deltanet", "gated_deltanet": "gdn", "kda": "kda"}  # each variant's form (lasp.sp.cost)
 FEATURE_MAPS = ("identity", "elu1", "relu", "silu", "hedgehog")
 WINDOW_VARIANTS = ("basic", "lightning", "retention", "simple_gla")  # decays a window can be cut out of
 

@@ -19,6 +19,7 @@ from lasp.parallel.pipeline import PipelineStage, forward_backward
 from lasp.parallel.sp import apply_sp
 from lasp.parallel.tp import apply_tp, megatron_config, vocab_parallel_loss_sum
 from lasp.parallel.zero import zero_engine, zero_eval_step, zero_train_step
+from lasp.sp.cost import use_link
 
 
 def parallelize(model: LinearLlama, cfg: ParallelConfig, groups: ParallelGroups,
@@ -41,7 +42,9 @@ def parallelize(model: LinearLlama, cfg: ParallelConfig, groups: ParallelGroups,
     apply_tp(model, mcfg, groups.tp, groups.tp_rank, cfg.tp)
     apply_ep(model, cfg, groups)
     if cfg.sp > 1:
-        apply_sp(model, groups.sp, cfg.sp_layout)
+        if cfg.sp_link != "calibrate":
+            use_link(cfg.sp_link)
+        apply_sp(model, groups.sp, cfg.sp_layout, cfg.sp_method.linear, cfg.sp_method.softmax)
     stage = PipelineStage(model, groups.pp_rank, cfg.pp, mcfg)
     for p in stage.parameters():  # after TP, whose layers hold new parameters; before DP sizes its buffers
         p.requires_grad_(p.full_name not in frozen)

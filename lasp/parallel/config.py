@@ -1,9 +1,29 @@
 """How a run is parallelised: a typed dataclass, checked against the model and the world before any work."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from lasp.model.config import ModelConfig, type_problems
+from lasp.sp.api import LINEAR_METHODS, SOFTMAX_METHODS
+from lasp.sp.cost import PRESETS
 from lasp.sp.layout import LAYOUTS
+
+
+@dataclass
+class SpMethodConfig:
+    """How each kind of layer combines its work across the SP group (lasp.sp.sp_linear_attn, docs/
+    communication.md). `auto`: the cost model's pick for the layer's shape on the group's link."""
+
+    linear: str = "lasp2"
+    """lasp2, lasp1, allscan, logscan, ulysses, ring or auto."""
+    softmax: str = "lasp2h"
+    """lasp2h, ulysses, ring or auto."""
+
+    def __post_init__(self):
+        problems = [f"parallel.sp_method.{kind} must be one of {', '.join(allowed)}, got {value!r}"
+                    for kind, value, allowed in (("linear", self.linear, LINEAR_METHODS),
+                                                 ("softmax", self.softmax, SOFTMAX_METHODS)) if value not in allowed]
+        if problems:
+            raise ValueError("invalid parallel.sp_method:\n  " + "\n  ".join(problems))
 
 
 @dataclass
@@ -26,6 +46,11 @@ class ParallelConfig:
     the TP group, like the dense MLP)."""
     sp_layout: str = "zigzag"
     """Token split of the SP group, the same for every layer: contiguous or zigzag."""
+    sp_method: SpMethodConfig = field(default_factory=SpMethodConfig)
+    """The SP method of the linear and of the softmax layers, e.g. {linear: auto, softmax: auto}."""
+    sp_link: str = "calibrate"
+    """What `auto` prices messages on: calibrate (measured once per SP group at the first layer) or a preset
+    (nvlink4-h100, ib-ndr400, a100-nvswitch-600)."""
     microbatches: int = 1
     """Microbatches per step (the pipeline schedule runs 1F1B over them when pp > 1)."""
     zero_stage: int = 0
@@ -65,6 +90,13 @@ class ParallelConfig:
         if model is not None and "pp" in ok and model.num_layers % self.pp:
             p.append(f"model.num_layers ({model.num_layers}) is not divisible by parallel.pp ({self.pp}) stages")
         p += self._moe_problems(model, bad, ok, seq_len, global_batch)
+        if "sp_link" not in bad and self.sp_link != "calibrate" and self.sp_link not in PRESETS:
+            p.append(f"parallel.sp_link must be calibrate or one of {', '.join(PRESETS)}, got {self.sp_link!r}")
+        if (model is not None and "sp" in ok and self.sp > 1 and "ulysses" in (self.sp_method.linear,
+                                                                                 self.sp_method.softmax)
+                and model.num_heads % (self.sp * (self.tp if "tp" in ok else 1))):
+            p.append(f"parallel.sp_method ulysses splits the heads over the SP ranks: model.num_heads "
+                     f"({model.num_heads}) / tp ({self.tp}) is not divisible by parallel.sp ({self.sp})")
         layout_ok = "sp_layout" not in bad and self.sp_layout in LAYOUTS
         if "sp_layout" not in bad and not layout_ok:
             p.append(f"parallel.sp_layout must be one of {', '.join(LAYOUTS)}, got {self.sp_layout!r}")

@@ -40,6 +40,10 @@ def describe(cfg: ParallelConfig, seq_len: int, layers: int, heads: int, batch: 
     lay = SeqLayout(cfg.sp_layout, cfg.sp)
     chunk = seq_len // lay.num_chunks
     lines = [f"tp={cfg.tp} sp={cfg.sp} ({cfg.sp_layout}) pp={cfg.pp} dp={cfg.dp}: {cfg.world_size} ranks"]
+    if cfg.sp > 1:
+        m = cfg.sp_method
+        link = "" if "auto" not in (m.linear, m.softmax) else f"; auto prices on {cfg.sp_link}"
+        lines.append(f"sp methods: linear layers {m.linear}, softmax layers {m.softmax}{link}")
     lines.append("rank | tp sp dp pp | layers  | heads   | batch rows | tokens")
     for rank, c in enumerate(coords(cfg)):
         per_l, per_h, per_b = layers // cfg.pp, heads // cfg.tp, batch // cfg.dp

@@ -6,19 +6,23 @@ from torch import nn
 
 from lasp.kernels import LinearAttnKernel
 from lasp.model.llama import DeltaNetAttention, LinearAttention, LinearLlama, SoftmaxAttention
-from lasp.sp import lasp2_linear_attn, lasp2h_softmax_attn
+from lasp.sp import sp_linear_attn, sp_softmax_attn
 from lasp.sp.halo import halo_rows
 
 
-def apply_sp(model: LinearLlama, group, layout: str) -> None:
-    """Linear mixers run LASP-2, softmax mixers LASP-2H, all on `group` with `layout`; the delta rule's
-    short convolutions and the linear layers' windows get the rows before each local chunk from their
-    owners (lasp.sp.halo), and attention transfer's teacher (every mixer's own softmax) runs LASP-2H. The
-    data must be split once with `shard_sequence(..., layout=layout)`, positions included."""
+def apply_sp(model: LinearLlama, group, layout: str, linear: str = "lasp2", softmax: str = "lasp2h") -> None:
+    """Linear mixers run `linear` (lasp.sp.sp_linear_attn's methods: LASP-2 by default), softmax mixers
+    `softmax` (LASP-2H by default), all on `group` with `layout` ("auto": the cost model's pick per layer
+    shape); the delta rule's short convolutions and the linear layers' windows get the rows before each
+    local chunk from their owners (lasp.sp.halo), and attention transfer's teacher (every mixer's own
+    softmax) runs the softmax method. The data must be split once with `shard_sequence(..., layout=layout)`,
+    positions included."""
     for block in model.layers:
-        op = lasp2h_softmax_attn if isinstance(block.mixer, SoftmaxAttention) else lasp2_linear_attn
-        block.mixer.attn_fn = partial(op, group=group, layout=layout)
-        block.mixer.teacher_fn = partial(lasp2h_softmax_attn, group=group, layout=layout)
+        if isinstance(block.mixer, SoftmaxAttention):
+            block.mixer.attn_fn = partial(sp_softmax_attn, method=softmax, group=group, layout=layout)
+        else:
+            block.mixer.attn_fn = partial(sp_linear_attn, method=linear, group=group, layout=layout)
+        block.mixer.teacher_fn = partial(sp_softmax_attn, method=softmax, group=group, layout=layout)
         if isinstance(block.mixer, (DeltaNetAttention, LinearAttention)):
             block.mixer.halo_fn = partial(halo_rows, group=group, layout=layout)
 

@@ -2,7 +2,7 @@
 
 import torch
 
-from lasp.model.config import DELTA_VARIANTS
+from lasp.model.config import DELTA_VARIANTS, LINEAR_FORMS
 from lasp.model.decode import decode_memory
 from lasp.parallel.mesh import describe
 from lasp.train.config import TrainConfig, dump
@@ -14,6 +14,35 @@ def _num(n: float) -> str:
         if abs(n) >= scale:
             return f"{n / scale:.2f}{unit}"
     return f"{n:.0f}"
+
+
+def _auto_lines(cfg: TrainConfig) -> list[str]:
+    """What `auto` SP methods pick: on a preset link, the cost model's choice for this config's layers; when
+    calibrating, that it is made at the first step."""
+    p, m, d = cfg.parallel, cfg.model, cfg.data
+    auto = [kind for kind in ("linear", "softmax") if getattr(p.sp_method, kind) == "auto"]
+    if p.sp == 1 or not auto:
+        return []
+    if p.sp_link == "calibrate":
+        return [f"sp auto ({', '.join(auto)} layers): picked at the first step by the cost model, on the SP group's "
+                "link measured then (logged)"]
+    from lasp.sp.cost import LINEAR_CANDIDATES, PRESETS, SOFTMAX_CANDIDATES, Shape, pick
+
+    rows = d.global_batch // p.dp // p.microbatches
+    itemsize = torch.empty((), dtype=getattr(torch, cfg.train.dtype)).element_size()
+    heads, kv = m.num_heads // p.tp, max(1, m.num_kv_heads // p.tp)
+    out = []
+    for kind in auto:
+        shape = Shape(p.sp, rows, d.seq_len // p.sp, heads, kv, m.head_dim, m.head_dim, p.sp_layout, itemsize,
+                      LINEAR_FORMS[m.linear_variant] if kind == "linear" else "none")
+        pool = LINEAR_CANDIDATES if kind == "linear" else SOFTMAX_CANDIDATES
+        pool = [c for c in pool if not c.startswith("ulysses") or heads % p.sp == 0]
+        best, cost = pick(pool, shape, PRESETS[p.sp_link])
+        best = "ulysses" if best == "ulysses_linear" else best
+        times = ", ".join(f"{c.removesuffix('_linear')} {t * 1e6:.0f} us" for c, t in sorted(cost.items(),
+                                                                                              key=lambda kv: kv[1]))
+        out.append(f"sp auto, {kind} layers on {p.sp_link}: {best} (messages per layer, forward + backward: {times})")
+    return out
 
 
 def report(cfg: TrainConfig) -> str:
@@ -33,6 +62,7 @@ def report(cfg: TrainConfig) -> str:
         "",
         "# mesh",
         describe(p, d.seq_len, m.num_layers, m.num_heads, d.global_batch),
+        *_auto_lines(cfg),
         "",
         "# model",
         f"layers {m.num_layers} ({m.layer_pattern} repeated: "

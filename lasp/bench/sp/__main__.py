@@ -20,7 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from lasp.bench.sp.cost import PRESETS
+from lasp.sp.cost import PRESETS
 from lasp.bench.sp.methods import DTYPES, METHODS
 from lasp.cli import at_least, existing, processes, usage_error, writable
 

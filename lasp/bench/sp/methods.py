@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 import lasp
-from lasp.bench.sp.cost import Message
+from lasp.sp.cost import Message
 from lasp.distributed.comm import p2p_log
 from lasp.distributed.events import profiled_ops
 from lasp.sp.layout import SeqLayout

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from lasp.bench.sp.cost import PRESETS, Compute, Link, Shape, fit_link, layer_time
+from lasp.sp.cost import PRESETS, Compute, Link, Shape, fit_link, layer_time
 from lasp.bench.sp.methods import DTYPES
 
 

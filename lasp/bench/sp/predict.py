@@ -14,7 +14,7 @@ each with its softmax counterpart (LASP-2 + LASP-2H, LASP-1 + Ring, Ulysses + Ul
 
 import dataclasses
 
-from lasp.bench.sp.cost import Compute, Link, Shape, layer_time
+from lasp.sp.cost import Compute, Link, Shape, layer_time
 from lasp.model.config import ModelConfig
 from lasp.train.flops import flops_per_token
 

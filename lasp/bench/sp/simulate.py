@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch._C._distributed_c10d import _create_work_from_future
 from torch.futures import Future
 
-from lasp.bench.sp.cost import Message
+from lasp.sp.cost import Message
 from lasp.bench.sp.methods import Case, measure
 
 BACKEND = "lasp_local_copies"

@@ -13,12 +13,26 @@ step, `beta` seconds per byte at the bus bandwidth):
 
 A layer's time is its per-rank compute (measured, or simulated: `lasp.bench.sp simulate`) plus the part of
 each message the implementation does not hide. Only LASP-2 overlaps: its all-gather is in flight while the
-intra-chunk term is computed (forward and backward). LASP-1's hops wait on each other; Ring (softmax, and
-linear in both forms) here shifts a block, then computes on it; Ulysses and LASP-2H wait for their
-collectives.
+intra-chunk term is computed (forward and backward). LASP-1's hops wait on each other; `allscan`'s chain
+is pipelined over blocks of V columns, so its critical path is (hops + blocks - 1) block messages;
+`logscan` waits for ceil(log2 C) rounds of pairs; Ring (softmax, and linear in both forms) here shifts a
+block, then computes on it; Ulysses and LASP-2H wait for their collectives.
+
+`choose_linear` / `choose_softmax` (the `auto` method of lasp.sp.sp_linear_attn): the method whose
+messages cost least for the call's shape on the group's link, which is measured once per process group
+(`calibrate`: a few all-gathers and point-to-point rounds, fitted by `fit_link`, the times agreed over the
+group so every rank picks alike) or set with `use_link` (a preset name or a `Link`). The compute is the
+same for every core method, so it is left out; the pick is logged once per layer kind and shape.
 """
 
+import logging
+import time
+import weakref
+
 from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
 
 GB = 1e9
 
@@ -86,6 +100,11 @@ class Shape:
         return 8 if self.itemsize == 8 else 4
 
     @property
+    def travels(self) -> bool:
+        """Whether a chunk's transition crosses ranks (not when every chunk has the same one: decay, none)."""
+        return self.form not in ("none", "decay")
+
+    @property
     def transition_floats(self) -> int:
         """Floats per batch row and head a chunk's transition adds to LASP-2's forward pair."""
         forms = {"none": 0, "decay": 0, "scalar": 1, "vector": self.K, "deltanet": self.K * self.K,
@@ -130,22 +149,40 @@ def collective_time(m: Message, W: int, link: Link) -> float:
 
 
 def plan(method: str, s: Shape, causal: bool = True) -> Plan:
-    """The messages of one layer of `method` (the names of `lasp.bench.sp.methods.METHODS`)."""
+    """The messages of one layer of `method` (the names of `lasp.bench.sp.methods.METHODS`): the core
+    methods lasp2, lasp1, allscan, logscan; ulysses_linear, ring_linear, ring_linear_quadratic; and the
+    softmax methods lasp2h, ulysses, ring."""
     W, n = s.W, s.n
     if W == 1:
         return Plan()
     state = s.B * s.H * s.K * s.V * s.state_itemsize
+    pair = state + s.B * s.H * s.transition_floats * s.state_itemsize
+    chains = 1 if causal else 2  # the bidirectional form: a prefix and a suffix chain (scan)
     if method == "lasp2":  # forward: each chunk's pair (transition, state); backward: the state gradients
-        pair = state + s.B * s.H * s.transition_floats * s.state_itemsize
         return Plan([Message("all_gather", W * n * pair, hidden=True)], [Message("all_gather", W * n * state, hidden=True)])
     if method == "lasp1":  # the chain's hops, in sequence across the group (each rank receives n of them)
-        hops = n * (W - 1) * (1 if causal else 2)
+        hops = n * (W - 1) * chains
         return Plan([Message("p2p", state)] * hops, [Message("p2p", state)] * hops)
+    if method == "allscan":  # the critical path of the pipelined chain: hops + blocks - 1 block messages
+        from lasp.sp.chain import ALLSCAN_BLOCKS, column_blocks
+
+        blocks = len(column_blocks(s.V, ALLSCAN_BLOCKS))
+        steps = (n * (W - 1) + blocks - 1) * chains
+        return Plan([Message("p2p", state // blocks)] * steps, [Message("p2p", state // blocks)] * steps)
+    if method == "logscan":  # ceil(log2 C) rounds; a rank receives one pair per local chunk in a round
+        from lasp.sp.logscan import rounds
+
+        r = rounds(n * W) * chains
+        each = n * (pair if s.travels else state)
+        return Plan([Message("p2p", each)] * r, [Message("p2p", each)] * r)
     if method in ("ulysses_linear", "ulysses"):
         hk = s.Hkv if s.Hkv % W == 0 else s.H
         tok = s.B * s.T * s.itemsize
         fwd = [Message("all_to_all", tok * s.H * s.K), Message("all_to_all", tok * hk * s.K),
                Message("all_to_all", tok * hk * s.V), Message("all_to_all", tok * s.H * s.V)]
+        gate = {"scalar": 1, "vector": s.K, "gdn": 1, "kda": s.K}.get(s.form, 0)
+        fwd += [Message("all_to_all", tok * s.H * gate)] if gate and method == "ulysses_linear" else []
+        fwd += [Message("all_to_all", tok * s.H)] if s.form in ("deltanet", "gdn", "kda") else []  # beta
         return Plan(fwd, list(reversed(fwd)))
     if method in ("ring_linear", "ring_linear_quadratic"):  # K/V with H heads (repeated for GQA) go round
         block = s.B * s.T * s.H * (s.K + s.V) * s.itemsize
@@ -210,3 +247,132 @@ def fit_link(samples: list[tuple[str, int, int, float]], name: str = "fitted", o
         raise ValueError(f"the samples give a non-positive bandwidth term ({beta:.3g} s/byte): time does not grow "
                          "with size; measure larger messages")
     return Link(name, alpha, 1.0 / beta, overlap, f"fitted to {len(samples)} measured collectives")
+
+
+# ---- the `auto` method: calibrate the group's link once, then pick per call signature ----
+
+_LINKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_OVERRIDE: list[Link | None] = [None]
+_LOGGED: set = set()
+CALIBRATION_BYTES = (16 << 10, 256 << 10, 2 << 20)
+"""Message sizes `calibrate` times (each with its all-gather and a point-to-point round)."""
+log = logging.getLogger("lasp.sp")
+
+
+def use_link(link: "Link | str | None") -> None:
+    """Price `auto`'s choices on this link (a `Link`, or a preset name: nvlink4-h100, ib-ndr400,
+    a100-nvswitch-600) instead of measuring each group; None measures again (`calibrate`)."""
+    if isinstance(link, str):
+        if link not in PRESETS:
+            raise ValueError(f"unknown link {link!r}: one of {', '.join(PRESETS)}, or calibrate")
+        link = PRESETS[link]
+    _OVERRIDE[0] = link
+
+
+def calibrate(group=None, sizes=CALIBRATION_BYTES, reps: int = 3) -> Link:
+    """Measure the group's link: for each size, `reps` all-gathers and `reps` rounds of a point-to-point
+    exchange with the ring neighbours, timed after a warm-up; every rank takes the group's slowest time
+    (one all-reduce), so every rank fits the same alpha and beta and `auto` picks alike on every rank."""
+    from lasp.distributed.comm import exchange, group_rank, group_size
+
+    W, rank = group_size(group), group_rank(group)
+    backend = dist.get_backend(group)
+    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times = []
+    for nbytes in sizes:
+        x = torch.zeros(nbytes // 4, device=device)
+        out = x.new_empty(W * x.numel())
+        for kind in ("all_gather", "p2p"):
+            def once():
+                if kind == "all_gather":
+                    dist.all_gather_into_tensor(out, x, group=group)
+                else:
+                    exchange([(x, (rank + 1) % W, 0)], [(x, (rank - 1) % W, 0)], group)
+
+            once()
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                once()
+            sync()
+            times.append((time.perf_counter() - t0) / reps)
+    slowest = torch.tensor(times, dtype=torch.float64, device=device)
+    dist.all_reduce(slowest, op=dist.ReduceOp.MAX, group=group)
+    kinds = [(n, k) for n in sizes for k in ("all_gather", "p2p")]
+    samples = [(k, W, n * (W if k == "all_gather" else 1), t) for (n, k), t in zip(kinds, slowest.tolist())]
+    return fit_link(samples, name=f"calibrated ({backend}, W={W})")
+
+
+def link_of(group=None) -> Link:
+    """The link `auto` prices on: `use_link`'s, else the group's calibration (measured once, kept)."""
+    if _OVERRIDE[0] is not None:
+        return _OVERRIDE[0]
+    key = group if group is not None else dist.group.WORLD
+    if key not in _LINKS:
+        _LINKS[key] = calibrate(group)
+        link = _LINKS[key]
+        log.info(f"sp: measured the link of a group of {dist.get_world_size(group)}: alpha "
+                 f"{link.alpha_s * 1e6:.1f} us, bus bandwidth {link.busbw_bytes_per_s / 1e9:.2f} GB/s")
+    return _LINKS[key]
+
+
+def form_of(log_decay, gate, beta) -> str:
+    """The cost model's name of a call's linear form."""
+    if beta is not None:
+        return "deltanet" if gate is None else ("gdn" if gate.dim() == 3 else "kda")
+    if gate is not None:
+        return "scalar" if gate.dim() == 3 else "vector"
+    return "none" if log_decay is None else "decay"
+
+
+LINEAR_CANDIDATES = ("lasp2", "allscan", "logscan", "lasp1", "ulysses_linear")
+SOFTMAX_CANDIDATES = ("lasp2h", "ulysses", "ring")
+
+
+def pick(candidates, shape: Shape, link: Link, causal: bool = True) -> tuple[str, dict[str, float]]:
+    """The candidate whose messages cost least for `shape` on `link` (ties: the earlier one), and every
+    candidate's predicted seconds (forward + backward, communication only: their compute is the same)."""
+    cost = {m: layer_time(m, shape, Compute(0.0, 0.0), link, causal)["step"] for m in candidates}
+    return min(cost, key=lambda m: (cost[m], candidates.index(m))), cost
+
+
+def _logged_pick(kind: str, candidates, shape: Shape, link: Link, causal: bool) -> str:
+    best, cost = pick(list(candidates), shape, link, causal)
+    key = (kind, shape, causal, link)
+    if key not in _LOGGED:
+        _LOGGED.add(key)
+        others = ", ".join(f"{m} {t * 1e6:.0f} us" for m, t in sorted(cost.items(), key=lambda kv: kv[1]))
+        log.info(f"sp auto: {kind} layers ({shape.form}, W={shape.W}, B={shape.B}, T={shape.T}, H={shape.H}, "
+                 f"K={shape.K}, V={shape.V}, {shape.layout}) -> {best} on {link.name} ({others})")
+    return best
+
+
+def choose_linear(q, k, v, *, group=None, layout: str = "zigzag", log_decay=None, gate=None, beta=None,
+                  causal: bool = True, initial_state=None, output_final_state: bool = False) -> str:
+    """`auto` for a linear layer: the method of lasp.sp.sp_linear_attn whose messages cost least. Ulysses is
+    a candidate where the heads divide and no state is asked for; Ring (a baseline) is not."""
+    from lasp.distributed.comm import group_size
+
+    W = group_size(group)
+    if W == 1:
+        return "lasp2"
+    B, T, H, K = q.shape
+    shape = Shape(W, B, T, H, k.shape[2], K, v.shape[3], layout, q.element_size(), form_of(log_decay, gate, beta))
+    candidates = [m for m in LINEAR_CANDIDATES if m != "ulysses_linear" or
+                  (H % W == 0 and initial_state is None and not output_final_state)]
+    best = _logged_pick("linear", candidates, shape, link_of(group), causal)
+    return "ulysses" if best == "ulysses_linear" else best
+
+
+def choose_softmax(q, k, v, *, group=None, layout: str = "zigzag", causal: bool = True) -> str:
+    """`auto` for a softmax layer: LASP-2H, Ulysses (where the heads divide) or Ring, by their messages."""
+    from lasp.distributed.comm import group_size
+
+    W = group_size(group)
+    if W == 1:
+        return "lasp2h"
+    B, T, H, K = q.shape
+    shape = Shape(W, B, T, H, k.shape[2], K, v.shape[3], layout, q.element_size())
+    candidates = [m for m in SOFTMAX_CANDIDATES if m != "ulysses" or H % W == 0]
+    return _logged_pick("softmax", candidates, shape, link_of(group), causal)
