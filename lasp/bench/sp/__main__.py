@@ -5,12 +5,15 @@
     python -m lasp.bench.sp simulate [--world-sizes 1 2 4 8] [--seq-lens ...]
     python -m lasp.bench.sp model [--link fit | nvlink4-h100 | ib-ndr400 | a100-nvswitch-600]
     python -m lasp.bench.sp predict [--config configs/linear-llama3-1b.yaml] [--link nvlink4-h100] [--tflops 400]
+    python -m lasp.bench.sp methods [--world-sizes 2 4 8]     # lasp2 / lasp1 / allscan / logscan and auto
 
 sweep: every method, W (sub-groups of one launch) and N measured on real process groups, with the
 interconnect's calibration; simulate: each rank's compute of any W, one process (no communication);
 model: the alpha-beta cost model priced with the calibration (or a preset), its prediction for every
 measured point printed with its error; predict: MODELLED whole-model steps at W ranks and N tokens on a
-link preset, compute from the model's FLOPs at an assumed rate. Everything goes to --out as JSONL and CSV.
+link preset, compute from the model's FLOPs at an assumed rate; methods: the four ways of combining the
+linear states (lasp.sp.core) measured against the cost model, `auto`'s pick in every cell, and the model's
+extrapolation to 256 GPUs (lasp.bench.sp.combine). Everything goes to --out as JSONL and CSV.
 """
 
 import argparse
@@ -159,9 +162,15 @@ def cpu_main(a) -> None:
 
 
 def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["methods"]:
+        from lasp.bench.sp.combine import main as methods_main
+
+        return methods_main(argv[1:])
     p = argparse.ArgumentParser(prog="python -m lasp.bench.sp", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="step", required=True)
+    sub.add_parser("methods", help="the four ways of combining linear states and auto (see its --help)")
     p_pred = sub.add_parser("predict")
     p_pred.add_argument("--config", default="configs/linear-llama3-1b.yaml", help="a trainer YAML: its model section")
     p_pred.add_argument("--link", default="nvlink4-h100", choices=list(PRESETS))

@@ -83,8 +83,8 @@ def messages(prof, p2p: list[int]) -> list[Message]:
 
 
 def overlapped_seconds(prof) -> float:
-    """CPU time under the "lasp2.overlapped" label (LASP-2's intra-chunk compute, while its all-gather flies)."""
-    return sum(e.duration_ns for e in profiled_ops(prof, "lasp2.overlapped")) / 1e9
+    """CPU time under the "sp.overlapped" label (the core's zero-start compute, while LASP-2's all-gather flies)."""
+    return sum(e.duration_ns for e in profiled_ops(prof, "sp.overlapped")) / 1e9
 
 
 def measure(case: Case, group, rank: int, reps: int, *, check_ranks: bool, barrier=None, count=None) -> dict:
