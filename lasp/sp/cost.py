@@ -10,6 +10,9 @@ step, `beta` seconds per byte at the bus bandwidth):
     all-reduce of S bytes:                              2 (W-1) alpha + 2 (W-1)/W S beta
     all-to-all, S bytes per rank:                       (W-1) alpha + (W-1)/W S beta
     point-to-point of S bytes (send and receive at once): alpha + S beta
+A point-to-point message is either a hop of a chain (`p2p`: one rank sends, the next waits for it) or
+part of a round in which every rank sends and receives at once (`p2p_round`: Ring, logscan); a link may
+price them apart (on a CPU shared by more processes than cores a round waits for every process).
 
 A layer's time is its per-rank compute (measured, or simulated: `lasp.bench.sp simulate`) plus the part of
 each message the implementation does not hide. Only LASP-2 overlaps: its all-gather is in flight while the
@@ -50,6 +53,15 @@ class Link:
     """Fraction of the compute in flight that hides communication (1: a separate engine, as NVLink/IB DMA;
     0: the same cores do both, as gloo on a CPU with no spare core)."""
     source: str = ""
+    p2p_alpha_s: float | None = None
+    """A chain's hops' own latency and bandwidth, where they were measured apart (`calibrate`); None: the
+    collectives' figures."""
+    p2p_busbw_bytes_per_s: float | None = None
+    round_alpha_s: float | None = None
+    """The same for a round of point-to-point messages on every rank at once; None: as a hop."""
+    round_busbw_bytes_per_s: float | None = None
+    flops_per_s: float = float("inf")
+    """The rate of the small matrix products the scans of the core methods run (inf: free, the presets)."""
 
     @property
     def beta(self) -> float:
@@ -119,7 +131,7 @@ class Message:
     """One collective (or one hop) a rank makes in a phase."""
 
     kind: str
-    """all_gather, reduce_scatter, all_reduce, all_to_all or p2p."""
+    """all_gather, reduce_scatter, all_reduce, all_to_all, p2p (a hop) or p2p_round (every rank at once)."""
     nbytes: int
     """all_gather / reduce_scatter / all_reduce: the total buffer; all_to_all: per rank; p2p: the message."""
     hidden: bool = False
@@ -132,6 +144,9 @@ class Plan:
 
     fwd: list[Message] = field(default_factory=list)
     bwd: list[Message] = field(default_factory=list)
+    flops: float = 0.0
+    """The floating-point work of combining the states on a rank's critical path, per direction: the
+    scans' products A S (and logscan's A A), which only the core methods run."""
 
 
 def collective_time(m: Message, W: int, link: Link) -> float:
@@ -139,16 +154,20 @@ def collective_time(m: Message, W: int, link: Link) -> float:
     if W == 1:
         return 0.0
     a, b, S = link.alpha_s, link.beta, m.nbytes
+    if m.kind == "p2p_round" and link.round_alpha_s is not None:
+        a, b = link.round_alpha_s, 1.0 / link.round_busbw_bytes_per_s
+    elif m.kind in ("p2p", "p2p_round") and link.p2p_alpha_s is not None:
+        a, b = link.p2p_alpha_s, 1.0 / link.p2p_busbw_bytes_per_s
     if m.kind in ("all_gather", "reduce_scatter", "all_to_all"):
         return (W - 1) * a + (W - 1) / W * S * b
     if m.kind == "all_reduce":
         return 2 * (W - 1) * a + 2 * (W - 1) / W * S * b
-    if m.kind == "p2p":
+    if m.kind in ("p2p", "p2p_round"):
         return a + S * b
     raise ValueError(f"unknown message kind {m.kind!r}")
 
 
-def plan(method: str, s: Shape, causal: bool = True) -> Plan:
+def plan(method: str, s: Shape, causal: bool = True, link: "Link | None" = None) -> Plan:
     """The messages of one layer of `method` (the names of `lasp.bench.sp.methods.METHODS`): the core
     methods lasp2, lasp1, allscan, logscan; ulysses_linear, ring_linear, ring_linear_quadratic; and the
     softmax methods lasp2h, ulysses, ring."""
@@ -158,23 +177,33 @@ def plan(method: str, s: Shape, causal: bool = True) -> Plan:
     state = s.B * s.H * s.K * s.V * s.state_itemsize
     pair = state + s.B * s.H * s.transition_floats * s.state_itemsize
     chains = 1 if causal else 2  # the bidirectional form: a prefix and a suffix chain (scan)
+    full = s.form in ("deltanet", "gdn", "kda")
+    step = s.B * s.H * s.K * s.V * (2 * s.K + 1 if full else 2)  # one A S + M
+    compose = s.B * s.H * (2 * s.K ** 3 if full else s.K) + step  # logscan: (A2 A1, A2 M1 + M2)
     if method == "lasp2":  # forward: each chunk's pair (transition, state); backward: the state gradients
-        return Plan([Message("all_gather", W * n * pair, hidden=True)], [Message("all_gather", W * n * state, hidden=True)])
+        return Plan([Message("all_gather", W * n * pair, hidden=True)],
+                    [Message("all_gather", W * n * state, hidden=True)], W * n * step * chains)
     if method == "lasp1":  # the chain's hops, in sequence across the group (each rank receives n of them)
         hops = n * (W - 1) * chains
-        return Plan([Message("p2p", state)] * hops, [Message("p2p", state)] * hops)
+        return Plan([Message("p2p", state)] * hops, [Message("p2p", state)] * hops, (hops + n) * step)
     if method == "allscan":  # the critical path of the pipelined chain: hops + blocks - 1 block messages
         from lasp.sp.chain import ALLSCAN_BLOCKS, column_blocks
 
-        blocks = len(column_blocks(s.V, ALLSCAN_BLOCKS))
-        steps = (n * (W - 1) + blocks - 1) * chains
-        return Plan([Message("p2p", state // blocks)] * steps, [Message("p2p", state // blocks)] * steps)
+        blocks, hops = len(column_blocks(s.V, ALLSCAN_BLOCKS)), n * (W - 1)
+        # pipelined where a link moves data beside the compute (overlap 1: DMA engines); where the same cores
+        # do both (overlap 0: gloo on a CPU) the blocks of a hop follow each other
+        overlap = 1.0 if link is None else link.overlap
+        steps = round((overlap * (hops + blocks - 1) + (1 - overlap) * hops * blocks) * chains)
+        return Plan([Message("p2p", state // blocks)] * steps, [Message("p2p", state // blocks)] * steps,
+                    (steps + n) * step / blocks)
     if method == "logscan":  # ceil(log2 C) rounds; a rank receives one pair per local chunk in a round
         from lasp.sp.logscan import rounds
 
-        r = rounds(n * W) * chains
+        r = rounds(n * W)
         each = n * (pair if s.travels else state)
-        return Plan([Message("p2p", each)] * r, [Message("p2p", each)] * r)
+        products = max(0, 2 * r - 3)  # round 1 composes the inclusive pair only, the last round neither
+        flops = chains * n * (products * compose + step)
+        return Plan([Message("p2p_round", each)] * (r * chains), [Message("p2p_round", each)] * (r * chains), flops)
     if method in ("ulysses_linear", "ulysses"):
         hk = s.Hkv if s.Hkv % W == 0 else s.H
         tok = s.B * s.T * s.itemsize
@@ -186,14 +215,14 @@ def plan(method: str, s: Shape, causal: bool = True) -> Plan:
         return Plan(fwd, list(reversed(fwd)))
     if method in ("ring_linear", "ring_linear_quadratic"):  # K/V with H heads (repeated for GQA) go round
         block = s.B * s.T * s.H * (s.K + s.V) * s.itemsize
-        return Plan([Message("p2p", block)] * (W - 1), [Message("p2p", block)] * (W - 1))
+        return Plan([Message("p2p_round", block)] * (W - 1), [Message("p2p_round", block)] * (W - 1))
     kv = s.B * s.T * s.Hkv * (s.K + s.V)
     if method == "lasp2h":
         return Plan([Message("all_gather", W * kv * s.itemsize)], [Message("reduce_scatter", W * kv * s.itemsize)])
     if method == "ring":
         acc = s.state_itemsize  # the backward's blocks travel in float32 with their dK/dV accumulators
-        return Plan([Message("p2p", kv * s.itemsize)] * (W - 1),
-                    [Message("p2p", 2 * kv * acc)] * (W - 1) + [Message("p2p", kv * acc)])
+        return Plan([Message("p2p_round", kv * s.itemsize)] * (W - 1),
+                    [Message("p2p_round", 2 * kv * acc)] * (W - 1) + [Message("p2p_round", kv * acc)])
     raise ValueError(f"no cost plan for method {method!r}")
 
 
@@ -208,17 +237,18 @@ class Compute:
     bwd_overlap: float = 0.0
 
 
-def _phase(messages: list[Message], compute: float, window: float, W: int, link: Link) -> float:
+def _phase(messages: list[Message], compute: float, window: float, W: int, link: Link, flops: float = 0.0) -> float:
     hidden = sum(collective_time(m, W, link) for m in messages if m.hidden)
     exposed = sum(collective_time(m, W, link) for m in messages if not m.hidden)
-    return compute + max(0.0, hidden - link.overlap * window) + exposed
+    scan = flops / link.flops_per_s if W > 1 else 0.0
+    return compute + max(0.0, hidden - link.overlap * window) + exposed + scan
 
 
 def layer_time(method: str, s: Shape, compute: Compute, link: Link, causal: bool = True) -> dict:
     """Predicted seconds of one layer's forward and backward: {fwd, bwd, step, comm_fwd, comm_bwd}."""
-    p = plan(method, s, causal)
-    fwd = _phase(p.fwd, compute.fwd, compute.fwd_overlap, s.W, link)
-    bwd = _phase(p.bwd, compute.bwd, compute.bwd_overlap, s.W, link)
+    p = plan(method, s, causal, link)
+    fwd = _phase(p.fwd, compute.fwd, compute.fwd_overlap, s.W, link, p.flops)
+    bwd = _phase(p.bwd, compute.bwd, compute.bwd_overlap, s.W, link, p.flops)
     return {"fwd": fwd, "bwd": bwd, "step": fwd + bwd, "comm_fwd": fwd - compute.fwd, "comm_bwd": bwd - compute.bwd,
             "bytes_fwd": sum(m.nbytes for m in p.fwd), "bytes_bwd": sum(m.nbytes for m in p.bwd)}
 
@@ -269,39 +299,77 @@ def use_link(link: "Link | str | None") -> None:
     _OVERRIDE[0] = link
 
 
-def calibrate(group=None, sizes=CALIBRATION_BYTES, reps: int = 3) -> Link:
-    """Measure the group's link: for each size, `reps` all-gathers and `reps` rounds of a point-to-point
-    exchange with the ring neighbours, timed after a warm-up; every rank takes the group's slowest time
-    (one all-reduce), so every rank fits the same alpha and beta and `auto` picks alike on every rank."""
-    from lasp.distributed.comm import exchange, group_rank, group_size
+def calibrate(group=None, sizes=CALIBRATION_BYTES, reps: int = 5) -> Link:
+    """Measure the group's link: for each size, the median of `reps` all-gathers, relays (rank 0 to W-1, hop
+    by hop) and rounds of a point-to-point exchange with the ring neighbours, after a warm-up; and the rate
+    of a batch of 128 x 128 products (every rank at once). Every rank takes the group's slowest times (one
+    all-reduce), so every rank fits the same link and `auto` picks alike on every rank."""
+    from lasp.distributed.comm import exchange, group_rank, group_size, recv, send
 
     W, rank = group_size(group), group_rank(group)
     backend = dist.get_backend(group)
     device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times = []
+    kinds = ("all_gather", "p2p", "p2p_round")
     for nbytes in sizes:
         x = torch.zeros(nbytes // 4, device=device)
         out = x.new_empty(W * x.numel())
-        for kind in ("all_gather", "p2p"):
+        for kind in kinds:
             def once():
                 if kind == "all_gather":
                     dist.all_gather_into_tensor(out, x, group=group)
-                else:
+                elif kind == "p2p_round":
                     exchange([(x, (rank + 1) % W, 0)], [(x, (rank - 1) % W, 0)], group)
+                else:  # a relay: W - 1 hops, each waiting for the one before
+                    if rank > 0:
+                        recv(x, rank - 1, group)
+                    if rank < W - 1:
+                        send(x, rank + 1, group)
 
             once()
-            sync()
-            t0 = time.perf_counter()
+            took = []
             for _ in range(reps):
+                dist.barrier(group=group)
+                sync()
+                t0 = time.perf_counter()
                 once()
-            sync()
-            times.append((time.perf_counter() - t0) / reps)
+                sync()
+                took.append(time.perf_counter() - t0)
+            times.append(sorted(took)[len(took) // 2] / (W - 1 if kind == "p2p" else 1))  # the median
+    a = torch.randn(16, 128, 128, device=device)
+    product = lambda: a @ a  # noqa: E731 - the size of a delta-rule transition times a state, per head
+    product()
+    dist.barrier(group=group)  # every rank at once, as in a layer: a CPU's cores are shared
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(4 * reps):
+        product()
+    sync()
+    times.append((time.perf_counter() - t0) / (4 * reps))
     slowest = torch.tensor(times, dtype=torch.float64, device=device)
     dist.all_reduce(slowest, op=dist.ReduceOp.MAX, group=group)
-    kinds = [(n, k) for n in sizes for k in ("all_gather", "p2p")]
-    samples = [(k, W, n * (W if k == "all_gather" else 1), t) for (n, k), t in zip(kinds, slowest.tolist())]
-    return fit_link(samples, name=f"calibrated ({backend}, W={W})")
+    *comm, product_s = slowest.tolist()
+    samples = [(k, W, n * (W if k == "all_gather" else 1), t) for (n, k), t in zip([(n, k) for n in sizes
+                                                                                    for k in kinds], comm)]
+    fits = {k: _fit_or_bound([(k if k != "p2p_round" else "p2p", *x[1:]) for x in samples if x[0] == k]) for k in kinds}
+    return Link(f"calibrated ({backend}, W={W})", fits["all_gather"].alpha_s, fits["all_gather"].busbw_bytes_per_s,
+                overlap=1.0 if device.type == "cuda" else 0.0, source=f"measured: all-gathers, relays and rounds of {sizes[0]}-{sizes[-1]} bytes",
+                p2p_alpha_s=fits["p2p"].alpha_s, p2p_busbw_bytes_per_s=fits["p2p"].busbw_bytes_per_s,
+                round_alpha_s=fits["p2p_round"].alpha_s, round_busbw_bytes_per_s=fits["p2p_round"].busbw_bytes_per_s,
+                flops_per_s=2 * 16 * 128 ** 3 / product_s)
+
+
+def _fit_or_bound(samples) -> Link:
+    """`fit_link`, or where noise made time not grow with size, a bound: the smallest message's time as the
+    latency and the largest one's bytes per second as the bandwidth."""
+    try:
+        return fit_link(samples)
+    except ValueError:
+        small, large = min(samples, key=lambda x: x[2]), max(samples, key=lambda x: x[2])
+        unit = collective_time(Message(small[0], 0), small[1], Link("unit", 1.0, 1.0))
+        volume = collective_time(Message(large[0], large[2]), large[1], Link("unit", 0.0, 1.0))
+        return Link("bounded", small[3] / unit, volume / large[3])
 
 
 def link_of(group=None) -> Link:

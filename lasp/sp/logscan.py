@@ -19,7 +19,7 @@ from torch import Tensor
 
 from lasp.distributed import group_rank
 from lasp.distributed.comm import exchange
-from lasp.kernels.linear_attn.affine import compose, transpose
+from lasp.kernels.linear_attn.affine import apply, compose, normal_products, transpose
 from lasp.sp.core import Later
 from lasp.sp.layout import SeqLayout
 
@@ -43,6 +43,7 @@ class LogScan:
         chunk = (lambda p: C - 1 - p) if reverse else (lambda p: p)  # scan position -> global chunk (an involution)
         pos = [chunk(c) for c in lay.chunks_of(rank)]
         here = {p: i for i, p in enumerate(pos)}
+        A = None if A is None else normal_products(A.clone())
         A = transpose(A) if reverse else A
         travels = A is not None and not uniform
         incl = [(None if A is None else A[i], x[i]) for i in range(len(pos))]
@@ -68,9 +69,12 @@ class LogScan:
                                             self.group)))
             earlier = {i: unpack(got[i], min(d, pos[i] - d + 1)) if i in got else incl[here[pos[i] - d]]
                        for i in takers}
+            last = 2 * d >= C  # the last round needs only the exclusive state: no product of transitions
             for i in takers:
-                excl[i] = compose(excl[i], earlier[i])
-                incl[i] = compose(incl[i], earlier[i])
+                A_e, M_e = excl[i]
+                excl[i] = (None, apply(A_e, earlier[i][1]) + M_e) if last else compose(excl[i], earlier[i])
+                if not last:
+                    incl[i] = compose(incl[i], earlier[i])
             d *= 2
         return torch.stack([m for _, m in excl])
 

@@ -8,13 +8,15 @@ ranks), every state size (small: H = 2, K = V = 32; large: H = 16, K = V = 128) 
 Gated DeltaNet layer's forward and backward on each rank's shard is timed (median of --reps after a
 warm-up, the slowest rank's), its messages counted (bytes received per rank), and priced by the cost
 model (lasp.sp.cost) on the group's link, measured by the library's own `calibrate`: predicted = the
-ranks' local compute measured concurrently (every rank runs the same local work at once, no messages)
-+ the modelled communication. `auto` is what `choose_linear` picks for the cell. Writes methods.jsonl,
+ranks' local compute measured concurrently (every rank runs the core's local work at once with a
+combiner that sends nothing; for Ulysses, `linear_attn` on its shard) + the modelled messages and the
+scans' products. `auto` is what `choose_linear` picks for the cell. Writes methods.jsonl,
 a markdown table (methods.md) and two plots: measured against predicted, and the modelled winner by W on
 the link presets (beside ZeCO's and LASP-2's published 256-GPU figures).
 """
 
 import argparse
+import dataclasses
 import datetime
 import os
 import statistics
@@ -26,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-METHODS = ("lasp2", "lasp1", "allscan", "logscan")
+METHODS = ("lasp2", "lasp1", "allscan", "logscan", "ulysses")
 STATES = {"small": dict(H=2, K=32), "large": dict(H=16, K=128)}
 # ZeCO (arXiv 2507.01004): 256 H100s, a 1B GLA model at 32K tokens per GPU
 PUBLISHED_256 = {"ZeCO (All-Scan)": 40967, "LASP-2": 25402}
@@ -40,6 +42,22 @@ def _inputs(W: int, rank: int, T: int, H: int, K: int, layout: str):
     gate = -torch.rand(1, T, H, generator=gen) * 0.2
     do = torch.randn(1, T, H, K, generator=gen)
     return [x.requires_grad_() for x in (q, k, v, beta, gate)], do
+
+
+class _NoMessages:
+    """A combiner that sends nothing (every incoming state 0): the core's local work alone."""
+
+    in_band = False
+
+    def scan(self, A, x, uniform, reverse):
+        from lasp.sp.core import Later
+
+        return Later(lambda: torch.zeros_like(x))
+
+    def total(self, x):
+        from lasp.sp.core import Later
+
+        return Later(lambda: x)
 
 
 def _time(fn, reps: int, barrier) -> float:
@@ -64,7 +82,11 @@ def measure_cell(group, W: int, rank: int, state: str, T: int, layout: str, reps
     from lasp import linear_attn, sp_linear_attn
     from lasp.bench.sp.methods import messages
     from lasp.distributed.comm import p2p_log
+    from lasp.kernels import DEFAULT_KERNEL
+    from lasp.kernels.linear_attn.gated import as_vector_form
+    from lasp.sp.core import Job, sp_core
     from lasp.sp.cost import Compute, Shape, choose_linear, layer_time, link_of
+    from lasp.sp.layout import SeqLayout
 
     H, K = STATES[state]["H"], STATES[state]["K"]
     (q, k, v, beta, gate), do = _inputs(W, rank, T, H, K, layout)
@@ -74,6 +96,10 @@ def measure_cell(group, W: int, rank: int, state: str, T: int, layout: str, reps
         def run():
             if method == "compute":  # this rank's local work alone, every rank at once (no messages)
                 o = linear_attn(q, k, v, beta=beta, gate=gate)
+            elif method == "core":  # the core's local work (pairs, outputs, backward), no messages
+                lay = SeqLayout(layout, W)
+                job = Job(_NoMessages(), lay, group, DEFAULT_KERNEL, K**-0.5)
+                o = sp_core(q, k, v, job, gate=as_vector_form(gate), beta=beta)[0]
             else:
                 o = sp_linear_attn(q, k, v, beta=beta, gate=gate, method=method, group=group, layout=layout,
                                    check_ranks=False)
@@ -81,11 +107,12 @@ def measure_cell(group, W: int, rank: int, state: str, T: int, layout: str, reps
         return run
 
     compute = _slowest(_time(step("compute"), reps, barrier), group)
+    core = _slowest(_time(step("core"), reps, barrier), group)
     link = link_of(group)
     auto = choose_linear(q, k, v, group=group, layout=layout, beta=beta, gate=gate)
     shape = Shape(W, 1, T, H, H, K, K, layout, 4, "gdn")
     rows = []
-    for method in METHODS:
+    for method in [m for m in METHODS if m != "ulysses" or H % W == 0]:  # Ulysses splits the heads
         took = _slowest(_time(step(method), reps, barrier), group)
         act = [torch.profiler.ProfilerActivity.CPU]
         with torch.profiler.profile(activities=act, record_shapes=True) as prof, p2p_log() as hops:
@@ -93,11 +120,13 @@ def measure_cell(group, W: int, rank: int, state: str, T: int, layout: str, reps
         got = sum(m.nbytes for m in messages(prof, hops))
         most = torch.tensor([got], dtype=torch.float64)
         dist.all_reduce(most, op=dist.ReduceOp.MAX, group=group)
-        model = layer_time(method, shape, Compute(0.0, 0.0), link)
+        model = layer_time("ulysses_linear" if method == "ulysses" else method, shape, Compute(0.0, 0.0), link)
         rows.append({"W": W, "state": state, "H": H, "K": K, "V": K, "T": T, "layout": layout, "form": "gdn",
-                     "method": method, "step_s": took, "compute_s": compute, "bytes_max_rank": int(most),
-                     "predicted_s": compute + model["step"], "predicted_comm_s": model["step"],
-                     "auto": auto, "link_alpha_s": link.alpha_s, "link_busbw": link.busbw_bytes_per_s})
+                     "method": method, "step_s": took, "compute_s": compute if method == "ulysses" else core,
+                     "bytes_max_rank": int(most),
+                     "predicted_s": (compute if method == "ulysses" else core) + model["step"],
+                     "predicted_comm_s": model["step"],
+                     "auto": auto, "link": dataclasses.asdict(link)})
     return rows
 
 
@@ -136,7 +165,8 @@ def extrapolate(world_sizes=(8, 16, 32, 64, 128, 256), T: int = 32768) -> list[d
     for link in ("nvlink4-h100", "ib-ndr400"):
         for W in world_sizes:
             shape = Shape(W, 1, T, 16, 16, 128, 128, "zigzag", 2, "gdn")
-            cost = {m: layer_time(m, shape, Compute(0.0, 0.0), PRESETS[link])["step"] for m in METHODS}
+            cost = {m: layer_time("ulysses_linear" if m == "ulysses" else m, shape, Compute(0.0, 0.0),
+                                  PRESETS[link])["step"] for m in METHODS}
             out.append({"link": link, "W": W, "T": T, **{f"{m}_s": c for m, c in cost.items()},
                         "winner": min(cost, key=cost.get), "modelled": True})
     return out
@@ -155,8 +185,9 @@ def report(rows: list[dict], extra: list[dict]) -> str:
         ratio = got[auto]["step_s"] / fastest
         ratios.append(ratio)
         errors += [abs(r["predicted_s"] - r["step_s"]) / r["step_s"] for r in got.values()]
-        cols = " | ".join(f"{got[m]['step_s'] * 1e3:.1f} ({got[m]['predicted_s'] * 1e3:.1f})" for m in METHODS)
-        sizes = ", ".join(f"{m} {got[m]['bytes_max_rank'] / 2**10:.0f}K" for m in METHODS)
+        cols = " | ".join(f"{got[m]['step_s'] * 1e3:.1f} ({got[m]['predicted_s'] * 1e3:.1f})" if m in got else "-"
+                          for m in METHODS)
+        sizes = ", ".join(f"{m} {got[m]['bytes_max_rank'] / 2**10:.0f}K" for m in METHODS if m in got)
         lines.append(f"| {W} | {state} | {cols} | {sizes} | {auto} | {ratio:.2f} |")
     lines.append("")
     lines.append(f"auto within 10% of the fastest method: {sum(x <= 1.10 for x in ratios)}/{len(ratios)} cells "
@@ -178,7 +209,7 @@ def plot(rows: list[dict], extra: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for m, marker in zip(METHODS, "osD^"):
+    for m, marker in zip(METHODS, "osD^v"):
         pts = [r for r in rows if r["method"] == m]
         a.scatter([r["predicted_s"] * 1e3 for r in pts], [r["step_s"] * 1e3 for r in pts], marker=marker, label=m)
     lim = [min(r["step_s"] for r in rows) * 1e3 * 0.7, max(r["step_s"] for r in rows) * 1e3 * 1.4]
@@ -188,7 +219,7 @@ def plot(rows: list[dict], extra: list[dict], path: Path) -> None:
     a.legend(fontsize=8)
     for link, style in (("nvlink4-h100", "-"), ("ib-ndr400", "--")):
         pts = [r for r in extra if r["link"] == link]
-        for m, color in zip(METHODS, ("C0", "C1", "C2", "C3")):
+        for m, color in zip(METHODS, ("C0", "C1", "C2", "C3", "C4")):
             b.plot([r["W"] for r in pts], [r[f"{m}_s"] * 1e6 for r in pts], style, color=color, marker="o", ms=3,
                    label=f"{m}, {link}")
     b.set(xscale="log", yscale="log", xlabel="W (GPUs)", ylabel="modelled messages per layer, us",

@@ -46,16 +46,24 @@ def transpose(A: Tensor | None) -> Tensor | None:
     return A if A is None or A.shape[-1] == 1 else A.transpose(-1, -2)
 
 
+def normal_products(A: Tensor) -> Tensor:
+    """A with the entries below the square root of the dtype's smallest normal number set to 0 (in place),
+    so that no product of two entries is subnormal: a product of many decays underflows, and a CPU
+    multiplies subnormals about 100x slower (a Gated DeltaNet logscan at W = 8 spent 0.3 s in one product
+    of two K x K transitions). The entries dropped are below any result's precision."""
+    return A.masked_fill_(A.abs() < torch.finfo(A.dtype).tiny ** 0.5, 0)
+
+
 def compose_transitions(A2: Tensor | None, A1: Tensor | None) -> Tensor | None:
     """A2 A1 (A1 first), any kinds: a diagonal times a matrix scales its rows, a matrix times a diagonal its
-    columns; the result has the wider kind."""
+    columns; the result has the wider kind, its entries kept out of the subnormals (`normal_products`)."""
     if A1 is None or A2 is None:
         return A2 if A1 is None else A1
     if A2.shape[-1] == 1:
-        return A2 * A1
+        return normal_products(A2 * A1)
     if A1.shape[-1] == 1:
-        return A2 * A1.transpose(-1, -2)
-    return A2 @ A1
+        return normal_products(A2 * A1.transpose(-1, -2))
+    return normal_products(A2 @ A1)
 
 
 def compose(later: tuple[Tensor | None, Tensor], earlier: tuple[Tensor | None, Tensor]) -> tuple[Tensor | None, Tensor]:
