@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from lasp import SeqLayout, linear_attn, shard_sequence, sp_linear_attn
+from lasp.bench.sp.methods import peak_allocated
 from lasp.distributed.comm import p2p_log
 from lasp.sp.chain import ALLSCAN_BLOCKS, column_blocks
 from lasp.sp.logscan import rounds
@@ -156,28 +157,51 @@ def case_counts(method: str, W_expected: int):
     extra = {a: shard_sequence(x, rank=rank, world_size=W, layout="contiguous") for a, x in args.items()
              if a in ("gate", "beta")}
     sp_linear_attn(*local, method=method, layout="contiguous", check_ranks=False, **extra)  # warm
-    with p2p_log() as fwd:
+    prof = lambda: torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],  # noqa: E731
+                                          profile_memory=True)
+    with p2p_log() as fwd, prof() as pf:
         o = sp_linear_attn(*local, method=method, layout="contiguous", check_ranks=False, **extra)
-    with p2p_log() as bwd:
+    with p2p_log() as bwd, prof() as pb:
         o.backward(shard_sequence(do, rank=rank, world_size=W, layout="contiguous"))
-    return {"fwd": list(fwd), "bwd": list(bwd)}
+    return {"fwd": list(fwd), "bwd": list(bwd), "peak": peak_allocated(pf, pb)}
 
 
-@pytest.mark.parametrize("W", [2, 4])
-def test_point_to_point_bytes_per_rank_do_not_grow_with_W(dist_pool, W):
+def test_point_to_point_bytes_per_rank_do_not_grow_with_W(dist_pool):
     """allscan and lasp1: each rank receives one K x V state per direction whatever W; logscan: ceil(log2 W)
-    rounds of pairs (Gated DeltaNet: K x K + K x V), so its bytes grow with log W, never with W."""
+    rounds of pairs (Gated DeltaNet: K x K + K x V), so its bytes grow with log W, never with W, and so
+    does not its peak memory, where lasp2's gathered pairs grow with W (the same tokens per rank)."""
     pair, state = B * H * (K * K + K * V) * 8, B * H * K * V * 8
-    for method in ("lasp1", "allscan", "logscan"):
-        res = dist_pool(W).run("tests.test_sp_methods:case_counts", method=method, W_expected=W)
-        for rank, r in enumerate(res):
-            for phase in ("fwd", "bwd"):
-                got = sum(r[phase])
-                if method == "logscan":
-                    assert got <= rounds(W) * pair, (method, rank, phase, r[phase])
-                    assert len(r[phase]) <= rounds(W)
-                else:
-                    first = rank == 0 if phase == "fwd" else rank == W - 1
-                    assert got == (0 if first else state), (method, rank, phase, r[phase])
-        if method == "logscan":
-            assert max(len(r["fwd"]) for r in res) == math.ceil(math.log2(W))
+    peaks = {}
+    for W in (2, 4):
+        for method in ("lasp1", "allscan", "logscan", "lasp2"):
+            res = dist_pool(W).run("tests.test_sp_methods:case_counts", method=method, W_expected=W)
+            peaks[(method, W)] = max(r["peak"] for r in res)
+            for rank, r in enumerate(res):
+                for phase in ("fwd", "bwd"):
+                    got = sum(r[phase])
+                    if method == "logscan":
+                        assert got <= rounds(W) * pair, (method, rank, phase, r[phase])
+                        assert len(r[phase]) <= rounds(W)
+                    elif method != "lasp2":
+                        first = rank == 0 if phase == "fwd" else rank == W - 1
+                        assert got == (0 if first else state), (method, rank, phase, r[phase])
+            if method == "logscan":
+                assert max(len(r["fwd"]) for r in res) == math.ceil(math.log2(W))
+    assert peaks[("lasp2", 4)] > peaks[("lasp2", 2)] + 2 * pair, peaks
+    assert peaks[("logscan", 4)] <= peaks[("logscan", 2)] + pair, peaks
+
+
+def case_all_methods(layout: str, chunk_len: int, forms: tuple):
+    return {m: case_every_form(m, layout, chunk_len, forms=forms, docs=("kda",)) for m in METHODS}
+
+
+@pytest.mark.slow
+def test_every_method_at_eight_ranks(dist_pool):
+    """W = 8, zigzag (16 chunks: the log scan's four rounds, a chain of 14 hops), Gated DeltaNet and a
+    constant decay with states, KDA with documents crossing ranks."""
+    results = dist_pool(8).run("tests.test_sp_methods:case_all_methods", layout="zigzag", chunk_len=3,
+                               forms=("gdn", "decay"))
+    for rank, per_method in enumerate(results):
+        for method, per_form in per_method.items():
+            for (form, _), r in per_form.items():
+                _expect(method, "zigzag", 8, form, rank, r)
