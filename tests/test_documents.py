@@ -8,8 +8,9 @@ import torch
 from lasp import linear_attn
 from lasp.kernels import TorchChunkKernel, recurrent_linear_attn
 from lasp.kernels.documents import Documents, as_documents
-from lasp.kernels.linear_attn.affine import compose
-from lasp.kernels.linear_attn.affine import exclusive_scan as affine_exclusive_scan
+from lasp.kernels.protocol import Capabilities
+from lasp.kernels.scan import affine_scan
+from lasp.kernels.scan import compose
 from lasp.sp import ring_linear_attn
 from tests.test_gated_linear_attn import _grads, _inputs
 
@@ -128,7 +129,7 @@ def test_documents_are_refused_where_they_cannot_run():
         linear_attn(q, k, v, gate=bad)
 
     class NoGates(TorchChunkKernel):
-        name, gates = "triton", ()
+        name, caps = "triton", Capabilities()
 
     with pytest.raises(ValueError, match="start at 0.*causal=True.*'triton' kernel has no document resets"):
         linear_attn(q, k, v, causal=False, cu_seqlens=[1, 4], kernel=NoGates())
@@ -171,11 +172,11 @@ def test_the_combine_is_associative_and_is_the_scan(kinds):
         torch.testing.assert_close(_dense(a[0], K), _dense(b[0], K), **TOL)
         torch.testing.assert_close(a[1], b[1], **TOL)
     full = torch.stack([_dense(a, K) for a in A])
-    out, carry = affine_exclusive_scan(full, M)
+    out, carry = affine_scan(full, M)
     torch.testing.assert_close(carry, left[1], **TOL)
     for i in range(1, len(kinds)):
-        torch.testing.assert_close(out[i], affine_exclusive_scan(full[:i], M[:i])[1], **TOL)
-    back, _ = affine_exclusive_scan(full, M, reverse=True)  # out_{i-1} = A_i^T out_i + x_i
+        torch.testing.assert_close(out[i], affine_scan(full[:i], M[:i])[1], **TOL)
+    back, _ = affine_scan(full, M, reverse=True)  # out_{i-1} = A_i^T out_i + x_i
     want = torch.zeros_like(M[0])
     for i in range(len(kinds) - 1, 0, -1):
         want = M[i] + full[i].transpose(-1, -2) @ want

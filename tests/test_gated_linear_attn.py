@@ -6,6 +6,7 @@ import torch
 from lasp import linear_attn
 from lasp.kernels import TorchChunkKernel, recurrent_linear_attn
 from lasp.kernels.linear_attn.gated import gate_grad
+from lasp.kernels.protocol import Capabilities
 
 TOL = {torch.float64: dict(atol=1e-10, rtol=1e-10), torch.float32: dict(atol=3e-5, rtol=3e-5)}
 
@@ -118,7 +119,7 @@ def test_bad_gates_are_refused_with_every_problem():
 
 def test_a_kernel_without_gates_is_named():
     class NoGates(TorchChunkKernel):
-        name, gates = "triton", ()
+        name, caps = "triton", Capabilities()
 
     q, k, v, gate, _ = _inputs(1, 8, 2, 4, 4, torch.float32, "vector")
     with pytest.raises(ValueError, match="'triton' kernel has no vector gate.*use the 'torch' backend"):

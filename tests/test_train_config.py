@@ -363,10 +363,11 @@ def test_timeouts_must_be_positive():
 
 
 def test_a_kernel_without_gates_or_resets_is_refused_before_any_process_group():
+    from lasp.kernels.protocol import Capabilities
     from lasp.train.loop import _check_kernel
 
     class NoGates:
-        name, gates, resets = "triton", (), False
+        name, caps = "triton", Capabilities()
 
     cfg = resolve({"model": {"linear_variant": "simple_gla"}, "data": {"reset_at_documents": True}}, "x.yaml", 1,
                   check_data=False)

@@ -98,7 +98,7 @@ def main(argv=None) -> None:
 
 def gathered_bytes(form: str = "gdn", T: int = 4096, world_sizes=WORLD_SIZES) -> list[dict]:
     """LASP-2's forward all-gather per layer, fp32, B=1, H=4, K=V=64, zigzag (2 chunks per rank): the pair
-    (A, M) this code builds for one chunk (lasp.kernels delta_maps, as lasp.sp.lasp2 sends it), times
+    (A, M) this code builds for one chunk (the kernel's delta_transitions, as lasp.sp.lasp2 sends it), times
     the 2W chunks, against the cost model's plan; the bytes do not depend on T."""
     from lasp.sp.cost import Shape, plan
     from lasp.kernels import DEFAULT_KERNEL
@@ -109,7 +109,8 @@ def gathered_bytes(form: str = "gdn", T: int = 4096, world_sizes=WORLD_SIZES) ->
     q, k, v = (torch.randn(B, L, H, D, generator=gen) for _ in range(3))
     gate = None if DELTA[form] is None else -torch.rand(B, L, H, *([D] if DELTA[form] == "vector" else []))
     beta = torch.rand(B, L, H, generator=gen)
-    _, _, A, M = DEFAULT_KERNEL.delta_maps(q, k, v, beta, None if gate is None else as_vector_form(gate), D**-0.5)
+    A, M, _ = DEFAULT_KERNEL.delta_transitions(q, k, v, beta, None if gate is None else as_vector_form(gate),
+                                               D**-0.5)
     pair = torch.cat([A, M], dim=-1).nbytes
     rows = []
     print(f"LASP-2 all-gather per layer, {form}, fp32, B={B} H={H} K=V={D}, zigzag (bytes do not depend on T):")

@@ -19,10 +19,24 @@ Dtypes: activations and their gradients come back in the input dtype; states (M,
 float64 when the inputs are float64 (see `state_dtype`).
 """
 
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a kernel computes beyond the plain form (constant decay or none); `linear_attn`, the SP ops and
+    the trainer refuse the rest by name before any work."""
+
+    gates: tuple[str, ...] = ()
+    """The gate forms it has: "scalar" ([B,T,H,1]), "vector" ([B,T,H,K])."""
+    resets: bool = False
+    """A gate of -inf (a document start) works."""
+    delta: bool = False
+    """The delta rule (beta): delta_fwd, delta_bwd, delta_transitions, delta_outputs."""
 
 
 def state_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -34,6 +48,7 @@ class LinearAttnKernel(Protocol):
     """Single-device building blocks of chunked linear attention (causal unless stated)."""
 
     name: str
+    caps: Capabilities
 
     def chunk_state(self, k: Tensor, v: Tensor, log_decay: Tensor | None) -> Tensor:
         """k [B,T,H,K], v [B,T,H,V] -> M [B,H,K,V]: the chunk's state from a zero start."""
@@ -87,13 +102,9 @@ class LinearAttnKernel(Protocol):
 
 
 class GatedKernel(Protocol):
-    """What a kernel adds for data-dependent gates (lasp.kernels.linear_attn.gated has the math). `gates`
-    names the forms it has ("scalar": gate [B,T,H,1], "vector": [B,T,H,K]); heads are expanded. A gate of
-    -inf (on every key dim) is a document start: the state resets there, and its gate's gradient is 0."""
-
-    gates: tuple[str, ...]
-    resets: bool
-    """Whether a gate of -inf (a document start) works; `linear_attn` refuses one, and `cu_seqlens`, if not."""
+    """What a kernel adds for data-dependent gates (lasp.kernels.linear_attn.gated has the math), for the
+    forms its `caps.gates` names; heads are expanded. A gate of -inf (on every key dim) is a document start
+    (with `caps.resets`): the state resets there, and its gate's gradient is 0."""
 
     def gated_fwd(
         self, q: Tensor, k: Tensor, v: Tensor, gate: Tensor, scale: float, initial_state: Tensor | None,

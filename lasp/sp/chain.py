@@ -19,7 +19,7 @@ from torch import Tensor
 
 from lasp.distributed import group_rank
 from lasp.distributed.comm import isend, recv
-from lasp.kernels.linear_attn.affine import apply, apply_t
+from lasp.kernels.scan import apply, apply_t
 from lasp.sp.core import Later
 from lasp.sp.layout import SeqLayout
 

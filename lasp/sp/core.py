@@ -33,7 +33,8 @@ from torch.profiler import record_function
 
 from lasp.distributed import group_rank
 from lasp.distributed.comm import global_rank, note_collective
-from lasp.kernels.linear_attn.affine import ChunkMaps, apply, apply_t, chunk_maps
+from lasp.kernels.linear_attn.affine import ChunkMaps, chunk_maps
+from lasp.kernels.scan import apply, apply_t
 from lasp.sp.layout import SeqLayout, merge_local_chunks, split_local_chunks
 
 

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from lasp.distributed import all_gather_async, group_rank
 from lasp.distributed.agree import Fingerprint, start_checked_gather
-from lasp.kernels.linear_attn.affine import exclusive_scan
+from lasp.kernels.scan import affine_scan
 from lasp.sp.core import Later
 from lasp.sp.layout import SeqLayout, take_chunks
 
@@ -85,7 +85,7 @@ class AllGather:
                 x_all = everything
                 if not reverse:
                     self.A_all = None if A is None else A[:1].expand(everything.shape[0], *A.shape[1:])
-            return self._mine(exclusive_scan(self.A_all, x_all, reverse=reverse)[0])
+            return self._mine(affine_scan(self.A_all, x_all, reverse=reverse)[0])
 
         return Later(finish)
 

@@ -5,7 +5,7 @@ Legend: B batch, H heads, K key dim, V value dim, W ranks, n chunks per rank, C 
 
 Round d = 1, 2, 4, ...: the chunk at scan position p sends its inclusive pair (covering positions p-d+1..p)
 to position p+d and receives the one of position p-d, which it composes into both its inclusive pair and
-its exclusive one ((A2, M2) o (A1, M1) = (A2 A1, A2 M1 + M2), lasp.kernels.linear_attn.affine). After k
+its exclusive one ((A2, M2) o (A1, M1) = (A2 A1, A2 M1 + M2), lasp.kernels.scan). After k
 rounds the exclusive pair covers the 2^k - 1 positions before p, so ceil(log2 C) rounds give every chunk
 its whole prefix (MaxText's Gated DeltaNet context parallelism replaced an all-gather by such a scan).
 Backward: the same on reversed positions with A^T. Each message is one pair, B*H*(K*V + the transition's
@@ -19,7 +19,7 @@ from torch import Tensor
 
 from lasp.distributed import group_rank
 from lasp.distributed.comm import exchange
-from lasp.kernels.linear_attn.affine import apply, compose, normal_products, transpose
+from lasp.kernels.scan import apply, compose, normal_products, transpose
 from lasp.sp.core import Later
 from lasp.sp.layout import SeqLayout
 

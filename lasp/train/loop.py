@@ -49,16 +49,16 @@ class NonFiniteError(RuntimeError):
 
 def _check_kernel(cfg: TrainConfig, kernel) -> None:
     """What the model and the data ask of the linear-attention kernel, before any process group."""
-    problems, gates = [], getattr(kernel, "gates", ())
+    problems, gates = [], kernel.caps.gates
     form = {"simple_gla": "scalar", "gla": "vector"}.get(cfg.model.linear_variant)
     linear = any(cfg.model.mixer(i) == "L" for i in range(cfg.model.num_layers))
     if linear and form is not None and form not in gates:
         problems.append(f"model.linear_variant {cfg.model.linear_variant} needs a {form} gate, which the "
                         f"{kernel.name!r} kernel lacks (train.kernel={cfg.train.kernel}); set train.kernel=torch")
-    if linear and cfg.model.linear_variant in DELTA_VARIANTS and not getattr(kernel, "delta", False):
+    if linear and cfg.model.linear_variant in DELTA_VARIANTS and not kernel.caps.delta:
         problems.append(f"model.linear_variant {cfg.model.linear_variant} needs the delta rule, which the "
                         f"{kernel.name!r} kernel lacks (train.kernel={cfg.train.kernel}); set train.kernel=torch")
-    if linear and cfg.data.reset_at_documents and not getattr(kernel, "resets", False):
+    if linear and cfg.data.reset_at_documents and not kernel.caps.resets:
         problems.append(f"data.reset_at_documents needs document resets, which the {kernel.name!r} kernel lacks "
                         f"(train.kernel={cfg.train.kernel}); set train.kernel=torch")
     if problems:

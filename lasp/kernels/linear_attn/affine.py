@@ -1,89 +1,23 @@
-"""Every chunk of linear attention as an affine map of its incoming state, one algebra for every form.
+"""One rank's chunks of linear attention as affine maps of their incoming states, for every form.
 
 Legend: n chunks (of one rank), B batch, L chunk length, H heads, K key dim, V value dim.
 
-A chunk c maps its incoming state to its outgoing one and its output is affine in the incoming state too
-(docs/design.md, "The affine-map core"):
+A chunk c maps its incoming state to its outgoing one, and its output is affine in the incoming state too
+(docs/lasp2.md, "The affine-map core"):
 
     S_out = A_c S_in + M_c            o = o_0 + (the incoming state's term, linear in S_in)
 
-Only the KIND of the transition A_c differs between the forms, and it is told by its last two dims:
-    None            the identity (no decay, or bidirectional);
-    [..., H, 1, 1]  a scalar per head (constant decay, a scalar gate);
-    [..., H, K, 1]  a diagonal, one factor per key row (a vector gate);
-    [..., H, K, K]  a full matrix (the delta rule: DeltaNet, Gated DeltaNet, KDA).
-A document start inside a chunk makes A_c = 0 (its M_c holds only the tokens after the start).
-
-`compose`, `apply` and `apply_t` are the algebra; `exclusive_scan` runs it along a list of chunks. The
-`ChunkMaps` classes hold one rank's chunks for one form: their pairs (A_c, M_c), the zero-start output
-(computed while the SP method's messages are in flight), the output from the incoming states, and the
-backward pieces. Pairs and scans stay in the state dtype (float32 for bf16 inputs). Nothing here knows of
-ranks: lasp.sp.core moves the pairs.
+Only the kind of A_c differs between the forms (lasp.kernels.scan has the kinds and their algebra); a
+document start inside a chunk makes A_c = 0. A `ChunkMaps` holds one form's chunks: their pairs
+(A_c, M_c), the zero-start output (computed while the SP method's messages are in flight), the output
+from the incoming states, and the backward pieces. Pairs stay in the state dtype (float32 for bf16
+inputs). Nothing here knows of ranks: lasp.sp.core moves the pairs.
 """
 
 import torch
 from torch import Tensor
 
 from lasp.kernels.protocol import GatedKernel, LinearAttnKernel
-
-
-def apply(A: Tensor | None, S: Tensor) -> Tensor:
-    """A S for a transition of any kind."""
-    if A is None:
-        return S
-    return A * S if A.shape[-1] == 1 else A.to(S.dtype) @ S
-
-
-def apply_t(A: Tensor | None, S: Tensor) -> Tensor:
-    """A^T S: the state gradient's step backwards (scalar and diagonal transitions are symmetric)."""
-    if A is None:
-        return S
-    return A * S if A.shape[-1] == 1 else A.to(S.dtype).transpose(-1, -2) @ S
-
-
-def transpose(A: Tensor | None) -> Tensor | None:
-    """A^T, as a transition of the same kind."""
-    return A if A is None or A.shape[-1] == 1 else A.transpose(-1, -2)
-
-
-def normal_products(A: Tensor) -> Tensor:
-    """A with the entries below the square root of the dtype's smallest normal number set to 0 (in place),
-    so that no product of two entries is subnormal: a product of many decays underflows, and a CPU
-    multiplies subnormals about 100x slower (a Gated DeltaNet logscan at W = 8 spent 0.3 s in one product
-    of two K x K transitions). The entries dropped are below any result's precision."""
-    return A.masked_fill_(A.abs() < torch.finfo(A.dtype).tiny ** 0.5, 0)
-
-
-def compose_transitions(A2: Tensor | None, A1: Tensor | None) -> Tensor | None:
-    """A2 A1 (A1 first), any kinds: a diagonal times a matrix scales its rows, a matrix times a diagonal its
-    columns; the result has the wider kind, its entries kept out of the subnormals (`normal_products`)."""
-    if A1 is None or A2 is None:
-        return A2 if A1 is None else A1
-    if A2.shape[-1] == 1:
-        return normal_products(A2 * A1)
-    if A1.shape[-1] == 1:
-        return normal_products(A2 * A1.transpose(-1, -2))
-    return normal_products(A2 @ A1)
-
-
-def compose(later: tuple[Tensor | None, Tensor], earlier: tuple[Tensor | None, Tensor]) -> tuple[Tensor | None, Tensor]:
-    """(A2, M2) o (A1, M1) = (A2 A1, A2 M1 + M2): two consecutive chunks' maps as one. Associative, so any
-    grouping of a scan (a chain, a tree) gives the same states."""
-    (A2, M2), (A1, M1) = later, earlier
-    return compose_transitions(A2, A1), apply(A2, M1) + M2
-
-
-def exclusive_scan(A: Tensor | None, x: Tensor, reverse: bool = False) -> tuple[Tensor, Tensor]:
-    """Along dim 0 of x [C, ..., K, V] with A [C, ...] (or None): out_0 = 0, out_{i+1} = A_i out_i + x_i; with
-    `reverse` the transposed recurrence from the last index down (the state gradients), out_{i-1} = A_i^T
-    out_i + x_i. Returns (out, the carry out)."""
-    out = torch.empty_like(x)
-    h = torch.zeros_like(x[0])
-    step = apply_t if reverse else apply
-    for i in range(x.shape[0] - 1, -1, -1) if reverse else range(x.shape[0]):
-        out[i] = h
-        h = x[i] + step(None if A is None else A[i], h)
-    return out, h
 
 
 class ChunkMaps:

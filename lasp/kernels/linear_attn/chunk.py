@@ -17,8 +17,8 @@ from torch import Tensor
 from lasp.kernels.linear_attn.blocks import Blocks
 from lasp.kernels.linear_attn import delta as delta_rule
 from lasp.kernels.linear_attn import gated
-from lasp.kernels.protocol import ComposedStates, state_dtype
-from lasp.kernels.scan import exclusive_scan
+from lasp.kernels.protocol import Capabilities, ComposedStates, state_dtype
+from lasp.kernels.scan import decayed_scan
 
 BLOCK = 64
 SEGMENT_BLOCKS = 16
@@ -70,8 +70,7 @@ class TorchChunkKernel(ComposedStates):
     `segment_blocks` blocks at a time."""
 
     name = "torch"
-    gates = ("scalar", "vector")
-    resets = True  # a gate of -inf (document starts) works
+    caps = Capabilities(gates=("scalar", "vector"), resets=True, delta=True)
 
     def gated_fwd(self, q, k, v, gate, scale, initial_state, want_final):
         return gated.gated_fwd(q, k, v, gate, scale, initial_state, want_final, self.block, self.segment_blocks)
@@ -85,10 +84,8 @@ class TorchChunkKernel(ComposedStates):
     gated_inter_bwd = staticmethod(gated.gated_inter_bwd)
     gate_grad = staticmethod(gated.gate_grad)
 
-    delta = True  # the delta rule (beta): lasp.kernels.linear_attn.delta
-    delta_fwd = staticmethod(delta_rule.delta_forward)
+    delta_fwd = staticmethod(delta_rule.delta_forward)  # the delta rule (beta): lasp.kernels.linear_attn.delta
     delta_bwd = staticmethod(delta_rule.delta_backward)
-    delta_maps = staticmethod(delta_rule.chunk_maps)
     delta_transitions = staticmethod(delta_rule.chunk_transitions)
     delta_outputs = staticmethod(delta_rule.chunk_outputs)
 
@@ -142,7 +139,7 @@ class TorchChunkKernel(ComposedStates):
         for s in bl.segments:
             qb, kb, vb = bl.get(q, s), bl.get(k, s), bl.get(v, s)
             kv = _mul(kb, d.k_HC1).transpose(-1, -2) @ vb
-            h, carry = exclusive_scan(kv, d.block_H, dim=0, initial=carry)
+            h, carry = decayed_scan(kv, d.block_H, dim=0, initial=carry)
             ob = ((qb @ kb.transpose(-1, -2)) * d.mask_HCC) @ vb + _mul(qb, d.q_HC1) @ h
             bl.put(o, s, ob * scale)
         return o
@@ -153,7 +150,7 @@ class TorchChunkKernel(ComposedStates):
         h_blocks, carry = [], None
         for s in bl.segments:
             kv = _mul(bl.get(k, s), d.k_HC1).transpose(-1, -2) @ bl.get(v, s)
-            h, carry = exclusive_scan(kv, d.block_H, dim=0, initial=carry)
+            h, carry = decayed_scan(kv, d.block_H, dim=0, initial=carry)
             h_blocks.append(h)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         carry = None
@@ -163,7 +160,7 @@ class TorchChunkKernel(ComposedStates):
             a = (qb @ kb.transpose(-1, -2)) * d.mask_HCC
             da = (dob @ vb.transpose(-1, -2)) * d.mask_HCC
             dh = _mul(qb, d.q_HC1).transpose(-1, -2) @ dob
-            dkv, carry = exclusive_scan(dh, d.block_H, dim=0, reverse=True, initial=carry)
+            dkv, carry = decayed_scan(dh, d.block_H, dim=0, reverse=True, initial=carry)
             bl.put(dq, s, da @ kb + _mul(dob @ h.transpose(-1, -2), d.q_HC1))
             bl.put(dk, s, da.transpose(-1, -2) @ qb + _mul(vb @ dkv.transpose(-1, -2), d.k_HC1))
             bl.put(dv, s, a.transpose(-1, -2) @ dob + kd @ dkv)

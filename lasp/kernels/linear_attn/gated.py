@@ -196,7 +196,7 @@ def gated_fwd(q: Tensor, k: Tensor, v: Tensor, gate: Tensor, scale: float, initi
     carry = None if initial_state is None else initial_state.to(bl.dtype)
     for s in bl.segments:
         b = _Block(bl, s, q, k, v, gate, factored, resets)
-        h, carry = affine_scan(b.state(), b.decay, initial=carry)
+        h, carry = affine_scan(b.decay, b.state(), initial=carry)
         bl.put(o, s, (b.scores() @ b.v + b.qd() @ h) * scale)
     return o, carry if want_final else None
 
@@ -213,7 +213,7 @@ def gated_bwd(q: Tensor, k: Tensor, v: Tensor, gate: Tensor, scale: float, initi
     incoming = []
     for s in bl.segments:  # the state entering every block
         b = _Block(bl, s, q, k, v, gate, factored, resets)
-        h, carry = affine_scan(b.state(), b.decay, initial=carry)
+        h, carry = affine_scan(b.decay, b.state(), initial=carry)
         incoming.append(h)
     final = carry
     dq, dk, dv = (torch.empty(x.shape, dtype=bl.dtype, device=x.device) for x in (q, k, v))
@@ -221,7 +221,7 @@ def gated_bwd(q: Tensor, k: Tensor, v: Tensor, gate: Tensor, scale: float, initi
     for s, h in zip(reversed(bl.segments), reversed(incoming)):
         b = _Block(bl, s, q, k, v, gate, factored, resets)
         dob = bl.get(do, s) * scale
-        dout, carry = affine_scan(b.qd().transpose(-1, -2) @ dob, b.decay, reverse=True, initial=carry)
+        dout, carry = affine_scan(b.decay, b.qd().transpose(-1, -2) @ dob, reverse=True, initial=carry)
         dq_b, dk_b = b.scores_bwd(dob @ b.v.transpose(-1, -2))  # the scores' gradient, masked inside
         bl.put(dq, s, dq_b + b.wq * (dob @ h.transpose(-1, -2)))
         bl.put(dk, s, dk_b + b.wk * (b.v @ dout.transpose(-1, -2)))

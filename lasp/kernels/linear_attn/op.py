@@ -108,12 +108,12 @@ def check_gate(gate, q: Tensor, log_decay: Tensor | None, causal: bool, kernel: 
                 b, t, h = (int(i) for i in torch.nonzero(partial)[0])
                 problems.append(f"a vector gate of -inf (a reset) must be -inf on every key dim of its token and "
                                 f"head; gate[{b}, {t}, {h}] is -inf on {int(reset[b, t, h].sum())} of {K}")
-        if has_reset and not getattr(kernel, "resets", False):
+        if has_reset and not kernel.caps.resets:
             problems.append(f"the {kernel.name!r} kernel has no reset (a gate of -inf, a document start); use the "
                             f"'torch' backend")
-        if gate_form(gate) not in getattr(kernel, "gates", ()):
+        if gate_form(gate) not in kernel.caps.gates:
             problems.append(f"the {kernel.name!r} kernel has no {gate_form(gate)} gate (it has: "
-                            f"{', '.join(getattr(kernel, 'gates', ())) or 'none'}); use the 'torch' backend")
+                            f"{', '.join(kernel.caps.gates) or 'none'}); use the 'torch' backend")
     if problems:
         raise ValueError("; ".join(problems))
 
@@ -131,7 +131,7 @@ def check_beta(beta, q: Tensor, log_decay: Tensor | None, causal: bool, kernel: 
     problems += _per_token_problems("beta", beta, q, log_decay, causal,
                                     "the delta rule takes a per-token gate, not log_decay: pass gate=log_decay.expand(B, T, H)",
                                     "the delta rule needs causal=True")
-    if not getattr(kernel, "delta", False):
+    if not kernel.caps.delta:
         problems.append(f"the {kernel.name!r} kernel has no delta rule (beta); use the 'torch' backend")
     if not problems:
         wrong = ~((beta > 0) & (beta <= 2))
@@ -169,7 +169,7 @@ def check_documents(cu_seqlens, q: Tensor, N: int, causal: bool, kernel: LinearA
         problems.append(str(e))
     if not causal:
         problems.append("cu_seqlens needs causal=True: bidirectional linear attention has no document resets")
-    if "scalar" not in getattr(kernel, "gates", ()) or not getattr(kernel, "resets", False):
+    if "scalar" not in kernel.caps.gates or not kernel.caps.resets:
         problems.append(f"the {kernel.name!r} kernel has no document resets (they run as a scalar gate, which it "
                         f"lacks); use the 'torch' backend")
     if problems:

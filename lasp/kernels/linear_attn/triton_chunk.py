@@ -12,6 +12,7 @@ from torch import Tensor
 
 from lasp.kernels.linear_attn import gated
 from lasp.kernels.linear_attn.triton_kernels import chunk_dqk, chunk_out, walk_both, walk_bwd, walk_fwd
+from lasp.kernels.protocol import Capabilities
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -75,9 +76,8 @@ class TritonChunkKernel:
     in PyTorch (`gated.gate_grad`)."""
 
     name = "triton"
-    gates = ("scalar",)  # a vector gate (GLA) stays on the torch kernel
-    resets = False  # a gate of -inf (document starts): linear_attn refuses it on this backend
-    delta = False  # the delta rule (beta) has no Triton kernel yet: linear_attn refuses it on this backend
+    # a vector gate (GLA), document starts (a gate of -inf) and the delta rule stay on the torch kernel
+    caps = Capabilities(gates=("scalar",))
 
     def __init__(self, block: int = 64):
         if block < 16 or block & (block - 1):
