@@ -47,13 +47,16 @@ def environment() -> dict:
     }
 
 
-def median_time(fn, reps: int, warmup: int = 1) -> float:
-    """Median wall time of fn() in seconds (synchronising CUDA when present)."""
+def median_time(fn, reps: int, warmup: int = 1, before=None) -> float:
+    """Median wall time of fn() in seconds (synchronising CUDA when present); `before()` runs before each
+    timed call, untimed (a barrier, so that ranks start together)."""
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(reps):
+        if before is not None:
+            before()
         sync()
         t0 = time.perf_counter()
         fn()

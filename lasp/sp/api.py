@@ -78,20 +78,17 @@ def sp_linear_attn(
 
         method = choose_linear(q, k, v, group=group, layout=layout, log_decay=log_decay, gate=gate, beta=beta,
                                causal=causal, initial_state=initial_state, output_final_state=output_final_state)
+    if method in ("ulysses", "ring") and (initial_state is not None or output_final_state):
+        raise ValueError(f"{method} has no initial or final state (initial_state, output_final_state): use lasp2, "
+                         "lasp1, allscan or logscan")
     if method == "ulysses":
         from lasp.sp.ulysses import ulysses_linear_attn
 
-        if initial_state is not None or output_final_state:
-            raise ValueError("ulysses has no initial or final state (initial_state, output_final_state): use "
-                             "lasp2, lasp1, allscan or logscan")
         return ulysses_linear_attn(q, k, v, group=group, layout=layout, log_decay=log_decay, gate=gate, beta=beta,
                                    causal=causal, scale=scale, check_ranks=check_ranks, cu_seqlens=cu_seqlens)
     if method == "ring":
         from lasp.sp.ring_linear import ring_linear_attn
 
-        if initial_state is not None or output_final_state:
-            raise ValueError("ring has no initial or final state (initial_state, output_final_state): use "
-                             "lasp2, lasp1, allscan or logscan")
         return ring_linear_attn(q, k, v, group=group, layout=layout, log_decay=log_decay, causal=causal,
                                 scale=scale, check_ranks=check_ranks, cu_seqlens=cu_seqlens, beta=beta,
                                 **({} if gate is None else {"gate": gate}))

@@ -120,6 +120,19 @@ def _all_reduce(x: Tensor, group) -> Tensor:
     return x
 
 
+def _start(job: Job, A: Tensor | None, x: Tensor, uniform: bool, reverse: bool, end: int | None,
+           extra: Tensor | None) -> Pending:
+    """Start the combiner on x [n, B, H, K, V]: the total (bidirectional), or the scan with `extra` (the
+    initial state forward, the final state's gradient backward) folded into this rank's chunk `end` (the
+    first chunk, the last) through its transition."""
+    if not job.causal:
+        return job.combiner.total(x)
+    if extra is not None and end is not None:
+        x = x.clone()
+        x[end] += (apply_t if reverse else apply)(_at(A, end), extra)
+    return job.combiner.scan(A, x, uniform, reverse)
+
+
 class _CoreFn(torch.autograd.Function):
     """SP linear attention of any form through any combiner: forward S_in, backward dS_out (module doc)."""
 
@@ -134,14 +147,7 @@ class _CoreFn(torch.autograd.Function):
         Av, Mv = _per_chunk(A, n), _per_chunk(M, n)
         first, last = job.index_of(0), job.index_of(lay.num_chunks - 1)
         s0s = None if s0 is None else s0.to(M.dtype)
-        if not job.causal:
-            pending = job.combiner.total(Mv)
-        else:
-            x = Mv
-            if s0s is not None and first is not None:
-                x = Mv.clone()
-                x[first] += apply(_at(Av, first), s0s)
-            pending = job.combiner.scan(Av, x, maps.uniform, reverse=False)
+        pending = _start(job, Av, Mv, maps.uniform, False, first, s0s)
         with record_function("sp.overlapped"):  # the zero-start output, while the combiner's messages travel
             maps.zero_start()
         s_in = pending.wait()
@@ -174,14 +180,7 @@ class _CoreFn(torch.autograd.Function):
         dsum = None
         if job.want_final:
             dsum = _all_reduce(torch.zeros_like(Nv[0]) if dfinal is None else dfinal.to(Nv.dtype), job.group)
-        if not job.causal:
-            pending = job.combiner.total(Nv)
-        else:
-            x = Nv
-            if dsum is not None and last is not None:
-                x = Nv.clone()
-                x[last] += apply_t(_at(Av, last), dsum)
-            pending = job.combiner.scan(Av, x, maps.uniform, reverse=True)
+        pending = _start(job, Av, Nv, maps.uniform, True, last, dsum)
         with record_function("sp.overlapped"):
             maps.local_bwd(doc)
         ds_out = pending.wait()

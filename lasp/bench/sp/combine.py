@@ -22,7 +22,6 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -60,17 +59,6 @@ class _NoMessages:
         return Later(lambda: x)
 
 
-def _time(fn, reps: int, barrier) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        barrier()
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def _slowest(x: float, group) -> float:
     t = torch.tensor([x], dtype=torch.float64)
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
@@ -80,6 +68,7 @@ def _slowest(x: float, group) -> float:
 def measure_cell(group, W: int, rank: int, state: str, T: int, layout: str, reps: int) -> list[dict]:
     """Every method on one (W, state) cell: the slowest rank's median step, bytes, the prediction, auto."""
     from lasp import linear_attn, sp_linear_attn
+    from lasp.bench.common import median_time
     from lasp.bench.sp.methods import messages
     from lasp.distributed.comm import p2p_log
     from lasp.kernels import DEFAULT_KERNEL
@@ -106,14 +95,14 @@ def measure_cell(group, W: int, rank: int, state: str, T: int, layout: str, reps
             o.backward(do)
         return run
 
-    compute = _slowest(_time(step("compute"), reps, barrier), group)
-    core = _slowest(_time(step("core"), reps, barrier), group)
+    compute = _slowest(median_time(step("compute"), reps, before=barrier), group)
+    core = _slowest(median_time(step("core"), reps, before=barrier), group)
     link = link_of(group)
     auto = choose_linear(q, k, v, group=group, layout=layout, beta=beta, gate=gate)
     shape = Shape(W, 1, T, H, H, K, K, layout, 4, "gdn")
     rows = []
     for method in [m for m in METHODS if m != "ulysses" or H % W == 0]:  # Ulysses splits the heads
-        took = _slowest(_time(step(method), reps, barrier), group)
+        took = _slowest(median_time(step(method), reps, before=barrier), group)
         act = [torch.profiler.ProfilerActivity.CPU]
         with torch.profiler.profile(activities=act, record_shapes=True) as prof, p2p_log() as hops:
             step(method)()
