@@ -140,13 +140,12 @@ def recv(like: Tensor, src: int, group=None, tag: int = 0) -> Tensor:
 
 
 def exchange(sends: list[tuple[Tensor, int, int]], recvs: list[tuple[Tensor, int, int]], group=None) -> list[Tensor]:
-    """One round of point-to-point messages, all in flight at once: sends (x, dst, tag), receives (like, src,
-    tag); returns the received tensors in the order of `recvs`."""
+    """One round of point-to-point messages, all in flight at once: sends (x, dst, tag), receives (out, src,
+    tag) into the contiguous tensors `out`; returns them in the order of `recvs`."""
     ops, outs = [], []
     for x, dst, tag in sends:
         ops.append(dist.P2POp(dist.isend, x.contiguous(), global_rank(group, dst), group, tag))
-    for like, src, tag in recvs:
-        out = torch.empty_like(like, memory_format=torch.contiguous_format)
+    for out, src, tag in recvs:
         note_p2p(out.numel() * out.element_size())
         ops.append(dist.P2POp(dist.irecv, out, global_rank(group, src), group, tag))
         outs.append(out)

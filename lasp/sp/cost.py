@@ -320,7 +320,7 @@ def calibrate(group=None, sizes=CALIBRATION_BYTES, reps: int = 5) -> Link:
                 if kind == "all_gather":
                     dist.all_gather_into_tensor(out, x, group=group)
                 elif kind == "p2p_round":
-                    exchange([(x, (rank + 1) % W, 0)], [(x, (rank - 1) % W, 0)], group)
+                    exchange([(x, (rank + 1) % W, 0)], [(torch.empty_like(x), (rank - 1) % W, 0)], group)
                 else:  # a relay: W - 1 hops, each waiting for the one before
                     if rank > 0:
                         recv(x, rank - 1, group)

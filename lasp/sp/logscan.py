@@ -52,29 +52,34 @@ class LogScan:
         def pack(pair):
             return torch.cat([pair[0].flatten(-2).to(x.dtype), pair[1].flatten(-2)], -1) if travels else pair[1]
 
-        def unpack(buf, span):
+        def unpack(buf, span):  # copies: a view kept in a pair would keep the whole message alive
             if not travels:
                 return (None if A is None else A[0] ** span), buf
             a, b = A.shape[-2:]
-            return buf[..., : a * b].unflatten(-1, (a, b)), buf[..., a * b :].unflatten(-1, x.shape[-2:])
+            return buf[..., : a * b].unflatten(-1, (a, b)).clone(), buf[..., a * b :].unflatten(-1, x.shape[-2:]).clone()
 
-        d = 1
-        while d < C:
+        def one_round(d: int) -> None:  # its messages and received pairs are freed when it returns
             sends = [(pack(incl[i]), lay.owner(chunk(p + d)), p + d) for i, p in enumerate(pos)
                      if p + d < C and lay.owner(chunk(p + d)) != rank]
             takers = [i for i, p in enumerate(pos) if p - d >= 0]
             remote = [i for i in takers if pos[i] - d not in here]
-            like = pack(incl[0])
-            got = dict(zip(remote, exchange(sends, [(like, lay.owner(chunk(pos[i] - d)), pos[i]) for i in remote],
-                                            self.group)))
-            earlier = {i: unpack(got[i], min(d, pos[i] - d + 1)) if i in got else incl[here[pos[i] - d]]
-                       for i in takers}
+            size = x[0].shape if not travels else (*x.shape[1:-2], A.shape[-2] * A.shape[-1] + x[0, 0, 0].numel())
+            received = exchange(sends, [(x.new_empty(size), lay.owner(chunk(pos[i] - d)), pos[i]) for i in remote],
+                                self.group)
+            del sends
+            earlier = {i: incl[here[pos[i] - d]] for i in takers if i not in remote}
+            for i in remote:  # each message is freed once unpacked
+                earlier[i] = unpack(received.pop(0), min(d, pos[i] - d + 1))
             last = 2 * d >= C  # the last round needs only the exclusive state: no product of transitions
             for i in takers:
                 A_e, M_e = excl[i]
                 excl[i] = (None, apply(A_e, earlier[i][1]) + M_e) if last else compose(excl[i], earlier[i])
                 if not last:
                     incl[i] = compose(incl[i], earlier[i])
+
+        d = 1
+        while d < C:
+            one_round(d)
             d *= 2
         return torch.stack([m for _, m in excl])
 
