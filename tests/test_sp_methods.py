@@ -132,8 +132,9 @@ def _expect(method: str, layout: str, W: int, form: str, rank: int, results) -> 
             assert all(b <= state + B * H * K * K * 8 for b in received), (phase, received)
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
-@pytest.mark.parametrize("W", [2, 3, 4])
+# W = 3 (odd) on zigzag: 6 chunks, the chain out and back; contiguous at W = 2 and 4
+@pytest.mark.parametrize("W, layout", [(2, "contiguous"), (2, "zigzag"), (3, "zigzag"), (4, "contiguous"),
+                                       (4, "zigzag")])
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_and_form_matches_one_process(dist_pool, method, W, layout):
     results = dist_pool(W).run("tests.test_sp_methods:case_every_form", method=method, layout=layout,
@@ -215,3 +216,61 @@ def test_every_method_at_eight_ranks(dist_pool):
             for (form, _), r in per_form.items():
                 _expect(method, "zigzag", 8, form, rank, r)
     _check_peaks(dist_pool, 8, B * H * (32 * 32 + 32 * 32) * 8, lasp2_above=10)
+
+
+LATENCY_BOUND = dict(name="latency-bound", alpha_s=1e-3, busbw_bytes_per_s=1e15)
+BANDWIDTH_BOUND = dict(name="bandwidth-bound", alpha_s=0.0, busbw_bytes_per_s=1e9)
+
+
+def test_auto_picks_what_the_cost_model_prices_cheapest():
+    """Fixed links: latency-bound at large W -> logscan (log W rounds); bandwidth-bound -> allscan (the
+    state once, pipelined); a few tokens against a large state -> Ulysses; 256 H100s on NVLink -> logscan."""
+    from lasp.sp.cost import LINEAR_CANDIDATES, PRESETS, Link, Shape, pick, use_link
+
+    cands = list(LINEAR_CANDIDATES)
+    gdn = lambda W, layout="zigzag", T=512: Shape(W, 1, T, 16, 16, 128, 128, layout, 2, "gdn")  # noqa: E731
+    assert pick(cands, gdn(64), Link(**LATENCY_BOUND))[0] == "logscan"
+    assert pick(cands, gdn(8), Link(**BANDWIDTH_BOUND))[0] == "allscan"
+    assert pick(cands, Shape(2, 1, 2, 16, 16, 128, 128, "contiguous", 4, "none"), Link(**BANDWIDTH_BOUND))[0] == \
+        "ulysses_linear"
+    best, cost = pick(cands, gdn(256, T=32768), PRESETS["nvlink4-h100"])
+    assert best == "logscan" and cost["lasp2"] > 20 * cost["logscan"], cost
+    with pytest.raises(ValueError, match="unknown link 'fast'.*nvlink4-h100"):
+        use_link("fast")
+
+
+def case_auto(link: dict):
+    """sp_linear_attn(method="auto") on `link`: the point-to-point messages each rank receives, and what the
+    "lasp.sp" logger said (twice the same call: logged once)."""
+    import logging
+
+    from lasp.sp.cost import Link, use_link
+
+    rank, W = dist.get_rank(), dist.get_world_size()
+    said = []
+    handler = logging.Handler()
+    handler.emit = lambda record: said.append(record.getMessage())
+    logger = logging.getLogger("lasp.sp")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    use_link(Link(**link))
+    try:
+        q, k, v, do, _, _, args = _inputs("gdn", 4 * W)
+        sh = lambda x: shard_sequence(x, rank=rank, world_size=W, layout="contiguous")  # noqa: E731
+        extra = {a: sh(args[a]) for a in ("gate", "beta")}
+        for _ in range(2):
+            with p2p_log() as got:
+                sp_linear_attn(sh(q), sh(k), sh(v), method="auto", layout="contiguous", **extra)
+    finally:
+        use_link(None)
+        logger.removeHandler(handler)
+    return {"p2p": list(got), "said": said}
+
+
+def test_auto_runs_the_pick_and_says_so_once(dist_pool):
+    """W = 4, contiguous, Gated DeltaNet: a latency-bound link runs logscan (2 rounds: the last rank hears
+    twice), a bandwidth-bound one allscan (the state in 4 column blocks)."""
+    for link, method, last_rank_messages in ((LATENCY_BOUND, "logscan", 2), (BANDWIDTH_BOUND, "allscan", 4)):
+        res = dist_pool(4).run("tests.test_sp_methods:case_auto", link=link)
+        assert len(res[3]["p2p"]) == last_rank_messages, (method, res[3])
+        assert len(res[0]["said"]) == 1 and f"-> {method} on {link['name']}" in res[0]["said"][0], res[0]["said"]
