@@ -1,4 +1,4 @@
-"""The import rules of DESIGN.md section 5: dependencies point down only."""
+"""The import rules of docs/design.md, "Layers of the code": dependencies point down only."""
 
 import ast
 from pathlib import Path

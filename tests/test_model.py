@@ -73,13 +73,16 @@ def test_an_odd_head_dim_is_refused_only_with_softmax_layers():
     assert logits.shape == (1, 8, cfg.vocab_size) and torch.isfinite(logits).all()
 
 
-@pytest.mark.parametrize("variant", ["basic", "lightning", "retention"])
-def test_decays(variant):
-    g = log_decay(variant, 4, layer=1, num_layers=4)
-    if variant == "basic":
-        assert g is None
-    else:
-        assert g.shape == (4,) and bool((g < 0).all()) and bool((g > -1).all())
+def test_decays_are_the_published_values():
+    """lightning: ALiBi's slopes (Press et al.: 2^(-8/H), its powers, for H a power of two), scaled by
+    TransNormerLLM's depth factor 1 - l / (L - 1) (+1e-5); retention: RetNet's gamma_h = 1 - 2^(-5-h)."""
+    assert log_decay("basic", 4, layer=1, num_layers=4) is None
+    for H, slopes in ((4, [2**-2, 2**-4, 2**-6, 2**-8]), (8, [2.0 ** -(i + 1) for i in range(8)])):
+        for layer, depth in ((0, 1 + 1e-5), (1, 2 / 3 + 1e-5), (3, 1e-5)):
+            want = -torch.tensor(slopes, dtype=torch.float64) * depth
+            torch.testing.assert_close(log_decay("lightning", H, layer=layer, num_layers=4), want, rtol=1e-12, atol=0)
+    gamma = torch.tensor([1 - 1 / 32, 1 - 1 / 64, 1 - 1 / 128, 1 - 1 / 256], dtype=torch.float64)
+    torch.testing.assert_close(log_decay("retention", 4, layer=1, num_layers=4).exp(), gamma, rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("feature_map", ["identity", "elu1", "relu", "silu"])

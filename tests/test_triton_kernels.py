@@ -180,10 +180,15 @@ def case_lasp2_gated_triton(layout, chunk_len, B=2, H=4, Hkv=2, K=16, V=24):
     local = [shard(x).requires_grad_() for x in (q, k, v, gate)]
     o = lasp2_linear_attn(*local[:3], gate=local[3], layout=layout, kernel=TritonChunkKernel(block=16))
     o.backward(shard(do))
-    assert_close_rel(o, shard(o_ref), 2e-5, "o")
-    for name, got, ref in zip(["q", "k", "v", "gate"], local, grads_ref):
-        assert_close_rel(got.grad, shard(ref), 1e-4 if name == "gate" else 2e-5, f"d{name}")
-    return True
+    errors = {"o": _relative(o, shard(o_ref))}
+    errors.update({f"d{name}": _relative(got.grad, shard(ref)) for name, got, ref in
+                   zip(["q", "k", "v", "gate"], local, grads_ref)})
+    return errors
+
+
+def _relative(got, want) -> float:
+    """The largest difference relative to the reference's largest value."""
+    return float((got.double() - want.double()).abs().max() / want.abs().max().clamp_min(1e-30))
 
 
 def test_lasp2_gated_on_triton_kernels(dist_pool):
@@ -192,7 +197,9 @@ def test_lasp2_gated_on_triton_kernels(dist_pool):
     if ON_GPU:
         pytest.skip("the gloo pool runs on CPU; on a GPU the protocol tests above cover the kernels")
     res = dist_pool(2).run("tests.test_triton_kernels:case_lasp2_gated_triton", layout="zigzag", chunk_len=21, B=1)
-    assert res == [True, True]
+    for errors in res:  # every rank's output and gradients, float32 against the float64 recurrence
+        assert set(errors) == {"o", "dq", "dk", "dv", "dgate"}, errors
+        assert all(e <= (1e-4 if name == "dgate" else 2e-5) for name, e in errors.items()), errors
 
 
 def test_tile_configs_fit_the_head_dims(monkeypatch):

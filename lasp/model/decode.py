@@ -4,7 +4,7 @@ softmax layer, and sampling (greedy, temperature, top-p).
 Legend: B batch, T tokens, H query heads, Hkv key/value heads, D head dim (K = V = D in linear layers),
 Vocab vocabulary size.
 
-A linear layer's whole past is its state S [B, H, K, V] (DESIGN.md section 1): one token is the
+A linear layer's whole past is its state S [B, H, K, V] (docs/design.md, "The math"): one token is the
 recurrence S = lambda S + k v^T, o = s q^T S; several tokens at once (a prompt) go through the chunked
 single-device op `linear_attn` started from S, which returns the same final state in closed form. A
 delta-rule layer keeps S and its convolutions' last conv_size - 1 inputs (`DeltaState`) and runs every

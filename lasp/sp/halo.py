@@ -1,5 +1,6 @@
 """The rows a local operator needs from before each of this rank's chunks (a halo), for the short causal
-convolution of delta-rule layers and the sliding window of linearised ones (DESIGN.md section 1, "local operators that reach across a rank boundary").
+convolution of delta-rule layers and the sliding window of linearised ones (docs/design.md, "The math":
+operators that reach back across a chunk boundary).
 
 Legend: B batch, T local tokens, C channels, n chunks per rank, L tokens per chunk, r halo rows.
 

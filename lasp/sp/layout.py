@@ -1,6 +1,6 @@
 """Sequence layouts: which global chunks each rank of a sequence-parallel group holds, and in what order.
 
-This is the one place layouts are defined (DESIGN.md section 2):
+This is the one place layouts are defined (docs/design.md, "Layouts"):
 - `contiguous`: W chunks, rank r holds chunk r.
 - `zigzag`: 2W chunks, rank r holds chunk r followed by chunk 2W-1-r (balanced causal softmax work).
 All chunks have the same length. The data loader splits tokens once with `shard_sequence`; every layer

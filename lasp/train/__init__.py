@@ -1,1 +1,1 @@
-"""The trainer: `python -m lasp.train --config FILE [--set a.b=v ...] [--dry-run]` (DESIGN.md section 8)."""
+"""The trainer: `python -m lasp.train --config FILE [--set a.b=v ...] [--dry-run]` (docs/design.md, "The trainer")."""

@@ -1,6 +1,6 @@
 """Model FLOPs per token (for MFU), parameter counts and a memory estimate per rank.
 
-FLOPs per token, forward + backward (DESIGN.md section 8; written out in docs/training.md):
+FLOPs per token, forward + backward (docs/design.md, "The trainer"; written out in docs/training.md):
 
     6 * N_matmul                          every weight matrix a token passes through (q, k, v, o, gate, up,
                                           down of each layer, the log-gate projections of simple_gla / gla

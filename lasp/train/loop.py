@@ -1,4 +1,4 @@
-"""The training loop, in one sitting (DESIGN.md section 8).
+"""The training loop, in one sitting (docs/design.md, "The trainer").
 
     config -> process groups -> the checkpoint to resume (if any) -> the same model on every rank ->
     parallelize -> load the checkpoint -> for each step: this rank's microbatches of batch `step` ->

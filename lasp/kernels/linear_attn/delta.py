@@ -3,7 +3,7 @@
 Legend: B batch, T tokens, H heads, K key dim, V value dim, n blocks of L tokens, Kg gate width (1: a
 scalar gate per token and head, Gated DeltaNet; K: a vector gate, KDA).
 
-flash-linear-attention's conventions (DESIGN.md section 1, "Beyond constant decay"):
+flash-linear-attention's conventions (docs/design.md, "The affine-map core"):
 
     S_t = (I - b_t k_t k_t^T) Diag(exp(g_t)) S_{t-1} + b_t k_t v_t^T ,   o_t = scale * q_t^T S_t
 

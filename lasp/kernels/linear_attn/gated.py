@@ -5,7 +5,7 @@ scalar gate per token and head, K for a vector gate over the key dim).
 
 With a log-gate g_t <= 0 per token and head (scalar: simple GLA, Mamba-2) or per key dim (vector: GLA):
 
-    S_t = Diag(exp(g_t)) S_{t-1} + k_t v_t^T ,   o_t = scale * q_t^T S_t      (DESIGN.md section 1)
+    S_t = Diag(exp(g_t)) S_{t-1} + k_t v_t^T ,   o_t = scale * q_t^T S_t      (docs/design.md, "The math")
 
 Inside a block, G_i = g_0 + ... + g_i (float32, or float64 for float64 inputs), measured from the block's
 start; G never decreases in magnitude away from the start, so exp(G_i - G_j) <= 1 for i >= j and the

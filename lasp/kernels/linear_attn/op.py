@@ -303,7 +303,7 @@ def linear_attn(
     kernel: LinearAttnKernel | None = None,
     cu_seqlens=None,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """Linear attention on one device (DESIGN.md section 1).
+    """Linear attention on one device (docs/design.md, "The math").
 
     q, k: [B, T, H, K] (k may have fewer heads, H % Hkv == 0); v: [B, T, Hkv, V]; log_decay: [H],
     values <= 0, or None; scale defaults to K**-0.5; initial_state: [B, H, K, V].
