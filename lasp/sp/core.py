@@ -133,6 +133,18 @@ def _start(job: Job, A: Tensor | None, x: Tensor, uniform: bool, reverse: bool, 
     return job.combiner.scan(A, x, uniform, reverse)
 
 
+def _put_back(job: Job, s: Tensor, end: int | None, extra: Tensor | None) -> Tensor:
+    """The combiner's entries with `_start`'s `extra` put back: added to every chunk's total (bidirectional),
+    or as the entry of this rank's chunk `end` itself (the scan ran from zero)."""
+    if extra is None:
+        return s
+    if not job.causal:
+        return s + extra
+    if end is not None:
+        s[end] = extra
+    return s
+
+
 class _CoreFn(torch.autograd.Function):
     """SP linear attention of any form through any combiner: forward S_in, backward dS_out (module doc)."""
 
@@ -150,12 +162,7 @@ class _CoreFn(torch.autograd.Function):
         pending = _start(job, Av, Mv, maps.uniform, False, first, s0s)
         with record_function("sp.overlapped"):  # the zero-start output, while the combiner's messages travel
             maps.zero_start()
-        s_in = pending.wait()
-        if s0s is not None:
-            if not job.causal:
-                s_in = s_in + s0s
-            elif first is not None:
-                s_in[first] = s0s
+        s_in = _put_back(job, pending.wait(), first, s0s)
         o = maps.output(s_in.flatten(0, 1))
         final = None
         if job.want_final:
@@ -183,12 +190,7 @@ class _CoreFn(torch.autograd.Function):
         pending = _start(job, Av, Nv, maps.uniform, True, last, dsum)
         with record_function("sp.overlapped"):
             maps.local_bwd(doc)
-        ds_out = pending.wait()
-        if dsum is not None:
-            if not job.causal:
-                ds_out = ds_out + dsum
-            elif last is not None:
-                ds_out[last] = dsum
+        ds_out = _put_back(job, pending.wait(), last, dsum)
         dq, dk, dv, dg, db = maps.grads(ds_out.flatten(0, 1), doc)
         ds0 = None
         if ctx.s0_dtype is not None and ctx.needs_input_grad[5]:

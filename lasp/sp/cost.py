@@ -37,6 +37,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from lasp.sp.chain import ALLSCAN_BLOCKS, column_blocks
+from lasp.sp.logscan import rounds
+
 GB = 1e9
 
 
@@ -187,8 +190,6 @@ def plan(method: str, s: Shape, causal: bool = True, link: "Link | None" = None)
         hops = n * (W - 1) * chains
         return Plan([Message("p2p", state)] * hops, [Message("p2p", state)] * hops, (hops + n) * step)
     if method == "allscan":  # the critical path of the pipelined chain: hops + blocks - 1 block messages
-        from lasp.sp.chain import ALLSCAN_BLOCKS, column_blocks
-
         blocks, hops = len(column_blocks(s.V, ALLSCAN_BLOCKS)), n * (W - 1)
         # pipelined where a link moves data beside the compute (overlap 1: DMA engines); where the same cores
         # do both (overlap 0: gloo on a CPU) the blocks of a hop follow each other
@@ -197,8 +198,6 @@ def plan(method: str, s: Shape, causal: bool = True, link: "Link | None" = None)
         return Plan([Message("p2p", state // blocks)] * steps, [Message("p2p", state // blocks)] * steps,
                     (steps + n) * step / blocks)
     if method == "logscan":  # ceil(log2 C) rounds; a rank receives one pair per local chunk in a round
-        from lasp.sp.logscan import rounds
-
         r = rounds(n * W)
         each = n * (pair if s.travels else state)
         products = max(0, 2 * r - 3)  # round 1 composes the inclusive pair only, the last round neither

@@ -14,13 +14,15 @@ from the incoming states, and the backward pieces. Pairs stay in the state dtype
 inputs). Nothing here knows of ranks: lasp.sp.core moves the pairs.
 """
 
+from abc import ABC, abstractmethod
+
 import torch
 from torch import Tensor
 
 from lasp.kernels.protocol import GatedKernel, LinearAttnKernel
 
 
-class ChunkMaps:
+class ChunkMaps(ABC):
     """One rank's chunks [n*B, L, H, *] (chunk-major on the batch dim) of one form, as affine maps.
 
     Forward: `pairs`, then `zero_start` (while the pairs travel), then `output` from the incoming states.
@@ -47,29 +49,30 @@ class ChunkMaps:
         new.__dict__ = {k: x for k, x in self.__dict__.items() if not isinstance(x, (Tensor, tuple, list))}
         return new
 
+    @abstractmethod
     def pairs(self) -> tuple[Tensor | None, Tensor]:
         """(A [n*B, H, a, b] or None, M [n*B, H, K, V]) of every chunk, in the state dtype."""
-        raise NotImplementedError
 
+    @abstractmethod
     def zero_start(self) -> None:
         """The output from a zero incoming state (kept for `output`)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def output(self, s_in: Tensor) -> Tensor:
         """The chunks' output [n*B, L, H, V] given each chunk's incoming state [n*B, H, K, V]."""
-        raise NotImplementedError
 
+    @abstractmethod
     def state_grad(self, do: Tensor) -> Tensor:
         """N [n*B, H, K, V]: the output's gradient w.r.t. each chunk's incoming state."""
-        raise NotImplementedError
 
     def local_bwd(self, do: Tensor) -> None:
-        """The backward of the zero-start output (kept for `grads`)."""
+        """The backward of the zero-start output (kept for `grads`); nothing by default (the delta rule does it
+        all in `grads`)."""
 
+    @abstractmethod
     def grads(self, ds_out: Tensor, do: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
         """(dq, dk, dv, dgate or None, dbeta or None) in the inputs' dtypes, given each chunk's outgoing
         state gradient."""
-        raise NotImplementedError
 
 
 class PlainMaps(ChunkMaps):
