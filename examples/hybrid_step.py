@@ -42,6 +42,8 @@ out_full = layers(x_full, lasp.linear_attn, lasp.softmax_attn)
 (out_full.square().sum() / (out_local.numel())).backward()  # the same loss terms, summed over ranks
 
 rel = lambda a, b: ((a - b).abs().max() / b.abs().max()).item()  # noqa: E731
-print(f"rank {rank}: relative difference from one process: output {rel(out_local, shard(out_full)):.1e}, "
-      f"input gradient {rel(x_local.grad, shard(x_full.grad)):.1e}")
+print(
+    f"rank {rank}: relative difference from one process: output {rel(out_local, shard(out_full)):.1e}, "
+    f"input gradient {rel(x_local.grad, shard(x_full.grad)):.1e}"
+)
 dist.destroy_process_group()

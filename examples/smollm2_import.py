@@ -70,9 +70,8 @@ def main(argv=None) -> None:
     p.add_argument("--out", default="runs/smollm2-135m-hf", help="the converted Hugging Face directory")
     p.add_argument("--tokens", type=int, default=1024)
     a = p.parse_args(argv)
-    from transformers import LlamaForCausalLM
-
     from smollm2_linearise import hybrid_fields
+    from transformers import LlamaForCausalLM
 
     from lasp.model import LinearLlama
     from lasp.model.hf import initial_state
@@ -102,8 +101,10 @@ def main(argv=None) -> None:
     for name, value in rows.items():
         print(f"{name:40s} {value:10.7f} {math.exp(value):12.2f}")
     print(f"import against transformers: |difference| {abs(imported - teacher):.1e}")
-    print(f"uniform over the vocabulary: {math.log(ours.cfg.vocab_size):.4f}; "
-          f"{ours.cfg.num_layers} layers, hidden {ours.cfg.hidden_size}, {time.time() - start:.0f} s")
+    print(
+        f"uniform over the vocabulary: {math.log(ours.cfg.vocab_size):.4f}; "
+        f"{ours.cfg.num_layers} layers, hidden {ours.cfg.hidden_size}, {time.time() - start:.0f} s"
+    )
     with open(os.path.join(a.out, "lasp_losses.json"), "w") as f:
         json.dump(rows, f, indent=2)
 

@@ -42,8 +42,16 @@ HELD_OUT = sorted(glob.glob(os.path.join(STDLIB, "json", "*.py")))
 
 
 def hybrid_fields(window: int, gate_normalizer: float = 256.0) -> dict:
-    return dict(layer_pattern="LLLS", linear_variant="simple_gla", gate_source="key", feature_map="hedgehog",
-                linear_rope=True, window=window, output_norm=False, gate_normalizer=gate_normalizer)
+    return dict(
+        layer_pattern="LLLS",
+        linear_variant="simple_gla",
+        gate_source="key",
+        feature_map="hedgehog",
+        linear_rope=True,
+        window=window,
+        output_norm=False,
+        gate_normalizer=gate_normalizer,
+    )
 
 
 def held_out_windows(hf: str, seq_len: int, tokens: int) -> torch.Tensor:
@@ -93,11 +101,19 @@ def run(cmd: list[str], log: str) -> float:
 def train(work: str, name: str, model: dict, init_from: str, steps: int, lr: float, a, **train) -> tuple[str, float]:
     """Train `name` with the trainer, export its last step; returns (the export's directory, wall seconds)."""
     cfg = {
-        "model": model, "data": {"path": os.path.join(work, "data"), "seq_len": a.seq_len, "global_batch": a.batch},
-        "optim": {"lr": lr, "weight_decay": 0.0}, "schedule": {"warmup_steps": max(1, steps // 10)},
+        "model": model,
+        "data": {"path": os.path.join(work, "data"), "seq_len": a.seq_len, "global_batch": a.batch},
+        "optim": {"lr": lr, "weight_decay": 0.0},
+        "schedule": {"warmup_steps": max(1, steps // 10)},
         "train": {"steps": steps, "eval_interval": 0, "init_from": init_from, "resume": "never", **train},
-        "checkpoint": {"interval": steps}, "logging": {"run_dir": os.path.join(work, name), "progress": False,
-                                                       "tensorboard": False, "plot": False, "interval": 5},
+        "checkpoint": {"interval": steps},
+        "logging": {
+            "run_dir": os.path.join(work, name),
+            "progress": False,
+            "tensorboard": False,
+            "plot": False,
+            "interval": 5,
+        },
     }
     path = os.path.join(work, f"{name}.yaml")
     with open(path, "w") as f:
@@ -106,8 +122,9 @@ def train(work: str, name: str, model: dict, init_from: str, steps: int, lr: flo
     seconds = run(["lasp.train", "--config", path], os.path.join(work, f"{name}.log"))
     out = os.path.join(work, f"{name}-export")
     step = os.path.join(work, name, "checkpoints", f"step-{steps:08d}")
-    seconds += run(["lasp.export", "--checkpoint", step, "--out", out, "--force"],
-                   os.path.join(work, f"{name}-export.log"))
+    seconds += run(
+        ["lasp.export", "--checkpoint", step, "--out", out, "--force"], os.path.join(work, f"{name}-export.log")
+    )
     return out, seconds
 
 
@@ -118,8 +135,12 @@ def main(argv=None) -> None:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch", type=int, default=2, help="sequences per step")
     p.add_argument("--window", type=int, default=64, help="the softmax window of the linear layers")
-    p.add_argument("--gate-normalizer", type=float, default=256.0,
-                   help="the key gate's logsigmoid is divided by it: larger, a slower decay at the start")
+    p.add_argument(
+        "--gate-normalizer",
+        type=float,
+        default=256.0,
+        help="the key gate's logsigmoid is divided by it: larger, a slower decay at the start",
+    )
     p.add_argument("--stage1-steps", type=int, default=150)
     p.add_argument("--stage2-steps", type=int, default=60)
     p.add_argument("--stage1-lr", type=float, default=3e-2)
@@ -137,13 +158,33 @@ def main(argv=None) -> None:
     if not os.path.isfile(os.path.join(a.hf, "config.json")):
         print(f"converting the GGUF model to {a.hf} ...", flush=True)
         convert(a.hf)
-    files = sorted(f for pkg in TRAIN_TEXT for f in glob.glob(os.path.join(STDLIB, pkg, "**", "*.py"), recursive=True)
-                   if os.path.getsize(f) > 0)
-    run(["lasp.data", "prepare", "--input", *files, "--output", os.path.join(a.work, "data"), "--tokenizer",
-         os.path.join(a.hf, "tokenizer.json"), "--force", "--quiet"], os.path.join(a.work, "prepare.log"))
+    files = sorted(
+        f
+        for pkg in TRAIN_TEXT
+        for f in glob.glob(os.path.join(STDLIB, pkg, "**", "*.py"), recursive=True)
+        if os.path.getsize(f) > 0
+    )
+    run(
+        [
+            "lasp.data",
+            "prepare",
+            "--input",
+            *files,
+            "--output",
+            os.path.join(a.work, "data"),
+            "--tokenizer",
+            os.path.join(a.hf, "tokenizer.json"),
+            "--force",
+            "--quiet",
+        ],
+        os.path.join(a.work, "prepare.log"),
+    )
     windows = held_out_windows(a.hf, a.seq_len, a.eval_tokens)
-    print(f"training text: {len(files)} files of {', '.join(TRAIN_TEXT)}; held out: {windows.numel():,} tokens of "
-          f"the json package in {len(windows)} windows of {a.seq_len + 1}", flush=True)
+    print(
+        f"training text: {len(files)} files of {', '.join(TRAIN_TEXT)}; held out: {windows.numel():,} tokens of "
+        f"the json package in {len(windows)} windows of {a.seq_len + 1}",
+        flush=True,
+    )
 
     hybrid = {**dataclasses.asdict(source_config(a.hf)), **hybrid_fields(a.window, a.gate_normalizer)}
     results = {"setup": {k: getattr(a, k) for k in vars(a)}, "perplexity": {}, "seconds": {}, "tokens": {}}
@@ -155,35 +196,44 @@ def main(argv=None) -> None:
     before = attention_errors(converted, windows)
 
     tokens = a.seq_len * a.batch
-    s1, results["seconds"]["stage 1"] = train(a.work, "stage1", hybrid, a.hf, a.stage1_steps, a.stage1_lr, a,
-                                              objective="attention_transfer", trainable="new")
+    s1, results["seconds"]["stage 1"] = train(
+        a.work, "stage1", hybrid, a.hf, a.stage1_steps, a.stage1_lr, a, objective="attention_transfer", trainable="new"
+    )
     results["tokens"]["stage 1"] = a.stage1_steps * tokens
     after_model = LinearLlama.from_pretrained(s1)
     ppl["hybrid, after stage 1"] = perplexity(after_model, windows)
     after = attention_errors(after_model, windows)
 
     lora = {**hybrid, "lora_rank": a.lora_rank}
-    s2, results["seconds"]["stage 2"] = train(a.work, "stage2", lora, s1, a.stage2_steps, a.stage2_lr, a,
-                                              trainable="lora")
+    s2, results["seconds"]["stage 2"] = train(
+        a.work, "stage2", lora, s1, a.stage2_steps, a.stage2_lr, a, trainable="lora"
+    )
     results["tokens"]["stage 2"] = a.stage2_steps * tokens
     ppl["hybrid, after stage 2"] = perplexity(LinearLlama.from_pretrained(s2), windows)
 
     steps = a.stage1_steps + a.stage2_steps  # the same tokens as both stages
-    base, results["seconds"]["baseline"] = train(a.work, "baseline", lora, a.hf, steps, a.stage2_lr, a,
-                                                 trainable="lora")
+    base, results["seconds"]["baseline"] = train(
+        a.work, "baseline", lora, a.hf, steps, a.stage2_lr, a, trainable="lora"
+    )
     results["tokens"]["baseline"] = steps * tokens
     ppl["baseline: stage 2 only, same tokens"] = perplexity(LinearLlama.from_pretrained(base), windows)
 
-    results["attention_error"] = {"before": before, "after": after, "mean_before": sum(before) / len(before),
-                                  "mean_after": sum(after) / len(after)}
+    results["attention_error"] = {
+        "before": before,
+        "after": after,
+        "mean_before": sum(before) / len(before),
+        "mean_after": sum(after) / len(after),
+    }
     with open(os.path.join(a.work, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
     print(f"\n{'model':40s} {'perplexity':>12s}")
     for name, value in ppl.items():
         print(f"{name:40s} {value:12.2f}")
     e = results["attention_error"]
-    print(f"attention error (mean over {len(before)} linear layers): {e['mean_before']:.3e} before stage 1, "
-          f"{e['mean_after']:.3e} after ({e['mean_before'] / e['mean_after']:.1f}x lower)")
+    print(
+        f"attention error (mean over {len(before)} linear layers): {e['mean_before']:.3e} before stage 1, "
+        f"{e['mean_after']:.3e} after ({e['mean_before'] / e['mean_after']:.1f}x lower)"
+    )
     for name in results["seconds"]:
         print(f"{name}: {results['tokens'][name]:,} tokens in {results['seconds'][name]:.0f} s")
     print(f"results: {os.path.join(a.work, 'results.json')}")

@@ -47,8 +47,10 @@ def processes(option: str, n: int, gpus: bool = False, low: int = 1) -> list[str
         return []
     cores = cpu_cores()
     if n > PROCESSES_PER_CORE * cores:
-        return [f"{option} {n} is more processes than this machine can run ({cores} CPU cores; at most "
-                f"{PROCESSES_PER_CORE * cores})"]
+        return [
+            f"{option} {n} is more processes than this machine can run ({cores} CPU cores; at most "
+            f"{PROCESSES_PER_CORE * cores})"
+        ]
     return []
 
 
@@ -70,8 +72,10 @@ def existing(option: str, path: str | os.PathLike, directory: bool = False) -> l
     if not path.exists():
         return [f"{option}: {path} does not exist"]
     if path.is_dir() != directory:
-        return [f"{option}: {path} is a {'directory' if path.is_dir() else 'file'}, not a "
-                f"{'directory' if directory else 'file'}"]
+        return [
+            f"{option}: {path} is a {'directory' if path.is_dir() else 'file'}, not a "
+            f"{'directory' if directory else 'file'}"
+        ]
     return []
 
 
@@ -147,8 +151,14 @@ def _names(entries: Iterable[str], most: int = 6) -> str:
     return ", ".join(entries[:most]) + more
 
 
-def new_directory(option: str, path: str | os.PathLike, force: bool, made: Callable[[Path], set[str] | str],
-                  own: str, inputs: Iterable[str | os.PathLike] = ()) -> list[str]:
+def new_directory(
+    option: str,
+    path: str | os.PathLike,
+    force: bool,
+    made: Callable[[Path], set[str] | str],
+    own: str,
+    inputs: Iterable[str | os.PathLike] = (),
+) -> list[str]:
     """An output directory the tool builds beside `path` and renames into place (`install_directory`).
 
     `path` and its parent must be writable; `path` must not be, hold or lie inside one of the tool's
@@ -163,12 +173,16 @@ def new_directory(option: str, path: str | os.PathLike, force: bool, made: Calla
         return problems
     names, held = made(path), {p.name + ("/" if p.is_dir() else ""): p for p in path.iterdir()}
     if isinstance(names, str):
-        return [f"{option}: {path} is not empty and {names} (it holds {_names(held)}): --force replaces only "
-                f"{own}; choose another directory"]
+        return [
+            f"{option}: {path} is not empty and {names} (it holds {_names(held)}): --force replaces only "
+            f"{own}; choose another directory"
+        ]
     others = [name for name, p in held.items() if p.name not in names]
     if others:
-        return [f"{option}: {path} is {own} but also holds what the tool did not write ({_names(others)}): "
-                "--force does not remove them; move them away, or choose another directory"]
+        return [
+            f"{option}: {path} is {own} but also holds what the tool did not write ({_names(others)}): "
+            "--force does not remove them; move them away, or choose another directory"
+        ]
     if not force:
         return [f"{option}: {path} exists and is not empty ({own}); pass --force to replace it"]
     return []
@@ -185,8 +199,10 @@ def install_directory(tmp: str | os.PathLike, output: str | os.PathLike) -> str 
         entries, files = list(output.iterdir()), [p for p in output.rglob("*") if p.is_file()]
         if entries:
             size = sum(p.stat().st_size for p in files)
-            said = (f"removed the previous {output}: {len(files)} file(s), {size / 1e6:.1f} MB "
-                    f"({_names(p.name + ('/' if p.is_dir() else '') for p in entries)})")
+            said = (
+                f"removed the previous {output}: {len(files)} file(s), {size / 1e6:.1f} MB "
+                f"({_names(p.name + ('/' if p.is_dir() else '') for p in entries)})"
+            )
         os.rename(output, old)
     os.rename(tmp, output)
     shutil.rmtree(old, ignore_errors=True)
@@ -232,5 +248,7 @@ def memory(option: str, value, need: int, device, lower: str) -> list[str]:
     have = available_memory(device)
     if have is None or need <= have[0]:
         return []
-    return [f"{option} {value}: needs at least {need / 2**30:,.1f} GiB on {device}, but {have[0] / 2**30:,.1f} "
-            f"GiB are available ({have[1]}): {lower}"]
+    return [
+        f"{option} {value}: needs at least {need / 2**30:,.1f} GiB on {device}, but {have[0] / 2**30:,.1f} "
+        f"GiB are available ({have[1]}): {lower}"
+    ]

@@ -66,8 +66,10 @@ def _run(rank: int, args, store_path: str) -> None:
         dist.all_reduce(diffs, op=dist.ReduceOp.MAX)
         if rank == 0:
             print(f"\nlayout={layout}: {W} ranks x {N // W} tokens, H={H}, K=V={D}, decay on, {device.type}")
-            print("  max |difference| vs one process: " + ", ".join(
-                f"{n} {d:.2e}" for n, d in zip(["o", "dq", "dk", "dv"], diffs.tolist())))
+            print(
+                "  max |difference| vs one process: "
+                + ", ".join(f"{n} {d:.2e}" for n, d in zip(["o", "dq", "dk", "dv"], diffs.tolist()))
+            )
             print("  forward communication (rank 0):  " + "; ".join(_comm(pf, W)))
             print("  backward communication (rank 0): " + "; ".join(_comm(pb, W)))
             tol = 1e-4 * max(o_ref.abs().max().item(), 1.0)
@@ -76,7 +78,9 @@ def _run(rank: int, args, store_path: str) -> None:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m lasp.demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m lasp.demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--world-size", type=int, default=2, help="processes in the sequence-parallel group")
     p.add_argument("--seq-len", type=int, default=4096, help="global sequence length")
     p.add_argument("--heads", type=int, default=4)

@@ -21,8 +21,8 @@ def read_tensors(checkpoint_dir: str, prefix: str) -> dict[str, torch.Tensor]:
     """Every tensor of a verified DCP checkpoint whose key starts with `prefix`, whole (its shards joined),
     keyed without the prefix. Reads only those tensors, in this one process."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
     from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
     from lasp.train.ckpt_store import CheckpointError, last_line
@@ -36,9 +36,11 @@ def read_tensors(checkpoint_dir: str, prefix: str) -> dict[str, torch.Tensor]:
     try:
         _load_state_dict(sd, storage_reader=reader, planner=_EmptyStateDictLoadPlanner(keys=keys), no_dist=True)
     except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP's own is a BaseException
-        raise CheckpointError(f"checkpoint {checkpoint_dir} could not be read ({last_line(e)}): a damaged file? (a "
-                              "checkpoint saved before the sha256 manifests is checked by sizes only)") from None
-    return {k[len(prefix):]: v for k, v in sd.items()}
+        raise CheckpointError(
+            f"checkpoint {checkpoint_dir} could not be read ({last_line(e)}): a damaged file? (a "
+            "checkpoint saved before the sha256 manifests is checked by sizes only)"
+        ) from None
+    return {k[len(prefix) :]: v for k, v in sd.items()}
 
 
 def consolidate(checkpoint_dir: str):
@@ -53,8 +55,10 @@ def consolidate(checkpoint_dir: str):
     cfg = ModelConfig(**info["model"])
     if info["layout"].get("zero_stage"):
         if info["layout"]["tp"] != 1:
-            raise CheckpointError(f"{checkpoint_dir}: exporting a ZeRO checkpoint saved with tp = "
-                                  f"{info['layout']['tp']} is not supported (only tp = 1)")
+            raise CheckpointError(
+                f"{checkpoint_dir}: exporting a ZeRO checkpoint saved with tp = "
+                f"{info['layout']['tp']} is not supported (only tp = 1)"
+            )
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         sd = dict(get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag="zero"))
@@ -85,15 +89,23 @@ def _tokenizer_file(checkpoint: str) -> list[str]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m lasp.export", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m lasp.export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--checkpoint", required=True, help="a checkpoint directory (.../checkpoints/step-N)")
     p.add_argument("--out", required=True, help="output directory (model.safetensors, config.json)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="dtype of the weights")
-    p.add_argument("--force", action="store_true", help="replace --out when it is an export (once the new export is "
-                   "complete); anything else is refused")
-    p.add_argument("--hf", action="store_true", help="when every layer is softmax, write a transformers "
-                   "directory (LlamaForCausalLM, or Qwen2 / Qwen3 for their features); else the LASP layout")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace --out when it is an export (once the new export is complete); anything else is refused",
+    )
+    p.add_argument(
+        "--hf",
+        action="store_true",
+        help="when every layer is softmax, write a transformers "
+        "directory (LlamaForCausalLM, or Qwen2 / Qwen3 for their features); else the LASP layout",
+    )
     args = p.parse_args(argv)
 
     from lasp.cli import install_directory, new_directory, usage_error
@@ -126,8 +138,10 @@ def main(argv=None) -> int:
         try:
             hf = args.hf and all(model.cfg.mixer(i) == "S" for i in range(model.cfg.num_layers))
             if args.hf and not hf:
-                print(f"--hf: model.layer_pattern {model.cfg.layer_pattern!r} has linear layers, which transformers "
-                      "does not have: writing the LASP layout (load it with LinearLlama.from_pretrained)")
+                print(
+                    f"--hf: model.layer_pattern {model.cfg.layer_pattern!r} has linear layers, which transformers "
+                    "does not have: writing the LASP layout (load it with LinearLlama.from_pretrained)"
+                )
             if hf:
                 from lasp.model.hf import to_hf
 
@@ -144,8 +158,9 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     n = sum(t.numel() for t in model.state_dict().values())
-    print(f"exported {args.checkpoint} -> {os.path.join(args.out, 'model.safetensors')} ({n:,} parameters, "
-          f"{args.dtype})")
+    print(
+        f"exported {args.checkpoint} -> {os.path.join(args.out, 'model.safetensors')} ({n:,} parameters, {args.dtype})"
+    )
     return 0
 
 

@@ -37,16 +37,19 @@ def tokenizer_from_description(desc: dict | None, local_file: Path | None = None
         raise DataError(f"{source}: tokenizer {desc.get('name')!r} has no tokenizer.json beside it and no path")
     tok = load_tokenizer(str(path))
     if desc.get("sha256") and tok.sha256 != desc["sha256"]:
-        raise DataError(f"{source}: tokenizer file {str(path)!r} is not the one the model was trained with "
-                        f"(sha256 {tok.sha256[:12]}..., recorded {desc['sha256'][:12]}...)")
+        raise DataError(
+            f"{source}: tokenizer file {str(path)!r} is not the one the model was trained with "
+            f"(sha256 {tok.sha256[:12]}..., recorded {desc['sha256'][:12]}...)"
+        )
     return tok
 
 
 def load_tokenizer_for(directory: str | Path):
     """The tokenizer recorded in an export directory's config.json (its tokenizer.json copy if any)."""
     directory = Path(directory)
-    return tokenizer_from_description(read_config(directory)["tokenizer"], directory / TOKENIZER,
-                                      str(directory / CONFIG))
+    return tokenizer_from_description(
+        read_config(directory)["tokenizer"], directory / TOKENIZER, str(directory / CONFIG)
+    )
 
 
 class UsageError(ValueError):
@@ -66,8 +69,9 @@ def load_for_generation(checkpoint: str | Path, device: str = "cpu", dtype: torc
     try:
         cfg, state_dict, tok_desc = consolidate(str(d))
     except CheckpointError as e:
-        raise UsageError(f"{d} is neither an export directory (no {WEIGHTS}) nor a usable trainer checkpoint: "
-                         f"{e}") from e
+        raise UsageError(
+            f"{d} is neither an export directory (no {WEIGHTS}) nor a usable trainer checkpoint: {e}"
+        ) from e
     model = model_from_state_dict(cfg, state_dict, str(d), device, dtype)
     return model, tokenizer_from_description(tok_desc, None, str(d))
 
@@ -84,7 +88,7 @@ class _Stream:
             self.ids.append(token_id)
         text = self.tok.decode(self.ids)
         if text.startswith(self.written) and (final or not text.endswith("\ufffd")):
-            self.out.write(text[len(self.written):])
+            self.out.write(text[len(self.written) :])
             self.out.flush()
             self.written = text
 
@@ -132,9 +136,14 @@ def main(argv=None) -> int:
         prompt = tok.encode(args.prompt)
         held = len(prompt) + args.max_new_tokens  # the KV caches are allocated for all of them at once
         need = forward_memory(model.cfg, model.embed.weight.dtype, len(prompt), logits_tokens=1, held_tokens=held)
-        problems = memory("--max-new-tokens", args.max_new_tokens, need, device,
-                          f"lower it or shorten the prompt ({len(prompt):,} tokens)"
-                          + (", or use --dtype bfloat16" if args.dtype == "float32" else ""))
+        problems = memory(
+            "--max-new-tokens",
+            args.max_new_tokens,
+            need,
+            device,
+            f"lower it or shorten the prompt ({len(prompt):,} tokens)"
+            + (", or use --dtype bfloat16" if args.dtype == "float32" else ""),
+        )
         if problems:
             print(f"error: {problems[0]}", file=sys.stderr)
             return 2
@@ -144,8 +153,16 @@ def main(argv=None) -> int:
         else:
             gen.manual_seed(args.seed)
         state = DecodeState.empty(model, 1, capacity=len(prompt) + args.max_new_tokens)
-        steps = generate(model, prompt, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                         generator=gen, eos_id=tok.eos_id, state=state)
+        steps = generate(
+            model,
+            prompt,
+            args.max_new_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            generator=gen,
+            eos_id=tok.eos_id,
+            state=state,
+        )
     except (ValueError, OSError) as e:  # UsageError, DataError and PretrainedError are ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -166,9 +183,12 @@ def main(argv=None) -> int:
     t_end = time.perf_counter()
     mem = decode_memory(model.cfg, model.embed.weight.dtype)
     rate = (n - 1) / (t_end - t_first) if n > 1 and t_end > t_first else float("nan")
-    print(f"generated {n} tokens (prompt {len(prompt)}, prefill + first token {t_first - t0:.3f}s, then "
-          f"{rate:.1f} tokens/s on {device}); decode state {mem.at(state.position)} bytes at {state.position} "
-          f"tokens = {mem.fixed_bytes} fixed + {mem.per_token_bytes} per token", file=sys.stderr)
+    print(
+        f"generated {n} tokens (prompt {len(prompt)}, prefill + first token {t_first - t0:.3f}s, then "
+        f"{rate:.1f} tokens/s on {device}); decode state {mem.at(state.position)} bytes at {state.position} "
+        f"tokens = {mem.fixed_bytes} fixed + {mem.per_token_bytes} per token",
+        file=sys.stderr,
+    )
     return 0
 
 

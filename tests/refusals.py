@@ -59,8 +59,9 @@ def refuse_command(cmd: list[str], env: dict, says, watch=(), cwd=None, timeout:
     leaves no process of its session behind. Returns stderr."""
     before = tree(*watch)
     with tempfile.TemporaryFile("w+") as err_file:  # not a pipe: a process left behind would hold it open
-        p = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=err_file, text=True,
-                             start_new_session=True)  # its own process group: what it started is findable
+        p = subprocess.Popen(
+            cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=err_file, text=True, start_new_session=True
+        )  # its own process group: what it started is findable
         try:
             p.wait(timeout=timeout)
         finally:

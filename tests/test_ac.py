@@ -6,8 +6,9 @@ import torch
 from lasp.model import LinearLlama, ModelConfig, lm_loss_sum
 from lasp.parallel.ac import apply_ac
 
-CFG = ModelConfig(vocab_size=64, hidden_size=32, num_layers=4, num_heads=2, num_kv_heads=1, ffn_hidden_size=64,
-                  layer_pattern="LLLS")
+CFG = ModelConfig(
+    vocab_size=64, hidden_size=32, num_layers=4, num_heads=2, num_kv_heads=1, ffn_hidden_size=64, layer_pattern="LLLS"
+)
 
 
 def _loss_and_grads(every: int):

@@ -8,8 +8,29 @@ from lasp.bench import kernels
 
 def test_toy_run_writes_rows_and_plot(tmp_path):
     out = tmp_path / "k"
-    kernels.main(["--device", "cpu", "--batch", "1", "--lengths", "32", "--heads", "2", "--head-dim", "16",
-                  "--reps", "1", "--check-len", "32", "--only", "lasp-triton (decay)", "lasp-torch", "--out", str(out)])
+    kernels.main(
+        [
+            "--device",
+            "cpu",
+            "--batch",
+            "1",
+            "--lengths",
+            "32",
+            "--heads",
+            "2",
+            "--head-dim",
+            "16",
+            "--reps",
+            "1",
+            "--check-len",
+            "32",
+            "--only",
+            "lasp-triton (decay)",
+            "lasp-torch",
+            "--out",
+            str(out),
+        ]
+    )
     rows = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
     assert [r["impl"] for r in rows] == ["lasp-triton (decay)", "lasp-torch (decay)"]
     for r in rows:
@@ -29,7 +50,8 @@ def _row(impl, B, T, s, mem=100):
 
 def test_summary_compares_with_the_fastest_peer_and_checks_flatness():
     rows = [
-        _row("lasp-triton (decay)", 1, 8192, 1.0), _row("lasp-triton (decay)", 1, 16384, 2.2),
+        _row("lasp-triton (decay)", 1, 8192, 1.0),
+        _row("lasp-triton (decay)", 1, 16384, 2.2),
         _row("fla chunk_simple_gla g_gamma (decay)", 1, 8192, 1.5, mem=50),
         _row("fla chunk_simple_gla g (decay)", 1, 8192, 1.2, mem=200),
         _row("fla chunk_linear_attn (no decay)", 1, 8192, 0.1),  # other math: never the peer

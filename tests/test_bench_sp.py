@@ -8,8 +8,8 @@ import sys
 import pytest
 import torch.distributed as dist
 
-from lasp.sp.cost import Compute, Link, Message, Shape, collective_time, fit_link, layer_time, plan
 from lasp.bench.sp.methods import METHODS, Case, measure
+from lasp.sp.cost import Compute, Link, Message, Shape, collective_time, fit_link, layer_time, plan
 
 
 def test_alpha_beta_by_hand():
@@ -37,8 +37,12 @@ def test_alpha_beta_by_hand():
 
 def test_fit_recovers_alpha_and_beta():
     truth = Link("t", 50e-6, 2e9)
-    samples = [(k, W, n, collective_time(Message(k, n), W, truth)) for k in ("all_gather", "p2p", "all_to_all")
-               for W in (2, 4) for n in (4 << 10, 1 << 20, 8 << 20)]
+    samples = [
+        (k, W, n, collective_time(Message(k, n), W, truth))
+        for k in ("all_gather", "p2p", "all_to_all")
+        for W in (2, 4)
+        for n in (4 << 10, 1 << 20, 8 << 20)
+    ]
     got = fit_link(samples)
     assert got.alpha_s == pytest.approx(50e-6, rel=1e-6) and got.busbw_bytes_per_s == pytest.approx(2e9, rel=1e-6)
     with pytest.raises(ValueError, match="at least two sizes"):
@@ -59,9 +63,13 @@ def test_counted_messages_follow_the_algorithms():
         p = plan(method, Shape(4, 1, 64, 8, 2, 64, 64, "zigzag", 4))
         for r in rows:
             got = sorted((m["kind"], m["nbytes"]) for m in r["fwd_messages"])
-            want = sorted((m.kind.removesuffix("_round"),
-                           m.nbytes + (512 if m.kind == "all_gather" and method in ("lasp2", "lasp2h") else 0) * 4)
-                          for m in p.fwd)
+            want = sorted(
+                (
+                    m.kind.removesuffix("_round"),
+                    m.nbytes + (512 if m.kind == "all_gather" and method in ("lasp2", "lasp2h") else 0) * 4,
+                )
+                for m in p.fwd
+            )
             if method == "lasp1":
                 continue
             if method not in ("lasp2", "lasp2h"):  # + the one rank-check all-gather, 512 B a rank
@@ -95,8 +103,11 @@ def test_peak_memory_is_the_allocators_running_peak():
     assert peak_allocated(b) == 2 << 20
     del x
     # a layer's peak grows with its local length; the quadratic form's as the square
-    peak = {(m, N): max(r["peak_mem_gib"] for r in _simulated(m, 2, N)) for m in ("lasp2", "ring_linear_quadratic")
-            for N in (512, 2048)}
+    peak = {
+        (m, N): max(r["peak_mem_gib"] for r in _simulated(m, 2, N))
+        for m in ("lasp2", "ring_linear_quadratic")
+        for N in (512, 2048)
+    }
     assert 2.5 < peak["lasp2", 2048] / peak["lasp2", 512] < 6
     assert peak["ring_linear_quadratic", 2048] / peak["ring_linear_quadratic", 512] > 8
 
@@ -118,15 +129,51 @@ def test_simulation_computes_what_the_distributed_run_computes(dist_pool, method
 def test_the_cpu_sweep_writes_its_files_and_plots(tmp_path):
     out = tmp_path / "sp"
     run = subprocess.run(
-        [sys.executable, "-m", "lasp.bench.sp", "cpu", "--world-sizes", "1", "2", "--seq-lens", "96",
-         "--tokens-per-rank", "24", "--reps", "1", "--methods", "lasp2", "lasp1", "ring", "ulysses", "--heads", "3",
-         "--kv-heads", "1", "--out", str(out)],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "lasp.bench.sp",
+            "cpu",
+            "--world-sizes",
+            "1",
+            "2",
+            "--seq-lens",
+            "96",
+            "--tokens-per-rank",
+            "24",
+            "--reps",
+            "1",
+            "--methods",
+            "lasp2",
+            "lasp1",
+            "ring",
+            "ulysses",
+            "--heads",
+            "3",
+            "--kv-heads",
+            "1",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    for name in ("measured.jsonl", "measured.csv", "calibration.jsonl", "simulated.jsonl", "simulated.csv",
-                 "validation.jsonl", "validation.csv", "tokens_vs_N.png", "tokens_vs_W.png", "bytes_vs_W.png",
-                 "memory_vs_N.png", "validation.png"):
+    for name in (
+        "measured.jsonl",
+        "measured.csv",
+        "calibration.jsonl",
+        "simulated.jsonl",
+        "simulated.csv",
+        "validation.jsonl",
+        "validation.csv",
+        "tokens_vs_N.png",
+        "tokens_vs_W.png",
+        "bytes_vs_W.png",
+        "memory_vs_N.png",
+        "validation.png",
+    ):
         assert (out / name).stat().st_size > 0, name
     measured = [json.loads(x) for x in (out / "measured.jsonl").read_text().splitlines()]
     skipped = [r for r in measured if "skipped" in r]
@@ -141,8 +188,15 @@ def test_predicted_steps_add_compute_and_the_exposed_messages():
     from lasp.model.config import ModelConfig
     from lasp.train.flops import flops_per_token
 
-    m = ModelConfig(vocab_size=1000, hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=4,
-                    ffn_hidden_size=512, layer_pattern="LLLS")
+    m = ModelConfig(
+        vocab_size=1000,
+        hidden_size=256,
+        num_layers=4,
+        num_heads=4,
+        num_kv_heads=4,
+        ffn_hidden_size=512,
+        layer_pattern="LLLS",
+    )
     link = Link("hand", 10e-6, 100e9)
     got = step(m, "lasp2", 8, 8192, link, tflops=100.0)
     assert got["compute_s"] == pytest.approx(flops_per_token(m, 8192) * 1024 / 100e12)
@@ -154,26 +208,55 @@ def test_predicted_steps_add_compute_and_the_exposed_messages():
 
 @pytest.mark.slow
 def test_the_prediction_sweep_writes_its_rows_and_plot(tmp_path):
-    run = subprocess.run([sys.executable, "-m", "lasp.bench.sp", "predict", "--world-sizes", "16", "64",
-                          "--seq-lens", "65536", "2097152", "--out", str(tmp_path)], capture_output=True, text=True,
-                         timeout=300)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lasp.bench.sp",
+            "predict",
+            "--world-sizes",
+            "16",
+            "64",
+            "--seq-lens",
+            "65536",
+            "2097152",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert "MODELLED" in run.stdout and "| 64 | 2097152 |" in run.stdout
     rows = [json.loads(x) for x in (tmp_path / "predicted.jsonl").read_text().splitlines()]
-    assert {r["method"] for r in rows} == {"lasp2", "lasp1", "ulysses", "ring"} and all(r.get("modelled") or r.get("skipped")
-                                                                               for r in rows)
+    assert {r["method"] for r in rows} == {"lasp2", "lasp1", "ulysses", "ring"} and all(
+        r.get("modelled") or r.get("skipped") for r in rows
+    )
     assert (tmp_path / "predicted_W64.png").stat().st_size > 0
 
 
 @pytest.mark.slow
 def test_the_gated_benchmark_writes_its_rows(tmp_path):
-    run = subprocess.run([sys.executable, "-m", "lasp.bench.gated", "--lengths", "96", "--reps", "1", "--out",
-                          str(tmp_path / "gated")], capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-m", "lasp.bench.gated", "--lengths", "96", "--reps", "1", "--out", str(tmp_path / "gated")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     rows = [json.loads(x) for x in (tmp_path / "gated.jsonl").read_text().splitlines()]
     timed = [r for r in rows if r.get("kind") != "gathered_bytes"]
-    assert [r["form"] for r in timed] == ["decay", "scalar", "vector", "decay-docs", "scalar-docs", "deltanet", "gdn",
-                                          "kda"] and timed[0]["over_decay"] == 1.0
+    assert [r["form"] for r in timed] == [
+        "decay",
+        "scalar",
+        "vector",
+        "decay-docs",
+        "scalar-docs",
+        "deltanet",
+        "gdn",
+        "kda",
+    ] and timed[0]["over_decay"] == 1.0
     assert all(r["peak_bytes"] > 0 for r in timed)
     for line in ("scalar at T=96: ", "vector at T=96: ", "gdn at T=96: ", "the peak memory of scalar"):
         assert line in run.stdout, line

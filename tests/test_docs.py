@@ -137,8 +137,9 @@ def test_the_link_checker_finds_what_it_should():
 
 def test_every_relative_link_resolves():
     docs = {os.path.relpath(p, ROOT): p.read_text(encoding="utf-8") for p in doc_files()}
-    problems = link_problems(docs, exists=lambda p: (ROOT / p).exists(),
-                             read=lambda p: (ROOT / p).read_text(encoding="utf-8"))
+    problems = link_problems(
+        docs, exists=lambda p: (ROOT / p).exists(), read=lambda p: (ROOT / p).read_text(encoding="utf-8")
+    )
     assert not problems, "broken links:\n" + "\n".join(problems)
 
 
@@ -172,8 +173,14 @@ def test_every_named_module_answers_help():
     modules = sorted({m for p in doc_files() for m in MODULE.findall(p.read_text(encoding="utf-8"))})
     assert modules, "the docs name no python -m lasp... command"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]))
-    run = subprocess.run([sys.executable, "-c", HELP_RUNNER, *modules], cwd=ROOT, env=env, capture_output=True,
-                         text=True, timeout=HELP_TIMEOUT_S)
+    run = subprocess.run(
+        [sys.executable, "-c", HELP_RUNNER, *modules],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=HELP_TIMEOUT_S,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     failed = json.loads(run.stdout.strip().splitlines()[-1])
     assert not failed, "\n\n".join(f"python -m {m} --help: {why}" for m, why in failed.items())

@@ -9,8 +9,7 @@ from lasp import linear_attn
 from lasp.kernels import TorchChunkKernel, recurrent_linear_attn
 from lasp.kernels.documents import Documents, as_documents
 from lasp.kernels.protocol import Capabilities
-from lasp.kernels.scan import affine_scan
-from lasp.kernels.scan import compose
+from lasp.kernels.scan import affine_scan, compose
 from lasp.sp import ring_linear_attn
 from tests.test_gated_linear_attn import _grads, _inputs
 
@@ -53,11 +52,19 @@ def _run(form, T=45, cu=([0, 1, 2, 17, 18, 30, 44], [0, 33]), block=8, span=None
     decay = -torch.linspace(0.05, 0.6, H, dtype=torch.float64) if form == "decay" else None
     g = gate if form in ("scalar", "vector") else None
     kw = dict(log_decay=decay, gate=g, initial_state=s0)
-    o, sT = linear_attn(q, k, v, **kw, output_final_state=True, cu_seqlens=list(cu),
-                        kernel=TorchChunkKernel(block=block, segment_blocks=2))
+    o, sT = linear_attn(
+        q,
+        k,
+        v,
+        **kw,
+        output_final_state=True,
+        cu_seqlens=list(cu),
+        kernel=TorchChunkKernel(block=block, segment_blocks=2),
+    )
     rep = H // Hkv
-    o_ref, sT_ref = recurrent_linear_attn(q, k.repeat_interleave(rep, 2), v.repeat_interleave(rep, 2), **kw,
-                                          cu_seqlens=list(cu))
+    o_ref, sT_ref = recurrent_linear_attn(
+        q, k.repeat_interleave(rep, 2), v.repeat_interleave(rep, 2), **kw, cu_seqlens=list(cu)
+    )
     ins = [q, k, v, s0] + ([g] if g is not None else [])
     return (o, sT, *_grads([o, sT], ins)), (o_ref, sT_ref, *_grads([o_ref, sT_ref], ins))
 
@@ -90,8 +97,14 @@ def test_documents_equal_running_each_document_alone():
     o, sT = linear_attn(q, k, v, gate=gate, initial_state=s0, output_final_state=True, cu_seqlens=starts)
     bounds = starts + [T]
     for i, (a, b) in enumerate(zip(bounds, bounds[1:])):
-        part = linear_attn(q[:, a:b], k[:, a:b], v[:, a:b], gate=gate[:, a:b], initial_state=s0 if i == 0 else None,
-                           output_final_state=True)
+        part = linear_attn(
+            q[:, a:b],
+            k[:, a:b],
+            v[:, a:b],
+            gate=gate[:, a:b],
+            initial_state=s0 if i == 0 else None,
+            output_final_state=True,
+        )
         torch.testing.assert_close(o[:, a:b], part[0], **TOL)
     torch.testing.assert_close(sT, part[1], **TOL)
 
@@ -103,8 +116,9 @@ def test_a_gate_of_zero_is_a_reset_per_head_with_no_gradient():
     g = gate.detach().clone()
     g[0, 11, 1] = g[1, 0, 2] = g[1, 20, 0] = -torch.inf
     g.requires_grad_()
-    o, sT = linear_attn(q, k, v, gate=g, initial_state=s0, output_final_state=True,
-                        kernel=TorchChunkKernel(block=8, segment_blocks=2))
+    o, sT = linear_attn(
+        q, k, v, gate=g, initial_state=s0, output_final_state=True, kernel=TorchChunkKernel(block=8, segment_blocks=2)
+    )
     o_ref, sT_ref = recurrent_linear_attn(q, k, v, gate=g, initial_state=s0)
     torch.testing.assert_close(o, o_ref, **TOL)
     ins = [q, k, v, s0, g]
@@ -149,8 +163,9 @@ def _dense(A, K):
     return torch.diag_embed(A[..., 0].expand(*A.shape[:-2], K))
 
 
-@pytest.mark.parametrize("kinds", [("scalar",) * 5, ("diagonal",) * 5, ("full",) * 5,
-                                   ("full", "diagonal", "scalar", "full", "diagonal")])
+@pytest.mark.parametrize(
+    "kinds", [("scalar",) * 5, ("diagonal",) * 5, ("full",) * 5, ("full", "diagonal", "scalar", "full", "diagonal")]
+)
 def test_the_combine_is_associative_and_is_the_scan(kinds):
     """(A2, M2) o (A1, M1) in any grouping, with a reset (A = 0) inside, equals the sequential scan's carry and
     its transposed scan: for every kind of transition, mixed kinds included."""

@@ -16,8 +16,7 @@ def _build(tp, sp, pp, dp, microbatches=1, dp_bucket_size=None, batch=BATCH, ep=
     from lasp.parallel import ParallelConfig, init_groups, parallelize
 
     cfg = ModelConfig(**{**MODEL, **model_kw})
-    pcfg = ParallelConfig(tp=tp, sp=sp, pp=pp, dp=dp, microbatches=microbatches, dp_bucket_size=dp_bucket_size,
-                          ep=ep)
+    pcfg = ParallelConfig(tp=tp, sp=sp, pp=pp, dp=dp, microbatches=microbatches, dp_bucket_size=dp_bucket_size, ep=ep)
     pcfg.check(cfg, dist.get_world_size(), SEQ, batch)
     groups = init_groups(pcfg)
     torch.manual_seed(0)
@@ -90,11 +89,13 @@ def case_steps(tp, sp, pp, dp, microbatches, bucket, steps=3, lr=1e-2):
 STEP_LAYOUTS = [(1, 1, 2, 2, 2), (2, 1, 1, 2, 1), (1, 2, 1, 2, 2)]
 
 
-@pytest.mark.parametrize("tp, sp, pp, dp, mb", STEP_LAYOUTS, ids=[f"tp{a}-sp{b}-pp{c}-dp{d}-mb{e}" for a, b, c, d, e in
-                                                                  STEP_LAYOUTS])
+@pytest.mark.parametrize(
+    "tp, sp, pp, dp, mb", STEP_LAYOUTS, ids=[f"tp{a}-sp{b}-pp{c}-dp{d}-mb{e}" for a, b, c, d, e in STEP_LAYOUTS]
+)
 def test_overlapped_steps_match_single_process(dist_pool, tp, sp, pp, dp, mb):
-    buckets = dist_pool(tp * sp * pp * dp).run("tests.test_dp:case_steps", tp=tp, sp=sp, pp=pp, dp=dp,
-                                               microbatches=mb, bucket=20_000)
+    buckets = dist_pool(tp * sp * pp * dp).run(
+        "tests.test_dp:case_steps", tp=tp, sp=sp, pp=pp, dp=dp, microbatches=mb, bucket=20_000
+    )
     assert max(buckets) > 1
 
 
@@ -147,14 +148,20 @@ def case_clip(tp, sp, pp, dp, **model_kw):
     return norm.item()
 
 
-CLIP_LAYOUTS = [(2, 1, 1, 1, {}), (1, 1, 2, 1, {}), (1, 2, 1, 1, {}), (1, 1, 1, 2, {}),
-                (2, 1, 2, 1, dict(tie_embeddings=True)),
-                # experts differ between EP ranks (summed over EP), and are whole on both TP ranks (counted once)
-                (2, 1, 1, 2, dict(ep=2, moe=MOE))]
+CLIP_LAYOUTS = [
+    (2, 1, 1, 1, {}),
+    (1, 1, 2, 1, {}),
+    (1, 2, 1, 1, {}),
+    (1, 1, 1, 2, {}),
+    (2, 1, 2, 1, dict(tie_embeddings=True)),
+    # experts differ between EP ranks (summed over EP), and are whole on both TP ranks (counted once)
+    (2, 1, 1, 2, dict(ep=2, moe=MOE)),
+]
 
 
-@pytest.mark.parametrize("tp, sp, pp, dp, extra", CLIP_LAYOUTS,
-                         ids=["tp2", "pp2", "sp2", "dp2", "tp2-pp2-tied", "moe-tp2-ep2"])
+@pytest.mark.parametrize(
+    "tp, sp, pp, dp, extra", CLIP_LAYOUTS, ids=["tp2", "pp2", "sp2", "dp2", "tp2-pp2-tied", "moe-tp2-ep2"]
+)
 def test_clip_grad_norm_matches_single_process(dist_pool, tp, sp, pp, dp, extra):
     norms = dist_pool(tp * sp * pp * dp).run("tests.test_dp:case_clip", tp=tp, sp=sp, pp=pp, dp=dp, **extra)
     assert len(set(norms)) == 1, norms  # the same value on every rank

@@ -7,12 +7,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lasp.parallel.positions import buckets, position_losses
 from lasp.model import LinearLlama, ModelConfig
+from lasp.parallel.positions import buckets, position_losses
 from tests.refusals import refuse_all
 
-MODEL = dict(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden_size=64,
-             layer_pattern="LS", linear_variant="simple_gla")
+MODEL = dict(
+    vocab_size=64,
+    hidden_size=32,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    ffn_hidden_size=64,
+    layer_pattern="LS",
+    linear_variant="simple_gla",
+)
 N = 96
 
 
@@ -86,8 +94,26 @@ def test_the_command_writes_jsonl_and_a_plot(export_and_data, tmp_path, capsys):
 
     root = export_and_data
     out, plot = tmp_path / "p.jsonl", tmp_path / "p.png"
-    assert main(["positions", "--checkpoint", str(root / "export"), "--data", str(root / "data"), "--split",
-                 "train", "--seq-len", "192", "--out", str(out), "--plot", str(plot)]) == 0
+    assert (
+        main(
+            [
+                "positions",
+                "--checkpoint",
+                str(root / "export"),
+                "--data",
+                str(root / "data"),
+                "--split",
+                "train",
+                "--seq-len",
+                "192",
+                "--out",
+                str(out),
+                "--plot",
+                str(plot),
+            ]
+        )
+        == 0
+    )
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(r["lo"], r["hi"]) for r in records] == buckets(192) and plot.stat().st_size > 0
     assert all(r["rows"] == 3 and r["tokens"] == 3 * (r["hi"] - r["lo"] + 1) for r in records), records
@@ -99,14 +125,35 @@ def test_bad_input_is_refused_up_front(export_and_data, tmp_path, capsys, monkey
     root = export_and_data
     ck, data = str(root / "export"), str(root / "data")
     monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun would: the length must split over 2 ranks
-    refuse_all(main, [
-        (["positions", "--checkpoint", ck, "--data", data, "--seq-len", "97", "--rows", "0"],
-         "--seq-len 97", "--rows must be >= 1, got 0"),
-        (["positions", "--checkpoint", str(tmp_path / "none"), "--data", str(tmp_path / "nodata"), "--seq-len", "96"],
-         f"--checkpoint {tmp_path / 'none'}", "--data"),
-        (["positions", "--checkpoint", ck, "--data", data, "--split", "train", "--seq-len", "4000"],
-         "no document of split 'train' holds --seq-len + 1 = 4001 tokens"),
-    ], capsys, watch=[root, tmp_path])
+    refuse_all(
+        main,
+        [
+            (
+                ["positions", "--checkpoint", ck, "--data", data, "--seq-len", "97", "--rows", "0"],
+                "--seq-len 97",
+                "--rows must be >= 1, got 0",
+            ),
+            (
+                [
+                    "positions",
+                    "--checkpoint",
+                    str(tmp_path / "none"),
+                    "--data",
+                    str(tmp_path / "nodata"),
+                    "--seq-len",
+                    "96",
+                ],
+                f"--checkpoint {tmp_path / 'none'}",
+                "--data",
+            ),
+            (
+                ["positions", "--checkpoint", ck, "--data", data, "--split", "train", "--seq-len", "4000"],
+                "no document of split 'train' holds --seq-len + 1 = 4001 tokens",
+            ),
+        ],
+        capsys,
+        watch=[root, tmp_path],
+    )
 
 
 def test_damaged_data_and_another_tokenizer_are_refused_up_front(export_and_data, tmp_path, capsys):
@@ -126,18 +173,35 @@ def test_damaged_data_and_another_tokenizer_are_refused_up_front(export_and_data
     other = tmp_path / "other"  # the same model shape, trained on another tokenizer's ids
     torch.manual_seed(0)
     LinearLlama(ModelConfig(**{**MODEL, "vocab_size": 257})).save_pretrained(
-        str(other), tokenizer={"name": "tokenizer.json", "vocab_size": 257, "eos_id": 0, "sha256": "ab" * 32})
+        str(other), tokenizer={"name": "tokenizer.json", "vocab_size": 257, "eos_id": 0, "sha256": "ab" * 32}
+    )
     args = ["--split", "train", "--seq-len", "192"]
     ck = ["positions", "--checkpoint", str(root / "export")]
-    refuse_all(main, [
-        ([*ck, "--data", str(short), *args], f"{short / 'train.bin'}: wrong size, expected {len(raw)} bytes",
-         "(truncated, not a whole number of uint16 tokens)"),
-        ([*ck, "--data", str(changed), *args], f"{changed / 'train.bin'}: checksum mismatch: sha256 ",
-         f"meta.json records {json.loads((root / 'data' / 'meta.json').read_text())['splits']['train']['sha256']}"),
-        (["positions", "--checkpoint", str(other), "--data", str(root / "data"), *args],
-         f"--checkpoint {other} was trained with tokenizer 'tokenizer.json' (vocab 257, EOS 0, sha256 abababababab",
-         f"but --data {root / 'data'} has 'byte' (vocab 257, EOS 256)", "name 'tokenizer.json' vs 'byte'"),
-    ], capsys, watch=[root, tmp_path])
+    refuse_all(
+        main,
+        [
+            (
+                [*ck, "--data", str(short), *args],
+                f"{short / 'train.bin'}: wrong size, expected {len(raw)} bytes",
+                "(truncated, not a whole number of uint16 tokens)",
+            ),
+            (
+                [*ck, "--data", str(changed), *args],
+                f"{changed / 'train.bin'}: checksum mismatch: sha256 ",
+                "meta.json records "
+                f"{json.loads((root / 'data' / 'meta.json').read_text())['splits']['train']['sha256']}",
+            ),
+            (
+                ["positions", "--checkpoint", str(other), "--data", str(root / "data"), *args],
+                f"--checkpoint {other} was trained with tokenizer 'tokenizer.json' "
+                "(vocab 257, EOS 0, sha256 abababababab",
+                f"but --data {root / 'data'} has 'byte' (vocab 257, EOS 256)",
+                "name 'tokenizer.json' vs 'byte'",
+            ),
+        ],
+        capsys,
+        watch=[root, tmp_path],
+    )
 
 
 # -- passkey ------------------------------------------------------------------------------------------------
@@ -230,8 +294,26 @@ def test_the_passkey_command_writes_jsonl_and_a_heatmap(export_and_data, tmp_pat
     from lasp.eval.__main__ import main
 
     out, plot = tmp_path / "k.jsonl", tmp_path / "k.png"
-    assert main(["passkey", "--checkpoint", str(export_and_data / "export"), "--lengths", "300,500", "--depths",
-                 "0,1", "--trials", "2", "--out", str(out), "--plot", str(plot)]) == 0
+    assert (
+        main(
+            [
+                "passkey",
+                "--checkpoint",
+                str(export_and_data / "export"),
+                "--lengths",
+                "300,500",
+                "--depths",
+                "0,1",
+                "--trials",
+                "2",
+                "--out",
+                str(out),
+                "--plot",
+                str(plot),
+            ]
+        )
+        == 0
+    )
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(r["length"], r["depth"]) for r in records] == [(300, 0), (300, 1), (500, 0), (500, 1)]
     assert all(0 <= r["accuracy"] <= 1 and r["trials"] == 2 for r in records) and plot.stat().st_size > 0
@@ -244,13 +326,25 @@ def test_bad_passkey_input_is_refused_up_front(export_and_data, tmp_path, capsys
     torch.manual_seed(0)
     LinearLlama(ModelConfig(**{**MODEL, "vocab_size": 257})).save_pretrained(str(bare))  # no tokenizer
     ck = str(export_and_data / "export")
-    refuse_all(main, [
-        (["passkey", "--checkpoint", ck, "--lengths", "10,300", "--depths", "0,1.5,-0.1", "--trials", "0"],
-         "--lengths 10: a prompt needs at least", "--depths: 1.5 is outside [0, 1]", "--depths: -0.1 is outside",
-         "--trials must be >= 1, got 0"),
-        (["passkey", "--checkpoint", str(bare), "--lengths", "1k"], f"--checkpoint {bare}: no tokenizer",
-         "--lengths must be comma-separated numbers, got '1k'"),
-    ], capsys, watch=[export_and_data, tmp_path])
+    refuse_all(
+        main,
+        [
+            (
+                ["passkey", "--checkpoint", ck, "--lengths", "10,300", "--depths", "0,1.5,-0.1", "--trials", "0"],
+                "--lengths 10: a prompt needs at least",
+                "--depths: 1.5 is outside [0, 1]",
+                "--depths: -0.1 is outside",
+                "--trials must be >= 1, got 0",
+            ),
+            (
+                ["passkey", "--checkpoint", str(bare), "--lengths", "1k"],
+                f"--checkpoint {bare}: no tokenizer",
+                "--lengths must be comma-separated numbers, got '1k'",
+            ),
+        ],
+        capsys,
+        watch=[export_and_data, tmp_path],
+    )
 
 
 def test_passkey_lengths_beyond_the_memory_or_the_positions_are_refused(export_and_data, tmp_path, capsys):
@@ -261,14 +355,27 @@ def test_passkey_lengths_beyond_the_memory_or_the_positions_are_refused(export_a
     f32 = tmp_path / "f32"
     torch.manual_seed(0)
     LinearLlama(ModelConfig(**{**MODEL, "vocab_size": 257, "float32_norm_rope": True})).save_pretrained(
-        str(f32), tokenizer={"name": "byte"})
+        str(f32), tokenizer={"name": "byte"}
+    )
     n = 10**15
-    refuse_all(main, [
-        (["passkey", "--checkpoint", str(export_and_data / "export"), "--lengths", f"300,{n}"],
-         f"--lengths {n}: needs at least 1,091,510,0", "GiB are available (MemAvailable): lower --lengths"),
-        (["passkey", "--checkpoint", str(f32), "--lengths", f"300,{n}"], f"--lengths {n} and the answer need",
-         "more than the 16,777,216 this model tells apart", f"--lengths {n}: needs at least"),
-    ], capsys, watch=[export_and_data, tmp_path])
+    refuse_all(
+        main,
+        [
+            (
+                ["passkey", "--checkpoint", str(export_and_data / "export"), "--lengths", f"300,{n}"],
+                f"--lengths {n}: needs at least 1,091,510,0",
+                "GiB are available (MemAvailable): lower --lengths",
+            ),
+            (
+                ["passkey", "--checkpoint", str(f32), "--lengths", f"300,{n}"],
+                f"--lengths {n} and the answer need",
+                "more than the 16,777,216 this model tells apart",
+                f"--lengths {n}: needs at least",
+            ),
+        ],
+        capsys,
+        watch=[export_and_data, tmp_path],
+    )
 
 
 def test_passkey_takes_the_tokenizer_an_export_records_and_refuses_ids_past_the_vocabulary(tmp_path, capsys):
@@ -288,9 +395,18 @@ def test_passkey_takes_the_tokenizer_an_export_records_and_refuses_ids_past_the_
     small = tmp_path / "small"
     to_hf(LinearLlama(ModelConfig(**{**softmax, "vocab_size": 3})), str(small))
     hf_tokenizer(small / "tokenizer.json", with_eos=False)  # its EOS is appended at id 3: past the 3 ids
-    refuse_all(main, [(["passkey", "--checkpoint", str(small), "--lengths", "5000"], f"--checkpoint {small}: its "
-                       "tokenizer 'tokenizer.json' has 4 ids (EOS 3), more than the model's vocabulary of 3")],
-               capsys, watch=[tmp_path])
+    refuse_all(
+        main,
+        [
+            (
+                ["passkey", "--checkpoint", str(small), "--lengths", "5000"],
+                f"--checkpoint {small}: its "
+                "tokenizer 'tokenizer.json' has 4 ids (EOS 3), more than the model's vocabulary of 3",
+            )
+        ],
+        capsys,
+        watch=[tmp_path],
+    )
 
 
 # -- lm-evaluation-harness ----------------------------------------------------------------------------------
@@ -308,21 +424,34 @@ def test_lm_eval_runs_a_local_task_with_the_lasp_model(export_and_data, tmp_path
     from lasp.model.pretrained import from_pretrained
 
     data = tmp_path / "qa.jsonl"
-    data.write_text("\n".join(json.dumps(d) for d in [
-        {"question": "x = [i * 1 for i in", "choices": [" range(10)]", " banana"], "answer": 0},
-        {"question": "2 + 2 =", "choices": [" 4", " 5"], "answer": 1}]) + "\n")
+    data.write_text(
+        "\n".join(
+            json.dumps(d)
+            for d in [
+                {"question": "x = [i * 1 for i in", "choices": [" range(10)]", " banana"], "answer": 0},
+                {"question": "2 + 2 =", "choices": [" 4", " 5"], "answer": 1},
+            ]
+        )
+        + "\n"
+    )
     (tmp_path / "tasks").mkdir()
     common = f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\ntest_split: test\n"
     (tmp_path / "tasks" / "mc.yaml").write_text(
         "task: lasp_local_mc\n" + common + "output_type: multiple_choice\ndoc_to_text: '{{question}}'\n"
-        "doc_to_choice: '{{choices}}'\ndoc_to_target: '{{answer}}'\nmetric_list:\n  - metric: acc\n")
+        "doc_to_choice: '{{choices}}'\ndoc_to_target: '{{answer}}'\nmetric_list:\n  - metric: acc\n"
+    )
     (tmp_path / "tasks" / "ppl.yaml").write_text(
         "task: lasp_local_ppl\n" + common + "output_type: loglikelihood_rolling\ndoc_to_text: '{{question}}'\n"
-        "doc_to_target: '{{question}}'\nmetric_list:\n  - metric: word_perplexity\n")
+        "doc_to_target: '{{question}}'\nmetric_list:\n  - metric: word_perplexity\n"
+    )
     path = str(export_and_data / "export")
-    out = lm_eval.simple_evaluate(model="lasp", model_args=f"path={path},dtype=float64",
-                                  tasks=["lasp_local_mc", "lasp_local_ppl"], log_samples=True,
-                                  task_manager=TaskManager(include_path=str(tmp_path / "tasks")))
+    out = lm_eval.simple_evaluate(
+        model="lasp",
+        model_args=f"path={path},dtype=float64",
+        tasks=["lasp_local_mc", "lasp_local_ppl"],
+        log_samples=True,
+        task_manager=TaskManager(include_path=str(tmp_path / "tasks")),
+    )
     model = from_pretrained(path, dtype=torch.float64)
     tok = tokenizer_of(path)
 
@@ -370,8 +499,27 @@ def test_the_retrieval_benchmark_writes_its_rows_and_plot(tmp_path, capsys):
     """Two steps of one model: the rows at 1x, 2x (one process) and 4x, 8x (SP = 2 through torchrun)."""
     from lasp.bench.retrieval import main
 
-    assert main(["--out", str(tmp_path), "--steps", "2", "--models", "hybrid LLLS simple_gla", "--trials", "1",
-                 "--train-len", "256", "--hidden", "32", "--layers", "4"]) == 0
+    assert (
+        main(
+            [
+                "--out",
+                str(tmp_path),
+                "--steps",
+                "2",
+                "--models",
+                "hybrid LLLS simple_gla",
+                "--trials",
+                "1",
+                "--train-len",
+                "256",
+                "--hidden",
+                "32",
+                "--layers",
+                "4",
+            ]
+        )
+        == 0
+    )
     rows = [json.loads(line) for line in (tmp_path / "retrieval.jsonl").read_text().splitlines()]
     assert [(r["length"], r["sp"]) for r in rows] == [(256, 1), (512, 1), (1024, 2), (2048, 2)]
     assert all(0 <= r["accuracy"] <= 1 and len(r["by_depth"]) == 5 for r in rows)
@@ -383,8 +531,11 @@ def test_the_retrieval_benchmark_gathers_runs_of_a_few_models_each(tmp_path, cap
     from lasp.bench.retrieval import main
 
     def run(d, *models):
-        rows = [{"model": m, "params": 10, "train_len": 8, "length": n, "accuracy": a, "train_seconds": 1.0}
-                for m in models for n, a in ((8, 1.0), (16, 0.5), (32, 0.25), (64, 0.0))]
+        rows = [
+            {"model": m, "params": 10, "train_len": 8, "length": n, "accuracy": a, "train_seconds": 1.0}
+            for m in models
+            for n, a in ((8, 1.0), (16, 0.5), (32, 0.25), (64, 0.0))
+        ]
         (tmp_path / d).mkdir()
         (tmp_path / d / "retrieval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         return rows
@@ -396,13 +547,33 @@ def test_the_retrieval_benchmark_gathers_runs_of_a_few_models_each(tmp_path, cap
     assert "| softmax | 10 | 1 | 1.00 | 0.50 | 0.25 | 0.00 |" in out and "| simple_gla |" in out
     assert (tmp_path / "all" / "retrieval.png").stat().st_size > 0
     run("c", "softmax")
-    refuse_all(main, [(["--out", str(tmp_path / "o"), "--collect", f"{tmp_path / 'a'},{tmp_path / 'c'},{tmp_path / 'x'}"],
-                       "model 'softmax' is in", "x/retrieval.jsonl does not exist")], capsys, watch=[tmp_path])
+    refuse_all(
+        main,
+        [
+            (
+                ["--out", str(tmp_path / "o"), "--collect", f"{tmp_path / 'a'},{tmp_path / 'c'},{tmp_path / 'x'}"],
+                "model 'softmax' is in",
+                "x/retrieval.jsonl does not exist",
+            )
+        ],
+        capsys,
+        watch=[tmp_path],
+    )
 
 
 def test_the_retrieval_benchmark_refuses_bad_input(tmp_path, capsys):
     from lasp.bench.retrieval import main
 
-    refuse_all(main, [(["--out", str(tmp_path / "o"), "--models", "mamba", "--steps", "0", "--train-len", "100"],
-                       "--models: unknown 'mamba'", "--steps must be >= 1, got 0", "--train-len must be at least 251")],
-               capsys, watch=[tmp_path])
+    refuse_all(
+        main,
+        [
+            (
+                ["--out", str(tmp_path / "o"), "--models", "mamba", "--steps", "0", "--train-len", "100"],
+                "--models: unknown 'mamba'",
+                "--steps must be >= 1, got 0",
+                "--train-len must be at least 251",
+            )
+        ],
+        capsys,
+        watch=[tmp_path],
+    )

@@ -63,7 +63,8 @@ def test_gradcheck_small():
         q, k, v, gate, s0 = _inputs(1, 9, 2, 3, 4, torch.float64, form)
         kern = TorchChunkKernel(block=4, segment_blocks=1)
         fn = lambda q, k, v, g, s0: linear_attn(  # noqa: E731
-            q, k, v, gate=g, initial_state=s0, output_final_state=True, kernel=kern)
+            q, k, v, gate=g, initial_state=s0, output_final_state=True, kernel=kern
+        )
         assert torch.autograd.gradcheck(fn, (q, k, v, gate, s0))
 
 
@@ -133,8 +134,15 @@ def test_both_forms_of_the_vector_gates_intra_block_weight(monkeypatch, span):
 
     monkeypatch.setattr(gated, "FACTOR_SPAN", span)
     q, k, v, gate, s0 = _inputs(2, 45, 3, 6, 5, torch.float64, "vector")
-    o, sT = linear_attn(q, k, v, gate=gate, initial_state=s0, output_final_state=True,
-                        kernel=TorchChunkKernel(block=32, segment_blocks=1))
+    o, sT = linear_attn(
+        q,
+        k,
+        v,
+        gate=gate,
+        initial_state=s0,
+        output_final_state=True,
+        kernel=TorchChunkKernel(block=32, segment_blocks=1),
+    )
     o_ref, sT_ref = recurrent_linear_attn(q, k, v, initial_state=s0, gate=gate)
     torch.testing.assert_close(o, o_ref, **TOL[torch.float64])
     ins = [q, k, v, gate, s0]

@@ -30,15 +30,26 @@ BYTE_TOK = ByteTokenizer().describe()
 
 def tiny(seed: int = 0, dtype=torch.float64, **kw) -> LinearLlama:
     """A small model with weights large enough that every mixer visibly moves the logits."""
-    base = dict(vocab_size=300, hidden_size=32, num_layers=3, num_heads=4, num_kv_heads=2, ffn_hidden_size=64,
-                layer_pattern="L", init_std=0.15)
+    base = dict(
+        vocab_size=300,
+        hidden_size=32,
+        num_layers=3,
+        num_heads=4,
+        num_kv_heads=2,
+        ffn_hidden_size=64,
+        layer_pattern="L",
+        init_std=0.15,
+    )
     torch.manual_seed(seed)
     return LinearLlama(ModelConfig(**{**base, **kw})).to(dtype).eval()
 
 
 CASES = {
-    **{f"{v}-{f}": dict(linear_variant=v, feature_map=f) for v in ("basic", "lightning", "retention")
-       for f in ("identity", "elu1")},
+    **{
+        f"{v}-{f}": dict(linear_variant=v, feature_map=f)
+        for v in ("basic", "lightning", "retention")
+        for f in ("identity", "elu1")
+    },
     "no-out-norm": dict(output_norm=False),
     "no-out-norm-elu1-retention": dict(output_norm=False, feature_map="elu1", linear_variant="retention"),
     "mha": dict(num_kv_heads=4),
@@ -52,8 +63,15 @@ CASES = {
     "gated-deltanet-hybrid": dict(linear_variant="gated_deltanet", layer_pattern="LLS"),
     "kda-mqa-conv2": dict(linear_variant="kda", num_kv_heads=1, conv_size=2),
     # linearised layers: Hedgehog features, Liger's key gate, RoPE'd q and k, a softmax window
-    "window-hedgehog-key-gate": dict(linear_variant="simple_gla", gate_source="key", feature_map="hedgehog",
-                                     window=6, linear_rope=True, output_norm=False, layer_pattern="LLS"),
+    "window-hedgehog-key-gate": dict(
+        linear_variant="simple_gla",
+        gate_source="key",
+        feature_map="hedgehog",
+        window=6,
+        linear_rope=True,
+        output_norm=False,
+        layer_pattern="LLS",
+    ),
     "window-elu1-qk-norm": dict(linear_variant="lightning", feature_map="elu1", window=1, qk_norm=True),
 }
 
@@ -83,8 +101,11 @@ def test_bfloat16_decoding_follows_the_forward():
     model = tiny(layer_pattern="LLS", dtype=torch.float32).to(torch.bfloat16)
     tokens = torch.randint(0, 300, (1, 20), generator=torch.Generator().manual_seed(2))
     state = DecodeState.empty(model, 1)
-    out = torch.cat([decode_step(model, tokens[:, :12], state)]
-                    + [decode_step(model, tokens[:, i : i + 1], state) for i in range(12, 20)], dim=1)
+    out = torch.cat(
+        [decode_step(model, tokens[:, :12], state)]
+        + [decode_step(model, tokens[:, i : i + 1], state) for i in range(12, 20)],
+        dim=1,
+    )
     assert out.dtype == torch.bfloat16 and state.layers[0].dtype == torch.float32
     torch.testing.assert_close(out.float(), model(tokens).float(), atol=0.05, rtol=0.05)
 
@@ -109,8 +130,15 @@ def test_linear_state_is_constant_size_and_kv_cache_grows_per_token():
     decode_step(hybrid, torch.zeros(2, 1, dtype=torch.long), state)  # past the capacity: the cache grows
     assert state.layers[2].length == 51 and state.nbytes() > mem.at(51, batch=2)
     # the quick-start shape (configs/cpu-quickstart.yaml): 3 linear layers and one softmax layer
-    qs = ModelConfig(vocab_size=320, hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
-                     ffn_hidden_size=352, layer_pattern="LLLS")
+    qs = ModelConfig(
+        vocab_size=320,
+        hidden_size=128,
+        num_layers=4,
+        num_heads=4,
+        num_kv_heads=2,
+        ffn_hidden_size=352,
+        layer_pattern="LLLS",
+    )
     assert decode_memory(qs, torch.float32) == type(mem)(fixed_bytes=3 * 4 * 32 * 32 * 4, per_token_bytes=512)
     assert decode_memory(qs, torch.bfloat16) == type(mem)(fixed_bytes=3 * 4 * 32 * 32 * 4, per_token_bytes=256)
 
@@ -134,8 +162,17 @@ def test_greedy_is_the_argmax_of_the_forward_and_deterministic():
 
 def test_seeded_sampling_reproduces_and_eos_stops():
     model = tiny(layer_pattern="LS", num_layers=2)
-    run = lambda seed, **kw: _ids(generate(model, [5, 6, 7], 25, temperature=1.5, top_p=0.9,  # noqa: E731
-                                           generator=torch.Generator().manual_seed(seed), **kw))
+    run = lambda seed, **kw: _ids(
+        generate(
+            model,
+            [5, 6, 7],
+            25,
+            temperature=1.5,
+            top_p=0.9,  # noqa: E731
+            generator=torch.Generator().manual_seed(seed),
+            **kw,
+        )
+    )
     assert run(0) == run(0) and run(0) != run(1)
     first = run(0)[0]
     eos = first[3]
@@ -157,18 +194,21 @@ def test_top_p_keeps_the_smallest_nucleus():
     assert sample(logits, 0.0, 0.5).eq(1).all()
 
 
-@pytest.mark.parametrize("kw, match", [
-    (dict(temperature=-0.5), r"temperature must be a finite number >= 0 .* got -0.5"),
-    (dict(temperature=float("nan")), r"temperature must be a finite number >= 0 .* got nan"),
-    (dict(temperature=float("inf")), r"temperature must be a finite number >= 0 .* got inf"),
-    (dict(top_p=0.0), r"top_p must be in \(0, 1\], got 0.0"),
-    (dict(top_p=1.5), r"top_p must be in \(0, 1\], got 1.5"),
-    (dict(prompt_ids=[]), r"prompt is empty"),
-    (dict(prompt_ids=[1, 300, 2]), r"ids in \[0, 300\) .* max 300"),
-    (dict(prompt_ids=[-1, 2]), r"min -1"),
-    (dict(max_new_tokens=-1), r"max_new_tokens must be >= 0, got -1"),
-    (dict(eos_id=300), r"eos_id must be in \[0, 300\), got 300"),
-])
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(temperature=-0.5), r"temperature must be a finite number >= 0 .* got -0.5"),
+        (dict(temperature=float("nan")), r"temperature must be a finite number >= 0 .* got nan"),
+        (dict(temperature=float("inf")), r"temperature must be a finite number >= 0 .* got inf"),
+        (dict(top_p=0.0), r"top_p must be in \(0, 1\], got 0.0"),
+        (dict(top_p=1.5), r"top_p must be in \(0, 1\], got 1.5"),
+        (dict(prompt_ids=[]), r"prompt is empty"),
+        (dict(prompt_ids=[1, 300, 2]), r"ids in \[0, 300\) .* max 300"),
+        (dict(prompt_ids=[-1, 2]), r"min -1"),
+        (dict(max_new_tokens=-1), r"max_new_tokens must be >= 0, got -1"),
+        (dict(eos_id=300), r"eos_id must be in \[0, 300\), got 300"),
+    ],
+)
 def test_bad_generation_arguments_are_clear_errors(kw, match):
     model = tiny(dtype=torch.float32)
     args = dict(prompt_ids=[1, 2], max_new_tokens=3) | kw
@@ -292,9 +332,26 @@ def test_cli_generates_text_from_an_export_and_from_a_trainer_checkpoint(tmp_pat
 @pytest.mark.slow
 def test_cli_runs_as_a_module(tmp_path):
     save_pretrained(tiny(vocab_size=320, dtype=torch.float32), tmp_path / "m", tokenizer=BYTE_TOK)
-    r = subprocess.run([sys.executable, "-m", "lasp.generate", "--checkpoint", str(tmp_path / "m"), "--prompt",
-                        "Hello", "--max-new-tokens", "8", "--seed", "0", "--device", "cpu"],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lasp.generate",
+            "--checkpoint",
+            str(tmp_path / "m"),
+            "--prompt",
+            "Hello",
+            "--max-new-tokens",
+            "8",
+            "--seed",
+            "0",
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("Hello") and "tokens/s" in r.stderr
 
@@ -309,10 +366,18 @@ def test_cli_refuses_more_new_tokens_than_the_memory_holds(tmp_path, capsys):
     the request is refused before, with the estimate, the memory and what to lower."""
     save_pretrained(tiny(vocab_size=320, layer_pattern="LLS", dtype=torch.float32), tmp_path / "m", tokenizer=BYTE_TOK)
     n = 10**15  # x 128 bytes of KV cache per token
-    refuse_all(cli.main, [(["--checkpoint", str(tmp_path / "m"), "--prompt", "Hi", "--max-new-tokens", str(n),
-                            "--device", "cpu"], f"--max-new-tokens {n}: needs at least 119,209,289",
-                           "GiB are available (MemAvailable): lower it or shorten the prompt (2 tokens), or use "
-                           "--dtype bfloat16")], capsys, watch=[tmp_path])
+    refuse_all(
+        cli.main,
+        [
+            (
+                ["--checkpoint", str(tmp_path / "m"), "--prompt", "Hi", "--max-new-tokens", str(n), "--device", "cpu"],
+                f"--max-new-tokens {n}: needs at least 119,209,289",
+                "GiB are available (MemAvailable): lower it or shorten the prompt (2 tokens), or use --dtype bfloat16",
+            )
+        ],
+        capsys,
+        watch=[tmp_path],
+    )
 
 
 def test_positions_past_what_float32_rope_angles_tell_apart_are_refused():
@@ -322,8 +387,11 @@ def test_positions_past_what_float32_rope_angles_tell_apart_are_refused():
     assert position_limit(model.cfg) == 2**24
     assert position_limit(tiny(layer_pattern="LLS").cfg) is None  # float64 angles
     assert position_limit(tiny(float32_norm_rope=True).cfg) is None  # no layer rotates
-    with pytest.raises(ValueError, match=r"max_new_tokens \(16,777,216\) need 16,777,217 positions, more than "
-                                         r"the 16,777,216 this model tells apart"):
+    with pytest.raises(
+        ValueError,
+        match=r"max_new_tokens \(16,777,216\) need 16,777,217 positions, more than "
+        r"the 16,777,216 this model tells apart",
+    ):
         generate(model, [1, 2], 2**24)
     state = DecodeState.empty(model, 1)
     state.position = 2**24 - 1

@@ -13,10 +13,22 @@ from lasp.model.hf import HFImportError
 
 transformers = pytest.importorskip("transformers")
 
-TINY = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2)
-LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+TINY = dict(
+    vocab_size=97,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
 CASES = {  # name: (config class, model class, config fields)
     "llama3.1-rope-gqa": ("LlamaConfig", "LlamaForCausalLM", dict(rope_parameters=LLAMA3_ROPE)),
     "llama-tied": ("LlamaConfig", "LlamaForCausalLM", dict(tie_word_embeddings=True, num_key_value_heads=4)),
@@ -62,14 +74,25 @@ def test_sharded_weights_and_a_linearised_pattern(tmp_path):
 def test_what_cannot_be_honoured_is_refused_by_name(tmp_path):
     _save(tmp_path, "LlamaConfig", "LlamaForCausalLM", {})
     config = json.loads((tmp_path / "config.json").read_text())
-    config.update(hidden_act="gelu", mlp_bias=True, attention_bias=True, some_new_field=3,
-                  rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 2.0})
+    config.update(
+        hidden_act="gelu",
+        mlp_bias=True,
+        attention_bias=True,
+        some_new_field=3,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 2.0},
+    )
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(HFImportError) as e:
         LinearLlama.from_hf(str(tmp_path))
     msg = str(e.value)
-    for part in ("5 problem(s)", "hidden_act = 'gelu'", "mlp_bias = True", "attention_bias = True",
-                 "some_new_field = 3", "rope_type = 'yarn'"):
+    for part in (
+        "5 problem(s)",
+        "hidden_act = 'gelu'",
+        "mlp_bias = True",
+        "attention_bias = True",
+        "some_new_field = 3",
+        "rope_type = 'yarn'",
+    ):
         assert part in msg, part
     mistral = tmp_path / "mistral"
     _save(mistral, "MistralConfig", "MistralForCausalLM", dict(sliding_window=16))
@@ -94,8 +117,15 @@ def test_missing_and_extra_tensors_are_named(tmp_path):
 
 
 # the linearisation recipe's fields (docs/pretrained.md) on a model of TINY's size, the window cut to fit
-RECIPE = dict(layer_pattern="LS", linear_variant="simple_gla", gate_source="key", feature_map="hedgehog",
-              linear_rope=True, window=4, gate_normalizer=256.0)
+RECIPE = dict(
+    layer_pattern="LS",
+    linear_variant="simple_gla",
+    gate_source="key",
+    feature_map="hedgehog",
+    linear_rope=True,
+    window=4,
+    gate_normalizer=256.0,
+)
 
 
 def _layer0_error(model, tokens) -> float:
@@ -135,8 +165,10 @@ def test_a_linearised_layer_starts_close_to_the_softmax_layer_it_replaces(tmp_pa
     assert error[1] > 20 and kl[1] > 1.5e-2, (error, kl)
     with pytest.raises(HFImportError) as e:
         LinearLlama.from_hf(str(tmp_path), **{**RECIPE, "output_norm": True})
-    for part in ("model.output_norm = True with model.window = 4 on 1 layer(s) linearised from the weights' "
-                 "softmax layers (0)", "set output_norm to false"):
+    for part in (
+        "model.output_norm = True with model.window = 4 on 1 layer(s) linearised from the weights' softmax layers (0)",
+        "set output_norm to false",
+    ):
         assert part in str(e.value), str(e.value)
     # without a window the linear branch has no normaliser but the norm: from_hf keeps it on
     assert LinearLlama.from_hf(str(tmp_path), **{**RECIPE, "window": 0}).cfg.output_norm
@@ -144,15 +176,29 @@ def test_a_linearised_layer_starts_close_to_the_softmax_layer_it_replaces(tmp_pa
 
 # -- train.init_from ----------------------------------------------------------------------------------------
 
-SHAPE = {"vocab_size": 320, "hidden_size": 32, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2,
-         "ffn_hidden_size": 64, "layer_pattern": "LS", "linear_variant": "basic", "rope_theta": 10000.0,
-         "norm_eps": 1e-6, "tie_embeddings": False}
+SHAPE = {
+    "vocab_size": 320,
+    "hidden_size": 32,
+    "num_layers": 2,
+    "num_heads": 4,
+    "num_kv_heads": 2,
+    "ffn_hidden_size": 64,
+    "layer_pattern": "LS",
+    "linear_variant": "basic",
+    "rope_theta": 10000.0,
+    "norm_eps": 1e-6,
+    "tie_embeddings": False,
+}
 
 
 def _trainer_cfg(src, data, run_dir, parallel=None, **model):
-    return {"model": {**SHAPE, **model}, "parallel": parallel or {}, "data": {"path": data, "seq_len": 32,
-            "global_batch": 2}, "train": {"steps": 1, "eval_interval": 0, "init_from": str(src)},
-            "logging": {"run_dir": str(run_dir), "progress": False, "tensorboard": False, "plot": False}}
+    return {
+        "model": {**SHAPE, **model},
+        "parallel": parallel or {},
+        "data": {"path": data, "seq_len": 32, "global_batch": 2},
+        "train": {"steps": 1, "eval_interval": 0, "init_from": str(src)},
+        "logging": {"run_dir": str(run_dir), "progress": False, "tensorboard": False, "plot": False},
+    }
 
 
 @pytest.fixture(scope="module")
@@ -200,8 +246,9 @@ def test_init_from_loads_the_weights_under_tp_and_linearises(dist_pool, hf_dir_a
 
 
 def test_init_from_transfers_resumes_and_a_shape_mismatch_is_a_config_error(hf_dir_and_data, tmp_path, capsys):
-    from lasp.train.__main__ import main
     import yaml
+
+    from lasp.train.__main__ import main
 
     src, data = hf_dir_and_data
     path = tmp_path / "c.yaml"
@@ -215,14 +262,19 @@ def test_init_from_transfers_resumes_and_a_shape_mismatch_is_a_config_error(hf_d
     # frozen tensors have no optimizer state: the checkpoint holds their weights only, and resumes
     assert main(["--config", str(path), "--set", "train.steps=2"]) == 0
     assert "resuming from" in capsys.readouterr().out
-    path.write_text(yaml.safe_dump(_trainer_cfg(src, data, tmp_path / "run2", hidden_size=64, num_heads=8,
-                                                feature_map="hedgehog", window=2)))
+    path.write_text(
+        yaml.safe_dump(
+            _trainer_cfg(src, data, tmp_path / "run2", hidden_size=64, num_heads=8, feature_map="hedgehog", window=2)
+        )
+    )
     assert main(["--config", str(path)]) == 2
     err = capsys.readouterr().err
     assert "train.init_from: model.hidden_size = 64, but the weights have 32" in err
     assert "train.init_from: model.num_heads = 8, but the weights have 4" in err
-    assert ("train.init_from: model.output_norm = True with model.window = 2 on 1 layer(s) linearised from the "
-            "weights' softmax layers (0)") in err
+    assert (
+        "train.init_from: model.output_norm = True with model.window = 2 on 1 layer(s) linearised from the "
+        "weights' softmax layers (0)"
+    ) in err
 
 
 def _drop(directory, file: str, tensor: str, from_index: bool = False) -> None:
@@ -244,21 +296,30 @@ def _shard_of(directory, tensor: str) -> str:
 
 UP = "model.layers.1.mlp.up_proj.weight"
 BROKEN = {  # name: (how the sharded directory is broken, what the error says)
-    "config-not-json": (lambda d: (d / "config.json").write_text('{"architectures": ["LlamaForCausalLM"],'),
-                        "config.json is not readable JSON: Expecting property name"),
-    "index-not-json": (lambda d: (d / "model.safetensors.index.json").write_bytes(b"\xff\xfe"),
-                       "model.safetensors.index.json is not readable JSON"),
-    "shard-missing": (lambda d: (d / _shard_of(d, UP)).unlink(),
-                      "model-00003-of-00004.safetensors: named in model.safetensors.index.json for 5 tensor(s), "
-                      "but absent"),
-    "shard-truncated": (lambda d: (d / _shard_of(d, UP)).write_bytes((d / _shard_of(d, UP)).read_bytes()[:-100]),
-                        "model-00003-of-00004.safetensors: not a readable safetensors file (truncated or damaged?)"),
-    "tensor-not-in-its-shard": (lambda d: _drop(d, _shard_of(d, UP), UP),
-                                f"model-00003-of-00004.safetensors: model.safetensors.index.json maps {UP} to it, "
-                                "but it holds no such tensor"),
-    "tensor-nowhere": (lambda d: _drop(d, _shard_of(d, UP), UP, from_index=True),
-                       f"{UP} is missing from the files model.safetensors.index.json lists (for "
-                       "layers.1.mlp.up_proj.weight)"),
+    "config-not-json": (
+        lambda d: (d / "config.json").write_text('{"architectures": ["LlamaForCausalLM"],'),
+        "config.json is not readable JSON: Expecting property name",
+    ),
+    "index-not-json": (
+        lambda d: (d / "model.safetensors.index.json").write_bytes(b"\xff\xfe"),
+        "model.safetensors.index.json is not readable JSON",
+    ),
+    "shard-missing": (
+        lambda d: (d / _shard_of(d, UP)).unlink(),
+        "model-00003-of-00004.safetensors: named in model.safetensors.index.json for 5 tensor(s), but absent",
+    ),
+    "shard-truncated": (
+        lambda d: (d / _shard_of(d, UP)).write_bytes((d / _shard_of(d, UP)).read_bytes()[:-100]),
+        "model-00003-of-00004.safetensors: not a readable safetensors file (truncated or damaged?)",
+    ),
+    "tensor-not-in-its-shard": (
+        lambda d: _drop(d, _shard_of(d, UP), UP),
+        f"model-00003-of-00004.safetensors: model.safetensors.index.json maps {UP} to it, but it holds no such tensor",
+    ),
+    "tensor-nowhere": (
+        lambda d: _drop(d, _shard_of(d, UP), UP, from_index=True),
+        f"{UP} is missing from the files model.safetensors.index.json lists (for layers.1.mlp.up_proj.weight)",
+    ),
 }
 
 
@@ -342,9 +403,8 @@ def case_trainable_new(cfg: dict, src: str) -> dict:
 
     from lasp.kernels import get_kernel
     from lasp.model.hf import initial_state, provided
-    from lasp.parallel import train_step
+    from lasp.parallel import init_groups, train_step
     from lasp.train.config import resolve
-    from lasp.parallel import init_groups
     from lasp.train.loop import build_stage
 
     c = resolve(cfg, "test", dist.get_world_size())
@@ -357,8 +417,9 @@ def case_trainable_new(cfg: dict, src: str) -> dict:
         frozen = {n for n, _ in one.named_parameters() if not n.endswith((".lora_A", ".lora_B"))}
         # B starts at zero, where A gets no gradient: draw it, the same on every rank (its shard under TP)
         gen = torch.Generator().manual_seed(5)
-        drawn = {n: torch.randn(p.shape, generator=gen) * 0.05 for n, p in one.named_parameters()
-                 if n.endswith(".lora_B")}
+        drawn = {
+            n: torch.randn(p.shape, generator=gen) * 0.05 for n, p in one.named_parameters() if n.endswith(".lora_B")
+        }
         with torch.no_grad():
             for n, p in one.named_parameters():
                 if n in drawn:
@@ -387,8 +448,9 @@ def case_trainable_new(cfg: dict, src: str) -> dict:
             teacher = one(tokens[:, :-1])
         logits = one(tokens[:, :-1]).detach()
         ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten(), reduction="sum")
-        kl = torch.nn.functional.kl_div(logits.log_softmax(-1), teacher.log_softmax(-1), log_target=True,
-                                        reduction="sum")
+        kl = torch.nn.functional.kl_div(
+            logits.log_softmax(-1), teacher.log_softmax(-1), log_target=True, reduction="sum"
+        )
         assert kl > 1e-3  # the linear layers and the adapters differ from the teacher
         want = float(ce + c.train.distill_weight * kl) / tokens[:, 1:].numel()
     if want is not None:  # float32: the trainer's
@@ -409,15 +471,38 @@ def case_trainable_new(cfg: dict, src: str) -> dict:
 
 TRAINABLE = {  # the layout, the model and the objective of a run whose imported tensors stay frozen
     "lm-gdn-sp2": ({"sp": 2}, dict(linear_variant="gated_deltanet"), "lm"),
-    "transfer-window-tp2-sp2": ({"tp": 2, "sp": 2}, dict(linear_variant="simple_gla", gate_source="key",
-                                feature_map="hedgehog", window=4, linear_rope=True, output_norm=False),
-                                "attention_transfer"),
-    "transfer-gdn-sp2": ({"sp": 2, "sp_layout": "contiguous"}, dict(linear_variant="gated_deltanet"),
-                         "attention_transfer"),
+    "transfer-window-tp2-sp2": (
+        {"tp": 2, "sp": 2},
+        dict(
+            linear_variant="simple_gla",
+            gate_source="key",
+            feature_map="hedgehog",
+            window=4,
+            linear_rope=True,
+            output_norm=False,
+        ),
+        "attention_transfer",
+    ),
+    "transfer-gdn-sp2": (
+        {"sp": 2, "sp_layout": "contiguous"},
+        dict(linear_variant="gated_deltanet"),
+        "attention_transfer",
+    ),
     # stage 2: LoRA adapters and KL distillation to the original softmax model, at TP = 2 x SP = 2
-    "lora-distill-window-tp2-sp2": ({"tp": 2, "sp": 2}, dict(linear_variant="simple_gla", gate_source="key",
-                                    feature_map="hedgehog", window=4, linear_rope=True, output_norm=False,
-                                    lora_rank=4, lora_targets="q_proj,v_proj,o_proj,down_proj"), "distill"),
+    "lora-distill-window-tp2-sp2": (
+        {"tp": 2, "sp": 2},
+        dict(
+            linear_variant="simple_gla",
+            gate_source="key",
+            feature_map="hedgehog",
+            window=4,
+            linear_rope=True,
+            output_norm=False,
+            lora_rank=4,
+            lora_targets="q_proj,v_proj,o_proj,down_proj",
+        ),
+        "distill",
+    ),
 }
 
 
@@ -443,12 +528,19 @@ def test_a_lora_run_exports_merged_and_transformers_gives_the_adapted_logits(hf_
     transformers' logits of the merged export equal the adapted model's."""
     import yaml
 
-    from lasp.export import load_model, main as export
+    from lasp.export import load_model
+    from lasp.export import main as export
     from lasp.train.__main__ import main
 
     src, data = hf_dir_and_data
-    cfg = _trainer_cfg(src, data, tmp_path / "run", layer_pattern="S", lora_rank=4,
-                       lora_targets="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
+    cfg = _trainer_cfg(
+        src,
+        data,
+        tmp_path / "run",
+        layer_pattern="S",
+        lora_rank=4,
+        lora_targets="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+    )
     cfg["train"].update(trainable="lora", steps=2)
     cfg["optim"] = {"lr": 0.01}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
@@ -474,8 +566,11 @@ def test_a_lora_run_exports_merged_and_transformers_gives_the_adapted_logits(hf_
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)  # float32 weights in the export
 
 
-@pytest.mark.parametrize("qk_norm, pattern, family", [(False, "M", "MixtralForCausalLM"),
-                                                     (True, "DM", "Qwen3MoeForCausalLM")], ids=["mixtral", "qwen3-moe"])
+@pytest.mark.parametrize(
+    "qk_norm, pattern, family",
+    [(False, "M", "MixtralForCausalLM"), (True, "DM", "Qwen3MoeForCausalLM")],
+    ids=["mixtral", "qwen3-moe"],
+)
 def test_a_moe_export_loads_in_transformers_per_expert_with_equal_logits(tmp_path, qk_norm, pattern, family):
     """Experts one tensor each under Mixtral's (w1, w3, w2) or Qwen3-MoE's names (dense layers as
     mlp_only_layers); transformers gives the same logits."""
@@ -486,9 +581,18 @@ def test_a_moe_export_loads_in_transformers_per_expert_with_equal_logits(tmp_pat
     from lasp.model.hf import HFImportError, to_hf
 
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden_size=48,
-                      layer_pattern="S", qk_norm=qk_norm, float32_norm_rope=True,
-                      moe=dict(num_experts=4, top_k=2, ffn_hidden_size=16, pattern=pattern))
+    cfg = ModelConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        ffn_hidden_size=48,
+        layer_pattern="S",
+        qk_norm=qk_norm,
+        float32_norm_rope=True,
+        moe=dict(num_experts=4, top_k=2, ffn_hidden_size=16, pattern=pattern),
+    )
     ours = LinearLlama(cfg).eval()
     to_hf(ours, str(tmp_path / "out"))
     with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f:
@@ -499,8 +603,15 @@ def test_a_moe_export_loads_in_transformers_per_expert_with_equal_logits(tmp_pat
     tokens = torch.randint(0, 64, (2, 17), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(hf(tokens).logits, ours(tokens), rtol=1e-5, atol=1e-6)
-    shared = LinearLlama(ModelConfig(**{**cfg.__dict__, "qk_norm": False, "moe": dict(
-        num_experts=4, ffn_hidden_size=16, shared_ffn_hidden_size=8, router="sigmoid", top_k=1)}))
+    shared = LinearLlama(
+        ModelConfig(
+            **{
+                **cfg.__dict__,
+                "qk_norm": False,
+                "moe": dict(num_experts=4, ffn_hidden_size=16, shared_ffn_hidden_size=8, router="sigmoid", top_k=1),
+            }
+        )
+    )
     with pytest.raises(HFImportError) as e:
         to_hf(shared, str(tmp_path / "refused"))
     for part in ("model.moe.router = 'sigmoid'", "model.moe.shared_ffn_hidden_size = 8", "model.moe.top_k = 1"):

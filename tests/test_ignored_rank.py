@@ -9,8 +9,9 @@ from lasp.model import LinearLlama, ModelConfig, lm_loss_sum
 from lasp.sp.layout import shard_sequence
 from tests.dist import assert_close_rel
 
-MODEL = dict(vocab_size=128, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden_size=64,
-             layer_pattern="LS")
+MODEL = dict(
+    vocab_size=128, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden_size=64, layer_pattern="LS"
+)
 SEQ, BATCH = 32, 2
 
 
@@ -22,8 +23,9 @@ def case_ignored_rank(layout: str, ignored_rank: int) -> int:
     pcfg = ParallelConfig(sp=W, sp_layout=layout)
     tokens = torch.randint(0, cfg.vocab_size, (BATCH, SEQ + 1), generator=torch.Generator().manual_seed(3))
     labels = tokens[:, 1:].clone()
-    owner = torch.cat([torch.full_like(shard_sequence(labels, rank=r, world_size=W, layout=layout), r)
-                       for r in range(W)], dim=1)  # rank-major
+    owner = torch.cat(
+        [torch.full_like(shard_sequence(labels, rank=r, world_size=W, layout=layout), r) for r in range(W)], dim=1
+    )  # rank-major
     mask = torch.zeros_like(labels, dtype=torch.bool)
     for r in range(W):  # the positions rank `ignored_rank` holds
         pos = shard_sequence(torch.arange(SEQ).expand(BATCH, SEQ), rank=r, world_size=W, layout=layout)
@@ -55,5 +57,7 @@ def case_ignored_rank(layout: str, ignored_rank: int) -> int:
 def test_a_rank_with_only_ignored_labels_trains_without_hanging(dist_pool, layout):
     # contiguous: the last rank (its tokens feed no later rank's loss); zigzag: rank 0
     ignored = 1 if layout == "contiguous" else 0
-    assert all(n > 0 for n in dist_pool(2).run("tests.test_ignored_rank:case_ignored_rank", layout=layout,
-                                               ignored_rank=ignored))
+    assert all(
+        n > 0
+        for n in dist_pool(2).run("tests.test_ignored_rank:case_ignored_rank", layout=layout, ignored_rank=ignored)
+    )

@@ -13,8 +13,14 @@ import pytest
 from tests.refusals import refuse_all, refuse_command
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = ["launch/torchrun.sh", "launch/deepspeed.sh", "launch/slurm.sbatch", "launch/bench_scaling.sh",
-           "launch/node_env.sh", "scripts/run.sh"]
+SCRIPTS = [
+    "launch/torchrun.sh",
+    "launch/deepspeed.sh",
+    "launch/slurm.sbatch",
+    "launch/bench_scaling.sh",
+    "launch/node_env.sh",
+    "scripts/run.sh",
+]
 DRY = ["--config", "configs/cpu-quickstart.yaml", "--dry-run"]
 
 
@@ -51,18 +57,42 @@ def test_dry_run_through_slurm_sbatch(tmp_path):
     (tmp_path / "scontrol").write_text("#!/usr/bin/env bash\necho 127.0.0.1\n")
     for f in ("srun", "scontrol"):
         (tmp_path / f).chmod(0o755)
-    env = {"PATH": f"{tmp_path}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "node-001", "SLURM_NNODES": "1",
-           "SLURM_NODEID": "0", "SLURM_GPUS_ON_NODE": "1", "SLURM_SUBMIT_DIR": ROOT,
-           "MASTER_PORT": str(_free_port())}
+    env = {
+        "PATH": f"{tmp_path}:{os.environ['PATH']}",
+        "SLURM_JOB_NODELIST": "node-001",
+        "SLURM_NNODES": "1",
+        "SLURM_NODEID": "0",
+        "SLURM_GPUS_ON_NODE": "1",
+        "SLURM_SUBMIT_DIR": ROOT,
+        "MASTER_PORT": str(_free_port()),
+    }
     _assert_dry_run(_run(["bash", "launch/slurm.sbatch", *DRY], env))
 
 
 @pytest.mark.slow
 def test_the_scaling_sweep_runs_through_its_launcher(tmp_path):
     out = tmp_path / "sp"
-    _run(["bash", "launch/bench_scaling.sh", "--world-sizes", "1", "2", "--seq-lens", "64", "--tokens-per-rank",
-          "--reps", "1", "--methods", "lasp2", "lasp1", "--out", str(out)],
-         {"NPROC_PER_NODE": "2", "MASTER_PORT": str(_free_port())}, timeout=300)
+    _run(
+        [
+            "bash",
+            "launch/bench_scaling.sh",
+            "--world-sizes",
+            "1",
+            "2",
+            "--seq-lens",
+            "64",
+            "--tokens-per-rank",
+            "--reps",
+            "1",
+            "--methods",
+            "lasp2",
+            "lasp1",
+            "--out",
+            str(out),
+        ],
+        {"NPROC_PER_NODE": "2", "MASTER_PORT": str(_free_port())},
+        timeout=300,
+    )
     rows = [json.loads(x) for x in (out / "measured.jsonl").read_text().splitlines()]
     ops = [r for r in rows if r["method"] != "hybrid_train_step"]
     assert len(ops) == 2 * 1 + 2 * 2  # W=1: rank 0; W=2: both ranks; two methods
@@ -71,41 +101,81 @@ def test_the_scaling_sweep_runs_through_its_launcher(tmp_path):
     assert (out / "calibration.jsonl").stat().st_size > 0
 
 
-SRUN = "#!/usr/bin/env bash\nwhile [[ $1 == --* ]]; do shift; done\nexec \"$@\"\n"  # one node's srun
+SRUN = '#!/usr/bin/env bash\nwhile [[ $1 == --* ]]; do shift; done\nexec "$@"\n'  # one node's srun
 BAD_LAUNCHES = [  # (script, environment, what the message must say): refused before anything starts
     ("launch/torchrun.sh", {"NPROC_PER_NODE": "0"}, ["NPROC_PER_NODE must be at least 1, got 0"]),
     ("launch/torchrun.sh", {"NNODES": "abc"}, ["NNODES must be a whole number, got 'abc'"]),
-    ("launch/torchrun.sh", {"NNODES": "2", "NODE_RANK": "2"}, ["NODE_RANK must be below NNODES: NODE_RANK=2, NNODES=2"]),
+    (
+        "launch/torchrun.sh",
+        {"NNODES": "2", "NODE_RANK": "2"},
+        ["NODE_RANK must be below NNODES: NODE_RANK=2, NNODES=2"],
+    ),
     ("launch/torchrun.sh", {"MASTER_PORT": "70000"}, ["MASTER_PORT must be at most 65535, got 70000"]),
     ("launch/torchrun.sh", {"NNODES": "2", "RDZV_TIMEOUT": "soon"}, ["RDZV_TIMEOUT must be a whole number"]),
-    ("launch/torchrun.sh", {"NNODES": "x", "NPROC_PER_NODE": "0"},  # every problem at once
-     ["NNODES must be a whole number, got 'x'", "NPROC_PER_NODE must be at least 1, got 0"]),
+    (
+        "launch/torchrun.sh",
+        {"NNODES": "x", "NPROC_PER_NODE": "0"},  # every problem at once
+        ["NNODES must be a whole number, got 'x'", "NPROC_PER_NODE must be at least 1, got 0"],
+    ),
     ("launch/deepspeed.sh", {"NPROC_PER_NODE": "-1"}, ["NPROC_PER_NODE must be a whole number, got '-1'"]),
     ("launch/deepspeed.sh", {"MASTER_PORT": "port"}, ["MASTER_PORT must be a whole number, got 'port'"]),
     ("launch/deepspeed.sh", {"HOSTFILE": "/nonexistent/hostfile"}, ["HOSTFILE /nonexistent/hostfile does not exist"]),
     ("launch/bench_scaling.sh", {"NNODES": "0"}, ["NNODES must be at least 1, got 0"]),
-    ("launch/slurm.sbatch", {"SLURM_NNODES": "2", "SLURM_NODEID": "5"}, ["NODE_RANK must be below NNODES: NODE_RANK=5"]),
+    (
+        "launch/slurm.sbatch",
+        {"SLURM_NNODES": "2", "SLURM_NODEID": "5"},
+        ["NODE_RANK must be below NNODES: NODE_RANK=5"],
+    ),
     # the trainer's own check against the world the script is about to start: its message, exit 2, and no
     # launcher started (it would print its own banner, or ChildFailedError)
-    ("launch/torchrun.sh", {"PYTHON": sys.executable, "NPROC_PER_NODE": "1"},
-     ["world size 1 != tp x sp x pp x dp = 1 x 2 x 1 x 1", "data.path: /nonexistent does not exist"]),
-    ("launch/deepspeed.sh", {"PYTHON": sys.executable, "NPROC_PER_NODE": "1"},
-     ["world size 1 != tp x sp x pp x dp = 1 x 2 x 1 x 1", "data.path: /nonexistent does not exist"]),
+    (
+        "launch/torchrun.sh",
+        {"PYTHON": sys.executable, "NPROC_PER_NODE": "1"},
+        ["world size 1 != tp x sp x pp x dp = 1 x 2 x 1 x 1", "data.path: /nonexistent does not exist"],
+    ),
+    (
+        "launch/deepspeed.sh",
+        {"PYTHON": sys.executable, "NPROC_PER_NODE": "1"},
+        ["world size 1 != tp x sp x pp x dp = 1 x 2 x 1 x 1", "data.path: /nonexistent does not exist"],
+    ),
 ]
 
 
-@pytest.mark.parametrize("script, env, says", [  # those that reach the trainer's check (a python start): slow
-    pytest.param(s, e, says, id=f"{s[7:]}-{'-'.join(e)}", marks=[pytest.mark.slow] if "PYTHON" in e else [])
-    for s, e, says in BAD_LAUNCHES])
+@pytest.mark.parametrize(
+    "script, env, says",
+    [  # those that reach the trainer's check (a python start): slow
+        pytest.param(s, e, says, id=f"{s[7:]}-{'-'.join(e)}", marks=[pytest.mark.slow] if "PYTHON" in e else [])
+        for s, e, says in BAD_LAUNCHES
+    ],
+)
 def test_launch_scripts_refuse_bad_input_before_anything_starts(tmp_path, script, env, says):
     (tmp_path / "srun").write_text(SRUN)
     (tmp_path / "srun").chmod(0o755)
-    full = {k: v for k, v in os.environ.items() if k not in ("NNODES", "NODE_RANK", "MASTER_PORT", "NPROC_PER_NODE",
-            "RANK", "WORLD_SIZE", "LOCAL_RANK", "HOSTFILE") and not k.startswith("SLURM_")}
+    full = {
+        k: v
+        for k, v in os.environ.items()
+        if k
+        not in ("NNODES", "NODE_RANK", "MASTER_PORT", "NPROC_PER_NODE", "RANK", "WORLD_SIZE", "LOCAL_RANK", "HOSTFILE")
+        and not k.startswith("SLURM_")
+    }
     full.update({"PYTHON": "/bin/false", "SRUN": str(tmp_path / "srun"), **env})  # /bin/false: start nothing
-    err = refuse_command(["bash", script, "--config", "configs/cpu-quickstart.yaml", "--set", "data.path=/nonexistent",
-                          "--set", f"logging.run_dir={tmp_path / 'run'}"], full, says, watch=[tmp_path], cwd=ROOT,
-                         timeout=120)
+    err = refuse_command(
+        [
+            "bash",
+            script,
+            "--config",
+            "configs/cpu-quickstart.yaml",
+            "--set",
+            "data.path=/nonexistent",
+            "--set",
+            f"logging.run_dir={tmp_path / 'run'}",
+        ],
+        full,
+        says,
+        watch=[tmp_path],
+        cwd=ROOT,
+        timeout=120,
+    )
     assert "ChildFailedError" not in err
 
 
@@ -120,8 +190,10 @@ def test_the_launcher_exits_with_the_trainers_status():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("script, report", [("launch/torchrun.sh", "torchrun: rank"),
-                                            ("launch/deepspeed.sh", "deepspeed: the launcher exited with status 2")])
+@pytest.mark.parametrize(
+    "script, report",
+    [("launch/torchrun.sh", "torchrun: rank"), ("launch/deepspeed.sh", "deepspeed: the launcher exited with status 2")],
+)
 def test_a_worker_error_is_the_last_thing_printed_with_its_status(tmp_path, script, report):
     """A checkpoint that passes the launch check (it has its marker) but is damaged: every worker refuses it
     (exit 2); the launcher ends with the trainer's message and status 2, not its own report and 1."""
@@ -134,13 +206,29 @@ def test_a_worker_error_is_the_last_thing_printed_with_its_status(tmp_path, scri
     (tmp_path / "doc.txt").write_text("def f():\n    return 1\n" * 400)
     prepare([str(tmp_path / "doc.txt")], str(data), progress=False)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "HOSTFILE")}
-    out = subprocess.run(["bash", script, "--config", "configs/cpu-quickstart.yaml", "--set",
-                          f"data.path={data}", "--set", f"train.resume={ckpt}", "--set", "train.eval_interval=0",
-                          "--set", f"logging.run_dir={tmp_path / 'run'}"], cwd=ROOT, capture_output=True, text=True,
-                         timeout=300, env={**env, "PYTHON": sys.executable, "NPROC_PER_NODE": "2",
-                                                "MASTER_PORT": str(_free_port())})
+    out = subprocess.run(
+        [
+            "bash",
+            script,
+            "--config",
+            "configs/cpu-quickstart.yaml",
+            "--set",
+            f"data.path={data}",
+            "--set",
+            f"train.resume={ckpt}",
+            "--set",
+            "train.eval_interval=0",
+            "--set",
+            f"logging.run_dir={tmp_path / 'run'}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**env, "PYTHON": sys.executable, "NPROC_PER_NODE": "2", "MASTER_PORT": str(_free_port())},
+    )
     assert out.returncode == 2, out.stderr[-3000:]
-    tail = out.stderr[out.stderr.rindex(report):]  # the launcher's one line, then the trainer's message
+    tail = out.stderr[out.stderr.rindex(report) :]  # the launcher's one line, then the trainer's message
     assert f"checkpoint {ckpt} is damaged" in tail and tail.rstrip().endswith("__0_0.distcp is missing"), tail
     assert "ChildFailedError" not in out.stderr
 
@@ -154,20 +242,55 @@ def taken_port():
         yield s.getsockname()[1]
 
 
-@pytest.mark.parametrize("argv, option", [
-    (["torchrun", "--nnodes", "1", "--master-addr", "127.0.0.1", "--master-port", "{port}", "--nproc-per-node", "1",
-      "-m", "lasp.train"], "--master-port"),
-    (["torchrun", "--nnodes", "2", "--node-rank", "0", "--rdzv-endpoint", "127.0.0.1:{port}", "--nproc-per-node",
-      "1", "-m", "lasp.train"], "--rdzv-endpoint"),
-    (["deepspeed", "--num_gpus", "1", "--master_port", "{port}", "--module", "lasp.train"], "--master_port"),
-], ids=["torchrun", "torchrun-endpoint", "deepspeed"])
+@pytest.mark.parametrize(
+    "argv, option",
+    [
+        (
+            [
+                "torchrun",
+                "--nnodes",
+                "1",
+                "--master-addr",
+                "127.0.0.1",
+                "--master-port",
+                "{port}",
+                "--nproc-per-node",
+                "1",
+                "-m",
+                "lasp.train",
+            ],
+            "--master-port",
+        ),
+        (
+            [
+                "torchrun",
+                "--nnodes",
+                "2",
+                "--node-rank",
+                "0",
+                "--rdzv-endpoint",
+                "127.0.0.1:{port}",
+                "--nproc-per-node",
+                "1",
+                "-m",
+                "lasp.train",
+            ],
+            "--rdzv-endpoint",
+        ),
+        (["deepspeed", "--num_gpus", "1", "--master_port", "{port}", "--module", "lasp.train"], "--master_port"),
+    ],
+    ids=["torchrun", "torchrun-endpoint", "deepspeed"],
+)
 def test_a_port_in_use_is_refused_before_any_worker_starts(taken_port, argv, option, capsys, monkeypatch):
     from lasp.train.launcher import main
 
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     argv = [a.format(port=taken_port) for a in argv] + ["--config", "/nonexistent.yaml"]
-    refuse_all(main, [(argv, f"port {taken_port} on 127.0.0.1 is in use (by another run?): pass another {option} / "
-                             "MASTER_PORT")], capsys)
+    refuse_all(
+        main,
+        [(argv, f"port {taken_port} on 127.0.0.1 is in use (by another run?): pass another {option} / MASTER_PORT")],
+        capsys,
+    )
 
 
 def test_only_the_node_that_listens_tries_its_port(tmp_path, taken_port):
@@ -178,14 +301,20 @@ def test_only_the_node_that_listens_tries_its_port(tmp_path, taken_port):
     assert _torchrun_listens(["--standalone", *run]) is None
     assert _torchrun_listens(["--nnodes", "1", *run]) is None  # torchrun picks a free port itself
     assert _torchrun_listens(["--nnodes", "2", "--node-rank", "1", "--master-addr", "10.0.0.1", *run]) is None
-    assert _torchrun_listens(["--nnodes", "2", "--master-addr", "10.0.0.1", *run]) == ("10.0.0.1", 29500,
-                                                                                       "--master-port")
+    assert _torchrun_listens(["--nnodes", "2", "--master-addr", "10.0.0.1", *run]) == (
+        "10.0.0.1",
+        29500,
+        "--master-port",
+    )
     (tmp_path / "hostfile").write_text("node-a slots=1\nnode-b slots=1\n")
     ds = ["--hostfile", str(tmp_path / "hostfile"), "--master_addr", "node-a", "--master_port", "1234"]
     assert _deepspeed_listens([*ds, "--module", "lasp.train"]) is None  # over ssh: rank 0 may run elsewhere
     assert _deepspeed_listens([*ds, "--no_ssh", "--node_rank", "1", "--module", "lasp.train"]) is None
-    assert _deepspeed_listens([*ds, "--no_ssh", "--node_rank", "0", "--module", "lasp.train"]) == ("node-a", 1234,
-                                                                                                   "--master_port")
+    assert _deepspeed_listens([*ds, "--no_ssh", "--node_rank", "0", "--module", "lasp.train"]) == (
+        "node-a",
+        1234,
+        "--master_port",
+    )
     assert port_problem("127.0.0.1", _free_port(), "--master-port") is None
     assert "is in use" in port_problem("127.0.0.1", taken_port, "--master-port")
 

@@ -31,9 +31,7 @@ def test_matches_recurrence(T, mode, dtype, block):
     causal, decay = mode != "bidirectional", DECAY if mode == "decay" else None
     q, k, v, s0 = _inputs(2, T, 3, 8, 5, dtype)
     kern = TorchChunkKernel(block=block, segment_blocks=2)
-    o, sT = linear_attn(
-        q, k, v, log_decay=decay, causal=causal, initial_state=s0, output_final_state=True, kernel=kern
-    )
+    o, sT = linear_attn(q, k, v, log_decay=decay, causal=causal, initial_state=s0, output_final_state=True, kernel=kern)
     o_ref, sT_ref = recurrent_linear_attn(q, k, v, decay, causal, None, s0)
     torch.testing.assert_close(o, o_ref, **TOL[dtype])
     torch.testing.assert_close(sT, sT_ref, **TOL[dtype])
@@ -55,8 +53,10 @@ def test_gqa_and_no_state(decay):
 def test_gradcheck_small():
     q, k, v, s0 = _inputs(1, 9, 2, 3, 4, torch.float64)
     kern = TorchChunkKernel(block=4, segment_blocks=1)
-    fn = lambda q, k, v, s0: linear_attn(  # noqa: E731
-        q, k, v, log_decay=DECAY[:2], initial_state=s0, output_final_state=True, kernel=kern
+    fn = (
+        lambda q, k, v, s0: linear_attn(  # noqa: E731
+            q, k, v, log_decay=DECAY[:2], initial_state=s0, output_final_state=True, kernel=kern
+        )
     )
     assert torch.autograd.gradcheck(fn, (q, k, v, s0))
 
@@ -115,6 +115,7 @@ def test_decay_values_are_checked_at_every_call():
     assert g._version == version
     with pytest.raises(ValueError, match="finite"):
         linear_attn(q, q, q, log_decay=g)
+
 
 @pytest.mark.parametrize(
     "kwargs, err, match",

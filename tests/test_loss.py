@@ -34,7 +34,8 @@ def _plain(h, w, labels):
 
 
 @pytest.mark.parametrize(
-    "B, T, chunk", [(2, 37, 8), (1, 37, 5), (2, 37, 0), (2, 37, 100), (3, 16, 16), (1, 1, 4)],
+    "B, T, chunk",
+    [(2, 37, 8), (1, 37, 5), (2, 37, 0), (2, 37, 100), (3, 16, 16), (1, 1, 4)],
     ids=["odd-T", "many-chunks", "whole", "chunk-beyond-T", "exact-chunks", "one-token"],
 )
 def test_chunked_equals_plain_f64(B, T, chunk):
@@ -56,12 +57,12 @@ def test_chunked_kl_to_a_teacher_equals_plain_f64(chunk):
     teacher = torch.randn(2, 37, D, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
 
     def plain(h, w, y):
-        kl = torch.nn.functional.kl_div((h @ w.T).log_softmax(-1), (teacher @ w.detach().T).log_softmax(-1),
-                                        log_target=True, reduction="none").sum(-1)
+        kl = torch.nn.functional.kl_div(
+            (h @ w.T).log_softmax(-1), (teacher @ w.detach().T).log_softmax(-1), log_target=True, reduction="none"
+        ).sum(-1)
         return kl[y != -100].sum()
 
-    got = _loss_and_grads(lambda h, w, y: chunked_kl_sum(h, teacher, w, y, chunk_tokens=chunk), hidden, weight,
-                          labels)
+    got = _loss_and_grads(lambda h, w, y: chunked_kl_sum(h, teacher, w, y, chunk_tokens=chunk), hidden, weight, labels)
     want = _loss_and_grads(plain, hidden, weight, labels)
     for g, x, what in zip(got, want, ("kl", "dhidden", "dweight")):
         assert_close_rel(g, x, 1e-10, what)
@@ -92,8 +93,10 @@ def test_model_hidden_states_feed_the_chunked_loss(tie):
     model = LinearLlama(ModelConfig(num_layers=2, tie_embeddings=tie)).double()
     tokens = torch.randint(0, model.cfg.vocab_size, (2, 20))
     grads = []
-    for fn in (lambda x, y: lm_loss_sum(model(x), y),
-               lambda x, y: chunked_lm_loss_sum(model.hidden_states(x), model.lm_head.weight, y, chunk_tokens=7)):
+    for fn in (
+        lambda x, y: lm_loss_sum(model(x), y),
+        lambda x, y: chunked_lm_loss_sum(model.hidden_states(x), model.lm_head.weight, y, chunk_tokens=7),
+    ):
         model.zero_grad()
         loss = fn(tokens[:, :-1], tokens[:, 1:])
         loss.backward()
@@ -117,7 +120,6 @@ def test_peak_memory_far_below_plain():
     assert r["chunked_bytes"] < logits_bytes / 2 and r["ratio"] < 0.25, r
 
 
-
 def test_fake_tensor_peak_agrees_with_measured():
     """The fake-tensor tracker (used where the plain run would not fit) against the profiler, both paths."""
     from lasp.bench.loss_memory import FAKE, MEASURED, loss_peak_memory, validate
@@ -129,6 +131,7 @@ def test_fake_tensor_peak_agrees_with_measured():
     r = loss_peak_memory(tokens=2048, vocab=4096, hidden=64, chunk_tokens=256, method="fake")
     assert r["plain_method"] == r["chunked_method"] == FAKE and r["plain_bytes"] == v["plain_fake_bytes"], r
     assert loss_peak_memory(tokens=64, vocab=128, hidden=8, chunk_tokens=16)["plain_method"] == MEASURED
+
 
 def case_vocab_parallel(chunk, dtype="f64"):
     from lasp.parallel.loss import vocab_parallel_chunked_loss_sum

@@ -11,8 +11,12 @@ def test_config_reports_every_problem_at_once():
     with pytest.raises(ValueError) as e:
         ModelConfig(hidden_size=66, num_heads=4, num_kv_heads=3, layer_pattern="LXS", feature_map="tanh")
     msg = str(e.value)
-    for part in ["hidden_size (66) must be divisible by model.num_heads (4)", "multiple of model.num_kv_heads (3)",
-                 "layer_pattern", "feature_map"]:
+    for part in [
+        "hidden_size (66) must be divisible by model.num_heads (4)",
+        "multiple of model.num_kv_heads (3)",
+        "layer_pattern",
+        "feature_map",
+    ]:
         assert part in msg
 
 
@@ -22,39 +26,62 @@ def _model_problems(**kw) -> str:
     return str(e.value)
 
 
-@pytest.mark.parametrize("value, shown", [("4", "str '4'"), (2.5, "float 2.5"), (True, "bool True")],
-                         ids=["str", "float", "bool"])
+@pytest.mark.parametrize(
+    "value, shown", [("4", "str '4'"), (2.5, "float 2.5"), (True, "bool True")], ids=["str", "float", "bool"]
+)
 def test_an_int_field_of_another_type_is_named_with_its_value(value, shown):
     assert f"model.num_heads: expected int, got {shown}" in _model_problems(num_heads=value)
 
 
 def test_every_field_type_is_checked():
     msg = _model_problems(feature_map=3, output_norm=1, norm_eps="1e-5", layer_pattern=None)
-    for part in ["model.feature_map: expected str, got int 3", "model.output_norm: expected bool, got int 1",
-                 "model.norm_eps: expected float, got str '1e-5'", "model.layer_pattern: expected str, got NoneType"]:
+    for part in [
+        "model.feature_map: expected str, got int 3",
+        "model.output_norm: expected bool, got int 1",
+        "model.norm_eps: expected float, got str '1e-5'",
+        "model.layer_pattern: expected str, got NoneType",
+    ]:
         assert part in msg, msg
     assert ModelConfig(rope_theta=500000, norm_eps=1, init_std=0).rope_theta == 500000  # a float field takes an int
 
 
 def test_sizes_below_one_and_the_later_checks_all_reported():
-    msg = _model_problems(num_heads=0, num_kv_heads=-1, vocab_size="256", norm_eps=0.0, rope_theta=-1.0,
-                          feature_map="tanh", layer_pattern="LXS")
-    for part in ["model.num_heads must be >= 1, got 0", "model.num_kv_heads must be >= 1, got -1",
-                 "model.vocab_size: expected int, got str '256'", "model.norm_eps must be > 0, got 0.0",
-                 "model.rope_theta must be > 0, got -1.0", "model.feature_map", "model.layer_pattern"]:
+    msg = _model_problems(
+        num_heads=0,
+        num_kv_heads=-1,
+        vocab_size="256",
+        norm_eps=0.0,
+        rope_theta=-1.0,
+        feature_map="tanh",
+        layer_pattern="LXS",
+    )
+    for part in [
+        "model.num_heads must be >= 1, got 0",
+        "model.num_kv_heads must be >= 1, got -1",
+        "model.vocab_size: expected int, got str '256'",
+        "model.norm_eps must be > 0, got 0.0",
+        "model.rope_theta must be > 0, got -1.0",
+        "model.feature_map",
+        "model.layer_pattern",
+    ]:
         assert part in msg, msg
     assert "divisible" not in msg and "multiple" not in msg  # nothing is divided by a size below one
 
 
 def test_a_window_or_hedgehog_the_linear_form_cannot_take_is_refused_by_name():
     msg = _model_problems(window=4, linear_variant="gated_deltanet", feature_map="identity", qk_norm=True)
-    for part in ["model.window (4) needs model.linear_variant basic, lightning, retention, simple_gla",
-                 "needs a non-negative feature map (hedgehog, elu1, relu), got model.feature_map identity",
-                 "model.qk_norm (per-head q/k RMSNorm) is not applied by the delta-rule layers"]:
+    for part in [
+        "model.window (4) needs model.linear_variant basic, lightning, retention, simple_gla",
+        "needs a non-negative feature map (hedgehog, elu1, relu), got model.feature_map identity",
+        "model.qk_norm (per-head q/k RMSNorm) is not applied by the delta-rule layers",
+    ]:
         assert part in msg, msg
     msg = _model_problems(window=-1, feature_map="hedgehog", linear_variant="gla", gate_source="value")
-    for part in ["model.window must be >= 0 (0: no window), got -1", "model.gate_source must be projection or key",
-                 "model.feature_map hedgehog doubles the key dim, which model.linear_variant gla"]:
+    for part in [
+        "model.window must be >= 0 (0: no window), got -1",
+        "model.gate_source must be projection or key",
+        "model.feature_map hedgehog doubles the key dim, which model.linear_variant gla",
+    ]:
         assert part in msg, msg
 
 
@@ -114,8 +141,16 @@ def test_packed_documents_give_each_document_alone(variant, pattern):
     from lasp.kernels.documents import as_documents
 
     torch.manual_seed(0)
-    cfg = ModelConfig(num_layers=len(pattern), layer_pattern=pattern, linear_variant=variant, hidden_size=32,
-                      num_heads=4, num_kv_heads=2, ffn_hidden_size=48, vocab_size=50)
+    cfg = ModelConfig(
+        num_layers=len(pattern),
+        layer_pattern=pattern,
+        linear_variant=variant,
+        hidden_size=32,
+        num_heads=4,
+        num_kv_heads=2,
+        ffn_hidden_size=48,
+        vocab_size=50,
+    )
     model = LinearLlama(cfg).double()
     tokens = torch.randint(0, cfg.vocab_size, (2, 19))
     starts = [[0, 1, 9, 10], [0, 13]]

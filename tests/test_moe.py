@@ -10,8 +10,9 @@ import torch
 from lasp.model import LinearLlama, ModelConfig, lm_loss_sum
 from lasp.model.moe import MoE, MoEConfig, aux_loss
 
-MODEL = dict(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden_size=48,
-             layer_pattern="LS")
+MODEL = dict(
+    vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden_size=48, layer_pattern="LS"
+)
 
 
 def _dense(moe: MoE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,11 +42,15 @@ def _dense(moe: MoE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return out, balance + z
 
 
-@pytest.mark.parametrize("moe", [
-    dict(num_experts=4, top_k=2, ffn_hidden_size=24, aux_loss_coeff=0.1, z_loss_coeff=0.01),
-    dict(num_experts=6, top_k=3, ffn_hidden_size=16, shared_ffn_hidden_size=8, pattern="DM"),
-    dict(num_experts=4, top_k=2, ffn_hidden_size=16, router="sigmoid", expert_bias=True, aux_loss_coeff=0.05),
-], ids=["softmax", "shared-every-other", "sigmoid-bias"])
+@pytest.mark.parametrize(
+    "moe",
+    [
+        dict(num_experts=4, top_k=2, ffn_hidden_size=24, aux_loss_coeff=0.1, z_loss_coeff=0.01),
+        dict(num_experts=6, top_k=3, ffn_hidden_size=16, shared_ffn_hidden_size=8, pattern="DM"),
+        dict(num_experts=4, top_k=2, ffn_hidden_size=16, router="sigmoid", expert_bias=True, aux_loss_coeff=0.05),
+    ],
+    ids=["softmax", "shared-every-other", "sigmoid-bias"],
+)
 def test_the_model_equals_a_dense_computation_of_the_same_routing(moe):
     torch.manual_seed(0)
     model = LinearLlama(ModelConfig(**MODEL, moe=moe)).double()
@@ -56,18 +61,22 @@ def test_the_model_equals_a_dense_computation_of_the_same_routing(moe):
     loss = lm_loss_sum(model(tokens[:, :-1]), tokens[:, 1:]) / 48 + aux_loss(model)
     params = list(model.parameters())
     # an expert no token chose gets no gradient (zero in the dense computation)
-    got = [torch.zeros_like(p) if g is None else g
-           for p, g in zip(params, torch.autograd.grad(loss, params, allow_unused=True))]
+    got = [
+        torch.zeros_like(p) if g is None else g
+        for p, g in zip(params, torch.autograd.grad(loss, params, allow_unused=True))
+    ]
 
     moes = [b.mlp for b in model.layers if isinstance(b.mlp, MoE)]
     assert len(moes) == (1 if moe.get("pattern") == "DM" else 2)
     originals = {m: m.forward for m in moes}
     extra = []
     for m in moes:
+
         def dense(x, m=m):
             out, a = _dense(m, x)
             extra.append(a)
             return out
+
         m.forward = dense
     want_loss = lm_loss_sum(model(tokens[:, :-1]), tokens[:, 1:]) / 48 + sum(extra)
     want = torch.autograd.grad(want_loss, list(model.parameters()))
@@ -82,8 +91,10 @@ def test_the_model_equals_a_dense_computation_of_the_same_routing(moe):
 
 def test_the_expert_bias_moves_against_the_load_and_never_by_gradient():
     torch.manual_seed(0)
-    moe = MoE(16, MoEConfig(num_experts=4, top_k=1, ffn_hidden_size=8, router="sigmoid", expert_bias=True,
-                            bias_update_rate=0.5))
+    moe = MoE(
+        16,
+        MoEConfig(num_experts=4, top_k=1, ffn_hidden_size=8, router="sigmoid", expert_bias=True, bias_update_rate=0.5),
+    )
     assert "expert_bias" in dict(moe.named_buffers()) and "expert_bias" not in dict(moe.named_parameters())
     moe.load = torch.tensor([5.0, 1.0, 2.0, 0.0])  # mean 2
     moe.update_expert_bias()
@@ -106,14 +117,27 @@ def test_capacity_drops_the_lowest_weights_beyond_it():
 
 def test_bad_moe_configs_are_refused_every_problem_at_once():
     with pytest.raises(ValueError) as e:
-        ModelConfig(**MODEL, moe=dict(num_experts=2, top_k=3, router="topk", pattern="MX", capacity_factor=0,
-                                      aux_loss_coeff=-1, shared_ffn_hidden_size=-2))
+        ModelConfig(
+            **MODEL,
+            moe=dict(
+                num_experts=2,
+                top_k=3,
+                router="topk",
+                pattern="MX",
+                capacity_factor=0,
+                aux_loss_coeff=-1,
+                shared_ffn_hidden_size=-2,
+            ),
+        )
     msg = str(e.value)
-    for part in ["model.moe.top_k (3) must be at most model.moe.num_experts (2)",
-                 "model.moe.router must be one of softmax, sigmoid, got 'topk'",
-                 "model.moe.pattern must be a non-empty string of M (MoE) and D (dense), got 'MX'",
-                 "model.moe.capacity_factor must be > 0", "model.moe.aux_loss_coeff must be >= 0, got -1",
-                 "model.moe.shared_ffn_hidden_size must be >= 0"]:
+    for part in [
+        "model.moe.top_k (3) must be at most model.moe.num_experts (2)",
+        "model.moe.router must be one of softmax, sigmoid, got 'topk'",
+        "model.moe.pattern must be a non-empty string of M (MoE) and D (dense), got 'MX'",
+        "model.moe.capacity_factor must be > 0",
+        "model.moe.aux_loss_coeff must be >= 0, got -1",
+        "model.moe.shared_ffn_hidden_size must be >= 0",
+    ]:
         assert part in msg, msg
     with pytest.raises(ValueError, match="expert_bias .* needs model.moe.router sigmoid"):
         MoEConfig(expert_bias=True)
@@ -128,8 +152,15 @@ def test_bad_expert_layouts_name_the_numbers():
     cases = [
         (dict(dp=2, sp=2, ep=4), moe, 4, ["model.moe.num_experts (6) is not divisible by parallel.ep (4)"]),
         (dict(dp=3, ep=2), moe, 3, ["parallel.ep (2) must divide parallel.dp x parallel.sp = 3 x 1 = 3"]),
-        (dict(tp=2, etp=2), moe, 2, ["model.moe.ffn_hidden_size (15) is not divisible by parallel.etp (2)",
-                                     "model.moe.shared_ffn_hidden_size (9) is not divisible by parallel.tp (2)"]),
+        (
+            dict(tp=2, etp=2),
+            moe,
+            2,
+            [
+                "model.moe.ffn_hidden_size (15) is not divisible by parallel.etp (2)",
+                "model.moe.shared_ffn_hidden_size (9) is not divisible by parallel.tp (2)",
+            ],
+        ),
         (dict(tp=2, etp=3), moe, 2, ["parallel.etp must be 1 or parallel.tp (2), got 3"]),
         (dict(dp=2, ep=2), ModelConfig(**MODEL), 2, ["parallel.ep = 2 needs mixture-of-experts layers"]),
         (dict(dp=2, zero_stage=1), moe, 2, ["model.moe needs parallel.zero_stage 0, got 1"]),
@@ -145,8 +176,10 @@ def test_the_yaml_section_is_typed_and_checked():
 
     problems = []
     schema.build(ModelConfig, {"moe": {"num_experts": "8", "topk": 2}}, "model", problems)
-    assert problems == ["model.moe.num_experts: expected int, got str '8'",
-                        "model.moe.topk: unknown key (did you mean 'top_k'?)"], problems
+    assert problems == [
+        "model.moe.num_experts: expected int, got str '8'",
+        "model.moe.topk: unknown key (did you mean 'top_k'?)",
+    ], problems
     problems = []
     cfg = schema.build(ModelConfig, {"moe": {"num_experts": 4}}, "model", problems)
     assert problems == [] and cfg.moe.num_experts == 4 and schema.build(ModelConfig, {}, "model", []).moe is None

@@ -7,8 +7,9 @@ import torch.distributed as dist
 from lasp.model import LinearLlama, ModelConfig, lm_loss_sum
 from tests.dist import assert_close_rel
 
-MODEL = dict(vocab_size=256, hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2, ffn_hidden_size=128,
-             layer_pattern="LLLS")
+MODEL = dict(
+    vocab_size=256, hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2, ffn_hidden_size=128, layer_pattern="LLLS"
+)
 SEQ, BATCH = 96, 2
 MOE = dict(num_experts=4, top_k=2, ffn_hidden_size=32, aux_loss_coeff=0.1, z_loss_coeff=0.01)
 TOL = {"f64": 1e-10, "f32": 1e-5}
@@ -53,8 +54,24 @@ def _reference(cfg, tokens, dtype, steps, lr, eos_id=None, lora_b=0.0, parts=1):
     return model, losses
 
 
-def case_parallel(tp, sp, pp, dp, layout="zigzag", dtype="f64", microbatches=1, steps=1, lr=1e-2,
-                  loss_chunk_tokens=4096, eos_id=None, lora_b=0.0, ep=1, etp=1, sp_method=None, **model_kw):
+def case_parallel(
+    tp,
+    sp,
+    pp,
+    dp,
+    layout="zigzag",
+    dtype="f64",
+    microbatches=1,
+    steps=1,
+    lr=1e-2,
+    loss_chunk_tokens=4096,
+    eos_id=None,
+    lora_b=0.0,
+    ep=1,
+    etp=1,
+    sp_method=None,
+    **model_kw,
+):
     from lasp.parallel import ParallelConfig, init_groups, parallelize, train_step
     from lasp.parallel.config import SpMethodConfig
     from lasp.parallel.ep import moe_step
@@ -62,9 +79,18 @@ def case_parallel(tp, sp, pp, dp, layout="zigzag", dtype="f64", microbatches=1, 
 
     dt = {"f64": torch.float64, "f32": torch.float32}[dtype]
     cfg = ModelConfig(**{**MODEL, **model_kw})
-    pcfg = ParallelConfig(tp=tp, sp=sp, pp=pp, dp=dp, sp_layout=layout, microbatches=microbatches,
-                          loss_chunk_tokens=loss_chunk_tokens, ep=ep, etp=etp,
-                          sp_method=SpMethodConfig(**(sp_method or {})))
+    pcfg = ParallelConfig(
+        tp=tp,
+        sp=sp,
+        pp=pp,
+        dp=dp,
+        sp_layout=layout,
+        microbatches=microbatches,
+        loss_chunk_tokens=loss_chunk_tokens,
+        ep=ep,
+        etp=etp,
+        sp_method=SpMethodConfig(**(sp_method or {})),
+    )
     pcfg.check(cfg, dist.get_world_size(), SEQ, BATCH)
     tokens = torch.randint(0, cfg.vocab_size, (BATCH, SEQ + 1), generator=torch.Generator().manual_seed(7))
     if eos_id is not None:  # packed documents: 1-token ones, a start at the middle, on a chunk boundary
@@ -105,8 +131,17 @@ def case_parallel(tp, sp, pp, dp, layout="zigzag", dtype="f64", microbatches=1, 
 
 
 # grouped by world size: one pool of processes at a time
-LAYOUTS = [(2, 1, 1, 1), (1, 2, 1, 1), (1, 1, 2, 1), (1, 1, 1, 2), (1, 4, 1, 1), (2, 2, 1, 1), (1, 2, 2, 1),
-           (2, 1, 2, 1), (1, 2, 1, 2)]
+LAYOUTS = [
+    (2, 1, 1, 1),
+    (1, 2, 1, 1),
+    (1, 1, 2, 1),
+    (1, 1, 1, 2),
+    (1, 4, 1, 1),
+    (2, 2, 1, 1),
+    (1, 2, 2, 1),
+    (2, 1, 2, 1),
+    (1, 2, 1, 2),
+]
 
 
 @pytest.mark.parametrize("tp, sp, pp, dp", LAYOUTS, ids=[f"tp{a}-sp{b}-pp{c}-dp{d}" for a, b, c, d in LAYOUTS])
@@ -129,24 +164,86 @@ def test_one_step_matches_single_process(dist_pool, tp, sp, pp, dp):
         (2, 2, 1, 1, dict(linear_variant="simple_gla", eos_id=0)),
         (1, 2, 2, 1, dict(microbatches=2, eos_id=0)),
         (2, 2, 1, 1, dict(linear_variant="gated_deltanet")),
-        (1, 2, 2, 1, dict(linear_variant="gated_deltanet", microbatches=2, layout="contiguous",
-                          sp_method={"linear": "allscan", "softmax": "ulysses"})),
+        (
+            1,
+            2,
+            2,
+            1,
+            dict(
+                linear_variant="gated_deltanet",
+                microbatches=2,
+                layout="contiguous",
+                sp_method={"linear": "allscan", "softmax": "ulysses"},
+            ),
+        ),
         (2, 2, 1, 1, dict(linear_variant="kda", eos_id=0, sp_method={"linear": "lasp1"})),
-        (1, 4, 1, 1, dict(linear_variant="deltanet", allow_neg_eigval=True,
-                          sp_method={"linear": "logscan", "softmax": "ring"})),
+        (
+            1,
+            4,
+            1,
+            1,
+            dict(linear_variant="deltanet", allow_neg_eigval=True, sp_method={"linear": "logscan", "softmax": "ring"}),
+        ),
         # what an imported Qwen / Llama 3.1 brings: q/k/v biases, q/k norms, a larger head dim, llama3 RoPE
-        (2, 2, 1, 1, dict(attention_bias=True, qk_norm=True, attention_head_dim=24, rope_scaling="llama3",
-                          rope_original_max_positions=32, float32_norm_rope=True)),
-        (1, 2, 2, 1, dict(attention_bias=True, qk_norm=True, layer_pattern="S", rope_scaling="llama3",
-                          rope_original_max_positions=32)),
+        (
+            2,
+            2,
+            1,
+            1,
+            dict(
+                attention_bias=True,
+                qk_norm=True,
+                attention_head_dim=24,
+                rope_scaling="llama3",
+                rope_original_max_positions=32,
+                float32_norm_rope=True,
+            ),
+        ),
+        (
+            1,
+            2,
+            2,
+            1,
+            dict(
+                attention_bias=True,
+                qk_norm=True,
+                layer_pattern="S",
+                rope_scaling="llama3",
+                rope_original_max_positions=32,
+            ),
+        ),
         # linearised layers: Hedgehog features, Liger's key gate, RoPE'd q and k, a softmax window
-        (2, 2, 1, 1, dict(feature_map="hedgehog", window=4, linear_variant="simple_gla", gate_source="key",
-                          linear_rope=True, output_norm=False, qk_norm=True, eos_id=0)),
-        (1, 2, 2, 1, dict(feature_map="elu1", window=3, linear_variant="lightning", layout="contiguous",
-                          microbatches=2)),
+        (
+            2,
+            2,
+            1,
+            1,
+            dict(
+                feature_map="hedgehog",
+                window=4,
+                linear_variant="simple_gla",
+                gate_source="key",
+                linear_rope=True,
+                output_norm=False,
+                qk_norm=True,
+                eos_id=0,
+            ),
+        ),
+        (
+            1,
+            2,
+            2,
+            1,
+            dict(feature_map="elu1", window=3, linear_variant="lightning", layout="contiguous", microbatches=2),
+        ),
         # LoRA adapters inside the TP layers: column-parallel (q, v, up) and row-parallel (o, down)
-        (2, 2, 1, 1, dict(lora_rank=4, lora_targets="q_proj,v_proj,o_proj,up_proj,down_proj", lora_b=0.05,
-                          attention_bias=True)),
+        (
+            2,
+            2,
+            1,
+            1,
+            dict(lora_rank=4, lora_targets="q_proj,v_proj,o_proj,up_proj,down_proj", lora_b=0.05, attention_bias=True),
+        ),
         # mixtures of experts (lasp.parallel.ep): EP over DP, over SP (both layouts), with TP (experts whole
         # or split), with PP; the balancing and z-losses' gradients included
         (1, 1, 1, 2, dict(ep=2, moe=MOE)),
@@ -156,15 +253,40 @@ def test_one_step_matches_single_process(dist_pool, tp, sp, pp, dp):
         (2, 2, 1, 1, dict(ep=2, etp=2, moe={**MOE, "shared_ffn_hidden_size": 16, "top_k": 1})),
         (1, 1, 2, 2, dict(ep=2, moe={**MOE, "pattern": "DM"})),
         # the sigmoid router with the expert bias (auxiliary-loss-free), moved after each of 3 steps
-        (1, 2, 1, 1, dict(ep=2, steps=3, moe={**MOE, "router": "sigmoid", "expert_bias": True,
-                                               "bias_update_rate": 0.05})),
+        (
+            1,
+            2,
+            1,
+            1,
+            dict(ep=2, steps=3, moe={**MOE, "router": "sigmoid", "expert_bias": True, "bias_update_rate": 0.05}),
+        ),
     ],
-    ids=["1f1b-2mb-contiguous", "tied-tp-pp", "f32-retention", "f32-tied-dp", "simple-gla-tp-sp",
-         "gla-tp-sp-auto", "documents-simple-gla-tp-sp", "documents-sp-pp-2mb", "gated-deltanet-tp-sp",
-         "gated-deltanet-sp-pp-allscan-ulysses", "documents-kda-tp-sp-lasp1", "deltanet-neg-eigval-sp4-logscan-ring", "imported-features-tp-sp", "imported-softmax-sp-pp",
-         "documents-window-hedgehog-tp-sp", "window-sp-pp-2mb", "lora-tp-sp", "moe-ep2-dp2", "moe-ep2-sp2",
-         "moe-documents-ep2-sp2-contiguous", "moe-tp2-ep2", "moe-tp2-etp2-ep2-sp2", "moe-pp2-ep2",
-         "moe-expert-bias-3-steps"],
+    ids=[
+        "1f1b-2mb-contiguous",
+        "tied-tp-pp",
+        "f32-retention",
+        "f32-tied-dp",
+        "simple-gla-tp-sp",
+        "gla-tp-sp-auto",
+        "documents-simple-gla-tp-sp",
+        "documents-sp-pp-2mb",
+        "gated-deltanet-tp-sp",
+        "gated-deltanet-sp-pp-allscan-ulysses",
+        "documents-kda-tp-sp-lasp1",
+        "deltanet-neg-eigval-sp4-logscan-ring",
+        "imported-features-tp-sp",
+        "imported-softmax-sp-pp",
+        "documents-window-hedgehog-tp-sp",
+        "window-sp-pp-2mb",
+        "lora-tp-sp",
+        "moe-ep2-dp2",
+        "moe-ep2-sp2",
+        "moe-documents-ep2-sp2-contiguous",
+        "moe-tp2-ep2",
+        "moe-tp2-etp2-ep2-sp2",
+        "moe-pp2-ep2",
+        "moe-expert-bias-3-steps",
+    ],
 )
 def test_variants_match_single_process(dist_pool, tp, sp, pp, dp, extra):
     dist_pool(tp * sp * pp * dp).run("tests.test_parallel:case_parallel", tp=tp, sp=sp, pp=pp, dp=dp, **extra)
@@ -173,15 +295,27 @@ def test_variants_match_single_process(dist_pool, tp, sp, pp, dp, extra):
 DEEP = [(3, False), (3, True), (4, False), (4, True)]
 
 
-@pytest.mark.parametrize("pp, tied", [  # pp3-untied also starts the 3-process pool: the slow tier's
-    pytest.param(pp, t, id=f"pp{pp}-{'tied' if t else 'untied'}", marks=[pytest.mark.slow] if pp == 3 else [])
-    for pp, t in DEEP])
+@pytest.mark.parametrize(
+    "pp, tied",
+    [  # pp3-untied also starts the 3-process pool: the slow tier's
+        pytest.param(pp, t, id=f"pp{pp}-{'tied' if t else 'untied'}", marks=[pytest.mark.slow] if pp == 3 else [])
+        for pp, t in DEEP
+    ],
+)
 def test_deep_pipelines_match_single_process(dist_pool, pp, tied):
     # middle stages hold neither embedding nor head (megatron puts them in no embedding group); tied
     # embeddings are summed over the first and last stage only
     layers = {3: 6, 4: 4}[pp]
-    res = dist_pool(pp).run("tests.test_parallel:case_parallel", tp=1, sp=1, pp=pp, dp=1, num_layers=layers,
-                            tie_embeddings=tied, microbatches=2)
+    res = dist_pool(pp).run(
+        "tests.test_parallel:case_parallel",
+        tp=1,
+        sp=1,
+        pp=pp,
+        dp=1,
+        num_layers=layers,
+        tie_embeddings=tied,
+        microbatches=2,
+    )
     n_params = len(list(LinearLlama(ModelConfig(**{**MODEL, "num_layers": layers})).parameters()))
     assert sum(r["checked"] for r in res) == n_params  # tied: the one embedding is checked on two stages
 
@@ -195,12 +329,26 @@ def test_five_steps_follow_the_single_process_loss_curve(dist_pool):
 @pytest.mark.parametrize(
     "kwargs, world, seq, batch, parts",
     [
-        (dict(tp=3), 3, 96, 2, ["num_heads (4) is not divisible by parallel.tp (3)",
-                                "num_kv_heads (2) is not divisible by parallel.tp (3)"]),
+        (
+            dict(tp=3),
+            3,
+            96,
+            2,
+            [
+                "num_heads (4) is not divisible by parallel.tp (3)",
+                "num_kv_heads (2) is not divisible by parallel.tp (3)",
+            ],
+        ),
         (dict(pp=3), 3, 96, 2, ["num_layers (4) is not divisible by parallel.pp (3)"]),
         (dict(sp=4, sp_layout="zigzag"), 4, 100, 2, ["sequence length 100", "multiple of 8"]),
         (dict(tp=2, dp=2), 8, 96, 2, ["world size 8 != tp x sp x pp x dp = 2 x 1 x 1 x 2 = 4"]),
-        (dict(dp=2, microbatches=2), 2, 96, 2, ["global batch 2 is not divisible by parallel.dp x parallel.microbatches"]),
+        (
+            dict(dp=2, microbatches=2),
+            2,
+            96,
+            2,
+            ["global batch 2 is not divisible by parallel.dp x parallel.microbatches"],
+        ),
         (dict(loss_chunk_tokens=-1), 1, 96, 2, ["parallel.loss_chunk_tokens must be >= 0, got -1"]),
     ],
 )
@@ -218,14 +366,18 @@ def _layout_problems(cfg, world=1, seq=SEQ, batch=BATCH) -> str:
     return str(e.value)
 
 
-@pytest.mark.parametrize("value, shown", [("4", "str '4'"), (2.5, "float 2.5"), (True, "bool True")],
-                         ids=["str", "float", "bool"])
+@pytest.mark.parametrize(
+    "value, shown", [("4", "str '4'"), (2.5, "float 2.5"), (True, "bool True")], ids=["str", "float", "bool"]
+)
 def test_a_size_of_another_type_is_named_with_its_value(value, shown):
     from lasp.parallel import ParallelConfig
 
     msg = _layout_problems(ParallelConfig(sp=value, sp_layout=3, dp_bucket_size="big"))
-    for part in [f"parallel.sp: expected int, got {shown}", "parallel.sp_layout: expected str, got int 3",
-                 "parallel.dp_bucket_size: expected int or null, got str 'big'"]:
+    for part in [
+        f"parallel.sp: expected int, got {shown}",
+        "parallel.sp_layout: expected str, got int 3",
+        "parallel.dp_bucket_size: expected int or null, got str 'big'",
+    ]:
         assert part in msg, msg
 
 
@@ -233,14 +385,19 @@ def test_a_size_of_another_type_is_named_with_its_value(value, shown):
 def test_a_size_below_one_does_not_stop_the_later_checks(bad):
     from lasp.parallel import ParallelConfig
 
-    cfg = ParallelConfig(tp=bad, sp=bad, pp=3, dp=2, microbatches=bad, sp_layout="diagonal", loss_chunk_tokens=-1,
-                         zero_stage=5)
+    cfg = ParallelConfig(
+        tp=bad, sp=bad, pp=3, dp=2, microbatches=bad, sp_layout="diagonal", loss_chunk_tokens=-1, zero_stage=5
+    )
     msg = _layout_problems(cfg, world=4, batch=3)
-    for part in [f"parallel.tp must be >= 1, got {bad}", f"parallel.sp must be >= 1, got {bad}",
-                 f"parallel.microbatches must be >= 1, got {bad}",
-                 "model.num_layers (4) is not divisible by parallel.pp (3)",
-                 "parallel.sp_layout must be one of contiguous, zigzag, got 'diagonal'",
-                 "parallel.loss_chunk_tokens must be >= 0, got -1", "parallel.zero_stage must be 0, 1, 2 or 3, got 5"]:
+    for part in [
+        f"parallel.tp must be >= 1, got {bad}",
+        f"parallel.sp must be >= 1, got {bad}",
+        f"parallel.microbatches must be >= 1, got {bad}",
+        "model.num_layers (4) is not divisible by parallel.pp (3)",
+        "parallel.sp_layout must be one of contiguous, zigzag, got 'diagonal'",
+        "parallel.loss_chunk_tokens must be >= 0, got -1",
+        "parallel.zero_stage must be 0, 1, 2 or 3, got 5",
+    ]:
         assert part in msg, msg
     assert "world size" not in msg and "global batch" not in msg  # they would divide or multiply by a bad size
     msg = _layout_problems(ParallelConfig(sp=bad, dp=2, microbatches=2), world=2, batch=3)
@@ -260,7 +417,13 @@ def case_zero(stage, sp=1, dtype="f32"):
     import deepspeed.utils
 
     from lasp.parallel import (
-        ParallelConfig, init_groups, local_microbatches, loss_sum_fn, parallelize, zero_engine, zero_train_step,
+        ParallelConfig,
+        init_groups,
+        local_microbatches,
+        loss_sum_fn,
+        parallelize,
+        zero_engine,
+        zero_train_step,
     )
 
     dt = {"f64": torch.float64, "f32": torch.float32}[dtype]
@@ -319,6 +482,6 @@ def test_expert_parallelism_sends_each_routed_token_once_each_way(dist_pool):
     for ops in dist_pool(2).run("tests.test_parallel:case_ep_comm"):
         assert len(ops) == 3 * 2, ops
         for layer in range(2):
-            tokens, weights, back = (shape for _, shape in ops[3 * layer: 3 * layer + 3])
+            tokens, weights, back = (shape for _, shape in ops[3 * layer : 3 * layer + 3])
             assert tokens == [local_rows, MODEL["hidden_size"]] and weights == [local_rows]
             assert back[1] == MODEL["hidden_size"]  # the rows this rank's experts received

@@ -23,8 +23,20 @@ from lasp.distributed.agree import Fingerprint, RanksDisagree, _check, _encode
 
 LINEAR = {"lasp2": lasp2_linear_attn, "lasp1": lasp1_linear_attn, "ulysses_linear": ulysses_linear_attn}
 SOFTMAX = {"lasp2h": lasp2h_softmax_attn, "ring": ring_softmax_attn, "ulysses": ulysses_softmax_attn}
-BASE = dict(T=8, B=2, H=12, Hkv=6, K=8, V=4, dtype=torch.float32, layout="contiguous", causal=True, decay=None,
-            scale=None, beta=False)
+BASE = dict(
+    T=8,
+    B=2,
+    H=12,
+    Hkv=6,
+    K=8,
+    V=4,
+    dtype=torch.float32,
+    layout="contiguous",
+    causal=True,
+    decay=None,
+    scale=None,
+    beta=False,
+)
 
 
 def _disagreements(W: int) -> dict[str, tuple[dict, str]]:
@@ -45,7 +57,7 @@ def _disagreements(W: int) -> dict[str, tuple[dict, str]]:
         "dtype_bits": (dict(dtype=torch.bfloat16), f"ranks disagree on dtype: {each('float32', 'bfloat16')}"),
         "layout": (dict(layout="zigzag"), f"ranks disagree on layout: {each('contiguous', 'zigzag')}"),
         "causal": (dict(causal=False), f"ranks disagree on causal: {each('True', 'False')}"),
-        "scale": (dict(scale=0.5), f"ranks disagree on scale: {each(repr(8 ** -0.5), '0.5')}"),
+        "scale": (dict(scale=0.5), f"ranks disagree on scale: {each(repr(8**-0.5), '0.5')}"),
         "decay_one_rank": (dict(decay="on"), f"ranks disagree on decay: {each('none', '')}"),
         "decay_values": (dict(decay="other"), "ranks disagree on decay: rank 0: -"),
         "delta_one_rank": (dict(beta=True), f"ranks disagree on delta rule: {each('False', 'True')}"),
@@ -156,8 +168,16 @@ def test_a_skipped_backward_is_named_not_summed(dist_pool):
 
 def test_headers_compare_every_field_at_once():
     fp = Fingerprint("op", (("length", 4), ("dtype", "float32"), ("scale", 0.5), ("causal", True), ("d", None)))
-    other = Fingerprint("op", (("length", 5), ("dtype", "float16"), ("scale", 0.5), ("causal", True),
-                               ("d", torch.tensor(-1.5, dtype=torch.float64))))
+    other = Fingerprint(
+        "op",
+        (
+            ("length", 5),
+            ("dtype", "float16"),
+            ("scale", 0.5),
+            ("causal", True),
+            ("d", torch.tensor(-1.5, dtype=torch.float64)),
+        ),
+    )
     heads = [_encode(f, 1, 600, 3, torch.device("cpu")).tolist() for f in (fp, other)]
     with pytest.raises(RanksDisagree) as e:
         _check(heads, fp)
@@ -177,9 +197,29 @@ def test_the_rank_checks_benchmark_writes_its_rows(tmp_path):
     import sys
 
     out = tmp_path / "rc"
-    run = subprocess.run([sys.executable, "-m", "lasp.bench.rank_checks", "--world-size", "2", "--local-len", "64",
-                          "--reps", "2", "--isolated-reps", "5", "--ops", "lasp2", "lasp1", "--out", str(out)],
-                         capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lasp.bench.rank_checks",
+            "--world-size",
+            "2",
+            "--local-len",
+            "64",
+            "--reps",
+            "2",
+            "--isolated-reps",
+            "5",
+            "--ops",
+            "lasp2",
+            "lasp1",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     rows = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
     assert [r["op"] for r in rows] == ["lasp2", "lasp1", "lasp2"] and rows[-1]["isolated"]

@@ -9,17 +9,19 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from lasp import (SeqLayout, lasp1_linear_attn, lasp2_linear_attn, ring_linear_attn, shard_sequence,
-                  ulysses_linear_attn)
+from lasp import SeqLayout, lasp1_linear_attn, lasp2_linear_attn, ring_linear_attn, shard_sequence, ulysses_linear_attn
 from lasp.distributed.agree import HEADER_BYTES
 from lasp.kernels import recurrent_linear_attn
 from lasp.kernels.linear_attn.naive import recurrent_delta_rule
 from tests.dist import assert_close_rel, c10d_ops, comm_events, profiled_steady_step
 
-ALGOS = {"lasp2": lasp2_linear_attn, "lasp1": lasp1_linear_attn,
-         "ulysses": lambda *a, kernel=None, **kw: ulysses_linear_attn(*a, **kw),
-         "ring-right": lambda *a, kernel=None, gate=None, **kw: ring_linear_attn(*a, form="right", **kw),
-         "ring-quadratic": lambda *a, kernel=None, gate=None, **kw: ring_linear_attn(*a, form="quadratic", **kw)}
+ALGOS = {
+    "lasp2": lasp2_linear_attn,
+    "lasp1": lasp1_linear_attn,
+    "ulysses": lambda *a, kernel=None, **kw: ulysses_linear_attn(*a, **kw),
+    "ring-right": lambda *a, kernel=None, gate=None, **kw: ring_linear_attn(*a, form="right", **kw),
+    "ring-quadratic": lambda *a, kernel=None, gate=None, **kw: ring_linear_attn(*a, form="quadratic", **kw),
+}
 DTYPES = {"f64": torch.float64, "f32": torch.float32}
 TOL = {"f64": 1e-10, "f32": 2e-5}
 DELTA = {"deltanet": None, "gdn": "scalar", "kda": "vector"}  # the delta rule's forms -> their gate's form
@@ -28,8 +30,10 @@ GATE_FORMS = ["scalar", "vector", *DELTA]
 
 def gated_inputs(B, N, H, Hkv, K, V, form, seed=1234):
     gen = torch.Generator().manual_seed(seed)
-    q, k, v, do = (torch.randn(*s, generator=gen, dtype=torch.float64)
-                   for s in [(B, N, H, K), (B, N, Hkv, K), (B, N, Hkv, V), (B, N, H, V)])
+    q, k, v, do = (
+        torch.randn(*s, generator=gen, dtype=torch.float64)
+        for s in [(B, N, H, K), (B, N, Hkv, K), (B, N, Hkv, V), (B, N, H, V)]
+    )
     shape = (B, N, H) if DELTA.get(form, form) == "scalar" else (B, N, H, K)
     per_head = torch.linspace(0.02, 1.0, H, dtype=torch.float64).view(1, 1, H, *([1] * (len(shape) - 3)))
     gate = -torch.rand(shape, generator=gen, dtype=torch.float64) * per_head
@@ -84,16 +88,22 @@ def case_sp_gated(algo, layout, form, dtype, chunk_len, B=2, H=4, Hkv=2, K=6, V=
 
 # float32 on zigzag only (the layout with the most chunk pairs); float64 at W = 1, 2, 4 (tests/test_sp_methods.py
 # runs every form of every method at W = 3, against linear_attn)
-GATED_CASES = [(W, layout, dtype) for W in (1, 2, 3, 4) for layout in ("contiguous", "zigzag") for dtype in DTYPES
-               if not (dtype == "f32" and layout == "contiguous") and not (dtype == "f64" and W == 3)]
+GATED_CASES = [
+    (W, layout, dtype)
+    for W in (1, 2, 3, 4)
+    for layout in ("contiguous", "zigzag")
+    for dtype in DTYPES
+    if not (dtype == "f32" and layout == "contiguous") and not (dtype == "f64" and W == 3)
+]
 
 
 @pytest.mark.parametrize("form", GATE_FORMS)
 @pytest.mark.parametrize("W, layout, dtype", GATED_CASES)
 def test_lasp2_gated_matches_the_recurrence(dist_pool, W, layout, form, dtype):
     chunk_len = 13 if W % 2 else 9
-    results = dist_pool(W).run("tests.test_sp_gated:case_sp_gated", algo="lasp2", layout=layout, form=form,
-                               dtype=dtype, chunk_len=chunk_len)
+    results = dist_pool(W).run(
+        "tests.test_sp_gated:case_sp_gated", algo="lasp2", layout=layout, form=form, dtype=dtype, chunk_len=chunk_len
+    )
     n, item = SeqLayout(layout, W).chunks_per_rank, 8 if dtype == "f64" else 4
     # forward: each chunk's (D, M), B x H x (K V + Kg), with the delta rule's K x K transition B x H x
     # (K K + K V); backward: the state gradients, B x H x K x V
@@ -116,16 +126,21 @@ def pair_extra(form: str, K: int = 6) -> int:
 @pytest.mark.parametrize("form", ["vector", "gdn"])
 def test_lasp2_gated_bytes_do_not_depend_on_length(dist_pool, form):
     pool = dist_pool(2)
-    short, long = (pool.run("tests.test_sp_gated:case_sp_gated", algo="lasp2", layout="zigzag", form=form,
-                            dtype="f64", chunk_len=L) for L in (5, 31))
+    short, long = (
+        pool.run(
+            "tests.test_sp_gated:case_sp_gated", algo="lasp2", layout="zigzag", form=form, dtype="f64", chunk_len=L
+        )
+        for L in (5, 31)
+    )
     assert short == long
 
 
 @pytest.mark.parametrize("form", GATE_FORMS)
 @pytest.mark.parametrize("W", [2, 4])
 def test_ulysses_gated_matches_the_recurrence(dist_pool, W, form):
-    results = dist_pool(W).run("tests.test_sp_gated:case_sp_gated", algo="ulysses", layout="zigzag", form=form,
-                               dtype="f64", chunk_len=5)
+    results = dist_pool(W).run(
+        "tests.test_sp_gated:case_sp_gated", algo="ulysses", layout="zigzag", form=form, dtype="f64", chunk_len=5
+    )
     # q, k, v, the output, and each of the gate and beta given: one all-to-all each way (+ the fingerprints)
     n = 4 + (form != "deltanet") + (form in DELTA)
     for r in results:
@@ -164,8 +179,15 @@ def case_sp_documents(algo, layout, chunk_len, B=2, H=4, Hkv=2, K=6, V=5):
         local = [None if x is None else shard(x).requires_grad_() for x in (q, k, v, gate, beta)]
         kernel = TorchChunkKernel(block=4, segment_blocks=2)
         extra = {} if beta is None else {"beta": local[4]}
-        run = lambda: ALGOS[algo](*local[:3], gate=local[3], log_decay=decay, layout=layout,  # noqa: E731
-                                  kernel=kernel, cu_seqlens=cu, **extra)
+        run = lambda: ALGOS[algo](
+            *local[:3],
+            gate=local[3],
+            log_decay=decay,
+            layout=layout,  # noqa: E731
+            kernel=kernel,
+            cu_seqlens=cu,
+            **extra,
+        )
         o, pf, pb = profiled_steady_step(run, shard(do))
         assert_close_rel(o, shard(o_ref), 1e-10, f"{form}: o")
         for name, got, ref in zip(["q", "k", "v", "gate", "beta"], local, grads):
@@ -182,8 +204,9 @@ def test_lasp2_documents_match_the_recurrence(dist_pool, W, layout):
     without a gate run as a scalar gate, so their pairs carry one more float per head (the delta rule's
     carry its K x K transition as without documents)."""
     chunk_len = 7
-    results = dist_pool(W).run("tests.test_sp_gated:case_sp_documents", algo="lasp2", layout=layout,
-                               chunk_len=chunk_len)
+    results = dist_pool(W).run(
+        "tests.test_sp_gated:case_sp_documents", algo="lasp2", layout=layout, chunk_len=chunk_len
+    )
     n = SeqLayout(layout, W).chunks_per_rank
     for r in results:
         for form, ev in r.items():
@@ -192,9 +215,17 @@ def test_lasp2_documents_match_the_recurrence(dist_pool, W, layout):
             assert ev["bwd"] == [("gloo:all_gather", [[HEADER_BYTES + n * 2 * 4 * 6 * 5 * 8]])], (form, ev)
 
 
-@pytest.mark.parametrize("algo,W,layout", [("lasp1", 3, "zigzag"), ("lasp1", 2, "contiguous"),
-                                           ("ulysses", 2, "zigzag"), ("ulysses", 4, "contiguous"),
-                                           ("ring-right", 4, "zigzag"), ("ring-quadratic", 3, "contiguous")])
+@pytest.mark.parametrize(
+    "algo,W,layout",
+    [
+        ("lasp1", 3, "zigzag"),
+        ("lasp1", 2, "contiguous"),
+        ("ulysses", 2, "zigzag"),
+        ("ulysses", 4, "contiguous"),
+        ("ring-right", 4, "zigzag"),
+        ("ring-quadratic", 3, "contiguous"),
+    ],
+)
 def test_the_baselines_documents_match_the_recurrence(dist_pool, algo, W, layout):
     """LASP-1 and Ulysses run the gated form; Ring for linear layers (no gate) masks each block pair."""
     dist_pool(W).run("tests.test_sp_gated:case_sp_documents", algo=algo, layout=layout, chunk_len=7)
@@ -262,9 +293,17 @@ def case_window_layer(layout, window, variant, feature_map, chunk_len=7, B=2, hi
     from lasp.sp.halo import halo_rows
 
     rank, W = dist.get_rank(), dist.get_world_size()
-    cfg = ModelConfig(hidden_size=hidden, num_heads=4, num_kv_heads=2, linear_variant=variant, window=window,
-                      feature_map=feature_map, linear_rope=True, output_norm=False,
-                      gate_source="key" if variant == "simple_gla" else "projection")
+    cfg = ModelConfig(
+        hidden_size=hidden,
+        num_heads=4,
+        num_kv_heads=2,
+        linear_variant=variant,
+        window=window,
+        feature_map=feature_map,
+        linear_rope=True,
+        output_norm=False,
+        gate_source="key" if variant == "simple_gla" else "projection",
+    )
     torch.manual_seed(0)
     m = LinearAttention(cfg, 1).double()
     N = chunk_len * SeqLayout(layout, W).num_chunks
@@ -291,18 +330,23 @@ def case_window_layer(layout, window, variant, feature_map, chunk_len=7, B=2, hi
 
 
 WINDOWS = [  # ranks, window, layout, the linear form (a gate pooled from the key, or a constant decay)
-    (1, 1, "zigzag", "simple_gla", "hedgehog"), (2, 2, "contiguous", "lightning", "elu1"),
-    (2, 3, "zigzag", "simple_gla", "hedgehog"), (3, 4, "contiguous", "simple_gla", "hedgehog"),
-    (4, 4, "zigzag", "lightning", "elu1"), (4, 2, "contiguous", "simple_gla", "hedgehog"),
+    (1, 1, "zigzag", "simple_gla", "hedgehog"),
+    (2, 2, "contiguous", "lightning", "elu1"),
+    (2, 3, "zigzag", "simple_gla", "hedgehog"),
+    (3, 4, "contiguous", "simple_gla", "hedgehog"),
+    (4, 4, "zigzag", "lightning", "elu1"),
+    (4, 2, "contiguous", "simple_gla", "hedgehog"),
 ]
 
 
-@pytest.mark.parametrize("W, window, layout, variant, feature_map", WINDOWS,
-                         ids=[f"W{w}-window{n}-{lay}-{v}" for w, n, lay, v, _ in WINDOWS])
+@pytest.mark.parametrize(
+    "W, window, layout, variant, feature_map", WINDOWS, ids=[f"W{w}-window{n}-{lay}-{v}" for w, n, lay, v, _ in WINDOWS]
+)
 def test_a_window_layer_matches_one_process_with_a_halo(dist_pool, W, window, layout, variant, feature_map):
     n = SeqLayout(layout, W).chunks_per_rank
-    for r in dist_pool(W).run("tests.test_sp_gated:case_window_layer", layout=layout, window=window,
-                              variant=variant, feature_map=feature_map):
+    for r in dist_pool(W).run(
+        "tests.test_sp_gated:case_window_layer", layout=layout, window=window, variant=variant, feature_map=feature_map
+    ):
         halo = [("gloo:all_gather", [[n, 2, window - 1, r["channels"]]])] if W > 1 and window > 1 else []
         for events in (r["fwd"], r["bwd"]):  # LASP-2's one packed all-gather, and the window's halo
             rest = [e for e in events if e not in halo]

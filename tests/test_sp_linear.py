@@ -23,8 +23,9 @@ TOL = {"f64": 1e-10, "f32": 1e-5}
 MODES = {"causal": (True, False), "decay": (True, True), "bidirectional": (False, False)}
 
 
-def case_sp_linear(algo, layout, mode, dtype, chunk_len, B=2, H=4, Hkv=2, K=6, V=5, block=8, backend="torch",
-                   check_ranks=True):
+def case_sp_linear(
+    algo, layout, mode, dtype, chunk_len, B=2, H=4, Hkv=2, K=6, V=5, block=8, backend="torch", check_ranks=True
+):
     from lasp.kernels import TorchChunkKernel
 
     rank, W = dist.get_rank(), dist.get_world_size()
@@ -32,7 +33,9 @@ def case_sp_linear(algo, layout, mode, dtype, chunk_len, B=2, H=4, Hkv=2, K=6, V
     dt = DTYPES[dtype]
     N = chunk_len * SeqLayout(layout, W).num_chunks
     gen = torch.Generator().manual_seed(1234)
-    q, k, v, do = (torch.randn(*s, generator=gen, dtype=dt) for s in [(B, N, H, K), (B, N, Hkv, K), (B, N, Hkv, V), (B, N, H, V)])
+    q, k, v, do = (
+        torch.randn(*s, generator=gen, dtype=dt) for s in [(B, N, H, K), (B, N, Hkv, K), (B, N, Hkv, V), (B, N, H, V)]
+    )
     log_decay = -torch.linspace(0.02, 0.9, H, dtype=dt) if with_decay else None
     if backend == "triton":  # the pool was started with TRITON_INTERPRET=1 (or on a GPU)
         from lasp.kernels.linear_attn.triton_chunk import TritonChunkKernel
@@ -47,8 +50,14 @@ def case_sp_linear(algo, layout, mode, dtype, chunk_len, B=2, H=4, Hkv=2, K=6, V
 
     shard = lambda x: shard_sequence(x, rank=rank, world_size=W, layout=layout)  # noqa: E731
     local = [shard(x).requires_grad_() for x in (q, k, v)]
-    run = lambda: ALGOS[algo](*local, layout=layout, log_decay=log_decay, causal=causal, kernel=kernel,  # noqa: E731
-                              check_ranks=check_ranks)
+    run = lambda: ALGOS[algo](
+        *local,
+        layout=layout,
+        log_decay=log_decay,
+        causal=causal,
+        kernel=kernel,  # noqa: E731
+        check_ranks=check_ranks,
+    )
     o, pf, pb = profiled_steady_step(run, shard(do))
 
     assert_close_rel(o, shard(o_ref), TOL[dtype], "o")
@@ -85,8 +94,9 @@ def test_sp_linear_matches_single_process(dist_pool, algo, W, layout, mode, dtyp
 def test_ring_linear_matches_single_process(dist_pool, form, W, layout, mode):
     """The Ring baseline for linear attention, both forms: K/V (with H heads after GQA) go round, W-1
     hops forward, W-1 back; plus its one rank-check all-gather."""
-    res = dist_pool(W).run("tests.test_sp_linear:case_sp_linear", algo=f"ring_{form}", layout=layout, mode=mode,
-                           dtype="f64", chunk_len=7)
+    res = dist_pool(W).run(
+        "tests.test_sp_linear:case_sp_linear", algo=f"ring_{form}", layout=layout, mode=mode, dtype="f64", chunk_len=7
+    )
     for r in res:
         assert r["fwd"][0][0] == "gloo:all_gather"
         for phase, events in (("fwd", r["fwd"][1:]), ("bwd", r["bwd"])):
@@ -97,7 +107,9 @@ def test_ring_linear_matches_single_process(dist_pool, form, W, layout, mode):
 def test_lasp2_bytes_do_not_depend_on_length(dist_pool):
     pool = dist_pool(2)
     short, long = (
-        pool.run("tests.test_sp_linear:case_sp_linear", algo="lasp2", layout="zigzag", mode="decay", dtype="f32", chunk_len=n)
+        pool.run(
+            "tests.test_sp_linear:case_sp_linear", algo="lasp2", layout="zigzag", mode="decay", dtype="f32", chunk_len=n
+        )
         for n in (5, 150)
     )
     assert [r["fwd"] for r in short] == [r["fwd"] for r in long]
@@ -105,8 +117,15 @@ def test_lasp2_bytes_do_not_depend_on_length(dist_pool):
 
 
 def test_lasp2_without_rank_checks_gathers_the_bare_states(dist_pool):
-    res = dist_pool(3).run("tests.test_sp_linear:case_sp_linear", algo="lasp2", layout="zigzag", mode="decay",
-                           dtype="f32", chunk_len=5, check_ranks=False)
+    res = dist_pool(3).run(
+        "tests.test_sp_linear:case_sp_linear",
+        algo="lasp2",
+        layout="zigzag",
+        mode="decay",
+        dtype="f32",
+        chunk_len=5,
+        check_ranks=False,
+    )
     for r in res:
         assert r["fwd"] == r["bwd"] == [("gloo:all_gather", [[2, 2, 4, 6, 5]])], r
 

@@ -52,9 +52,18 @@ def _reference(form: str, with_docs: bool, N: int, cu, kernel):
         full = {"q": q, "k": k, "v": v, "s0": s0, **{a: args[a] for a in ("gate", "beta") if a in args}}
         ref = {n: x.clone().requires_grad_() for n, x in full.items()}
         other = {a: x for a, x in args.items() if a not in ("gate", "beta")}
-        o, final = linear_attn(ref["q"], ref["k"], ref["v"], gate=ref.get("gate"), beta=ref.get("beta"),
-                               initial_state=ref["s0"], output_final_state=True, kernel=kernel, cu_seqlens=cu,
-                               **other)
+        o, final = linear_attn(
+            ref["q"],
+            ref["k"],
+            ref["v"],
+            gate=ref.get("gate"),
+            beta=ref.get("beta"),
+            initial_state=ref["s0"],
+            output_final_state=True,
+            kernel=kernel,
+            cu_seqlens=cu,
+            **other,
+        )
         torch.autograd.backward([o, final], [do, dfin])
         _REFERENCES[key] = o.detach(), final.detach(), ref
     return _REFERENCES[key]
@@ -79,10 +88,21 @@ def case_every_form(method: str, layout: str, chunk_len: int, forms=tuple(FORMS)
         mine = {n: (x if n == "s0" else shard(x)).clone().requires_grad_() for n, x in full.items()}
         act = [torch.profiler.ProfilerActivity.CPU]  # the algorithms' own messages: no rank checks (their tests:
         with p2p_log() as got_fwd, torch.profiler.profile(activities=act) as pf:  # test_rank_agreement.py)
-            o, final = sp_linear_attn(mine["q"], mine["k"], mine["v"], method=method, layout=layout,
-                                      gate=mine.get("gate"), beta=mine.get("beta"), initial_state=mine["s0"],
-                                      output_final_state=True, kernel=kernel, cu_seqlens=cu, check_ranks=False,
-                                      **other)
+            o, final = sp_linear_attn(
+                mine["q"],
+                mine["k"],
+                mine["v"],
+                method=method,
+                layout=layout,
+                gate=mine.get("gate"),
+                beta=mine.get("beta"),
+                initial_state=mine["s0"],
+                output_final_state=True,
+                kernel=kernel,
+                cu_seqlens=cu,
+                check_ranks=False,
+                **other,
+            )
         with p2p_log() as got_bwd, torch.profiler.profile(activities=act) as pb:
             torch.autograd.backward([o, final], [shard(do), dfin * share])
         what = f"{method} {layout} {form}{' docs' if with_docs else ''}"
@@ -93,8 +113,12 @@ def case_every_form(method: str, layout: str, chunk_len: int, forms=tuple(FORMS)
         for n, x in mine.items():
             want = ref[n].grad if n == "s0" else shard(ref[n].grad)
             assert_close_rel(ds0 if n == "s0" else x.grad, want, 1e-9, f"{what}: d{n}")
-        out[(form, with_docs)] = {"fwd": comm_events(pf), "bwd": comm_events(pb), "p2p_fwd": list(got_fwd),
-                                  "p2p_bwd": list(got_bwd)}
+        out[(form, with_docs)] = {
+            "fwd": comm_events(pf),
+            "bwd": comm_events(pb),
+            "p2p_fwd": list(got_fwd),
+            "p2p_bwd": list(got_bwd),
+        }
     return out
 
 
@@ -117,9 +141,14 @@ def _expect(method: str, layout: str, W: int, form: str, rank: int, results) -> 
         assert set(events) <= {"gloo:send", "gloo:recv"}, (phase, events)
         chains = 2 if form == "bidirectional" else 1
         if method in ("lasp1", "allscan"):
-            hops_in = sum(1 for c in lay.chunks_of(rank) for prev in (c - 1, c + 1)
-                          if 0 <= prev < C and lay.owner(prev) != rank and (chains == 2 or
-                                                                             prev == (c - 1 if phase == "fwd" else c + 1)))
+            hops_in = sum(
+                1
+                for c in lay.chunks_of(rank)
+                for prev in (c - 1, c + 1)
+                if 0 <= prev < C
+                and lay.owner(prev) != rank
+                and (chains == 2 or prev == (c - 1 if phase == "fwd" else c + 1))
+            )
             pieces = len(column_blocks(V, ALLSCAN_BLOCKS if method == "allscan" else 1))
             assert len(received) == hops_in * pieces, (phase, received)
             # the whole state crosses each hop once, whatever W: K x V per chunk and direction
@@ -130,12 +159,14 @@ def _expect(method: str, layout: str, W: int, form: str, rank: int, results) -> 
 
 
 # W = 3 (odd) on zigzag: 6 chunks, the chain out and back; contiguous at W = 2 and 4
-@pytest.mark.parametrize("W, layout", [(2, "contiguous"), (2, "zigzag"), (3, "zigzag"), (4, "contiguous"),
-                                       (4, "zigzag")])
+@pytest.mark.parametrize(
+    "W, layout", [(2, "contiguous"), (2, "zigzag"), (3, "zigzag"), (4, "contiguous"), (4, "zigzag")]
+)
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_and_form_matches_one_process(dist_pool, method, W, layout):
-    results = dist_pool(W).run("tests.test_sp_methods:case_every_form", method=method, layout=layout,
-                               chunk_len=5 if W % 2 else 4)
+    results = dist_pool(W).run(
+        "tests.test_sp_methods:case_every_form", method=method, layout=layout, chunk_len=5 if W % 2 else 4
+    )
     for rank, per_form in enumerate(results):
         for (form, _), r in per_form.items():
             _expect(method, layout, W, form, rank, r)
@@ -151,11 +182,14 @@ def case_counts(method: str, W_expected: int, K: int, V: int, layout: str = "con
     assert W == W_expected
     q, k, v, do, _, _, args = _inputs("gdn", 4 * W, K=K, V=V)
     local = [shard_sequence(x, rank=rank, world_size=W, layout=layout).requires_grad_() for x in (q, k, v)]
-    extra = {a: shard_sequence(x, rank=rank, world_size=W, layout=layout) for a, x in args.items()
-             if a in ("gate", "beta")}
+    extra = {
+        a: shard_sequence(x, rank=rank, world_size=W, layout=layout) for a, x in args.items() if a in ("gate", "beta")
+    }
     sp_linear_attn(*local, method=method, layout=layout, check_ranks=False, **extra)  # warm
-    prof = lambda: torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],  # noqa: E731
-                                          profile_memory=True)
+    prof = lambda: torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU],  # noqa: E731
+        profile_memory=True,
+    )
     with p2p_log() as fwd, prof() as pf:
         o = sp_linear_attn(*local, method=method, layout=layout, check_ranks=False, **extra)
     with p2p_log() as bwd, prof() as pb:
@@ -191,9 +225,12 @@ def test_point_to_point_bytes_per_rank_do_not_grow_with_W(dist_pool):
 def _check_peaks(dist_pool, W: int, pair: int, lasp2_above: float) -> None:
     """Peak memory per rank (the busiest): logscan's stays within 2.5 pairs of lasp1's, whose memory does
     not depend on W (it holds one incoming state per chunk), where lasp2's gathered pairs grow with W."""
-    peaks = {m: max(r["peak"] for r in dist_pool(W).run("tests.test_sp_methods:case_counts", method=m,
-                                                         W_expected=W, K=32, V=32))
-             for m in ("lasp1", "logscan", "lasp2")}
+    peaks = {
+        m: max(
+            r["peak"] for r in dist_pool(W).run("tests.test_sp_methods:case_counts", method=m, W_expected=W, K=32, V=32)
+        )
+        for m in ("lasp1", "logscan", "lasp2")
+    }
     assert peaks["logscan"] <= peaks["lasp1"] + 2.5 * pair, (W, peaks, pair)
     assert peaks["lasp2"] >= peaks["lasp1"] + lasp2_above * pair, (W, peaks, pair)
 
@@ -203,13 +240,16 @@ def case_all_methods(layout: str, chunk_len: int, forms: tuple, docs: tuple):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("LASP_TEST_W8") != "1", reason="W = 8 starts a pool of its own (about 16 s of "
-                    "the suite's 8-minute budget): run it with LASP_TEST_W8=1")
+@pytest.mark.skipif(
+    os.environ.get("LASP_TEST_W8") != "1",
+    reason="W = 8 starts a pool of its own (about 16 s of the suite's 8-minute budget): run it with LASP_TEST_W8=1",
+)
 def test_every_method_at_eight_ranks(dist_pool):
     """W = 8, zigzag (16 chunks: the log scan's four rounds, a chain of 14 hops): Gated DeltaNet with states
     and documents crossing ranks; and the peak memory bound of logscan at W = 8."""
-    results = dist_pool(8).run("tests.test_sp_methods:case_all_methods", layout="zigzag", chunk_len=3,
-                               forms=(), docs=("gdn",))
+    results = dist_pool(8).run(
+        "tests.test_sp_methods:case_all_methods", layout="zigzag", chunk_len=3, forms=(), docs=("gdn",)
+    )
     for rank, per_method in enumerate(results):
         for method, per_form in per_method.items():
             for (form, _), r in per_form.items():
@@ -230,8 +270,10 @@ def test_auto_picks_what_the_cost_model_prices_cheapest():
     gdn = lambda W, layout="zigzag", T=512: Shape(W, 1, T, 16, 16, 128, 128, layout, 2, "gdn")  # noqa: E731
     assert pick(cands, gdn(64), Link(**LATENCY_BOUND))[0] == "logscan"
     assert pick(cands, gdn(8), Link(**BANDWIDTH_BOUND))[0] == "allscan"
-    assert pick(cands, Shape(2, 1, 2, 16, 16, 128, 128, "contiguous", 4, "none"), Link(**BANDWIDTH_BOUND))[0] == \
-        "ulysses_linear"
+    assert (
+        pick(cands, Shape(2, 1, 2, 16, 16, 128, 128, "contiguous", 4, "none"), Link(**BANDWIDTH_BOUND))[0]
+        == "ulysses_linear"
+    )
     best, cost = pick(cands, gdn(256, T=32768), PRESETS["nvlink4-h100"])
     assert best == "logscan" and cost["lasp2"] > 20 * cost["logscan"], cost
     with pytest.raises(ValueError, match="unknown link 'fast'.*nvlink4-h100"):

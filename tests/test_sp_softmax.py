@@ -43,8 +43,10 @@ def doc_starts(N, L):
     """Row 0: 1-token documents at 0 and 1, short ones, a start exactly at the first chunk (rank) boundary
     L, one from L+1 to 3L+1 (across three ranks at W = 4, either layout) and a 1-token one at the end. Row
     1: a 1-token document in the middle."""
-    return [[0, 1, 2, 4, 5, 6, L, L + 1] + ([3 * L + 1] if 3 * L + 1 < N - 1 else []) + [N - 1],
-            [0, 3, N // 2, N // 2 + 1]]
+    return [
+        [0, 1, 2, 4, 5, 6, L, L + 1] + ([3 * L + 1] if 3 * L + 1 < N - 1 else []) + [N - 1],
+        [0, 3, N // 2, N // 2 + 1],
+    ]
 
 
 def case_sp_attn(algo, layout, causal, dtype, heads, chunk_len, decay=False, docs=False, B=2, D=4, Dv=3):
@@ -107,7 +109,12 @@ def test_softmax_sp_matches_single_process_f64(dist_pool, algo, W, layout, causa
     chunk_len = 13 if W % 2 else 7
     res = dist_pool(W).run(
         "tests.test_sp_softmax:case_sp_attn",
-        algo=algo, layout=layout, causal=causal, dtype="f64", heads=heads, chunk_len=chunk_len,
+        algo=algo,
+        layout=layout,
+        causal=causal,
+        dtype="f64",
+        heads=heads,
+        chunk_len=chunk_len,
     )
     _check(res, algo, W)
 
@@ -119,7 +126,12 @@ def test_softmax_sp_matches_single_process_f64(dist_pool, algo, W, layout, causa
 def test_softmax_sp_matches_single_process_f32(dist_pool, algo, W, layout, causal):
     res = dist_pool(W).run(
         "tests.test_sp_softmax:case_sp_attn",
-        algo=algo, layout=layout, causal=causal, dtype="f32", heads="gqa4", chunk_len=37,
+        algo=algo,
+        layout=layout,
+        causal=causal,
+        dtype="f32",
+        heads="gqa4",
+        chunk_len=37,
     )
     _check(res, algo, W)
 
@@ -131,8 +143,13 @@ def test_softmax_sp_matches_single_process_f32(dist_pool, algo, W, layout, causa
 def test_ulysses_linear_matches_single_process(dist_pool, W, layout, mode, dtype):
     res = dist_pool(W).run(
         "tests.test_sp_softmax:case_sp_attn",
-        algo="ulysses_linear", layout=layout, causal=mode != "bidirectional", decay=mode == "decay",
-        dtype=dtype, heads="gqa4", chunk_len=13,
+        algo="ulysses_linear",
+        layout=layout,
+        causal=mode != "bidirectional",
+        decay=mode == "decay",
+        dtype=dtype,
+        heads="gqa4",
+        chunk_len=13,
     )
     _check(res, "ulysses_linear", W)
 
@@ -144,8 +161,16 @@ def test_softmax_sp_documents_match_single_process(dist_pool, W, layout):
     pool = dist_pool(W)
     for algo in SOFTMAX:
         for causal in (True, False) if W == 2 else (True,):
-            res = pool.run("tests.test_sp_softmax:case_sp_attn", algo=algo, layout=layout, causal=causal,
-                           dtype="f64", heads="gqa2", chunk_len=7, docs=True)
+            res = pool.run(
+                "tests.test_sp_softmax:case_sp_attn",
+                algo=algo,
+                layout=layout,
+                causal=causal,
+                dtype="f64",
+                heads="gqa2",
+                chunk_len=7,
+                docs=True,
+            )
             _check(res, algo, W)
 
 
@@ -158,10 +183,28 @@ def test_lasp2h_zigzag_balances_causal_work(dist_pool, W):
         return [sum(lq * (sk - lq) + lq * (lq + 1) // 2 for lq, sk in r["sdpa_q_k"]) for r in results]
 
     pool = dist_pool(W)
-    zig = work(pool.run("tests.test_sp_softmax:case_sp_attn", algo="lasp2h", layout="zigzag", causal=True,
-                        dtype="f64", heads="gqa2", chunk_len=L))
-    con = work(pool.run("tests.test_sp_softmax:case_sp_attn", algo="lasp2h", layout="contiguous", causal=True,
-                        dtype="f64", heads="gqa2", chunk_len=L))
+    zig = work(
+        pool.run(
+            "tests.test_sp_softmax:case_sp_attn",
+            algo="lasp2h",
+            layout="zigzag",
+            causal=True,
+            dtype="f64",
+            heads="gqa2",
+            chunk_len=L,
+        )
+    )
+    con = work(
+        pool.run(
+            "tests.test_sp_softmax:case_sp_attn",
+            algo="lasp2h",
+            layout="contiguous",
+            causal=True,
+            dtype="f64",
+            heads="gqa2",
+            chunk_len=L,
+        )
+    )
     assert len(set(zig)) == 1, zig
     assert con == sorted(con) and con[-1] / con[0] == pytest.approx(2 * W - 1, rel=0.05), con
 
@@ -176,7 +219,9 @@ def case_bad_heads():
 
 
 def test_ulysses_heads_not_divisible_is_a_clear_error(dist_pool):
-    assert all("6 heads are not divisible by 4 ranks" in m for m in dist_pool(4).run("tests.test_sp_softmax:case_bad_heads"))
+    assert all(
+        "6 heads are not divisible by 4 ranks" in m for m in dist_pool(4).run("tests.test_sp_softmax:case_bad_heads")
+    )
 
 
 def case_bad_documents():
@@ -227,8 +272,15 @@ def _each_document_alone(q, k, v, cu, causal):
     T, rows = q.shape[1], []
     for b, starts in enumerate(cu):
         ends = [s for s in starts if s < T] + [T]
-        rows.append(torch.cat([softmax_attn(q[b : b + 1, s:e], k[b : b + 1, s:e], v[b : b + 1, s:e], causal=causal)
-                               for s, e in zip(ends, ends[1:])], dim=1))
+        rows.append(
+            torch.cat(
+                [
+                    softmax_attn(q[b : b + 1, s:e], k[b : b + 1, s:e], v[b : b + 1, s:e], causal=causal)
+                    for s, e in zip(ends, ends[1:])
+                ],
+                dim=1,
+            )
+        )
     return torch.cat(rows)
 
 
@@ -244,11 +296,14 @@ def test_softmax_attn_documents_match_each_document_alone(monkeypatch, causal, h
     (Hq, Hkv), T = HEADS[heads], 23
     cu = [[0, 1, 2, 9, 10, 22, 23], [0, 12]]
     gen = torch.Generator().manual_seed(7)
-    q, k, v, do = (torch.randn(2, T, h, d, generator=gen, dtype=torch.float64)
-                   for h, d in ((Hq, 4), (Hkv, 4), (Hkv, 3), (Hq, 3)))
+    q, k, v, do = (
+        torch.randn(2, T, h, d, generator=gen, dtype=torch.float64) for h, d in ((Hq, 4), (Hkv, 4), (Hkv, 3), (Hq, 3))
+    )
     outs = []
-    for fn in (lambda *x: softmax_attn(*x, causal=causal, cu_seqlens=cu),
-               lambda *x: _each_document_alone(*x, cu, causal)):
+    for fn in (
+        lambda *x: softmax_attn(*x, causal=causal, cu_seqlens=cu),
+        lambda *x: _each_document_alone(*x, cu, causal),
+    ):
         x = [t.clone().requires_grad_() for t in (q, k, v)]
         o = fn(*x)
         o.backward(do)
@@ -278,14 +333,17 @@ def test_attention_blocks_with_documents_merge_to_the_op():
     o_ref.backward(do)
     assert_close(o, o_ref.detach(), atol=1e-12, rtol=1e-12)
     delta = (do * o).sum(-1)
-    grads = [attn_block_bwd(q, k[:, b], v[:, b], do, lse, delta, causal=False, scale=scale, doc_ids=(ids, ids[:, b]))
-             for b in blocks]
+    grads = [
+        attn_block_bwd(q, k[:, b], v[:, b], do, lse, delta, causal=False, scale=scale, doc_ids=(ids, ids[:, b]))
+        for b in blocks
+    ]
     assert (grads[0][0][:, 8:] == 0).all() and (grads[1][0][:, :5] == 0).all()
     assert_close(grads[0][0] + grads[1][0], x[0].grad, atol=1e-12, rtol=1e-12)
     for i in (1, 2):
         assert_close(torch.cat([grads[0][i], grads[1][i]], dim=1), x[i].grad, atol=1e-12, rtol=1e-12)
-    own = attn_block_bwd(q, k[:, :6], v[:, :6], do, parts[0][1], delta, causal=False, scale=scale,
-                         doc_ids=(ids, ids[:, :6]))  # a block's own -inf lse
+    own = attn_block_bwd(
+        q, k[:, :6], v[:, :6], do, parts[0][1], delta, causal=False, scale=scale, doc_ids=(ids, ids[:, :6])
+    )  # a block's own -inf lse
     assert all(not g.isnan().any() for g in own) and (own[0][:, 8:] == 0).all()
 
 

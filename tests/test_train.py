@@ -16,8 +16,15 @@ from tests.test_launch import _free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = {
-    "model": {"vocab_size": 258, "hidden_size": 32, "num_layers": 2, "num_heads": 2, "num_kv_heads": 1,
-              "ffn_hidden_size": 64, "layer_pattern": "LS"},
+    "model": {
+        "vocab_size": 258,
+        "hidden_size": 32,
+        "num_layers": 2,
+        "num_heads": 2,
+        "num_kv_heads": 1,
+        "ffn_hidden_size": 64,
+        "layer_pattern": "LS",
+    },
     "data": {"seq_len": 64, "global_batch": 4},
     "optim": {"lr": 1e-2},
     "schedule": {"warmup_steps": 2},
@@ -68,16 +75,28 @@ def _config(tmp_path, corpus, name="c", **sections):
 
 
 def _env():
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                               "MASTER_PORT")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
     return {**env, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
 def _train(config, nproc=1, extra=(), check=True, timeout=300):
-    launcher = [sys.executable, "-m", "lasp.train.launcher", "torchrun", "--standalone", f"--nproc-per-node={nproc}"] \
-        if nproc > 1 else [sys.executable]
-    out = subprocess.run([*launcher, "-m", "lasp.train", "--config", config, *extra], cwd=ROOT, env=_env(),
-                         capture_output=True, text=True, timeout=timeout)
+    launcher = (
+        [sys.executable, "-m", "lasp.train.launcher", "torchrun", "--standalone", f"--nproc-per-node={nproc}"]
+        if nproc > 1
+        else [sys.executable]
+    )
+    out = subprocess.run(
+        [*launcher, "-m", "lasp.train", "--config", config, *extra],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if check:
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
     return out
@@ -129,24 +148,46 @@ def test_nonfinite_loss_stops_or_skips_as_configured(tmp_path, corpus):
     from lasp.train.loop import NonFiniteError
     from tests.test_checkpoint import run
 
-    blow_up = dict(optim={"lr": 1e30, "grad_clip": 0}, schedule={"warmup_steps": 0},
-                   train={"eval_interval": 0, "steps": 30})
+    blow_up = dict(
+        optim={"lr": 1e30, "grad_clip": 0}, schedule={"warmup_steps": 0}, train={"eval_interval": 0, "steps": 30}
+    )
     config, run_dir = _config(tmp_path, corpus, "stop", **blow_up)
     with pytest.raises(NonFiniteError, match=r"non-finite loss .*; stopping \(train.nonfinite = stop\)") as e:
         run(yaml.safe_load(open(config)))
     bad = _rows(run_dir)[-1]
     assert bad["skipped"] and str(e.value).startswith(f"step {bad['step']}: non-finite")
-    config, run_dir = _config(tmp_path, corpus, "skip", **{**blow_up, "train": {
-        **blow_up["train"], "nonfinite": "skip", "max_skipped_steps": 2}})
+    config, run_dir = _config(
+        tmp_path,
+        corpus,
+        "skip",
+        **{**blow_up, "train": {**blow_up["train"], "nonfinite": "skip", "max_skipped_steps": 2}},
+    )
     with pytest.raises(NonFiniteError, match="3 steps skipped in a row"):
         run(yaml.safe_load(open(config)))
     assert sum(r["skipped"] for r in _rows(run_dir)) == 3
 
 
 def _start(config, nproc, extra=()):
-    return subprocess.Popen([sys.executable, "-m", "lasp.train.launcher", "torchrun", "--standalone", f"--nproc-per-node={nproc}",
-                             *extra, "-m", "lasp.train", "--config", config], cwd=ROOT, env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "lasp.train.launcher",
+            "torchrun",
+            "--standalone",
+            f"--nproc-per-node={nproc}",
+            *extra,
+            "-m",
+            "lasp.train",
+            "--config",
+            config,
+        ],
+        cwd=ROOT,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _wait_for(proc, path, what):
@@ -167,8 +208,14 @@ def _wait_for(proc, path, what):
 
 @pytest.mark.slow
 def test_sigterm_on_one_rank_saves_exits_75_and_a_new_start_resumes(tmp_path, corpus, dist_pool, capsys):
-    config, run_dir = _config(tmp_path, corpus, "term", train={"steps": 10000, "eval_interval": 0},
-                              parallel={"dp": 2}, checkpoint={"interval": 0})
+    config, run_dir = _config(
+        tmp_path,
+        corpus,
+        "term",
+        train={"steps": 10000, "eval_interval": 0},
+        parallel={"dp": 2},
+        checkpoint={"interval": 0},
+    )
     proc = _start(config, 2)
     _wait_for(proc, os.path.join(run_dir, "metrics.jsonl"), "its first step")
     workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
@@ -188,7 +235,9 @@ def test_sigterm_on_one_rank_saves_exits_75_and_a_new_start_resumes(tmp_path, co
     step = _rows(run_dir)[-1]["step"]
     # every worker saved and stopped early (75); the launcher says so last, with that status, not torchrun's 1
     assert proc.returncode == 75, err[-3000:]
-    assert err.strip().splitlines()[-1].startswith(f"stopped by SIGTERM after step {step}, with a checkpoint"), err[-2000:]
+    assert err.strip().splitlines()[-1].startswith(f"stopped by SIGTERM after step {step}, with a checkpoint"), err[
+        -2000:
+    ]
     assert 1 <= step < 10000 and f"checkpoint step {step}: saved" in out
     # the new start (on the shared pool's two ranks: the torchrun restart is the SIGKILL test's) resumes there
     cfg = yaml.safe_load(open(config))
@@ -198,10 +247,14 @@ def test_sigterm_on_one_rank_saves_exits_75_and_a_new_start_resumes(tmp_path, co
 
 
 @pytest.mark.slow
-def test_a_worker_killed_with_sigkill_is_restarted_by_torchrun_and_the_curve_is_exact(tmp_path, corpus,
-                                                                                    dist_pool):
-    slow = dict(model={"hidden_size": 64, "ffn_hidden_size": 128}, data={"seq_len": 256, "global_batch": 8},
-                train={"steps": 24, "eval_interval": 0}, parallel={"sp": 2}, checkpoint={"interval": 4})
+def test_a_worker_killed_with_sigkill_is_restarted_by_torchrun_and_the_curve_is_exact(tmp_path, corpus, dist_pool):
+    slow = dict(
+        model={"hidden_size": 64, "ffn_hidden_size": 128},
+        data={"seq_len": 256, "global_batch": 8},
+        train={"steps": 24, "eval_interval": 0},
+        parallel={"sp": 2},
+        checkpoint={"interval": 4},
+    )
     config, ref_dir = _config(tmp_path, corpus, "straight", **slow)
     # the uninterrupted run on the shared pool's two ranks (one thread each, as the torchrun workers here)
     dist_pool(2).run("tests.test_checkpoint:case_train", cfg=yaml.safe_load(open(config)), world_size=2)
@@ -220,10 +273,22 @@ def test_a_worker_killed_with_sigkill_is_restarted_by_torchrun_and_the_curve_is_
 def _two_nodes(config, port):
     """Two `launch/torchrun.sh` "nodes" of one process each on this machine (c10d rendezvous on loopback)."""
     return [
-        subprocess.Popen(["bash", "launch/torchrun.sh", "--config", config], cwd=ROOT, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True,
-                         env={**_env(), "PYTHON": sys.executable, "NNODES": "2", "NODE_RANK": str(node),
-                              "NPROC_PER_NODE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+        subprocess.Popen(
+            ["bash", "launch/torchrun.sh", "--config", config],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={
+                **_env(),
+                "PYTHON": sys.executable,
+                "NNODES": "2",
+                "NODE_RANK": str(node),
+                "NPROC_PER_NODE": "1",
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port),
+            },
+        )
         for node in (0, 1)
     ]
 
@@ -233,8 +298,9 @@ def test_two_nodes_through_launch_torchrun_sh_give_the_sp1_losses(tmp_path, corp
     """SP = 2 over two torchrun "nodes" of one process each (one node, `--standalone`, goes through the same
     script in test_launch.py's worker-error test)."""
     port = _free_port()
-    config, run_dir = _config(tmp_path, corpus, "nodes", parallel={"sp": 2, "sp_layout": "zigzag"},
-                              train={"eval_positions": True})
+    config, run_dir = _config(
+        tmp_path, corpus, "nodes", parallel={"sp": 2, "sp_layout": "zigzag"}, train={"eval_positions": True}
+    )
     procs = _two_nodes(config, port)
     outs = []
     for node, p in enumerate(procs):
@@ -261,13 +327,25 @@ def test_two_nodes_through_launch_torchrun_sh_give_the_sp1_losses(tmp_path, corp
 
 
 @pytest.mark.slow
-def test_zero2_through_the_deepspeed_launcher_with_a_localhost_hostfile_gives_the_same_losses(tmp_path, corpus,
-                                                                                             reference):
+def test_zero2_through_the_deepspeed_launcher_with_a_localhost_hostfile_gives_the_same_losses(
+    tmp_path, corpus, reference
+):
     config, run_dir = _config(tmp_path, corpus, "hostfile", train={"steps": 3}, parallel={"dp": 2, "zero_stage": 2})
     (tmp_path / "hostfile").write_text("localhost slots=2\n")
-    out = subprocess.run(["bash", "launch/deepspeed.sh", "--config", config], cwd=ROOT, capture_output=True, text=True,
-                         timeout=300, env={**_env(), "PYTHON": sys.executable, "HOSTFILE": str(tmp_path / "hostfile"),
-                                           "NO_SSH": "1", "MASTER_PORT": str(_free_port())})
+    out = subprocess.run(
+        ["bash", "launch/deepspeed.sh", "--config", config],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={
+            **_env(),
+            "PYTHON": sys.executable,
+            "HOSTFILE": str(tmp_path / "hostfile"),
+            "NO_SSH": "1",
+            "MASTER_PORT": str(_free_port()),
+        },
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
     _same_curve(run_dir, reference, steps=3)
 
@@ -275,9 +353,14 @@ def test_zero2_through_the_deepspeed_launcher_with_a_localhost_hostfile_gives_th
 @pytest.mark.slow
 def test_a_dead_node_ends_the_other_with_an_error_not_a_hang(tmp_path, corpus):
     port = _free_port()
-    config, run_dir = _config(tmp_path, corpus, "dead", train={"steps": 100000, "eval_interval": 0,
-                                                               "collective_timeout_s": 30},
-                              parallel={"sp": 2}, checkpoint={"interval": 0, "save_on_exit": False})
+    config, run_dir = _config(
+        tmp_path,
+        corpus,
+        "dead",
+        train={"steps": 100000, "eval_interval": 0, "collective_timeout_s": 30},
+        parallel={"sp": 2},
+        checkpoint={"interval": 0, "save_on_exit": False},
+    )
     procs = _two_nodes(config, port)
     _wait_for(procs[0], os.path.join(run_dir, "metrics.jsonl"), "its first step")
     workers = subprocess.run(["pgrep", "-P", str(procs[1].pid)], capture_output=True, text=True).stdout.split()
@@ -292,8 +375,12 @@ def test_a_dead_node_ends_the_other_with_an_error_not_a_hang(tmp_path, corpus):
 
 @pytest.mark.slow
 def test_bf16_autocast_with_activation_checkpointing_follows_the_fp32_curve(tmp_path, corpus, reference):
-    config, run_dir = _config(tmp_path, corpus, "bf16", train={"dtype": "bfloat16", "activation_checkpointing": 1,
-                                                              "eval_interval": 0, "steps": 3})
+    config, run_dir = _config(
+        tmp_path,
+        corpus,
+        "bf16",
+        train={"dtype": "bfloat16", "activation_checkpointing": 1, "eval_interval": 0, "steps": 3},
+    )
     _train(config)
     got = [r["loss"] for r in _rows(run_dir)]
     assert len(got) == 3 and all(abs(x - y) <= 1e-2 * abs(y) for x, (y, _) in zip(got, reference)), (got, reference)

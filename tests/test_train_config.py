@@ -26,14 +26,17 @@ def _problems(data, world_size=1, check_data=False):
 
 
 def test_every_problem_at_once_with_its_path():
-    problems = _problems({
-        "model": {"num_heads": 6, "num_kv_heads": 6, "hidden_size": 96, "hidden_sise": 3},
-        "parallel": {"tp": 4, "sp": 2, "dp": 2, "microbatches": 3, "sp_layout": "zigzag"},
-        "data": {"seq_len": 102, "global_batch": 8},
-        "optim": {"lr": "fast", "beta2": 1.5},
-        "train": {"steps": 0, "dtype": "float16", "activation_checkpointing": "some"},
-        "trian": {},
-    }, world_size=16)
+    problems = _problems(
+        {
+            "model": {"num_heads": 6, "num_kv_heads": 6, "hidden_size": 96, "hidden_sise": 3},
+            "parallel": {"tp": 4, "sp": 2, "dp": 2, "microbatches": 3, "sp_layout": "zigzag"},
+            "data": {"seq_len": 102, "global_batch": 8},
+            "optim": {"lr": "fast", "beta2": 1.5},
+            "train": {"steps": 0, "dtype": "float16", "activation_checkpointing": "some"},
+            "trian": {},
+        },
+        world_size=16,
+    )
     text = "\n".join(problems)
     for part in [
         "trian: unknown section (did you mean 'train'?)",
@@ -51,8 +54,9 @@ def test_every_problem_at_once_with_its_path():
 
 
 def test_world_size_and_the_data_are_checked(tmp_path):
-    problems = _problems({"parallel": {"sp": 2}, "data": {"path": str(tmp_path / "nope"), "seq_len": 64}},
-                         world_size=1, check_data=True)
+    problems = _problems(
+        {"parallel": {"sp": 2}, "data": {"path": str(tmp_path / "nope"), "seq_len": 64}}, world_size=1, check_data=True
+    )
     assert any("world size 1 != tp x sp x pp x dp = 1 x 2 x 1 x 1 = 2" in p for p in problems)
     assert any("nope does not exist" in p and "lasp.data prepare" in p for p in problems)
 
@@ -66,8 +70,12 @@ def test_model_problems_come_with_the_rest():
 def test_overrides_are_yaml_scalars_and_checked(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({"data": {"seq_len": 64}}))
-    cfg = load_config(str(path), ["optim.lr=1e-4", "train.activation_checkpointing=2", "model.tie_embeddings=true",
-                                  "schedule.decay_steps=null"], world_size=1, check_data=False)
+    cfg = load_config(
+        str(path),
+        ["optim.lr=1e-4", "train.activation_checkpointing=2", "model.tie_embeddings=true", "schedule.decay_steps=null"],
+        world_size=1,
+        check_data=False,
+    )
     assert cfg.optim.lr == 1e-4 and cfg.train.checkpoint_every == 2 and cfg.model.tie_embeddings
     assert cfg.schedule.decay_steps is None
     with pytest.raises(ConfigError) as e:
@@ -75,22 +83,37 @@ def test_overrides_are_yaml_scalars_and_checked(tmp_path):
     assert any("--set 'nokey': expected KEY=VALUE" in p for p in e.value.problems)
 
 
-@pytest.mark.parametrize("content, problem", [
-    (None, "config file: {path} does not exist"),
-    (b"\x89PNG\r\n\x1a\n\x00\x00",
-     "cannot read YAML: not a text file (byte #x89 at byte 0 is not utf-8: invalid start byte)"),
-    (b"model:\n  hidden_size: 64\xff\n",
-     "cannot read YAML: not a text file (byte #xff at byte 24 is not utf-8: invalid start byte)"),
-    (b"model:\n  \x00",
-     "cannot read YAML: not a text file (character #x0000 at character 9: special characters are not allowed)"),
-    (b"model:\n  layer_pattern: [L\n",
-     "cannot read YAML: line 3, column 1: while parsing a flow sequence: expected ',' or ']', but got '<stream end>'"),
-    (b"model:\n\tnum_heads: 4\n",
-     "cannot read YAML: line 2, column 1: while scanning for the next token: found character '\\t' that cannot "
-     "start any token"),
-    (b"- model\n- optim\n", "the top level must be a mapping of sections, got list"),
-    (b"just some text\n", "the top level must be a mapping of sections, got str"),
-], ids=["missing", "binary", "not-utf8", "nul", "syntax", "tab", "list", "text"])
+@pytest.mark.parametrize(
+    "content, problem",
+    [
+        (None, "config file: {path} does not exist"),
+        (
+            b"\x89PNG\r\n\x1a\n\x00\x00",
+            "cannot read YAML: not a text file (byte #x89 at byte 0 is not utf-8: invalid start byte)",
+        ),
+        (
+            b"model:\n  hidden_size: 64\xff\n",
+            "cannot read YAML: not a text file (byte #xff at byte 24 is not utf-8: invalid start byte)",
+        ),
+        (
+            b"model:\n  \x00",
+            "cannot read YAML: not a text file (character #x0000 at character 9: special characters are not allowed)",
+        ),
+        (
+            b"model:\n  layer_pattern: [L\n",
+            "cannot read YAML: line 3, column 1: while parsing a flow sequence: "
+            "expected ',' or ']', but got '<stream end>'",
+        ),
+        (
+            b"model:\n\tnum_heads: 4\n",
+            "cannot read YAML: line 2, column 1: while scanning for the next token: found character '\\t' that cannot "
+            "start any token",
+        ),
+        (b"- model\n- optim\n", "the top level must be a mapping of sections, got list"),
+        (b"just some text\n", "the top level must be a mapping of sections, got str"),
+    ],
+    ids=["missing", "binary", "not-utf8", "nul", "syntax", "tab", "list", "text"],
+)
 def test_a_config_file_that_is_not_a_yaml_mapping_is_one_problem_naming_it(tmp_path, content, problem):
     path = tmp_path / "c.yaml"
     if content is not None:
@@ -101,13 +124,26 @@ def test_a_config_file_that_is_not_a_yaml_mapping_is_one_problem_naming_it(tmp_p
     assert str(e.value).startswith(f"{path}: 1 problem(s)")
 
 
-@pytest.mark.parametrize("content, overrides, flag, problem", [
-    ("model:\n  num_heads: 3\n", [], "--dry-run", "model.hidden_size (64) must be divisible by model.num_heads (3)"),
-    (bytes(range(128, 256)), [], "--check-only", "cannot read YAML: not a text file (byte #x80 at byte 0"),
-    ("", ["optim.lr=.nan"], "--dry-run", "optim.lr: nan is not a finite number"),
-    ("", ["optim.lr=inf", "optim.grad_clip=nan"], "--check-only",
-     "optim.lr: inf is not a finite number\n  optim.grad_clip: nan is not a finite number"),
-], ids=["model", "binary", "nan-lr", "inf-lr"])
+@pytest.mark.parametrize(
+    "content, overrides, flag, problem",
+    [
+        (
+            "model:\n  num_heads: 3\n",
+            [],
+            "--dry-run",
+            "model.hidden_size (64) must be divisible by model.num_heads (3)",
+        ),
+        (bytes(range(128, 256)), [], "--check-only", "cannot read YAML: not a text file (byte #x80 at byte 0"),
+        ("", ["optim.lr=.nan"], "--dry-run", "optim.lr: nan is not a finite number"),
+        (
+            "",
+            ["optim.lr=inf", "optim.grad_clip=nan"],
+            "--check-only",
+            "optim.lr: inf is not a finite number\n  optim.grad_clip: nan is not a finite number",
+        ),
+    ],
+    ids=["model", "binary", "nan-lr", "inf-lr"],
+)
 def test_cli_reports_problems_with_exit_status_2(tmp_path, capsys, content, overrides, flag, problem):
     path = tmp_path / "c.yaml"
     path.write_bytes(content if isinstance(content, bytes) else content.encode())
@@ -145,8 +181,16 @@ def _at(path, value, **sections):
 
 
 def test_the_float_fields_are_all_found():
-    assert {"optim.lr", "optim.grad_clip", "schedule.min_lr_ratio", "train.max_minutes", "model.norm_eps",
-            "model.init_std", "model.moe.aux_loss_coeff", "model.moe.capacity_factor"} <= set(FLOAT_FIELDS)
+    assert {
+        "optim.lr",
+        "optim.grad_clip",
+        "schedule.min_lr_ratio",
+        "train.max_minutes",
+        "model.norm_eps",
+        "model.init_std",
+        "model.moe.aux_loss_coeff",
+        "model.moe.capacity_factor",
+    } <= set(FLOAT_FIELDS)
 
 
 @pytest.mark.parametrize("path", FLOAT_FIELDS)
@@ -201,23 +245,41 @@ def test_the_llama3_rope_factors_must_be_positive(name):
 
 
 def test_the_edges_of_the_ranges_are_allowed():
-    zero = {"optim": {"grad_clip": 0, "weight_decay": 0, "beta1": 0, "beta2": 0}, "schedule": {"min_lr_ratio": 0},
-            "train": {"distill_weight": 0}, "model": {"init_std": 0, "moe": {"aux_loss_coeff": 0, "z_loss_coeff": 0,
-                                                                              "bias_update_rate": 0}}}
+    zero = {
+        "optim": {"grad_clip": 0, "weight_decay": 0, "beta1": 0, "beta2": 0},
+        "schedule": {"min_lr_ratio": 0},
+        "train": {"distill_weight": 0},
+        "model": {"init_std": 0, "moe": {"aux_loss_coeff": 0, "z_loss_coeff": 0, "bias_update_rate": 0}},
+    }
     cfg = resolve(zero, "x.yaml", 1, check_data=False)
     assert cfg.optim.grad_clip == 0.0 and cfg.model.moe.aux_loss_coeff == 0.0
     assert resolve({"schedule": {"min_lr_ratio": 1}}, "x.yaml", 1, check_data=False).schedule.min_lr_ratio == 1.0
 
 
 def test_bad_numbers_in_every_section_are_reported_together():
-    problems = _problems({"optim": {"lr": math.nan, "grad_clip": -1.0, "beta2": 1.0}, "train": {"max_minutes": 0.0},
-                          "model": {"init_std": math.inf, "norm_eps": 0.0, "moe": {"capacity_factor": -math.inf,
-                                                                                   "z_loss_coeff": -1.0}}})
-    assert sorted(problems) == sorted([
-        "optim.lr: nan is not a finite number", "optim.grad_clip must be >= 0 (0: no clipping), got -1.0",
-        "optim.beta2 must be in [0, 1), got 1.0", "train.max_minutes must be > 0 (or null for no limit), got 0.0",
-        "model.init_std: inf is not a finite number", "model.norm_eps must be > 0, got 0.0",
-        "model.moe.capacity_factor: -inf is not a finite number", "model.moe.z_loss_coeff must be >= 0, got -1.0"])
+    problems = _problems(
+        {
+            "optim": {"lr": math.nan, "grad_clip": -1.0, "beta2": 1.0},
+            "train": {"max_minutes": 0.0},
+            "model": {
+                "init_std": math.inf,
+                "norm_eps": 0.0,
+                "moe": {"capacity_factor": -math.inf, "z_loss_coeff": -1.0},
+            },
+        }
+    )
+    assert sorted(problems) == sorted(
+        [
+            "optim.lr: nan is not a finite number",
+            "optim.grad_clip must be >= 0 (0: no clipping), got -1.0",
+            "optim.beta2 must be in [0, 1), got 1.0",
+            "train.max_minutes must be > 0 (or null for no limit), got 0.0",
+            "model.init_std: inf is not a finite number",
+            "model.norm_eps must be > 0, got 0.0",
+            "model.moe.capacity_factor: -inf is not a finite number",
+            "model.moe.z_loss_coeff must be >= 0, got -1.0",
+        ]
+    )
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
@@ -235,15 +297,31 @@ def test_configs_exist():
     assert "cpu-quickstart.yaml" in names and len(names) >= 5
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(tie_embeddings=True, output_norm=False, layer_pattern="LS"),
-                                dict(linear_variant="deltanet", conv_size=3), dict(linear_variant="gated_deltanet"),
-                                dict(linear_variant="kda", layer_pattern="LLS", num_layers=3),
-                                dict(attention_bias=True, qk_norm=True, attention_head_dim=24, layer_pattern="LS"),
-                                dict(feature_map="hedgehog", linear_variant="simple_gla", gate_source="key", window=4),
-                                dict(feature_map="elu1", linear_variant="gla", window=0),
-                                dict(lora_rank=3, lora_targets="q_proj, v_proj,down_proj,gate_proj", qk_norm=True),
-                                dict(moe=dict(num_experts=6, top_k=2, ffn_hidden_size=40, shared_ffn_hidden_size=24,
-                                              pattern="DM", router="sigmoid", expert_bias=True))])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(),
+        dict(tie_embeddings=True, output_norm=False, layer_pattern="LS"),
+        dict(linear_variant="deltanet", conv_size=3),
+        dict(linear_variant="gated_deltanet"),
+        dict(linear_variant="kda", layer_pattern="LLS", num_layers=3),
+        dict(attention_bias=True, qk_norm=True, attention_head_dim=24, layer_pattern="LS"),
+        dict(feature_map="hedgehog", linear_variant="simple_gla", gate_source="key", window=4),
+        dict(feature_map="elu1", linear_variant="gla", window=0),
+        dict(lora_rank=3, lora_targets="q_proj, v_proj,down_proj,gate_proj", qk_norm=True),
+        dict(
+            moe=dict(
+                num_experts=6,
+                top_k=2,
+                ffn_hidden_size=40,
+                shared_ffn_hidden_size=24,
+                pattern="DM",
+                router="sigmoid",
+                expert_bias=True,
+            )
+        ),
+    ],
+)
 def test_parameter_count_matches_the_model(kw):
     m = ModelConfig(**kw)
     assert param_counts(m)["total"] == sum(p.numel() for p in LinearLlama(m).parameters())
@@ -284,13 +362,24 @@ def test_learning_rate_warms_up_then_decays_to_the_floor():
 
 
 def test_more_mistakes_caught_before_any_work(tmp_path):
-    problems = "\n".join(_problems({
-        "logging": {"interval": 0}, "data": {"seed": -1}, "schedule": {"warmup_steps": 10, "decay_steps": 10},
-        "parallel": {"tp": 2, "zero_stage": 1}, "model": {"output_norm": True},
-    }, world_size=2))
-    for part in ("logging.interval must be >= 1, got 0", "data.seed must be >= 0, got -1",
-                 "schedule.decay_steps (10) must be after schedule.warmup_steps (10)",
-                 "parallel.zero_stage 1 with parallel.tp = 2 needs model.output_norm = false"):
+    problems = "\n".join(
+        _problems(
+            {
+                "logging": {"interval": 0},
+                "data": {"seed": -1},
+                "schedule": {"warmup_steps": 10, "decay_steps": 10},
+                "parallel": {"tp": 2, "zero_stage": 1},
+                "model": {"output_norm": True},
+            },
+            world_size=2,
+        )
+    )
+    for part in (
+        "logging.interval must be >= 1, got 0",
+        "data.seed must be >= 0, got -1",
+        "schedule.decay_steps (10) must be after schedule.warmup_steps (10)",
+        "parallel.zero_stage 1 with parallel.tp = 2 needs model.output_norm = false",
+    ):
         assert part in problems, problems
 
 
@@ -313,30 +402,54 @@ def test_a_held_out_split_shorter_than_a_sequence_is_reported(tmp_path):
     resolve(data, "x.yaml", 1, check_data=True)
 
 
-@pytest.mark.parametrize("value, shown", [("4", "str '4'"), (2.5, "float 2.5"), (True, "bool True")],
-                         ids=["str", "float", "bool"])
+@pytest.mark.parametrize(
+    "value, shown", [("4", "str '4'"), (2.5, "float 2.5"), (True, "bool True")], ids=["str", "float", "bool"]
+)
 def test_an_int_field_of_another_type_is_named_with_its_value(value, shown):
-    problems = "\n".join(_problems({"model": {"num_heads": value}, "parallel": {"sp": value},
-                                    "data": {"seq_len": value}, "train": {"steps": value}}))
+    problems = "\n".join(
+        _problems(
+            {
+                "model": {"num_heads": value},
+                "parallel": {"sp": value},
+                "data": {"seq_len": value},
+                "train": {"steps": value},
+            }
+        )
+    )
     for name in ("model.num_heads", "parallel.sp", "data.seq_len", "train.steps"):
         assert f"{name}: expected int, got {shown}" in problems, problems
 
 
 @pytest.mark.parametrize("bad", [0, -1])
 def test_sizes_below_one_are_reported_once_with_the_rest(bad):
-    problems = _problems({"model": {"num_heads": 3, "num_kv_heads": 3, "hidden_size": 96, "norm_eps": 0.0,
-                                    "rope_theta": -1.0},
-                          "parallel": {"tp": 2, "sp": bad, "microbatches": bad},
-                          "data": {"seq_len": bad, "global_batch": bad}, "train": {"max_skipped_steps": -1}},
-                         world_size=2)
-    for part in [f"data.seq_len must be >= 1, got {bad}", f"data.global_batch must be >= 1, got {bad}",
-                 f"parallel.sp must be >= 1, got {bad}", f"parallel.microbatches must be >= 1, got {bad}",
-                 "model.norm_eps must be > 0, got 0.0", "model.rope_theta must be > 0, got -1.0",
-                 "train.max_skipped_steps must be >= 0, got -1"]:
+    problems = _problems(
+        {
+            "model": {"num_heads": 3, "num_kv_heads": 3, "hidden_size": 96, "norm_eps": 0.0, "rope_theta": -1.0},
+            "parallel": {"tp": 2, "sp": bad, "microbatches": bad},
+            "data": {"seq_len": bad, "global_batch": bad},
+            "train": {"max_skipped_steps": -1},
+        },
+        world_size=2,
+    )
+    for part in [
+        f"data.seq_len must be >= 1, got {bad}",
+        f"data.global_batch must be >= 1, got {bad}",
+        f"parallel.sp must be >= 1, got {bad}",
+        f"parallel.microbatches must be >= 1, got {bad}",
+        "model.norm_eps must be > 0, got 0.0",
+        "model.rope_theta must be > 0, got -1.0",
+        "train.max_skipped_steps must be >= 0, got -1",
+    ]:
         assert sum(part in p for p in problems) == 1, (part, problems)
     # a valid model: the TP checks still run beside the bad sizes
-    problems = _problems({"model": {"num_heads": 3, "num_kv_heads": 3, "hidden_size": 96},
-                          "parallel": {"tp": 2, "sp": bad}, "data": {"seq_len": bad}}, world_size=2)
+    problems = _problems(
+        {
+            "model": {"num_heads": 3, "num_kv_heads": 3, "hidden_size": 96},
+            "parallel": {"tp": 2, "sp": bad},
+            "data": {"seq_len": bad},
+        },
+        world_size=2,
+    )
     assert any("model.num_heads (3) is not divisible by parallel.tp (2)" in p for p in problems), problems
 
 
@@ -348,11 +461,18 @@ def test_the_rope_rule_follows_the_softmax_layers():
 
 def test_unwritable_run_and_checkpoint_directories_are_reported(tmp_path):
     (tmp_path / "file").write_text("")
-    problems = _problems({"logging": {"run_dir": str(tmp_path / "file" / "run")},
-                          "checkpoint": {"dir": str(tmp_path / "file" / "ckpt")}}, check_data=True)
+    problems = _problems(
+        {
+            "logging": {"run_dir": str(tmp_path / "file" / "run")},
+            "checkpoint": {"dir": str(tmp_path / "file" / "ckpt")},
+        },
+        check_data=True,
+    )
     for name in ("logging.run_dir", "checkpoint.dir"):
-        assert any(p.startswith(f"{name}: cannot write to {tmp_path / 'file'}/") and "is not a directory" in p
-                   for p in problems), problems
+        assert any(
+            p.startswith(f"{name}: cannot write to {tmp_path / 'file'}/") and "is not a directory" in p
+            for p in problems
+        ), problems
     assert not (tmp_path / "file").is_dir()
 
 
@@ -369,10 +489,13 @@ def test_a_kernel_without_gates_or_resets_is_refused_before_any_process_group():
     class NoGates:
         name, caps = "triton", Capabilities()
 
-    cfg = resolve({"model": {"linear_variant": "simple_gla"}, "data": {"reset_at_documents": True}}, "x.yaml", 1,
-                  check_data=False)
-    with pytest.raises(ConfigError, match="(?s)needs a scalar gate, which the 'triton' kernel lacks.*"
-                                          "reset_at_documents needs document resets"):
+    cfg = resolve(
+        {"model": {"linear_variant": "simple_gla"}, "data": {"reset_at_documents": True}}, "x.yaml", 1, check_data=False
+    )
+    with pytest.raises(
+        ConfigError,
+        match="(?s)needs a scalar gate, which the 'triton' kernel lacks.*reset_at_documents needs document resets",
+    ):
         _check_kernel(cfg, NoGates())
     _check_kernel(cfg, __import__("lasp").kernels.DEFAULT_KERNEL)  # the torch kernel has both
     softmax_only = resolve({"model": {"linear_variant": "gla", "layer_pattern": "S"}}, "x.yaml", 1, check_data=False)
@@ -380,14 +503,20 @@ def test_a_kernel_without_gates_or_resets_is_refused_before_any_process_group():
 
 
 def test_attention_transfer_names_what_it_needs():
-    p = _problems({"model": {"layer_pattern": "S"}, "parallel": {"pp": 2},
-                   "train": {"objective": "attention_transfer"}}, world_size=2)
-    for part in ["train.objective = attention_transfer trains only the new parameters: set train.trainable = new",
-                 "needs linear layers, but model.layer_pattern 'S' has none",
-                 "runs with parallel.pp = 1 (every layer's error is summed on one stage), got 2"]:
+    p = _problems(
+        {"model": {"layer_pattern": "S"}, "parallel": {"pp": 2}, "train": {"objective": "attention_transfer"}},
+        world_size=2,
+    )
+    for part in [
+        "train.objective = attention_transfer trains only the new parameters: set train.trainable = new",
+        "needs linear layers, but model.layer_pattern 'S' has none",
+        "runs with parallel.pp = 1 (every layer's error is summed on one stage), got 2",
+    ]:
         assert any(part in q for q in p), p
-    assert any("train.objective must be lm or attention_transfer, got 'mse'" in q
-               for q in _problems({"train": {"objective": "mse"}}))
+    assert any(
+        "train.objective must be lm or attention_transfer, got 'mse'" in q
+        for q in _problems({"train": {"objective": "mse"}})
+    )
 
 
 def test_distillation_names_what_it_needs():
@@ -395,16 +524,20 @@ def test_distillation_names_what_it_needs():
     assert any("train.distill_weight runs with parallel.pp = 1" in q for q in p), p
     p = _problems({"train": {"distill_weight": -1.0}})
     assert any("train.distill_weight must be >= 0 (0: no distillation), got -1.0" in q for q in p), p
-    p = _problems({"train": {"distill_weight": 1.0, "objective": "attention_transfer", "trainable": "new",
-                             "init_from": "x"}})
+    p = _problems(
+        {"train": {"distill_weight": 1.0, "objective": "attention_transfer", "trainable": "new", "init_from": "x"}}
+    )
     assert any("adds to the lm objective, not to attention_transfer" in q for q in p), p
 
 
 def test_lora_names_what_it_needs():
     p = _problems({"model": {"lora_rank": -1, "lora_alpha": 0, "lora_targets": "q_proj,attn"}})
-    for part in ["model.lora_rank must be >= 0 (0: no adapters), got -1", "model.lora_alpha must be > 0, got 0",
-                 "model.lora_targets must name projections among q_proj, k_proj, v_proj, o_proj, gate_proj, "
-                 "up_proj, down_proj, got 'q_proj,attn'"]:
+    for part in [
+        "model.lora_rank must be >= 0 (0: no adapters), got -1",
+        "model.lora_alpha must be > 0, got 0",
+        "model.lora_targets must name projections among q_proj, k_proj, v_proj, o_proj, gate_proj, "
+        "up_proj, down_proj, got 'q_proj,attn'",
+    ]:
         assert any(part in q for q in p), p
     p = _problems({"train": {"trainable": "lora"}})
     assert any("train.trainable = lora needs adapters: set model.lora_rank" in q for q in p), p
@@ -412,5 +545,8 @@ def test_lora_names_what_it_needs():
 
 def test_eval_positions_names_what_it_needs():
     p = _problems({"parallel": {"tp": 2}, "train": {"eval_positions": True, "eval_interval": 0}}, world_size=2)
-    assert any("train.eval_positions needs tp = pp = 1, zero_stage 0, the lm objective and evaluations; got "
-               "parallel.tp = 2, train.eval_interval = 0" in q for q in p), p
+    assert any(
+        "train.eval_positions needs tp = pp = 1, zero_stage 0, the lm objective and evaluations; got "
+        "parallel.tp = 2, train.eval_interval = 0" in q
+        for q in p
+    ), p

@@ -17,9 +17,26 @@ def test_every_triton_launch_builds_for_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["LASP_TRITON_AUTOTUNE"] = "0"  # the fixed config; `--all-configs` builds every tuned one
     # one build process per dtype, side by side (compiling is CPU-bound and single-threaded)
-    procs = [subprocess.Popen([sys.executable, "-m", "lasp.kernels.linear_attn.triton_aot", "--arch", "90",
-                               "--dtypes", dtype, "--no-spills", "--tensor-cores"], env=env, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for dtype in ("bf16", "fp32")]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "lasp.kernels.linear_attn.triton_aot",
+                "--arch",
+                "90",
+                "--dtypes",
+                dtype,
+                "--no-spills",
+                "--tensor-cores",
+            ],
+            env=env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for dtype in ("bf16", "fp32")
+    ]
     outs = [p.communicate(timeout=900) for p in procs]
     builds = 0
     for p, (out, err) in zip(procs, outs):

@@ -40,8 +40,16 @@ def _decay_and_gate(mode, B, T, dtype=torch.float32):
 
 
 @pytest.mark.parametrize("decay", [False, True], ids=["nodecay", "decay"])
-@pytest.mark.parametrize("T, K, V, block, B, H", [(1, 16, 16, 16, 1, 3), (37, 8, 12, 16, 2, 3), (70, 16, 32, 16, 1, 3),
-                                                 (64, 40, 24, 32, 1, 3), (16, 264, 16, 16, 1, 1)])
+@pytest.mark.parametrize(
+    "T, K, V, block, B, H",
+    [
+        (1, 16, 16, 16, 1, 3),
+        (37, 8, 12, 16, 2, 3),
+        (70, 16, 32, 16, 1, 3),
+        (64, 40, 24, 32, 1, 3),
+        (16, 264, 16, 16, 1, 1),
+    ],
+)
 def test_protocol_matches_pytorch(T, K, V, block, B, H, decay):
     """Every method; in the interpreter the tiles are 16 wide, so K=40 / V=24 / V=32 cross tile borders,
     and K=264 (17 tiles) has no head-dim limit. The interpreter runs one program per (row, head, chunk)
@@ -74,10 +82,16 @@ def test_linear_attn_with_states_through_triton(with_s0, want_final, mode):
     args = [x.clone().requires_grad_() for x in inputs]
     ref = [x.clone().requires_grad_() for x in inputs]
     kw = dict(log_decay=log_decay, output_final_state=want_final)
-    got = linear_attn(*args[:3], initial_state=args[3] if with_s0 else None, gate=args[4] if gate is not None
-                      else None, kernel=TritonChunkKernel(block=16), **kw)
-    want = linear_attn(*ref[:3], initial_state=ref[3] if with_s0 else None, gate=ref[4] if gate is not None
-                       else None, kernel=REF, **kw)
+    got = linear_attn(
+        *args[:3],
+        initial_state=args[3] if with_s0 else None,
+        gate=args[4] if gate is not None else None,
+        kernel=TritonChunkKernel(block=16),
+        **kw,
+    )
+    want = linear_attn(
+        *ref[:3], initial_state=ref[3] if with_s0 else None, gate=ref[4] if gate is not None else None, kernel=REF, **kw
+    )
     got, want = (list(x) if want_final else [x] for x in (got, want))
     ((got[0] * do).sum() + (got[1].square().sum() if want_final else 0)).backward()
     ((want[0] * do).sum() + (want[1].square().sum() if want_final else 0)).backward()
@@ -115,17 +129,22 @@ def test_gate_forms_the_triton_kernel_lacks_are_clear_errors():
     with pytest.raises(ValueError, match="no vector gate"):
         linear_attn(q, q, q, gate=torch.zeros(1, 4, 1, 16, device=DEVICE), kernel=TritonChunkKernel())
     with pytest.raises(ValueError, match="no reset"):
-        linear_attn(q, q, q, gate=torch.tensor([[[0.0], [-torch.inf], [0.0], [0.0]]], device=DEVICE),
-                    kernel=TritonChunkKernel())
+        linear_attn(
+            q, q, q, gate=torch.tensor([[[0.0], [-torch.inf], [0.0], [0.0]]], device=DEVICE), kernel=TritonChunkKernel()
+        )
     with pytest.raises(ValueError, match="scalar gate only"):
         TritonChunkKernel().gated_fwd(q, q, q, torch.zeros(1, 4, 1, 16, device=DEVICE), 1.0, None, False)
 
 
 HALF_CASES = [  # (dtype, T, D): fp16 also in the interpreter (small); its tl.dot is wrong on bf16 only
     pytest.param(torch.float16, 70, 32, id="fp16-small"),
-    *[pytest.param(dt, 1000, D, id=f"{str(dt)[6:]}-D{D}",
-                   marks=pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU"))
-      for dt in (torch.bfloat16, torch.float16) for D in (64, 128)],
+    *[
+        pytest.param(
+            dt, 1000, D, id=f"{str(dt)[6:]}-D{D}", marks=pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
+        )
+        for dt in (torch.bfloat16, torch.float16)
+        for D in (64, 128)
+    ],
 ]
 
 
@@ -140,10 +159,22 @@ def test_half_precision(dtype, T, D, mode):
     inputs = (q, k, v, s0) + (() if gate is None else (gate,))
     got = [x.clone().requires_grad_() for x in inputs]
     ref = [x.float().clone().requires_grad_() for x in inputs]
-    o, sT = linear_attn(*got[:3], log_decay=g, gate=got[4] if gate is not None else None, initial_state=got[3],
-                        output_final_state=True, kernel=TritonChunkKernel(block=16 if T < 100 else 64))
-    o_ref, sT_ref = linear_attn(*ref[:3], log_decay=g, gate=ref[4] if gate is not None else None,
-                                initial_state=ref[3], output_final_state=True, kernel=TorchChunkKernel())
+    o, sT = linear_attn(
+        *got[:3],
+        log_decay=g,
+        gate=got[4] if gate is not None else None,
+        initial_state=got[3],
+        output_final_state=True,
+        kernel=TritonChunkKernel(block=16 if T < 100 else 64),
+    )
+    o_ref, sT_ref = linear_attn(
+        *ref[:3],
+        log_decay=g,
+        gate=ref[4] if gate is not None else None,
+        initial_state=ref[3],
+        output_final_state=True,
+        kernel=TorchChunkKernel(),
+    )
     assert o.dtype == dtype and sT.dtype == torch.float32
     ((o.float() * do.float()).sum() + sT.sum()).backward()
     ((o_ref * do.float()).sum() + sT_ref.sum()).backward()
@@ -159,8 +190,16 @@ def test_lasp2_runs_the_same_algorithm_on_triton_kernels(dist_pool):
     if ON_GPU:
         pytest.skip("the gloo pool runs on CPU; on a GPU the protocol tests above cover the kernels")
     res = dist_pool(2).run(
-        "tests.test_sp_linear:case_sp_linear", algo="lasp2", layout="zigzag", mode="decay", dtype="f32",
-        chunk_len=21, K=16, V=16, B=1, backend="triton",
+        "tests.test_sp_linear:case_sp_linear",
+        algo="lasp2",
+        layout="zigzag",
+        mode="decay",
+        dtype="f32",
+        chunk_len=21,
+        K=16,
+        V=16,
+        B=1,
+        backend="triton",
     )
     assert all(len(r["fwd"]) == 1 and len(r["bwd"]) == 1 for r in res)
 
@@ -181,8 +220,12 @@ def case_lasp2_gated_triton(layout, chunk_len, B=2, H=4, Hkv=2, K=16, V=24):
     o = lasp2_linear_attn(*local[:3], gate=local[3], layout=layout, kernel=TritonChunkKernel(block=16))
     o.backward(shard(do))
     errors = {"o": _relative(o, shard(o_ref))}
-    errors.update({f"d{name}": _relative(got.grad, shard(ref)) for name, got, ref in
-                   zip(["q", "k", "v", "gate"], local, grads_ref)})
+    errors.update(
+        {
+            f"d{name}": _relative(got.grad, shard(ref))
+            for name, got, ref in zip(["q", "k", "v", "gate"], local, grads_ref)
+        }
+    )
     return errors
 
 

@@ -56,8 +56,9 @@ def _received(prof, W: int) -> list[tuple[str, int]]:
 def _run(rank: int, W: int, N: int, store: str, result_path: str) -> None:
     import lasp
 
-    dist.init_process_group("gloo", store=dist.FileStore(store, W), rank=rank, world_size=W,
-                            timeout=datetime.timedelta(seconds=120))
+    dist.init_process_group(
+        "gloo", store=dist.FileStore(store, W), rank=rank, world_size=W, timeout=datetime.timedelta(seconds=120)
+    )
     gen = torch.Generator().manual_seed(0)
     full = {n: torch.randn(B, N, h, D, generator=gen) for n, h in (("q", H), ("k", HKV), ("v", HKV), ("do", H))}
     local = {n: lasp.shard_sequence(x, rank=rank, world_size=W, layout="zigzag") for n, x in full.items()}
@@ -65,7 +66,9 @@ def _run(rank: int, W: int, N: int, store: str, result_path: str) -> None:
     ops = {
         "lasp2": lambda q, k, v: lasp.lasp2_linear_attn(q, k, v, layout="zigzag", log_decay=decay, check_ranks=False),
         "lasp1": lambda q, k, v: lasp.lasp1_linear_attn(q, k, v, layout="zigzag", log_decay=decay, check_ranks=False),
-        "ulysses_linear": lambda q, k, v: lasp.ulysses_linear_attn(q, k, v, layout="zigzag", log_decay=decay, check_ranks=False),
+        "ulysses_linear": lambda q, k, v: lasp.ulysses_linear_attn(
+            q, k, v, layout="zigzag", log_decay=decay, check_ranks=False
+        ),
         "lasp2h": lambda q, k, v: lasp.lasp2h_softmax_attn(q, k, v, layout="zigzag", check_ranks=False),
         "ring": lambda q, k, v: lasp.ring_softmax_attn(q, k, v, layout="zigzag", check_ranks=False),
         "ulysses_softmax": lambda q, k, v: lasp.ulysses_softmax_attn(q, k, v, layout="zigzag", check_ranks=False),
@@ -112,22 +115,26 @@ def summarise(rows: list[dict], W: int) -> list[dict]:
 
 def markdown(summary: list[dict], N: int) -> str:
     lines = [
-        f"| algorithm | forward ops (per rank) | backward ops (per rank) | elements received per rank, fwd + bwd "
-        f"| sequential steps fwd / bwd | largest message (elements) |",
+        "| algorithm | forward ops (per rank) | backward ops (per rank) | elements received per rank, fwd + bwd "
+        "| sequential steps fwd / bwd | largest message (elements) |",
         "|---|---|---|---|---|---|",
     ]
     for s in summary:
         f, b = s["fwd"], s["bwd"]
         lines.append(
             f"| {s['algo']} | {f['ops']} | {b['ops']} | {f['elements_received'] + b['elements_received']:,} "
-            f"| {f['sequential_steps']} / {b['sequential_steps']} | {max(f['largest_message'], b['largest_message']):,} |"
+            f"| {f['sequential_steps']} / {b['sequential_steps']} "
+            f"| {max(f['largest_message'], b['largest_message']):,} |"
         )
     return "\n".join(lines)
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m lasp.bench.comm_table", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m lasp.bench.comm_table",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--world-size", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=4096)
     p.add_argument("--out", type=Path, default=Path("results/comm_table"))
@@ -147,7 +154,10 @@ def main(argv=None) -> None:
         rows = json.loads(Path(result).read_text())
     summary = summarise(rows, W)
     env = environment()
-    write_jsonl(args.out.with_suffix(".jsonl"), [{**s, "seq_len": N, "B": B, "H": H, "Hkv": HKV, "D": D, **env} for s in summary])
+    write_jsonl(
+        args.out.with_suffix(".jsonl"),
+        [{**s, "seq_len": N, "B": B, "H": H, "Hkv": HKV, "D": D, **env} for s in summary],
+    )
     print(markdown(summary, N))
     print(f"wrote {args.out.with_suffix('.jsonl')}")
 

@@ -35,7 +35,11 @@ def _step(impl: str, T: int):
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m lasp.bench.cpu_linear_attn", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m lasp.bench.cpu_linear_attn",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--out", type=Path, default=Path("results/cpu_linear_attn"))
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
     p.add_argument("--quadratic-max", type=int, default=4096, help="longest T for the quadratic baseline")
@@ -46,15 +50,31 @@ def main(argv=None) -> None:
     problems += writable("--out", args.out.with_suffix(".jsonl")) or writable("--out", args.out.with_suffix(".png"))
     usage_error(p, problems)
     env = environment()
-    print(f"linear_attn fwd+bwd, fp32, B={B} H={H} K=V={D}, decay; {env['hardware']['cpu']}, {env['hardware']['threads']} threads")
+    print(
+        f"linear_attn fwd+bwd, fp32, B={B} H={H} K=V={D}, decay; {env['hardware']['cpu']}, "
+        f"{env['hardware']['threads']} threads"
+    )
     rows = []
     for T in args.lengths:
         for impl in ("chunked", "quadratic"):
             if impl == "quadratic" and T > args.quadratic_max:
                 continue
             sec = median_time(_step(impl, T), reps=args.reps if impl == "chunked" else max(2, args.reps // 2))
-            rows.append({"impl": impl, "T": T, "B": B, "H": H, "K": D, "V": D, "dtype": "float32", "decay": True,
-                         "seconds": sec, "tokens_per_s": B * T / sec, **env})
+            rows.append(
+                {
+                    "impl": impl,
+                    "T": T,
+                    "B": B,
+                    "H": H,
+                    "K": D,
+                    "V": D,
+                    "dtype": "float32",
+                    "decay": True,
+                    "seconds": sec,
+                    "tokens_per_s": B * T / sec,
+                    **env,
+                }
+            )
             print(f"  {impl:9s} T={T:6d}  {sec * 1e3:9.1f} ms  {B * T / sec / 1e3:8.1f} ktok/s", flush=True)
     write_jsonl(args.out.with_suffix(".jsonl"), rows)
     _plot(rows, args.out.with_suffix(".png"))

@@ -60,37 +60,63 @@ def _step(form: str, T: int):
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m lasp.bench.gated", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m lasp.bench.gated", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--out", type=Path, default=Path("results/gated"))
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096])
     p.add_argument("--reps", type=int, default=5)
     a = p.parse_args(argv)
-    usage_error(p, at_least("--lengths", a.lengths) + at_least("--reps", a.reps)
-                + writable("--out", a.out.with_suffix(".jsonl")))
+    usage_error(
+        p,
+        at_least("--lengths", a.lengths) + at_least("--reps", a.reps) + writable("--out", a.out.with_suffix(".jsonl")),
+    )
     env = environment()
-    print(f"linear_attn fwd+bwd, fp32, B={B} H={H} K=V={D}; {env['hardware']['cpu']}, "
-          f"{env['hardware']['threads']} threads", flush=True)
+    print(
+        f"linear_attn fwd+bwd, fp32, B={B} H={H} K=V={D}; {env['hardware']['cpu']}, "
+        f"{env['hardware']['threads']} threads",
+        flush=True,
+    )
     rows, t, mem = [], {}, {}
     for T in a.lengths:
         for form in FORMS:
             step = _step(form, T)
             sec = median_time(step, reps=a.reps)
             t[form, T], mem[form, T] = sec, peak_cpu_memory(step)
-            rows.append({"form": form, "T": T, "B": B, "H": H, "K": D, "V": D, "dtype": "float32", "seconds": sec,
-                         "tokens_per_s": B * T / sec, "over_decay": sec / t["decay", T],
-                         "peak_bytes": mem[form, T], **env})
-            print(f"  {form:11s} T={T:6d}  {sec * 1e3:8.1f} ms  {sec / t['decay', T]:5.2f}x the constant decay  "
-                  f"peak {mem[form, T] / 2**20:7.1f} MiB", flush=True)
+            rows.append(
+                {
+                    "form": form,
+                    "T": T,
+                    "B": B,
+                    "H": H,
+                    "K": D,
+                    "V": D,
+                    "dtype": "float32",
+                    "seconds": sec,
+                    "tokens_per_s": B * T / sec,
+                    "over_decay": sec / t["decay", T],
+                    "peak_bytes": mem[form, T],
+                    **env,
+                }
+            )
+            print(
+                f"  {form:11s} T={T:6d}  {sec * 1e3:8.1f} ms  {sec / t['decay', T]:5.2f}x the constant decay  "
+                f"peak {mem[form, T] / 2**20:7.1f} MiB",
+                flush=True,
+            )
     T = 4096 if 4096 in a.lengths else max(a.lengths)
     for (form, base), target in TARGETS.items():
         ratio = t[form, T] / t[base, T]
-        print(f"{form} at T={T}: {ratio:.2f}x the time of {base} (target <= {target}x): "
-              f"{'PASS' if ratio <= target else 'FAIL'}")
+        print(
+            f"{form} at T={T}: {ratio:.2f}x the time of {base} (target <= {target}x): "
+            f"{'PASS' if ratio <= target else 'FAIL'}"
+        )
     for (form, base), target in MEMORY_TARGETS.items():
         ratio = mem[form, T] / mem[base, T]
-        print(f"{form} at T={T}: {ratio:.2f}x the peak memory of {base} (target <= {target}x): "
-              f"{'PASS' if ratio <= target else 'FAIL'}")
+        print(
+            f"{form} at T={T}: {ratio:.2f}x the peak memory of {base} (target <= {target}x): "
+            f"{'PASS' if ratio <= target else 'FAIL'}"
+        )
     rows += gathered_bytes()
     write_jsonl(a.out.with_suffix(".jsonl"), rows)
     print(f"wrote {a.out.with_suffix('.jsonl')}")
@@ -100,17 +126,16 @@ def gathered_bytes(form: str = "gdn", T: int = 4096, world_sizes=WORLD_SIZES) ->
     """LASP-2's forward all-gather per layer, fp32, B=1, H=4, K=V=64, zigzag (2 chunks per rank): the pair
     (A, M) this code builds for one chunk (the kernel's delta_transitions, as lasp.sp.lasp2 sends it), times
     the 2W chunks, against the cost model's plan; the bytes do not depend on T."""
-    from lasp.sp.cost import Shape, plan
     from lasp.kernels import DEFAULT_KERNEL
     from lasp.kernels.linear_attn.gated import as_vector_form
+    from lasp.sp.cost import Shape, plan
 
     gen = torch.Generator().manual_seed(0)
     L = 64  # a chunk's length does not change its pair
     q, k, v = (torch.randn(B, L, H, D, generator=gen) for _ in range(3))
     gate = None if DELTA[form] is None else -torch.rand(B, L, H, *([D] if DELTA[form] == "vector" else []))
     beta = torch.rand(B, L, H, generator=gen)
-    A, M, _ = DEFAULT_KERNEL.delta_transitions(q, k, v, beta, None if gate is None else as_vector_form(gate),
-                                               D**-0.5)
+    A, M, _ = DEFAULT_KERNEL.delta_transitions(q, k, v, beta, None if gate is None else as_vector_form(gate), D**-0.5)
     pair = torch.cat([A, M], dim=-1).nbytes
     rows = []
     print(f"LASP-2 all-gather per layer, {form}, fp32, B={B} H={H} K=V={D}, zigzag (bytes do not depend on T):")
@@ -118,8 +143,10 @@ def gathered_bytes(form: str = "gdn", T: int = 4096, world_sizes=WORLD_SIZES) ->
         built = 2 * W * pair
         model = plan("lasp2", Shape(W, B, T // W, H, H, D, D, "zigzag", 4, form=form)).fwd[0].nbytes
         rows.append({"kind": "gathered_bytes", "form": form, "W": W, "bytes_built": built, "bytes_model": model})
-        print(f"  W={W:4d}  {built / 2**20:8.2f} MiB built  {model / 2**20:8.2f} MiB cost model"
-              f"{'' if built == model else '  MISMATCH'}")
+        print(
+            f"  W={W:4d}  {built / 2**20:8.2f} MiB built  {model / 2**20:8.2f} MiB cost model"
+            f"{'' if built == model else '  MISMATCH'}"
+        )
     return rows
 
 

@@ -56,7 +56,9 @@ def _impls(log_decay, H, D):
     impls["fla chunk_simple_gla g_gamma (decay)"] = (gla_gamma, True)
     impls["fla chunk_simple_gla g (decay)"] = (gla_gate, True)
     impls["fla chunk_linear_attn (no decay)"] = (
-        lambda q, k, v: chunk_linear_attn(q, k, v, scale=D**-0.5, normalize=False)[0], False)
+        lambda q, k, v: chunk_linear_attn(q, k, v, scale=D**-0.5, normalize=False)[0],
+        False,
+    )
     return impls
 
 
@@ -83,7 +85,7 @@ def measure(fn, B, T, H, D, dtype, device, reps) -> dict:
     out = {"fwd_s": median_time(lambda: fn(q, k, v), reps)}
     o = fn(q, k, v)
     out["bwd_s"] = median_time(lambda: torch.autograd.grad(o, (q, k, v), do, retain_graph=True), reps)
-    del o
+    o = None  # free the graph before the peak is measured
     cuda = device == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -111,18 +113,23 @@ def summary(rows: list[dict], ours: str = "lasp-triton (decay)", lo: int = 8192,
             mem = ""
             if mine[T]["peak_extra_bytes"] is not None and best["peak_extra_bytes"]:
                 mem = f", memory {mine[T]['peak_extra_bytes'] / best['peak_extra_bytes']:.2f}x"
-            lines.append(f"B={B} T={T:6d}: {ours} {mine[T]['fwd_bwd_s'] * 1e3:8.2f} ms, {best['impl']} "
-                         f"{best['fwd_bwd_s'] * 1e3:8.2f} ms, speed ratio {best['fwd_bwd_s'] / mine[T]['fwd_bwd_s']:.2f}{mem}")
+            lines.append(
+                f"B={B} T={T:6d}: {ours} {mine[T]['fwd_bwd_s'] * 1e3:8.2f} ms, {best['impl']} "
+                f"{best['fwd_bwd_s'] * 1e3:8.2f} ms, speed ratio {best['fwd_bwd_s'] / mine[T]['fwd_bwd_s']:.2f}{mem}"
+            )
         per_token = [mine[T]["fwd_bwd_s"] / (B * T) for T in mine if lo <= T <= hi]
         if len(per_token) > 1:
-            lines.append(f"B={B}: {ours} time per token over T={lo}..{hi} varies by "
-                         f"{max(per_token) / min(per_token) - 1:.1%} (max/min - 1)")
+            lines.append(
+                f"B={B}: {ours} time per token over T={lo}..{hi} varies by "
+                f"{max(per_token) / min(per_token) - 1:.1%} (max/min - 1)"
+            )
     return lines
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m lasp.bench.kernels", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m lasp.bench.kernels", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--batch", type=int, nargs="+", default=[1, 4])
     p.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192, 16384, 32768, 65536, 131072])
     p.add_argument("--heads", type=int, default=16)
@@ -131,12 +138,21 @@ def main(argv=None) -> None:
     p.add_argument("--torch-max", type=int, default=16384, help="longest T for the PyTorch path")
     p.add_argument("--check-len", type=int, default=2048, help="T of the agreement check")
     p.add_argument("--only", nargs="+", default=None, help="implementations whose name starts with one of these")
-    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
-                   help="cpu only checks this script at toy sizes (float32, Triton in its interpreter)")
+    p.add_argument(
+        "--device",
+        choices=["cuda", "cpu"],
+        default="cuda",
+        help="cpu only checks this script at toy sizes (float32, Triton in its interpreter)",
+    )
     p.add_argument("--out", type=Path, default=Path("results/kernels"))
-    p.add_argument("--from-jsonl", type=Path, nargs="+", default=None,
-                   help="measure nothing: merge these files (e.g. one per call of a time-limited machine) into "
-                        "<out>.jsonl, print the summary and plot")
+    p.add_argument(
+        "--from-jsonl",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="measure nothing: merge these files (e.g. one per call of a time-limited machine) into "
+        "<out>.jsonl, print the summary and plot",
+    )
     args = p.parse_args(argv)
     unwritable = writable("--out", args.out.with_suffix(".jsonl")) or writable("--out", args.out.with_suffix(".png"))
     if args.from_jsonl:
@@ -193,9 +209,11 @@ def main(argv=None) -> None:
                         continue
                     record({"impl": name, "B": B, "T": T, "max_rel_err_vs_fp32": err, **r})
                     mem = "" if r["peak_extra_bytes"] is None else f"  +{r['peak_extra_bytes'] / 2**30:.2f} GiB"
-                    print(f"  {name:38s} B={B} T={T:6d}  fwd {r['fwd_s'] * 1e3:8.2f} ms  bwd {r['bwd_s'] * 1e3:8.2f} ms"
-                          f"  fwd+bwd {r['fwd_bwd_s'] * 1e3:8.2f} ms  {r['tokens_per_s'] / 1e6:7.2f} Mtok/s{mem}",
-                          flush=True)
+                    print(
+                        f"  {name:38s} B={B} T={T:6d}  fwd {r['fwd_s'] * 1e3:8.2f} ms  bwd {r['bwd_s'] * 1e3:8.2f} ms"
+                        f"  fwd+bwd {r['fwd_bwd_s'] * 1e3:8.2f} ms  {r['tokens_per_s'] / 1e6:7.2f} Mtok/s{mem}",
+                        flush=True,
+                    )
     for line in summary(rows):
         print(line)
     _plot([r for r in rows if "fwd_bwd_s" in r], args.out.with_suffix(".png"), H, D, config["dtype"])

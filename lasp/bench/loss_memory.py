@@ -47,8 +47,9 @@ def available_bytes() -> int | None:
     return None
 
 
-def estimated_bytes(path: str, tokens: int, vocab: int, hidden: int, chunk_tokens: int,
-                    dtype: torch.dtype = torch.float32) -> int:
+def estimated_bytes(
+    path: str, tokens: int, vocab: int, hidden: int, chunk_tokens: int, dtype: torch.dtype = torch.float32
+) -> int:
     """What a real run of `path` ("plain" or "chunked") needs: inputs and gradients, plus its [n, V] buffers."""
     es = max(torch.finfo(dtype).bits // 8, 4)  # the loss computes in float32 or better
     inputs = 2 * (tokens + vocab) * hidden * torch.finfo(dtype).bits // 8 + 8 * tokens
@@ -60,9 +61,7 @@ def peak_cpu_memory(fn) -> int:
     """Highest number of bytes torch had allocated on the CPU, above the starting point, while fn() ran."""
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    events = sorted(
-        (e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
-    )
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
     now = peak = 0
     for _, nbytes in events:
         now += nbytes
@@ -94,8 +93,7 @@ def _step(path: str, h, w, labels, chunk_tokens: int):
     return run
 
 
-def _peak(path: str, method: str, tokens: int, vocab: int, hidden: int, chunk_tokens: int,
-          dtype: torch.dtype) -> int:
+def _peak(path: str, method: str, tokens: int, vocab: int, hidden: int, chunk_tokens: int, dtype: torch.dtype) -> int:
     if method == MEASURED:
         gen = torch.Generator().manual_seed(0)
         h = torch.randn(1, tokens, hidden, generator=gen).to(dtype).requires_grad_()
@@ -111,8 +109,14 @@ def _peak(path: str, method: str, tokens: int, vocab: int, hidden: int, chunk_to
         return fake_peak_memory(_step(path, h, w, labels, chunk_tokens), h, w, labels)
 
 
-def loss_peak_memory(tokens: int = 65536, vocab: int = 32768, hidden: int = 1024, chunk_tokens: int = 4096,
-                     dtype: torch.dtype = torch.float32, method: str = "auto") -> dict:
+def loss_peak_memory(
+    tokens: int = 65536,
+    vocab: int = 32768,
+    hidden: int = 1024,
+    chunk_tokens: int = 4096,
+    dtype: torch.dtype = torch.float32,
+    method: str = "auto",
+) -> dict:
     """Peak CPU memory of one forward + backward of the loss over `tokens` tokens (hidden [1, tokens, hidden],
     weight [vocab, hidden], random labels), plain and chunked: {plain,chunked}_bytes, {plain,chunked}_peak_gib,
     {plain,chunked}_method ("measured" or "fake-tensor tracked"), ratio (chunked / plain), and the sizes.
@@ -120,8 +124,14 @@ def loss_peak_memory(tokens: int = 65536, vocab: int = 32768, hidden: int = 1024
     if method not in ("auto", "measured", "fake"):
         raise ValueError(f"method must be auto, measured or fake, got {method!r}")
     avail = available_bytes()
-    row = {"tokens": tokens, "vocab": vocab, "hidden": hidden, "chunk_tokens": chunk_tokens, "dtype": str(dtype),
-           "mem_available_bytes": avail}
+    row = {
+        "tokens": tokens,
+        "vocab": vocab,
+        "hidden": hidden,
+        "chunk_tokens": chunk_tokens,
+        "dtype": str(dtype),
+        "mem_available_bytes": avail,
+    }
     for path in ("chunked", "plain"):
         need = estimated_bytes(path, tokens, vocab, hidden, chunk_tokens, dtype)
         if method == "auto":
@@ -129,14 +139,19 @@ def loss_peak_memory(tokens: int = 65536, vocab: int = 32768, hidden: int = 1024
         else:
             how = MEASURED if method == "measured" else FAKE
         peak = _peak(path, how, tokens, vocab, hidden, chunk_tokens, dtype)
-        row |= {f"{path}_bytes": peak, f"{path}_peak_gib": peak / 2**30, f"{path}_method": how,
-                f"{path}_estimated_need_bytes": need}
+        row |= {
+            f"{path}_bytes": peak,
+            f"{path}_peak_gib": peak / 2**30,
+            f"{path}_method": how,
+            f"{path}_estimated_need_bytes": need,
+        }
     row["ratio"] = row["chunked_bytes"] / row["plain_bytes"]
     return row
 
 
-def validate(tokens: int, vocab: int, hidden: int = 1024, chunk_tokens: int = 4096,
-             dtype: torch.dtype = torch.float32) -> dict:
+def validate(
+    tokens: int, vocab: int, hidden: int = 1024, chunk_tokens: int = 4096, dtype: torch.dtype = torch.float32
+) -> dict:
     """Both methods at one size: the measured and fake-tensor figures and their relative differences."""
     real = loss_peak_memory(tokens, vocab, hidden, chunk_tokens, dtype, method="measured")
     fake = loss_peak_memory(tokens, vocab, hidden, chunk_tokens, dtype, method="fake")
@@ -148,14 +163,21 @@ def validate(tokens: int, vocab: int, hidden: int = 1024, chunk_tokens: int = 40
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m lasp.bench.loss_memory", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m lasp.bench.loss_memory",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--tokens", type=int, default=65536)
     p.add_argument("--vocab", type=int, default=32768)
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--chunk-tokens", type=int, default=4096)
-    p.add_argument("--method", choices=["auto", "measured", "fake"], default="auto",
-                   help="measured: real run and profiler; fake: fake tensors and MemTracker; auto: measured where it fits")
+    p.add_argument(
+        "--method",
+        choices=["auto", "measured", "fake"],
+        default="auto",
+        help="measured: real run and profiler; fake: fake tensors and MemTracker; auto: measured where it fits",
+    )
     p.add_argument("--validate", action="store_true", help="run both methods and report how far apart they are")
     p.add_argument("--out", type=Path, default=None, help="write <out>.jsonl")
     a = p.parse_args(argv)

@@ -46,8 +46,9 @@ def main(argv=None) -> None:
     groups = init_groups(par)
     torch.manual_seed(0)
     stage = parallelize(LinearLlama(m), par, groups)
-    tokens = torch.randint(0, m.vocab_size, (cfg.data.global_batch, cfg.data.seq_len + 1),
-                           generator=torch.Generator().manual_seed(1))
+    tokens = torch.randint(
+        0, m.vocab_size, (cfg.data.global_batch, cfg.data.seq_len + 1), generator=torch.Generator().manual_seed(1)
+    )
     train_step(stage, tokens, par, groups)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
         train_step(stage, tokens, par, groups)
@@ -55,9 +56,16 @@ def main(argv=None) -> None:
     moe_layers = sum(m.moe is not None and m.moe.is_moe(i) for i in range(m.num_layers))
     a2a = sum(_bytes(op) for op in ops if "all_to_all" in op.name)
     gather = sum(_bytes(op) for op in ops if "all_gather" in op.name or "allgather" in op.name)
-    row = {"what": "moe_comm", "ep": par.ep, "sp": par.sp, "tokens_per_rank": cfg.tokens_per_step // par.dp // par.sp,
-           "moe_layers": moe_layers, "all_to_all_bytes_per_moe_layer": a2a / max(moe_layers, 1),
-           "all_gather_bytes_per_layer": gather / m.num_layers, "ops": sorted({op.name for op in ops})}
+    row = {
+        "what": "moe_comm",
+        "ep": par.ep,
+        "sp": par.sp,
+        "tokens_per_rank": cfg.tokens_per_step // par.dp // par.sp,
+        "moe_layers": moe_layers,
+        "all_to_all_bytes_per_moe_layer": a2a / max(moe_layers, 1),
+        "all_gather_bytes_per_layer": gather / m.num_layers,
+        "ops": sorted({op.name for op in ops}),
+    }
     if dist.get_rank() == 0:
         print(json.dumps(row), flush=True)
     dist.destroy_process_group()

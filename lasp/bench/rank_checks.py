@@ -52,10 +52,13 @@ def _op(name: str):
     }[name]
 
 
-def _run(rank: int, W: int, T: int, ops: list[str], reps: int, isolated_reps: int, store: str, result_path: str) -> None:
+def _run(
+    rank: int, W: int, T: int, ops: list[str], reps: int, isolated_reps: int, store: str, result_path: str
+) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", store=dist.FileStore(store, W), rank=rank, world_size=W,
-                            timeout=datetime.timedelta(seconds=300))
+    dist.init_process_group(
+        "gloo", store=dist.FileStore(store, W), rank=rank, world_size=W, timeout=datetime.timedelta(seconds=300)
+    )
     gen = torch.Generator().manual_seed(rank)
     q, k, v = (torch.randn(B, T, h, D, generator=gen).requires_grad_() for h in (H, HKV, HKV))
     do = torch.randn(B, T, H, D, generator=gen)
@@ -74,17 +77,27 @@ def _run(rank: int, W: int, T: int, ops: list[str], reps: int, isolated_reps: in
         step(True), step(False)  # warm-up (and the first call of a size, which announces it)
         times = {True: [], False: []}
         for i in range(reps):
-            for check in ((True, False) if i % 2 else (False, True)):
+            for check in (True, False) if i % 2 else (False, True):
                 times[check].append(step(check))
         if rank == 0:
             on, off = statistics.median(times[True]), statistics.median(times[False])
             q_on, q_off = statistics.quantiles(times[True], n=4), statistics.quantiles(times[False], n=4)
-            rows.append({"op": name, "seconds_checked": on, "seconds_unchecked": off,
-                         "overhead_pct": 100 * (on - off) / off,
-                         "iqr_checked": [q_on[0], q_on[2]], "iqr_unchecked": [q_off[0], q_off[2]]})
-            print(f"  {name:15s} checked {on * 1e3:8.2f} ms (IQR {q_on[0] * 1e3:.1f}-{q_on[2] * 1e3:.1f})  "
-                  f"unchecked {off * 1e3:8.2f} ms (IQR {q_off[0] * 1e3:.1f}-{q_off[2] * 1e3:.1f})  "
-                  f"difference {100 * (on - off) / off:+6.2f}%", flush=True)
+            rows.append(
+                {
+                    "op": name,
+                    "seconds_checked": on,
+                    "seconds_unchecked": off,
+                    "overhead_pct": 100 * (on - off) / off,
+                    "iqr_checked": [q_on[0], q_on[2]],
+                    "iqr_unchecked": [q_off[0], q_off[2]],
+                }
+            )
+            print(
+                f"  {name:15s} checked {on * 1e3:8.2f} ms (IQR {q_on[0] * 1e3:.1f}-{q_on[2] * 1e3:.1f})  "
+                f"unchecked {off * 1e3:8.2f} ms (IQR {q_off[0] * 1e3:.1f}-{q_off[2] * 1e3:.1f})  "
+                f"difference {100 * (on - off) / off:+6.2f}%",
+                flush=True,
+            )
     iso = _isolated(W, T, isolated_reps)
     # the unchecked LASP-2 step the overhead is a share of (timed here when lasp2 is not among --ops)
     step = statistics.median(_lasp2_steps(T, 5)) if "lasp2" not in ops else None
@@ -92,9 +105,12 @@ def _run(rank: int, W: int, T: int, ops: list[str], reps: int, isolated_reps: in
         step = step or next(r["seconds_unchecked"] for r in rows if r["op"] == "lasp2")
         pct = 100 * 2 * iso["extra_seconds_per_gather"] / step
         rows.append({"op": "lasp2", "isolated": True, **iso, "overhead_pct": pct})
-        print(f"  lasp2 isolated: fingerprint + header + check {iso['extra_seconds_per_gather'] * 1e6:.0f} us per "
-              f"all-gather (plain {iso['plain_seconds'] * 1e6:.0f} us, checked {iso['checked_seconds'] * 1e6:.0f} us); "
-              f"x2 (forward, backward) = {pct:.3f}% of the unchecked step", flush=True)
+        print(
+            f"  lasp2 isolated: fingerprint + header + check {iso['extra_seconds_per_gather'] * 1e6:.0f} us per "
+            f"all-gather (plain {iso['plain_seconds'] * 1e6:.0f} us, checked {iso['checked_seconds'] * 1e6:.0f} us); "
+            f"x2 (forward, backward) = {pct:.3f}% of the unchecked step",
+            flush=True,
+        )
         Path(result_path).write_text(json.dumps(rows))
     dist.destroy_process_group()
 
@@ -137,7 +153,7 @@ def _isolated(W: int, T: int, reps: int) -> dict:
     checked(), plain()
     times = {"plain": [], "checked": []}
     for i in range(reps):
-        for name, fn in ((("plain", plain), ("checked", checked)) if i % 2 else (("checked", checked), ("plain", plain))):
+        for name, fn in (("plain", plain), ("checked", checked)) if i % 2 else (("checked", checked), ("plain", plain)):
             dist.barrier()
             times[name].append(fn())
     p, c = statistics.median(times["plain"]), statistics.median(times["checked"])
@@ -145,8 +161,11 @@ def _isolated(W: int, T: int, reps: int) -> dict:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m lasp.bench.rank_checks", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m lasp.bench.rank_checks",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--world-size", type=int, default=2)
     p.add_argument("--local-len", type=int, default=4096, help="tokens per rank (even: zigzag)")
     p.add_argument("--ops", nargs="+", choices=OPS, default=DEFAULT_OPS)
@@ -163,16 +182,37 @@ def main(argv=None) -> None:
         problems.append(f"--world-size {W}: Ulysses needs the {H} heads divisible by the world size")
     usage_error(p, problems + writable("--out", args.out.with_suffix(".jsonl")))
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    print(f"rank checks on and off: W={W}, T={T} per rank, B={B}, H={H}, Hkv={HKV}, D={D}, fp32, zigzag, "
-          f"{args.reps} reps each", flush=True)
+    print(
+        f"rank checks on and off: W={W}, T={T} per rank, B={B}, H={H}, Hkv={HKV}, D={D}, fp32, zigzag, "
+        f"{args.reps} reps each",
+        flush=True,
+    )
     with tempfile.TemporaryDirectory(prefix="lasp-checks-") as tmp:
         result = os.path.join(tmp, "rows.json")
-        mp.spawn(_run, args=(W, T, args.ops, args.reps, args.isolated_reps, os.path.join(tmp, "store"), result), nprocs=W)
+        mp.spawn(
+            _run, args=(W, T, args.ops, args.reps, args.isolated_reps, os.path.join(tmp, "store"), result), nprocs=W
+        )
         rows = json.loads(Path(result).read_text())
     env = environment()
     out = args.out.with_suffix(".jsonl")
-    write_jsonl(out, [{**r, "world_size": W, "local_len": T, "B": B, "H": H, "Hkv": HKV, "D": D,
-                       "dtype": "float32", "layout": "zigzag", **env} for r in rows])
+    write_jsonl(
+        out,
+        [
+            {
+                **r,
+                "world_size": W,
+                "local_len": T,
+                "B": B,
+                "H": H,
+                "Hkv": HKV,
+                "D": D,
+                "dtype": "float32",
+                "layout": "zigzag",
+                **env,
+            }
+            for r in rows
+        ],
+    )
     print(f"wrote {out}")
 
 

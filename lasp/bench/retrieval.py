@@ -7,7 +7,8 @@ alike, on CPU.
 Every model has the same shape (byte vocabulary, --layers layers of --hidden, 4 heads, 2 KV heads) and is
 trained the same way (--steps AdamW steps of --batch sequences of --train-len bytes, one seed) on a
 synthetic passkey mixture: prompts of lasp.eval.passkey with their answers, at random lengths up to the
-training length, random depths and keys (another seed than the evaluation's), the loss on the answer. Then passkey accuracy (greedy
+training length, random depths and keys (another seed than the evaluation's), the loss on the answer. Then
+passkey accuracy (greedy
 decoding, lasp.eval.passkey) at 1x, 2x, 4x and 8x the training length, over --trials keys at 5 depths;
 4x and 8x run under SP = 2 (`torchrun --nproc-per-node 2 -m lasp.eval passkey`, LASP-2 / LASP-2H).
 
@@ -93,8 +94,12 @@ def train(name: str, cfg, a, say) -> tuple[object, float]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m lasp.bench.retrieval", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m lasp.bench.retrieval",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 2)[2],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--out", default="runs/bench-retrieval", help="output directory (JSONL, PNG, the models)")
     p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, among: {', '.join(MODELS)}")
     p.add_argument("--steps", type=int, default=3000)
@@ -105,9 +110,13 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--trials", type=int, default=4, help="keys per (length, depth)")
     p.add_argument("--seed", type=int, default=0, help="the training seed (the evaluation's keys use seed 1234)")
-    p.add_argument("--collect", default=None, metavar="DIR,...",
-                   help="train nothing: gather the rows of earlier runs' DIR/retrieval.jsonl into OUT, with the plot "
-                        "and the table")
+    p.add_argument(
+        "--collect",
+        default=None,
+        metavar="DIR,...",
+        help="train nothing: gather the rows of earlier runs' DIR/retrieval.jsonl into OUT, with the plot "
+        "and the table",
+    )
     a = p.parse_args(argv)
     from lasp.cli import at_least, usage_error, writable
 
@@ -123,8 +132,9 @@ def main(argv=None) -> int:
 
     low = shortest(ByteTokenizer()) + 8  # the shortest prompt, its answer and an EOS
     if a.train_len < low:
-        problems.append(f"--train-len must be at least {low} (a passkey prompt, its answer and an EOS in bytes), "
-                        f"got {a.train_len}")
+        problems.append(
+            f"--train-len must be at least {low} (a passkey prompt, its answer and an EOS in bytes), got {a.train_len}"
+        )
     problems += writable("--out", a.out, directory=True)
     usage_error(p, problems)
 
@@ -139,17 +149,42 @@ def main(argv=None) -> int:
     n = a.train_len
     rows, env = [], environment()
     for name in names:
-        cfg = ModelConfig(vocab_size=257, hidden_size=a.hidden, num_layers=a.layers, num_heads=4, num_kv_heads=2,
-                          ffn_hidden_size=a.hidden * 3, **MODELS[name])
+        cfg = ModelConfig(
+            vocab_size=257,
+            hidden_size=a.hidden,
+            num_layers=a.layers,
+            num_heads=4,
+            num_kv_heads=2,
+            ffn_hidden_size=a.hidden * 3,
+            **MODELS[name],
+        )
         model, seconds = train(name, cfg, a, say)
         params = sum(t.numel() for t in model.parameters())
         directory = out / name.replace(" ", "-")
         model.save_pretrained(str(directory), tokenizer={"name": "byte"})
         start = time.time()
         near = passkey_accuracy(model, ByteTokenizer(), [n, 2 * n], depths, a.trials, seed=1234)
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
-               "lasp.eval", "passkey", "--checkpoint", str(directory), "--lengths", f"{4 * n},{8 * n}",
-               "--depths", ",".join(map(str, depths)), "--trials", str(a.trials), "--seed", "1234"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "lasp.eval",
+            "passkey",
+            "--checkpoint",
+            str(directory),
+            "--lengths",
+            f"{4 * n},{8 * n}",
+            "--depths",
+            ",".join(map(str, depths)),
+            "--trials",
+            str(a.trials),
+            "--seed",
+            "1234",
+        ]
         done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
         if done.returncode:
             sys.exit(f"the SP = 2 evaluation of {name} failed:\n{done.stderr[-3000:]}")
@@ -157,12 +192,26 @@ def main(argv=None) -> int:
         eval_seconds = time.time() - start
         for length in (n, 2 * n, 4 * n, 8 * n):
             cells = [r for r in near + far if r["length"] == length]
-            rows.append({"model": name, "params": params, "train_len": n, "length": length,
-                         "sp": 1 if length <= 2 * n else 2, "accuracy": sum(r["accuracy"] for r in cells) / len(cells),
-                         "by_depth": {str(r["depth"]): r["accuracy"] for r in cells}, "trials": a.trials,
-                         "steps": a.steps, "train_seconds": seconds, "eval_seconds": eval_seconds, **env})
-        say(f"{name}: {params:,} parameters, trained in {seconds:.0f} s; accuracy " +
-            ", ".join(f"{r['length']}: {r['accuracy']:.2f}" for r in rows if r["model"] == name))
+            rows.append(
+                {
+                    "model": name,
+                    "params": params,
+                    "train_len": n,
+                    "length": length,
+                    "sp": 1 if length <= 2 * n else 2,
+                    "accuracy": sum(r["accuracy"] for r in cells) / len(cells),
+                    "by_depth": {str(r["depth"]): r["accuracy"] for r in cells},
+                    "trials": a.trials,
+                    "steps": a.steps,
+                    "train_seconds": seconds,
+                    "eval_seconds": eval_seconds,
+                    **env,
+                }
+            )
+        say(
+            f"{name}: {params:,} parameters, trained in {seconds:.0f} s; accuracy "
+            + ", ".join(f"{r['length']}: {r['accuracy']:.2f}" for r in rows if r["model"] == name)
+        )
         write_jsonl(out / "retrieval.jsonl", rows)  # after each model: a long run interrupted keeps its rows
     return _report(rows, out)
 
@@ -173,11 +222,15 @@ def _collect(p: argparse.ArgumentParser, a) -> int:
 
     dirs = [Path(d.strip()) for d in a.collect.split(",") if d.strip()]
     problems = [] if dirs else ["--collect: no directory given"]
-    problems += [f"--collect: {d / 'retrieval.jsonl'} does not exist" for d in dirs
-                 if not (d / "retrieval.jsonl").is_file()]
+    problems += [
+        f"--collect: {d / 'retrieval.jsonl'} does not exist" for d in dirs if not (d / "retrieval.jsonl").is_file()
+    ]
     problems += writable("--out", a.out, directory=True)
-    runs = {d: [json.loads(line) for line in (d / "retrieval.jsonl").read_text().splitlines() if line.strip()]
-            for d in dirs if (d / "retrieval.jsonl").is_file()}
+    runs = {
+        d: [json.loads(line) for line in (d / "retrieval.jsonl").read_text().splitlines() if line.strip()]
+        for d in dirs
+        if (d / "retrieval.jsonl").is_file()
+    }
     where: dict[str, list[str]] = {}
     for d, mine in runs.items():
         for name in dict.fromkeys(r["model"] for r in mine):
@@ -196,8 +249,11 @@ def _report(rows: list[dict], out: Path) -> int:
     print("|---|---|---|---|---|---|---|")
     for name in dict.fromkeys(r["model"] for r in rows):
         mine = [r for r in rows if r["model"] == name]
-        print(f"| {name} | {mine[0]['params']:,} | {mine[0]['train_seconds']:.0f} | " +
-              " | ".join(f"{r['accuracy']:.2f}" for r in mine) + " |")
+        print(
+            f"| {name} | {mine[0]['params']:,} | {mine[0]['train_seconds']:.0f} | "
+            + " | ".join(f"{r['accuracy']:.2f}" for r in mine)
+            + " |"
+        )
     print(f"rows: {out / 'retrieval.jsonl'}; plot: {out / 'retrieval.png'}")
     return 0
 

@@ -32,16 +32,34 @@ WARMUP_STEPS = 3
 
 def _overrides(nprocs: int, steps: int, data: str, run_dir: str, ep: int | None = None) -> list[str]:
     """The `--set` overrides of one training run of the benchmark (`ep`: parallel.ep of the MoE row)."""
-    sets = {**({"parallel.ep": ep} if ep else {}), "parallel.sp": nprocs, "train.steps": steps, "train.eval_interval": 0, "logging.run_dir": run_dir,
-            "logging.tensorboard": "false", "logging.plot": "false", "logging.progress": "false", "data.path": data}
+    sets = {
+        **({"parallel.ep": ep} if ep else {}),
+        "parallel.sp": nprocs,
+        "train.steps": steps,
+        "train.eval_interval": 0,
+        "logging.run_dir": run_dir,
+        "logging.tensorboard": "false",
+        "logging.plot": "false",
+        "logging.progress": "false",
+        "data.path": data,
+    }
     return [f"{k}={v}" for k, v in sets.items()]
 
 
 def train_throughput(nprocs: int, steps: int, config: str, data: str, ep: int | None = None) -> dict:
     """Train `config` for `steps` steps with SP = nprocs; median tokens/s after warm-up, peak GiB."""
     with tempfile.TemporaryDirectory(prefix="lasp-bench-train-") as run_dir:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nprocs}",
-               "-m", "lasp.train", "--config", config]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={nprocs}",
+            "-m",
+            "lasp.train",
+            "--config",
+            config,
+        ]
         for item in _overrides(nprocs, steps, data, run_dir, ep):
             cmd += ["--set", item]
         env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
@@ -52,19 +70,40 @@ def train_throughput(nprocs: int, steps: int, config: str, data: str, ep: int | 
             rows = [r for r in map(json.loads, f) if r["kind"] == "train"]
     rates = [r["tokens_per_s"] for r in rows[WARMUP_STEPS:]]
     return {
-        "what": "train", "nprocs": nprocs, "sp": nprocs, "steps": steps, "tokens_per_step": rows[0]["tokens"],
-        "tokens_per_s_median": statistics.median(rates), "tokens_per_s_min": min(rates),
-        "tokens_per_s_max": max(rates), "peak_mem_gib_rank0": max(r["mem_gib"] for r in rows),
-        "first_loss": rows[0]["loss"], "last_loss": rows[-1]["loss"],
-        **({"ep": ep, "config": os.path.basename(config), "moe_load_max_last": rows[-1].get("moe_load_max")}
-           if ep else {}),
+        "what": "train",
+        "nprocs": nprocs,
+        "sp": nprocs,
+        "steps": steps,
+        "tokens_per_step": rows[0]["tokens"],
+        "tokens_per_s_median": statistics.median(rates),
+        "tokens_per_s_min": min(rates),
+        "tokens_per_s_max": max(rates),
+        "peak_mem_gib_rank0": max(r["mem_gib"] for r in rows),
+        "first_loss": rows[0]["loss"],
+        "last_loss": rows[-1]["loss"],
+        **(
+            {"ep": ep, "config": os.path.basename(config), "moe_load_max_last": rows[-1].get("moe_load_max")}
+            if ep
+            else {}
+        ),
     }
 
 
 def moe_comm(config: str, ep: int) -> dict:
     """lasp.bench.moe_comm's row: the bytes per MoE layer (all-to-all) and per layer (all-gather)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
-           "lasp.bench.moe_comm", "--config", config, "--ep", str(ep)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        "-m",
+        "lasp.bench.moe_comm",
+        "--config",
+        config,
+        "--ep",
+        str(ep),
+    ]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     out = subprocess.run(cmd, cwd=ROOT, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
     if out.returncode:
@@ -86,7 +125,9 @@ def _run_problems(config: str, nprocs: list[int], steps: int, data: str, ep: int
             continue
         device = "auto"
         try:
-            device = load_config(config, _overrides(n, steps, data, tempfile.gettempdir(), ep), world_size=n).train.device
+            device = load_config(
+                config, _overrides(n, steps, data, tempfile.gettempdir(), ep), world_size=n
+            ).train.device
         except ConfigError as e:
             problems += [f"--config {config} with --nprocs {n}: {q}" for q in e.problems if q not in seen]
             seen.update(e.problems)
@@ -109,8 +150,10 @@ def _plot(rows: list[dict], path: Path) -> None:
     axes[1].bar(labels, [r["peak_mem_gib_rank0"] for r in train])
     axes[1].set_title("peak memory per rank (GiB)")
     if loss:
-        axes[2].bar([f"plain\n({loss[0]['plain_method']})", f"chunked\n({loss[0]['chunked_method']})"],
-                    [loss[0]["plain_peak_gib"], loss[0]["chunked_peak_gib"]])
+        axes[2].bar(
+            [f"plain\n({loss[0]['plain_method']})", f"chunked\n({loss[0]['chunked_method']})"],
+            [loss[0]["plain_peak_gib"], loss[0]["chunked_peak_gib"]],
+        )
         axes[2].set_title(f"loss alone, {loss[0]['tokens'] // 1024}K tokens x {loss[0]['vocab'] // 1024}K vocab (GiB)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -118,14 +161,16 @@ def _plot(rows: list[dict], path: Path) -> None:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m lasp.bench.train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m lasp.bench.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--nprocs", type=int, nargs="+", default=[1, 2])
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--config", default="configs/cpu-quickstart.yaml")
     p.add_argument("--moe-config", default="configs/cpu-moe.yaml", help="the MoE row's config (SP = 2)")
-    p.add_argument("--moe-ep", type=int, nargs="*", default=[1, 2], help="parallel.ep of each MoE run (none: no "
-                   "MoE row)")
+    p.add_argument(
+        "--moe-ep", type=int, nargs="*", default=[1, 2], help="parallel.ep of each MoE run (none: no MoE row)"
+    )
     p.add_argument("--data", default="data/stdlib", help="prepared data (bash scripts/run.sh makes data/stdlib)")
     p.add_argument("--loss-tokens", type=int, default=65536)
     p.add_argument("--loss-vocab", type=int, default=32768)
@@ -140,34 +185,46 @@ def main(argv=None) -> None:
     problems += _run_problems(a.config, a.nprocs, a.steps, a.data)
     for ep in a.moe_ep:
         # what the main runs already reported (the data, the output) is not repeated
-        problems += [f"--moe-ep {ep}: {q}" for q in _run_problems(a.moe_config, [2], a.steps, a.data, ep) if ep >= 1
-                     and not any(q.rsplit(": ", 2)[-2:] == x.rsplit(": ", 2)[-2:] for x in problems)]
+        problems += [
+            f"--moe-ep {ep}: {q}"
+            for q in _run_problems(a.moe_config, [2], a.steps, a.data, ep)
+            if ep >= 1 and not any(q.rsplit(": ", 2)[-2:] == x.rsplit(": ", 2)[-2:] for x in problems)
+        ]
     usage_error(p, problems)
     env = environment()
     rows = []
     for n in a.nprocs:
         row = {**train_throughput(n, a.steps, a.config, a.data), **env}
         rows.append(row)
-        print(f"{n} process(es), sp={n}: {row['tokens_per_s_median']:,.0f} tokens/s (median; "
-              f"{row['tokens_per_s_min']:,.0f}-{row['tokens_per_s_max']:,.0f}), peak {row['peak_mem_gib_rank0']:.2f} "
-              f"GiB per rank", flush=True)
+        print(
+            f"{n} process(es), sp={n}: {row['tokens_per_s_median']:,.0f} tokens/s (median; "
+            f"{row['tokens_per_s_min']:,.0f}-{row['tokens_per_s_max']:,.0f}), peak {row['peak_mem_gib_rank0']:.2f} "
+            f"GiB per rank",
+            flush=True,
+        )
     for ep in a.moe_ep:
         row = {**train_throughput(2, a.steps, a.moe_config, a.data, ep), **moe_comm(a.moe_config, ep), **env}
         row["what"] = "moe"
         rows.append(row)
-        print(f"MoE ({os.path.basename(a.moe_config)}), sp=2 ep={ep}: {row['tokens_per_s_median']:,.0f} tokens/s "
-              f"(median), peak {row['peak_mem_gib_rank0']:.2f} GiB per rank, loss {row['first_loss']:.3f} -> "
-              f"{row['last_loss']:.3f}; per rank and step: all-to-all {row['all_to_all_bytes_per_moe_layer'] / 2**20:.2f} "
-              f"MiB per MoE layer, all-gather {row['all_gather_bytes_per_layer'] / 2**20:.2f} MiB per layer", flush=True)
+        print(
+            f"MoE ({os.path.basename(a.moe_config)}), sp=2 ep={ep}: {row['tokens_per_s_median']:,.0f} tokens/s "
+            f"(median), peak {row['peak_mem_gib_rank0']:.2f} GiB per rank, loss {row['first_loss']:.3f} -> "
+            f"{row['last_loss']:.3f}; per rank and step: all-to-all "
+            f"{row['all_to_all_bytes_per_moe_layer'] / 2**20:.2f} "
+            f"MiB per MoE layer, all-gather {row['all_gather_bytes_per_layer'] / 2**20:.2f} MiB per layer",
+            flush=True,
+        )
     from lasp.bench.loss_memory import loss_peak_memory
 
     mem = loss_peak_memory(tokens=a.loss_tokens, vocab=a.loss_vocab)
     ratio = mem["chunked_peak_gib"] / mem["plain_peak_gib"]
     rows.append({"what": "loss_memory", **mem, "ratio": ratio, **env})
-    print(f"loss alone at {a.loss_tokens} tokens x {a.loss_vocab} vocab: plain {mem['plain_peak_gib']:.2f} GiB "
-          f"({mem['plain_method']}), chunked {mem['chunked_peak_gib']:.2f} GiB ({mem['chunked_method']}); "
-          f"{ratio:.3f} of plain (target < 0.25: "
-          f"{'met' if ratio < 0.25 else 'NOT met'})")
+    print(
+        f"loss alone at {a.loss_tokens} tokens x {a.loss_vocab} vocab: plain {mem['plain_peak_gib']:.2f} GiB "
+        f"({mem['plain_method']}), chunked {mem['chunked_peak_gib']:.2f} GiB ({mem['chunked_method']}); "
+        f"{ratio:.3f} of plain (target < 0.25: "
+        f"{'met' if ratio < 0.25 else 'NOT met'})"
+    )
     write_jsonl(a.out.with_suffix(".jsonl"), rows)
     _plot(rows, a.out.with_suffix(".png"))
     print(f"wrote {a.out.with_suffix('.jsonl')} and {a.out.with_suffix('.png')}")

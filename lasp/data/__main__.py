@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "prepare",
         help="tokenize text / JSONL files into a directory of packed tokens",
-        description="Tokenize text files (one document each) and JSONL files (one {\"text\": ...} per line) "
+        description='Tokenize text files (one document each) and JSONL files (one {"text": ...} per line) '
         "into DIR/train.bin (and DIR/val.bin), document offsets and DIR/meta.json.",
     )
     p.add_argument(
@@ -47,8 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--val-fraction", type=float, default=0.0, metavar="F", help="fraction of the documents that go to val"
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the choice of val documents")
-    p.add_argument("--force", action="store_true", help="replace DIR when it is a dataset prepare made (once the "
-                   "new one is complete); anything else is refused")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace DIR when it is a dataset prepare made (once the new one is complete); anything else is refused",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(parser=p)  # for usage errors
     return parser

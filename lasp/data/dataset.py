@@ -53,8 +53,9 @@ def dataset_files(path: Path) -> set[str] | str:
         meta = json.loads(meta_path.read_text())
         missing = [k for k in META_FIELDS if k not in meta]
         if meta.get("format") != FORMAT or missing:
-            return (f"its meta.json is not prepare's (format {meta.get('format')!r}, not {FORMAT!r}"
-                    + (f"; no {', '.join(missing)})" if missing else ")"))
+            return f"its meta.json is not prepare's (format {meta.get('format')!r}, not {FORMAT!r}" + (
+                f"; no {', '.join(missing)})" if missing else ")"
+            )
         names = {"meta.json"}
         for name, split in meta["splits"].items():
             names |= {split["file"], split.get("docs_file", f"{name}.docs.npy")}
@@ -144,8 +145,10 @@ class TokenData:
         else:
             what, expected, actual = "sha256", self.info.get("sha256"), file_sha256(self.bin_path)
         if expected is not None and actual != expected:
-            raise DataError(f"{self.bin_path}: checksum mismatch: {what} {actual}, meta.json records {expected} "
-                            "(the file changed after prepare: prepare the directory again)")
+            raise DataError(
+                f"{self.bin_path}: checksum mismatch: {what} {actual}, meta.json records {expected} "
+                "(the file changed after prepare: prepare the directory again)"
+            )
 
     def num_samples(self, seq_len: int) -> int:
         """How many whole windows of seq_len + 1 tokens (overlapping by one) the split holds."""

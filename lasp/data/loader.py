@@ -11,7 +11,6 @@ import numpy as np
 import torch
 
 from lasp.kernels.documents import Documents
-
 from lasp.sp.layout import LAYOUTS, SeqLayout
 
 

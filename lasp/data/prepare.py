@@ -294,4 +294,3 @@ def prepare(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return meta
-

@@ -129,11 +129,17 @@ def tokenizer_problems(expected: dict | None, found: dict | None, expected_from:
     records nothing (None) cannot be compared: [] (the caller says so)."""
     if not expected or not found:
         return []
-    keys = ("sha256", "vocab_size", "eos_id") if expected.get("sha256") and found.get("sha256") else \
-        ("name", "vocab_size", "eos_id")
-    differ = [f"{k} {found[k]!r} vs {expected[k]!r}" for k in keys if k in expected and k in found
-              and expected[k] != found[k]]
+    keys = (
+        ("sha256", "vocab_size", "eos_id")
+        if expected.get("sha256") and found.get("sha256")
+        else ("name", "vocab_size", "eos_id")
+    )
+    differ = [
+        f"{k} {found[k]!r} vs {expected[k]!r}" for k in keys if k in expected and k in found and expected[k] != found[k]
+    ]
     if not differ:
         return []
-    return [f"{found_from} was trained with tokenizer {_text(found)}, but {expected_from} has {_text(expected)}: "
-            f"the same ids would mean other text ({', '.join(differ)})"]
+    return [
+        f"{found_from} was trained with tokenizer {_text(found)}, but {expected_from} has {_text(expected)}: "
+        f"the same ids would mean other text ({', '.join(differ)})"
+    ]

@@ -88,8 +88,10 @@ def _str_slots(s: str) -> list[int]:
 
 
 def _slots_str(a: int, b: int) -> str:
-    return (a.to_bytes(8, "little", signed=True) + b.to_bytes(8, "little", signed=True)).rstrip(b"\0").decode(
-        "ascii", "replace"
+    return (
+        (a.to_bytes(8, "little", signed=True) + b.to_bytes(8, "little", signed=True))
+        .rstrip(b"\0")
+        .decode("ascii", "replace")
     )
 
 

@@ -1,9 +1,9 @@
 """Autograd-aware collectives over an explicit group: each forward has the collective its gradient needs.
 
-    all_gather_stack:  x -> [W, *x.shape] (all ranks' x);  backward: reduce-scatter of the gradient.
-                       With a fingerprint, the gather carries the rank agreement header (agree.py).
-    all_to_all_stack:  x [W, ...] -> [W, ...], piece j goes to rank j;  backward: the same all-to-all.
-    ring_shift:        x -> the x of rank r-1 (sent to r+1);  backward: the gradient goes the other way.
+all_gather_stack:  x -> [W, *x.shape] (all ranks' x);  backward: reduce-scatter of the gradient.
+                   With a fingerprint, the gather carries the rank agreement header (agree.py).
+all_to_all_stack:  x [W, ...] -> [W, ...], piece j goes to rank j;  backward: the same all-to-all.
+ring_shift:        x -> the x of rank r-1 (sent to r+1);  backward: the gradient goes the other way.
 """
 
 import torch
@@ -95,7 +95,9 @@ def all_gather_stack(x: Tensor, group=None, fingerprint: Fingerprint | None = No
 def all_to_all_stack(x: Tensor, group=None) -> Tensor:
     """x [W, ...]: piece j goes to rank j; returns [W, ...] whose piece j came from rank j."""
     if x.shape[0] != group_size(group):
-        raise ValueError(f"all_to_all_stack needs a leading dim of {group_size(group)} (the group size), got {tuple(x.shape)}")
+        raise ValueError(
+            f"all_to_all_stack needs a leading dim of {group_size(group)} (the group size), got {tuple(x.shape)}"
+        )
     return _AllToAllStack.apply(x, group)
 
 

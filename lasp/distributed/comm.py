@@ -100,7 +100,9 @@ def all_gather_async(x: Tensor, group=None) -> tuple[Tensor, Pending]:
     launched before `wait()` run beside it; on CPU the same call runs on gloo's threads.
     """
     x = x.contiguous()
-    note_collective(f"all-gather of {tuple(x.shape)} {str(x.dtype).removeprefix('torch.')} over {group_size(group)} ranks")
+    note_collective(
+        f"all-gather of {tuple(x.shape)} {str(x.dtype).removeprefix('torch.')} over {group_size(group)} ranks"
+    )
     stream = comm_stream(x.device)
     if stream is None:
         out = x.new_empty(group_size(group) * x.shape[0], *x.shape[1:])

@@ -21,8 +21,10 @@ class CollectiveTimeout(RuntimeError):
 def is_timeout(e: BaseException) -> bool:
     """Whether e is a backend's collective timeout (gloo: "Timed out waiting ...", NCCL's watchdog:
     "... Timeout ..."; both are RuntimeErrors, torch's DistBackendError among them)."""
-    return isinstance(e, RuntimeError) and not isinstance(e, CollectiveTimeout) and any(
-        s in str(e).lower() for s in _SIGNS
+    return (
+        isinstance(e, RuntimeError)
+        and not isinstance(e, CollectiveTimeout)
+        and any(s in str(e).lower() for s in _SIGNS)
     )
 
 

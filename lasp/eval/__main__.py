@@ -20,16 +20,25 @@ from pathlib import Path
 
 
 def _parse(argv):
-    p = argparse.ArgumentParser(prog="python -m lasp.eval", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 2)[2],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m lasp.eval",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 2)[2],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = p.add_subparsers(dest="command", required=True)
     parsers = {}
-    for name, what in (("positions", "mean loss per log-spaced position bucket"),
-                       ("passkey", "passkey retrieval accuracy per length and depth")):
+    for name, what in (
+        ("positions", "mean loss per log-spaced position bucket"),
+        ("passkey", "passkey retrieval accuracy per length and depth"),
+    ):
         q = parsers[name] = sub.add_parser(name, help=what, description=what)
-        q.add_argument("--checkpoint", required=True, nargs="+",
-                       help="trainer checkpoints, LASP exports or Hugging Face directories")
+        q.add_argument(
+            "--checkpoint",
+            required=True,
+            nargs="+",
+            help="trainer checkpoints, LASP exports or Hugging Face directories",
+        )
         q.add_argument("--layout", choices=("contiguous", "zigzag"), default="zigzag", help="the SP layout")
         q.add_argument("--out", default=None, help="JSONL output (default: stdout only)")
         q.add_argument("--plot", default=None, help="a PNG of the results of every checkpoint")
@@ -105,13 +114,17 @@ def against_data(paths: list[str], data, option: str, lead: bool = True) -> list
             continue
         problems += tokenizer_problems(tok, desc, f"{option} {data.path}", f"--checkpoint {path}")
         if vocab < data.vocab_size:
-            problems.append(f"--checkpoint {path} has a vocabulary of {vocab}, smaller than that of {option} "
-                            f"{data.path} ({data.vocab_size}, tokenizer {tok.get('name')!r}): prepare it with "
-                            "the model's tokenizer")
+            problems.append(
+                f"--checkpoint {path} has a vocabulary of {vocab}, smaller than that of {option} "
+                f"{data.path} ({data.vocab_size}, tokenizer {tok.get('name')!r}): prepare it with "
+                "the model's tokenizer"
+            )
         elif desc is None and lead:
-            print(f"note: --checkpoint {path} records no tokenizer: only its vocabulary size ({vocab}) is "
-                  f"compared with the data's ({data.vocab_size}), not which tokenizer made the data",
-                  file=sys.stderr)
+            print(
+                f"note: --checkpoint {path} records no tokenizer: only its vocabulary size ({vocab}) is "
+                f"compared with the data's ({data.vocab_size}), not which tokenizer made the data",
+                file=sys.stderr,
+            )
     return problems
 
 
@@ -124,8 +137,10 @@ def fits(path: str, tok) -> list[str]:
         return [f"--checkpoint {path}: cannot read its vocabulary size ({e})"]
     if tok.vocab_size <= vocab:
         return []
-    return [f"--checkpoint {path}: its tokenizer {tok.name!r} has {tok.vocab_size} ids (EOS {tok.eos_id}), more than "
-            f"the model's vocabulary of {vocab}"]
+    return [
+        f"--checkpoint {path}: its tokenizer {tok.name!r} has {tok.vocab_size} ids (EOS {tok.eos_id}), more than "
+        f"the model's vocabulary of {vocab}"
+    ]
 
 
 def load(path: str, device: str = "cpu"):
@@ -175,8 +190,10 @@ def _problems(a, world: int) -> tuple[list[str], dict]:
         low = shortest(tok)
         short = [n for n in lengths if n < low]
         if short:
-            problems.append(f"--lengths {','.join(map(str, short))}: a prompt needs at least {low} tokens with "
-                            f"the tokenizer of {path}")
+            problems.append(
+                f"--lengths {','.join(map(str, short))}: a prompt needs at least {low} tokens with "
+                f"the tokenizer of {path}"
+            )
         if not tok.encode(a.filler or FILLER):
             problems.append("--filler is empty once tokenized")
         problems += fits(path, tok)
@@ -193,8 +210,11 @@ def _passkey_fits(model, tokenizer, lengths: list[int], world: int) -> list[str]
 
     longest, problems = max(lengths), []
     try:
-        check_positions(model.cfg, longest + len(tokenizer.encode(ANSWER.format(key="00000"))),
-                        f"--lengths {longest} and the answer")
+        check_positions(
+            model.cfg,
+            longest + len(tokenizer.encode(ANSWER.format(key="00000"))),
+            f"--lengths {longest} and the answer",
+        )
     except ValueError as e:
         problems.append(str(e))
     here = int(os.environ.get("LOCAL_WORLD_SIZE", world))
@@ -225,8 +245,10 @@ def _plot(records: list[dict], path: str, command: str) -> None:
             mine = [r for r in records if r["checkpoint"] == name]
             lengths = sorted({r["length"] for r in mine})
             depths = sorted({r["depth"] for r in mine})
-            grid = [[next(r["accuracy"] for r in mine if r["length"] == n and r["depth"] == d) for n in lengths]
-                    for d in depths]
+            grid = [
+                [next(r["accuracy"] for r in mine if r["length"] == n and r["depth"] == d) for n in lengths]
+                for d in depths
+            ]
             im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="lower")
             ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], fontsize=7)
             ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths], fontsize=7)
@@ -258,8 +280,10 @@ def main(argv=None) -> int:
             problems += against_data(a.checkpoint, data, "--data", lead=int(os.environ.get("RANK", "0")) == 0)
             rows = document_rows(data.tokens, data.doc_offsets, a.seq_len, a.rows)
             if len(rows) == 0:
-                problems.append(f"--data {a.data}: no document of split {a.split!r} holds --seq-len + 1 = "
-                                f"{a.seq_len + 1} tokens before its end: lower --seq-len")
+                problems.append(
+                    f"--data {a.data}: no document of split {a.split!r} holds --seq-len + 1 = "
+                    f"{a.seq_len + 1} tokens before its end: lower --seq-len"
+                )
     usage_error(parser, problems)
     group = None
     if world > 1:
@@ -279,13 +303,24 @@ def main(argv=None) -> int:
             if group is not None:
                 apply_sp(model, group, a.layout)
             if a.command == "positions":
-                results = [{"seq_len": a.seq_len, "rows": len(rows), **r}
-                           for r in position_losses(model, rows, group=group, layout=a.layout)]
+                results = [
+                    {"seq_len": a.seq_len, "rows": len(rows), **r}
+                    for r in position_losses(model, rows, group=group, layout=a.layout)
+                ]
             else:
                 say = (lambda m, p=path: print(f"{p}: {m}", file=sys.stderr, flush=True)) if lead else (lambda m: None)
-                results = passkey_accuracy(model, found["tokenizers"][path], found["lengths"], found["depths"],
-                                           a.trials, a.seed, filler=a.filler or FILLER, group=group,
-                                           layout=a.layout, say=say)
+                results = passkey_accuracy(
+                    model,
+                    found["tokenizers"][path],
+                    found["lengths"],
+                    found["depths"],
+                    a.trials,
+                    a.seed,
+                    filler=a.filler or FILLER,
+                    group=group,
+                    layout=a.layout,
+                    say=say,
+                )
             records += [{"checkpoint": path, **r} for r in results]
     finally:
         if group is not None:

@@ -26,15 +26,24 @@ from lm_eval.api.registry import model_registry
 
 
 class LaspLM(LM):
-    def __init__(self, path: str, device: str = "cpu", dtype: str = "float32", max_length: int | None = None,
-                 max_gen_toks: int = 256, **_ignored):
+    def __init__(
+        self,
+        path: str,
+        device: str = "cpu",
+        dtype: str = "float32",
+        max_length: int | None = None,
+        max_gen_toks: int = 256,
+        **_ignored,
+    ):
         super().__init__()
         from lasp.eval.__main__ import fits, load, tokenizer_of
 
         device = str(device or "cpu")
         if device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"the lasp model was asked for device {device!r} (lm-eval's command line defaults to "
-                             "cuda), but no CUDA GPU is visible: pass --device cpu")
+            raise ValueError(
+                f"the lasp model was asked for device {device!r} (lm-eval's command line defaults to "
+                "cuda), but no CUDA GPU is visible: pass --device cpu"
+            )
 
         self.tok = tokenizer_of(path)
         wrong = fits(path, self.tok)
@@ -73,8 +82,9 @@ class LaspLM(LM):
             if self.max_length is None:
                 out.append(self._score([self.tok.eos_id], ids)[0])
                 continue
-            windows = get_rolling_token_windows(ids, prefix_token=self.tok.eos_id, max_seq_len=self.max_length,
-                                                context_len=1)
+            windows = get_rolling_token_windows(
+                ids, prefix_token=self.tok.eos_id, max_seq_len=self.max_length, context_len=1
+            )
             out.append(sum(self._score(*make_disjoint_window(w))[0] for w in map(list, windows)))
         return out
 

@@ -22,8 +22,10 @@ import torch.distributed as dist
 
 from lasp.model.decode import forward_memory
 
-INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
-         "I will quiz you about the important information there.\n")
+INTRO = (
+    "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+    "I will quiz you about the important information there.\n"
+)
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.\n"
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key.\n"
 QUESTION = "What is the pass key? The pass key is"
@@ -95,8 +97,11 @@ def answered(model, prompt: Prompt, *, group=None, layout: str = "zigzag") -> tu
     else:
         rank = dist.get_rank(group)
         local = shard_sequence(positions, rank=rank, world_size=world, layout=layout)
-        out = model(shard_sequence(tokens, rank=rank, world_size=world, layout=layout).to(device),
-                    local.to(device))[0].argmax(-1).cpu()
+        out = (
+            model(shard_sequence(tokens, rank=rank, world_size=world, layout=layout).to(device), local.to(device))[0]
+            .argmax(-1)
+            .cpu()
+        )
         picks = torch.zeros(n, dtype=torch.int64)
         picks[local[0]] = out
         dist.all_reduce(picks, group=group)  # each position is held by exactly one rank
@@ -105,8 +110,19 @@ def answered(model, prompt: Prompt, *, group=None, layout: str = "zigzag") -> tu
     return picks == prompt.answer, picks
 
 
-def passkey_accuracy(model, tokenizer, lengths: list[int], depths: list[float], trials: int, seed: int = 0, *,
-                     filler: str = FILLER, group=None, layout: str = "zigzag", say=lambda m: None) -> list[dict]:
+def passkey_accuracy(
+    model,
+    tokenizer,
+    lengths: list[int],
+    depths: list[float],
+    trials: int,
+    seed: int = 0,
+    *,
+    filler: str = FILLER,
+    group=None,
+    layout: str = "zigzag",
+    say=lambda m: None,
+) -> list[dict]:
     """Accuracy per (length, depth) over `trials` keys: [{"length", "depth", "accuracy", "trials",
     "answers"}], answers being the digits greedy decoding gave (teacher-forced: see the module doc)."""
     out = []
@@ -114,11 +130,13 @@ def passkey_accuracy(model, tokenizer, lengths: list[int], depths: list[float], 
         for depth in depths:
             right, answers = 0, []
             for key in keys(seed, trials):
-                ok, picks = answered(model, make_prompt(tokenizer, length, depth, key, filler), group=group,
-                                     layout=layout)
+                ok, picks = answered(
+                    model, make_prompt(tokenizer, length, depth, key, filler), group=group, layout=layout
+                )
                 right += ok
                 answers.append(tokenizer.decode(picks).strip())
-            out.append({"length": length, "depth": depth, "accuracy": right / trials, "trials": trials,
-                        "answers": answers})
+            out.append(
+                {"length": length, "depth": depth, "accuracy": right / trials, "trials": trials, "answers": answers}
+            )
             say(f"length {length:>7,} depth {depth:.2f}: {right}/{trials}")
     return out

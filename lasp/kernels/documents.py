@@ -26,8 +26,10 @@ def _problems(starts: tuple[tuple[int, ...], ...], length: int) -> list[str]:
             problems.append(f"row {b}: cu_seqlens must start at 0, got {list(row[:4])}")
         bad = [(x, y) for x, y in zip(row, row[1:]) if y <= x]
         if bad:
-            problems.append(f"row {b}: cu_seqlens must be strictly increasing (no empty document), got "
-                            f"{', '.join(f'{x} then {y}' for x, y in bad[:4])}")
+            problems.append(
+                f"row {b}: cu_seqlens must be strictly increasing (no empty document), got "
+                f"{', '.join(f'{x} then {y}' for x, y in bad[:4])}"
+            )
         if row and row[-1] >= length:
             problems.append(f"row {b}: a document starts at {row[-1]}, at or past the end of {length} tokens")
     return problems
@@ -60,8 +62,9 @@ class Documents:
 
     def end_of(self, position: int) -> int:
         """The latest end (exclusive), over the rows, of the document holding token `position`."""
-        return max(row[i] if (i := bisect.bisect_right(row, position)) < len(row) else self.length
-                   for row in self.starts)
+        return max(
+            row[i] if (i := bisect.bisect_right(row, position)) < len(row) else self.length for row in self.starts
+        )
 
     def digest(self) -> int:
         """A summary that differs when any start differs (for the ranks' agreement check)."""
@@ -123,16 +126,22 @@ def as_documents(cu_seqlens, B: int, N: int) -> Documents:
     (a list or 1-D integer tensor each); the trailing N of flash-attention's convention may be left off."""
     if isinstance(cu_seqlens, Documents):
         if (cu_seqlens.batch, cu_seqlens.length) != (B, N):
-            raise ValueError(f"cu_seqlens describes {cu_seqlens.batch} rows of {cu_seqlens.length} tokens, but the "
-                             f"input has B={B} rows of N={N} tokens")
+            raise ValueError(
+                f"cu_seqlens describes {cu_seqlens.batch} rows of {cu_seqlens.length} tokens, but the "
+                f"input has B={B} rows of N={N} tokens"
+            )
         return cu_seqlens
     rows = _rows(cu_seqlens)
     if len(rows) != B:
-        raise ValueError(f"cu_seqlens has {len(rows)} row(s) for a batch of {B}: give one list per row (one list "
-                         f"alone serves B=1)")
+        raise ValueError(
+            f"cu_seqlens has {len(rows)} row(s) for a batch of {B}: give one list per row (one list alone serves B=1)"
+        )
     starts = tuple(tuple(r[:-1] if r and r[-1] == N else r) for r in rows)
-    problems = [f"row {b}: cu_seqlens ends at {r[-1]}, past the sequence of {N} tokens" for b, r in enumerate(rows)
-                if r and r[-1] > N]
+    problems = [
+        f"row {b}: cu_seqlens ends at {r[-1]}, past the sequence of {N} tokens"
+        for b, r in enumerate(rows)
+        if r and r[-1] > N
+    ]
     problems += [p for p in _problems(starts, N) if "at or past the end" not in p]
     if problems:
         raise ValueError("; ".join(problems))
@@ -153,8 +162,10 @@ def _rows(cu_seqlens) -> list[list[int]]:
     if isinstance(cu_seqlens, Tensor):
         return [_ints(cu_seqlens, "cu_seqlens")]
     if not isinstance(cu_seqlens, (list, tuple)) or not cu_seqlens:
-        raise TypeError(f"cu_seqlens must be a Documents, a list of ints or a list of B lists (or 1-D integer "
-                        f"tensors), got {type(cu_seqlens).__name__} {cu_seqlens!r}")
+        raise TypeError(
+            f"cu_seqlens must be a Documents, a list of ints or a list of B lists (or 1-D integer "
+            f"tensors), got {type(cu_seqlens).__name__} {cu_seqlens!r}"
+        )
     if all(isinstance(i, int) and not isinstance(i, bool) for i in cu_seqlens):
         return [list(cu_seqlens)]
     return [_ints(r, f"cu_seqlens row {b}") for b, r in enumerate(cu_seqlens)]

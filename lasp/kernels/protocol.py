@@ -54,15 +54,11 @@ class LinearAttnKernel(Protocol):
         """k [B,T,H,K], v [B,T,H,V] -> M [B,H,K,V]: the chunk's state from a zero start."""
         ...
 
-    def chunk_state_bwd(
-        self, k: Tensor, v: Tensor, log_decay: Tensor | None, dstate: Tensor
-    ) -> tuple[Tensor, Tensor]:
+    def chunk_state_bwd(self, k: Tensor, v: Tensor, log_decay: Tensor | None, dstate: Tensor) -> tuple[Tensor, Tensor]:
         """dstate [B,H,K,V] (gradient w.r.t. M) -> (dk [B,T,H,K], dv [B,T,H,V])."""
         ...
 
-    def intra_fwd(
-        self, q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor | None, scale: float
-    ) -> Tensor:
+    def intra_fwd(self, q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor | None, scale: float) -> Tensor:
         """Causal linear attention over the chunk from a zero state -> o [B,T,H,V]."""
         ...
 
@@ -87,15 +83,28 @@ class LinearAttnKernel(Protocol):
         ...
 
     def fwd(
-        self, q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor | None, scale: float,
-        initial_state: Tensor | None, want_final: bool,
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        log_decay: Tensor | None,
+        scale: float,
+        initial_state: Tensor | None,
+        want_final: bool,
     ) -> tuple[Tensor, Tensor | None]:
         """Causal attention over T from `initial_state` [B,H,K,V] (None: zero) -> (o, final state or None)."""
         ...
 
     def bwd(
-        self, q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor | None, scale: float,
-        initial_state: Tensor | None, do: Tensor, dfinal: Tensor | None,
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        log_decay: Tensor | None,
+        scale: float,
+        initial_state: Tensor | None,
+        do: Tensor,
+        dfinal: Tensor | None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         """(dq, dk, dv, d initial_state or None) of `fwd`, given do and the final state's gradient (or None)."""
         ...
@@ -107,15 +116,28 @@ class GatedKernel(Protocol):
     (with `caps.resets`): the state resets there, and its gate's gradient is 0."""
 
     def gated_fwd(
-        self, q: Tensor, k: Tensor, v: Tensor, gate: Tensor, scale: float, initial_state: Tensor | None,
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        gate: Tensor,
+        scale: float,
+        initial_state: Tensor | None,
         want_final: bool,
     ) -> tuple[Tensor, Tensor | None]:
         """Causal gated attention over T from `initial_state` -> (o, final state or None)."""
         ...
 
     def gated_bwd(
-        self, q: Tensor, k: Tensor, v: Tensor, gate: Tensor, scale: float, initial_state: Tensor | None,
-        do: Tensor, dfinal: Tensor | None,
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        gate: Tensor,
+        scale: float,
+        initial_state: Tensor | None,
+        do: Tensor,
+        dfinal: Tensor | None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
         """(dq, dk, dv, dgate, d initial_state or None) of `gated_fwd`."""
         ...
@@ -140,7 +162,13 @@ class GatedKernel(Protocol):
         ...
 
     def gate_grad(
-        self, q: Tensor, k: Tensor, dq: Tensor, dk: Tensor, gate: Tensor, dfinal: Tensor | None,
+        self,
+        q: Tensor,
+        k: Tensor,
+        dq: Tensor,
+        dk: Tensor,
+        gate: Tensor,
+        dfinal: Tensor | None,
         final: Tensor | None,
     ) -> Tensor:
         """The gate's gradient from the chunk's total dq, dk and its final state's gradient."""

@@ -71,8 +71,9 @@ def compose(later: tuple[Tensor | None, Tensor], earlier: tuple[Tensor | None, T
     return compose_transitions(A2, A1), apply(A2, M1) + M2
 
 
-def affine_scan(A: Tensor | None, x: Tensor, reverse: bool = False, initial: Tensor | None = None
-                ) -> tuple[Tensor, Tensor]:
+def affine_scan(
+    A: Tensor | None, x: Tensor, reverse: bool = False, initial: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """Along dim 0 of x [C, ..., K, V] with A [C, ...] of any kind (or None): out_0 = h (`initial`, zero when
     None), out_{i+1} = A_i out_i + x_i; with `reverse` the transposed recurrence from the last index down
     (the state gradients), out_{i-1} = A_i^T out_i + x_i. Returns (out, the carry out)."""

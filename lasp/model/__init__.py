@@ -7,7 +7,20 @@ from lasp.model.loss import chunked_lm_loss_sum
 from lasp.model.pretrained import PretrainedError, from_pretrained, save_pretrained
 
 __all__ = [
-    "Block", "DecodeMemory", "DecodeState", "LinearAttention", "LinearLlama", "ModelConfig", "PretrainedError",
-    "SoftmaxAttention", "chunked_lm_loss_sum", "decode_memory", "decode_step", "from_pretrained", "generate",
-    "lm_loss_sum", "sample", "save_pretrained",
+    "Block",
+    "DecodeMemory",
+    "DecodeState",
+    "LinearAttention",
+    "LinearLlama",
+    "ModelConfig",
+    "PretrainedError",
+    "SoftmaxAttention",
+    "chunked_lm_loss_sum",
+    "decode_memory",
+    "decode_step",
+    "from_pretrained",
+    "generate",
+    "lm_loss_sum",
+    "sample",
+    "save_pretrained",
 ]

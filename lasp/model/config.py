@@ -11,8 +11,16 @@ from lasp.model.moe import MoEConfig
 LINEAR_VARIANTS = ("basic", "lightning", "retention", "simple_gla", "gla", "deltanet", "gated_deltanet", "kda")
 GATED_VARIANTS = ("simple_gla", "gla")
 DELTA_VARIANTS = ("deltanet", "gated_deltanet", "kda")  # the delta rule: DeltaNetAttention mixers
-LINEAR_FORMS = {"basic": "none", "lightning": "decay", "retention": "decay", "simple_gla": "scalar", "gla": "vector",
-                "deltanet": "deltanet", "gated_deltanet": "gdn", "kda": "kda"}  # each variant's form (lasp.sp.cost)
+LINEAR_FORMS = {
+    "basic": "none",
+    "lightning": "decay",
+    "retention": "decay",
+    "simple_gla": "scalar",
+    "gla": "vector",
+    "deltanet": "deltanet",
+    "gated_deltanet": "gdn",
+    "kda": "kda",
+}  # each variant's form (lasp.sp.cost)
 FEATURE_MAPS = ("identity", "elu1", "relu", "silu", "hedgehog")
 WINDOW_VARIANTS = ("basic", "lightning", "retention", "simple_gla")  # decays a window can be cut out of
 
@@ -129,7 +137,9 @@ class ModelConfig:
         if {"hidden_size", "num_heads"} <= ok and self.hidden_size % self.num_heads and not self.attention_head_dim:
             p.append(f"model.hidden_size ({self.hidden_size}) must be divisible by model.num_heads ({self.num_heads})")
         if {"num_heads", "num_kv_heads"} <= ok and self.num_heads % self.num_kv_heads:
-            p.append(f"model.num_heads ({self.num_heads}) must be a multiple of model.num_kv_heads ({self.num_kv_heads})")
+            p.append(
+                f"model.num_heads ({self.num_heads}) must be a multiple of model.num_kv_heads ({self.num_kv_heads})"
+            )
         pattern_ok = "layer_pattern" not in bad and bool(self.layer_pattern) and set(self.layer_pattern) <= {"L", "S"}
         if "layer_pattern" not in bad and not pattern_ok:
             p.append(f"model.layer_pattern must be a non-empty string of L and S, got {self.layer_pattern!r}")
@@ -142,8 +152,10 @@ class ModelConfig:
         if self.moe is not None and "lora_targets" not in bad and "lora_rank" not in bad and self.lora_rank:
             on_mlp = [t for t in self.lora_targets.split(",") if t.strip() in ("gate_proj", "up_proj", "down_proj")]
             if on_mlp:
-                p.append(f"model.lora_targets {', '.join(on_mlp)}: LoRA on the feed-forward layers is not "
-                         "supported with model.moe (the experts); adapt the attention projections")
+                p.append(
+                    f"model.lora_targets {', '.join(on_mlp)}: LoRA on the feed-forward layers is not "
+                    "supported with model.moe (the experts); adapt the attention projections"
+                )
         if "conv_size" not in bad and self.conv_size < 1:
             p.append(f"model.conv_size must be >= 1, got {self.conv_size}")
         if "gate_low_rank" not in bad and self.gate_low_rank < 1:
@@ -157,22 +169,35 @@ class ModelConfig:
             for name in ("rope_factor", "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_positions"):
                 if name not in bad and not getattr(self, name) > 0:
                     p.append(f"model.{name} must be > 0, got {getattr(self, name)}")
-            if not {"rope_low_freq_factor", "rope_high_freq_factor"} & set(bad) and \
-                    self.rope_high_freq_factor <= self.rope_low_freq_factor:
-                p.append(f"model.rope_high_freq_factor ({self.rope_high_freq_factor}) must be above "
-                         f"model.rope_low_freq_factor ({self.rope_low_freq_factor})")
+            if (
+                not {"rope_low_freq_factor", "rope_high_freq_factor"} & set(bad)
+                and self.rope_high_freq_factor <= self.rope_low_freq_factor
+            ):
+                p.append(
+                    f"model.rope_high_freq_factor ({self.rope_high_freq_factor}) must be above "
+                    f"model.rope_low_freq_factor ({self.rope_low_freq_factor})"
+                )
         if "attention_head_dim" not in bad and self.attention_head_dim < 0:
-            p.append(f"model.attention_head_dim must be >= 0 (0: hidden_size / num_heads), got {self.attention_head_dim}")
+            p.append(
+                f"model.attention_head_dim must be >= 0 (0: hidden_size / num_heads), got {self.attention_head_dim}"
+            )
         if "init_std" not in bad and not self.init_std >= 0:
             p.append(f"model.init_std must be >= 0, got {self.init_std}")
         # RoPE rotates pairs of channels: the softmax layers use it, and linear ones with linear_rope or a window
-        rotates = pattern_ok and ("S" in self.layer_pattern or self.linear_rope is True or
-                                  (isinstance(self.window, int) and self.window > 0))
-        if (rotates and {"hidden_size", "num_heads"} <= ok
-                and (self.attention_head_dim or self.hidden_size % self.num_heads == 0) and self.head_dim % 2):
-            p.append(f"head dim {self.head_dim} must be even for RoPE (model.hidden_size {self.hidden_size} / "
-                     f"model.num_heads {self.num_heads}; RoPE is used by softmax layers (model.layer_pattern "
-                     f"{self.layer_pattern!r}), model.linear_rope and model.window)")
+        rotates = pattern_ok and (
+            "S" in self.layer_pattern or self.linear_rope is True or (isinstance(self.window, int) and self.window > 0)
+        )
+        if (
+            rotates
+            and {"hidden_size", "num_heads"} <= ok
+            and (self.attention_head_dim or self.hidden_size % self.num_heads == 0)
+            and self.head_dim % 2
+        ):
+            p.append(
+                f"head dim {self.head_dim} must be even for RoPE (model.hidden_size {self.hidden_size} / "
+                f"model.num_heads {self.num_heads}; RoPE is used by softmax layers (model.layer_pattern "
+                f"{self.layer_pattern!r}), model.linear_rope and model.window)"
+            )
         return p
 
     def _lora_problems(self, bad: dict) -> list[str]:
@@ -187,8 +212,10 @@ class ModelConfig:
             names = [t.strip() for t in self.lora_targets.split(",") if t.strip()]
             unknown = [t for t in names if t not in LORA_TARGETS]
             if unknown or (not names and "lora_rank" not in bad and self.lora_rank > 0):
-                p.append(f"model.lora_targets must name projections among {', '.join(LORA_TARGETS)}, got "
-                         f"{self.lora_targets!r}")
+                p.append(
+                    f"model.lora_targets must name projections among {', '.join(LORA_TARGETS)}, got "
+                    f"{self.lora_targets!r}"
+                )
         return p
 
     def _linearise_problems(self, bad: dict) -> list[str]:
@@ -199,23 +226,31 @@ class ModelConfig:
         if {"feature_map", "linear_variant"} & set(bad):
             return p
         if self.feature_map == "hedgehog" and self.linear_variant in ("gla",) + DELTA_VARIANTS:
-            p.append(f"model.feature_map hedgehog doubles the key dim, which model.linear_variant "
-                     f"{self.linear_variant} (a gate or delta rule over the key dim) does not take")
+            p.append(
+                f"model.feature_map hedgehog doubles the key dim, which model.linear_variant "
+                f"{self.linear_variant} (a gate or delta rule over the key dim) does not take"
+            )
         if self.qk_norm is True and self.linear_variant in DELTA_VARIANTS and "L" in str(self.layer_pattern):
-            p.append(f"model.qk_norm (per-head q/k RMSNorm) is not applied by the delta-rule layers of "
-                     f"model.linear_variant {self.linear_variant}, which L2-normalise q and k themselves")
+            p.append(
+                f"model.qk_norm (per-head q/k RMSNorm) is not applied by the delta-rule layers of "
+                f"model.linear_variant {self.linear_variant}, which L2-normalise q and k themselves"
+            )
         if "window" in bad:
             return p
         if self.window < 0:
             p.append(f"model.window must be >= 0 (0: no window), got {self.window}")
         elif self.window:
             if self.linear_variant not in WINDOW_VARIANTS:
-                p.append(f"model.window ({self.window}) needs model.linear_variant {', '.join(WINDOW_VARIANTS)} "
-                         f"(a state older tokens can be taken out of), got {self.linear_variant}")
+                p.append(
+                    f"model.window ({self.window}) needs model.linear_variant {', '.join(WINDOW_VARIANTS)} "
+                    f"(a state older tokens can be taken out of), got {self.linear_variant}"
+                )
             if self.feature_map not in ("hedgehog", "elu1", "relu"):
-                p.append(f"model.window ({self.window}) shares one normaliser between softmax and linear "
-                         f"scores, which needs a non-negative feature map (hedgehog, elu1, relu), got "
-                         f"model.feature_map {self.feature_map}")
+                p.append(
+                    f"model.window ({self.window}) shares one normaliser between softmax and linear "
+                    f"scores, which needs a non-negative feature map (hedgehog, elu1, relu), got "
+                    f"model.feature_map {self.feature_map}"
+                )
         return p
 
     @property

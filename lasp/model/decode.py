@@ -122,21 +122,30 @@ class DecodeState:
         for block in model.layers:
             if isinstance(block.mixer, DeltaNetAttention):
                 S = torch.zeros(batch, H, D, D, dtype=state_dtype(w.dtype), device=w.device)
-                conv = [torch.zeros(batch, cfg.conv_size - 1, c, dtype=w.dtype, device=w.device)
-                        for c in (H * D, Hkv * D, Hkv * D)]
+                conv = [
+                    torch.zeros(batch, cfg.conv_size - 1, c, dtype=w.dtype, device=w.device)
+                    for c in (H * D, Hkv * D, Hkv * D)
+                ]
                 layers.append(DeltaState(S, conv))
             elif isinstance(block.mixer, LinearAttention):
                 S = torch.zeros(_linear_state_shape(cfg, batch), dtype=state_dtype(w.dtype), device=w.device)
-                layers.append(S if not cfg.window else WindowState(
-                    S, torch.zeros(batch, cfg.window - 1, _window_channels(cfg), dtype=w.dtype, device=w.device)))
+                layers.append(
+                    S
+                    if not cfg.window
+                    else WindowState(
+                        S, torch.zeros(batch, cfg.window - 1, _window_channels(cfg), dtype=w.dtype, device=w.device)
+                    )
+                )
             else:
                 layers.append(KVCache(batch, Hkv, D, w.dtype, w.device, capacity))
         return cls(layers, batch)
 
     def nbytes(self) -> int:
         """Bytes held by the state (linear states plus allocated KV caches)."""
-        return sum(s.nbytes() if isinstance(s, (KVCache, DeltaState, WindowState)) else s.numel() * s.element_size()
-                   for s in self.layers)
+        return sum(
+            s.nbytes() if isinstance(s, (KVCache, DeltaState, WindowState)) else s.numel() * s.element_size()
+            for s in self.layers
+        )
 
 
 @dataclass(frozen=True)
@@ -171,8 +180,15 @@ def decode_memory(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> Decod
     )
 
 
-def forward_memory(cfg: ModelConfig, dtype: torch.dtype, tokens: int, *, logits_tokens: int | None = None,
-                   held_tokens: int = 0, batch: int = 1) -> int:
+def forward_memory(
+    cfg: ModelConfig,
+    dtype: torch.dtype,
+    tokens: int,
+    *,
+    logits_tokens: int | None = None,
+    held_tokens: int = 0,
+    batch: int = 1,
+) -> int:
     """A lower bound on the bytes an inference forward of `tokens` new tokens per sequence needs, beyond the
     weights: what exists at once when the LM head runs. That is the decode state holding `held_tokens`
     tokens (`decode_memory`; 0 for a plain forward), the final hidden states (hidden values per token), the
@@ -202,14 +218,21 @@ def check_positions(cfg: ModelConfig, tokens: int, what: str) -> None:
     """ValueError when `what` (`tokens` positions of one sequence) passes `position_limit`."""
     limit = position_limit(cfg)
     if limit is not None and tokens > limit:
-        raise ValueError(f"{what} need {tokens:,} positions, more than the {limit:,} this model tells apart: its "
-                         "RoPE angles are float32 (model.float32_norm_rope), which rounds larger positions onto "
-                         "their neighbours")
+        raise ValueError(
+            f"{what} need {tokens:,} positions, more than the {limit:,} this model tells apart: its "
+            "RoPE angles are float32 (model.float32_norm_rope), which rounds larger positions onto "
+            "their neighbours"
+        )
 
 
 def linear_step(
-    q_BHK: Tensor, k_BHK: Tensor, v_BHV: Tensor, log_decay_H: Tensor | None, state_BHKV: Tensor,
-    scale: float | None = None, gate: Tensor | None = None,
+    q_BHK: Tensor,
+    k_BHK: Tensor,
+    v_BHV: Tensor,
+    log_decay_H: Tensor | None,
+    state_BHKV: Tensor,
+    scale: float | None = None,
+    gate: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """One token of causal linear attention: S' = lambda S + k v^T, o = s q^T S' (current token included).
     `gate` (log-gates [B, H] or [B, H, K], instead of the decay): S' = Diag(exp(g)) S + k v^T.
@@ -233,15 +256,29 @@ def linear_step(
     return o.to(q_BHK.dtype), S
 
 
-def _linear_mixer(m: LinearAttention, x: Tensor, S: Tensor | WindowState, positions_BT: Tensor
-                  ) -> tuple[Tensor, Tensor | WindowState]:
+def _linear_mixer(
+    m: LinearAttention, x: Tensor, S: Tensor | WindowState, positions_BT: Tensor
+) -> tuple[Tensor, Tensor | WindowState]:
     q_r, k_r, v, q, k, g = m.linear_inputs(x, positions_BT)
     if m.window:
         ones = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], -1)
-        linear, S.S = linear_attn(q, k, ones, log_decay=m.log_decay, gate=g, scale=1.0, initial_state=S.S,
-                                  output_final_state=True)
-        o = window_attention(q_r, k_r, v, q, k, linear, window=m.window, positions=positions_BT, halo=S.halo,
-                             share=torch.sigmoid(m.window_share), log_decay=m.log_decay, gate=g)
+        linear, S.S = linear_attn(
+            q, k, ones, log_decay=m.log_decay, gate=g, scale=1.0, initial_state=S.S, output_final_state=True
+        )
+        o = window_attention(
+            q_r,
+            k_r,
+            v,
+            q,
+            k,
+            linear,
+            window=m.window,
+            positions=positions_BT,
+            halo=S.halo,
+            share=torch.sigmoid(m.window_share),
+            log_decay=m.log_decay,
+            gate=g,
+        )
     elif x.shape[1] == 1:
         o, S = linear_step(q[:, 0], k[:, 0], v[:, 0], m.log_decay, S, gate=None if g is None else g[:, 0])
         o = o[:, None]
@@ -371,8 +408,11 @@ def generate(
     if eos_id is not None and not 0 <= eos_id < model.cfg.vocab_size:
         raise ValueError(f"eos_id must be in [0, {model.cfg.vocab_size}), got {eos_id}")
     done = 0 if state is None else state.position  # the last sampled token is never fed back
-    check_positions(model.cfg, done + prompt.shape[1] + max(max_new_tokens - 1, 0),
-                    f"the prompt ({prompt.shape[1]:,} tokens) and max_new_tokens ({max_new_tokens:,})")
+    check_positions(
+        model.cfg,
+        done + prompt.shape[1] + max(max_new_tokens - 1, 0),
+        f"the prompt ({prompt.shape[1]:,} tokens) and max_new_tokens ({max_new_tokens:,})",
+    )
     if state is None:
         state = DecodeState.empty(model, prompt.shape[0], capacity=prompt.shape[1] + max_new_tokens)
     return _generate(model, prompt, max_new_tokens, temperature, top_p, generator, eos_id, state)

@@ -30,11 +30,33 @@ ARCHITECTURES = {
 }
 # fields that change nothing in a forward pass (ids, bookkeeping, generation and output options)
 HARMLESS = {
-    "_name_or_path", "_model_name_or_path", "architectures", "bos_token_id", "eos_token_id", "pad_token_id",
-    "unk_token_id", "sep_token_id", "cls_token_id", "mask_token_id", "dtype", "torch_dtype",
-    "transformers_version", "use_cache", "initializer_range", "max_position_embeddings", "model_type",
-    "chunk_size_feed_forward", "id2label", "label2id", "is_encoder_decoder", "output_attentions",
-    "output_hidden_states", "problem_type", "return_dict", "max_window_layers", "tokenizer_class",
+    "_name_or_path",
+    "_model_name_or_path",
+    "architectures",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "unk_token_id",
+    "sep_token_id",
+    "cls_token_id",
+    "mask_token_id",
+    "dtype",
+    "torch_dtype",
+    "transformers_version",
+    "use_cache",
+    "initializer_range",
+    "max_position_embeddings",
+    "model_type",
+    "chunk_size_feed_forward",
+    "id2label",
+    "label2id",
+    "is_encoder_decoder",
+    "output_attentions",
+    "output_hidden_states",
+    "problem_type",
+    "return_dict",
+    "max_window_layers",
+    "tokenizer_class",
     "attention_dropout",  # dropout is off in evaluation; LASP trains without it (checked below to be 0)
 }
 
@@ -56,10 +78,13 @@ def _rope(c: dict, problems: list[str]) -> dict:
     kind = params.get("rope_type", params.get("type", "default"))
     out = {"rope_theta": float(params.get("rope_theta", c.get("rope_theta", 10000.0)))}
     if kind == "llama3":
-        out.update(rope_scaling="llama3", rope_factor=float(params["factor"]),
-                   rope_low_freq_factor=float(params["low_freq_factor"]),
-                   rope_high_freq_factor=float(params["high_freq_factor"]),
-                   rope_original_max_positions=int(params["original_max_position_embeddings"]))
+        out.update(
+            rope_scaling="llama3",
+            rope_factor=float(params["factor"]),
+            rope_low_freq_factor=float(params["low_freq_factor"]),
+            rope_high_freq_factor=float(params["high_freq_factor"]),
+            rope_original_max_positions=int(params["original_max_position_embeddings"]),
+        )
     elif kind != "default":
         problems.append(f"rope_parameters.rope_type = {kind!r}: only default and llama3 RoPE are supported")
     return out
@@ -74,10 +99,25 @@ def model_config(c: dict, path: str = "config.json", **overrides) -> ModelConfig
         raise HFImportError(path, [f"architectures = {archs}: supported are {', '.join(ARCHITECTURES)}"])
     family = family.pop()
     known = HARMLESS | {
-        "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-        "head_dim", "vocab_size", "rms_norm_eps", "tie_word_embeddings", "hidden_act", "rope_parameters",
-        "rope_theta", "rope_scaling", "attention_bias", "mlp_bias", "pretraining_tp", "sliding_window",
-        "use_sliding_window", "layer_types",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "vocab_size",
+        "rms_norm_eps",
+        "tie_word_embeddings",
+        "hidden_act",
+        "rope_parameters",
+        "rope_theta",
+        "rope_scaling",
+        "attention_bias",
+        "mlp_bias",
+        "pretraining_tp",
+        "sliding_window",
+        "use_sliding_window",
+        "layer_types",
     }
     for key in sorted(set(c) - known):
         problems.append(f"{key} = {c[key]!r}: a config field LASP does not know, so it cannot honour it")
@@ -93,8 +133,10 @@ def model_config(c: dict, path: str = "config.json", **overrides) -> ModelConfig
         problems.append(f"attention_dropout = {c['attention_dropout']}: LASP has no attention dropout")
     window = c.get("sliding_window")
     if window is not None and (family == "mistral" or c.get("use_sliding_window")):
-        problems.append(f"sliding_window = {window}: LASP's softmax layers attend over the whole sequence; a "
-                        "model trained with a window is not imported (set it to null only if it never mattered)")
+        problems.append(
+            f"sliding_window = {window}: LASP's softmax layers attend over the whole sequence; a "
+            "model trained with a window is not imported (set it to null only if it never mattered)"
+        )
     kinds = set(c.get("layer_types") or ["full_attention"])
     if kinds != {"full_attention"}:
         problems.append(f"layer_types = {sorted(kinds)}: only full_attention layers are supported")
@@ -102,12 +144,21 @@ def model_config(c: dict, path: str = "config.json", **overrides) -> ModelConfig
     H = c.get("num_attention_heads")
     head_dim = c.get("head_dim") or (c["hidden_size"] // H if H else 0)
     fields = dict(
-        vocab_size=c.get("vocab_size"), hidden_size=c.get("hidden_size"), num_layers=c.get("num_hidden_layers"),
-        num_heads=H, num_kv_heads=c.get("num_key_value_heads") or H, ffn_hidden_size=c.get("intermediate_size"),
-        layer_pattern="S", tie_embeddings=bool(c.get("tie_word_embeddings", False)),
-        norm_eps=float(c.get("rms_norm_eps", 1e-6)), attention_bias=family == "qwen2", qk_norm=family == "qwen3",
-        float32_norm_rope=True, output_norm=not overrides.get("window"),  # see fresh_norm_problems
-        attention_head_dim=head_dim if H and head_dim != c["hidden_size"] // H else 0, **rope,
+        vocab_size=c.get("vocab_size"),
+        hidden_size=c.get("hidden_size"),
+        num_layers=c.get("num_hidden_layers"),
+        num_heads=H,
+        num_kv_heads=c.get("num_key_value_heads") or H,
+        ffn_hidden_size=c.get("intermediate_size"),
+        layer_pattern="S",
+        tie_embeddings=bool(c.get("tie_word_embeddings", False)),
+        norm_eps=float(c.get("rms_norm_eps", 1e-6)),
+        attention_bias=family == "qwen2",
+        qk_norm=family == "qwen3",
+        float32_norm_rope=True,
+        output_norm=not overrides.get("window"),  # see fresh_norm_problems
+        attention_head_dim=head_dim if H and head_dim != c["hidden_size"] // H else 0,
+        **rope,
     )
     missing = [k for k, v in fields.items() if v is None]
     problems += [f"config.json has no value for {k}" for k in missing]
@@ -137,11 +188,13 @@ def fresh_norm_problems(cfg: ModelConfig, source: ModelConfig) -> list[str]:
     if not layers:
         return []
     shown = ", ".join(map(str, layers[:8])) + (", ..." if len(layers) > 8 else "")
-    return [f"model.output_norm = True with model.window = {cfg.window} on {len(layers)} layer(s) linearised "
-            f"from the weights' softmax layers ({shown}): the window's normaliser already puts each head's "
-            "output on the softmax output's scale, and a fresh RMSNorm would rescale it to RMS 1, so the "
-            "imported o_proj would start far from the original model; set output_norm to false (from_hf's "
-            "default with a window)"]
+    return [
+        f"model.output_norm = True with model.window = {cfg.window} on {len(layers)} layer(s) linearised "
+        f"from the weights' softmax layers ({shown}): the window's normaliser already puts each head's "
+        "output on the softmax output's scale, and a fresh RMSNorm would rescale it to RMS 1, so the "
+        "imported o_proj would start far from the original model; set output_norm to false (from_hf's "
+        "default with a window)"
+    ]
 
 
 def _names(cfg: ModelConfig) -> dict[str, str]:
@@ -228,18 +281,29 @@ def _weight_files(path: str) -> list[str]:
         names = sorted(set(mapping.values()))
         absent = [n for n in names if not os.path.isfile(os.path.join(path, n))]
         if absent:
-            raise HFImportError(path, [f"{n}: named in {INDEX} for {sum(v == n for v in mapping.values())} "
-                                       "tensor(s), but absent" for n in absent])
+            raise HFImportError(
+                path,
+                [
+                    f"{n}: named in {INDEX} for {sum(v == n for v in mapping.values())} tensor(s), but absent"
+                    for n in absent
+                ],
+            )
         return [os.path.join(path, n) for n in names]
     if os.path.isfile(os.path.join(path, "model.safetensors")):
         return [os.path.join(path, "model.safetensors")]
-    raise HFImportError(path, ["no model.safetensors or model.safetensors.index.json (pytorch_model.bin is "
-                               "not read: convert it with transformers' save_pretrained)"])
+    raise HFImportError(
+        path,
+        [
+            "no model.safetensors or model.safetensors.index.json (pytorch_model.bin is "
+            "not read: convert it with transformers' save_pretrained)"
+        ],
+    )
 
 
 def _unreadable(path: str, file: str, e: Exception) -> HFImportError:
-    return HFImportError(path, [f"{os.path.basename(file)}: not a readable safetensors file (truncated or "
-                                f"damaged?): {e}"])
+    return HFImportError(
+        path, [f"{os.path.basename(file)}: not a readable safetensors file (truncated or damaged?): {e}"]
+    )
 
 
 def weight_keys(path: str) -> dict[str, set[str]]:
@@ -255,11 +319,13 @@ def weight_keys(path: str) -> dict[str, set[str]]:
                 out[name] = set(f.keys())
         except (SafetensorError, OSError) as e:
             raise _unreadable(path, name, e) from None
-    lacking = sorted((n, file) for n, file in (_weight_map(path) or {}).items()
-                     if n not in out[os.path.join(path, file)])
+    lacking = sorted(
+        (n, file) for n, file in (_weight_map(path) or {}).items() if n not in out[os.path.join(path, file)]
+    )
     if lacking:
-        raise HFImportError(path, [f"{file}: {INDEX} maps {n} to it, but it holds no such tensor"
-                                   for n, file in lacking])
+        raise HFImportError(
+            path, [f"{file}: {INDEX} maps {n} to it, but it holds no such tensor" for n, file in lacking]
+        )
     return out
 
 
@@ -313,9 +379,21 @@ def _tensor_problems(path: str, names: dict[str, str], keys: set[str], tied: boo
     return problems
 
 
-SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "ffn_hidden_size",
-                "head_dim", "tie_embeddings", "attention_bias", "qk_norm", "rope_theta", "rope_scaling",
-                "norm_eps")
+SHAPE_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "num_layers",
+    "num_heads",
+    "num_kv_heads",
+    "ffn_hidden_size",
+    "head_dim",
+    "tie_embeddings",
+    "attention_bias",
+    "qk_norm",
+    "rope_theta",
+    "rope_scaling",
+    "norm_eps",
+)
 
 
 def _model_names(cfg: ModelConfig) -> list[str]:
@@ -361,8 +439,11 @@ def mismatches(ours: ModelConfig, source: ModelConfig) -> list[str]:
     """The shape fields in which a run's model differs from the weights it starts from (the mixers'
     pattern and variant may differ: that is linearisation), and a fresh output norm on a linearised layer
     (`fresh_norm_problems`)."""
-    return [f"model.{k} = {getattr(ours, k)!r}, but the weights have {getattr(source, k)!r}"
-            for k in SHAPE_FIELDS if getattr(ours, k) != getattr(source, k)] + fresh_norm_problems(ours, source)
+    return [
+        f"model.{k} = {getattr(ours, k)!r}, but the weights have {getattr(source, k)!r}"
+        for k in SHAPE_FIELDS
+        if getattr(ours, k) != getattr(source, k)
+    ] + fresh_norm_problems(ours, source)
 
 
 def _source_names(path: str, cfg: ModelConfig) -> dict[str, str]:
@@ -383,18 +464,25 @@ def hf_config(cfg: ModelConfig, dtype: torch.dtype) -> dict:
     """transformers' config.json for a LinearLlama whose every layer is softmax: LlamaForCausalLM, or
     Qwen2ForCausalLM with q/k/v biases, or Qwen3ForCausalLM with q/k norms; with MoE layers
     MixtralForCausalLM, or Qwen3MoeForCausalLM with q/k norms; HFImportError otherwise."""
-    problems = [f"layer {i} is linear (model.layer_pattern {cfg.layer_pattern!r}): transformers has no such "
-                "layer" for i in range(cfg.num_layers) if cfg.mixer(i) != "S"]
+    problems = [
+        f"layer {i} is linear (model.layer_pattern {cfg.layer_pattern!r}): transformers has no such layer"
+        for i in range(cfg.num_layers)
+        if cfg.mixer(i) != "S"
+    ]
     if cfg.attention_bias and cfg.qk_norm:
         problems.append("q/k/v biases with q/k norms: neither Qwen2 nor Qwen3")
     if cfg.lora_rank:
-        problems.append(f"LoRA adapters (model.lora_rank {cfg.lora_rank}): merge them into the weights first "
-                        "(lasp.model.lora.merge_lora; python -m lasp.export does)")
+        problems.append(
+            f"LoRA adapters (model.lora_rank {cfg.lora_rank}): merge them into the weights first "
+            "(lasp.model.lora.merge_lora; python -m lasp.export does)"
+        )
     moe = cfg.moe
     if moe is not None:  # Mixtral, or Qwen3-MoE with q/k norms: softmax top-k renormalised, no shared expert
-        bad = [f"model.moe.{k} = {getattr(moe, k)!r} (transformers' Mixtral / Qwen3-MoE take {v!r})"
-               for k, v in (("router", "softmax"), ("shared_ffn_hidden_size", 0), ("expert_bias", False))
-               if getattr(moe, k) != v]
+        bad = [
+            f"model.moe.{k} = {getattr(moe, k)!r} (transformers' Mixtral / Qwen3-MoE take {v!r})"
+            for k, v in (("router", "softmax"), ("shared_ffn_hidden_size", 0), ("expert_bias", False))
+            if getattr(moe, k) != v
+        ]
         if moe.top_k < 2:
             bad.append(f"model.moe.top_k = {moe.top_k} (their top-1 weight is 1, LASP's the softmax probability)")
         if not cfg.qk_norm and "D" in moe.pattern:
@@ -410,17 +498,30 @@ def hf_config(cfg: ModelConfig, dtype: torch.dtype) -> dict:
     arch = {v: k for k, v in ARCHITECTURES.items()}[family]
     rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
     if cfg.rope_scaling == "llama3":
-        rope.update(rope_type="llama3", factor=cfg.rope_factor, low_freq_factor=cfg.rope_low_freq_factor,
-                    high_freq_factor=cfg.rope_high_freq_factor,
-                    original_max_position_embeddings=cfg.rope_original_max_positions)
+        rope.update(
+            rope_type="llama3",
+            factor=cfg.rope_factor,
+            low_freq_factor=cfg.rope_low_freq_factor,
+            high_freq_factor=cfg.rope_high_freq_factor,
+            original_max_position_embeddings=cfg.rope_original_max_positions,
+        )
     out = {
-        "architectures": [arch], "model_type": family, "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.hidden_size, "intermediate_size": cfg.ffn_hidden_size,
-        "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
-        "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim, "hidden_act": "silu",
-        "rms_norm_eps": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings, "rope_parameters": rope,
-        "max_position_embeddings": int(cfg.rope_original_max_positions * (cfg.rope_factor if cfg.rope_scaling ==
-                                                                           "llama3" else 1)),
+        "architectures": [arch],
+        "model_type": family,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.ffn_hidden_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": cfg.norm_eps,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "rope_parameters": rope,
+        "max_position_embeddings": int(
+            cfg.rope_original_max_positions * (cfg.rope_factor if cfg.rope_scaling == "llama3" else 1)
+        ),
         "dtype": str(dtype).removeprefix("torch."),
     }
     if family != "qwen2":
@@ -434,19 +535,35 @@ def _moe_config(cfg: ModelConfig, dtype: torch.dtype) -> dict:
     moe, qwen = cfg.moe, cfg.qk_norm
     out = {
         "architectures": ["Qwen3MoeForCausalLM" if qwen else "MixtralForCausalLM"],
-        "model_type": "qwen3_moe" if qwen else "mixtral", "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
-        "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim, "hidden_act": "silu",
-        "rms_norm_eps": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
+        "model_type": "qwen3_moe" if qwen else "mixtral",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": cfg.norm_eps,
+        "tie_word_embeddings": cfg.tie_embeddings,
         "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
-        "max_position_embeddings": cfg.rope_original_max_positions, "num_experts_per_tok": moe.top_k,
-        "router_aux_loss_coef": moe.aux_loss_coeff, "output_router_logits": False, "attention_bias": False,
-        "sliding_window": None, "dtype": str(dtype).removeprefix("torch."),
+        "max_position_embeddings": cfg.rope_original_max_positions,
+        "num_experts_per_tok": moe.top_k,
+        "router_aux_loss_coef": moe.aux_loss_coeff,
+        "output_router_logits": False,
+        "attention_bias": False,
+        "sliding_window": None,
+        "dtype": str(dtype).removeprefix("torch."),
     }
     if qwen:
-        out.update(num_experts=moe.num_experts, moe_intermediate_size=moe.ffn_hidden_size,
-                   intermediate_size=cfg.ffn_hidden_size, norm_topk_prob=True, decoder_sparse_step=1,
-                   mlp_only_layers=[i for i in range(cfg.num_layers) if not moe.is_moe(i)], use_sliding_window=False)
+        out.update(
+            num_experts=moe.num_experts,
+            moe_intermediate_size=moe.ffn_hidden_size,
+            intermediate_size=cfg.ffn_hidden_size,
+            norm_topk_prob=True,
+            decoder_sparse_step=1,
+            mlp_only_layers=[i for i in range(cfg.num_layers) if not moe.is_moe(i)],
+            use_sliding_window=False,
+        )
     else:
         out.update(num_local_experts=moe.num_experts, intermediate_size=moe.ffn_hidden_size)
     return out

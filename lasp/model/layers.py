@@ -44,8 +44,9 @@ def rope_frequencies(D: int, theta: float, scaling: dict | None = None, dtype=to
     inv = 1.0 / (theta ** (torch.arange(0, D, 2, dtype=torch.int64).to(dtype) / D))
     if scaling is None:
         return inv
-    factor, low, high, old = (scaling[k] for k in ("factor", "low_freq_factor", "high_freq_factor",
-                                                  "original_max_positions"))
+    factor, low, high, old = (
+        scaling[k] for k in ("factor", "low_freq_factor", "high_freq_factor", "original_max_positions")
+    )
     wavelen = 2 * math.pi / inv
     scaled = torch.where(wavelen > old / low, inv / factor, inv)
     smooth = (old / wavelen - low) / (high - low)
@@ -128,7 +129,7 @@ class ShortConv(nn.Module):
         super().__init__()
         self.width = width
         self.weight = nn.Parameter(torch.empty(channels, width))
-        nn.init.uniform_(self.weight, -width**-0.5, width**-0.5)  # kaiming_uniform(a=sqrt(5)), fan_in = width
+        nn.init.uniform_(self.weight, -(width**-0.5), width**-0.5)  # kaiming_uniform(a=sqrt(5)), fan_in = width
 
     def forward(self, x: Tensor, positions: Tensor, halo: Tensor) -> Tensor:
         n, w = halo.shape[0], self.width

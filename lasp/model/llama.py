@@ -18,7 +18,15 @@ from lasp.kernels.documents import Documents
 from lasp.kernels.softmax_attn import softmax_attn
 from lasp.model.config import DELTA_VARIANTS, GATED_VARIANTS, ModelConfig
 from lasp.model.layers import (
-    FEATURE_MAPS, LogGate, RMSNorm, ShortConv, SwiGLU, feature_map, log_decay, rope, rope_frequencies,
+    FEATURE_MAPS,
+    LogGate,
+    RMSNorm,
+    ShortConv,
+    SwiGLU,
+    feature_map,
+    log_decay,
+    rope,
+    rope_frequencies,
 )
 from lasp.model.moe import MoE
 from lasp.model.window import window_attention
@@ -41,13 +49,15 @@ class _Projections(nn.Module):
         self.rope_theta = cfg.rope_theta
         scaling = None
         if cfg.rope_scaling == "llama3":
-            scaling = dict(factor=cfg.rope_factor, low_freq_factor=cfg.rope_low_freq_factor,
-                           high_freq_factor=cfg.rope_high_freq_factor,
-                           original_max_positions=cfg.rope_original_max_positions)
+            scaling = dict(
+                factor=cfg.rope_factor,
+                low_freq_factor=cfg.rope_low_freq_factor,
+                high_freq_factor=cfg.rope_high_freq_factor,
+                original_max_positions=cfg.rope_original_max_positions,
+            )
         dtype = torch.float32 if cfg.float32_norm_rope else torch.float64
         self.inv_freq_dtype = dtype  # kept through model.to(dtype): the angles' precision is the config's
-        self.register_buffer("inv_freq", rope_frequencies(D, cfg.rope_theta, scaling, dtype),
-                             persistent=False)
+        self.register_buffer("inv_freq", rope_frequencies(D, cfg.rope_theta, scaling, dtype), persistent=False)
         self.q_norm = RMSNorm(D, cfg.norm_eps, cfg.float32_norm_rope) if cfg.qk_norm else None
         self.k_norm = RMSNorm(D, cfg.norm_eps, cfg.float32_norm_rope) if cfg.qk_norm else None
         self.teacher_fn = softmax_attn
@@ -140,8 +150,9 @@ class LinearAttention(_Projections):
         if cfg.linear_variant in GATED_VARIANTS and cfg.gate_source == "key":
             self.key_gate = (cfg.linear_variant == "gla", cfg.gate_normalizer)
         elif cfg.linear_variant in GATED_VARIANTS:
-            self.gate = LogGate(cfg.linear_variant, cfg.hidden_size, cfg.num_heads, cfg.head_dim, cfg.gate_low_rank,
-                                cfg.gate_normalizer)
+            self.gate = LogGate(
+                cfg.linear_variant, cfg.hidden_size, cfg.num_heads, cfg.head_dim, cfg.gate_low_rank, cfg.gate_normalizer
+            )
         self.window_share = None
         if cfg.window:  # LoLCATs' window factor: sigmoid(0) = 1/2, the window's and the linear branch's share
             self.window_share = nn.Parameter(torch.zeros(cfg.num_heads))
@@ -186,8 +197,20 @@ class LinearAttention(_Projections):
         else:
             ones = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], -1)
             linear = self.attn_fn(fq, fk, ones, log_decay=self.log_decay, scale=1.0, **kw)
-            o = window_attention(q, k, v, fq, fk, linear, window=self.window, positions=positions, halo=self.halo,
-                                 share=torch.sigmoid(self.window_share), log_decay=self.log_decay, gate=gate)
+            o = window_attention(
+                q,
+                k,
+                v,
+                fq,
+                fk,
+                linear,
+                window=self.window,
+                positions=positions,
+                halo=self.halo,
+                share=torch.sigmoid(self.window_share),
+                log_decay=self.log_decay,
+                gate=gate,
+            )
         return o if self.out_norm is None else self.out_norm(o)
 
 
@@ -250,15 +273,18 @@ class DeltaNetAttention(_Projections):
         """q, k, v before their convolutions, [B, T, channels] each."""
         return [self.q_proj(x), self.k_proj(x), self.v_proj(x)]
 
-    def mixed(self, x: Tensor, positions: Tensor, halos=None, ys=None) -> tuple[Tensor, Tensor, Tensor, Tensor,
-                                                                                Tensor | None]:
+    def mixed(
+        self, x: Tensor, positions: Tensor, halos=None, ys=None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
         """q, k (convolved, L2-normalised), v (convolved) as [B, T, heads, D], beta and the gate. `ys`: the
         projections if already made; `halos`: the rows before x for q, k and v's convolutions (decoding),
         else from `halo_fn`."""
         ys = self.projections(x) if ys is None else ys
         convs = (self.q_conv, self.k_conv, self.v_conv)
-        q, k, v = (conv(y, positions, self.halo(y) if halos is None else halo).unflatten(-1, (-1, self.head_dim))
-                   for conv, y, halo in zip(convs, ys, halos or [None] * 3))
+        q, k, v = (
+            conv(y, positions, self.halo(y) if halos is None else halo).unflatten(-1, (-1, self.head_dim))
+            for conv, y, halo in zip(convs, ys, halos or [None] * 3)
+        )
         q, k = F.normalize(q, dim=-1, eps=1e-6), F.normalize(k, dim=-1, eps=1e-6)
         return q, k, v, *self.beta_gate(x)
 
@@ -327,15 +353,19 @@ class LinearLlama(nn.Module):
 
             add_lora(self, cfg)
 
-    def hidden_states(self, tokens: Tensor, positions: Tensor | None = None,
-                      documents: Documents | None = None) -> Tensor:
+    def hidden_states(
+        self, tokens: Tensor, positions: Tensor | None = None, documents: Documents | None = None
+    ) -> Tensor:
         """tokens [B, T] -> final normed hidden states [B, T, hidden], the LM head's input (for
         `chunked_lm_loss_sum`, which never builds the logits of the whole sequence). `documents`: packed
         documents of the (global) rows: linear layers reset their state at every start and softmax layers
         do not attend across documents; positions then default to each token's place in its document."""
         if positions is None:
-            positions = (torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens) if documents is None
-                         else documents.positions(tokens.device))
+            positions = (
+                torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+                if documents is None
+                else documents.positions(tokens.device)
+            )
         x = self.embed(tokens)
         for layer in self.layers:
             x = layer(x, positions, documents)

@@ -21,8 +21,13 @@ class LoRALinear(nn.Linear):
     """nn.Linear plus a low-rank adapter: y = W x (+ b) + scaling B (A x), scaling = alpha / rank."""
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float):
-        super().__init__(base.in_features, base.out_features, bias=base.bias is not None,
-                         device=base.weight.device, dtype=base.weight.dtype)
+        super().__init__(
+            base.in_features,
+            base.out_features,
+            bias=base.bias is not None,
+            device=base.weight.device,
+            dtype=base.weight.dtype,
+        )
         with torch.no_grad():
             self.weight.copy_(base.weight)
             if base.bias is not None:

@@ -171,8 +171,15 @@ class _ChunkedKL(torch.autograd.Function):
             if need_w:
                 dw.addmm_(p.T, hc)
             del p
-        return (dh.view_as(hidden) if need_h else None, None, dw.to(weight.dtype) if need_w else None,
-                None, None, None, None)
+        return (
+            dh.view_as(hidden) if need_h else None,
+            None,
+            dw.to(weight.dtype) if need_w else None,
+            None,
+            None,
+            None,
+            None,
+        )
 
 
 def chunked_kl_sum(
@@ -190,5 +197,6 @@ def chunked_kl_sum(
     a vocabulary split over ranks as in `chunked_lm_loss_sum` (weight: this rank's rows)."""
     if chunk_tokens < 0:
         raise ValueError(f"chunk_tokens must be >= 0, got {chunk_tokens}")
-    return _ChunkedKL.apply(hidden, teacher_hidden.detach(), weight, labels != IGNORE, chunk_tokens, reduce_max,
-                            reduce_sum)
+    return _ChunkedKL.apply(
+        hidden, teacher_hidden.detach(), weight, labels != IGNORE, chunk_tokens, reduce_max, reduce_sum
+    )

@@ -7,7 +7,8 @@ needs no process groups. Per token x (flattened over the batch and the sequence)
 
 - logits = x W_r^T [E] (float32, or float64 for a float64 model);
 - softmax router (Mixtral): the top-k logits, softmax over those k (= the softmax over all E experts,
-  renormalised over the top k); with k = 1 (Switch) the softmax over all E, the top one's probability; sigmoid router (DeepSeek-V3): s = sigmoid(logits), the top k of s + b
+  renormalised over the top k); with k = 1 (Switch) the softmax over all E, the top one's probability;
+- sigmoid router (DeepSeek-V3): s = sigmoid(logits), the top k of s + b
   (b the expert bias, moved by `update_expert_bias` and never by gradients), weights s / sum s over the k;
 - with a capacity factor, each expert keeps at most ceil(tokens * k / E * factor) tokens, those of the
   highest weights (megatron's "probs" drop policy); otherwise no token is dropped;
@@ -81,16 +82,20 @@ class MoEConfig:
         if not {"num_experts", "top_k"} & set(bad) and self.top_k > self.num_experts:
             p.append(f"model.moe.top_k ({self.top_k}) must be at most model.moe.num_experts ({self.num_experts})")
         if "shared_ffn_hidden_size" not in bad and self.shared_ffn_hidden_size < 0:
-            p.append(f"model.moe.shared_ffn_hidden_size must be >= 0 (0: no shared expert), got "
-                     f"{self.shared_ffn_hidden_size}")
+            p.append(
+                f"model.moe.shared_ffn_hidden_size must be >= 0 (0: no shared expert), got "
+                f"{self.shared_ffn_hidden_size}"
+            )
         if "pattern" not in bad and (not self.pattern or not set(self.pattern) <= {"M", "D"}):
             p.append(f"model.moe.pattern must be a non-empty string of M (MoE) and D (dense), got {self.pattern!r}")
         router_ok = "router" not in bad and self.router in ROUTERS
         if "router" not in bad and not router_ok:
             p.append(f"model.moe.router must be one of {', '.join(ROUTERS)}, got {self.router!r}")
         if router_ok and "expert_bias" not in bad and self.expert_bias and self.router != "sigmoid":
-            p.append("model.moe.expert_bias (auxiliary-loss-free balancing) needs model.moe.router sigmoid, got "
-                     f"{self.router}")
+            p.append(
+                "model.moe.expert_bias (auxiliary-loss-free balancing) needs model.moe.router sigmoid, got "
+                f"{self.router}"
+            )
         for name in ("aux_loss_coeff", "z_loss_coeff", "bias_update_rate"):
             if name not in bad and not getattr(self, name) >= 0:
                 p.append(f"model.moe.{name} must be >= 0, got {getattr(self, name)}")
@@ -168,8 +173,9 @@ class MoE(nn.Module):
         self.router = nn.Linear(hidden, cfg.num_experts, bias=False)
         self.experts = nn.ModuleList(SwiGLU(hidden, cfg.ffn_hidden_size) for _ in range(cfg.num_experts))
         self.shared = SwiGLU(hidden, cfg.shared_ffn_hidden_size) if cfg.shared_ffn_hidden_size else None
-        self.register_buffer("expert_bias", torch.zeros(cfg.num_experts, dtype=torch.float32) if cfg.expert_bias
-                             else None)
+        self.register_buffer(
+            "expert_bias", torch.zeros(cfg.num_experts, dtype=torch.float32) if cfg.expert_bias else None
+        )
         self.load = torch.zeros(cfg.num_experts)
         """Tokens each expert received in training forwards since the last `update_expert_bias` / reset."""
         self.last_aux: Tensor | None = None

@@ -86,7 +86,7 @@ def read_config(directory: str | Path) -> dict:
     if config.get("version") != VERSION:
         raise PretrainedError(f"{path}: version {config.get('version')!r} is not supported (this code reads {VERSION})")
     if not isinstance(config.get("model"), dict):
-        raise PretrainedError(f"{path}: \"model\" must be an object of ModelConfig fields")
+        raise PretrainedError(f'{path}: "model" must be an object of ModelConfig fields')
     return config
 
 
@@ -119,7 +119,8 @@ def model_from_state_dict(
     problems += [f"unexpected tensor {k} {list(v.shape)}" for k, v in given.items() if k not in expected]
     problems += [
         f"tensor {k} has shape {list(v.shape)}, the config needs {list(expected[k].shape)}"
-        for k, v in given.items() if k in expected and v.shape != expected[k].shape
+        for k, v in given.items()
+        if k in expected and v.shape != expected[k].shape
     ]
     problems += [f"tensor {k} is {v.dtype}, not floating point" for k, v in given.items() if not v.is_floating_point()]
     if problems:
@@ -154,8 +155,14 @@ def write_export_record(directory: str | Path, checkpoint: str, layout: str, tok
     """Record what `python -m lasp.export` wrote into `directory` (every file there now), from which
     checkpoint, in which layout ("lasp" or "hf"), and the tokenizer of the data it was trained on."""
     out = Path(directory)
-    record = {"format": RECORD_FORMAT, "version": 1, "checkpoint": os.path.abspath(checkpoint), "layout": layout,
-              "files": sorted(p.name for p in out.iterdir()) + [RECORD], "tokenizer": tokenizer or None}
+    record = {
+        "format": RECORD_FORMAT,
+        "version": 1,
+        "checkpoint": os.path.abspath(checkpoint),
+        "layout": layout,
+        "files": sorted(p.name for p in out.iterdir()) + [RECORD],
+        "tokenizer": tokenizer or None,
+    }
     _write_atomic(out / RECORD, lambda p: p.write_text(json.dumps(record, indent=2) + "\n"))
 
 

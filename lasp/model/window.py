@@ -30,9 +30,21 @@ def _pairs(x: Tensor, W: int, nb: int) -> Tensor:
     return torch.cat([x[:, :, :-1], x[:, :, 1:]], dim=3)
 
 
-def window_attention(q: Tensor, k: Tensor, v: Tensor, fq: Tensor, fk: Tensor, linear: Tensor, *, window: int,
-                     positions: Tensor, halo, share: Tensor, log_decay: Tensor | None = None,
-                     gate: Tensor | None = None) -> Tensor:
+def window_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    fq: Tensor,
+    fk: Tensor,
+    linear: Tensor,
+    *,
+    window: int,
+    positions: Tensor,
+    halo,
+    share: Tensor,
+    log_decay: Tensor | None = None,
+    gate: Tensor | None = None,
+) -> Tensor:
     """q [B, T, H, D], k, v [B, T, G, D] (q, k RoPE'd); fq [B, T, H, F], fk [B, T, G, F] the linear branch's
     features; linear [B, T, H, D + 1] the linear op over every key of (fq, fk, [v, 1]) with scale 1 and the
     same decay; positions [B, T] (within the document: a window stops at its start); halo(x [B, T, C],

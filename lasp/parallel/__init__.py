@@ -9,10 +9,10 @@ from torch import nn
 from lasp.model.llama import LinearLlama, lm_loss_sum
 from lasp.parallel import cpu_shims
 from lasp.parallel.batch import local_microbatches
-from lasp.parallel.config import ParallelConfig
 from lasp.parallel.clip import clip_grad_norm_
-from lasp.parallel.ep import apply_ep, set_aux_scale
+from lasp.parallel.config import ParallelConfig
 from lasp.parallel.dp import DataParallel, apply_dp, zero_grads
+from lasp.parallel.ep import apply_ep, set_aux_scale
 from lasp.parallel.groups import ParallelGroups, init_groups
 from lasp.parallel.loss import attention_transfer, distillation, transfer_loss_sum
 from lasp.parallel.pipeline import PipelineStage, forward_backward
@@ -22,9 +22,11 @@ from lasp.parallel.zero import zero_engine, zero_eval_step, zero_train_step
 from lasp.sp.cost import use_link
 
 
-def parallelize(model: LinearLlama, cfg: ParallelConfig, groups: ParallelGroups,
-                frozen: frozenset[str] = frozenset()) -> DataParallel | PipelineStage:
-    """TP (shard the layers), then EP (the MoE layers in megatron's MoELayer), then SP (fill the mixer slots), then PP (keep this rank's stage), then DP.
+def parallelize(
+    model: LinearLlama, cfg: ParallelConfig, groups: ParallelGroups, frozen: frozenset[str] = frozenset()
+) -> DataParallel | PipelineStage:
+    """TP (shard the layers), then EP (the MoE layers in megatron's MoELayer), then SP (fill the mixer
+    slots), then PP (keep this rank's stage), then DP.
 
     `model` must be the same fully built single-device model on every rank (same seed); it is changed in
     place and this rank's stage is returned, wrapped in `DataParallel` (it reads like the stage: is_first,
@@ -67,9 +69,16 @@ def loss_sum_fn(cfg: ParallelConfig, groups: ParallelGroups, stage: nn.Module):
         # the head is read at call time: only the last stage has one
         teacher = getattr(stage, "teacher_hidden", None)  # distillation, in training (lasp.parallel.loss)
         distill = getattr(stage, "distill_weight", 0.0) if teacher is not None else 0.0
-        return stage.head_loss(hidden, stage.lm_head.weight, labels, chunk_tokens=cfg.loss_chunk_tokens,
-                               group=groups.tp if cfg.tp > 1 else None, rank=groups.tp_rank,
-                               teacher=teacher, distill_weight=distill)
+        return stage.head_loss(
+            hidden,
+            stage.lm_head.weight,
+            labels,
+            chunk_tokens=cfg.loss_chunk_tokens,
+            group=groups.tp if cfg.tp > 1 else None,
+            rank=groups.tp_rank,
+            teacher=teacher,
+            distill_weight=distill,
+        )
 
     return loss_sum
 
@@ -86,37 +95,48 @@ def _global_loss(share: torch.Tensor | None, stage: nn.Module, groups: ParallelG
     return loss
 
 
-def _run(stage: nn.Module, microbatches: list[dict], cfg: ParallelConfig, groups: ParallelGroups,
-         total_tokens: int, forward_only: bool) -> torch.Tensor:
+def _run(
+    stage: nn.Module,
+    microbatches: list[dict],
+    cfg: ParallelConfig,
+    groups: ParallelGroups,
+    total_tokens: int,
+    forward_only: bool,
+) -> torch.Tensor:
     seq_len = microbatches[0]["tokens"].shape[1] * cfg.sp  # megatron sizes its stage-to-stage messages from it
     set_aux_scale(cfg, total_tokens)
     share = forward_backward(stage, microbatches, seq_len, loss_sum_fn(cfg, groups, stage), total_tokens, forward_only)
     return _global_loss(share, stage, groups)
 
 
-def forward_backward_step(stage: DataParallel, microbatches: list[dict], cfg: ParallelConfig,
-                          groups: ParallelGroups, total_tokens: int) -> torch.Tensor:
+def forward_backward_step(
+    stage: DataParallel, microbatches: list[dict], cfg: ParallelConfig, groups: ParallelGroups, total_tokens: int
+) -> torch.Tensor:
     """Forward + backward of this rank's microbatches ({tokens, positions, labels} [b, T_local] int64, from
     `local_microbatches`) with the gradient sync overlapped; previous gradients are cleared first
     (`zero_grads`). Afterwards every parameter's .grad holds the gradient of the global mean loss (loss
     sums / `total_tokens`). Returns that loss, a 0-dim float64 tensor, on every rank."""
     if not isinstance(stage, DataParallel):
-        raise ValueError("forward_backward_step needs the DataParallel stage from parallelize with "
-                         f"parallel.zero_stage 0 (got zero_stage {cfg.zero_stage}: use zero_train_step)")
+        raise ValueError(
+            "forward_backward_step needs the DataParallel stage from parallelize with "
+            f"parallel.zero_stage 0 (got zero_stage {cfg.zero_stage}: use zero_train_step)"
+        )
     zero_grads(stage)
     return _run(stage, microbatches, cfg, groups, total_tokens, forward_only=False)
 
 
 @torch.no_grad()
-def eval_step(stage: nn.Module, microbatches: list[dict], cfg: ParallelConfig, groups: ParallelGroups,
-              total_tokens: int) -> torch.Tensor:
+def eval_step(
+    stage: nn.Module, microbatches: list[dict], cfg: ParallelConfig, groups: ParallelGroups, total_tokens: int
+) -> torch.Tensor:
     """Forward only of this rank's microbatches (as in `forward_backward_step`); gradients are untouched.
     Returns the global mean loss (loss sums / `total_tokens`), a 0-dim float64 tensor, on every rank."""
     return _run(stage, microbatches, cfg, groups, total_tokens, forward_only=True)
 
 
-def train_step(stage: DataParallel, tokens: torch.Tensor, cfg: ParallelConfig, groups: ParallelGroups,
-               eos_id: int | None = None):
+def train_step(
+    stage: DataParallel, tokens: torch.Tensor, cfg: ParallelConfig, groups: ParallelGroups, eos_id: int | None = None
+):
     """Forward + backward of one global batch tokens [B, N+1] (the same on every rank) and the gradient
     sync. Returns the global mean loss (0-dim float64) on every rank. `eos_id`: packed documents, reset
     after every EOS (see `local_microbatches`)."""

@@ -10,8 +10,9 @@ from lasp.parallel.groups import ParallelGroups
 from lasp.sp.layout import shard_sequence
 
 
-def local_microbatches(tokens: Tensor, cfg: ParallelConfig, groups: ParallelGroups,
-                       eos_id: int | None = None) -> list[dict]:
+def local_microbatches(
+    tokens: Tensor, cfg: ParallelConfig, groups: ParallelGroups, eos_id: int | None = None
+) -> list[dict]:
     """tokens [B, N+1] (the same on every rank) -> microbatches of {tokens, positions, labels} [b, N/sp].
     `eos_id`: packed documents (as lasp.data.local_microbatches): each microbatch also holds `documents`
     (its rows' global starts, after every EOS) and positions restart at every start."""
@@ -28,7 +29,7 @@ def local_microbatches(tokens: Tensor, cfg: ParallelConfig, groups: ParallelGrou
         if cfg.sp > 1:
             x = shard_sequence(x, rank=groups.sp_rank, world_size=cfg.sp, layout=cfg.sp_layout)
         parts.append(x.chunk(cfg.microbatches, dim=0))
-    out = [{"tokens": t, "positions": p, "labels": l} for t, p, l in zip(*parts)]
+    out = [{"tokens": t, "positions": p, "labels": y} for t, p, y in zip(*parts)]
     for mb, d in zip(out, docs or []):
         mb["documents"] = d
     return out

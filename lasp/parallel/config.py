@@ -19,9 +19,14 @@ class SpMethodConfig:
     """lasp2h, ulysses, ring or auto."""
 
     def __post_init__(self):
-        problems = [f"parallel.sp_method.{kind} must be one of {', '.join(allowed)}, got {value!r}"
-                    for kind, value, allowed in (("linear", self.linear, LINEAR_METHODS),
-                                                 ("softmax", self.softmax, SOFTMAX_METHODS)) if value not in allowed]
+        problems = [
+            f"parallel.sp_method.{kind} must be one of {', '.join(allowed)}, got {value!r}"
+            for kind, value, allowed in (
+                ("linear", self.linear, LINEAR_METHODS),
+                ("softmax", self.softmax, SOFTMAX_METHODS),
+            )
+            if value not in allowed
+        ]
         if problems:
             raise ValueError("invalid parallel.sp_method:\n  " + "\n  ".join(problems))
 
@@ -92,11 +97,17 @@ class ParallelConfig:
         p += self._moe_problems(model, bad, ok, seq_len, global_batch)
         if "sp_link" not in bad and self.sp_link != "calibrate" and self.sp_link not in PRESETS:
             p.append(f"parallel.sp_link must be calibrate or one of {', '.join(PRESETS)}, got {self.sp_link!r}")
-        if (model is not None and "sp" in ok and self.sp > 1 and "ulysses" in (self.sp_method.linear,
-                                                                                 self.sp_method.softmax)
-                and model.num_heads % (self.sp * (self.tp if "tp" in ok else 1))):
-            p.append(f"parallel.sp_method ulysses splits the heads over the SP ranks: model.num_heads "
-                     f"({model.num_heads}) / tp ({self.tp}) is not divisible by parallel.sp ({self.sp})")
+        if (
+            model is not None
+            and "sp" in ok
+            and self.sp > 1
+            and "ulysses" in (self.sp_method.linear, self.sp_method.softmax)
+            and model.num_heads % (self.sp * (self.tp if "tp" in ok else 1))
+        ):
+            p.append(
+                f"parallel.sp_method ulysses splits the heads over the SP ranks: model.num_heads "
+                f"({model.num_heads}) / tp ({self.tp}) is not divisible by parallel.sp ({self.sp})"
+            )
         layout_ok = "sp_layout" not in bad and self.sp_layout in LAYOUTS
         if "sp_layout" not in bad and not layout_ok:
             p.append(f"parallel.sp_layout must be one of {', '.join(LAYOUTS)}, got {self.sp_layout!r}")
@@ -121,14 +132,25 @@ class ParallelConfig:
             p.append(f"parallel.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
         if stage_ok and self.zero_stage and "pp" in ok and self.pp > 1:
             p.append(f"parallel.zero_stage {self.zero_stage} needs parallel.pp = 1, got {self.pp}")
-        if (stage_ok and self.zero_stage and "tp" in ok and self.tp > 1 and model is not None and model.output_norm
-                and "L" in model.layer_pattern):
+        if (
+            stage_ok
+            and self.zero_stage
+            and "tp" in ok
+            and self.tp > 1
+            and model is not None
+            and model.output_norm
+            and "L" in model.layer_pattern
+        ):
             # each TP rank's per-head output norm gets a partial gradient; only the DDP path sums it over TP
-            p.append(f"parallel.zero_stage {self.zero_stage} with parallel.tp = {self.tp} needs model.output_norm = "
-                     "false (ZeRO would not sum the per-head output norm's gradient over the TP ranks)")
+            p.append(
+                f"parallel.zero_stage {self.zero_stage} with parallel.tp = {self.tp} needs model.output_norm = "
+                "false (ZeRO would not sum the per-head output norm's gradient over the TP ranks)"
+            )
         return p
 
-    def _moe_problems(self, model: ModelConfig | None, bad: dict, ok: set, seq_len: int, global_batch: int) -> list[str]:
+    def _moe_problems(
+        self, model: ModelConfig | None, bad: dict, ok: set, seq_len: int, global_batch: int
+    ) -> list[str]:
         p = []
         for name in ("ep", "etp"):
             if name not in bad and getattr(self, name) < 1:
@@ -138,8 +160,10 @@ class ParallelConfig:
         if ep_ok and self.ep > 1 and model is not None and moe is None:
             p.append(f"parallel.ep = {self.ep} needs mixture-of-experts layers (model.moe)")
         if ep_ok and {"dp", "sp"} <= ok and (self.dp * self.sp) % self.ep:
-            p.append(f"parallel.ep ({self.ep}) must divide parallel.dp x parallel.sp = {self.dp} x {self.sp} "
-                     f"= {self.dp * self.sp} (experts are split over the DP x SP ranks)")
+            p.append(
+                f"parallel.ep ({self.ep}) must divide parallel.dp x parallel.sp = {self.dp} x {self.sp} "
+                f"= {self.dp * self.sp} (experts are split over the DP x SP ranks)"
+            )
         if "etp" not in bad and "tp" in ok and self.etp not in (1, self.tp):
             p.append(f"parallel.etp must be 1 or parallel.tp ({self.tp}), got {self.etp}")
         if moe is None:
@@ -148,21 +172,32 @@ class ParallelConfig:
             p.append(f"model.moe.num_experts ({moe.num_experts}) is not divisible by parallel.ep ({self.ep})")
         if "tp" in ok and self.tp > 1:
             if self.etp == self.tp and moe.ffn_hidden_size % self.tp:
-                p.append(f"model.moe.ffn_hidden_size ({moe.ffn_hidden_size}) is not divisible by parallel.etp "
-                         f"({self.etp})")
+                p.append(
+                    f"model.moe.ffn_hidden_size ({moe.ffn_hidden_size}) is not divisible by parallel.etp ({self.etp})"
+                )
             if moe.shared_ffn_hidden_size % self.tp:
-                p.append(f"model.moe.shared_ffn_hidden_size ({moe.shared_ffn_hidden_size}) is not divisible by "
-                         f"parallel.tp ({self.tp})")
+                p.append(
+                    f"model.moe.shared_ffn_hidden_size ({moe.shared_ffn_hidden_size}) is not divisible by "
+                    f"parallel.tp ({self.tp})"
+                )
             if {"sp", "dp", "microbatches"} <= ok and seq_len >= 1 and global_batch >= 1:
-                rows = global_batch // (self.dp * self.microbatches) if global_batch % (self.dp * self.microbatches) == 0 else 0
+                rows = (
+                    global_batch // (self.dp * self.microbatches)
+                    if global_batch % (self.dp * self.microbatches) == 0
+                    else 0
+                )
                 tokens = rows * (seq_len // self.sp)
                 if rows and seq_len % self.sp == 0 and tokens % self.tp:
-                    p.append(f"model.moe with parallel.tp = {self.tp}: the tokens of a microbatch on one rank "
-                             f"({rows} rows x {seq_len // self.sp}) must split evenly over the TP ranks, which "
-                             "route them apart")
+                    p.append(
+                        f"model.moe with parallel.tp = {self.tp}: the tokens of a microbatch on one rank "
+                        f"({rows} rows x {seq_len // self.sp}) must split evenly over the TP ranks, which "
+                        "route them apart"
+                    )
         if "zero_stage" not in bad and self.zero_stage:
-            p.append(f"model.moe needs parallel.zero_stage 0, got {self.zero_stage} (ZeRO would not reduce the "
-                     "experts' gradients over their own groups)")
+            p.append(
+                f"model.moe needs parallel.zero_stage 0, got {self.zero_stage} (ZeRO would not reduce the "
+                "experts' gradients over their own groups)"
+            )
         return p
 
     def check(self, model: ModelConfig, world_size: int, seq_len: int, global_batch: int) -> None:

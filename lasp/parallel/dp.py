@@ -108,4 +108,3 @@ def zero_grads(model: nn.Module) -> None:
         model.zero_grads()
     else:
         model.zero_grad(set_to_none=True)
-

@@ -29,7 +29,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core.tensor_parallel.mappings import (
-    gather_from_sequence_parallel_region, scatter_to_sequence_parallel_region,
+    gather_from_sequence_parallel_region,
+    scatter_to_sequence_parallel_region,
 )
 from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
@@ -81,8 +82,10 @@ class _Experts(nn.Module):
 
     def forward(self, x: Tensor, tokens_per_expert, probs: Tensor):
         counts = [int(n) for n in tokens_per_expert]
-        outs = [expert(part) * w[:, None].to(part.dtype)
-                for expert, part, w in zip(self.local, x.split(counts), probs.split(counts))]
+        outs = [
+            expert(part) * w[:, None].to(part.dtype)
+            for expert, part, w in zip(self.local, x.split(counts), probs.split(counts))
+        ]
         return torch.cat(outs) if outs else x[:0], None
 
 
@@ -99,8 +102,11 @@ class ParallelMoE(nn.Module):
         super().__init__()
         self.cfg: MoEConfig = moe.cfg
         self.tp_group = groups.tp if tp > 1 else None
-        self.layer = MoELayer(mcfg, MoESubmodules(experts=_Experts, shared_experts=None, router=_Router),
-                              pg_collection=_collection(groups))
+        self.layer = MoELayer(
+            mcfg,
+            MoESubmodules(experts=_Experts, shared_experts=None, router=_Router),
+            pg_collection=_collection(groups),
+        )
         router = self.layer.router
         _copy_param(router.weight, moe.router.weight, f"{name}.router.weight")
         router.weight.tp_partial_grad = tp > 1  # each TP rank routes its share of the tokens
@@ -150,20 +156,39 @@ def moe_megatron_config(moe: MoEConfig, model_cfg, tp: int, sp: int, pp: int, ep
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     return TransformerConfig(
-        num_layers=model_cfg.num_layers, hidden_size=model_cfg.hidden_size, num_attention_heads=model_cfg.num_heads,
-        ffn_hidden_size=model_cfg.ffn_hidden_size, num_moe_experts=moe.num_experts, moe_router_topk=moe.top_k,
-        moe_ffn_hidden_size=moe.ffn_hidden_size, moe_router_score_function=moe.router,
+        num_layers=model_cfg.num_layers,
+        hidden_size=model_cfg.hidden_size,
+        num_attention_heads=model_cfg.num_heads,
+        ffn_hidden_size=model_cfg.ffn_hidden_size,
+        num_moe_experts=moe.num_experts,
+        moe_router_topk=moe.top_k,
+        moe_ffn_hidden_size=moe.ffn_hidden_size,
+        moe_router_score_function=moe.router,
         moe_router_pre_softmax=moe.router == "softmax" and moe.top_k == 1,
-        moe_router_enable_expert_bias=moe.expert_bias, moe_router_bias_update_rate=moe.bias_update_rate,
+        moe_router_enable_expert_bias=moe.expert_bias,
+        moe_router_bias_update_rate=moe.bias_update_rate,
         moe_aux_loss_coeff=moe.aux_loss_coeff,
         moe_router_load_balancing_type="aux_loss" if moe.aux_loss_coeff else "none",
-        moe_z_loss_coeff=moe.z_loss_coeff or None, moe_expert_capacity_factor=moe.capacity_factor,
-        moe_token_dispatcher_type="alltoall", moe_grouped_gemm=False,
+        moe_z_loss_coeff=moe.z_loss_coeff or None,
+        moe_expert_capacity_factor=moe.capacity_factor,
+        moe_token_dispatcher_type="alltoall",
+        moe_grouped_gemm=False,
         moe_router_dtype="fp64" if dtype == torch.float64 else "fp32",
-        tensor_model_parallel_size=tp, sequence_parallel=tp > 1, context_parallel_size=sp,
-        pipeline_model_parallel_size=pp, expert_model_parallel_size=ep, expert_tensor_parallel_size=etp,
-        params_dtype=dtype, pipeline_dtype=dtype, bf16=dtype == torch.bfloat16, use_cpu_initialization=True, perform_initialization=False,
-        calculate_per_token_loss=True, add_bias_linear=False, gated_linear_unit=True, activation_func=F.silu,
+        tensor_model_parallel_size=tp,
+        sequence_parallel=tp > 1,
+        context_parallel_size=sp,
+        pipeline_model_parallel_size=pp,
+        expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=etp,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        use_cpu_initialization=True,
+        perform_initialization=False,
+        calculate_per_token_loss=True,
+        add_bias_linear=False,
+        gated_linear_unit=True,
+        activation_func=F.silu,
         gradient_accumulation_fusion=False,
     )
 
@@ -199,10 +224,12 @@ def routers(module: nn.Module) -> list[tuple[int, _Router]]:
 
 
 @torch.no_grad()
-def moe_step(stage: nn.Module, cfg, moe_cfg: MoEConfig | None, num_layers: int, total_tokens: int,
-             update_bias: bool = True) -> dict | None:
+def moe_step(
+    stage: nn.Module, cfg, moe_cfg: MoEConfig | None, num_layers: int, total_tokens: int, update_bias: bool = True
+) -> dict | None:
     """After a training step: the MoE layers' statistics summed over every rank, the expert biases moved
-    (model.moe.expert_bias; not when `update_bias` is False: a skipped step), the counts reset. Returns {"aux_loss": [per layer], "z_loss": [per layer],
+    (model.moe.expert_bias; not when `update_bias` is False: a skipped step), the counts reset. Returns
+    {"aux_loss": [per layer], "z_loss": [per layer],
     "load_max_mean": [per layer: max / mean tokens per expert]} (None for dense layers) on every rank, or
     None without MoE layers. `cfg` the ParallelConfig; one all-reduce over the world."""
     mine = routers(stage)

@@ -131,8 +131,11 @@ def _make_expert_groups(cfg: ParallelConfig, timeout_s: float | None) -> dict:
 
     if cfg.ep == 1:
         expt_tp = ps.get_tensor_model_parallel_group() if cfg.etp > 1 else None
-        expt_dp = ps.get_data_parallel_group(with_context_parallel=True) if cfg.etp > 1 or cfg.tp == 1 else \
-            ps.get_tensor_and_data_parallel_group(with_context_parallel=True)
+        expt_dp = (
+            ps.get_data_parallel_group(with_context_parallel=True)
+            if cfg.etp > 1 or cfg.tp == 1
+            else ps.get_tensor_and_data_parallel_group(with_context_parallel=True)
+        )
         # megatron's EP groups of one rank (its expert model parallel size is 1 here)
         ep = ps.get_expert_model_parallel_group()
         return dict(ep=ep, expt_dp=expt_dp, expt_tp=expt_tp, tp_ep=expt_tp or ep, ep_rank=0)
@@ -147,18 +150,18 @@ def _make_expert_groups(cfg: ParallelConfig, timeout_s: float | None) -> dict:
             mine["ep"], mine["ep_rank"] = g, ranks.index(me)
     for pp in range(cfg.pp):
         # expert data parallel: the same EP rank (and with etp = 1 any TP rank)
-        for tps in ([[t] for t in range(cfg.tp)] if cfg.etp > 1 else [list(range(cfg.tp))]):
+        for tps in [[t] for t in range(cfg.tp)] if cfg.etp > 1 else [list(range(cfg.tp))]:
             for j in range(cfg.ep):
-                ranks = sorted(rank_of[Coord(tp, sp, dp, pp)] for tp in tps
-                               for k, (dp, sp) in enumerate(dp_sp) if k % cfg.ep == j)
+                ranks = sorted(
+                    rank_of[Coord(tp, sp, dp, pp)] for tp in tps for k, (dp, sp) in enumerate(dp_sp) if k % cfg.ep == j
+                )
                 g = dist.new_group(ranks, **kw)
                 if me in ranks:
                     mine["expt_dp"] = g
         # expert TP x EP, expert TP fastest
         if cfg.etp > 1:
             for i in range(0, len(dp_sp), cfg.ep):
-                ranks = [rank_of[Coord(tp, sp, dp, pp)] for dp, sp in dp_sp[i: i + cfg.ep]
-                         for tp in range(cfg.tp)]
+                ranks = [rank_of[Coord(tp, sp, dp, pp)] for dp, sp in dp_sp[i : i + cfg.ep] for tp in range(cfg.tp)]
                 g = dist.new_group(ranks, **kw)
                 if me in ranks:
                     mine["tp_ep"] = g

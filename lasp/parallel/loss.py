@@ -7,7 +7,8 @@ Legend: B batch, T local tokens, D hidden, V vocabulary.
 import torch
 import torch.distributed as dist
 from megatron.core.tensor_parallel.mappings import (
-    copy_to_tensor_model_parallel_region, reduce_from_tensor_model_parallel_region,
+    copy_to_tensor_model_parallel_region,
+    reduce_from_tensor_model_parallel_region,
 )
 from torch import Tensor, nn
 
@@ -15,8 +16,15 @@ from lasp.model.loss import chunked_kl_sum, chunked_lm_loss_sum
 
 
 def vocab_parallel_chunked_loss_sum(
-    hidden: Tensor, weight: Tensor, labels: Tensor, *, chunk_tokens: int, group, rank: int,
-    teacher: Tensor | None = None, distill_weight: float = 0.0,
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    chunk_tokens: int,
+    group,
+    rank: int,
+    teacher: Tensor | None = None,
+    distill_weight: float = 0.0,
 ) -> Tensor:
     """Summed cross-entropy of hidden [B, T, D] through this rank's vocabulary shard weight [V/tp, D] of a
     column-parallel LM head (rows rank * V/tp onwards), labels [B, T] (-100 ignored).
@@ -37,12 +45,18 @@ def vocab_parallel_chunked_loss_sum(
 
     hidden = copy_to_tensor_model_parallel_region(hidden, group=group)
     loss = chunked_lm_loss_sum(
-        hidden, weight, labels, chunk_tokens=chunk_tokens, vocab_start=rank * weight.shape[0],
-        reduce_max=reduce_max, reduce_sum=reduce_sum,
+        hidden,
+        weight,
+        labels,
+        chunk_tokens=chunk_tokens,
+        vocab_start=rank * weight.shape[0],
+        reduce_max=reduce_max,
+        reduce_sum=reduce_sum,
     )
     if distill_weight:
-        kl = chunked_kl_sum(hidden, teacher, weight, labels, chunk_tokens=chunk_tokens, reduce_max=reduce_max,
-                            reduce_sum=reduce_sum)
+        kl = chunked_kl_sum(
+            hidden, teacher, weight, labels, chunk_tokens=chunk_tokens, reduce_max=reduce_max, reduce_sum=reduce_sum
+        )
         loss = loss + distill_weight * kl
     return loss
 
@@ -57,16 +71,35 @@ class LMHeadLoss(nn.Module):
     forward and backward: `zero_engine` registers the head's weight as this module's external parameter.
     """
 
-    def forward(self, hidden: Tensor, weight: Tensor, labels: Tensor, *, chunk_tokens: int, group=None,
-                rank: int = 0, teacher: Tensor | None = None, distill_weight: float = 0.0) -> Tensor:
+    def forward(
+        self,
+        hidden: Tensor,
+        weight: Tensor,
+        labels: Tensor,
+        *,
+        chunk_tokens: int,
+        group=None,
+        rank: int = 0,
+        teacher: Tensor | None = None,
+        distill_weight: float = 0.0,
+    ) -> Tensor:
         if group is None:
             loss = chunked_lm_loss_sum(hidden, weight, labels, chunk_tokens=chunk_tokens)
             if distill_weight:
-                loss = loss + distill_weight * chunked_kl_sum(hidden, teacher, weight, labels,
-                                                              chunk_tokens=chunk_tokens)
+                loss = loss + distill_weight * chunked_kl_sum(
+                    hidden, teacher, weight, labels, chunk_tokens=chunk_tokens
+                )
             return loss
-        return vocab_parallel_chunked_loss_sum(hidden, weight, labels, chunk_tokens=chunk_tokens, group=group,
-                                               rank=rank, teacher=teacher, distill_weight=distill_weight)
+        return vocab_parallel_chunked_loss_sum(
+            hidden,
+            weight,
+            labels,
+            chunk_tokens=chunk_tokens,
+            group=group,
+            rank=rank,
+            teacher=teacher,
+            distill_weight=distill_weight,
+        )
 
 
 def attention_transfer(stage: nn.Module) -> list[nn.Module]:

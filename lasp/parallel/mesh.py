@@ -53,8 +53,11 @@ def describe(cfg: ParallelConfig, seq_len: int, layers: int, heads: int, batch: 
             f"{c.tp * per_h}-{(c.tp + 1) * per_h - 1:<5d} | {c.dp * per_b}-{(c.dp + 1) * per_b - 1:<8d} | {toks}"
         )
     if cfg.ep > 1:
-        lines += ["expert parallelism: ep=" + f"{cfg.ep} (etp={cfg.etp}); each group holds every expert once, "
-                  "tokens reach them by all-to-all", "EP groups: " + " ".join(str(g) for g in ep_groups(cfg))]
+        lines += [
+            "expert parallelism: ep=" + f"{cfg.ep} (etp={cfg.etp}); each group holds every expert once, "
+            "tokens reach them by all-to-all",
+            "EP groups: " + " ".join(str(g) for g in ep_groups(cfg)),
+        ]
     return "\n".join(lines)
 
 
@@ -66,13 +69,14 @@ def ep_groups(cfg: ParallelConfig) -> list[list[int]]:
     for pp in range(cfg.pp):
         for tp in range(cfg.tp):
             line = [rank_of[Coord(tp, sp, dp, pp)] for dp in range(cfg.dp) for sp in range(cfg.sp)]
-            out += [line[i: i + cfg.ep] for i in range(0, len(line), cfg.ep)]
+            out += [line[i : i + cfg.ep] for i in range(0, len(line), cfg.ep)]
     return out
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m lasp.parallel.mesh", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m lasp.parallel.mesh", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     for name in ("tp", "sp", "pp", "dp", "ep"):
         p.add_argument(f"--{name}", type=int, default=1)
     p.add_argument("--sp-layout", choices=LAYOUTS, default="zigzag")
@@ -81,14 +85,22 @@ def main(argv=None) -> None:
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--batch", type=int, default=2)
     a = p.parse_args(argv)
-    sizes = {f"--{name.replace('_', '-')}": getattr(a, name)
-             for name in ("tp", "sp", "pp", "dp", "ep", "seq_len", "layers", "heads", "batch")}
+    sizes = {
+        f"--{name.replace('_', '-')}": getattr(a, name)
+        for name in ("tp", "sp", "pp", "dp", "ep", "seq_len", "layers", "heads", "batch")
+    }
     usage_error(p, [q for option, value in sizes.items() for q in at_least(option, value)])
     cfg = ParallelConfig(tp=a.tp, sp=a.sp, pp=a.pp, dp=a.dp, ep=a.ep, sp_layout=a.sp_layout)
     # the widths no option sets are multiples of tp: only what was asked for can be wrong
-    model = ModelConfig(num_layers=a.layers, num_heads=a.heads, num_kv_heads=a.heads, hidden_size=16 * a.heads,
-                        vocab_size=256 * a.tp, ffn_hidden_size=176 * a.tp,
-                        moe=dict(num_experts=8 * a.ep) if a.ep > 1 else None)
+    model = ModelConfig(
+        num_layers=a.layers,
+        num_heads=a.heads,
+        num_kv_heads=a.heads,
+        hidden_size=16 * a.heads,
+        vocab_size=256 * a.tp,
+        ffn_hidden_size=176 * a.tp,
+        moe=dict(num_experts=8 * a.ep) if a.ep > 1 else None,
+    )
     usage_error(p, cfg.problems(model, cfg.world_size, a.seq_len, a.batch))
     print(describe(cfg, a.seq_len, a.layers, a.heads, a.batch))
 

@@ -54,7 +54,11 @@ class PipelineStage(nn.Module):
 
 
 def forward_backward(
-    stage: nn.Module, microbatches: list[dict], seq_len: int, loss_sum_fn, total_tokens: int,
+    stage: nn.Module,
+    microbatches: list[dict],
+    seq_len: int,
+    loss_sum_fn,
+    total_tokens: int,
     forward_only: bool = False,
 ) -> Tensor | None:
     """One forward and backward over `microbatches` (dicts of local tokens, positions, labels) with
@@ -76,8 +80,12 @@ def forward_backward(
     fb = get_forward_backward_func()
     with cuda_to_cpu() or contextlib.nullcontext():
         out = fb(
-            forward_step_func=step, data_iterator=iter(microbatches), model=[stage],
-            num_microbatches=len(microbatches), seq_length=seq_len,
-            micro_batch_size=microbatches[0]["tokens"].shape[0], forward_only=forward_only,
+            forward_step_func=step,
+            data_iterator=iter(microbatches),
+            model=[stage],
+            num_microbatches=len(microbatches),
+            seq_length=seq_len,
+            micro_batch_size=microbatches[0]["tokens"].shape[0],
+            forward_only=forward_only,
         )
     return sum(d["loss"] for d in out) if stage.is_last else None

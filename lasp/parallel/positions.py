@@ -55,8 +55,9 @@ def bucket_sums(losses: Tensor, positions: Tensor, edges: list[tuple[int, int]])
 
 
 @torch.no_grad()
-def position_losses(model, rows: Tensor, *, batch: int = 1, group=None, layout: str = "zigzag",
-                    device: torch.device | None = None) -> list[dict]:
+def position_losses(
+    model, rows: Tensor, *, batch: int = 1, group=None, layout: str = "zigzag", device: torch.device | None = None
+) -> list[dict]:
     """Mean loss per position bucket of `model` ((tokens, positions) -> logits) over `rows` [R, N + 1] (the
     same on every rank of `group`; the model already parallelised over it with lasp.parallel.sp.apply_sp
     when it has several ranks): [{"lo", "hi", "loss", "tokens"}]. `device`: the model's (default: its first
@@ -74,13 +75,16 @@ def position_losses(model, rows: Tensor, *, batch: int = 1, group=None, layout: 
         tokens, labels = part[:, :-1], part[:, 1:]
         positions = torch.arange(n).expand_as(tokens)
         if world > 1:
-            tokens, labels, positions = (shard_sequence(x, rank=rank, world_size=world, layout=layout)
-                                         for x in (tokens, labels, positions))
+            tokens, labels, positions = (
+                shard_sequence(x, rank=rank, world_size=world, layout=layout) for x in (tokens, labels, positions)
+            )
         logits = model(tokens.to(device), positions.to(device)).cpu()
         logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
         loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view_as(labels)
         totals += bucket_sums(loss, positions + 1, edges)
     if world > 1:
         dist.all_reduce(totals, group=group)
-    return [{"lo": lo, "hi": hi, "loss": float(s / c) if c else math.nan, "tokens": int(c)}
-            for (lo, hi), s, c in zip(edges, totals[0], totals[1])]
+    return [
+        {"lo": lo, "hi": hi, "loss": float(s / c) if c else math.nan, "tokens": int(c)}
+        for (lo, hi), s, c in zip(edges, totals[0], totals[1])
+    ]

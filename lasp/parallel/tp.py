@@ -13,10 +13,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core import tensor_parallel
-from megatron.core.tensor_parallel.mappings import (
-    copy_to_tensor_model_parallel_region, reduce_from_tensor_model_parallel_region,
-)
 from megatron.core.model_parallel_config import ModelParallelConfig
+from megatron.core.tensor_parallel.mappings import (
+    copy_to_tensor_model_parallel_region,
+    reduce_from_tensor_model_parallel_region,
+)
 from torch import Tensor, nn
 
 from lasp.model.llama import DeltaNetAttention, LinearAttention, LinearLlama
@@ -97,8 +98,13 @@ def _whole(new: nn.Parameter, old: nn.Parameter) -> None:
 
 def _column(lin: nn.Linear, cfg: ModelParallelConfig, group, rank: int, size: int) -> _Megatron:
     layer = tensor_parallel.ColumnParallelLinear(
-        lin.in_features, lin.out_features, config=cfg, init_method=nn.init.zeros_, bias=lin.bias is not None,
-        gather_output=False, tp_group=group,
+        lin.in_features,
+        lin.out_features,
+        config=cfg,
+        init_method=nn.init.zeros_,
+        bias=lin.bias is not None,
+        gather_output=False,
+        tp_group=group,
     )
     _adopt(layer.weight, lin.weight, 0, rank, size)
     if lin.bias is not None:  # Qwen2's q/k/v biases split with their heads
@@ -118,8 +124,14 @@ def _split_parameter(module: nn.Module, name: str, rank: int, size: int) -> None
 
 def _row(lin: nn.Linear, cfg: ModelParallelConfig, group, rank: int, size: int) -> _Megatron:
     layer = tensor_parallel.RowParallelLinear(
-        lin.in_features, lin.out_features, config=cfg, init_method=nn.init.zeros_, bias=False,
-        input_is_parallel=True, skip_bias_add=False, tp_group=group,
+        lin.in_features,
+        lin.out_features,
+        config=cfg,
+        init_method=nn.init.zeros_,
+        bias=False,
+        input_is_parallel=True,
+        skip_bias_add=False,
+        tp_group=group,
     )
     _adopt(layer.weight, lin.weight, 1, rank, size)
     return _LoRA(_Megatron(layer), lin, False, group, rank, size) if isinstance(lin, LoRALinear) else _Megatron(layer)
@@ -130,11 +142,20 @@ def megatron_config(tp: int, pp: int, sp: int, dtype: torch.dtype, hidden: int, 
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     return TransformerConfig(
-        num_layers=num_layers, hidden_size=hidden, num_attention_heads=heads,
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, context_parallel_size=sp,
-        params_dtype=dtype, pipeline_dtype=dtype, use_cpu_initialization=True, perform_initialization=False,
-        gradient_accumulation_fusion=False, calculate_per_token_loss=True,
-        batch_p2p_sync=False, deallocate_pipeline_outputs=False,
+        num_layers=num_layers,
+        hidden_size=hidden,
+        num_attention_heads=heads,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        context_parallel_size=sp,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        use_cpu_initialization=True,
+        perform_initialization=False,
+        gradient_accumulation_fusion=False,
+        calculate_per_token_loss=True,
+        batch_p2p_sync=False,
+        deallocate_pipeline_outputs=False,
     )
 
 

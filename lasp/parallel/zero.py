@@ -42,8 +42,14 @@ class _Mpu:
     get_tensor_model_parallel_rank = get_model_parallel_rank
 
 
-def zero_engine(module: nn.Module, optimizer: torch.optim.Optimizer, cfg: ParallelConfig, groups: ParallelGroups,
-                micro_batch: int, grad_clip: float = 0.0):
+def zero_engine(
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    cfg: ParallelConfig,
+    groups: ParallelGroups,
+    micro_batch: int,
+    grad_clip: float = 0.0,
+):
     """Wrap `module` and a plain torch optimizer in a DeepSpeed engine with ZeRO `cfg.zero_stage`;
     DeepSpeed clips the global gradient norm to `grad_clip` (0: no clipping) inside its step."""
     import deepspeed

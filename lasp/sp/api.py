@@ -29,8 +29,16 @@ SOFTMAX_METHODS = ("lasp2h", "ulysses", "ring", "auto")
 
 def _core_impl(method: str):
     def impl(q, k, v, form: LinearForm, scale, group, lay, kernel, fp):
-        job = Job(CORE_METHODS[method](group, lay, fp), lay, group, kernel, scale, form.causal, form.log_decay,
-                  form.want_final)
+        job = Job(
+            CORE_METHODS[method](group, lay, fp),
+            lay,
+            group,
+            kernel,
+            scale,
+            form.causal,
+            form.log_decay,
+            form.want_final,
+        )
         o, final = sp_core(q, k, v, job, gate=form.gate, beta=form.beta, initial_state=form.initial_state)
         return (o, final) if form.want_final else o
 
@@ -76,27 +84,77 @@ def sp_linear_attn(
     if method == "auto":
         from lasp.sp.cost import choose_linear
 
-        method = choose_linear(q, k, v, group=group, layout=layout, log_decay=log_decay, gate=gate, beta=beta,
-                               causal=causal, initial_state=initial_state, output_final_state=output_final_state)
+        method = choose_linear(
+            q,
+            k,
+            v,
+            group=group,
+            layout=layout,
+            log_decay=log_decay,
+            gate=gate,
+            beta=beta,
+            causal=causal,
+            initial_state=initial_state,
+            output_final_state=output_final_state,
+        )
     if method in ("ulysses", "ring") and (initial_state is not None or output_final_state):
-        raise ValueError(f"{method} has no initial or final state (initial_state, output_final_state): use lasp2, "
-                         "lasp1, allscan or logscan")
+        raise ValueError(
+            f"{method} has no initial or final state (initial_state, output_final_state): use lasp2, "
+            "lasp1, allscan or logscan"
+        )
     if method == "ulysses":
         from lasp.sp.ulysses import ulysses_linear_attn
 
-        return ulysses_linear_attn(q, k, v, group=group, layout=layout, log_decay=log_decay, gate=gate, beta=beta,
-                                   causal=causal, scale=scale, check_ranks=check_ranks, cu_seqlens=cu_seqlens)
+        return ulysses_linear_attn(
+            q,
+            k,
+            v,
+            group=group,
+            layout=layout,
+            log_decay=log_decay,
+            gate=gate,
+            beta=beta,
+            causal=causal,
+            scale=scale,
+            check_ranks=check_ranks,
+            cu_seqlens=cu_seqlens,
+        )
     if method == "ring":
         from lasp.sp.ring_linear import ring_linear_attn
 
-        return ring_linear_attn(q, k, v, group=group, layout=layout, log_decay=log_decay, causal=causal,
-                                scale=scale, check_ranks=check_ranks, cu_seqlens=cu_seqlens, beta=beta,
-                                **({} if gate is None else {"gate": gate}))
+        return ring_linear_attn(
+            q,
+            k,
+            v,
+            group=group,
+            layout=layout,
+            log_decay=log_decay,
+            causal=causal,
+            scale=scale,
+            check_ranks=check_ranks,
+            cu_seqlens=cu_seqlens,
+            beta=beta,
+            **({} if gate is None else {"gate": gate}),
+        )
     return run_sp_linear_attn(
-        _core_impl(method), q, k, v, op=method, group=group, layout=layout, log_decay=log_decay, causal=causal,
-        scale=scale, kernel=kernel, check_ranks=check_ranks, gate=gate, beta=beta, cu_seqlens=cu_seqlens,
-        initial_state=initial_state, output_final_state=output_final_state, in_band=CORE_METHODS[method] is
-        CORE_METHODS["lasp2"],
+        _core_impl(method),
+        q,
+        k,
+        v,
+        op=method,
+        group=group,
+        layout=layout,
+        log_decay=log_decay,
+        causal=causal,
+        scale=scale,
+        kernel=kernel,
+        check_ranks=check_ranks,
+        gate=gate,
+        beta=beta,
+        cu_seqlens=cu_seqlens,
+        initial_state=initial_state,
+        output_final_state=output_final_state,
+        in_band=CORE_METHODS[method] is CORE_METHODS["lasp2"],
     )
 
 
@@ -126,17 +184,44 @@ def sp_softmax_attn(
     from lasp.sp.ulysses import ulysses_softmax_attn
 
     op = {"lasp2h": lasp2h_softmax_attn, "ulysses": ulysses_softmax_attn, "ring": ring_softmax_attn}[method]
-    return op(q, k, v, group=group, layout=layout, causal=causal, scale=scale, check_ranks=check_ranks,
-              cu_seqlens=cu_seqlens)
+    return op(
+        q, k, v, group=group, layout=layout, causal=causal, scale=scale, check_ranks=check_ranks, cu_seqlens=cu_seqlens
+    )
 
 
 def _alias(method: str, doc: str):
-    def op(q: Tensor, k: Tensor, v: Tensor, *, group=None, layout: str = "contiguous", log_decay=None, gate=None,
-           beta=None, causal: bool = True, scale: float | None = None, kernel: LinearAttnKernel | None = None,
-           check_ranks: bool = True, cu_seqlens=None) -> Tensor:
-        return sp_linear_attn(q, k, v, method=method, group=group, layout=layout, log_decay=log_decay, gate=gate,
-                              beta=beta, causal=causal, scale=scale, kernel=kernel, check_ranks=check_ranks,
-                              cu_seqlens=cu_seqlens)
+    def op(
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        *,
+        group=None,
+        layout: str = "contiguous",
+        log_decay=None,
+        gate=None,
+        beta=None,
+        causal: bool = True,
+        scale: float | None = None,
+        kernel: LinearAttnKernel | None = None,
+        check_ranks: bool = True,
+        cu_seqlens=None,
+    ) -> Tensor:
+        return sp_linear_attn(
+            q,
+            k,
+            v,
+            method=method,
+            group=group,
+            layout=layout,
+            log_decay=log_decay,
+            gate=gate,
+            beta=beta,
+            causal=causal,
+            scale=scale,
+            kernel=kernel,
+            check_ranks=check_ranks,
+            cu_seqlens=cu_seqlens,
+        )
 
     op.__name__ = op.__qualname__ = f"{method}_linear_attn"
     op.__doc__ = f"`sp_linear_attn(..., method={method!r})` ({doc}); the layout defaults to contiguous."

@@ -120,8 +120,9 @@ def _all_reduce(x: Tensor, group) -> Tensor:
     return x
 
 
-def _start(job: Job, A: Tensor | None, x: Tensor, uniform: bool, reverse: bool, end: int | None,
-           extra: Tensor | None) -> Pending:
+def _start(
+    job: Job, A: Tensor | None, x: Tensor, uniform: bool, reverse: bool, end: int | None, extra: Tensor | None
+) -> Pending:
     """Start the combiner on x [n, B, H, K, V]: the total (bidirectional), or the scan with `extra` (the
     initial state forward, the final state's gradient backward) folded into this rank's chunk `end` (the
     first chunk, the last) through its transition."""
@@ -152,9 +153,17 @@ class _CoreFn(torch.autograd.Function):
     def forward(ctx, q, k, v, gate, beta, s0, job: Job):
         n, lay = job.lay.chunks_per_rank, job.lay
         split = lambda x: None if x is None else split_local_chunks(x, n)  # noqa: E731
-        maps = chunk_maps(job.kernel, split(q), split(k), split(v), log_decay=job.log_decay, gate=split(gate),
-                          beta=None if beta is None else split(beta[..., None])[..., 0], scale=job.scale,
-                          causal=job.causal)
+        maps = chunk_maps(
+            job.kernel,
+            split(q),
+            split(k),
+            split(v),
+            log_decay=job.log_decay,
+            gate=split(gate),
+            beta=None if beta is None else split(beta[..., None])[..., 0],
+            scale=job.scale,
+            causal=job.causal,
+        )
         A, M = maps.pairs()
         Av, Mv = _per_chunk(A, n), _per_chunk(M, n)
         first, last = job.index_of(0), job.index_of(lay.num_chunks - 1)
@@ -202,12 +211,27 @@ class _CoreFn(torch.autograd.Function):
                 ds0 = torch.zeros_like(Nv[0])
             ds0 = ds0.to(ctx.s0_dtype)
         merge = lambda x: None if x is None else merge_local_chunks(x, n)  # noqa: E731
-        return (merge(dq), merge(dk), merge(dv), merge(dg), None if db is None else merge(db[..., None])[..., 0],
-                ds0, None)
+        return (
+            merge(dq),
+            merge(dk),
+            merge(dv),
+            merge(dg),
+            None if db is None else merge(db[..., None])[..., 0],
+            ds0,
+            None,
+        )
 
 
-def sp_core(q: Tensor, k: Tensor, v: Tensor, job: Job, *, gate: Tensor | None = None, beta: Tensor | None = None,
-            initial_state: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+def sp_core(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    job: Job,
+    *,
+    gate: Tensor | None = None,
+    beta: Tensor | None = None,
+    initial_state: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None]:
     """The core on checked arguments: k, v repeated to q's heads, the gate in its vector form [B, T, H, Kg]
     (document starts as -inf), beta [B, T, H]. Returns (this rank's output, the final state or None)."""
     return _CoreFn.apply(q, k, v, gate, beta, initial_state, job)

@@ -31,7 +31,6 @@ same for every core method, so it is left out; the pick is logged once per layer
 import logging
 import time
 import weakref
-
 from dataclasses import dataclass, field
 
 import torch
@@ -75,16 +74,23 @@ PRESETS = {
     # NVIDIA nccl-tests all_gather_perf on 8x H100 SXM (NVLink4, NVSwitch): bus bandwidth reaches about
     # 370 GB/s for large messages (NVLink4 is 450 GB/s per direction per GPU); small-message latency a few
     # microseconds per step.
-    "nvlink4-h100": Link("nvlink4-h100", 3e-6, 370 * GB, 1.0,
-                         "nccl-tests all_gather_perf busbw on DGX H100, ~370 GB/s; ~3 us per step"),
+    "nvlink4-h100": Link(
+        "nvlink4-h100", 3e-6, 370 * GB, 1.0, "nccl-tests all_gather_perf busbw on DGX H100, ~370 GB/s; ~3 us per step"
+    ),
     # InfiniBand NDR 400 Gb/s = 50 GB/s line rate per NIC; nccl-tests across nodes reach about 46-49 GB/s
     # busbw per NIC; latency tens of microseconds per step across the fabric.
-    "ib-ndr400": Link("ib-ndr400", 20e-6, 47 * GB, 1.0,
-                      "NDR 400G: 50 GB/s line rate, ~46-49 GB/s nccl-tests busbw per NIC; ~20 us per step"),
+    "ib-ndr400": Link(
+        "ib-ndr400",
+        20e-6,
+        47 * GB,
+        1.0,
+        "NDR 400G: 50 GB/s line rate, ~46-49 GB/s nccl-tests busbw per NIC; ~20 us per step",
+    ),
     # The LASP-2 paper's cluster: A100 80GB with NVSwitch, 600 GB/s NVLink3 (its stated figure; nccl-tests
     # busbw on A100 NVSwitch is lower, about 230 GB/s).
-    "a100-nvswitch-600": Link("a100-nvswitch-600", 5e-6, 600 * GB, 1.0,
-                              "LASP-2 paper (Sun et al. 2025): A100 80GB, NVSwitch 600 GB/s"),
+    "a100-nvswitch-600": Link(
+        "a100-nvswitch-600", 5e-6, 600 * GB, 1.0, "LASP-2 paper (Sun et al. 2025): A100 80GB, NVSwitch 600 GB/s"
+    ),
 }
 
 
@@ -122,8 +128,15 @@ class Shape:
     @property
     def transition_floats(self) -> int:
         """Floats per batch row and head a chunk's transition adds to LASP-2's forward pair."""
-        forms = {"none": 0, "decay": 0, "scalar": 1, "vector": self.K, "deltanet": self.K * self.K,
-                 "gdn": self.K * self.K, "kda": self.K * self.K}
+        forms = {
+            "none": 0,
+            "decay": 0,
+            "scalar": 1,
+            "vector": self.K,
+            "deltanet": self.K * self.K,
+            "gdn": self.K * self.K,
+            "kda": self.K * self.K,
+        }
         if self.form not in forms:
             raise ValueError(f"form must be one of {', '.join(forms)}, got {self.form!r}")
         return forms[self.form]
@@ -182,10 +195,13 @@ def plan(method: str, s: Shape, causal: bool = True, link: "Link | None" = None)
     chains = 1 if causal else 2  # the bidirectional form: a prefix and a suffix chain (scan)
     full = s.form in ("deltanet", "gdn", "kda")
     step = s.B * s.H * s.K * s.V * (2 * s.K + 1 if full else 2)  # one A S + M
-    compose = s.B * s.H * (2 * s.K ** 3 if full else s.K) + step  # logscan: (A2 A1, A2 M1 + M2)
+    compose = s.B * s.H * (2 * s.K**3 if full else s.K) + step  # logscan: (A2 A1, A2 M1 + M2)
     if method == "lasp2":  # forward: each chunk's pair (transition, state); backward: the state gradients
-        return Plan([Message("all_gather", W * n * pair, hidden=True)],
-                    [Message("all_gather", W * n * state, hidden=True)], W * n * step * chains)
+        return Plan(
+            [Message("all_gather", W * n * pair, hidden=True)],
+            [Message("all_gather", W * n * state, hidden=True)],
+            W * n * step * chains,
+        )
     if method == "lasp1":  # the chain's hops, in sequence across the group (each rank receives n of them)
         hops = n * (W - 1) * chains
         return Plan([Message("p2p", state)] * hops, [Message("p2p", state)] * hops, (hops + n) * step)
@@ -195,8 +211,11 @@ def plan(method: str, s: Shape, causal: bool = True, link: "Link | None" = None)
         # do both (overlap 0: gloo on a CPU) the blocks of a hop follow each other
         overlap = 1.0 if link is None else link.overlap
         steps = round((overlap * (hops + blocks - 1) + (1 - overlap) * hops * blocks) * chains)
-        return Plan([Message("p2p", state // blocks)] * steps, [Message("p2p", state // blocks)] * steps,
-                    (steps + n) * step / blocks)
+        return Plan(
+            [Message("p2p", state // blocks)] * steps,
+            [Message("p2p", state // blocks)] * steps,
+            (steps + n) * step / blocks,
+        )
     if method == "logscan":  # ceil(log2 C) rounds; a rank receives one pair per local chunk in a round
         r = rounds(n * W)
         each = n * (pair if s.travels else state)
@@ -206,8 +225,12 @@ def plan(method: str, s: Shape, causal: bool = True, link: "Link | None" = None)
     if method in ("ulysses_linear", "ulysses"):
         hk = s.Hkv if s.Hkv % W == 0 else s.H
         tok = s.B * s.T * s.itemsize
-        fwd = [Message("all_to_all", tok * s.H * s.K), Message("all_to_all", tok * hk * s.K),
-               Message("all_to_all", tok * hk * s.V), Message("all_to_all", tok * s.H * s.V)]
+        fwd = [
+            Message("all_to_all", tok * s.H * s.K),
+            Message("all_to_all", tok * hk * s.K),
+            Message("all_to_all", tok * hk * s.V),
+            Message("all_to_all", tok * s.H * s.V),
+        ]
         gate = {"scalar": 1, "vector": s.K, "gdn": 1, "kda": s.K}.get(s.form, 0)
         fwd += [Message("all_to_all", tok * s.H * gate)] if gate and method == "ulysses_linear" else []
         fwd += [Message("all_to_all", tok * s.H)] if s.form in ("deltanet", "gdn", "kda") else []  # beta
@@ -220,8 +243,10 @@ def plan(method: str, s: Shape, causal: bool = True, link: "Link | None" = None)
         return Plan([Message("all_gather", W * kv * s.itemsize)], [Message("reduce_scatter", W * kv * s.itemsize)])
     if method == "ring":
         acc = s.state_itemsize  # the backward's blocks travel in float32 with their dK/dV accumulators
-        return Plan([Message("p2p_round", kv * s.itemsize)] * (W - 1),
-                    [Message("p2p_round", 2 * kv * acc)] * (W - 1) + [Message("p2p_round", kv * acc)])
+        return Plan(
+            [Message("p2p_round", kv * s.itemsize)] * (W - 1),
+            [Message("p2p_round", 2 * kv * acc)] * (W - 1) + [Message("p2p_round", kv * acc)],
+        )
     raise ValueError(f"no cost plan for method {method!r}")
 
 
@@ -248,8 +273,15 @@ def layer_time(method: str, s: Shape, compute: Compute, link: Link, causal: bool
     p = plan(method, s, causal, link)
     fwd = _phase(p.fwd, compute.fwd, compute.fwd_overlap, s.W, link, p.flops)
     bwd = _phase(p.bwd, compute.bwd, compute.bwd_overlap, s.W, link, p.flops)
-    return {"fwd": fwd, "bwd": bwd, "step": fwd + bwd, "comm_fwd": fwd - compute.fwd, "comm_bwd": bwd - compute.bwd,
-            "bytes_fwd": sum(m.nbytes for m in p.fwd), "bytes_bwd": sum(m.nbytes for m in p.bwd)}
+    return {
+        "fwd": fwd,
+        "bwd": bwd,
+        "step": fwd + bwd,
+        "comm_fwd": fwd - compute.fwd,
+        "comm_bwd": bwd - compute.bwd,
+        "bytes_fwd": sum(m.nbytes for m in p.fwd),
+        "bytes_bwd": sum(m.nbytes for m in p.bwd),
+    }
 
 
 def fit_link(samples: list[tuple[str, int, int, float]], name: str = "fitted", overlap: float = 0.0) -> Link:
@@ -273,8 +305,10 @@ def fit_link(samples: list[tuple[str, int, int, float]], name: str = "fitted", o
     if alpha < 0:  # latency below the noise: fit the bandwidth alone
         alpha, beta = 0.0, sby / sbb
     if beta <= 0:
-        raise ValueError(f"the samples give a non-positive bandwidth term ({beta:.3g} s/byte): time does not grow "
-                         "with size; measure larger messages")
+        raise ValueError(
+            f"the samples give a non-positive bandwidth term ({beta:.3g} s/byte): time does not grow "
+            "with size; measure larger messages"
+        )
     return Link(name, alpha, 1.0 / beta, overlap, f"fitted to {len(samples)} measured collectives")
 
 
@@ -315,6 +349,7 @@ def calibrate(group=None, sizes=CALIBRATION_BYTES, reps: int = 5) -> Link:
         x = torch.zeros(nbytes // 4, device=device)
         out = x.new_empty(W * x.numel())
         for kind in kinds:
+
             def once():
                 if kind == "all_gather":
                     dist.all_gather_into_tensor(out, x, group=group)
@@ -349,14 +384,23 @@ def calibrate(group=None, sizes=CALIBRATION_BYTES, reps: int = 5) -> Link:
     slowest = torch.tensor(times, dtype=torch.float64, device=device)
     dist.all_reduce(slowest, op=dist.ReduceOp.MAX, group=group)
     *comm, product_s = slowest.tolist()
-    samples = [(k, W, n * (W if k == "all_gather" else 1), t) for (n, k), t in zip([(n, k) for n in sizes
-                                                                                    for k in kinds], comm)]
+    samples = [
+        (k, W, n * (W if k == "all_gather" else 1), t)
+        for (n, k), t in zip([(n, k) for n in sizes for k in kinds], comm)
+    ]
     fits = {k: _fit_or_bound([(k if k != "p2p_round" else "p2p", *x[1:]) for x in samples if x[0] == k]) for k in kinds}
-    return Link(f"calibrated ({backend}, W={W})", fits["all_gather"].alpha_s, fits["all_gather"].busbw_bytes_per_s,
-                overlap=1.0 if device.type == "cuda" else 0.0, source=f"measured: all-gathers, relays and rounds of {sizes[0]}-{sizes[-1]} bytes",
-                p2p_alpha_s=fits["p2p"].alpha_s, p2p_busbw_bytes_per_s=fits["p2p"].busbw_bytes_per_s,
-                round_alpha_s=fits["p2p_round"].alpha_s, round_busbw_bytes_per_s=fits["p2p_round"].busbw_bytes_per_s,
-                flops_per_s=2 * 16 * 128 ** 3 / product_s)
+    return Link(
+        f"calibrated ({backend}, W={W})",
+        fits["all_gather"].alpha_s,
+        fits["all_gather"].busbw_bytes_per_s,
+        overlap=1.0 if device.type == "cuda" else 0.0,
+        source=f"measured: all-gathers, relays and rounds of {sizes[0]}-{sizes[-1]} bytes",
+        p2p_alpha_s=fits["p2p"].alpha_s,
+        p2p_busbw_bytes_per_s=fits["p2p"].busbw_bytes_per_s,
+        round_alpha_s=fits["p2p_round"].alpha_s,
+        round_busbw_bytes_per_s=fits["p2p_round"].busbw_bytes_per_s,
+        flops_per_s=2 * 16 * 128**3 / product_s,
+    )
 
 
 def _fit_or_bound(samples) -> Link:
@@ -379,8 +423,10 @@ def link_of(group=None) -> Link:
     if key not in _LINKS:
         _LINKS[key] = calibrate(group)
         link = _LINKS[key]
-        log.info(f"sp: measured the link of a group of {dist.get_world_size(group)}: alpha "
-                 f"{link.alpha_s * 1e6:.1f} us, bus bandwidth {link.busbw_bytes_per_s / 1e9:.2f} GB/s")
+        log.info(
+            f"sp: measured the link of a group of {dist.get_world_size(group)}: alpha "
+            f"{link.alpha_s * 1e6:.1f} us, bus bandwidth {link.busbw_bytes_per_s / 1e9:.2f} GB/s"
+        )
     return _LINKS[key]
 
 
@@ -410,13 +456,27 @@ def _logged_pick(kind: str, candidates, shape: Shape, link: Link, causal: bool) 
     if key not in _LOGGED:
         _LOGGED.add(key)
         others = ", ".join(f"{m} {t * 1e6:.0f} us" for m, t in sorted(cost.items(), key=lambda kv: kv[1]))
-        log.info(f"sp auto: {kind} layers ({shape.form}, W={shape.W}, B={shape.B}, T={shape.T}, H={shape.H}, "
-                 f"K={shape.K}, V={shape.V}, {shape.layout}) -> {best} on {link.name} ({others})")
+        log.info(
+            f"sp auto: {kind} layers ({shape.form}, W={shape.W}, B={shape.B}, T={shape.T}, H={shape.H}, "
+            f"K={shape.K}, V={shape.V}, {shape.layout}) -> {best} on {link.name} ({others})"
+        )
     return best
 
 
-def choose_linear(q, k, v, *, group=None, layout: str = "zigzag", log_decay=None, gate=None, beta=None,
-                  causal: bool = True, initial_state=None, output_final_state: bool = False) -> str:
+def choose_linear(
+    q,
+    k,
+    v,
+    *,
+    group=None,
+    layout: str = "zigzag",
+    log_decay=None,
+    gate=None,
+    beta=None,
+    causal: bool = True,
+    initial_state=None,
+    output_final_state: bool = False,
+) -> str:
     """`auto` for a linear layer: the method of lasp.sp.sp_linear_attn whose messages cost least. Ulysses is
     a candidate where the heads divide and no state is asked for; Ring (a baseline) is not."""
     from lasp.distributed.comm import group_size
@@ -426,8 +486,11 @@ def choose_linear(q, k, v, *, group=None, layout: str = "zigzag", log_decay=None
         return "lasp2"
     B, T, H, K = q.shape
     shape = Shape(W, B, T, H, k.shape[2], K, v.shape[3], layout, q.element_size(), form_of(log_decay, gate, beta))
-    candidates = [m for m in LINEAR_CANDIDATES if m != "ulysses_linear" or
-                  (H % W == 0 and initial_state is None and not output_final_state)]
+    candidates = [
+        m
+        for m in LINEAR_CANDIDATES
+        if m != "ulysses_linear" or (H % W == 0 and initial_state is None and not output_final_state)
+    ]
     best = _logged_pick("linear", candidates, shape, link_of(group), causal)
     return "ulysses" if best == "ulysses_linear" else best
 

@@ -23,8 +23,14 @@ from lasp.kernels import DEFAULT_KERNEL, LinearAttnKernel, linear_attn, state_dt
 from lasp.kernels.documents import Documents, as_documents
 from lasp.kernels.linear_attn import check_linear_attn_args
 from lasp.kernels.linear_attn.gated import as_vector_form
-from lasp.kernels.linear_attn.op import (check_beta, check_documents, check_gate, check_initial_state, gate_form,
-                                        gate_with_resets)
+from lasp.kernels.linear_attn.op import (
+    check_beta,
+    check_documents,
+    check_gate,
+    check_initial_state,
+    gate_form,
+    gate_with_resets,
+)
 from lasp.kernels.softmax_attn import check_softmax_attn_args, softmax_attn
 from lasp.sp.layout import SeqLayout, shard_sequence
 
@@ -46,16 +52,34 @@ def decay_digest(log_decay: Tensor) -> float | Tensor:
     return (g * w).sum()
 
 
-def fingerprint(op: str, q: Tensor, k: Tensor, v: Tensor, layout: str, causal: bool, scale: float,
-                log_decay: Tensor | None, linear: bool, gate: Tensor | None = None,
-                docs: Documents | None = None, delta: bool = False,
-                states: tuple[bool, bool] = (False, False)) -> Fingerprint:
+def fingerprint(
+    op: str,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    layout: str,
+    causal: bool,
+    scale: float,
+    log_decay: Tensor | None,
+    linear: bool,
+    gate: Tensor | None = None,
+    docs: Documents | None = None,
+    delta: bool = False,
+    states: tuple[bool, bool] = (False, False),
+) -> Fingerprint:
     """What every rank of an SP op must pass alike (see the module doc); `docs`: the global documents."""
     B, T, H, K = q.shape
     fields = [
-        ("local length", T), ("batch size", B), ("query heads", H), ("key/value heads", k.shape[2]),
-        ("key head dim", K), ("value head dim", v.shape[3]), ("dtype", str(q.dtype).removeprefix("torch.")),
-        ("layout", layout), ("causal", bool(causal)), ("scale", scale),
+        ("local length", T),
+        ("batch size", B),
+        ("query heads", H),
+        ("key/value heads", k.shape[2]),
+        ("key head dim", K),
+        ("value head dim", v.shape[3]),
+        ("dtype", str(q.dtype).removeprefix("torch.")),
+        ("layout", layout),
+        ("causal", bool(causal)),
+        ("scale", scale),
     ]
     if linear:
         fields.append(("decay", None if log_decay is None else decay_digest(log_decay)))
@@ -174,13 +198,38 @@ def run_sp_linear_attn(
 
     if W == 1:
         k2, v2, s, _, docs = checks()
-        return linear_attn(q, k, v, log_decay=log_decay, gate=gate, beta=beta, causal=causal, scale=s, kernel=kernel,
-                           cu_seqlens=docs, initial_state=initial_state, output_final_state=output_final_state)
+        return linear_attn(
+            q,
+            k,
+            v,
+            log_decay=log_decay,
+            gate=gate,
+            beta=beta,
+            causal=causal,
+            scale=s,
+            kernel=kernel,
+            cu_seqlens=docs,
+            initial_state=initial_state,
+            output_final_state=output_final_state,
+        )
     k2, v2, s, lay, docs = _checked_locally(op, group, _device(q), check_ranks, checks)
     fp = None
     if check_ranks:
-        fp = fingerprint(op, q, k, v, layout, causal, s, log_decay, linear=True, gate=gate, docs=docs,
-                         delta=beta is not None, states=(initial_state is not None, output_final_state))
+        fp = fingerprint(
+            op,
+            q,
+            k,
+            v,
+            layout,
+            causal,
+            s,
+            log_decay,
+            linear=True,
+            gate=gate,
+            docs=docs,
+            delta=beta is not None,
+            states=(initial_state is not None, output_final_state),
+        )
     fp = _carried(fp, in_band, group, q.device)
     own = None
     if docs is not None and docs.has_resets:
@@ -189,9 +238,15 @@ def run_sp_linear_attn(
         else:
             resets = shard_sequence(docs.resets(q.device), rank=group_rank(group), world_size=W, layout=layout)
             gate = gate_with_resets(gate, log_decay, resets, q.shape[2], state_dtype(q.dtype))
-    form = LinearForm(log_decay=None if gate is not None else log_decay,
-                      gate=None if gate is None else as_vector_form(gate), beta=beta, causal=causal, docs=own,
-                      initial_state=initial_state, want_final=output_final_state)
+    form = LinearForm(
+        log_decay=None if gate is not None else log_decay,
+        gate=None if gate is None else as_vector_form(gate),
+        beta=beta,
+        causal=causal,
+        docs=own,
+        initial_state=initial_state,
+        want_final=output_final_state,
+    )
     return impl(q, k2, v2, form, s, group, lay, kernel, fp)
 
 

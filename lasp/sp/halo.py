@@ -38,8 +38,11 @@ class _HaloFn(torch.autograd.Function):
         halos = []
         for c in lay.chunks_of(rank):
             prev = c - 1
-            halos.append(torch.zeros_like(every[0, 0]) if prev < 0 else every[lay.owner(prev),
-                                                                              lay.chunks_of(lay.owner(prev)).index(prev)])
+            halos.append(
+                torch.zeros_like(every[0, 0])
+                if prev < 0
+                else every[lay.owner(prev), lay.chunks_of(lay.owner(prev)).index(prev)]
+            )
         ctx.rows, ctx.group, ctx.lay, ctx.shape = rows, group, lay, x_BTC.shape
         return torch.stack(halos)
 
@@ -53,7 +56,7 @@ class _HaloFn(torch.autograd.Function):
             nxt = c + 1
             if nxt < lay.num_chunks:
                 user = lay.owner(nxt)
-                dx[:, i, -ctx.rows:] = every[user, lay.chunks_of(user).index(nxt)]
+                dx[:, i, -ctx.rows :] = every[user, lay.chunks_of(user).index(nxt)]
         return dx.view(B, T, C), None, None, None
 
 
@@ -66,8 +69,10 @@ def halo_rows(x_BTC: Tensor, rows: int, *, group=None, layout: str = "contiguous
     n = lay.chunks_per_rank
     B, T, C = x_BTC.shape
     if T % n or T // n < rows:
-        raise ValueError(f"a halo of {rows} rows needs chunks of at least {rows} tokens: {T} local tokens in {n} "
-                         f"chunk(s) of the {layout} layout over {W} ranks")
+        raise ValueError(
+            f"a halo of {rows} rows needs chunks of at least {rows} tokens: {T} local tokens in {n} "
+            f"chunk(s) of the {layout} layout over {W} ranks"
+        )
     if W == 1 or rows == 0:
         return x_BTC.new_zeros(1 if W == 1 else n, B, rows, C)
     return _HaloFn.apply(x_BTC, rows, group, lay)

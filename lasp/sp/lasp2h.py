@@ -41,25 +41,38 @@ def lasp2h_softmax_attn(
     `cu_seqlens`: packed documents of the GLOBAL rows of W*T tokens, the same on every rank (a `Documents`
     or flash-attention's cumulative lengths, see `softmax_attn`): no query attends across a document start.
     """
-    return run_sp_softmax_attn(_lasp2h, q, k, v, op="lasp2h", group=group, layout=layout, causal=causal,
-                               scale=scale, check_ranks=check_ranks, in_band=True, cu_seqlens=cu_seqlens)
+    return run_sp_softmax_attn(
+        _lasp2h,
+        q,
+        k,
+        v,
+        op="lasp2h",
+        group=group,
+        layout=layout,
+        causal=causal,
+        scale=scale,
+        check_ranks=check_ranks,
+        in_band=True,
+        cu_seqlens=cu_seqlens,
+    )
 
 
-def _lasp2h(q: Tensor, k: Tensor, v: Tensor, lay: SeqLayout, group, causal: bool, scale: float, fp,
-            docs) -> Tensor:
+def _lasp2h(q: Tensor, k: Tensor, v: Tensor, lay: SeqLayout, group, causal: bool, scale: float, fp, docs) -> Tensor:
     rank, L = group_rank(group), q.shape[1] // lay.chunks_per_rank
     kv_full = stacked_to_global(all_gather_stack(pack_kv(k, v), group, fp), lay)
     k_full, v_full = unpack_kv(kv_full, k.shape[2], k.shape[3])
     ids = None if docs is None else docs.ids(q.device)  # [B, N]
     if not causal:
-        pair = None if ids is None else (shard_sequence(ids, rank=rank, world_size=lay.world_size,
-                                                        layout=lay.kind), ids)
+        pair = (
+            None if ids is None else (shard_sequence(ids, rank=rank, world_size=lay.world_size, layout=lay.kind), ids)
+        )
         return softmax_attn(q, k_full, v_full, causal=False, scale=scale, doc_ids=pair)
     outs = []
     for i, c in enumerate(lay.chunks_of(rank)):
         end = (c + 1) * L
         lo = 0 if docs is None else docs.start_of(c * L)  # keys before the chunk's first document: all masked
         pair = None if ids is None else (ids[:, c * L : end], ids[:, lo:end])
-        outs.append(softmax_attn(q[:, i * L : (i + 1) * L], k_full[:, lo:end], v_full[:, lo:end], scale=scale,
-                                 doc_ids=pair))
+        outs.append(
+            softmax_attn(q[:, i * L : (i + 1) * L], k_full[:, lo:end], v_full[:, lo:end], scale=scale, doc_ids=pair)
+        )
     return torch.cat(outs, dim=1)

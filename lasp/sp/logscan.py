@@ -56,16 +56,22 @@ class LogScan:
             if not travels:
                 return (None if A is None else A[0] ** span), buf
             a, b = A.shape[-2:]
-            return buf[..., : a * b].unflatten(-1, (a, b)).clone(), buf[..., a * b :].unflatten(-1, x.shape[-2:]).clone()
+            return buf[..., : a * b].unflatten(-1, (a, b)).clone(), buf[..., a * b :].unflatten(
+                -1, x.shape[-2:]
+            ).clone()
 
         def one_round(d: int) -> None:  # its messages and received pairs are freed when it returns
-            sends = [(pack(incl[i]), lay.owner(chunk(p + d)), p + d) for i, p in enumerate(pos)
-                     if p + d < C and lay.owner(chunk(p + d)) != rank]
+            sends = [
+                (pack(incl[i]), lay.owner(chunk(p + d)), p + d)
+                for i, p in enumerate(pos)
+                if p + d < C and lay.owner(chunk(p + d)) != rank
+            ]
             takers = [i for i, p in enumerate(pos) if p - d >= 0]
             remote = [i for i in takers if pos[i] - d not in here]
             size = x[0].shape if not travels else (*x.shape[1:-2], A.shape[-2] * A.shape[-1] + x[0, 0, 0].numel())
-            received = exchange(sends, [(x.new_empty(size), lay.owner(chunk(pos[i] - d)), pos[i]) for i in remote],
-                                self.group)
+            received = exchange(
+                sends, [(x.new_empty(size), lay.owner(chunk(pos[i] - d)), pos[i]) for i in remote], self.group
+            )
             del sends
             earlier = {i: incl[here[pos[i] - d]] for i in takers if i not in remote}
             for i in remote:  # each message is freed once unpacked

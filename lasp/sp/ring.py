@@ -46,8 +46,12 @@ class _RingAttnFn(torch.autograd.Function):
             kb, vb = unpack_kv(block, Hkv, D)
             for i, j, diag, pair in _pairs(lay, rank, (rank - step) % W, causal, ids, L):
                 part = attn_with_lse(
-                    q[:, i * L : (i + 1) * L], kb[:, j * L : (j + 1) * L], vb[:, j * L : (j + 1) * L],
-                    causal=diag, scale=scale, doc_ids=pair,
+                    q[:, i * L : (i + 1) * L],
+                    kb[:, j * L : (j + 1) * L],
+                    vb[:, j * L : (j + 1) * L],
+                    causal=diag,
+                    scale=scale,
+                    doc_ids=pair,
                 )
                 acc[i] = part if acc[i] is None else merge_partials(*acc[i], *part)
         o = torch.cat([a[0] for a in acc], dim=1)
@@ -75,8 +79,15 @@ class _RingAttnFn(torch.autograd.Function):
             for i, j, diag, pair in _pairs(lay, rank, (rank - step) % W, ctx.causal, ctx.ids, L):
                 qs, ks = slice(i * L, (i + 1) * L), slice(j * L, (j + 1) * L)
                 dq_p, dk_p, dv_p = attn_block_bwd(
-                    q[:, qs], kb[:, ks], vb[:, ks], do[:, qs], lse[:, qs], delta[:, qs], causal=diag,
-                    scale=ctx.scale, doc_ids=pair,
+                    q[:, qs],
+                    kb[:, ks],
+                    vb[:, ks],
+                    do[:, qs],
+                    lse[:, qs],
+                    delta[:, qs],
+                    causal=diag,
+                    scale=ctx.scale,
+                    doc_ids=pair,
                 )
                 dq[:, qs] += dq_p
                 dkb[:, ks] += dk_p
@@ -102,8 +113,17 @@ def ring_softmax_attn(
     """Ring Attention over `group`; same contract as `lasp2h_softmax_attn` (`cu_seqlens` included), except
     that `check_ranks` costs one small all-gather of fingerprints per call (its hops carry no header)."""
     return run_sp_softmax_attn(
-        lambda q, k, v, lay, group, causal, scale, fp, docs: _RingAttnFn.apply(q, k, v, causal, scale, group, lay,
-                                                                               docs),
-        q, k, v, op="ring", group=group, layout=layout, causal=causal, scale=scale, check_ranks=check_ranks,
+        lambda q, k, v, lay, group, causal, scale, fp, docs: _RingAttnFn.apply(
+            q, k, v, causal, scale, group, lay, docs
+        ),
+        q,
+        k,
+        v,
+        op="ring",
+        group=group,
+        layout=layout,
+        causal=causal,
+        scale=scale,
+        check_ranks=check_ranks,
         cu_seqlens=cu_seqlens,
     )

@@ -30,8 +30,15 @@ def _decay(g: Tensor | None, dist: Tensor) -> Tensor | None:
     return None if g is None else torch.exp(g.view(-1, *([1] * dist.dim())) * dist)
 
 
-def _pair(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, gap: int | None, form: str,
-          ids: tuple[Tensor, Tensor] | None = None) -> Tensor:
+def _pair(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor | None,
+    gap: int | None,
+    form: str,
+    ids: tuple[Tensor, Tensor] | None = None,
+) -> Tensor:
     """The term of key chunk k, v for query chunk q ([B, L, H, *]); `gap` = c - c' (0: the diagonal block,
     None: bidirectional, every pair in full). `ids` (query ids [B, L], key ids [B, L]): packed documents,
     only pairs within one document count."""
@@ -116,8 +123,22 @@ def ring_linear_attn(
     if form not in FORMS:
         raise ValueError(f"form must be one of {', '.join(FORMS)}, got {form!r}")
     return run_sp_linear_attn(
-        lambda *args, **kw: _ring_linear(*args, form=form, **kw), q, k, v, op=f"ring-linear-{form[0]}", group=group,
-        layout=layout, log_decay=log_decay, causal=causal, scale=scale, kernel=None, check_ranks=check_ranks,
-        cu_seqlens=cu_seqlens, beta=beta, supports=frozenset({"own_documents"}),
-        why_not={"beta": " (the delta rule's state is no sum of per-block terms: there is no right-product form to ring)"},
+        lambda *args, **kw: _ring_linear(*args, form=form, **kw),
+        q,
+        k,
+        v,
+        op=f"ring-linear-{form[0]}",
+        group=group,
+        layout=layout,
+        log_decay=log_decay,
+        causal=causal,
+        scale=scale,
+        kernel=None,
+        check_ranks=check_ranks,
+        cu_seqlens=cu_seqlens,
+        beta=beta,
+        supports=frozenset({"own_documents"}),
+        why_not={
+            "beta": " (the delta rule's state is no sum of per-block terms: there is no right-product form to ring)"
+        },
     )

@@ -55,10 +55,20 @@ def ulysses_softmax_attn(
     """Ulysses softmax attention over `group`; same contract as `ring_softmax_attn`, plus Hq % W == 0.
     With `cu_seqlens` each rank attends its heads over the whole sequence with the global documents."""
     return run_sp_softmax_attn(
-        lambda q, k, v, lay, group, causal, scale, fp, docs: _run(softmax_attn, q, k, v, lay, group, causal=causal,
-                                                                  scale=scale, cu_seqlens=docs),
-        q, k, v, op="ulysses", group=group, layout=layout, causal=causal, scale=scale, check_ranks=check_ranks,
-        heads_divisible=True, cu_seqlens=cu_seqlens,
+        lambda q, k, v, lay, group, causal, scale, fp, docs: _run(
+            softmax_attn, q, k, v, lay, group, causal=causal, scale=scale, cu_seqlens=docs
+        ),
+        q,
+        k,
+        v,
+        op="ulysses",
+        group=group,
+        layout=layout,
+        causal=causal,
+        scale=scale,
+        check_ranks=check_ranks,
+        heads_divisible=True,
+        cu_seqlens=cu_seqlens,
     )
 
 
@@ -70,8 +80,16 @@ def _linear(q, k, v, form: LinearForm, scale, group, lay: SeqLayout, kernel, fp)
     gate = None if form.gate is None else _seq_to_heads(form.gate, lay, group)
     gate = gate[..., 0] if gate is not None and gate.shape[-1] == 1 else gate  # the op's scalar form
     beta = None if form.beta is None else _seq_to_heads(form.beta[..., None], lay, group)[..., 0]
-    return _run(lambda q, k, v: linear_attn(q, k, v, log_decay=decay, gate=gate, beta=beta, causal=form.causal,
-                                            scale=scale, kernel=kernel), q, k, v, lay, group)
+    return _run(
+        lambda q, k, v: linear_attn(
+            q, k, v, log_decay=decay, gate=gate, beta=beta, causal=form.causal, scale=scale, kernel=kernel
+        ),
+        q,
+        k,
+        v,
+        lay,
+        group,
+    )
 
 
 def ulysses_linear_attn(
@@ -92,7 +110,21 @@ def ulysses_linear_attn(
     """Ulysses linear attention over `group`; same contract as `lasp1_linear_attn`, plus H % W == 0. A
     `gate` goes to heads with q: one more all-to-all each way; so does `beta` (the delta rule)."""
     return run_sp_linear_attn(
-        _linear, q, k, v, op="ulysses-linear", group=group, layout=layout, log_decay=log_decay, causal=causal,
-        scale=scale, kernel=None, check_ranks=check_ranks, heads_divisible=True, gate=gate, cu_seqlens=cu_seqlens,
-        beta=beta, supports=frozenset({"gate", "beta"}),
+        _linear,
+        q,
+        k,
+        v,
+        op="ulysses-linear",
+        group=group,
+        layout=layout,
+        log_decay=log_decay,
+        causal=causal,
+        scale=scale,
+        kernel=None,
+        check_ranks=check_ranks,
+        heads_divisible=True,
+        gate=gate,
+        cu_seqlens=cu_seqlens,
+        beta=beta,
+        supports=frozenset({"gate", "beta"}),
     )

@@ -33,18 +33,37 @@ def _status(code: int, message: str) -> int:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m lasp.train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="YAML file (sections: model, parallel, data, optim, "
-                   "schedule, train, logging)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one field, e.g. --set optim.lr=3e-4 (value parsed as YAML); repeatable")
-    p.add_argument("--dry-run", action="store_true", help="print the resolved config, the mesh, parameters, "
-                   "FLOPs per token and memory per rank, then exit")
-    p.add_argument("--check-only", action="store_true", help="check the config (and its data) against "
-                   "--world-size processes and exit: 0 if it can run, 2 with every problem; starts nothing")
-    p.add_argument("--world-size", type=int, metavar="N", help="with --check-only: the processes the launcher "
-                   "will start (default: this launch's WORLD_SIZE)")
+    p = argparse.ArgumentParser(
+        prog="python -m lasp.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--config", required=True, help="YAML file (sections: model, parallel, data, optim, schedule, train, logging)"
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one field, e.g. --set optim.lr=3e-4 (value parsed as YAML); repeatable",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the resolved config, the mesh, parameters, FLOPs per token and memory per rank, then exit",
+    )
+    p.add_argument(
+        "--check-only",
+        action="store_true",
+        help="check the config (and its data) against "
+        "--world-size processes and exit: 0 if it can run, 2 with every problem; starts nothing",
+    )
+    p.add_argument(
+        "--world-size",
+        type=int,
+        metavar="N",
+        help="with --check-only: the processes the launcher will start (default: this launch's WORLD_SIZE)",
+    )
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher's
     args = p.parse_args(argv)
     if args.world_size is not None and (not args.check_only or args.world_size < 1):
@@ -56,8 +75,9 @@ def main(argv=None) -> int:
     launch = launch_env()
     world_size = args.world_size if args.world_size is not None else launch.world_size
     try:
-        cfg = load_config(args.config, args.overrides, world_size=None if args.dry_run else world_size,
-                          check_data=not args.dry_run)
+        cfg = load_config(
+            args.config, args.overrides, world_size=None if args.dry_run else world_size, check_data=not args.dry_run
+        )
     except ConfigError as e:
         if launch.rank == 0:
             print(f"error: {e}", file=sys.stderr)
@@ -97,12 +117,17 @@ def main(argv=None) -> int:
         return _status(1, f"error (rank {launch.rank}): {e}")
     if launch.rank == 0:
         end = f"stopped by {state.stopped_by}" if state.stopped_by else "done"
-        print(f"{end}: {state.step} steps, {state.tokens:,} tokens, loss {state.first_loss:.4f} (first step) -> "
-              f"{state.last_loss:.4f} (last step)"
-              + ("" if state.last_eval_loss is None else f", eval loss {state.last_eval_loss:.4f}"))
+        print(
+            f"{end}: {state.step} steps, {state.tokens:,} tokens, loss {state.first_loss:.4f} (first step) -> "
+            f"{state.last_loss:.4f} (last step)"
+            + ("" if state.last_eval_loss is None else f", eval loss {state.last_eval_loss:.4f}")
+        )
     if state.stopped_by:
-        return _status(EXIT_STOPPED, f"stopped by {state.stopped_by} after step {state.step}, with a checkpoint: "
-                                     "start the same command again to continue")
+        return _status(
+            EXIT_STOPPED,
+            f"stopped by {state.stopped_by} after step {state.step}, with a checkpoint: "
+            "start the same command again to continue",
+        )
     return 0
 
 

@@ -29,8 +29,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
 from lasp.parallel import ParallelGroups
@@ -81,8 +81,11 @@ def init_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
             if st:
                 continue
             on_device = group.get("fused") or group.get("capturable")
-            st["step"] = (torch.zeros((), dtype=torch.float32, device=p.device) if on_device
-                          else torch.tensor(0.0, dtype=torch.float32))
+            st["step"] = (
+                torch.zeros((), dtype=torch.float32, device=p.device)
+                if on_device
+                else torch.tensor(0.0, dtype=torch.float32)
+            )
             st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
@@ -101,8 +104,14 @@ class _Sharding:
         shape = list(local.shape)
         shape[dim] *= self.tp
         full = torch.Size(shape)
-        return DTensor.from_local(local.detach(), self.mesh, [Shard(dim)], run_check=False, shape=full,
-                                  stride=torch.empty(full, device="meta").stride())
+        return DTensor.from_local(
+            local.detach(),
+            self.mesh,
+            [Shard(dim)],
+            run_check=False,
+            shape=full,
+            stride=torch.empty(full, device="meta").stride(),
+        )
 
 
 def state_dict(stage: nn.Module, optimizer: torch.optim.Optimizer, sharding: _Sharding) -> dict:
@@ -127,7 +136,9 @@ def state_dict(stage: nn.Module, optimizer: torch.optim.Optimizer, sharding: _Sh
 
 def _rng_states() -> dict:
     return {
-        "python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
     }
 
@@ -162,14 +173,17 @@ def compatibility(path: str, cfg: TrainConfig, tokenizer: dict) -> tuple[list[st
     saved_tok = info.get("tokenizer") or {}
     for k in ("name", "vocab_size", "eos_id", "sha256"):
         if saved_tok.get(k) != tokenizer.get(k):
-            problems.append(f"tokenizer {k}: the checkpoint was trained on {saved_tok.get(k)!r}, this run's data "
-                            f"({cfg.data.path}) has {tokenizer.get(k)!r}: a different vocabulary")
+            problems.append(
+                f"tokenizer {k}: the checkpoint was trained on {saved_tok.get(k)!r}, this run's data "
+                f"({cfg.data.path}) has {tokenizer.get(k)!r}: a different vocabulary"
+            )
     layout = _layout(cfg)
     changed = {k: (saved_layout.get(k), v) for k, v in layout.items() if saved_layout.get(k) != v}
     if changed and (layout["zero_stage"] or saved_layout.get("zero_stage")):
         what = ", ".join(f"parallel.{k} {a} -> {b}" for k, (a, b) in changed.items())
-        problems.append(f"a ZeRO checkpoint (DeepSpeed's files) loads only on the layout that saved it; "
-                        f"changed: {what}")
+        problems.append(
+            f"a ZeRO checkpoint (DeepSpeed's files) loads only on the layout that saved it; changed: {what}"
+        )
     elif changed:
         notes.append("resharding to a new layout: " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()))
     saved_cfg = info.get("config", {})
@@ -185,8 +199,17 @@ def compatibility(path: str, cfg: TrainConfig, tokenizer: dict) -> tuple[list[st
 class Checkpointer:
     """Saves and loads this rank's part of the run. Every rank calls `save` and `load` together."""
 
-    def __init__(self, cfg: TrainConfig, stage: nn.Module, optimizer: torch.optim.Optimizer, engine,
-                 groups: ParallelGroups, device: torch.device, tokenizer: dict, say=print):
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        stage: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        engine,
+        groups: ParallelGroups,
+        device: torch.device,
+        tokenizer: dict,
+        say=print,
+    ):
         c = cfg.checkpoint
         self.cfg, self.stage, self.optimizer, self.engine = cfg, stage, optimizer, engine
         self.root, self.interval, self.keep_last = checkpoint_root(cfg), c.interval, c.keep_last
@@ -259,8 +282,9 @@ class Checkpointer:
         except OSError:
             free = None
         # torch.save reports a full disk without its errno ("unexpected pos"): the free space tells
-        full = (any(x.errno in (errno.ENOSPC, errno.EDQUOT) for x in oserrors)
-                or (free is not None and free < FULL_BELOW_BYTES))
+        full = any(x.errno in (errno.ENOSPC, errno.EDQUOT) for x in oserrors) or (
+            free is not None and free < FULL_BELOW_BYTES
+        )
         tmp = store.tmp_dir(self.root, step)
         if self.rank == 0:  # the unfinished directory is this save's own: free its space
             store.remove_unfinished(tmp)
@@ -274,9 +298,11 @@ class Checkpointer:
             what = f"a write failed: {x.strerror or x}" + (f" ({x.filename})" if x.filename else "")
         else:
             what = f"the write failed: {store.last_line(e)}"
-        raise CheckpointSaveError(f"checkpoint step {step} could not be saved: {what}; {kept}. Free space (or set "
-                                  "checkpoint.dir to another filesystem), then start the same command again to "
-                                  "resume from it") from None
+        raise CheckpointSaveError(
+            f"checkpoint step {step} could not be saved: {what}; {kept}. Free space (or set "
+            "checkpoint.dir to another filesystem), then start the same command again to "
+            "resume from it"
+        ) from None
 
     def poll(self) -> None:
         """Commit a finished background save (cheap; call once per step)."""
@@ -296,11 +322,19 @@ class Checkpointer:
             self._failed(step, e)
 
     def _info(self, state: TrainState) -> str:
-        return json.dumps({
-            "format": FORMAT_VERSION, "state": dataclasses.asdict(state), "world_size": dist.get_world_size(),
-            "layout": _layout(self.cfg), "model": dataclasses.asdict(self.cfg.model), "tokenizer": self.tokenizer,
-            "config": json.loads(json.dumps(dataclasses.asdict(self.cfg))), "torch": torch.__version__,
-        }, indent=1)
+        return json.dumps(
+            {
+                "format": FORMAT_VERSION,
+                "state": dataclasses.asdict(state),
+                "world_size": dist.get_world_size(),
+                "layout": _layout(self.cfg),
+                "model": dataclasses.asdict(self.cfg.model),
+                "tokenizer": self.tokenizer,
+                "config": json.loads(json.dumps(dataclasses.asdict(self.cfg))),
+                "torch": torch.__version__,
+            },
+            indent=1,
+        )
 
     def _commit(self, step: int, info: str) -> None:
         if self.rank != 0:
@@ -326,8 +360,10 @@ class Checkpointer:
             try:
                 _set_rng_states(torch.load(rng, weights_only=False))
             except Exception as e:  # noqa: BLE001 - unpickling damaged bytes raises anything
-                raise CheckpointError(f"{rng} is unreadable or not this trainer's RNG state ({type(e).__name__}: "
-                                      f"{store.last_line(e)}); use an earlier checkpoint") from None
+                raise CheckpointError(
+                    f"{rng} is unreadable or not this trainer's RNG state ({type(e).__name__}: "
+                    f"{store.last_line(e)}); use an earlier checkpoint"
+                ) from None
         return TrainState(**info["state"])
 
     def _load_dcp(self, path: str) -> None:
@@ -340,8 +376,11 @@ class Checkpointer:
         missing = sorted(k for k in sd if k not in saved)
         if missing:
             zero = " (it was saved with ZeRO)" if os.path.isdir(os.path.join(path, "zero")) else ""
-            raise CheckpointError(f"checkpoint {path}{zero} lacks {len(missing)} tensor(s) this run needs: "
-                                  + ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else ""))
+            raise CheckpointError(
+                f"checkpoint {path}{zero} lacks {len(missing)} tensor(s) this run needs: "
+                + ", ".join(missing[:5])
+                + (" ..." if len(missing) > 5 else "")
+            )
         for k, v in sd.items():
             want, have = tuple(v.shape), tuple(saved[k].size)
             if want != have:
@@ -349,8 +388,10 @@ class Checkpointer:
         try:
             dcp.load(sd, storage_reader=reader)
         except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP wraps file errors in its own types
-            raise CheckpointError(f"checkpoint {path} could not be read ({store.last_line(e)}): damaged files? With "
-                                  "checkpoint.verify=true (the default) the sha256 check names them") from None
+            raise CheckpointError(
+                f"checkpoint {path} could not be read ({store.last_line(e)}): damaged files? With "
+                "checkpoint.verify=true (the default) the sha256 check names them"
+            ) from None
 
 
 def checkpoint_root(cfg: TrainConfig) -> str:

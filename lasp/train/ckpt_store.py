@@ -94,8 +94,12 @@ def commit(root: str, step: int, keep_last: int, keep: str | None = None) -> str
     checkpoints, never `keep` (the checkpoint this run started from). Returns the path."""
     tmp, final = tmp_dir(root, step), step_dir(root, step)
     files = _files(tmp)
-    manifest = {"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": files,
-                "sha256": {name: file_sha256(os.path.join(tmp, name)) for name in sorted(files)}}
+    manifest = {
+        "step": step,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "files": files,
+        "sha256": {name: file_sha256(os.path.join(tmp, name)) for name in sorted(files)},
+    }
     write_file(os.path.join(tmp, MARKER), json.dumps(manifest, indent=1))
     fsync_dir(tmp)
     if os.path.exists(final):  # a checkpoint of the same step from an earlier attempt: the new one wins
@@ -183,12 +187,14 @@ def describe(path: str, exports: bool = False) -> str | None:
         "file": "is a file, not a checkpoint directory",
         "step": None,
         "unfinished": f"has no {MARKER} marker: a save still being written, or one that did not finish (a crash "
-                      "during the save); pass a committed step directory",
+        "during the save); pass a committed step directory",
         "export": None if exports else "is an export (lasp.export's model.safetensors), not a trainer checkpoint",
         "run": f"is a run directory, not a checkpoint{use}",
         "root": f"is a directory of checkpoints, not one checkpoint{use}",
-        "other": "is not a checkpoint: it has no " + MARKER + " marker" +
-                 ("" if not exports else " and no model.safetensors (not an export either)"),
+        "other": "is not a checkpoint: it has no "
+        + MARKER
+        + " marker"
+        + ("" if not exports else " and no model.safetensors (not an export either)"),
     }[kind]
 
 
@@ -215,8 +221,9 @@ def verify(path: str, checksums: bool = True, part: tuple[int, int] = (0, 1)) ->
         if not os.path.isfile(full):
             problems.append(f"{full} is missing")
         elif os.path.getsize(full) != size:
-            problems.append(f"{full} has {os.path.getsize(full)} bytes, the manifest says {size} (truncated or "
-                            "overwritten)")
+            problems.append(
+                f"{full} has {os.path.getsize(full)} bytes, the manifest says {size} (truncated or overwritten)"
+            )
         elif checksums and name in sums and i % part[1] == part[0]:
             try:
                 digest = file_sha256(full)
@@ -224,11 +231,16 @@ def verify(path: str, checksums: bool = True, part: tuple[int, int] = (0, 1)) ->
                 problems.append(f"{full} cannot be read ({e.strerror or e})")
                 continue
             if digest != sums[name]:
-                problems.append(f"{full} has sha256 {digest[:16]}..., the manifest says {sums[name][:16]}... (its "
-                                "bytes changed after the save: disk or copy damage)")
+                problems.append(
+                    f"{full} has sha256 {digest[:16]}..., the manifest says {sums[name][:16]}... (its "
+                    "bytes changed after the save: disk or copy damage)"
+                )
     if problems:
-        hint = ("\n  (use an earlier checkpoint; checkpoint.verify=false skips the sha256 check, at your risk)"
-                if any("sha256" in p for p in problems) else "")
+        hint = (
+            "\n  (use an earlier checkpoint; checkpoint.verify=false skips the sha256 check, at your risk)"
+            if any("sha256" in p for p in problems)
+            else ""
+        )
         raise CheckpointError(f"checkpoint {path} is damaged:\n  " + "\n  ".join(problems) + hint)
     return manifest
 
@@ -249,9 +261,11 @@ def resolve_resume(resume: str, root: str, checksums: bool = True, part: tuple[i
     found = list_checkpoints(root)
     if resume == "never":
         if found:
-            raise CheckpointError(f"train.resume = never, but {root} holds checkpoints of an earlier run (newest: "
-                                  f"{found[-1][1]}); use train.resume=auto to continue it, or another "
-                                  "checkpoint.dir / logging.run_dir")
+            raise CheckpointError(
+                f"train.resume = never, but {root} holds checkpoints of an earlier run (newest: "
+                f"{found[-1][1]}); use train.resume=auto to continue it, or another "
+                "checkpoint.dir / logging.run_dir"
+            )
         return None
     if resume == "auto":
         if not found:

@@ -47,8 +47,11 @@ class DataConfig:
     drop their state, softmax layers do not attend across documents, and RoPE positions restart at 0."""
 
     def problems(self) -> list[str]:
-        p = [f"data.{name} must be >= 1, got {getattr(self, name)}" for name in ("seq_len", "global_batch")
-             if getattr(self, name) < 1]
+        p = [
+            f"data.{name} must be >= 1, got {getattr(self, name)}"
+            for name in ("seq_len", "global_batch")
+            if getattr(self, name) < 1
+        ]
         if self.seed < 0:
             p.append(f"data.seed must be >= 0, got {self.seed}")
         return p
@@ -73,10 +76,16 @@ class OptimConfig:
 
     def problems(self) -> list[str]:
         # written `not ok` so that a nan is out of range too (the loader refuses it first, by name)
-        p = [f"optim.{name} must be > 0, got {getattr(self, name)}" for name in ("lr", "eps")
-             if not getattr(self, name) > 0]
-        p += [f"optim.{name} must be in [0, 1), got {getattr(self, name)}" for name in ("beta1", "beta2")
-              if not 0 <= getattr(self, name) < 1]
+        p = [
+            f"optim.{name} must be > 0, got {getattr(self, name)}"
+            for name in ("lr", "eps")
+            if not getattr(self, name) > 0
+        ]
+        p += [
+            f"optim.{name} must be in [0, 1), got {getattr(self, name)}"
+            for name in ("beta1", "beta2")
+            if not 0 <= getattr(self, name) < 1
+        ]
         if not self.weight_decay >= 0:
             p.append(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
         if not self.grad_clip >= 0:
@@ -100,8 +109,9 @@ class ScheduleConfig:
         if self.warmup_steps < 0:
             p.append(f"schedule.warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.decay_steps is not None and self.decay_steps <= self.warmup_steps:
-            p.append(f"schedule.decay_steps ({self.decay_steps}) must be after schedule.warmup_steps "
-                     f"({self.warmup_steps})")
+            p.append(
+                f"schedule.decay_steps ({self.decay_steps}) must be after schedule.warmup_steps ({self.warmup_steps})"
+            )
         if not 0 <= self.min_lr_ratio <= 1:
             p.append(f"schedule.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         return p
@@ -175,8 +185,10 @@ class TrainSection:
         if isinstance(ac, int) and ac < 1:
             p.append(f"train.activation_checkpointing must be none, full or an interval >= 1, got {ac}")
         if self.eval_interval < 0 or self.eval_batches < 1:
-            p.append(f"train.eval_interval must be >= 0 and train.eval_batches >= 1, got "
-                     f"{self.eval_interval}, {self.eval_batches}")
+            p.append(
+                f"train.eval_interval must be >= 0 and train.eval_batches >= 1, got "
+                f"{self.eval_interval}, {self.eval_batches}"
+            )
         if self.max_skipped_steps < 0:
             p.append(f"train.max_skipped_steps must be >= 0, got {self.max_skipped_steps}")
         if self.collective_timeout_s < 1:
@@ -192,13 +204,14 @@ class TrainSection:
         if not self.distill_weight >= 0:
             p.append(f"train.distill_weight must be >= 0 (0: no distillation), got {self.distill_weight}")
         elif self.distill_weight and self.objective != "lm":
-            p.append(f"train.distill_weight ({self.distill_weight}) adds to the lm objective, not to "
-                     f"{self.objective}")
+            p.append(f"train.distill_weight ({self.distill_weight}) adds to the lm objective, not to {self.objective}")
         if self.objective not in ("lm", "attention_transfer"):
             p.append(f"train.objective must be lm or attention_transfer, got {self.objective!r}")
         elif self.objective == "attention_transfer" and self.trainable != "new":
-            p.append(f"train.objective = attention_transfer trains only the new parameters: set train.trainable "
-                     f"= new (got {self.trainable!r})")
+            p.append(
+                f"train.objective = attention_transfer trains only the new parameters: set train.trainable "
+                f"= new (got {self.trainable!r})"
+            )
         return p
 
     @property
@@ -252,8 +265,9 @@ class CheckpointConfig:
     def problems(self) -> list[str]:
         p = []
         if self.interval < 0 or self.keep_last < 0:
-            p.append(f"checkpoint.interval and checkpoint.keep_last must be >= 0, got {self.interval}, "
-                     f"{self.keep_last}")
+            p.append(
+                f"checkpoint.interval and checkpoint.keep_last must be >= 0, got {self.interval}, {self.keep_last}"
+            )
         if self.timeout_s < 1:
             p.append(f"checkpoint.timeout_s must be >= 1, got {self.timeout_s}")
         return p
@@ -285,8 +299,10 @@ def _data_problems(data: DataConfig, model: ModelConfig | None, evaluate: bool) 
         make = f"; make a dataset with python -m lasp.data prepare --input FILES --output {path}"
         return [wrong[0] + (make if not os.path.exists(path) else "")]
     if not os.path.isfile(meta):
-        return [f"data.path: {data.path!r} is not a prepared dataset (no {meta}); make one with "
-                f"python -m lasp.data prepare --input FILES --output {data.path}"]
+        return [
+            f"data.path: {data.path!r} is not a prepared dataset (no {meta}); make one with "
+            f"python -m lasp.data prepare --input FILES --output {data.path}"
+        ]
     try:
         with open(meta) as f:
             info = json.load(f)
@@ -299,15 +315,18 @@ def _data_problems(data: DataConfig, model: ModelConfig | None, evaluate: bool) 
     read = ["train"] + (["val"] if evaluate and "val" in info["splits"] else [])
     p = [f"data.path: {q}" for q in dataset_problems(path, read)]
     if model is not None and vocab > model.vocab_size:
-        p.append(f"model.vocab_size ({model.vocab_size}) is smaller than the data's vocabulary ({vocab}, "
-                 f"{info['tokenizer'].get('name')})")
+        p.append(
+            f"model.vocab_size ({model.vocab_size}) is smaller than the data's vocabulary ({vocab}, "
+            f"{info['tokenizer'].get('name')})"
+        )
     if tokens < data.seq_len + 1:
-        p.append(f"data.seq_len ({data.seq_len}) needs at least {data.seq_len + 1} tokens; "
-                 f"{data.path} has {tokens}")
+        p.append(f"data.seq_len ({data.seq_len}) needs at least {data.seq_len + 1} tokens; {data.path} has {tokens}")
     held_out = info["splits"].get("val", {}).get("tokens")
     if evaluate and held_out is not None and held_out < data.seq_len + 1:
-        p.append(f"train.eval_interval > 0 reads sequences of {data.seq_len + 1} tokens from the held-out split, "
-                 f"which has {held_out} (prepare with a larger --val-fraction, or train.eval_interval=0)")
+        p.append(
+            f"train.eval_interval > 0 reads sequences of {data.seq_len + 1} tokens from the held-out split, "
+            f"which has {held_out} (prepare with a larger --val-fraction, or train.eval_interval=0)"
+        )
     return p
 
 
@@ -322,11 +341,15 @@ def _output_problems(logging: LoggingConfig, checkpoint: CheckpointConfig | None
 def _transfer_problems(model: ModelConfig | None, par) -> list[str]:
     p = []
     if model is not None and not any(model.mixer(i) == "L" for i in range(model.num_layers)):
-        p.append(f"train.objective = attention_transfer needs linear layers, but model.layer_pattern "
-                 f"{model.layer_pattern!r} has none")
+        p.append(
+            f"train.objective = attention_transfer needs linear layers, but model.layer_pattern "
+            f"{model.layer_pattern!r} has none"
+        )
     if par is not None and par.pp != 1:
-        p.append(f"train.objective = attention_transfer runs with parallel.pp = 1 (every layer's error is summed "
-                 f"on one stage), got {par.pp}")
+        p.append(
+            f"train.objective = attention_transfer runs with parallel.pp = 1 (every layer's error is summed "
+            f"on one stage), got {par.pp}"
+        )
     return p
 
 
@@ -339,8 +362,10 @@ def resolve(data: dict, source: str, world_size: int | None, check_data: bool = 
     for key in data:
         if key not in sections:
             close = difflib.get_close_matches(str(key), sections, n=1)
-            problems.append(f"{key}: unknown section" + (f" (did you mean {close[0]!r}?)" if close else
-                            f" (known: {', '.join(sections)})"))
+            problems.append(
+                f"{key}: unknown section"
+                + (f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(sections)})")
+            )
     built = {name: schema.build(cls, data.get(name), name, problems) for name, cls in sections.items()}
     for name in ("data", "optim", "schedule", "train", "checkpoint", "logging"):
         if built[name] is not None:
@@ -351,26 +376,38 @@ def resolve(data: dict, source: str, world_size: int | None, check_data: bool = 
         # a data.seq_len or data.global_batch below 1 is reported by both: once is enough
         problems += [q for q in par.problems(model, world, dcfg.seq_len, dcfg.global_batch) if q not in problems]
     if model is not None and tcfg is not None and tcfg.checkpoint_every > model.num_layers:
-        problems.append(f"train.activation_checkpointing every {tcfg.checkpoint_every} layers, but the "
-                        f"model has {model.num_layers}")
+        problems.append(
+            f"train.activation_checkpointing every {tcfg.checkpoint_every} layers, but the model has {model.num_layers}"
+        )
     if par is not None and tcfg is not None and par.zero_stage and tcfg.nonfinite == "skip":
-        problems.append(f"train.nonfinite = skip needs parallel.zero_stage 0 (got {par.zero_stage}): DeepSpeed "
-                        "applies the update inside its step; use train.nonfinite = stop")
+        problems.append(
+            f"train.nonfinite = skip needs parallel.zero_stage 0 (got {par.zero_stage}): DeepSpeed "
+            "applies the update inside its step; use train.nonfinite = stop"
+        )
     if tcfg is not None and model is not None and tcfg.trainable == "lora" and not model.lora_rank:
         problems.append("train.trainable = lora needs adapters: set model.lora_rank (and model.lora_targets)")
     if tcfg is not None and tcfg.objective == "attention_transfer":
         problems += _transfer_problems(model, par)
     if tcfg is not None and par is not None and tcfg.eval_positions:
-        bad = [f"parallel.{k} = {getattr(par, k)}" for k, ok in (("tp", 1), ("pp", 1), ("zero_stage", 0))
-               if getattr(par, k) != ok]
+        bad = [
+            f"parallel.{k} = {getattr(par, k)}"
+            for k, ok in (("tp", 1), ("pp", 1), ("zero_stage", 0))
+            if getattr(par, k) != ok
+        ]
         if bad or tcfg.objective != "lm" or not tcfg.eval_interval:
-            why = bad + ([f"train.objective = {tcfg.objective}"] if tcfg.objective != "lm" else []) + \
-                (["train.eval_interval = 0"] if not tcfg.eval_interval else [])
-            problems.append("train.eval_positions needs tp = pp = 1, zero_stage 0, the lm objective and "
-                            f"evaluations; got {', '.join(why)}")
+            why = (
+                bad
+                + ([f"train.objective = {tcfg.objective}"] if tcfg.objective != "lm" else [])
+                + (["train.eval_interval = 0"] if not tcfg.eval_interval else [])
+            )
+            problems.append(
+                "train.eval_positions needs tp = pp = 1, zero_stage 0, the lm objective and "
+                f"evaluations; got {', '.join(why)}"
+            )
     if tcfg is not None and par is not None and tcfg.distill_weight and par.pp != 1:
-        problems.append(f"train.distill_weight runs with parallel.pp = 1 (the teacher runs the whole model), "
-                        f"got {par.pp}")
+        problems.append(
+            f"train.distill_weight runs with parallel.pp = 1 (the teacher runs the whole model), got {par.pp}"
+        )
     if check_data and dcfg is not None:
         problems += _data_problems(dcfg, model, evaluate=tcfg is not None and tcfg.eval_interval > 0)
     if check_data and built["logging"] is not None:
@@ -401,8 +438,11 @@ def resolve(data: dict, source: str, world_size: int | None, check_data: bool = 
 def _yaml_problem(e: yaml.YAMLError) -> str:
     """What PyYAML found wrong, on one line (its own message spans several and repeats the file's name)."""
     if isinstance(e, yaml.reader.ReaderError):
-        where = (f"character #x{e.character:04x} at character {e.position}" if e.encoding == "unicode" else
-                 f"byte #x{e.character:02x} at byte {e.position} is not {e.encoding}")
+        where = (
+            f"character #x{e.character:04x} at character {e.position}"
+            if e.encoding == "unicode"
+            else f"byte #x{e.character:02x} at byte {e.position} is not {e.encoding}"
+        )
         return f"not a text file ({where}: {e.reason})"
     if isinstance(e, yaml.MarkedYAMLError) and e.problem_mark is not None:
         mark = e.problem_mark
@@ -410,8 +450,9 @@ def _yaml_problem(e: yaml.YAMLError) -> str:
     return " ".join(str(e).split())
 
 
-def load_config(path: str, overrides: list[str] = (), world_size: int | None = None,
-                check_data: bool = True) -> TrainConfig:
+def load_config(
+    path: str, overrides: list[str] = (), world_size: int | None = None, check_data: bool = True
+) -> TrainConfig:
     """Read a YAML file, apply `--set` overrides, and resolve (see `resolve`)."""
     missing = existing("config file", path)
     if missing:

@@ -55,8 +55,14 @@ def init_distributed(launch: Launch, device: torch.device, timeout_s: int) -> No
     timeout = datetime.timedelta(seconds=timeout_s)
     device_id = device if device.type == "cuda" else None
     if launch.launched and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-        dist.init_process_group(backend, store=_attempt_store(timeout), rank=launch.rank,
-                                world_size=launch.world_size, timeout=timeout, device_id=device_id)
+        dist.init_process_group(
+            backend,
+            store=_attempt_store(timeout),
+            rank=launch.rank,
+            world_size=launch.world_size,
+            timeout=timeout,
+            device_id=device_id,
+        )
     elif launch.launched:
         try:
             dist.init_process_group(backend, timeout=timeout, device_id=device_id)
@@ -98,8 +104,7 @@ def _attempt_store(timeout: datetime.timedelta) -> dist.Store:
     workers, the agent's store still holds the previous attempt's keys, and a process group created again
     under the same name can read the dead workers' addresses (gloo then fails with "Connection refused";
     seen with torch 2.13 when the mesh has groups of one rank). torch prefixes nothing per attempt there."""
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                          timeout=timeout)
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout)
     return dist.PrefixStore(f"lasp/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 

@@ -24,8 +24,10 @@ def _auto_lines(cfg: TrainConfig) -> list[str]:
     if p.sp == 1 or not auto:
         return []
     if p.sp_link == "calibrate":
-        return [f"sp auto ({', '.join(auto)} layers): picked at the first step by the cost model, on the SP group's "
-                "link measured then (logged)"]
+        return [
+            f"sp auto ({', '.join(auto)} layers): picked at the first step by the cost model, on the SP group's "
+            "link measured then (logged)"
+        ]
     from lasp.sp.cost import LINEAR_CANDIDATES, PRESETS, SOFTMAX_CANDIDATES, Shape, pick
 
     rows = d.global_batch // p.dp // p.microbatches
@@ -33,14 +35,25 @@ def _auto_lines(cfg: TrainConfig) -> list[str]:
     heads, kv = m.num_heads // p.tp, max(1, m.num_kv_heads // p.tp)
     out = []
     for kind in auto:
-        shape = Shape(p.sp, rows, d.seq_len // p.sp, heads, kv, m.head_dim, m.head_dim, p.sp_layout, itemsize,
-                      LINEAR_FORMS[m.linear_variant] if kind == "linear" else "none")
+        shape = Shape(
+            p.sp,
+            rows,
+            d.seq_len // p.sp,
+            heads,
+            kv,
+            m.head_dim,
+            m.head_dim,
+            p.sp_layout,
+            itemsize,
+            LINEAR_FORMS[m.linear_variant] if kind == "linear" else "none",
+        )
         pool = LINEAR_CANDIDATES if kind == "linear" else SOFTMAX_CANDIDATES
         pool = [c for c in pool if not c.startswith("ulysses") or heads % p.sp == 0]
         best, cost = pick(pool, shape, PRESETS[p.sp_link])
         best = "ulysses" if best == "ulysses_linear" else best
-        times = ", ".join(f"{c.removesuffix('_linear')} {t * 1e6:.0f} us" for c, t in sorted(cost.items(),
-                                                                                              key=lambda kv: kv[1]))
+        times = ", ".join(
+            f"{c.removesuffix('_linear')} {t * 1e6:.0f} us" for c, t in sorted(cost.items(), key=lambda kv: kv[1])
+        )
         out.append(f"sp auto, {kind} layers on {p.sp_link}: {best} (messages per layer, forward + backward: {times})")
     return out
 
@@ -52,8 +65,9 @@ def report(cfg: TrainConfig) -> str:
     fpt = flops_per_token(m, d.seq_len)
     mem = memory_estimate(m, p, d.seq_len, d.global_batch, cfg.train.dtype, cfg.train.checkpoint_every)
     experts = counts["experts"]
-    per_rank = ((counts["total"] - counts["embedding"] - experts) / p.tp + experts / (p.ep * p.etp)) / p.pp \
-        + counts["embedding"] / p.tp
+    per_rank = ((counts["total"] - counts["embedding"] - experts) / p.tp + experts / (p.ep * p.etp)) / p.pp + counts[
+        "embedding"
+    ] / p.tp
     dec = decode_memory(m, getattr(torch, cfg.train.dtype))
     local_tokens = d.seq_len // p.sp * (d.global_batch // p.dp // p.microbatches)
     lines = [
@@ -71,11 +85,17 @@ def report(cfg: TrainConfig) -> str:
         f"heads {m.num_heads} (kv {m.num_kv_heads}), head dim {m.head_dim}, vocab {m.vocab_size}",
         f"parameters: {_num(counts['total'])} total, {_num(counts['total'] - counts['embedding'])} without the "
         f"embedding, {_num(counts['matmul'])} in matmuls (LM head included); about {_num(per_rank)} per rank",
-        *([f"mixture of experts: {_num(counts['active'])} active parameters per token of {_num(counts['total'])} "
-           f"({m.moe.top_k} of {m.moe.num_experts} experts of width {m.moe.ffn_hidden_size}"
-           f"{f', a shared one of {m.moe.shared_ffn_hidden_size}' if m.moe.shared_ffn_hidden_size else ''}, "
-           f"pattern {m.moe.pattern}); {_num(experts)} in routed experts, split over ep = {p.ep} ranks "
-           f"(etp = {p.etp})"] if m.moe else []),
+        *(
+            [
+                f"mixture of experts: {_num(counts['active'])} active parameters per token of {_num(counts['total'])} "
+                f"({m.moe.top_k} of {m.moe.num_experts} experts of width {m.moe.ffn_hidden_size}"
+                f"{f', a shared one of {m.moe.shared_ffn_hidden_size}' if m.moe.shared_ffn_hidden_size else ''}, "
+                f"pattern {m.moe.pattern}); {_num(experts)} in routed experts, split over ep = {p.ep} ranks "
+                f"(etp = {p.etp})"
+            ]
+            if m.moe
+            else []
+        ),
         f"model FLOPs per token (forward + backward): {_num(fpt)}; per step: {_num(fpt * cfg.tokens_per_step)} "
         f"({_num(cfg.tokens_per_step)} tokens); MFU counts these",
         f"hardware FLOPs per token of the chunked kernels (64-token blocks): "

@@ -23,9 +23,9 @@ kernels (intra-chunk quadratic blocks, recomputation) are higher; MFU counts onl
 
 from lasp.model.config import DELTA_VARIANTS, ModelConfig
 from lasp.model.lora import targets
+from lasp.parallel.config import ParallelConfig
 
 BLOCK = 64  # tokens per block of the chunked kernels
-from lasp.parallel.config import ParallelConfig
 
 # Dense peak FLOP/s per GPU (no sparsity), from the vendors' data sheets: bf16 tensor cores, and plain
 # FP32 for float32 (the trainer leaves PyTorch's default of full-precision float32 matmuls, not TF32).
@@ -61,10 +61,13 @@ def param_counts(m: ModelConfig) -> dict[str, int]:
     attn = h * d * (2 * H + 2 * m.num_kv_heads)
     delta = m.linear_variant in DELTA_VARIANTS
     projected = m.gate_source == "projection"  # Liger's key gate has no parameters
-    gate = {"simple_gla": h * H * projected, "gla": m.gate_low_rank * (h + H * d) * projected,
-            "deltanet": h * H + h * H * d,  # beta, the output gate
-            "gated_deltanet": 2 * h * H + h * H * d,
-            "kda": h * H + m.gate_low_rank * (h + H * d) + h * H * d}.get(m.linear_variant, 0)
+    gate = {
+        "simple_gla": h * H * projected,
+        "gla": m.gate_low_rank * (h + H * d) * projected,
+        "deltanet": h * H + h * H * d,  # beta, the output gate
+        "gated_deltanet": 2 * h * H + h * H * d,
+        "kda": h * H + m.gate_low_rank * (h + H * d) + h * H * d,
+    }.get(m.linear_variant, 0)
     linear = sum(m.mixer(i) == "L" for i in range(m.num_layers))
     mlp, experts, inactive = _mlp_params(m)
     norms = m.num_layers * 2 * h + h + linear * (d if m.output_norm or delta else 0)
@@ -75,15 +78,30 @@ def param_counts(m: ModelConfig) -> dict[str, int]:
         small += m.conv_size * (H + 2 * m.num_kv_heads) * d
         small += {"gated_deltanet": 2 * H, "kda": H + H * d}.get(m.linear_variant, 0)
     biases = m.num_layers * (H + 2 * m.num_kv_heads) * d if m.attention_bias else 0  # Qwen2's q/k/v biases
-    dims = {"q_proj": (h, H * d), "k_proj": (h, m.num_kv_heads * d), "v_proj": (h, m.num_kv_heads * d),
-            "o_proj": (H * d, h), "gate_proj": (h, m.ffn_hidden_size), "up_proj": (h, m.ffn_hidden_size),
-            "down_proj": (m.ffn_hidden_size, h)}
+    dims = {
+        "q_proj": (h, H * d),
+        "k_proj": (h, m.num_kv_heads * d),
+        "v_proj": (h, m.num_kv_heads * d),
+        "o_proj": (H * d, h),
+        "gate_proj": (h, m.ffn_hidden_size),
+        "up_proj": (h, m.ffn_hidden_size),
+        "down_proj": (m.ffn_hidden_size, h),
+    }
     lora = m.num_layers * m.lora_rank * sum(sum(dims[t]) for t in targets(m)) if m.lora_rank else 0
     embed = m.vocab_size * h
     matmul = m.num_layers * attn + mlp + gate * linear + m.vocab_size * h
     total = embed + matmul + norms + linear * small + biases + lora - (m.vocab_size * h if m.tie_embeddings else 0)
-    return {"embedding": embed, "matmul": matmul, "norms": norms, "other": linear * small + biases, "lora": lora,
-            "total": total, "experts": experts, "active": total - inactive, "active_matmul": matmul - inactive}
+    return {
+        "embedding": embed,
+        "matmul": matmul,
+        "norms": norms,
+        "other": linear * small + biases,
+        "lora": lora,
+        "total": total,
+        "experts": experts,
+        "active": total - inactive,
+        "active_matmul": matmul - inactive,
+    }
 
 
 def _mlp_params(m: ModelConfig) -> tuple[int, int, int]:
@@ -137,8 +155,9 @@ def hardware_flops_per_token(m: ModelConfig, seq_len: int, block: int = BLOCK) -
     return flops_per_token(m, seq_len) + linear_layers * 6.0 * m.num_heads * block * 2 * d
 
 
-def memory_estimate(m: ModelConfig, p: ParallelConfig, seq_len: int, global_batch: int, dtype: str,
-                    checkpoint_every: int) -> dict[str, float]:
+def memory_estimate(
+    m: ModelConfig, p: ParallelConfig, seq_len: int, global_batch: int, dtype: str, checkpoint_every: int
+) -> dict[str, float]:
     """Rough bytes per rank on the busiest pipeline stage (the larger of the first and the last): float32
     weights (4 B per parameter), gradients (4 B) and AdamW states (8 B), of which ZeRO-1 shards the AdamW
     states over DP x SP, ZeRO-2 the gradients too and ZeRO-3 everything; activations (Korthikanti et al.
@@ -148,8 +167,9 @@ def memory_estimate(m: ModelConfig, p: ParallelConfig, seq_len: int, global_batc
     counts = param_counts(m)
     vh = m.vocab_size * m.hidden_size
     # per layer and TP rank; the routed experts are split over ep (and etp) ranks instead
-    layer_params = ((counts["matmul"] - vh - counts["experts"]) / p.tp + counts["experts"] / (p.ep * p.etp)) \
-        / m.num_layers
+    layer_params = (
+        (counts["matmul"] - vh - counts["experts"]) / p.tp + counts["experts"] / (p.ep * p.etp)
+    ) / m.num_layers
     layers = m.num_layers // p.pp
     elt = 2 if dtype == "bfloat16" else 4
     tokens = seq_len // p.sp * (global_batch // p.dp // p.microbatches)
@@ -160,16 +180,22 @@ def memory_estimate(m: ModelConfig, p: ParallelConfig, seq_len: int, global_batc
     # the chunked loss holds one fp32 chunk of logits and its gradient; the plain one three full copies
     logits = (2 if p.loss_chunk_tokens else 3) * chunk * m.vocab_size / p.tp * 4
     shards = p.dp * p.sp
-    per_param = 4 / (shards if p.zero_stage >= 3 else 1) + 4 / (shards if p.zero_stage >= 2 else 1) \
+    per_param = (
+        4 / (shards if p.zero_stage >= 3 else 1)
+        + 4 / (shards if p.zero_stage >= 2 else 1)
         + 8 / (shards if p.zero_stage >= 1 else 1)
+    )
 
     def stage(first: bool, last: bool) -> dict[str, float]:
         params = layer_params * layers + (vh / p.tp if first else 0)
         params += vh / p.tp if last and not (first and m.tie_embeddings) else 0
         acts = (min(p.pp, p.microbatches) if first else 1) * acts_one
-        return {"weights": 4 * params / (shards if p.zero_stage >= 3 else 1),
-                "grads_and_adam": (per_param - 4 / (shards if p.zero_stage >= 3 else 1)) * params,
-                "activations": acts, "logits": logits if last else 0.0}
+        return {
+            "weights": 4 * params / (shards if p.zero_stage >= 3 else 1),
+            "grads_and_adam": (per_param - 4 / (shards if p.zero_stage >= 3 else 1)) * params,
+            "activations": acts,
+            "logits": logits if last else 0.0,
+        }
 
     stages = [stage(True, p.pp == 1)] + ([stage(False, True)] if p.pp > 1 else [])
     busiest = max(stages, key=lambda d: sum(d.values()))

@@ -60,8 +60,10 @@ def _torchrun(argv: list[str]) -> tuple[int, str]:
         return 0, ""
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
-        return (failure.exitcode if failure.exitcode > 0 else 1,
-                f"torchrun: rank {rank} (pid {failure.pid}) exited with status {failure.exitcode}")
+        return (
+            failure.exitcode if failure.exitcode > 0 else 1,
+            f"torchrun: rank {rank} (pid {failure.pid}) exited with status {failure.exitcode}",
+        )
     except SignalException as e:
         return 128 + int(e.sigval), f"torchrun: stopped by signal {e.sigval.name}"
 
@@ -129,8 +131,11 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__.strip())
         return 0
     if not argv or argv[0] not in LAUNCHERS:
-        print(f"{__doc__.strip()}\n\nerror: the first argument must be one of {', '.join(LAUNCHERS)}, got "
-              f"{argv[0] if argv else 'nothing'}", file=sys.stderr)
+        print(
+            f"{__doc__.strip()}\n\nerror: the first argument must be one of {', '.join(LAUNCHERS)}, got "
+            f"{argv[0] if argv else 'nothing'}",
+            file=sys.stderr,
+        )
         return 2
     launch, listens = LAUNCHERS[argv[0]]
     where = listens(argv[1:])

@@ -1,9 +1,9 @@
 """The training loop, in one sitting (docs/design.md, "The trainer").
 
-    config -> process groups -> the checkpoint to resume (if any) -> the same model on every rank ->
-    parallelize -> load the checkpoint -> for each step: this rank's microbatches of batch `step` ->
-    forward/backward/sync -> clip -> step -> metrics -> eval every k steps -> checkpoint every k steps
-    -> stop on SIGTERM/SIGINT/train.max_minutes (every rank at the same step, after a checkpoint)
+config -> process groups -> the checkpoint to resume (if any) -> the same model on every rank ->
+parallelize -> load the checkpoint -> for each step: this rank's microbatches of batch `step` ->
+forward/backward/sync -> clip -> step -> metrics -> eval every k steps -> checkpoint every k steps
+-> stop on SIGTERM/SIGINT/train.max_minutes (every rank at the same step, after a checkpoint)
 """
 
 import contextlib
@@ -22,9 +22,20 @@ from lasp.data import TokenData, local_microbatches
 from lasp.distributed.timeouts import named_timeouts
 from lasp.kernels import get_kernel
 from lasp.model import LinearLlama
+from lasp.model.config import DELTA_VARIANTS
 from lasp.parallel import (
-    ParallelGroups, attention_transfer, clip_grad_norm_, distillation, eval_step, forward_backward_step,
-    init_groups, loss_sum_fn, parallelize, zero_engine, zero_eval_step, zero_train_step,
+    ParallelGroups,
+    attention_transfer,
+    clip_grad_norm_,
+    distillation,
+    eval_step,
+    forward_backward_step,
+    init_groups,
+    loss_sum_fn,
+    parallelize,
+    zero_engine,
+    zero_eval_step,
+    zero_train_step,
 )
 from lasp.parallel.ac import apply_ac
 from lasp.parallel.ep import moe_step
@@ -39,7 +50,6 @@ from lasp.train.metrics import Metrics, keep_rows_after, moe_columns, peak_memor
 from lasp.train.optim import build_optimizer, lr_at, set_lr
 from lasp.train.run_lock import RunDirLocked, RunLock
 from lasp.train.signals import GracefulStop
-from lasp.model.config import DELTA_VARIANTS
 from lasp.train.state import TrainState
 
 
@@ -53,14 +63,20 @@ def _check_kernel(cfg: TrainConfig, kernel) -> None:
     form = {"simple_gla": "scalar", "gla": "vector"}.get(cfg.model.linear_variant)
     linear = any(cfg.model.mixer(i) == "L" for i in range(cfg.model.num_layers))
     if linear and form is not None and form not in gates:
-        problems.append(f"model.linear_variant {cfg.model.linear_variant} needs a {form} gate, which the "
-                        f"{kernel.name!r} kernel lacks (train.kernel={cfg.train.kernel}); set train.kernel=torch")
+        problems.append(
+            f"model.linear_variant {cfg.model.linear_variant} needs a {form} gate, which the "
+            f"{kernel.name!r} kernel lacks (train.kernel={cfg.train.kernel}); set train.kernel=torch"
+        )
     if linear and cfg.model.linear_variant in DELTA_VARIANTS and not kernel.caps.delta:
-        problems.append(f"model.linear_variant {cfg.model.linear_variant} needs the delta rule, which the "
-                        f"{kernel.name!r} kernel lacks (train.kernel={cfg.train.kernel}); set train.kernel=torch")
+        problems.append(
+            f"model.linear_variant {cfg.model.linear_variant} needs the delta rule, which the "
+            f"{kernel.name!r} kernel lacks (train.kernel={cfg.train.kernel}); set train.kernel=torch"
+        )
     if linear and cfg.data.reset_at_documents and not kernel.caps.resets:
-        problems.append(f"data.reset_at_documents needs document resets, which the {kernel.name!r} kernel lacks "
-                        f"(train.kernel={cfg.train.kernel}); set train.kernel=torch")
+        problems.append(
+            f"data.reset_at_documents needs document resets, which the {kernel.name!r} kernel lacks "
+            f"(train.kernel={cfg.train.kernel}); set train.kernel=torch"
+        )
     if problems:
         raise ConfigError("the kernel", problems)
 
@@ -114,8 +130,10 @@ def _resume_path(cfg: TrainConfig, tokenizer: dict) -> tuple[str | None, int, li
     seen = [None] * world
     dist.all_gather_object(seen, path)
     if len(set(seen)) > 1:
-        raise CheckpointError("ranks disagree on the checkpoint to resume from (is checkpoint.dir on a filesystem "
-                              "every node sees?): " + "; ".join(f"rank {r}: {s}" for r, s in enumerate(seen)))
+        raise CheckpointError(
+            "ranks disagree on the checkpoint to resume from (is checkpoint.dir on a filesystem "
+            "every node sees?): " + "; ".join(f"rank {r}: {s}" for r, s in enumerate(seen))
+        )
     if path is not None and not problems:
         try:
             if cfg.checkpoint.verify:
@@ -171,11 +189,17 @@ def _roll_back(cfg: TrainConfig, resume: str, step: int, say) -> None:
         aside, names = moved
         rows = keep_rows_after(cfg.logging.run_dir, step, aside)
         inside = os.path.dirname(os.path.realpath(resume)) == os.path.realpath(checkpoint_root(cfg))
-        start = (f"rolling back to step {step} ({resume})" if inside else
-                 f"starting from step {step} of {resume}, outside checkpoint.dir")
-        say(f"{start}: the later {', '.join(names)} of the abandoned branch are "
-            f"moved to {aside}" + (f" with its {rows} metrics rows" if rows else "")
-            + " (kept, not read again; a plain restart continues from this branch)")
+        start = (
+            f"rolling back to step {step} ({resume})"
+            if inside
+            else f"starting from step {step} of {resume}, outside checkpoint.dir"
+        )
+        say(
+            f"{start}: the later {', '.join(names)} of the abandoned branch are "
+            f"moved to {aside}"
+            + (f" with its {rows} metrics rows" if rows else "")
+            + " (kept, not read again; a plain restart continues from this branch)"
+        )
 
 
 def _initialise(model: LinearLlama, path: str) -> tuple[int, int]:
@@ -189,14 +213,18 @@ def _initialise(model: LinearLlama, path: str) -> tuple[int, int]:
     if recorded_tokenizer(path) is None and not os.path.isfile(os.path.join(path, TOKENIZER)):
         logging.getLogger(__name__).info(
             f"train.init_from {path} records no tokenizer (no lasp.export record, no {TOKENIZER}): only its "
-            f"vocabulary size ({model.cfg.vocab_size}) was checked against the data's, not which tokenizer made it")
+            f"vocabulary size ({model.cfg.vocab_size}) was checked against the data's, not which tokenizer made it"
+        )
     try:  # the config check read the files' headers; what changed since (or a dry run's skip) is said here
         state = initial_state(path, model.cfg)
     except HFImportError as e:
         raise ConfigError("train.init_from", [str(e)]) from None
     own = model.state_dict()
-    wrong = [f"{k}: {list(v.shape)} there, {list(own[k].shape)} here" for k, v in state.items()
-             if k in own and v.shape != own[k].shape]
+    wrong = [
+        f"{k}: {list(v.shape)} there, {list(own[k].shape)} here"
+        for k, v in state.items()
+        if k in own and v.shape != own[k].shape
+    ]
     if wrong:
         raise ConfigError("train.init_from", wrong)
     model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
@@ -204,8 +232,14 @@ def _initialise(model: LinearLlama, path: str) -> tuple[int, int]:
     return len(state), len([k for k in own if k not in state and k not in aliases])
 
 
-def build_stage(cfg: TrainConfig, groups: ParallelGroups, device: torch.device, kernel, init_from: str = "",
-                say=lambda message: None):
+def build_stage(
+    cfg: TrainConfig,
+    groups: ParallelGroups,
+    device: torch.device,
+    kernel,
+    init_from: str = "",
+    say=lambda message: None,
+):
     """This rank's part of the model, its optimizer, and the ZeRO engine (or None): (stage, optimizer, engine).
     `init_from`: the weights to start from (train.init_from), loaded into the full model before it is
     split, so any layout starts from them."""
@@ -230,12 +264,16 @@ def build_stage(cfg: TrainConfig, groups: ParallelGroups, device: torch.device, 
     stage = parallelize(model, p, groups, frozen)
     if cfg.train.objective == "attention_transfer":
         n = len(attention_transfer(getattr(stage, "module", stage)))  # the stage inside DataParallel
-        say(f"train.objective = attention_transfer: the loss is the squared error of {n} linear layer(s) "
-            "against their own softmax attention")
+        say(
+            f"train.objective = attention_transfer: the loss is the squared error of {n} linear layer(s) "
+            "against their own softmax attention"
+        )
     if cfg.train.distill_weight:
         distillation(getattr(stage, "module", stage), cfg.train.distill_weight)
-        say(f"train.distill_weight = {cfg.train.distill_weight}: the training loss adds the KL to the original "
-            "softmax model (the evaluation's is the LM loss alone)")
+        say(
+            f"train.distill_weight = {cfg.train.distill_weight}: the training loss adds the KL to the original "
+            "softmax model (the evaluation's is the LM loss alone)"
+        )
     apply_kernel(stage, kernel)
     optimizer = build_optimizer(stage, cfg.optim, device)
     rows = cfg.data.global_batch // p.dp // p.microbatches
@@ -267,38 +305,59 @@ def _locked(cfg: TrainConfig, device: torch.device, kernel, stop: GracefulStop) 
     resume, resume_step, notes = _resume_path(cfg, data.meta["tokenizer"])
     if resume:
         _roll_back(cfg, resume, resume_step, lambda m: print(m, flush=True))
-    metrics = Metrics(cfg.logging.run_dir, dist.get_rank() == 0, cfg.train.steps, cfg.logging.progress,
-                      cfg.logging.tensorboard, resume_step=resume_step if resume else None)
+    metrics = Metrics(
+        cfg.logging.run_dir,
+        dist.get_rank() == 0,
+        cfg.train.steps,
+        cfg.logging.progress,
+        cfg.logging.tensorboard,
+        resume_step=resume_step if resume else None,
+    )
     metrics.message(f"run directory: {os.path.abspath(cfg.logging.run_dir)}")
     if metrics.enabled:
         with open(os.path.join(cfg.logging.run_dir, "config.yaml"), "w") as f:
             f.write(dump(cfg))
 
-    stage, optimizer, engine = build_stage(cfg, groups, device, kernel, "" if resume else cfg.train.init_from,
-                                           metrics.message)
-    metrics.message(f"{dist.get_world_size()} rank(s) on {device.type}, tp={p.tp} sp={p.sp} ({p.sp_layout}) "
-                    f"pp={p.pp} dp={p.dp}, kernel {kernel.name}, {cfg.train.dtype}")
+    stage, optimizer, engine = build_stage(
+        cfg, groups, device, kernel, "" if resume else cfg.train.init_from, metrics.message
+    )
+    metrics.message(
+        f"{dist.get_world_size()} rank(s) on {device.type}, tp={p.tp} sp={p.sp} ({p.sp_layout}) "
+        f"pp={p.pp} dp={p.dp}, kernel {kernel.name}, {cfg.train.dtype}"
+    )
 
     val = TokenData(cfg.data.path, "val") if "val" in data.meta["splits"] and cfg.train.eval_interval else None
     if cfg.train.eval_interval and val is None:
         metrics.message(f"no held-out split in {cfg.data.path} (prepare with --val-fraction): no evaluation")
     batch = partial(
-        local_microbatches, seq_len=cfg.data.seq_len, global_batch=cfg.data.global_batch,
-        microbatches=p.microbatches, seed=cfg.data.seed, dp_rank=groups.dp_rank, dp=p.dp,
-        sp_rank=groups.sp_rank, sp=p.sp, layout=p.sp_layout,
+        local_microbatches,
+        seq_len=cfg.data.seq_len,
+        global_batch=cfg.data.global_batch,
+        microbatches=p.microbatches,
+        seed=cfg.data.seed,
+        dp_rank=groups.dp_rank,
+        dp=p.dp,
+        sp_rank=groups.sp_rank,
+        sp=p.sp,
+        layout=p.sp_layout,
         eos_id=data.eos_id if cfg.data.reset_at_documents else None,
     )
-    autocast = (partial(torch.autocast, device.type, dtype=torch.bfloat16) if cfg.train.dtype == "bfloat16"
-                else contextlib.nullcontext)
+    autocast = (
+        partial(torch.autocast, device.type, dtype=torch.bfloat16)
+        if cfg.train.dtype == "bfloat16"
+        else contextlib.nullcontext
+    )
     run = _Run(stage, engine, optimizer, groups, batch, autocast, device)
     if val is not None and cfg.train.eval_positions:
         from lasp.parallel.positions import document_rows
 
-        run.position_rows = document_rows(val.tokens, val.doc_offsets, cfg.data.seq_len,
-                                          cfg.train.eval_batches * cfg.data.global_batch)
-        metrics.message(f"train.eval_positions: {len(run.position_rows)} held-out rows of {cfg.data.seq_len} "
-                        "tokens inside one document" + ("" if len(run.position_rows) else
-                                                        ": none long enough, no position buckets"))
+        run.position_rows = document_rows(
+            val.tokens, val.doc_offsets, cfg.data.seq_len, cfg.train.eval_batches * cfg.data.global_batch
+        )
+        metrics.message(
+            f"train.eval_positions: {len(run.position_rows)} held-out rows of {cfg.data.seq_len} "
+            "tokens inside one document" + ("" if len(run.position_rows) else ": none long enough, no position buckets")
+        )
 
     ckpt = Checkpointer(cfg, stage, optimizer, engine, groups, device, data.meta["tokenizer"], metrics.message)
     state = TrainState()
@@ -306,19 +365,31 @@ def _locked(cfg: TrainConfig, device: torch.device, kernel, stop: GracefulStop) 
         state = ckpt.load(resume)
         ckpt.started_from = resume
         state.stopped_by = None
-        metrics.message(f"resuming from {resume}: step {state.step}, {state.tokens:,} tokens seen"
-                        + "".join(f"\n  {n}" for n in notes))
+        metrics.message(
+            f"resuming from {resume}: step {state.step}, {state.tokens:,} tokens seen"
+            + "".join(f"\n  {n}" for n in notes)
+        )
         if state.step >= cfg.train.steps:
-            metrics.message(f"the checkpoint is at step {state.step} and train.steps is {cfg.train.steps}: nothing "
-                            "to train (raise train.steps to go on, or use another logging.run_dir)")
+            metrics.message(
+                f"the checkpoint is at step {state.step} and train.steps is {cfg.train.steps}: nothing "
+                "to train (raise train.steps to go on, or use another logging.run_dir)"
+            )
     _loop(cfg, run, state, stop, data, val, metrics, ckpt)
     ckpt.finish()
     metrics.close(cfg.logging.plot)
     return state
 
 
-def _loop(cfg: TrainConfig, run: _Run, state: TrainState, stop: GracefulStop, data: TokenData,
-          val: TokenData | None, metrics: Metrics, ckpt: Checkpointer) -> None:
+def _loop(
+    cfg: TrainConfig,
+    run: _Run,
+    state: TrainState,
+    stop: GracefulStop,
+    data: TokenData,
+    val: TokenData | None,
+    metrics: Metrics,
+    ckpt: Checkpointer,
+) -> None:
     """For each step: batch `step` -> forward/backward/sync -> clip -> update -> metrics -> eval ->
     checkpoint -> stop?"""
     fpt = flops_per_token(cfg.model, cfg.data.seq_len)
@@ -336,8 +407,9 @@ def _loop(cfg: TrainConfig, run: _Run, state: TrainState, stop: GracefulStop, da
         if finite and run.engine is None:
             run.optimizer.step()
         with _timeouts(cfg, f"the MoE statistics of step {state.step + 1}"):
-            moe = moe_step(run.stage, cfg.parallel, cfg.model.moe, cfg.model.num_layers, cfg.tokens_per_step,
-                           update_bias=finite)
+            moe = moe_step(
+                run.stage, cfg.parallel, cfg.model.moe, cfg.model.num_layers, cfg.tokens_per_step, update_bias=finite
+            )
         state.skipped_in_a_row = 0 if finite else state.skipped_in_a_row + 1
         state.skipped_steps += not finite
         state.step += 1
@@ -348,12 +420,20 @@ def _loop(cfg: TrainConfig, run: _Run, state: TrainState, stop: GracefulStop, da
             torch.cuda.synchronize(run.device)
         tokens_per_s = cfg.tokens_per_step / (time.perf_counter() - t0)
         if state.step % cfg.logging.interval == 0 or state.step == cfg.train.steps or not finite:
-            metrics.log_step({
-                "step": state.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": state.tokens,
-                "tokens_per_s": tokens_per_s,
-                "mfu": None if peak is None else fpt * tokens_per_s / (peak * dist.get_world_size()),
-                "mem_gib": peak_memory_gib(run.device), "skipped": not finite, **moe_columns(moe),
-            })
+            metrics.log_step(
+                {
+                    "step": state.step,
+                    "loss": loss,
+                    "lr": lr,
+                    "grad_norm": grad_norm,
+                    "tokens": state.tokens,
+                    "tokens_per_s": tokens_per_s,
+                    "mfu": None if peak is None else fpt * tokens_per_s / (peak * dist.get_world_size()),
+                    "mem_gib": peak_memory_gib(run.device),
+                    "skipped": not finite,
+                    **moe_columns(moe),
+                }
+            )
         if not finite:
             _nonfinite(cfg, state, loss, grad_norm, metrics)
         if val is not None and (state.step % cfg.train.eval_interval == 0 or state.step == cfg.train.steps):
@@ -366,8 +446,9 @@ def _loop(cfg: TrainConfig, run: _Run, state: TrainState, stop: GracefulStop, da
         with _timeouts(cfg, f"the stop check after step {state.step}"):
             stopping = stop.agreed(out_of_time=deadline is not None and time.monotonic() > deadline)
         last = stopping or state.step == cfg.train.steps
-        with named_timeouts(f"the checkpoint save of step {state.step}", cfg.checkpoint.timeout_s,
-                            "checkpoint.timeout_s"):
+        with named_timeouts(
+            f"the checkpoint save of step {state.step}", cfg.checkpoint.timeout_s, "checkpoint.timeout_s"
+        ):
             if ckpt.due(state.step) or (last and cfg.checkpoint.save_on_exit):
                 ckpt.save(state)
             else:
@@ -383,8 +464,10 @@ def _timeouts(cfg: TrainConfig, phase: str):
 
 
 def _to(device: torch.device, microbatches: list[dict]) -> list[dict]:
-    return [{k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in mb.items()}
-            for mb in microbatches]
+    return [
+        {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in mb.items()}
+        for mb in microbatches
+    ]
 
 
 def _forward_backward(run: _Run, microbatches: list[dict], cfg: TrainConfig):
@@ -424,8 +507,7 @@ def _positions(run: _Run, cfg: TrainConfig) -> list[dict]:
 
     group = run.groups.sp if cfg.parallel.sp > 1 else None
     with torch.no_grad(), run.autocast():
-        return position_losses(logits, run.position_rows, group=group, layout=cfg.parallel.sp_layout,
-                               device=run.device)
+        return position_losses(logits, run.position_rows, group=group, layout=cfg.parallel.sp_layout, device=run.device)
 
 
 def _nonfinite(cfg: TrainConfig, state: TrainState, loss: float, norm: float, metrics: Metrics) -> None:
@@ -436,6 +518,8 @@ def _nonfinite(cfg: TrainConfig, state: TrainState, loss: float, norm: float, me
         raise NonFiniteError(f"{what}; stopping (train.nonfinite = stop)")
     if state.skipped_in_a_row > cfg.train.max_skipped_steps:
         metrics.close(cfg.logging.plot)
-        raise NonFiniteError(f"{what}; {state.skipped_in_a_row} steps skipped in a row "
-                             f"(train.max_skipped_steps = {cfg.train.max_skipped_steps})")
+        raise NonFiniteError(
+            f"{what}; {state.skipped_in_a_row} steps skipped in a row "
+            f"(train.max_skipped_steps = {cfg.train.max_skipped_steps})"
+        )
     metrics.message(f"{what}; update skipped ({state.skipped_steps} so far)")

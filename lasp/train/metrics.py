@@ -27,11 +27,13 @@ def moe_columns(stats: dict | None) -> dict:
         return {}
     layers = [i for i, v in enumerate(stats["load_max_mean"]) if stats["aux_loss"][i] is not None]
     loads = [stats["load_max_mean"][i] for i in layers if stats["load_max_mean"][i] is not None]
-    return {"moe_aux_loss": sum(stats["aux_loss"][i] for i in layers),
-            "moe_z_loss": sum(stats["z_loss"][i] for i in layers),
-            "moe_load_max": max(loads) if loads else None,
-            **{f"moe_load_L{i}": stats["load_max_mean"][i] for i in layers},
-            **{f"moe_aux_loss_L{i}": stats["aux_loss"][i] for i in layers}}
+    return {
+        "moe_aux_loss": sum(stats["aux_loss"][i] for i in layers),
+        "moe_z_loss": sum(stats["z_loss"][i] for i in layers),
+        "moe_load_max": max(loads) if loads else None,
+        **{f"moe_load_L{i}": stats["load_max_mean"][i] for i in layers},
+        **{f"moe_aux_loss_L{i}": stats["aux_loss"][i] for i in layers},
+    }
 
 
 def peak_memory_gib(device: torch.device) -> float:
@@ -44,8 +46,15 @@ def peak_memory_gib(device: torch.device) -> float:
 class Metrics:
     """Rank 0's writer. `log_step` / `log_eval` append JSONL rows (and TensorBoard scalars)."""
 
-    def __init__(self, run_dir: str, enabled: bool, total_steps: int, progress: bool, tensorboard: bool,
-                 resume_step: int | None = None):
+    def __init__(
+        self,
+        run_dir: str,
+        enabled: bool,
+        total_steps: int,
+        progress: bool,
+        tensorboard: bool,
+        resume_step: int | None = None,
+    ):
         """`resume_step`: the run continues from a checkpoint of that step; the rows of the earlier
         attempts up to it are kept (later ones, written after the checkpoint, are dropped). Otherwise a
         new run replaces the outputs of an earlier one in `run_dir`."""
@@ -59,7 +68,9 @@ class Metrics:
         if resume_step is not None:
             self.rows = [r for r in _read_rows(path) if r["step"] <= resume_step]
         else:
-            stale = [f for f in ("metrics.jsonl", "loss.png", "tensorboard") if os.path.exists(os.path.join(run_dir, f))]
+            stale = [
+                f for f in ("metrics.jsonl", "loss.png", "tensorboard") if os.path.exists(os.path.join(run_dir, f))
+            ]
             if stale:
                 print(f"replacing the outputs of an earlier run in {run_dir}: {', '.join(stale)}", flush=True)
             for f in stale:
@@ -71,13 +82,13 @@ class Metrics:
             from torch.utils.tensorboard import SummaryWriter
 
             # purge_step drops the events an earlier attempt wrote after the checkpoint
-            self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"),
-                                     purge_step=None if resume_step is None else resume_step + 1)
+            self._tb = SummaryWriter(
+                os.path.join(run_dir, "tensorboard"), purge_step=None if resume_step is None else resume_step + 1
+            )
         if progress and sys.stderr.isatty():
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total_steps, initial=resume_step or 0, desc="train", unit="step",
-                             dynamic_ncols=True)
+            self._bar = tqdm(total=total_steps, initial=resume_step or 0, desc="train", unit="step", dynamic_ncols=True)
         self._t0 = time.monotonic()
 
     def _write(self, row: dict) -> None:
@@ -93,16 +104,14 @@ class Metrics:
             return
         self._write({"kind": "train", **row})
         mfu = "n/a" if row.get("mfu") is None else f"{100 * row['mfu']:.1f}%"
-        text = (f"loss {row['loss']:.4f} | {row['tokens_per_s']:,.0f} tok/s | mfu {mfu} | "
-                f"mem {row['mem_gib']:.2f} GiB")
+        text = f"loss {row['loss']:.4f} | {row['tokens_per_s']:,.0f} tok/s | mfu {mfu} | mem {row['mem_gib']:.2f} GiB"
         if row.get("moe_load_max") is not None:
             text += f" | moe aux {row['moe_aux_loss']:.4f}, load max/mean {row['moe_load_max']:.2f}"
         if self._bar is not None:
             self._bar.update(row["step"] - self._bar.n)
             self._bar.set_postfix_str(text, refresh=False)
         else:
-            print(f"step {row['step']:>6} | {text} | lr {row['lr']:.2e} | grad norm {row['grad_norm']:.3f}",
-                  flush=True)
+            print(f"step {row['step']:>6} | {text} | lr {row['lr']:.2e} | grad norm {row['grad_norm']:.3f}", flush=True)
 
     def log_eval(self, step: int, loss: float) -> None:
         if not self.enabled:
@@ -114,11 +123,18 @@ class Metrics:
         """The held-out loss per position bucket (lasp.parallel.positions): one row, a column per bucket."""
         if not self.enabled:
             return
-        self._write({"kind": "eval_positions", "step": step,
-                     **{f"loss_{b['lo']}_{b['hi']}": b["loss"] for b in buckets},
-                     "tokens": sum(b["tokens"] for b in buckets)})
-        self.message(f"step {step:>6} | eval loss by position: " +
-                     ", ".join(f"{b['lo']}-{b['hi']} {b['loss']:.4f}" for b in buckets))
+        self._write(
+            {
+                "kind": "eval_positions",
+                "step": step,
+                **{f"loss_{b['lo']}_{b['hi']}": b["loss"] for b in buckets},
+                "tokens": sum(b["tokens"] for b in buckets),
+            }
+        )
+        self.message(
+            f"step {step:>6} | eval loss by position: "
+            + ", ".join(f"{b['lo']}-{b['hi']} {b['loss']:.4f}" for b in buckets)
+        )
 
     def message(self, text: str) -> None:
         if not self.enabled:

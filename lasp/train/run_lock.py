@@ -59,25 +59,42 @@ class RunLock:
         except BlockingIOError:
             os.close(fd)
             h = self._holder()
-            who = (f"pid {h.get('pid')} on host {h.get('host')}, started {h.get('started')}" if h
-                   else "a process that has not written its name yet")
-            raise RunDirLocked(f"{self.directory} is in use by another run ({who}; lock {self.path}): wait for it "
-                               "to finish or stop it, or give this run another logging.run_dir / "
-                               "checkpoint.dir") from None
+            who = (
+                f"pid {h.get('pid')} on host {h.get('host')}, started {h.get('started')}"
+                if h
+                else "a process that has not written its name yet"
+            )
+            raise RunDirLocked(
+                f"{self.directory} is in use by another run ({who}; lock {self.path}): wait for it "
+                "to finish or stop it, or give this run another logging.run_dir / "
+                "checkpoint.dir"
+            ) from None
         except OSError as e:
             os.close(fd)
-            raise RunDirLocked(f"cannot lock {self.path}: {e.strerror or e} (the filesystem may not support flock; "
-                               "mount it with flock, or use a run directory on another filesystem)") from None
+            raise RunDirLocked(
+                f"cannot lock {self.path}: {e.strerror or e} (the filesystem may not support flock; "
+                "mount it with flock, or use a run directory on another filesystem)"
+            ) from None
         stale = self._holder()
         note = None
         if stale:
-            state = ("no longer running" if stale.get("host") == socket.gethostname()
-                     and isinstance(stale.get("pid"), int) and not _alive(stale["pid"]) else "not holding it")
-            note = (f"{self.path}: the run of pid {stale.get('pid')} on host {stale.get('host')} (started "
-                    f"{stale.get('started')}) ended without releasing the lock ({state}: killed or crashed); "
-                    "taking it over")
-        me = {"host": socket.gethostname(), "pid": os.getpid(),
-              "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+            state = (
+                "no longer running"
+                if stale.get("host") == socket.gethostname()
+                and isinstance(stale.get("pid"), int)
+                and not _alive(stale["pid"])
+                else "not holding it"
+            )
+            note = (
+                f"{self.path}: the run of pid {stale.get('pid')} on host {stale.get('host')} (started "
+                f"{stale.get('started')}) ended without releasing the lock ({state}: killed or crashed); "
+                "taking it over"
+            )
+        me = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        }
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
         os.fsync(fd)

@@ -23,9 +23,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from lasp.sp.cost import PRESETS
 from lasp.bench.sp.methods import DTYPES, METHODS
 from lasp.cli import at_least, existing, processes, usage_error, writable
+from lasp.sp.cost import PRESETS
 
 CPU_DEFAULTS = dict(world_sizes=[1, 2, 4], seq_lens=[1024, 4096], tokens_per_rank=[512])
 
@@ -33,10 +33,20 @@ CPU_DEFAULTS = dict(world_sizes=[1, 2, 4], seq_lens=[1024, 4096], tokens_per_ran
 def _shared(p: argparse.ArgumentParser) -> None:
     p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     p.add_argument("--world-sizes", type=int, nargs="+", default=CPU_DEFAULTS["world_sizes"])
-    p.add_argument("--seq-lens", type=int, nargs="+", default=CPU_DEFAULTS["seq_lens"],
-                   help="global lengths N measured at every W (strong scaling)")
-    p.add_argument("--tokens-per-rank", type=int, nargs="*", default=CPU_DEFAULTS["tokens_per_rank"],
-                   help="N = this x W at every W (weak scaling)")
+    p.add_argument(
+        "--seq-lens",
+        type=int,
+        nargs="+",
+        default=CPU_DEFAULTS["seq_lens"],
+        help="global lengths N measured at every W (strong scaling)",
+    )
+    p.add_argument(
+        "--tokens-per-rank",
+        type=int,
+        nargs="*",
+        default=CPU_DEFAULTS["tokens_per_rank"],
+        help="N = this x W at every W (weak scaling)",
+    )
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--kv-heads", type=int, default=2)
@@ -70,8 +80,18 @@ def simulate_main(a) -> None:
     from lasp.bench.sp.simulate import ConcurrentSimulator, simulate
     from lasp.bench.sp.sweep import cases
 
-    todo = cases(a.methods, a.world_sizes, a.seq_lens, a.tokens_per_rank, B=a.batch, H=a.heads, Hkv=a.kv_heads,
-                 D=a.head_dim, layout=a.layout, dtype=a.dtype)
+    todo = cases(
+        a.methods,
+        a.world_sizes,
+        a.seq_lens,
+        a.tokens_per_rank,
+        B=a.batch,
+        H=a.heads,
+        Hkv=a.kv_heads,
+        D=a.head_dim,
+        layout=a.layout,
+        dtype=a.dtype,
+    )
     rows, env = [], environment()
     pool = ConcurrentSimulator(max(a.world_sizes)) if a.concurrent else None
     how = f"{max(a.world_sizes)} processes, the ranks of a case at once" if pool else "every rank in turn, one process"
@@ -103,8 +123,10 @@ def model_main(a) -> None:
     calibration = model.read_jsonl(a.out / "calibration.jsonl") if a.link == "fit" else []
     link = model.link_for(a.link, calibration, a.overlap)
     cores = a.cores or next((r.get("cores") for r in measured if r.get("cores")), None)
-    print(f"link {link.name}: alpha {link.alpha_s * 1e6:.1f} us, bus bandwidth {link.busbw_bytes_per_s / 1e9:.3f} GB/s, "
-          f"overlap {link.overlap}; {cores} cores for the measured processes")
+    print(
+        f"link {link.name}: alpha {link.alpha_s * 1e6:.1f} us, bus bandwidth {link.busbw_bytes_per_s / 1e9:.3f} GB/s, "
+        f"overlap {link.overlap}; {cores} cores for the measured processes"
+    )
     rows = model.validate(measured, simulated, link, cores)
     print(model.table(rows))
     write_jsonl(a.out / "validation.jsonl", rows)
@@ -125,8 +147,10 @@ def predict_main(a) -> None:
 
     model = ModelConfig(**(yaml.safe_load(Path(a.config).read_text()) or {}).get("model", {}))
     link = PRESETS[a.link]
-    rows = [{**r, "config": a.config, **environment()} for r in
-            sweep(model, a.world_sizes, a.seq_lens, link, a.tflops, a.batch)]
+    rows = [
+        {**r, "config": a.config, **environment()}
+        for r in sweep(model, a.world_sizes, a.seq_lens, link, a.tflops, a.batch)
+    ]
     write_jsonl(a.out / "predicted.jsonl", rows)
     _write_csv(a.out / "predicted.csv", rows)
     W = 64 if 64 in a.world_sizes else max(a.world_sizes)
@@ -148,15 +172,51 @@ def predict_main(a) -> None:
 def cpu_main(a) -> None:
     """The whole CPU sweep: torchrun the measurement, simulate, model."""
     W = max(a.world_sizes)
-    common = ["--train-step" if a.train_step else "--no-train-step", "--methods", *a.methods, "--world-sizes", *map(str, a.world_sizes), "--seq-lens", *map(str, a.seq_lens),
-              "--tokens-per-rank", *map(str, a.tokens_per_rank), "--reps", str(a.reps), "--out", str(a.out),
-              "--batch", str(a.batch), "--heads", str(a.heads), "--kv-heads", str(a.kv_heads),
-              "--head-dim", str(a.head_dim), "--layout", a.layout, "--dtype", a.dtype]
+    common = [
+        "--train-step" if a.train_step else "--no-train-step",
+        "--methods",
+        *a.methods,
+        "--world-sizes",
+        *map(str, a.world_sizes),
+        "--seq-lens",
+        *map(str, a.seq_lens),
+        "--tokens-per-rank",
+        *map(str, a.tokens_per_rank),
+        "--reps",
+        str(a.reps),
+        "--out",
+        str(a.out),
+        "--batch",
+        str(a.batch),
+        "--heads",
+        str(a.heads),
+        "--kv-heads",
+        str(a.kv_heads),
+        "--head-dim",
+        str(a.head_dim),
+        "--layout",
+        a.layout,
+        "--dtype",
+        a.dtype,
+    ]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env["OMP_NUM_THREADS"] = "1"
     print(f"sweep: torchrun, {W} gloo processes", flush=True)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={W}",
-                    "-m", "lasp.bench.sp", "sweep", *common], check=True, env=env)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={W}",
+            "-m",
+            "lasp.bench.sp",
+            "sweep",
+            *common,
+        ],
+        check=True,
+        env=env,
+    )
     simulate_main(a)
     model_main(a)
 
@@ -167,8 +227,9 @@ def main(argv=None) -> None:
         from lasp.bench.sp.combine import main as methods_main
 
         return methods_main(argv[1:])
-    p = argparse.ArgumentParser(prog="python -m lasp.bench.sp", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m lasp.bench.sp", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = p.add_subparsers(dest="step", required=True)
     sub.add_parser("methods", help="the four ways of combining linear states and auto (see its --help)")
     p_pred = sub.add_parser("predict")
@@ -184,21 +245,37 @@ def main(argv=None) -> None:
         _shared(s)
         if name in ("sweep", "cpu"):
             s.add_argument("--timeout", type=int, default=300, help="collective timeout, seconds")
-            s.add_argument("--train-step", action=argparse.BooleanOptionalAction, default=True,
-                           help="also a whole hybrid Linear-Llama training step at SP = W, DP = launch / W")
+            s.add_argument(
+                "--train-step",
+                action=argparse.BooleanOptionalAction,
+                default=True,
+                help="also a whole hybrid Linear-Llama training step at SP = W, DP = launch / W",
+            )
         if name in ("sweep", "simulate", "cpu"):
             s.add_argument("--no-check-ranks", action="store_true", help="measure with check_ranks=False")
         if name in ("simulate", "cpu"):
-            s.add_argument("--concurrent", action=argparse.BooleanOptionalAction, default=name == "cpu",
-                           help="simulate the W ranks of a case in W processes at once (CPU: they share the "
-                                "machine as in the run); default for cpu, not for simulate")
+            s.add_argument(
+                "--concurrent",
+                action=argparse.BooleanOptionalAction,
+                default=name == "cpu",
+                help="simulate the W ranks of a case in W processes at once (CPU: they share the "
+                "machine as in the run); default for cpu, not for simulate",
+            )
         if name in ("model", "cpu"):
             s.add_argument("--link", default="fit", choices=["fit", *PRESETS])
-            s.add_argument("--overlap", type=float, default=0.0,
-                           help="with --link fit: the share of LASP-2's intra compute that hides its all-gather "
-                                "(0 on a CPU whose cores also run the collective)")
-            s.add_argument("--cores", type=int, default=None, help="cores the measured processes shared (default: "
-                           "recorded by the sweep)")
+            s.add_argument(
+                "--overlap",
+                type=float,
+                default=0.0,
+                help="with --link fit: the share of LASP-2's intra compute that hides its all-gather "
+                "(0 on a CPU whose cores also run the collective)",
+            )
+            s.add_argument(
+                "--cores",
+                type=int,
+                default=None,
+                help="cores the measured processes shared (default: recorded by the sweep)",
+            )
     a = p.parse_args(argv)
     if a.step == "predict":
         problems = at_least("--world-sizes", a.world_sizes) + at_least("--seq-lens", a.seq_lens)
@@ -214,8 +291,10 @@ def main(argv=None) -> None:
     a.out.mkdir(parents=True, exist_ok=True)
     if a.step == "sweep":
         if "RANK" not in os.environ:
-            p.error("sweep runs under torchrun (torchrun --nproc-per-node W -m lasp.bench.sp sweep ...), "
-                    "or use `cpu` to launch it here")
+            p.error(
+                "sweep runs under torchrun (torchrun --nproc-per-node W -m lasp.bench.sp sweep ...), "
+                "or use `cpu` to launch it here"
+            )
         from lasp.bench.sp.sweep import run
 
         run(a)

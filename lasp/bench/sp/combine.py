@@ -90,9 +90,11 @@ def measure_cell(group, W: int, rank: int, state: str, T: int, layout: str, reps
                 job = Job(_NoMessages(), lay, group, DEFAULT_KERNEL, K**-0.5)
                 o = sp_core(q, k, v, job, gate=as_vector_form(gate), beta=beta)[0]
             else:
-                o = sp_linear_attn(q, k, v, beta=beta, gate=gate, method=method, group=group, layout=layout,
-                                   check_ranks=False)
+                o = sp_linear_attn(
+                    q, k, v, beta=beta, gate=gate, method=method, group=group, layout=layout, check_ranks=False
+                )
             o.backward(do)
+
         return run
 
     compute = _slowest(median_time(step("compute"), reps, before=barrier), group)
@@ -110,12 +112,26 @@ def measure_cell(group, W: int, rank: int, state: str, T: int, layout: str, reps
         most = torch.tensor([got], dtype=torch.float64)
         dist.all_reduce(most, op=dist.ReduceOp.MAX, group=group)
         model = layer_time("ulysses_linear" if method == "ulysses" else method, shape, Compute(0.0, 0.0), link)
-        rows.append({"W": W, "state": state, "H": H, "K": K, "V": K, "T": T, "layout": layout, "form": "gdn",
-                     "method": method, "step_s": took, "compute_s": compute if method == "ulysses" else core,
-                     "bytes_max_rank": int(most),
-                     "predicted_s": (compute if method == "ulysses" else core) + model["step"],
-                     "predicted_comm_s": model["step"],
-                     "auto": auto, "link": dataclasses.asdict(link)})
+        rows.append(
+            {
+                "W": W,
+                "state": state,
+                "H": H,
+                "K": K,
+                "V": K,
+                "T": T,
+                "layout": layout,
+                "form": "gdn",
+                "method": method,
+                "step_s": took,
+                "compute_s": compute if method == "ulysses" else core,
+                "bytes_max_rank": int(most),
+                "predicted_s": (compute if method == "ulysses" else core) + model["step"],
+                "predicted_comm_s": model["step"],
+                "auto": auto,
+                "link": dataclasses.asdict(link),
+            }
+        )
     return rows
 
 
@@ -135,9 +151,13 @@ def run(args) -> None:
                 if rank == 0:
                     rows += got
                     best = min(got, key=lambda r: r["step_s"])
-                    print(f"  W={W} {state:5s}: " + "  ".join(f"{r['method']} {r['step_s'] * 1e3:.1f} ms"
-                                                            for r in got) + f"  | auto -> {got[0]['auto']}, "
-                          f"fastest {best['method']}", flush=True)
+                    print(
+                        f"  W={W} {state:5s}: "
+                        + "  ".join(f"{r['method']} {r['step_s'] * 1e3:.1f} ms" for r in got)
+                        + f"  | auto -> {got[0]['auto']}, "
+                        f"fastest {best['method']}",
+                        flush=True,
+                    )
             dist.barrier()
     if rank == 0:
         env = {**environment(), "launched_world_size": world, "cores": len(os.sched_getaffinity(0))}
@@ -154,17 +174,32 @@ def extrapolate(world_sizes=(8, 16, 32, 64, 128, 256), T: int = 32768) -> list[d
     for link in ("nvlink4-h100", "ib-ndr400"):
         for W in world_sizes:
             shape = Shape(W, 1, T, 16, 16, 128, 128, "zigzag", 2, "gdn")
-            cost = {m: layer_time("ulysses_linear" if m == "ulysses" else m, shape, Compute(0.0, 0.0),
-                                  PRESETS[link])["step"] for m in METHODS}
-            out.append({"link": link, "W": W, "T": T, **{f"{m}_s": c for m, c in cost.items()},
-                        "winner": min(cost, key=cost.get), "modelled": True})
+            cost = {
+                m: layer_time("ulysses_linear" if m == "ulysses" else m, shape, Compute(0.0, 0.0), PRESETS[link])[
+                    "step"
+                ]
+                for m in METHODS
+            }
+            out.append(
+                {
+                    "link": link,
+                    "W": W,
+                    "T": T,
+                    **{f"{m}_s": c for m, c in cost.items()},
+                    "winner": min(cost, key=cost.get),
+                    "modelled": True,
+                }
+            )
     return out
 
 
 def report(rows: list[dict], extra: list[dict]) -> str:
     """The markdown table of the measured cells, the targets, and the extrapolation."""
-    lines = ["| W | state | " + " | ".join(f"{m} ms (pred)" for m in METHODS) + " | bytes/rank (max) | auto | "
-             "auto / fastest |", "|---|---|" + "---|" * (len(METHODS) + 3)]
+    lines = [
+        "| W | state | " + " | ".join(f"{m} ms (pred)" for m in METHODS) + " | bytes/rank (max) | auto | "
+        "auto / fastest |",
+        "|---|---|" + "---|" * (len(METHODS) + 3),
+    ]
     errors, ratios = [], []
     cells = sorted({(r["W"], r["state"]) for r in rows}, key=lambda c: (c[0], c[1] != "small"))
     for W, state in cells:
@@ -174,20 +209,31 @@ def report(rows: list[dict], extra: list[dict]) -> str:
         ratio = got[auto]["step_s"] / fastest
         ratios.append(ratio)
         errors += [abs(r["predicted_s"] - r["step_s"]) / r["step_s"] for r in got.values()]
-        cols = " | ".join(f"{got[m]['step_s'] * 1e3:.1f} ({got[m]['predicted_s'] * 1e3:.1f})" if m in got else "-"
-                          for m in METHODS)
+        cols = " | ".join(
+            f"{got[m]['step_s'] * 1e3:.1f} ({got[m]['predicted_s'] * 1e3:.1f})" if m in got else "-" for m in METHODS
+        )
         sizes = ", ".join(f"{m} {got[m]['bytes_max_rank'] / 2**10:.0f}K" for m in METHODS if m in got)
         lines.append(f"| {W} | {state} | {cols} | {sizes} | {auto} | {ratio:.2f} |")
     lines.append("")
-    lines.append(f"auto within 10% of the fastest method: {sum(x <= 1.10 for x in ratios)}/{len(ratios)} cells "
-                 f"(worst {max(ratios):.2f}x); the model's median |error| {100 * statistics.median(errors):.1f}% "
-                 f"(largest {100 * max(errors):.1f}%)")
-    lines += ["", "MODELLED communication per Gated DeltaNet layer (H = 16, K = V = 128, 32K tokens per GPU, bf16, "
-              "forward + backward), us:", "", "| link | W | " + " | ".join(METHODS) + " | fewest |",
-              "|---|---|" + "---|" * (len(METHODS) + 1)]
+    lines.append(
+        f"auto within 10% of the fastest method: {sum(x <= 1.10 for x in ratios)}/{len(ratios)} cells "
+        f"(worst {max(ratios):.2f}x); the model's median |error| {100 * statistics.median(errors):.1f}% "
+        f"(largest {100 * max(errors):.1f}%)"
+    )
+    lines += [
+        "",
+        "MODELLED communication per Gated DeltaNet layer (H = 16, K = V = 128, 32K tokens per GPU, bf16, "
+        "forward + backward), us:",
+        "",
+        "| link | W | " + " | ".join(METHODS) + " | fewest |",
+        "|---|---|" + "---|" * (len(METHODS) + 1),
+    ]
     for r in extra:
-        lines.append(f"| {r['link']} | {r['W']} | " + " | ".join(f"{r[f'{m}_s'] * 1e6:.0f}" for m in METHODS)
-                     + f" | {r['winner']} |")
+        lines.append(
+            f"| {r['link']} | {r['W']} | "
+            + " | ".join(f"{r[f'{m}_s'] * 1e6:.0f}" for m in METHODS)
+            + f" | {r['winner']} |"
+        )
     return "\n".join(lines)
 
 
@@ -203,18 +249,41 @@ def plot(rows: list[dict], extra: list[dict], path: Path) -> None:
         a.scatter([r["predicted_s"] * 1e3 for r in pts], [r["step_s"] * 1e3 for r in pts], marker=marker, label=m)
     lim = [min(r["step_s"] for r in rows) * 1e3 * 0.7, max(r["step_s"] for r in rows) * 1e3 * 1.4]
     a.plot(lim, lim, "k-", lw=0.6)
-    a.set(xscale="log", yscale="log", xlabel="predicted ms (compute + modelled messages)", ylabel="measured ms",
-          title="CPU, gloo: one Gated DeltaNet layer, W = 2, 4, 8")
+    a.set(
+        xscale="log",
+        yscale="log",
+        xlabel="predicted ms (compute + modelled messages)",
+        ylabel="measured ms",
+        title="CPU, gloo: one Gated DeltaNet layer, W = 2, 4, 8",
+    )
     a.legend(fontsize=8)
     for link, style in (("nvlink4-h100", "-"), ("ib-ndr400", "--")):
         pts = [r for r in extra if r["link"] == link]
         for m, color in zip(METHODS, ("C0", "C1", "C2", "C3", "C4")):
-            b.plot([r["W"] for r in pts], [r[f"{m}_s"] * 1e6 for r in pts], style, color=color, marker="o", ms=3,
-                   label=f"{m}, {link}")
-    b.set(xscale="log", yscale="log", xlabel="W (GPUs)", ylabel="modelled messages per layer, us",
-          title="MODELLED: GDN H=16 K=V=128, 32K tokens/GPU, bf16")
-    b.text(0.02, 0.02, "published, 256 H100, 1B GLA, 32K/GPU (tokens/s/GPU):\n"
-           + "\n".join(f"  {k}: {v:,}" for k, v in PUBLISHED_256.items()), transform=b.transAxes, fontsize=7)
+            b.plot(
+                [r["W"] for r in pts],
+                [r[f"{m}_s"] * 1e6 for r in pts],
+                style,
+                color=color,
+                marker="o",
+                ms=3,
+                label=f"{m}, {link}",
+            )
+    b.set(
+        xscale="log",
+        yscale="log",
+        xlabel="W (GPUs)",
+        ylabel="modelled messages per layer, us",
+        title="MODELLED: GDN H=16 K=V=128, 32K tokens/GPU, bf16",
+    )
+    b.text(
+        0.02,
+        0.02,
+        "published, 256 H100, 1B GLA, 32K/GPU (tokens/s/GPU):\n"
+        + "\n".join(f"  {k}: {v:,}" for k, v in PUBLISHED_256.items()),
+        transform=b.transAxes,
+        fontsize=7,
+    )
     b.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -224,8 +293,11 @@ def plot(rows: list[dict], extra: list[dict], path: Path) -> None:
 def main(argv=None) -> None:
     from lasp.cli import at_least, processes, usage_error, writable
 
-    p = argparse.ArgumentParser(prog="python -m lasp.bench.sp methods", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m lasp.bench.sp methods",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--world-sizes", type=int, nargs="+", default=[2, 4, 8])
     p.add_argument("--tokens-per-rank", type=int, default=256)
     p.add_argument("--layout", choices=["contiguous", "zigzag"], default="zigzag")
@@ -242,18 +314,33 @@ def main(argv=None) -> None:
         problems += processes("--world-sizes", max(a.world_sizes, default=1))
     chunks = 2 if a.layout == "zigzag" else 1
     if a.tokens_per_rank >= 1 and a.tokens_per_rank % chunks:
-        problems.append(f"--tokens-per-rank {a.tokens_per_rank} must split into the {a.layout} layout's {chunks} chunks")
+        problems.append(
+            f"--tokens-per-rank {a.tokens_per_rank} must split into the {a.layout} layout's {chunks} chunks"
+        )
     usage_error(p, problems)
     a.out.mkdir(parents=True, exist_ok=True)
     if not a.report_only:
         env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
         env["OMP_NUM_THREADS"] = "1"
         W = max(a.world_sizes)
-        print(f"methods: torchrun, {W} gloo processes; W = {a.world_sizes}, {a.tokens_per_rank} tokens per rank",
-              flush=True)
-        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={W}",
-                        "-m", "lasp.bench.sp.combine", *(sys.argv[1:] if argv is None else argv)], check=True,
-                       env=env)
+        print(
+            f"methods: torchrun, {W} gloo processes; W = {a.world_sizes}, {a.tokens_per_rank} tokens per rank",
+            flush=True,
+        )
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                f"--nproc-per-node={W}",
+                "-m",
+                "lasp.bench.sp.combine",
+                *(sys.argv[1:] if argv is None else argv),
+            ],
+            check=True,
+            env=env,
+        )
     from lasp.bench.common import write_jsonl
     from lasp.bench.sp.model import read_jsonl
 

@@ -14,9 +14,9 @@ from dataclasses import asdict, dataclass
 import torch
 
 import lasp
-from lasp.sp.cost import Message
 from lasp.distributed.comm import p2p_log
 from lasp.distributed.events import profiled_ops
+from lasp.sp.cost import Message
 from lasp.sp.layout import SeqLayout
 
 METHODS = {
@@ -137,10 +137,18 @@ def measure(case: Case, group, rank: int, reps: int, *, check_ranks: bool, barri
     fwd, bwd = [t[0] for t in times], [t[1] for t in times]
     step = [a + b for a, b in times]
     return {
-        **asdict(case), "T": case.T, "rank": rank, "reps": reps, "check_ranks": check_ranks,
-        "fwd_s": statistics.median(fwd), "bwd_s": statistics.median(bwd), "step_s": statistics.median(step),
-        "step_iqr_s": _iqr(step), "tokens_per_s": case.B * case.N / statistics.median(step),
-        "fwd_overlap_s": overlapped_seconds(pf), "bwd_overlap_s": overlapped_seconds(pb),
+        **asdict(case),
+        "T": case.T,
+        "rank": rank,
+        "reps": reps,
+        "check_ranks": check_ranks,
+        "fwd_s": statistics.median(fwd),
+        "bwd_s": statistics.median(bwd),
+        "step_s": statistics.median(step),
+        "step_iqr_s": _iqr(step),
+        "tokens_per_s": case.B * case.N / statistics.median(step),
+        "fwd_overlap_s": overlapped_seconds(pf),
+        "bwd_overlap_s": overlapped_seconds(pb),
         "fwd_messages": [asdict(m) for m in messages(pf, hops_f) + more_f],
         "bwd_messages": [asdict(m) for m in messages(pb, hops_b) + more_b],
         "peak_mem_gib": peak,
@@ -168,8 +176,15 @@ def _iqr(xs: list[float]) -> list[float]:
     return [q[0], q[2]]
 
 
-_COMPUTE = ("aten::mm", "aten::bmm", "aten::matmul", "aten::einsum", "aten::scaled_dot_product_attention",
-            "aten::_scaled_dot_product_flash_attention_for_cpu", "aten::baddbmm")
+_COMPUTE = (
+    "aten::mm",
+    "aten::bmm",
+    "aten::matmul",
+    "aten::einsum",
+    "aten::scaled_dot_product_attention",
+    "aten::_scaled_dot_product_flash_attention_for_cpu",
+    "aten::baddbmm",
+)
 
 
 def _compute_shapes(prof) -> list:

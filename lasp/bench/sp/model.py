@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from lasp.sp.cost import PRESETS, Compute, Link, Shape, fit_link, layer_time
 from lasp.bench.sp.methods import DTYPES
+from lasp.sp.cost import PRESETS, Compute, Link, Shape, fit_link, layer_time
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -51,7 +51,8 @@ def shape_of(key: tuple) -> Shape:
 def compute_of(sim_rows: list[dict], contention: float) -> Compute:
     """The slowest simulated rank's compute, scaled for shared cores."""
     return Compute(
-        fwd=contention * max(r["fwd_s"] for r in sim_rows), bwd=contention * max(r["bwd_s"] for r in sim_rows),
+        fwd=contention * max(r["fwd_s"] for r in sim_rows),
+        bwd=contention * max(r["bwd_s"] for r in sim_rows),
         fwd_overlap=contention * max(r["fwd_overlap_s"] for r in sim_rows),
         bwd_overlap=contention * max(r["bwd_overlap_s"] for r in sim_rows),
     )
@@ -71,19 +72,33 @@ def validate(measured: list[dict], simulated: list[dict], link: Link, cores: int
         contention = max(1.0, W / cores) if cores and in_turn else 1.0
         pred = layer_time(key[0], shape_of(key), compute_of(sims[key], contention), link)
         got = max(r["step_s"] for r in rows)
-        out.append({"method": key[0], "W": W, "N": key[2], "measured_s": got, "predicted_s": pred["step"],
-                    "error": (pred["step"] - got) / got, "contention": contention, "link": link.name,
-                    "predicted_comm_s": pred["comm_fwd"] + pred["comm_bwd"]})
+        out.append(
+            {
+                "method": key[0],
+                "W": W,
+                "N": key[2],
+                "measured_s": got,
+                "predicted_s": pred["step"],
+                "error": (pred["step"] - got) / got,
+                "contention": contention,
+                "link": link.name,
+                "predicted_comm_s": pred["comm_fwd"] + pred["comm_bwd"],
+            }
+        )
     return out
 
 
 def table(rows: list[dict]) -> str:
     lines = ["| method | W | N | measured ms | predicted ms | error |", "|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['method']} | {r['W']} | {r['N']} | {r['measured_s'] * 1e3:.1f} | "
-                     f"{r['predicted_s'] * 1e3:.1f} | {100 * r['error']:+.1f}% |")
+        lines.append(
+            f"| {r['method']} | {r['W']} | {r['N']} | {r['measured_s'] * 1e3:.1f} | "
+            f"{r['predicted_s'] * 1e3:.1f} | {100 * r['error']:+.1f}% |"
+        )
     errs = [abs(r["error"]) for r in rows]
     if errs:
-        lines.append(f"\nmedian |error| {100 * statistics.median(errs):.1f}%, largest {100 * max(errs):.1f}%, "
-                     f"{sum(e <= 0.2 for e in errs)}/{len(errs)} within 20%")
+        lines.append(
+            f"\nmedian |error| {100 * statistics.median(errs):.1f}%, largest {100 * max(errs):.1f}%, "
+            f"{sum(e <= 0.2 for e in errs)}/{len(errs)} within 20%"
+        )
     return "\n".join(lines)

@@ -21,8 +21,18 @@ def _rows(measured: list[dict]) -> list[dict]:
             continue
         key = (r["method"], r["W"], r["N"])
         sent = sum(received(m, r["W"]) for m in r["fwd_messages"] + r["bwd_messages"])
-        c = cases.setdefault(key, {"method": r["method"], "W": r["W"], "N": r["N"], "step_s": 0.0, "bytes": 0,
-                                   "tokens": r["B"] * r["N"], "peak_gib": 0.0})
+        c = cases.setdefault(
+            key,
+            {
+                "method": r["method"],
+                "W": r["W"],
+                "N": r["N"],
+                "step_s": 0.0,
+                "bytes": 0,
+                "tokens": r["B"] * r["N"],
+                "peak_gib": 0.0,
+            },
+        )
         c["step_s"], c["bytes"] = max(c["step_s"], r["step_s"]), max(c["bytes"], sent)
         c["peak_gib"] = max(c["peak_gib"], r.get("peak_mem_gib") or 0.0)
     return list(cases.values())
@@ -47,8 +57,12 @@ def plot_all(out: Path, measured: list[dict], validation: list[dict]) -> list[Pa
         W = max(r["W"] for r in rows)
         fig, ax = plt.subplots(figsize=(6, 4))
         _lines(ax, [r for r in rows if r["W"] == W], "N", lambda r: r["tokens"] / r["step_s"])
-        ax.set(xscale="log", xlabel="sequence length N (tokens)", ylabel="tokens/s (one layer, fwd+bwd)",
-               title=f"measured, W = {W}")
+        ax.set(
+            xscale="log",
+            xlabel="sequence length N (tokens)",
+            ylabel="tokens/s (one layer, fwd+bwd)",
+            title=f"measured, W = {W}",
+        )
         ax.legend(fontsize=7)
         written.append(_save(fig, out / "tokens_vs_N.png"))
 
@@ -56,8 +70,13 @@ def plot_all(out: Path, measured: list[dict], validation: list[dict]) -> list[Pa
         if mem:
             fig, ax = plt.subplots(figsize=(6, 4))
             _lines(ax, mem, "N", lambda r: r["peak_gib"] * 2**10)
-            ax.set(xscale="log", yscale="log", xlabel="sequence length N (tokens)",
-                   ylabel="peak MiB per rank above the inputs", title=f"measured (profiler), W = {W}")
+            ax.set(
+                xscale="log",
+                yscale="log",
+                xlabel="sequence length N (tokens)",
+                ylabel="peak MiB per rank above the inputs",
+                title=f"measured (profiler), W = {W}",
+            )
             ax.legend(fontsize=7)
             written.append(_save(fig, out / "memory_vs_N.png"))
 
@@ -71,13 +90,21 @@ def plot_all(out: Path, measured: list[dict], validation: list[dict]) -> list[Pa
             written.append(_save(fig, out / "tokens_vs_W.png"))
 
         multi = [r for r in rows if r["W"] > 1]
-        common = set.intersection(*({r["N"] for r in multi if r["W"] == W} for W in {r["W"] for r in multi})) if multi else set()
+        common = (
+            set.intersection(*({r["N"] for r in multi if r["W"] == W} for W in {r["W"] for r in multi}))
+            if multi
+            else set()
+        )
         if common:
             N = max(common)
             fig, ax = plt.subplots(figsize=(6, 4))
             _lines(ax, [r for r in multi if r["N"] == N], "W", lambda r: r["bytes"] / 2**20)
-            ax.set(xlabel="ranks W", ylabel="MiB received per rank, fwd+bwd (profiler)", yscale="log",
-                   title=f"communication of the busiest rank, N = {N}")
+            ax.set(
+                xlabel="ranks W",
+                ylabel="MiB received per rank, fwd+bwd (profiler)",
+                yscale="log",
+                title=f"communication of the busiest rank, N = {N}",
+            )
             ax.legend(fontsize=7)
             written.append(_save(fig, out / "bytes_vs_W.png"))
     if validation:

@@ -21,8 +21,8 @@ import torch.distributed as dist
 from torch._C._distributed_c10d import _create_work_from_future
 from torch.futures import Future
 
-from lasp.sp.cost import Message
 from lasp.bench.sp.methods import Case, measure
+from lasp.sp.cost import Message
 
 BACKEND = "lasp_local_copies"
 _log: list[Message] | None = None
@@ -98,12 +98,14 @@ class LocalCopies(dist.ProcessGroup):
 
 
 if BACKEND not in dist.Backend.backend_list:
-    dist.Backend.register_backend(BACKEND, lambda store, rank, world_size, timeout: LocalCopies(rank, world_size),
-                                  devices=["cpu", "cuda"])
+    dist.Backend.register_backend(
+        BACKEND, lambda store, rank, world_size, timeout: LocalCopies(rank, world_size), devices=["cpu", "cuda"]
+    )
 
 
-def simulate(case: Case, reps: int, ranks: list[int] | None = None, check_ranks: bool = True,
-             barrier=None) -> list[dict]:
+def simulate(
+    case: Case, reps: int, ranks: list[int] | None = None, check_ranks: bool = True, barrier=None
+) -> list[dict]:
     """Rows of `measure` for each rank of `case` (all of them, or `ranks`), each alone in its group, one
     after the other (`ConcurrentSimulator` runs them at the same time)."""
     if dist.is_initialized():
@@ -149,8 +151,10 @@ class ConcurrentSimulator:
         self._tasks = [ctx.Queue() for _ in range(processes)]
         self._results = ctx.Queue()
         self._barrier = ctx.Barrier(processes)
-        self._procs = [ctx.Process(target=_worker, args=(i, self._tasks[i], self._results, self._barrier), daemon=True)
-                       for i in range(processes)]
+        self._procs = [
+            ctx.Process(target=_worker, args=(i, self._tasks[i], self._results, self._barrier), daemon=True)
+            for i in range(processes)
+        ]
         for p in self._procs:
             p.start()
 

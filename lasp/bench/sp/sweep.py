@@ -67,8 +67,15 @@ def _hybrid_steps(args, rank: int, world: int) -> list[dict]:
     from lasp.parallel import ParallelConfig, init_groups, parallelize, train_step
 
     hidden = 16 * args.heads
-    cfg = ModelConfig(vocab_size=256, hidden_size=hidden, num_layers=4, num_heads=args.heads,
-                      num_kv_heads=args.kv_heads, ffn_hidden_size=4 * hidden, layer_pattern="LLLS")
+    cfg = ModelConfig(
+        vocab_size=256,
+        hidden_size=hidden,
+        num_layers=4,
+        num_heads=args.heads,
+        num_kv_heads=args.kv_heads,
+        ffn_hidden_size=4 * hidden,
+        layer_pattern="LLLS",
+    )
     rows = []
     for W in sorted(w for w in set(args.world_sizes) if world % w == 0):
         pcfg = ParallelConfig(sp=W, dp=world // W, sp_layout=args.layout)
@@ -90,11 +97,27 @@ def _hybrid_steps(args, rank: int, world: int) -> list[dict]:
             with torch.profiler.profile(activities=act, record_shapes=True) as prof, p2p_log() as hops:
                 train_step(stage, tokens, pcfg, groups)
             step = statistics.median(times)
-            rows.append({"method": "hybrid_train_step", "W": W, "N": N, "B": pcfg.dp, "H": args.heads,
-                         "Hkv": args.kv_heads, "D": 16, "layout": args.layout, "dtype": "float32", "rank": rank,
-                         "dp": pcfg.dp, "reps": args.reps, "step_s": step, "tokens_per_s": pcfg.dp * N / step,
-                         "fwd_messages": [m.__dict__ for m in messages(prof, hops)], "bwd_messages": [],
-                         "model": "Linear-Llama LLLS, 4 layers, hidden %d, vocab 256" % hidden})
+            rows.append(
+                {
+                    "method": "hybrid_train_step",
+                    "W": W,
+                    "N": N,
+                    "B": pcfg.dp,
+                    "H": args.heads,
+                    "Hkv": args.kv_heads,
+                    "D": 16,
+                    "layout": args.layout,
+                    "dtype": "float32",
+                    "rank": rank,
+                    "dp": pcfg.dp,
+                    "reps": args.reps,
+                    "step_s": step,
+                    "tokens_per_s": pcfg.dp * N / step,
+                    "fwd_messages": [m.__dict__ for m in messages(prof, hops)],
+                    "bwd_messages": [],
+                    "model": "Linear-Llama LLLS, 4 layers, hidden %d, vocab 256" % hidden,
+                }
+            )
             if rank == 0:
                 print(f"  hybrid train step  sp={W} dp={pcfg.dp} N={N:7d}  {step * 1e3:9.1f} ms/step", flush=True)
     return rows
@@ -110,8 +133,18 @@ def run(args) -> None:
     dist.init_process_group("nccl" if gpu else "gloo", timeout=datetime.timedelta(seconds=args.timeout))
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda") if gpu else torch.device("cpu")
-    todo = cases(args.methods, [w for w in args.world_sizes if w <= world], args.seq_lens, args.tokens_per_rank,
-                 B=args.batch, H=args.heads, Hkv=args.kv_heads, D=args.head_dim, layout=args.layout, dtype=args.dtype)
+    todo = cases(
+        args.methods,
+        [w for w in args.world_sizes if w <= world],
+        args.seq_lens,
+        args.tokens_per_rank,
+        B=args.batch,
+        H=args.heads,
+        Hkv=args.kv_heads,
+        D=args.head_dim,
+        layout=args.layout,
+        dtype=args.dtype,
+    )
     rows, calibration = [], []
     groups = {W: dist.new_group(list(range(W))) for W in sorted({c.W for c in todo})}  # every rank makes each
     for i, case in enumerate(todo):
@@ -122,8 +155,14 @@ def run(args) -> None:
                 row = {**case.__dict__, "rank": rank, "skipped": why}
             else:
                 try:
-                    row = measure(case, group, rank, args.reps, check_ranks=not args.no_check_ranks,
-                                  barrier=lambda g=group: dist.barrier(group=g))
+                    row = measure(
+                        case,
+                        group,
+                        rank,
+                        args.reps,
+                        check_ranks=not args.no_check_ranks,
+                        barrier=lambda g=group: dist.barrier(group=g),
+                    )
                 except torch.OutOfMemoryError as e:  # the other ranks run out too: same shapes
                     row = {**case.__dict__, "rank": rank, "skipped": f"out of memory: {str(e).splitlines()[0]}"}
             rows.append(row)
@@ -141,8 +180,12 @@ def run(args) -> None:
     everything = [None] * world
     dist.all_gather_object(everything, rows)
     if rank == 0:
-        env = {**environment(), "backend": dist.get_backend(), "launched_world_size": world,
-               "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()}
+        env = {
+            **environment(),
+            "backend": dist.get_backend(),
+            "launched_world_size": world,
+            "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        }
         out = Path(args.out)
         write_jsonl(out / "measured.jsonl", [{**r, **env} for per in everything for r in per])
         write_jsonl(out / "calibration.jsonl", [{**r, **env} for r in calibration])

@@ -104,8 +104,9 @@ class PlainMaps(ChunkMaps):
         return N
 
     def local_bwd(self, do):
-        self.intra = self.kernel.intra_bwd(self.q, self.k, self.v, self.log_decay, self.scale, do) if self.causal \
-            else None
+        self.intra = (
+            self.kernel.intra_bwd(self.q, self.k, self.v, self.log_decay, self.scale, do) if self.causal else None
+        )
 
     def grads(self, ds_out, do):
         dk, dv = self.kernel.chunk_state_bwd(self.k, self.v, self.log_decay, ds_out)
@@ -176,17 +177,27 @@ class DeltaMaps(ChunkMaps):
         return torch.einsum("bthk,bthv->bhkv", self.Qm, do.to(self.Qm.dtype))
 
     def grads(self, ds_out, do):
-        dq, dk, dv, db, dg, _ = self.kernel.delta_bwd(self.q, self.k, self.v, self.beta, self.gate, self.scale,
-                                                      self.s_in, do, ds_out, False)
+        dq, dk, dv, db, dg, _ = self.kernel.delta_bwd(
+            self.q, self.k, self.v, self.beta, self.gate, self.scale, self.s_in, do, ds_out, False
+        )
         return dq, dk, dv, dg, db
 
 
-def chunk_maps(kernel, q: Tensor, k: Tensor, v: Tensor, *, log_decay: Tensor | None = None,
-               gate: Tensor | None = None, beta: Tensor | None = None, scale: float, causal: bool = True) -> ChunkMaps:
+def chunk_maps(
+    kernel,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    log_decay: Tensor | None = None,
+    gate: Tensor | None = None,
+    beta: Tensor | None = None,
+    scale: float,
+    causal: bool = True,
+) -> ChunkMaps:
     """The maps of one form: the delta rule with `beta` (gate or not), a gate [.., H, Kg], else plain."""
     if beta is not None:
         return DeltaMaps(kernel, q, k, v, beta, gate, scale)
     if gate is not None:
         return GatedMaps(kernel, q, k, v, gate, scale)
     return PlainMaps(kernel, q, k, v, log_decay, scale, causal)
-

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lasp.kernels.linear_attn.blocks import Blocks
 from lasp.kernels.linear_attn import delta as delta_rule
 from lasp.kernels.linear_attn import gated
+from lasp.kernels.linear_attn.blocks import Blocks
 from lasp.kernels.protocol import Capabilities, ComposedStates, state_dtype
 from lasp.kernels.scan import decayed_scan
 

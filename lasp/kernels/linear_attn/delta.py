@@ -78,7 +78,10 @@ class _Pieces:
         strict = idx[:, None] > idx[None, :]
         if gate is None:
             eG = kt = start_free = None
-            w_qk, w_kk = incl.to(q.dtype) * scale, strict.to(q.dtype)  # [L, L]: s <= t scaled for q k^T; s < t for k k^T
+            w_qk, w_kk = (
+                incl.to(q.dtype) * scale,
+                strict.to(q.dtype),
+            )  # [L, L]: s <= t scaled for q k^T; s < t for k k^T
 
             def pair(a, b, w):
                 return (a @ b.transpose(-1, -2)) * w
@@ -106,6 +109,7 @@ class _Pieces:
 
                 def pair(a, b, w):
                     return torch.einsum("...tk,...sk,...tsk->...ts", a, b, w)
+
             start_free = (seg == 0)[..., None]  # no start since the block's beginning: S_0 still counts
             eG = torch.exp(G) * start_free
             last = seg[..., -1:]
@@ -161,8 +165,11 @@ class _Chain(torch.autograd.Function):
         A3, states = ctx.saved_tensors
         B, H, n, K, V = ctx.shape
         dS3 = None if dstates is None else dstates.permute(2, 0, 1, 3, 4).reshape(n, B * H, K, V)
-        g = torch.zeros(B * H, K, V, dtype=states.dtype, device=states.device) if dfinal is None \
+        g = (
+            torch.zeros(B * H, K, V, dtype=states.dtype, device=states.device)
+            if dfinal is None
             else dfinal.reshape(B * H, K, V).to(states.dtype)
+        )
         dM = torch.empty_like(states)  # the gradient of each block's outgoing state
         for j in range(n - 1, -1, -1):
             dM[j] = g
@@ -247,8 +254,9 @@ def _states_at(q, k, v, beta, gate, scale: float, s0: Tensor | None, starts: lis
             out.append(S)
             if b is None:
                 break
-            (qb, kb, vb), bb, gb, L, factored = _prepare(*(x[:, a:b] for x in (q, k, v, beta)),
-                                                          None if gate is None else gate[:, a:b])
+            (qb, kb, vb), bb, gb, L, factored = _prepare(
+                *(x[:, a:b] for x in (q, k, v, beta)), None if gate is None else gate[:, a:b]
+            )
             _, _, A, M = block_pieces(qb, kb, vb, bb, gb, scale, L, outputs=False, factored=factored)
             S = chain(A, M, None if S is None else S.to(qb.dtype))[1]
     return out

@@ -185,8 +185,17 @@ def _blocks(T: int, gate: Tensor, dtype: torch.dtype, block: int, segment_blocks
     return Blocks(T, min(C, T), segment_blocks, state_dtype(dtype)), factored
 
 
-def gated_fwd(q: Tensor, k: Tensor, v: Tensor, gate: Tensor, scale: float, initial_state: Tensor | None,
-              want_final: bool, block: int = 64, segment_blocks: int = 16) -> tuple[Tensor, Tensor | None]:
+def gated_fwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    gate: Tensor,
+    scale: float,
+    initial_state: Tensor | None,
+    want_final: bool,
+    block: int = 64,
+    segment_blocks: int = 16,
+) -> tuple[Tensor, Tensor | None]:
     """Causal gated attention over T (heads expanded; gate [B, T, H, Kg]) from `initial_state` (None:
     zero) -> (o [B, T, H, V] in q's dtype, final state [B, H, K, V] in the state dtype, or None).
     Blocks of `block` tokens (at most VECTOR_BLOCK for a vector gate), `segment_blocks` at a time."""
@@ -201,9 +210,18 @@ def gated_fwd(q: Tensor, k: Tensor, v: Tensor, gate: Tensor, scale: float, initi
     return o, carry if want_final else None
 
 
-def gated_bwd(q: Tensor, k: Tensor, v: Tensor, gate: Tensor, scale: float, initial_state: Tensor | None,
-              do: Tensor, dfinal: Tensor | None, block: int = 64,
-              segment_blocks: int = 16) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+def gated_bwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    gate: Tensor,
+    scale: float,
+    initial_state: Tensor | None,
+    do: Tensor,
+    dfinal: Tensor | None,
+    block: int = 64,
+    segment_blocks: int = 16,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
     """(dq, dk, dv, dgate [B, T, H, Kg], d initial_state or None) of `gated_fwd`, given do and the final
     state's gradient (or None). A gate of -inf is a document start (`split_resets`); its gradient is 0."""
     full_gate = gate
@@ -231,8 +249,9 @@ def gated_bwd(q: Tensor, k: Tensor, v: Tensor, gate: Tensor, scale: float, initi
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.to(gate.dtype), ds0
 
 
-def gate_grad(q: Tensor, k: Tensor, dq: Tensor, dk: Tensor, gate: Tensor, dfinal: Tensor | None,
-              final: Tensor | None) -> Tensor:
+def gate_grad(
+    q: Tensor, k: Tensor, dq: Tensor, dk: Tensor, gate: Tensor, dfinal: Tensor | None, final: Tensor | None
+) -> Tensor:
     """The log-gate's gradient [B, T, H, Kg] from the total dq and dk of a causal gated run over T tokens
     (see the module doc), plus the final state's term when it has a gradient. With document starts (-inf
     in `gate`) the reverse sum stops at the next start, only the last document gets the final state's term,

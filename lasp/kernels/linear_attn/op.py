@@ -58,12 +58,13 @@ def check_linear_attn_args(
 
 
 def gate_form(gate: Tensor) -> str:
-    """"scalar" ([B, T, H]) or "vector" ([B, T, H, K])."""
+    """ "scalar" ([B, T, H]) or "vector" ([B, T, H, K])."""
     return "scalar" if gate.dim() == 3 else "vector"
 
 
-def _per_token_problems(name: str, x: Tensor, q: Tensor, log_decay: Tensor | None, causal: bool,
-                        no_decay: str, not_causal: str) -> list[str]:
+def _per_token_problems(
+    name: str, x: Tensor, q: Tensor, log_decay: Tensor | None, causal: bool, no_decay: str, not_causal: str
+) -> list[str]:
     """What a per-token argument (the gate, beta) shares: floating, on q's device, not with log_decay
     (`no_decay` says so) and causal only (`not_causal` says so)."""
     problems = []
@@ -84,36 +85,52 @@ def check_gate(gate, q: Tensor, log_decay: Tensor | None, causal: bool, kernel: 
     -inf, a gate of exactly 0, is a full reset, on all K of a token and head for a vector gate); not with
     log_decay, only causal, and a kernel that has this gate form."""
     if not isinstance(gate, Tensor):
-        raise TypeError(f"gate must be a tensor [B, T, H] or [B, T, H, K] of log-gates <= 0, or None, got "
-                        f"{type(gate).__name__}")
+        raise TypeError(
+            f"gate must be a tensor [B, T, H] or [B, T, H, K] of log-gates <= 0, or None, got {type(gate).__name__}"
+        )
     B, T, H, K = q.shape
     problems = []
     if tuple(gate.shape) not in ((B, T, H), (B, T, H, K)):
-        problems.append(f"gate must be [B, T, H] = {[B, T, H]} (scalar) or [B, T, H, K] = {[B, T, H, K]} "
-                        f"(vector), got {list(gate.shape)}")
-    problems += _per_token_problems("gate", gate, q, log_decay, causal,
-                                    "give either log_decay (a constant per head) or gate (per token), not both",
-                                    "a gate needs causal=True: bidirectional linear attention has no gate")
+        problems.append(
+            f"gate must be [B, T, H] = {[B, T, H]} (scalar) or [B, T, H, K] = {[B, T, H, K]} "
+            f"(vector), got {list(gate.shape)}"
+        )
+    problems += _per_token_problems(
+        "gate",
+        gate,
+        q,
+        log_decay,
+        causal,
+        "give either log_decay (a constant per head) or gate (per token), not both",
+        "a gate needs causal=True: bidirectional linear attention has no gate",
+    )
     if not problems:
         wrong = torch.isnan(gate) | (gate > 0)
         if bool(wrong.any()):
             bad = gate[wrong]
-            problems.append(f"gate values must be <= 0 and not NaN (log of a gate in [0, 1]); {bad.numel()} are "
-                            f"not, e.g. {bad.flatten()[:4].tolist()}")
+            problems.append(
+                f"gate values must be <= 0 and not NaN (log of a gate in [0, 1]); {bad.numel()} are "
+                f"not, e.g. {bad.flatten()[:4].tolist()}"
+            )
         reset = torch.isneginf(gate)
         has_reset = bool(reset.any())
         if has_reset and gate.dim() == 4:
             partial = reset.any(-1) != reset.all(-1)
             if bool(partial.any()):
                 b, t, h = (int(i) for i in torch.nonzero(partial)[0])
-                problems.append(f"a vector gate of -inf (a reset) must be -inf on every key dim of its token and "
-                                f"head; gate[{b}, {t}, {h}] is -inf on {int(reset[b, t, h].sum())} of {K}")
+                problems.append(
+                    f"a vector gate of -inf (a reset) must be -inf on every key dim of its token and "
+                    f"head; gate[{b}, {t}, {h}] is -inf on {int(reset[b, t, h].sum())} of {K}"
+                )
         if has_reset and not kernel.caps.resets:
-            problems.append(f"the {kernel.name!r} kernel has no reset (a gate of -inf, a document start); use the "
-                            f"'torch' backend")
+            problems.append(
+                f"the {kernel.name!r} kernel has no reset (a gate of -inf, a document start); use the 'torch' backend"
+            )
         if gate_form(gate) not in kernel.caps.gates:
-            problems.append(f"the {kernel.name!r} kernel has no {gate_form(gate)} gate (it has: "
-                            f"{', '.join(kernel.caps.gates) or 'none'}); use the 'torch' backend")
+            problems.append(
+                f"the {kernel.name!r} kernel has no {gate_form(gate)} gate (it has: "
+                f"{', '.join(kernel.caps.gates) or 'none'}); use the 'torch' backend"
+            )
     if problems:
         raise ValueError("; ".join(problems))
 
@@ -128,9 +145,15 @@ def check_beta(beta, q: Tensor, log_decay: Tensor | None, causal: bool, kernel: 
     problems = []
     if tuple(beta.shape) != (B, T, H):
         problems.append(f"beta must be [B, T, H] = {[B, T, H]}, got {list(beta.shape)}")
-    problems += _per_token_problems("beta", beta, q, log_decay, causal,
-                                    "the delta rule takes a per-token gate, not log_decay: pass gate=log_decay.expand(B, T, H)",
-                                    "the delta rule needs causal=True")
+    problems += _per_token_problems(
+        "beta",
+        beta,
+        q,
+        log_decay,
+        causal,
+        "the delta rule takes a per-token gate, not log_decay: pass gate=log_decay.expand(B, T, H)",
+        "the delta rule needs causal=True",
+    )
     if not kernel.caps.delta:
         problems.append(f"the {kernel.name!r} kernel has no delta rule (beta); use the 'torch' backend")
     if not problems:
@@ -146,8 +169,9 @@ def check_initial_state(initial_state, q: Tensor, v: Tensor) -> None:
     """A state [B, H, K, V] of q's batch, heads and key dim and v's value dim, floating, on q's device."""
     want = (q.shape[0], q.shape[2], q.shape[3], v.shape[3])
     if not isinstance(initial_state, Tensor):
-        raise TypeError(f"initial_state must be a tensor [B, H, K, V] = {list(want)} or None, got "
-                        f"{type(initial_state).__name__}")
+        raise TypeError(
+            f"initial_state must be a tensor [B, H, K, V] = {list(want)} or None, got {type(initial_state).__name__}"
+        )
     problems = []
     if tuple(initial_state.shape) != want:
         problems.append(f"initial_state must be [B, H, K, V] = {list(want)}, got {list(initial_state.shape)}")
@@ -170,15 +194,18 @@ def check_documents(cu_seqlens, q: Tensor, N: int, causal: bool, kernel: LinearA
     if not causal:
         problems.append("cu_seqlens needs causal=True: bidirectional linear attention has no document resets")
     if "scalar" not in kernel.caps.gates or not kernel.caps.resets:
-        problems.append(f"the {kernel.name!r} kernel has no document resets (they run as a scalar gate, which it "
-                        f"lacks); use the 'torch' backend")
+        problems.append(
+            f"the {kernel.name!r} kernel has no document resets (they run as a scalar gate, which it "
+            f"lacks); use the 'torch' backend"
+        )
     if problems:
         raise ValueError("; ".join(problems))
     return docs
 
 
-def gate_with_resets(gate: Tensor | None, log_decay: Tensor | None, resets_BT: Tensor, H: int,
-                     dtype: torch.dtype) -> Tensor:
+def gate_with_resets(
+    gate: Tensor | None, log_decay: Tensor | None, resets_BT: Tensor, H: int, dtype: torch.dtype
+) -> Tensor:
     """The log-gate a call with document starts runs with: `gate` (else the constant decay, else 0, per
     head, [B, T, H] in `dtype`) with -inf (a gate of 0: the state resets) where `resets_BT` is True."""
     if gate is None:
@@ -236,8 +263,9 @@ class _DeltaRuleFn(torch.autograd.Function):
         if do is None:
             do = torch.zeros(*q.shape[:3], v.shape[-1], dtype=v.dtype, device=v.device)
         g = None if gate is None else as_vector_form(gate)
-        dq, dk, dv, db, dg, ds0 = ctx.kernel.delta_bwd(q, k, v, beta, g, ctx.scale, s0, do, dfinal, s0 is not None,
-                                                       saved)
+        dq, dk, dv, db, dg, ds0 = ctx.kernel.delta_bwd(
+            q, k, v, beta, g, ctx.scale, s0, do, dfinal, s0 is not None, saved
+        )
         if ds0 is not None:
             ds0 = ds0.to(ctx.s0_dtype)
         dg = None if dg is None else dg.view(gate.shape)

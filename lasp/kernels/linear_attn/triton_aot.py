@@ -100,14 +100,18 @@ def resource_usage(cubin: bytes) -> dict[str, int]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m lasp.kernels.linear_attn.triton_aot", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m lasp.kernels.linear_attn.triton_aot",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--arch", type=int, default=90, help="compute capability x10: 90 = H100/H200, 80 = A100")
     p.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["bf16", "fp32"])
     p.add_argument("--all-configs", action="store_true")
     p.add_argument("--registers", action="store_true", help="report registers and spills (cuobjdump)")
-    p.add_argument("--no-spills", action="store_true",
-                   help="fail a bf16/fp16 build that spills registers (implies --registers)")
+    p.add_argument(
+        "--no-spills", action="store_true", help="fail a bf16/fp16 build that spills registers (implies --registers)"
+    )
     p.add_argument("--tensor-cores", action="store_true", help="fail a bf16/fp16 sm_90 build without wgmma")
     args = p.parse_args(argv)
     from lasp.kernels import settings
@@ -129,8 +133,10 @@ def main(argv=None) -> int:
                 seen.add(key)
                 flags = {k: v for k, v in src.constants.items() if isinstance(v, bool) and v}
                 tiles = " ".join(f"{k}={v}" for k, v in config.kwargs.items())
-                what = (f"{tuner.fn.__name__:10s} {name} {tiles} warps={config.num_warps} stages={config.num_stages} "
-                        f"{','.join(sorted(tuner.fn.arg_names[i[0]] for i in flags))}")
+                what = (
+                    f"{tuner.fn.__name__:10s} {name} {tiles} warps={config.num_warps} stages={config.num_stages} "
+                    f"{','.join(sorted(tuner.fn.arg_names[i[0]] for i in flags))}"
+                )
                 try:
                     kernel = triton.compile(src, target=target, options=config.all_kwargs())
                 except Exception as e:  # report every failure, then fail

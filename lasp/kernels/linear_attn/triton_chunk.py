@@ -32,8 +32,10 @@ def _k_grid(B, H, K, NT):
 def scalar_gate(gate: Tensor) -> Tensor:
     """The protocol's gate [B, T, H, 1] -> [B, T, H] in fp32; a vector gate is a clear error."""
     if gate.dim() != 4 or gate.shape[-1] != 1:
-        raise ValueError(f"the Triton kernels have the scalar gate only ([B, T, H, 1] here), got {list(gate.shape)}; "
-                         "use the torch kernel for a vector gate")
+        raise ValueError(
+            f"the Triton kernels have the scalar gate only ([B, T, H, 1] here), got {list(gate.shape)}; "
+            "use the torch kernel for a vector gate"
+        )
     return gate[..., 0].float()
 
 
@@ -88,11 +90,21 @@ class TritonChunkKernel:
         B, T, H, K = x.shape
         V = v.shape[-1]
         if x.dtype not in DTYPES:
-            raise ValueError(f"Triton kernels take float32, bfloat16 or float16 inputs, got {x.dtype} "
-                             "(use the torch kernel for float64)")
+            raise ValueError(
+                f"Triton kernels take float32, bfloat16 or float16 inputs, got {x.dtype} "
+                "(use the torch kernel for float64)"
+            )
         w = _Weights(log_decay, gate, H, self.block, x.device)
-        meta = dict(T=T, H=H, K=K, V=V, BT=self.block, HAS_DECAY=log_decay is not None, GATED=gate is not None,
-                    DOT_PREC="tf32x3" if x.dtype == torch.float32 else "tf32")
+        meta = dict(
+            T=T,
+            H=H,
+            K=K,
+            V=V,
+            BT=self.block,
+            HAS_DECAY=log_decay is not None,
+            GATED=gate is not None,
+            DOT_PREC="tf32x3" if x.dtype == torch.float32 else "tf32",
+        )
         return B, T, H, K, V, triton.cdiv(T, self.block), w, meta
 
     def chunk_decay(self, log_decay: Tensor | None, length: int) -> Tensor | None:
@@ -104,8 +116,19 @@ class TritonChunkKernel:
     def _chunk_state(self, k, v, log_decay, gate):
         B, T, H, K, V, NT, w, meta = self._setup(k, v, log_decay, gate)
         final = k.new_empty(B, H, K, V, dtype=torch.float32)
-        walk_fwd[_walk_grid(B, H, K, V)](k.contiguous(), v.contiguous(), w.chunk(), final, final, final,
-                                         NBH=B * H, HAS_H0=False, STORE_H=False, STORE_FINAL=True, **meta)
+        walk_fwd[_walk_grid(B, H, K, V)](
+            k.contiguous(),
+            v.contiguous(),
+            w.chunk(),
+            final,
+            final,
+            final,
+            NBH=B * H,
+            HAS_H0=False,
+            STORE_H=False,
+            STORE_FINAL=True,
+            **meta,
+        )
         return final
 
     def chunk_state_bwd(self, k, v, log_decay, dstate):
@@ -117,8 +140,9 @@ class TritonChunkKernel:
         dk, dv = torch.empty_like(k, dtype=dtype), torch.empty_like(v, dtype=dtype)
         g, flags = w.end(), dict(INTRA=False, PER_CHUNK=False)
         chunk_out[_v_grid(B, H, V, NT)](k, k, v, g, dm, dv, 1.0, 1.0, REVERSE=True, **flags, **meta)
-        chunk_dqk[_k_grid(B, H, K, NT)](k, k, v, g, dm, dm, v, dk, dk, 1.0, WANT_DQ=False, WANT_DK=True, **flags,
-                                        **meta)
+        chunk_dqk[_k_grid(B, H, K, NT)](
+            k, k, v, g, dm, dm, v, dk, dk, 1.0, WANT_DQ=False, WANT_DK=True, **flags, **meta
+        )
         return dk, dv
 
     def inter_fwd(self, q, state, log_decay, scale):
@@ -128,8 +152,20 @@ class TritonChunkKernel:
         B, T, H, K, V, NT, w, meta = self._setup(q, state, log_decay, gate)
         q = q.contiguous()
         o = q.new_empty(B, T, H, V)
-        chunk_out[_v_grid(B, H, V, NT)](q, q, o, w.start(), state.float().contiguous(), o, scale, scale,
-                                        INTRA=False, PER_CHUNK=False, REVERSE=False, **meta)
+        chunk_out[_v_grid(B, H, V, NT)](
+            q,
+            q,
+            o,
+            w.start(),
+            state.float().contiguous(),
+            o,
+            scale,
+            scale,
+            INTRA=False,
+            PER_CHUNK=False,
+            REVERSE=False,
+            **meta,
+        )
         return o
 
     def inter_bwd(self, q, state, log_decay, scale, do):
@@ -140,11 +176,27 @@ class TritonChunkKernel:
         q, do = q.contiguous(), do.contiguous()
         dq = torch.empty_like(q, dtype=dtype)
         s = state.float().contiguous()
-        chunk_dqk[_k_grid(B, H, K, NT)](q, q, do, w.start(), s, s, do, dq, dq, scale, INTRA=False, PER_CHUNK=False,
-                                        WANT_DQ=True, WANT_DK=False, **meta)
+        chunk_dqk[_k_grid(B, H, K, NT)](
+            q,
+            q,
+            do,
+            w.start(),
+            s,
+            s,
+            do,
+            dq,
+            dq,
+            scale,
+            INTRA=False,
+            PER_CHUNK=False,
+            WANT_DQ=True,
+            WANT_DK=False,
+            **meta,
+        )
         ds = torch.empty_like(s)
-        walk_bwd[_walk_grid(B, H, K, V)](q, do, w.chunk(), ds, ds, ds, scale, NBH=B * H, HAS_DHT=False,
-                                         STORE_H=False, STORE_FINAL=True, **meta)
+        walk_bwd[_walk_grid(B, H, K, V)](
+            q, do, w.chunk(), ds, ds, ds, scale, NBH=B * H, HAS_DHT=False, STORE_H=False, STORE_FINAL=True, **meta
+        )
         return dq, ds
 
     def fwd(self, q, k, v, log_decay, scale, initial_state, want_final):
@@ -156,11 +208,23 @@ class TritonChunkKernel:
         h = q.new_empty(B, H, NT, K, V, dtype=torch.float32 if q.dtype == torch.float32 else q.dtype)
         final = q.new_empty(B, H, K, V, dtype=torch.float32) if want_final else h
         h0 = h if initial_state is None else initial_state.float().contiguous()
-        walk_fwd[_walk_grid(B, H, K, V)](k, v, g, h0, h, final, NBH=B * H, HAS_H0=initial_state is not None,
-                                         STORE_H=True, STORE_FINAL=want_final, **meta)
+        walk_fwd[_walk_grid(B, H, K, V)](
+            k,
+            v,
+            g,
+            h0,
+            h,
+            final,
+            NBH=B * H,
+            HAS_H0=initial_state is not None,
+            STORE_H=True,
+            STORE_FINAL=want_final,
+            **meta,
+        )
         o = torch.empty_like(v)
-        chunk_out[_v_grid(B, H, V, NT)](q, k, v, g, h, o, scale, scale, INTRA=True, PER_CHUNK=True, REVERSE=False,
-                                        **meta)
+        chunk_out[_v_grid(B, H, V, NT)](
+            q, k, v, g, h, o, scale, scale, INTRA=True, PER_CHUNK=True, REVERSE=False, **meta
+        )
         return o, (final if want_final else None)
 
     def bwd(self, q, k, v, log_decay, scale, initial_state, do, dfinal):
@@ -180,15 +244,33 @@ class TritonChunkKernel:
         final = q.new_empty(B, H, K, V, dtype=torch.float32) if want_final else h
         grid = _walk_grid(B, H, K, V)
         walk_both[lambda meta_: (*grid(meta_), 2)](
-            k, v, q, do, g, h0, dht, h, dh, dh0, final, scale, NBH=B * H, HAS_H0=initial_state is not None,
-            HAS_DHT=dfinal is not None, STORE_DH0=initial_state is not None, STORE_FINAL=want_final, **meta)
+            k,
+            v,
+            q,
+            do,
+            g,
+            h0,
+            dht,
+            h,
+            dh,
+            dh0,
+            final,
+            scale,
+            NBH=B * H,
+            HAS_H0=initial_state is not None,
+            HAS_DHT=dfinal is not None,
+            STORE_DH0=initial_state is not None,
+            STORE_FINAL=want_final,
+            **meta,
+        )
         dqk_dtype = q.dtype if gate is None else torch.float32
         dq, dk = torch.empty_like(q, dtype=dqk_dtype), torch.empty_like(k, dtype=dqk_dtype)
         dv = torch.empty_like(v)
         flags = dict(INTRA=True, PER_CHUNK=True)
         chunk_out[_v_grid(B, H, V, NT)](k, q, do, g, dh, dv, 1.0, scale, REVERSE=True, **flags, **meta)
-        chunk_dqk[_k_grid(B, H, K, NT)](q, k, v, g, h, dh, do, dq, dk, scale, WANT_DQ=True, WANT_DK=True,
-                                        **flags, **meta)
+        chunk_dqk[_k_grid(B, H, K, NT)](
+            q, k, v, g, h, dh, do, dq, dk, scale, WANT_DQ=True, WANT_DK=True, **flags, **meta
+        )
         return dq, dk, dv, (None if initial_state is None else dh0), (final if want_final else None)
 
     def intra_fwd(self, q, k, v, log_decay, scale):

@@ -47,8 +47,12 @@ def _configs(tiles: list[tuple[int, int]], warps: tuple[int, ...], stages: tuple
         return [triton.Config({"BK": 16, "BV": 16}, num_warps=1)]
     if not settings.TRITON_AUTOTUNE:
         tiles, warps, stages = tiles[:1], warps[:1], stages[:1]
-    return [triton.Config({"BK": bk, "BV": bv}, num_warps=w, num_stages=s)
-            for bk, bv in tiles for w in warps for s in stages]
+    return [
+        triton.Config({"BK": bk, "BV": bv}, num_warps=w, num_stages=s)
+        for bk, bv in tiles
+        for w in warps
+        for s in stages
+    ]
 
 
 def _prune(configs, named_args, **kwargs):
@@ -59,16 +63,20 @@ def _prune(configs, named_args, **kwargs):
     return kept or [min(configs, key=lambda c: c.kwargs["BK"] * c.kwargs["BV"])]
 
 
-_WALK = dict(configs=_configs([(64, 64), (32, 64), (64, 32), (32, 32)], (4, 8), (2, 3)),
-             key=["K", "V", "BT", "HAS_DECAY", "GATED", "DOT_PREC", "NBH"],
-             prune_configs_by={"early_config_prune": _prune})
+_WALK = dict(
+    configs=_configs([(64, 64), (32, 64), (64, 32), (32, 32)], (4, 8), (2, 3)),
+    key=["K", "V", "BT", "HAS_DECAY", "GATED", "DOT_PREC", "NBH"],
+    prune_configs_by={"early_config_prune": _prune},
+)
 _CHUNK_CONFIGS = _configs([(64, 64), (128, 64), (64, 128), (128, 128)], (4, 8), (2, 3))
 
 
 def _chunk_tuning(*flags: str) -> dict:
-    return dict(configs=_CHUNK_CONFIGS,
-                key=["K", "V", "BT", "HAS_DECAY", "GATED", "DOT_PREC", "INTRA", "PER_CHUNK", *flags],
-                prune_configs_by={"early_config_prune": _prune})
+    return dict(
+        configs=_CHUNK_CONFIGS,
+        key=["K", "V", "BT", "HAS_DECAY", "GATED", "DOT_PREC", "INTRA", "PER_CHUNK", *flags],
+        prune_configs_by={"early_config_prune": _prune},
+    )
 
 
 @triton.jit
@@ -85,8 +93,9 @@ def _cols(ptr, t, T, stride, c, C):
 
 @triton.jit
 def _store_rows(ptr, x, t, T, stride, c, C):
-    tl.store(ptr + t[:, None] * stride + c[None, :], x.to(ptr.dtype.element_ty),
-             mask=(t[:, None] < T) & (c[None, :] < C))
+    tl.store(
+        ptr + t[:, None] * stride + c[None, :], x.to(ptr.dtype.element_ty), mask=(t[:, None] < T) & (c[None, :] < C)
+    )
 
 
 @triton.jit
@@ -117,8 +126,19 @@ def _state_ptr(base, rk, rv, V):
 
 @triton.jit
 def _walk_start(
-    x, y, g, start, T, i_kv, bh, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
-    BV: tl.constexpr, HAS_START: tl.constexpr,
+    x,
+    y,
+    g,
+    start,
+    T,
+    i_kv,
+    bh,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    HAS_START: tl.constexpr,
 ):
     """The walks' prologue: this program's head of x [.., K] and y [.., V] and of the gate (GATED), its K
     and V tile and their mask, the head's log decay, and the state it starts from (`start`, or zero)."""
@@ -136,9 +156,27 @@ def _walk_start(
 
 @triton.jit
 def _walk_fwd_body(
-    k, v, g, h0, h, final, T, i_kv, bh, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, HAS_DECAY: tl.constexpr, GATED: tl.constexpr, HAS_H0: tl.constexpr,
-    STORE_H: tl.constexpr, STORE_FINAL: tl.constexpr, DOT_PREC: tl.constexpr,
+    k,
+    v,
+    g,
+    h0,
+    h,
+    final,
+    T,
+    i_kv,
+    bh,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    HAS_DECAY: tl.constexpr,
+    GATED: tl.constexpr,
+    HAS_H0: tl.constexpr,
+    STORE_H: tl.constexpr,
+    STORE_FINAL: tl.constexpr,
+    DOT_PREC: tl.constexpr,
 ):
     k, v, gp, rk, rv, m_kv, gh, state = _walk_start(k, v, g, h0, T, i_kv, bh, H, K, V, BK, BV, HAS_H0)
     i, NT = tl.arange(0, BT), tl.cdiv(T, BT)
@@ -163,9 +201,28 @@ def _walk_fwd_body(
 
 @triton.jit
 def _walk_bwd_body(
-    q, do, g, dht, dh, dfirst, scale, T, i_kv, bh, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_DECAY: tl.constexpr, GATED: tl.constexpr,
-    HAS_DHT: tl.constexpr, STORE_H: tl.constexpr, STORE_FINAL: tl.constexpr, DOT_PREC: tl.constexpr,
+    q,
+    do,
+    g,
+    dht,
+    dh,
+    dfirst,
+    scale,
+    T,
+    i_kv,
+    bh,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    HAS_DECAY: tl.constexpr,
+    GATED: tl.constexpr,
+    HAS_DHT: tl.constexpr,
+    STORE_H: tl.constexpr,
+    STORE_FINAL: tl.constexpr,
+    DOT_PREC: tl.constexpr,
 ):
     q, do, gp, rk, rv, m_kv, gh, carry = _walk_start(q, do, g, dht, T, i_kv, bh, H, K, V, BK, BV, HAS_DHT)
     i, NT = tl.arange(0, BT), tl.cdiv(T, BT)
@@ -191,47 +248,191 @@ def _walk_bwd_body(
 @triton.autotune(**_WALK)
 @triton.jit(do_not_specialize=["T"])
 def walk_fwd(
-    k, v, g, h0, h, final, T, NBH, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, HAS_DECAY: tl.constexpr, GATED: tl.constexpr, HAS_H0: tl.constexpr,
-    STORE_H: tl.constexpr, STORE_FINAL: tl.constexpr, DOT_PREC: tl.constexpr,
+    k,
+    v,
+    g,
+    h0,
+    h,
+    final,
+    T,
+    NBH,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    HAS_DECAY: tl.constexpr,
+    GATED: tl.constexpr,
+    HAS_H0: tl.constexpr,
+    STORE_H: tl.constexpr,
+    STORE_FINAL: tl.constexpr,
+    DOT_PREC: tl.constexpr,
 ):
     """From h0 (if HAS_H0, else zero): h[n] = state entering chunk n (if STORE_H); final = state after the
     last chunk (if STORE_FINAL)."""
-    _walk_fwd_body(k, v, g, h0, h, final, T, tl.program_id(0), tl.program_id(1).to(tl.int64), H, K, V, BT, BK,
-                   BV, HAS_DECAY, GATED, HAS_H0, STORE_H, STORE_FINAL, DOT_PREC)
+    _walk_fwd_body(
+        k,
+        v,
+        g,
+        h0,
+        h,
+        final,
+        T,
+        tl.program_id(0),
+        tl.program_id(1).to(tl.int64),
+        H,
+        K,
+        V,
+        BT,
+        BK,
+        BV,
+        HAS_DECAY,
+        GATED,
+        HAS_H0,
+        STORE_H,
+        STORE_FINAL,
+        DOT_PREC,
+    )
 
 
 @triton.autotune(**_WALK)
 @triton.jit(do_not_specialize=["T"])
 def walk_bwd(
-    q, do, g, dht, dh, dfirst, scale, T, NBH, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_DECAY: tl.constexpr, GATED: tl.constexpr,
-    HAS_DHT: tl.constexpr, STORE_H: tl.constexpr, STORE_FINAL: tl.constexpr, DOT_PREC: tl.constexpr,
+    q,
+    do,
+    g,
+    dht,
+    dh,
+    dfirst,
+    scale,
+    T,
+    NBH,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    HAS_DECAY: tl.constexpr,
+    GATED: tl.constexpr,
+    HAS_DHT: tl.constexpr,
+    STORE_H: tl.constexpr,
+    STORE_FINAL: tl.constexpr,
+    DOT_PREC: tl.constexpr,
 ):
     """Chunks in reverse, from dht (the final state's gradient, if HAS_DHT): dh[n] = gradient of the state
     chunk n hands on (if STORE_H); dfirst = gradient of the state entering chunk 0 (if STORE_FINAL)."""
-    _walk_bwd_body(q, do, g, dht, dh, dfirst, scale, T, tl.program_id(0), tl.program_id(1).to(tl.int64), H, K,
-                   V, BT, BK, BV, HAS_DECAY, GATED, HAS_DHT, STORE_H, STORE_FINAL, DOT_PREC)
+    _walk_bwd_body(
+        q,
+        do,
+        g,
+        dht,
+        dh,
+        dfirst,
+        scale,
+        T,
+        tl.program_id(0),
+        tl.program_id(1).to(tl.int64),
+        H,
+        K,
+        V,
+        BT,
+        BK,
+        BV,
+        HAS_DECAY,
+        GATED,
+        HAS_DHT,
+        STORE_H,
+        STORE_FINAL,
+        DOT_PREC,
+    )
 
 
 @triton.autotune(**_WALK)
 @triton.jit(do_not_specialize=["T"])
 def walk_both(
-    k, v, q, do, g, h0, dht, h, dh, dh0, final, scale, T, NBH, H: tl.constexpr, K: tl.constexpr,
-    V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_DECAY: tl.constexpr,
-    GATED: tl.constexpr, HAS_H0: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
-    STORE_FINAL: tl.constexpr, DOT_PREC: tl.constexpr,
+    k,
+    v,
+    q,
+    do,
+    g,
+    h0,
+    dht,
+    h,
+    dh,
+    dh0,
+    final,
+    scale,
+    T,
+    NBH,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    HAS_DECAY: tl.constexpr,
+    GATED: tl.constexpr,
+    HAS_H0: tl.constexpr,
+    HAS_DHT: tl.constexpr,
+    STORE_DH0: tl.constexpr,
+    STORE_FINAL: tl.constexpr,
+    DOT_PREC: tl.constexpr,
 ):
     """The backward's two independent walks in one launch (grid axis 2: 0 = h, 1 = dh), so the sequential
     phase has twice the programs to spread over the GPU; the forward walk also stores the final state if
     STORE_FINAL (a gate's gradient needs it)."""
     i_kv, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     if tl.program_id(2) == 0:
-        _walk_fwd_body(k, v, g, h0, h, final, T, i_kv, bh, H, K, V, BT, BK, BV, HAS_DECAY, GATED, HAS_H0, True,
-                       STORE_FINAL, DOT_PREC)
+        _walk_fwd_body(
+            k,
+            v,
+            g,
+            h0,
+            h,
+            final,
+            T,
+            i_kv,
+            bh,
+            H,
+            K,
+            V,
+            BT,
+            BK,
+            BV,
+            HAS_DECAY,
+            GATED,
+            HAS_H0,
+            True,
+            STORE_FINAL,
+            DOT_PREC,
+        )
     else:
-        _walk_bwd_body(q, do, g, dht, dh, dh0, scale, T, i_kv, bh, H, K, V, BT, BK, BV, HAS_DECAY, GATED, HAS_DHT,
-                       True, STORE_DH0, DOT_PREC)
+        _walk_bwd_body(
+            q,
+            do,
+            g,
+            dht,
+            dh,
+            dh0,
+            scale,
+            T,
+            i_kv,
+            bh,
+            H,
+            K,
+            V,
+            BT,
+            BK,
+            BV,
+            HAS_DECAY,
+            GATED,
+            HAS_DHT,
+            True,
+            STORE_DH0,
+            DOT_PREC,
+        )
 
 
 @triton.jit
@@ -267,8 +468,7 @@ def _causal_powers(gh, i, HAS_DECAY: tl.constexpr, TRANSPOSED: tl.constexpr):
 
 
 @triton.jit
-def _span_gates(gp, gc, t, n, T, H: tl.constexpr, BT: tl.constexpr, PER_CHUNK: tl.constexpr,
-                FROM_END: tl.constexpr):
+def _span_gates(gp, gc, t, n, T, H: tl.constexpr, BT: tl.constexpr, PER_CHUNK: tl.constexpr, FROM_END: tl.constexpr):
     """`_span_powers` under a gate, from the head's row gp of the cumulative gate and its values gc at the
     tokens t: exp(G_t) for queries, exp(G_last - G_t) for keys (FROM_END), G_last the span's last token's."""
     if FROM_END:
@@ -295,9 +495,27 @@ def _causal_gates(gc, i, TRANSPOSED: tl.constexpr):
 @triton.autotune(**_chunk_tuning("REVERSE"))
 @triton.jit(do_not_specialize=["T"])
 def chunk_out(
-    a, b, c, g, S, out, state_scale, intra_scale, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_DECAY: tl.constexpr, GATED: tl.constexpr,
-    DOT_PREC: tl.constexpr, INTRA: tl.constexpr, PER_CHUNK: tl.constexpr, REVERSE: tl.constexpr,
+    a,
+    b,
+    c,
+    g,
+    S,
+    out,
+    state_scale,
+    intra_scale,
+    T,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    HAS_DECAY: tl.constexpr,
+    GATED: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    INTRA: tl.constexpr,
+    PER_CHUNK: tl.constexpr,
+    REVERSE: tl.constexpr,
 ):
     """One chunk of out = state_scale * lam-weighted a S + intra_scale * (masked, decayed a b^T) c,
     with S the state of the chunk (PER_CHUNK) or one state for the whole sequence:
@@ -346,9 +564,29 @@ def chunk_out(
 @triton.autotune(**_chunk_tuning("WANT_DQ", "WANT_DK"))
 @triton.jit(do_not_specialize=["T"])
 def chunk_dqk(
-    q, k, v, g, h, dh, do, dq, dk, scale, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_DECAY: tl.constexpr, GATED: tl.constexpr,
-    DOT_PREC: tl.constexpr, INTRA: tl.constexpr, PER_CHUNK: tl.constexpr, WANT_DQ: tl.constexpr,
+    q,
+    k,
+    v,
+    g,
+    h,
+    dh,
+    do,
+    dq,
+    dk,
+    scale,
+    T,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    HAS_DECAY: tl.constexpr,
+    GATED: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    INTRA: tl.constexpr,
+    PER_CHUNK: tl.constexpr,
+    WANT_DQ: tl.constexpr,
     WANT_DK: tl.constexpr,
 ):
     """dq = scale * (lam-weighted do h^T + ds k), dk = lam-weighted v dh^T + scale * ds^T q, with

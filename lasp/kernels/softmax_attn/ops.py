@@ -32,7 +32,9 @@ def check_softmax_attn_args(
     check_qkv(q, k, v, same_length=same_length)
     check_causal(causal)
     if q.shape[1] > k.shape[1]:
-        raise ValueError(f"more queries ({q.shape[1]}) than keys ({k.shape[1]}): q {tuple(q.shape)}, k {tuple(k.shape)}")
+        raise ValueError(
+            f"more queries ({q.shape[1]}) than keys ({k.shape[1]}): q {tuple(q.shape)}, k {tuple(k.shape)}"
+        )
     return check_scale(scale, q.shape[-1])
 
 
@@ -60,8 +62,10 @@ def softmax_attn(
         if doc_ids is not None:
             raise ValueError("pass cu_seqlens or doc_ids, not both")
         if Tq != Tk:
-            raise ValueError(f"cu_seqlens needs as many queries as keys, got Tq={Tq} and Tk={Tk}: a block of "
-                             f"queries at the end of the keys takes doc_ids")
+            raise ValueError(
+                f"cu_seqlens needs as many queries as keys, got Tq={Tq} and Tk={Tk}: a block of "
+                f"queries at the end of the keys takes doc_ids"
+            )
         docs = as_documents(cu_seqlens, q.shape[0], Tq)
         if docs.has_resets:
             ids = docs.ids(q.device)
@@ -88,8 +92,9 @@ def softmax_attn(
     return o.transpose(1, 2)
 
 
-def _by_query_blocks(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, docs: Documents,
-                     ids: Tensor) -> Tensor:
+def _by_query_blocks(
+    q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, docs: Documents, ids: Tensor
+) -> Tensor:
     """Packed documents over a long sequence, DOC_QUERY_BLOCK queries at a time against the keys of their
     documents only (from the host's lists of starts): the masks stay DOC_QUERY_BLOCK x (the documents' span)
     instead of T x T."""
@@ -97,8 +102,11 @@ def _by_query_blocks(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float
     for a in range(0, T, DOC_QUERY_BLOCK):
         b = min(a + DOC_QUERY_BLOCK, T)
         lo, hi = docs.start_of(a), (b if causal else docs.end_of(b - 1))
-        outs.append(softmax_attn(q[:, a:b], k[:, lo:hi], v[:, lo:hi], causal=causal, scale=scale,
-                                 doc_ids=(ids[:, a:b], ids[:, lo:hi])))
+        outs.append(
+            softmax_attn(
+                q[:, a:b], k[:, lo:hi], v[:, lo:hi], causal=causal, scale=scale, doc_ids=(ids[:, a:b], ids[:, lo:hi])
+            )
+        )
     return torch.cat(outs, dim=1)
 
 
