@@ -6,7 +6,7 @@
    `gguf` and `accelerate`) loads it as LlamaForCausalLM, dequantized to float32; `save_pretrained`
    refuses a GGUF model, so its weights are copied into a fresh LlamaForCausalLM first and saved with the
    tokenizer as an ordinary Hugging Face directory.
-2. `LinearLlama.from_hf` imports that directory; its loss on the first 1,024 tokens of the standard
+2. `lasp.model.from_hf` imports that directory; its loss on the first 1,024 tokens of the standard
    library's json/decoder.py is compared with transformers' own.
 3. The same weights with every 4th layer kept softmax and the rest linear (LLLS; the linear layers reuse
    each layer's q, k, v, o), with no training: where the linearisation recipe starts. With `basic` and
@@ -73,7 +73,7 @@ def main(argv=None) -> None:
     from smollm2_linearise import hybrid_fields
     from transformers import LlamaForCausalLM
 
-    from lasp.model import LinearLlama
+    from lasp.model import LinearLlama, from_hf
     from lasp.model.hf import initial_state
 
     start = time.time()
@@ -86,13 +86,13 @@ def main(argv=None) -> None:
     with torch.no_grad():
         hf = LlamaForCausalLM.from_pretrained(a.out, dtype=torch.float32).eval()
         teacher = loss(hf(tokens).logits, tokens)
-        ours = LinearLlama.from_hf(a.out, dtype=torch.float32)
+        ours = from_hf(a.out, dtype=torch.float32)
         imported = loss(ours(tokens), tokens)
         rows = {"transformers": teacher, "LASP, every layer softmax": imported}
         for variant in ("basic", "gated_deltanet"):
-            hybrid = LinearLlama.from_hf(a.out, dtype=torch.float32, layer_pattern="LLLS", linear_variant=variant)
+            hybrid = from_hf(a.out, dtype=torch.float32, layer_pattern="LLLS", linear_variant=variant)
             rows[f"LASP, LLLS {variant}, no training"] = loss(hybrid(tokens), tokens)
-        recipe = LinearLlama.from_hf(a.out, dtype=torch.float32, **hybrid_fields(window=64))
+        recipe = from_hf(a.out, dtype=torch.float32, **hybrid_fields(window=64))
         rows["LASP, LLLS recipe layers, no training"] = loss(recipe(tokens), tokens)
         normed = LinearLlama(dataclasses.replace(recipe.cfg, output_norm=True)).eval()
         normed.load_state_dict(initial_state(a.out, normed.cfg), strict=False)

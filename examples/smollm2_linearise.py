@@ -151,7 +151,7 @@ def main(argv=None) -> None:
     sys.path.insert(0, HERE)
     from smollm2_import import convert
 
-    from lasp.model import LinearLlama
+    from lasp.model import from_hf, from_pretrained
     from lasp.model.hf import source_config
 
     os.makedirs(a.work, exist_ok=True)
@@ -189,9 +189,9 @@ def main(argv=None) -> None:
     hybrid = {**dataclasses.asdict(source_config(a.hf)), **hybrid_fields(a.window, a.gate_normalizer)}
     results = {"setup": {k: getattr(a, k) for k in vars(a)}, "perplexity": {}, "seconds": {}, "tokens": {}}
     ppl = results["perplexity"]
-    ppl["teacher (every layer softmax)"] = perplexity(LinearLlama.from_hf(a.hf), windows)
+    ppl["teacher (every layer softmax)"] = perplexity(from_hf(a.hf), windows)
     torch.manual_seed(0)
-    converted = LinearLlama.from_hf(a.hf, **hybrid_fields(a.window, a.gate_normalizer))
+    converted = from_hf(a.hf, **hybrid_fields(a.window, a.gate_normalizer))
     ppl["hybrid, no training"] = perplexity(converted, windows)
     before = attention_errors(converted, windows)
 
@@ -200,7 +200,7 @@ def main(argv=None) -> None:
         a.work, "stage1", hybrid, a.hf, a.stage1_steps, a.stage1_lr, a, objective="attention_transfer", trainable="new"
     )
     results["tokens"]["stage 1"] = a.stage1_steps * tokens
-    after_model = LinearLlama.from_pretrained(s1)
+    after_model = from_pretrained(s1)
     ppl["hybrid, after stage 1"] = perplexity(after_model, windows)
     after = attention_errors(after_model, windows)
 
@@ -209,14 +209,14 @@ def main(argv=None) -> None:
         a.work, "stage2", lora, s1, a.stage2_steps, a.stage2_lr, a, trainable="lora"
     )
     results["tokens"]["stage 2"] = a.stage2_steps * tokens
-    ppl["hybrid, after stage 2"] = perplexity(LinearLlama.from_pretrained(s2), windows)
+    ppl["hybrid, after stage 2"] = perplexity(from_pretrained(s2), windows)
 
     steps = a.stage1_steps + a.stage2_steps  # the same tokens as both stages
     base, results["seconds"]["baseline"] = train(
         a.work, "baseline", lora, a.hf, steps, a.stage2_lr, a, trainable="lora"
     )
     results["tokens"]["baseline"] = steps * tokens
-    ppl["baseline: stage 2 only, same tokens"] = perplexity(LinearLlama.from_pretrained(base), windows)
+    ppl["baseline: stage 2 only, same tokens"] = perplexity(from_pretrained(base), windows)
 
     results["attention_error"] = {
         "before": before,

@@ -1,7 +1,7 @@
 """python -m lasp.export --checkpoint DIR --out DIR [--dtype float32|bfloat16]
 
 Consolidates a sharded trainer checkpoint, whatever the layout that saved it (tp, sp, pp, dp), into one
-`model.safetensors` plus `config.json` (and the tokenizer), which `LinearLlama.from_pretrained(DIR)` loads
+`model.safetensors` plus `config.json` (and the tokenizer), which `lasp.model.from_pretrained(DIR)` loads
 on one device and `python -m lasp.generate` samples from. LoRA adapters are merged into their weights
 (lasp.model.lora.merge_lora). `lasp_export.json` records the checkpoint, the files written and the data's
 tokenizer. --force replaces only an export (nothing else in it), never a checkpoint or the directory of one.
@@ -140,7 +140,7 @@ def main(argv=None) -> int:
             if args.hf and not hf:
                 print(
                     f"--hf: model.layer_pattern {model.cfg.layer_pattern!r} has linear layers, which transformers "
-                    "does not have: writing the LASP layout (load it with LinearLlama.from_pretrained)"
+                    "does not have: writing the LASP layout (load it with lasp.model.from_pretrained)"
                 )
             if hf:
                 from lasp.model.hf import to_hf

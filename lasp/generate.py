@@ -62,7 +62,7 @@ def load_for_generation(checkpoint: str | Path, device: str = "cpu", dtype: torc
     if not d.is_dir():
         raise UsageError(f"--checkpoint {str(d)!r} is not a directory")
     if (d / WEIGHTS).is_file() or (d / CONFIG).is_file():
-        return from_pretrained(d, device, dtype), load_tokenizer_for(d)
+        return from_pretrained(d, dtype=dtype, device=device), load_tokenizer_for(d)
     from lasp.export import consolidate
     from lasp.train.ckpt_store import CheckpointError
 

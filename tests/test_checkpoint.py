@@ -541,7 +541,7 @@ def case_logits(cfg: dict, src: str, tokens: torch.Tensor):
 
 def test_export_of_a_tp2_sp2_checkpoint_gives_the_distributed_logits(dist_pool, tmp_path, big_corpus):
     from lasp.export import main as export
-    from lasp.model import LinearLlama
+    from lasp.model import from_pretrained
 
     pool = dist_pool(4)
     model = {"num_layers": 3, "num_heads": 4, "num_kv_heads": 2, "hidden_size": 32, "layer_pattern": "LLS"}
@@ -558,7 +558,7 @@ def test_export_of_a_tp2_sp2_checkpoint_gives_the_distributed_logits(dist_pool, 
     tokens = torch.randint(0, 257, (2, 65), generator=torch.Generator().manual_seed(0))
     want = pool.run("tests.test_checkpoint:case_logits", cfg=cfg, src=src, tokens=tokens)[0]
     assert export(["--checkpoint", src, "--out", str(tmp_path / "export")]) == 0
-    single = LinearLlama.from_pretrained(str(tmp_path / "export"))
+    single = from_pretrained(str(tmp_path / "export"))
     with torch.no_grad():
         got = single(tokens[:, :-1])
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -202,10 +202,10 @@ def test_train(tmp_path, monkeypatch, capsys):
     for name, tokens in (("short", raw[:-4]), ("changed", raw[::-1])):  # truncated; the same size, other bytes
         shutil.copytree(tmp_path / "data", tmp_path / name)
         (tmp_path / name / "train.bin").write_bytes(tokens)
-    from lasp.model import LinearLlama, ModelConfig
+    from lasp.model import LinearLlama, ModelConfig, save_pretrained
 
     other = {"name": "tokenizer.json", "vocab_size": 257, "eos_id": 0, "sha256": "ab" * 32}
-    LinearLlama(ModelConfig(vocab_size=257)).save_pretrained(str(tmp_path / "export"), tokenizer=other)  # its ids
+    save_pretrained(LinearLlama(ModelConfig(vocab_size=257)), str(tmp_path / "export"), tokenizer=other)  # its ids
     c = ["--config", str(config)]
     refuse_all(
         main,

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lasp.model import LinearLlama, ModelConfig
+from lasp.model import LinearLlama, ModelConfig, save_pretrained
 from lasp.parallel.positions import buckets, position_losses
 from tests.refusals import refuse_all
 
@@ -85,7 +85,7 @@ def export_and_data(tmp_path_factory):
     prepare([str(d) for d in docs], str(root / "data"), progress=False)
     cfg = ModelConfig(**{**MODEL, "vocab_size": 257})
     torch.manual_seed(0)
-    LinearLlama(cfg).save_pretrained(str(root / "export"), tokenizer={"name": "byte"})
+    save_pretrained(LinearLlama(cfg), str(root / "export"), tokenizer={"name": "byte"})
     return root
 
 
@@ -172,8 +172,10 @@ def test_damaged_data_and_another_tokenizer_are_refused_up_front(export_and_data
     (changed / "train.bin").write_bytes(raw[2:] + raw[:2])  # the same size, other bytes
     other = tmp_path / "other"  # the same model shape, trained on another tokenizer's ids
     torch.manual_seed(0)
-    LinearLlama(ModelConfig(**{**MODEL, "vocab_size": 257})).save_pretrained(
-        str(other), tokenizer={"name": "tokenizer.json", "vocab_size": 257, "eos_id": 0, "sha256": "ab" * 32}
+    save_pretrained(
+        LinearLlama(ModelConfig(**{**MODEL, "vocab_size": 257})),
+        str(other),
+        tokenizer={"name": "tokenizer.json", "vocab_size": 257, "eos_id": 0, "sha256": "ab" * 32},
     )
     args = ["--split", "train", "--seq-len", "192"]
     ck = ["positions", "--checkpoint", str(root / "export")]
@@ -324,7 +326,7 @@ def test_bad_passkey_input_is_refused_up_front(export_and_data, tmp_path, capsys
 
     bare = tmp_path / "bare"
     torch.manual_seed(0)
-    LinearLlama(ModelConfig(**{**MODEL, "vocab_size": 257})).save_pretrained(str(bare))  # no tokenizer
+    save_pretrained(LinearLlama(ModelConfig(**{**MODEL, "vocab_size": 257})), str(bare))  # no tokenizer
     ck = str(export_and_data / "export")
     refuse_all(
         main,
@@ -354,8 +356,10 @@ def test_passkey_lengths_beyond_the_memory_or_the_positions_are_refused(export_a
 
     f32 = tmp_path / "f32"
     torch.manual_seed(0)
-    LinearLlama(ModelConfig(**{**MODEL, "vocab_size": 257, "float32_norm_rope": True})).save_pretrained(
-        str(f32), tokenizer={"name": "byte"}
+    save_pretrained(
+        LinearLlama(ModelConfig(**{**MODEL, "vocab_size": 257, "float32_norm_rope": True})),
+        str(f32),
+        tokenizer={"name": "byte"},
     )
     n = 10**15
     refuse_all(

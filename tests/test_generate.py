@@ -226,14 +226,14 @@ def test_save_and_load_round_trip(tmp_path, tie):
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     assert config["format"] == "lasp-linear-llama" and config["version"] == 1 and config["tokenizer"] == BYTE_TOK
     assert config["model"]["tie_embeddings"] is tie
-    loaded = LinearLlama.from_pretrained(tmp_path / "m")
+    loaded = from_pretrained(tmp_path / "m")
     assert (loaded.lm_head.weight is loaded.embed.weight) == tie and loaded.cfg == model.cfg
     tokens = torch.randint(0, 300, (2, 19))
     assert torch.equal(loaded(tokens), model(tokens))
     assert from_pretrained(tmp_path / "m", dtype=torch.float64).embed.weight.dtype == torch.float64
     half = from_pretrained(tmp_path / "m", dtype=torch.bfloat16)
     assert half.embed.weight.dtype == torch.bfloat16 and half.layers[0].mixer.log_decay.dtype == torch.float32
-    model.save_pretrained(tmp_path / "m")  # overwrites in place; no temporary files left
+    save_pretrained(model, tmp_path / "m")  # overwrites in place; no temporary files left
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "model.safetensors"]
 
 

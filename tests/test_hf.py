@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from lasp.model import LinearLlama
+from lasp.model import LinearLlama, from_hf
 from lasp.model.hf import HFImportError
 
 transformers = pytest.importorskip("transformers")
@@ -52,7 +52,7 @@ def _save(tmp_path, config: str, model: str, fields: dict, **save_kw):
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
 def test_import_gives_transformers_logits(tmp_path, case):
     hf = _save(tmp_path, *case)
-    ours = LinearLlama.from_hf(str(tmp_path), dtype=torch.float64)
+    ours = from_hf(str(tmp_path), dtype=torch.float64)
     tokens = torch.randint(0, TINY["vocab_size"], (2, 150), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(ours(tokens), hf(tokens).logits, atol=1e-9, rtol=1e-9)
@@ -63,7 +63,7 @@ def test_sharded_weights_and_a_linearised_pattern(tmp_path):
     projections (its q, k, v, o are the softmax layer's), the rest stays exact."""
     hf = _save(tmp_path, "LlamaConfig", "LlamaForCausalLM", {}, max_shard_size="20KB")
     assert (tmp_path / "model.safetensors.index.json").exists()
-    ours = LinearLlama.from_hf(str(tmp_path), dtype=torch.float64, layer_pattern="LS", linear_variant="basic")
+    ours = from_hf(str(tmp_path), dtype=torch.float64, layer_pattern="LS", linear_variant="basic")
     assert ours.cfg.mixer(0) == "L" and ours.cfg.mixer(1) == "S"
     sd = hf.state_dict()
     for p in ("q_proj", "k_proj", "v_proj", "o_proj"):
@@ -83,7 +83,7 @@ def test_what_cannot_be_honoured_is_refused_by_name(tmp_path):
     )
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(HFImportError) as e:
-        LinearLlama.from_hf(str(tmp_path))
+        from_hf(str(tmp_path))
     msg = str(e.value)
     for part in (
         "5 problem(s)",
@@ -97,7 +97,7 @@ def test_what_cannot_be_honoured_is_refused_by_name(tmp_path):
     mistral = tmp_path / "mistral"
     _save(mistral, "MistralConfig", "MistralForCausalLM", dict(sliding_window=16))
     with pytest.raises(HFImportError, match="sliding_window = 16"):
-        LinearLlama.from_hf(str(mistral))
+        from_hf(str(mistral))
 
 
 def test_missing_and_extra_tensors_are_named(tmp_path):
@@ -109,11 +109,11 @@ def test_missing_and_extra_tensors_are_named(tmp_path):
     weights["model.layers.1.self_attn.extra.weight"] = torch.zeros(2)
     save_file(weights, tmp_path / "model.safetensors")
     with pytest.raises(HFImportError) as e:
-        LinearLlama.from_hf(str(tmp_path))
+        from_hf(str(tmp_path))
     assert "model.layers.1.mlp.up_proj.weight is missing" in str(e.value)
     assert "model.layers.1.self_attn.extra.weight: a tensor LASP has no place for" in str(e.value)
     with pytest.raises(HFImportError, match="does not exist"):
-        LinearLlama.from_hf(str(tmp_path / "nowhere"))
+        from_hf(str(tmp_path / "nowhere"))
 
 
 # the linearisation recipe's fields (docs/pretrained.md) on a model of TINY's size, the window cut to fit
@@ -147,8 +147,8 @@ def test_a_linearised_layer_starts_close_to_the_softmax_layer_it_replaces(tmp_pa
     from lasp.model.hf import initial_state
 
     sd = _save(tmp_path, *case).state_dict()
-    teacher = LinearLlama.from_hf(str(tmp_path), dtype=torch.float64)
-    hybrid = LinearLlama.from_hf(str(tmp_path), dtype=torch.float64, **RECIPE)
+    teacher = from_hf(str(tmp_path), dtype=torch.float64)
+    hybrid = from_hf(str(tmp_path), dtype=torch.float64, **RECIPE)
     assert not hybrid.cfg.output_norm and hybrid.cfg.mixer(0) == "L"
     for name in ("q_norm", "k_norm") if hybrid.cfg.qk_norm else ():
         assert torch.equal(getattr(hybrid.layers[0].mixer, name).weight, sd[f"model.layers.0.self_attn.{name}.weight"])
@@ -164,14 +164,14 @@ def test_a_linearised_layer_starts_close_to_the_softmax_layer_it_replaces(tmp_pa
     assert error[0] < 1 and kl[0] < 1e-2, (error, kl)
     assert error[1] > 20 and kl[1] > 1.5e-2, (error, kl)
     with pytest.raises(HFImportError) as e:
-        LinearLlama.from_hf(str(tmp_path), **{**RECIPE, "output_norm": True})
+        from_hf(str(tmp_path), **{**RECIPE, "output_norm": True})
     for part in (
         "model.output_norm = True with model.window = 4 on 1 layer(s) linearised from the weights' softmax layers (0)",
         "set output_norm to false",
     ):
         assert part in str(e.value), str(e.value)
     # without a window the linear branch has no normaliser but the norm: from_hf keeps it on
-    assert LinearLlama.from_hf(str(tmp_path), **{**RECIPE, "window": 0}).cfg.output_norm
+    assert from_hf(str(tmp_path), **{**RECIPE, "window": 0}).cfg.output_norm
 
 
 # -- train.init_from ----------------------------------------------------------------------------------------
@@ -345,10 +345,10 @@ def test_a_broken_directory_is_an_error_naming_the_file(sharded_dir, hf_dir_and_
     breaks, message = case
     src = tmp_path / "hf"
     shutil.copytree(sharded_dir, src)
-    model = LinearLlama.from_hf(str(src))  # whole, it imports
+    model = from_hf(str(src))  # whole, it imports
     breaks(src)
     with pytest.raises(HFImportError) as e:
-        LinearLlama.from_hf(str(src))
+        from_hf(str(src))
     assert message in str(e.value) and str(e.value).count("\n") == 1, str(e.value)
     from lasp.train.config import ConfigError
     from lasp.train.loop import _initialise
@@ -371,7 +371,7 @@ def test_an_all_softmax_export_loads_in_transformers_with_equal_logits(tmp_path,
     from lasp.model.hf import to_hf
 
     hf = _save(tmp_path / "src", *case)
-    ours = LinearLlama.from_hf(str(tmp_path / "src"), dtype=torch.float64)
+    ours = from_hf(str(tmp_path / "src"), dtype=torch.float64)
     to_hf(ours, str(tmp_path / "out"))
     back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), dtype=torch.float64).eval()
     assert type(back).__name__ == {"MistralForCausalLM": "LlamaForCausalLM"}.get(case[1], case[1])  # no window left
@@ -554,7 +554,7 @@ def test_a_lora_run_exports_merged_and_transformers_gives_the_adapted_logits(hf_
 
     with pytest.raises(HFImportError, match="LoRA adapters .model.lora_rank 4.: merge them"):
         to_hf(adapted, str(tmp_path / "unmerged"))  # never the base weights without their adapters
-    base = LinearLlama.from_hf(str(src), dtype=torch.float64)
+    base = from_hf(str(src), dtype=torch.float64)
     for name, p in adapted.named_parameters():
         if not name.endswith((".lora_A", ".lora_B")):  # frozen: bit-identical to the import (trained in float32)
             assert torch.equal(p, base.state_dict()[name].float().double()), name

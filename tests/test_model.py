@@ -4,7 +4,10 @@ import pytest
 import torch
 
 from lasp.model import LinearAttention, LinearLlama, ModelConfig, SoftmaxAttention, lm_loss_sum
-from lasp.model.layers import log_decay
+from lasp.model.layers import LogGate, log_decay
+from lasp.model.llama import DeltaNetAttention
+from lasp.model.variants import FEATURE_MAPS, VARIANTS
+from lasp.train.flops import param_counts
 
 
 def test_config_reports_every_problem_at_once():
@@ -83,6 +86,38 @@ def test_a_window_or_hedgehog_the_linear_form_cannot_take_is_refused_by_name():
         "model.feature_map hedgehog doubles the key dim, which model.linear_variant gla",
     ]:
         assert part in msg, msg
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_the_variant_table_is_what_the_model_builds(name):
+    """Each row of lasp.model.variants: the mixer, its decay or gate, what the config lets it take, and
+    the parameter count (the FLOPs formula's projections and extras) all follow the table."""
+    v = VARIANTS[name]
+    cfg = ModelConfig(linear_variant=name, layer_pattern="LS", num_layers=2)
+    mixer = LinearLlama(cfg).layers[0].mixer
+    assert isinstance(mixer, DeltaNetAttention) == v.delta
+    if not v.delta:
+        assert (mixer.log_decay is not None) == (v.decay == "constant")
+        assert isinstance(mixer.gate, LogGate) == (v.decay == "gate")
+        assert mixer.gate is None or mixer.gate.vector == (v.gate == "vector")
+    else:
+        assert (mixer.a_proj is not None) == (v.gate != "none")
+        assert mixer.a_proj is None or mixer.a_proj.out_features == cfg.num_heads * (
+            cfg.head_dim if v.gate == "vector" else 1
+        )
+    assert param_counts(cfg)["total"] == sum(t.numel() for t in LinearLlama(cfg).parameters())
+    for fmap in FEATURE_MAPS:
+        refused = "does not take" in " ".join(
+            ModelConfig(linear_variant=name, feature_map=fmap, layer_pattern="L").problems()
+            if fmap in v.feature_maps
+            else [_model_problems(linear_variant=name, feature_map=fmap, layer_pattern="L")]
+        )
+        assert refused == (fmap not in v.feature_maps), fmap
+    windowed = dict(linear_variant=name, window=4, feature_map="relu", layer_pattern="L")
+    if v.window:
+        assert ModelConfig(**windowed).window == 4
+    else:
+        assert "model.window (4) needs model.linear_variant" in _model_problems(**windowed)
 
 
 @pytest.mark.parametrize("name", ["norm_eps", "rope_theta"])

@@ -140,7 +140,7 @@ def main(argv=None) -> int:
 
     from lasp.data.tokenizer import ByteTokenizer
     from lasp.eval.passkey import passkey_accuracy
-    from lasp.model import ModelConfig
+    from lasp.model import ModelConfig, save_pretrained
 
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -161,7 +161,7 @@ def main(argv=None) -> int:
         model, seconds = train(name, cfg, a, say)
         params = sum(t.numel() for t in model.parameters())
         directory = out / name.replace(" ", "-")
-        model.save_pretrained(str(directory), tokenizer={"name": "byte"})
+        save_pretrained(model, str(directory), tokenizer={"name": "byte"})
         start = time.time()
         near = passkey_accuracy(model, ByteTokenizer(), [n, 2 * n], depths, a.trials, seed=1234)
         cmd = [

@@ -105,7 +105,7 @@ class HFTokenizer:
 
 def load_tokenizer(spec: str = "byte") -> ByteTokenizer | HFTokenizer:
     """`byte` -> ByteTokenizer; anything else is the path of a local Hugging Face tokenizer.json, or of a
-    model directory holding one (what `LinearLlama.from_hf` and `train.init_from` read)."""
+    model directory holding one (what `lasp.model.from_hf` and `train.init_from` read)."""
     if spec == "byte":
         return ByteTokenizer()
     return HFTokenizer(spec)

@@ -145,11 +145,11 @@ def fits(path: str, tok) -> list[str]:
 
 def load(path: str, device: str = "cpu"):
     """A LinearLlama from a trainer checkpoint, a LASP export or a Hugging Face directory."""
-    from lasp.model import LinearLlama
+    from lasp.model import from_hf
     from lasp.model.hf import is_hf_directory
 
     if is_hf_directory(path):
-        return LinearLlama.from_hf(path, device=device)
+        return from_hf(path, device=device)
     from lasp.generate import load_for_generation
 
     return load_for_generation(path, device)[0]

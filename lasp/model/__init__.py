@@ -2,6 +2,7 @@
 
 from lasp.model.config import ModelConfig
 from lasp.model.decode import DecodeMemory, DecodeState, decode_memory, decode_step, generate, sample
+from lasp.model.hf import HFImportError, from_hf
 from lasp.model.llama import Block, LinearAttention, LinearLlama, SoftmaxAttention, lm_loss_sum
 from lasp.model.loss import chunked_lm_loss_sum
 from lasp.model.pretrained import PretrainedError, from_pretrained, save_pretrained
@@ -10,6 +11,7 @@ __all__ = [
     "Block",
     "DecodeMemory",
     "DecodeState",
+    "HFImportError",
     "LinearAttention",
     "LinearLlama",
     "ModelConfig",
@@ -18,6 +20,7 @@ __all__ = [
     "chunked_lm_loss_sum",
     "decode_memory",
     "decode_step",
+    "from_hf",
     "from_pretrained",
     "generate",
     "lm_loss_sum",

@@ -1,4 +1,5 @@
-"""Model configuration: a typed dataclass, one docstring per field, every problem reported at once."""
+"""Model configuration: typed dataclasses (the model, its MoE layers), one docstring per field, every problem
+reported at once. A leaf of lasp.model: it imports only the variant table."""
 
 import dataclasses
 import math
@@ -6,23 +7,81 @@ import types
 import typing
 from dataclasses import dataclass
 
-from lasp.model.moe import MoEConfig
+from lasp.model.variants import FEATURE_MAPS, LINEAR_VARIANTS, VARIANTS
 
-LINEAR_VARIANTS = ("basic", "lightning", "retention", "simple_gla", "gla", "deltanet", "gated_deltanet", "kda")
-GATED_VARIANTS = ("simple_gla", "gla")
-DELTA_VARIANTS = ("deltanet", "gated_deltanet", "kda")  # the delta rule: DeltaNetAttention mixers
-LINEAR_FORMS = {
-    "basic": "none",
-    "lightning": "decay",
-    "retention": "decay",
-    "simple_gla": "scalar",
-    "gla": "vector",
-    "deltanet": "deltanet",
-    "gated_deltanet": "gdn",
-    "kda": "kda",
-}  # each variant's form (lasp.sp.cost)
-FEATURE_MAPS = ("identity", "elu1", "relu", "silu", "hedgehog")
-WINDOW_VARIANTS = ("basic", "lightning", "retention", "simple_gla")  # decays a window can be cut out of
+ROUTERS = ("softmax", "sigmoid")
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class MoEConfig:
+    """model.moe: which feed-forward layers are mixtures of experts, and how they route."""
+
+    num_experts: int = 8
+    """Routed experts per MoE layer."""
+    top_k: int = 2
+    """Experts each token is sent to."""
+    ffn_hidden_size: int = 64
+    """Inner width of each routed expert's SwiGLU."""
+    shared_ffn_hidden_size: int = 0
+    """Inner width of a shared expert that every token goes through (DeepSeek, Qwen-MoE); 0: none."""
+    pattern: str = "M"
+    """Feed-forward kind of each layer, repeated cyclically like model.layer_pattern: M = mixture of
+    experts, D = the dense MLP (e.g. "DM": every other layer, from the second)."""
+    router: str = "softmax"
+    """softmax (Mixtral: the top k logits, softmax over them; with top_k 1, Switch: the softmax over all
+    experts, the top one's probability) or sigmoid (DeepSeek-V3: sigmoid scores,
+    normalised over the top k)."""
+    expert_bias: bool = False
+    """Auxiliary-loss-free balancing (DeepSeek-V3): a per-expert bias added to the scores for the choice
+    only, moved after every step by bias_update_rate against the load. Needs router sigmoid."""
+    bias_update_rate: float = 1e-3
+    """Step of the expert bias: b_i += rate * sign(mean load - load_i) per training step."""
+    aux_loss_coeff: float = 1e-2
+    """Weight of the load-balancing loss (per MoE layer); 0: none."""
+    z_loss_coeff: float = 0.0
+    """Weight of the router z-loss (per MoE layer); 0: none."""
+    capacity_factor: float | None = None
+    """None: dropless (every token reaches its k experts). A number: each expert takes at most
+    ceil(tokens x top_k / num_experts x factor) tokens of a forward, on each rank; the rest are dropped."""
+
+    def __post_init__(self):
+        problems = self.problems()
+        if problems:
+            raise ValueError("invalid MoE config:\n  " + "\n  ".join(problems))
+
+    def problems(self) -> list[str]:
+        bad = type_problems(self, "model.moe")
+        p = list(bad.values())
+        for name in ("num_experts", "top_k", "ffn_hidden_size"):
+            if name not in bad and getattr(self, name) < 1:
+                p.append(f"model.moe.{name} must be >= 1, got {getattr(self, name)}")
+        if not {"num_experts", "top_k"} & set(bad) and self.top_k > self.num_experts:
+            p.append(f"model.moe.top_k ({self.top_k}) must be at most model.moe.num_experts ({self.num_experts})")
+        if "shared_ffn_hidden_size" not in bad and self.shared_ffn_hidden_size < 0:
+            p.append(
+                f"model.moe.shared_ffn_hidden_size must be >= 0 (0: no shared expert), got "
+                f"{self.shared_ffn_hidden_size}"
+            )
+        if "pattern" not in bad and (not self.pattern or not set(self.pattern) <= {"M", "D"}):
+            p.append(f"model.moe.pattern must be a non-empty string of M (MoE) and D (dense), got {self.pattern!r}")
+        router_ok = "router" not in bad and self.router in ROUTERS
+        if "router" not in bad and not router_ok:
+            p.append(f"model.moe.router must be one of {', '.join(ROUTERS)}, got {self.router!r}")
+        if router_ok and "expert_bias" not in bad and self.expert_bias and self.router != "sigmoid":
+            p.append(
+                "model.moe.expert_bias (auxiliary-loss-free balancing) needs model.moe.router sigmoid, got "
+                f"{self.router}"
+            )
+        for name in ("aux_loss_coeff", "z_loss_coeff", "bias_update_rate"):
+            if name not in bad and not getattr(self, name) >= 0:
+                p.append(f"model.moe.{name} must be >= 0, got {getattr(self, name)}")
+        if "capacity_factor" not in bad and self.capacity_factor is not None and not self.capacity_factor > 0:
+            p.append(f"model.moe.capacity_factor must be > 0 or null (dropless), got {self.capacity_factor}")
+        return p
+
+    def is_moe(self, layer: int) -> bool:
+        return self.pattern[layer % len(self.pattern)] == "M"
 
 
 @dataclass
@@ -116,7 +175,7 @@ class ModelConfig:
     init_std: float = 0.02
     """Standard deviation of the normal initialisation of every weight matrix."""
     moe: MoEConfig | None = None
-    """Mixture-of-experts feed-forward layers (lasp.model.moe.MoEConfig: experts, top-k, router, which
+    """Mixture-of-experts feed-forward layers (MoEConfig above: experts, top-k, router, which
     layers); null: every layer has the dense SwiGLU MLP."""
 
     def __post_init__(self):
@@ -201,8 +260,6 @@ class ModelConfig:
         return p
 
     def _lora_problems(self, bad: dict) -> list[str]:
-        from lasp.model.lora import LORA_TARGETS
-
         p = []
         if "lora_rank" not in bad and self.lora_rank < 0:
             p.append(f"model.lora_rank must be >= 0 (0: no adapters), got {self.lora_rank}")
@@ -223,14 +280,16 @@ class ModelConfig:
         p = []
         if "gate_source" not in bad and self.gate_source not in ("projection", "key"):
             p.append(f"model.gate_source must be projection or key, got {self.gate_source!r}")
-        if {"feature_map", "linear_variant"} & set(bad):
-            return p
-        if self.feature_map == "hedgehog" and self.linear_variant in ("gla",) + DELTA_VARIANTS:
+        if {"feature_map", "linear_variant"} & set(bad) or self.linear_variant not in VARIANTS:
+            return p  # reported above
+        variant = VARIANTS[self.linear_variant]
+        if self.feature_map not in variant.feature_maps:
             p.append(
-                f"model.feature_map hedgehog doubles the key dim, which model.linear_variant "
-                f"{self.linear_variant} (a gate or delta rule over the key dim) does not take"
+                f"model.feature_map {self.feature_map} doubles the key dim, which model.linear_variant "
+                f"{self.linear_variant} (a gate or delta rule over the key dim) does not take; it takes "
+                f"{', '.join(variant.feature_maps)}"
             )
-        if self.qk_norm is True and self.linear_variant in DELTA_VARIANTS and "L" in str(self.layer_pattern):
+        if self.qk_norm is True and variant.delta and "L" in str(self.layer_pattern):
             p.append(
                 f"model.qk_norm (per-head q/k RMSNorm) is not applied by the delta-rule layers of "
                 f"model.linear_variant {self.linear_variant}, which L2-normalise q and k themselves"
@@ -240,9 +299,10 @@ class ModelConfig:
         if self.window < 0:
             p.append(f"model.window must be >= 0 (0: no window), got {self.window}")
         elif self.window:
-            if self.linear_variant not in WINDOW_VARIANTS:
+            if not variant.window:
+                windowed = [name for name, v in VARIANTS.items() if v.window]
                 p.append(
-                    f"model.window ({self.window}) needs model.linear_variant {', '.join(WINDOW_VARIANTS)} "
+                    f"model.window ({self.window}) needs model.linear_variant {', '.join(windowed)} "
                     f"(a state older tokens can be taken out of), got {self.linear_variant}"
                 )
             if self.feature_map not in ("hedgehog", "elu1", "relu"):

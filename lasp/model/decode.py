@@ -24,8 +24,9 @@ from torch import Tensor
 
 from lasp.kernels import linear_attn, state_dtype
 from lasp.kernels.softmax_attn import softmax_attn
-from lasp.model.config import DELTA_VARIANTS, ModelConfig
+from lasp.model.config import ModelConfig
 from lasp.model.llama import DeltaNetAttention, LinearAttention, LinearLlama, SoftmaxAttention
+from lasp.model.variants import VARIANTS
 from lasp.model.window import window_attention
 
 
@@ -93,7 +94,7 @@ class WindowState:
 def _window_channels(cfg: ModelConfig) -> int:
     """Channels of a window layer's rows: keys and values (Hkv x D each), key features, a scalar gate."""
     F = 2 * cfg.head_dim if cfg.feature_map == "hedgehog" else cfg.head_dim
-    gate = cfg.num_heads if cfg.linear_variant == "simple_gla" else 0
+    gate = cfg.num_heads if VARIANTS[cfg.linear_variant].gate == "scalar" else 0  # the gates a window keeps
     return cfg.num_kv_heads * (2 * cfg.head_dim + F) + gate
 
 
@@ -169,7 +170,7 @@ def decode_memory(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> Decod
     state_item = torch.empty((), dtype=state_dtype(dtype)).element_size()
     kv_item = torch.empty((), dtype=dtype).element_size()
     extra = 0
-    if cfg.linear_variant in DELTA_VARIANTS:
+    if VARIANTS[cfg.linear_variant].delta:
         extra = (cfg.conv_size - 1) * (cfg.num_heads + 2 * cfg.num_kv_heads) * D * kv_item
     if cfg.window:
         extra = (cfg.window - 1) * _window_channels(cfg) * kv_item

@@ -1,6 +1,6 @@
 """Import a Hugging Face Llama-family model directory into a LinearLlama, exactly.
 
-    model = LinearLlama.from_hf("path/to/dir", dtype=torch.float64, layer_pattern="LLLS")
+    model = from_hf("path/to/dir", dtype=torch.float64, layer_pattern="LLLS")
 
 Reads config.json and the weights (model.safetensors, or shards listed in model.safetensors.index.json)
 of Llama 2/3/3.1/3.2 (`llama3` RoPE scaling included), Mistral, Qwen2/2.5 (q/k/v biases) and Qwen3
@@ -20,7 +20,10 @@ import os
 import torch
 from torch import nn
 
-from lasp.model.config import DELTA_VARIANTS, ModelConfig
+from lasp.model.config import ModelConfig
+from lasp.model.llama import LinearLlama
+from lasp.model.pretrained import FORMAT, TOKENIZER
+from lasp.model.variants import VARIANTS
 
 ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -182,7 +185,7 @@ def fresh_norm_problems(cfg: ModelConfig, source: ModelConfig) -> list[str]:
     original model. Without a window the linear branch has no normaliser and the norm is what bounds its
     output (either way such a layer starts far off). The delta rule's layers have their gated norm
     whatever output_norm says."""
-    if not (cfg.output_norm and cfg.window) or cfg.linear_variant in DELTA_VARIANTS:
+    if not (cfg.output_norm and cfg.window) or VARIANTS[cfg.linear_variant].delta:
         return []
     layers = [i for i in range(cfg.num_layers) if cfg.mixer(i) == "L" and source.mixer(i) == "S"]
     if not layers:
@@ -344,10 +347,8 @@ def read_weights(path: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def from_hf(path: str, dtype: torch.dtype | None = None, device="cpu", **overrides) -> nn.Module:
+def from_hf(path: str, *, dtype: torch.dtype | None = None, device="cpu", **overrides) -> LinearLlama:
     """The LinearLlama of a Hugging Face directory (see the module doc); `dtype` defaults to the weights'."""
-    from lasp.model.llama import LinearLlama
-
     cfg = model_config(_config_json(path), os.path.join(path, "config.json"), **overrides)
     weights = read_weights(path)
     names = _names(cfg)
@@ -398,15 +399,11 @@ SHAPE_FIELDS = (
 
 def _model_names(cfg: ModelConfig) -> list[str]:
     """The state-dict names of a LinearLlama of `cfg` (built on the meta device: no memory)."""
-    from lasp.model.llama import LinearLlama
-
     with torch.device("meta"):
         return list(LinearLlama(cfg).state_dict())
 
 
 def _is_lasp_export(c: dict) -> bool:
-    from lasp.model.pretrained import FORMAT
-
     return c.get("format") == FORMAT
 
 
@@ -574,8 +571,6 @@ def to_hf(model: nn.Module, directory: str, tokenizer: dict | None = None) -> No
     with transformers' names (and tokenizer.json when the tokenizer description names one). transformers loads it and
     gives the same logits (exactly, with model.float32_norm_rope)."""
     from safetensors.torch import save_file
-
-    from lasp.model.pretrained import TOKENIZER
 
     cfg = model.cfg
     state = model.state_dict()

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lasp.model.variants import VARIANTS
+
 
 class RMSNorm(nn.Module):
     """x / rms(x) * weight, in float32 or better (`float32`: in float32 always, as transformers does)."""
@@ -83,14 +85,16 @@ def log_decay(variant: str, num_heads: int, layer: int, num_layers: int) -> Tens
     lightning: ALiBi slopes scaled down with depth as in TransNormerLLM / Lightning Attention;
     retention: RetNet's gamma_h = 1 - 2^(-5-h).
     """
-    if variant in ("basic", "simple_gla", "gla", "deltanet", "gated_deltanet", "kda"):  # none (or a gate instead)
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown linear variant {variant!r}")
+    if VARIANTS[variant].decay != "constant":  # none, or a data-dependent gate instead
         return None
     if variant == "lightning":
         depth = 1 - layer / max(num_layers - 1, 1) + 1e-5
         return -torch.tensor(_alibi_slopes(num_heads), dtype=torch.float64) * depth
     if variant == "retention":
         return torch.log(1 - 2.0 ** (-5 - torch.arange(num_heads, dtype=torch.float64)))
-    raise ValueError(f"unknown linear variant {variant!r}")
+    raise ValueError(f"linear variant {variant!r} has a constant decay but no formula for it here")
 
 
 class LogGate(nn.Module):
@@ -102,7 +106,7 @@ class LogGate(nn.Module):
 
     def __init__(self, variant: str, hidden: int, heads: int, head_dim: int, rank: int, normalizer: float):
         super().__init__()
-        self.vector, self.head_dim, self.normalizer = variant == "gla", head_dim, normalizer
+        self.vector, self.head_dim, self.normalizer = VARIANTS[variant].gate == "vector", head_dim, normalizer
         if self.vector:
             self.down = nn.Linear(hidden, rank, bias=False)
             self.proj = nn.Linear(rank, heads * head_dim, bias=False)

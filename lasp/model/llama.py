@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from lasp.kernels import linear_attn
 from lasp.kernels.documents import Documents
 from lasp.kernels.softmax_attn import softmax_attn
-from lasp.model.config import DELTA_VARIANTS, GATED_VARIANTS, ModelConfig
+from lasp.model.config import ModelConfig
 from lasp.model.layers import (
     FEATURE_MAPS,
     LogGate,
@@ -29,6 +29,7 @@ from lasp.model.layers import (
     rope_frequencies,
 )
 from lasp.model.moe import MoE
+from lasp.model.variants import VARIANTS
 from lasp.model.window import window_attention
 
 
@@ -147,9 +148,10 @@ class LinearAttention(_Projections):
         g = log_decay(cfg.linear_variant, cfg.num_heads, layer, cfg.num_layers)
         self.register_buffer("log_decay", None if g is None else g.float(), persistent=False)
         self.gate = self.key_gate = None
-        if cfg.linear_variant in GATED_VARIANTS and cfg.gate_source == "key":
-            self.key_gate = (cfg.linear_variant == "gla", cfg.gate_normalizer)
-        elif cfg.linear_variant in GATED_VARIANTS:
+        variant = VARIANTS[cfg.linear_variant]
+        if variant.decay == "gate" and cfg.gate_source == "key":
+            self.key_gate = (variant.gate == "vector", cfg.gate_normalizer)
+        elif variant.decay == "gate":
             self.gate = LogGate(
                 cfg.linear_variant, cfg.hidden_size, cfg.num_heads, cfg.head_dim, cfg.gate_low_rank, cfg.gate_normalizer
             )
@@ -234,13 +236,14 @@ class DeltaNetAttention(_Projections):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__(cfg)
         H, Hkv, D, hidden = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
-        self.variant, self.neg_eigval, self.conv_size = cfg.linear_variant, cfg.allow_neg_eigval, cfg.conv_size
+        self.neg_eigval, self.conv_size = cfg.allow_neg_eigval, cfg.conv_size
         self.q_conv, self.k_conv, self.v_conv = (ShortConv(c, cfg.conv_size) for c in (H * D, Hkv * D, Hkv * D))
         self.b_proj = nn.Linear(hidden, H, bias=False)
         self.a_proj = self.f_down = None
-        if self.variant == "gated_deltanet":
+        gate = VARIANTS[cfg.linear_variant].gate
+        if gate == "scalar":  # Gated DeltaNet
             self.a_proj = nn.Linear(hidden, H, bias=False)
-        elif self.variant == "kda":
+        elif gate == "vector":  # KDA
             self.f_down = nn.Linear(hidden, cfg.gate_low_rank, bias=False)
             self.a_proj = nn.Linear(cfg.gate_low_rank, H * D, bias=False)
         if self.a_proj is not None:
@@ -322,7 +325,7 @@ class Block(nn.Module):
         if cfg.mixer(layer) == "S":
             mixer = SoftmaxAttention
         else:
-            mixer = DeltaNetAttention if cfg.linear_variant in DELTA_VARIANTS else LinearAttention
+            mixer = DeltaNetAttention if VARIANTS[cfg.linear_variant].delta else LinearAttention
         self.mixer = mixer(cfg, layer)
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, cfg.float32_norm_rope)
         moe = cfg.moe is not None and cfg.moe.is_moe(layer)
@@ -373,27 +376,6 @@ class LinearLlama(nn.Module):
 
     def forward(self, tokens: Tensor, positions: Tensor | None = None, documents: Documents | None = None) -> Tensor:
         return self.lm_head(self.hidden_states(tokens, positions, documents))
-
-    @classmethod
-    def from_hf(cls, path, *, dtype: torch.dtype | None = None, device="cpu", **overrides) -> "LinearLlama":
-        """Import a Hugging Face Llama / Mistral / Qwen2 / Qwen3 directory exactly (see lasp.model.hf);
-        `overrides` are ModelConfig fields, e.g. layer_pattern="LLLS" to linearise layers."""
-        from lasp.model.hf import from_hf
-
-        return from_hf(path, dtype=dtype, device=device, **overrides)
-
-    @classmethod
-    def from_pretrained(cls, directory, device="cpu", dtype: torch.dtype | None = None) -> "LinearLlama":
-        """Load a directory written by `save_pretrained` (see lasp.model.pretrained)."""
-        from lasp.model.pretrained import from_pretrained
-
-        return from_pretrained(directory, device, dtype)
-
-    def save_pretrained(self, directory, tokenizer: dict | None = None):
-        """Write model.safetensors + config.json (+ tokenizer.json) to `directory` (see lasp.model.pretrained)."""
-        from lasp.model.pretrained import save_pretrained
-
-        return save_pretrained(self, directory, tokenizer)
 
 
 def lm_loss_sum(logits: Tensor, labels: Tensor) -> Tensor:

@@ -14,8 +14,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
 
 class LoRALinear(nn.Linear):
     """nn.Linear plus a low-rank adapter: y = W x (+ b) + scaling B (A x), scaling = alpha / rank."""
@@ -69,10 +67,8 @@ def add_lora(model: nn.Module, cfg) -> int:
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
-    """The same function without adapters: a new LinearLlama (model.lora_rank 0) whose targeted weights are
-    W + (alpha / r) B A."""
-    from lasp.model.llama import LinearLlama
-
+    """The same function without adapters: a new model of `model`'s class (model.lora_rank 0) whose targeted
+    weights are W + (alpha / r) B A."""
     cfg = dataclasses.replace(model.cfg, lora_rank=0)
     sd = {}
     lora = {name for name, m in model.named_modules() if isinstance(m, LoRALinear)}
@@ -83,6 +79,6 @@ def merge_lora(model: nn.Module) -> nn.Module:
         if owner in lora and leaf == "weight":
             value = model.get_submodule(owner).merged_weight().detach()
         sd[key] = value
-    merged = LinearLlama(cfg).to(device=model.embed.weight.device, dtype=model.embed.weight.dtype)
+    merged = type(model)(cfg).to(device=model.embed.weight.device, dtype=model.embed.weight.dtype)
     merged.load_state_dict(sd)
     return merged

@@ -23,88 +23,13 @@ logits), as megatron-core computes them.
 """
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lasp.model.config import MoEConfig
 from lasp.model.layers import SwiGLU
-
-ROUTERS = ("softmax", "sigmoid")
-
-
-@dataclass
-class MoEConfig:
-    """model.moe: which feed-forward layers are mixtures of experts, and how they route."""
-
-    num_experts: int = 8
-    """Routed experts per MoE layer."""
-    top_k: int = 2
-    """Experts each token is sent to."""
-    ffn_hidden_size: int = 64
-    """Inner width of each routed expert's SwiGLU."""
-    shared_ffn_hidden_size: int = 0
-    """Inner width of a shared expert that every token goes through (DeepSeek, Qwen-MoE); 0: none."""
-    pattern: str = "M"
-    """Feed-forward kind of each layer, repeated cyclically like model.layer_pattern: M = mixture of
-    experts, D = the dense MLP (e.g. "DM": every other layer, from the second)."""
-    router: str = "softmax"
-    """softmax (Mixtral: the top k logits, softmax over them; with top_k 1, Switch: the softmax over all
-    experts, the top one's probability) or sigmoid (DeepSeek-V3: sigmoid scores,
-    normalised over the top k)."""
-    expert_bias: bool = False
-    """Auxiliary-loss-free balancing (DeepSeek-V3): a per-expert bias added to the scores for the choice
-    only, moved after every step by bias_update_rate against the load. Needs router sigmoid."""
-    bias_update_rate: float = 1e-3
-    """Step of the expert bias: b_i += rate * sign(mean load - load_i) per training step."""
-    aux_loss_coeff: float = 1e-2
-    """Weight of the load-balancing loss (per MoE layer); 0: none."""
-    z_loss_coeff: float = 0.0
-    """Weight of the router z-loss (per MoE layer); 0: none."""
-    capacity_factor: float | None = None
-    """None: dropless (every token reaches its k experts). A number: each expert takes at most
-    ceil(tokens x top_k / num_experts x factor) tokens of a forward, on each rank; the rest are dropped."""
-
-    def __post_init__(self):
-        problems = self.problems()
-        if problems:
-            raise ValueError("invalid MoE config:\n  " + "\n  ".join(problems))
-
-    def problems(self) -> list[str]:
-        from lasp.model.config import type_problems
-
-        bad = type_problems(self, "model.moe")
-        p = list(bad.values())
-        for name in ("num_experts", "top_k", "ffn_hidden_size"):
-            if name not in bad and getattr(self, name) < 1:
-                p.append(f"model.moe.{name} must be >= 1, got {getattr(self, name)}")
-        if not {"num_experts", "top_k"} & set(bad) and self.top_k > self.num_experts:
-            p.append(f"model.moe.top_k ({self.top_k}) must be at most model.moe.num_experts ({self.num_experts})")
-        if "shared_ffn_hidden_size" not in bad and self.shared_ffn_hidden_size < 0:
-            p.append(
-                f"model.moe.shared_ffn_hidden_size must be >= 0 (0: no shared expert), got "
-                f"{self.shared_ffn_hidden_size}"
-            )
-        if "pattern" not in bad and (not self.pattern or not set(self.pattern) <= {"M", "D"}):
-            p.append(f"model.moe.pattern must be a non-empty string of M (MoE) and D (dense), got {self.pattern!r}")
-        router_ok = "router" not in bad and self.router in ROUTERS
-        if "router" not in bad and not router_ok:
-            p.append(f"model.moe.router must be one of {', '.join(ROUTERS)}, got {self.router!r}")
-        if router_ok and "expert_bias" not in bad and self.expert_bias and self.router != "sigmoid":
-            p.append(
-                "model.moe.expert_bias (auxiliary-loss-free balancing) needs model.moe.router sigmoid, got "
-                f"{self.router}"
-            )
-        for name in ("aux_loss_coeff", "z_loss_coeff", "bias_update_rate"):
-            if name not in bad and not getattr(self, name) >= 0:
-                p.append(f"model.moe.{name} must be >= 0, got {getattr(self, name)}")
-        if "capacity_factor" not in bad and self.capacity_factor is not None and not self.capacity_factor > 0:
-            p.append(f"model.moe.capacity_factor must be > 0 or null (dropless), got {self.capacity_factor}")
-        return p
-
-    def is_moe(self, layer: int) -> bool:
-        return self.pattern[layer % len(self.pattern)] == "M"
 
 
 def recomputing() -> bool:

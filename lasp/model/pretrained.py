@@ -136,7 +136,7 @@ def model_from_state_dict(
     return model.eval()
 
 
-def from_pretrained(directory: str | Path, device="cpu", dtype: torch.dtype | None = None) -> LinearLlama:
+def from_pretrained(directory: str | Path, *, dtype: torch.dtype | None = None, device="cpu") -> LinearLlama:
     """Load a model written by `save_pretrained` onto one device (dtype None: as stored)."""
     directory = Path(directory)
     config = read_config(directory)

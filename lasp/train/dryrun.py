@@ -2,8 +2,8 @@
 
 import torch
 
-from lasp.model.config import DELTA_VARIANTS, LINEAR_FORMS
 from lasp.model.decode import decode_memory
+from lasp.model.variants import VARIANTS
 from lasp.parallel.mesh import describe
 from lasp.train.config import TrainConfig, dump
 from lasp.train.flops import flops_per_token, hardware_flops_per_token, memory_estimate, param_counts
@@ -45,7 +45,7 @@ def _auto_lines(cfg: TrainConfig) -> list[str]:
             m.head_dim,
             p.sp_layout,
             itemsize,
-            LINEAR_FORMS[m.linear_variant] if kind == "linear" else "none",
+            VARIANTS[m.linear_variant].form if kind == "linear" else "none",
         )
         pool = LINEAR_CANDIDATES if kind == "linear" else SOFTMAX_CANDIDATES
         pool = [c for c in pool if not c.startswith("ulysses") or heads % p.sp == 0]
@@ -101,7 +101,7 @@ def report(cfg: TrainConfig) -> str:
         f"hardware FLOPs per token of the chunked kernels (64-token blocks): "
         f"{_num(hardware_flops_per_token(m, d.seq_len))}",
         f"decoding state per sequence: {_num(dec.fixed_bytes)}B fixed (linear layers' states"
-        f"{' and short-convolution inputs' if m.linear_variant in DELTA_VARIANTS else ''}) + "
+        f"{' and short-convolution inputs' if VARIANTS[m.linear_variant].delta else ''}) + "
         f"{_num(dec.per_token_bytes)}B per token (softmax layers' KV cache), {cfg.train.dtype}",
         f"tokens per rank per microbatch: {local_tokens} ({d.global_batch // p.dp // p.microbatches} rows x "
         f"{d.seq_len // p.sp} tokens)",

@@ -21,8 +21,9 @@ N is the sequence length (tokens attended), H query heads, d the head dim. Hardw
 kernels (intra-chunk quadratic blocks, recomputation) are higher; MFU counts only the model's.
 """
 
-from lasp.model.config import DELTA_VARIANTS, ModelConfig
+from lasp.model.config import ModelConfig
 from lasp.model.lora import targets
+from lasp.model.variants import VARIANTS, Dims
 from lasp.parallel.config import ParallelConfig
 
 BLOCK = 64  # tokens per block of the chunked kernels
@@ -59,15 +60,10 @@ def param_counts(m: ModelConfig) -> dict[str, int]:
     delta rule's convolutions, A_log, dt_bias; Hedgehog's feature maps), LoRA adapters, and the total."""
     h, d, H = m.hidden_size, m.head_dim, m.num_heads
     attn = h * d * (2 * H + 2 * m.num_kv_heads)
-    delta = m.linear_variant in DELTA_VARIANTS
-    projected = m.gate_source == "projection"  # Liger's key gate has no parameters
-    gate = {
-        "simple_gla": h * H * projected,
-        "gla": m.gate_low_rank * (h + H * d) * projected,
-        "deltanet": h * H + h * H * d,  # beta, the output gate
-        "gated_deltanet": 2 * h * H + h * H * d,
-        "kda": h * H + m.gate_low_rank * (h + H * d) + h * H * d,
-    }.get(m.linear_variant, 0)
+    variant = VARIANTS[m.linear_variant]
+    delta = variant.delta
+    sizes = Dims(h, H, d, m.gate_low_rank, m.gate_source == "projection")  # Liger's key gate: no parameters
+    gate = variant.projections(sizes)
     linear = sum(m.mixer(i) == "L" for i in range(m.num_layers))
     mlp, experts, inactive = _mlp_params(m)
     norms = m.num_layers * 2 * h + h + linear * (d if m.output_norm or delta else 0)
@@ -76,7 +72,7 @@ def param_counts(m: ModelConfig) -> dict[str, int]:
     small += H if m.window else 0  # the window's per-head share
     if delta:
         small += m.conv_size * (H + 2 * m.num_kv_heads) * d
-        small += {"gated_deltanet": 2 * H, "kda": H + H * d}.get(m.linear_variant, 0)
+    small += variant.extras(sizes)
     biases = m.num_layers * (H + 2 * m.num_kv_heads) * d if m.attention_bias else 0  # Qwen2's q/k/v biases
     dims = {
         "q_proj": (h, H * d),
@@ -134,7 +130,7 @@ def flops_per_token(m: ModelConfig, seq_len: int) -> float:
     for i in range(m.num_layers):
         if m.mixer(i) == "S":
             f += 6.0 * m.num_heads * d * seq_len
-        elif m.linear_variant in DELTA_VARIANTS:
+        elif VARIANTS[m.linear_variant].delta:
             f += delta_flops_per_token(m)
         else:  # Hedgehog's features are 2 d wide; a window adds its scores and values, twice (taken out)
             f += 12.0 * m.num_heads * d * d * (2 if m.feature_map == "hedgehog" else 1)
@@ -150,7 +146,7 @@ def hardware_flops_per_token(m: ModelConfig, seq_len: int, block: int = BLOCK) -
     more."""
     d = m.head_dim
     linear_layers = sum(m.mixer(i) == "L" for i in range(m.num_layers))
-    if m.linear_variant in DELTA_VARIANTS:
+    if VARIANTS[m.linear_variant].delta:
         return flops_per_token(m, seq_len) + linear_layers * delta_flops_per_token(m, block) / 3
     return flops_per_token(m, seq_len) + linear_layers * 6.0 * m.num_heads * block * 2 * d
 

@@ -22,7 +22,7 @@ from lasp.data import TokenData, local_microbatches
 from lasp.distributed.timeouts import named_timeouts
 from lasp.kernels import get_kernel
 from lasp.model import LinearLlama
-from lasp.model.config import DELTA_VARIANTS
+from lasp.model.variants import VARIANTS
 from lasp.parallel import (
     ParallelGroups,
     attention_transfer,
@@ -60,14 +60,15 @@ class NonFiniteError(RuntimeError):
 def _check_kernel(cfg: TrainConfig, kernel) -> None:
     """What the model and the data ask of the linear-attention kernel, before any process group."""
     problems, gates = [], kernel.caps.gates
-    form = {"simple_gla": "scalar", "gla": "vector"}.get(cfg.model.linear_variant)
+    variant = VARIANTS[cfg.model.linear_variant]
+    form = None if variant.delta or variant.gate == "none" else variant.gate  # the delta rule's gate: its own
     linear = any(cfg.model.mixer(i) == "L" for i in range(cfg.model.num_layers))
     if linear and form is not None and form not in gates:
         problems.append(
             f"model.linear_variant {cfg.model.linear_variant} needs a {form} gate, which the "
             f"{kernel.name!r} kernel lacks (train.kernel={cfg.train.kernel}); set train.kernel=torch"
         )
-    if linear and cfg.model.linear_variant in DELTA_VARIANTS and not kernel.caps.delta:
+    if linear and variant.delta and not kernel.caps.delta:
         problems.append(
             f"model.linear_variant {cfg.model.linear_variant} needs the delta rule, which the "
             f"{kernel.name!r} kernel lacks (train.kernel={cfg.train.kernel}); set train.kernel=torch"
