@@ -10,8 +10,9 @@ import pytest
 import yaml
 
 from lasp.model import LinearLlama, ModelConfig
+from lasp.parallel.config import ParallelConfig
 from lasp.train.__main__ import main
-from lasp.train.config import ConfigError, TrainConfig, load_config, resolve
+from lasp.train.config import ConfigError, DataConfig, RunConfig, TrainConfig, load_config, resolve
 from lasp.train.flops import flops_per_token, hardware_flops_per_token, param_counts
 from lasp.train.optim import lr_at
 
@@ -514,9 +515,25 @@ def test_attention_transfer_names_what_it_needs():
     ]:
         assert any(part in q for q in p), p
     assert any(
-        "train.objective must be lm or attention_transfer, got 'mse'" in q
+        "train.objective: expected one of 'lm', 'attention_transfer', got str 'mse'" in q
         for q in _problems({"train": {"objective": "mse"}})
     )
+
+
+def test_the_config_checks_itself_and_probes_apart(tmp_path):
+    """The rules across sections are the config's problems(), the file-system probes its preflight(): a
+    config built in Python is checked the same way as one read from YAML."""
+    cfg = TrainConfig(
+        parallel=ParallelConfig(pp=2),
+        data=DataConfig(path=str(tmp_path / "none")),
+        train=RunConfig(distill_weight=0.5, resume=str(tmp_path / "nowhere")),
+    )
+    assert any("train.distill_weight runs with parallel.pp = 1" in q for q in cfg.problems(world_size=2))
+    assert not any("data.path" in q for q in cfg.problems(world_size=2))  # no file is read
+    probes = cfg.preflight()
+    assert any(q.startswith("data.path") and "python -m lasp.data prepare" in q for q in probes), probes
+    assert any(q.startswith(f"train.resume: {tmp_path / 'nowhere'}") for q in probes), probes
+    assert cfg.problems(world_size=2, broken=frozenset({"parallel"})) == []  # its rules skipped
 
 
 def test_distillation_names_what_it_needs():

@@ -118,7 +118,7 @@ class ScheduleConfig:
 
 
 @dataclass
-class TrainSection:
+class RunConfig:
     """The run: length, numerics, device, evaluation and what happens on trouble."""
 
     steps: int = 100
@@ -158,11 +158,11 @@ class TrainSection:
     Face Llama / Mistral / Qwen2 / Qwen3 directory or a LASP export. The model section must have the same
     shape; layer_pattern and linear_variant may differ (linear layers reuse the softmax layers' q, k, v, o
     and initialise what is new). A checkpoint to resume from wins: the run continues from it."""
-    trainable: str = "all"
+    trainable: Literal["all", "new", "lora"] = "all"
     """Which parameters train: all; new (only those train.init_from does not provide: a linearised layer's
     gates, beta, convolutions, output norms, feature maps); or lora (only the LoRA adapters of
     model.lora_rank). The rest is frozen and has no optimizer state."""
-    objective: str = "lm"
+    objective: Literal["lm", "attention_transfer"] = "lm"
     """What the loss is: lm (next-token cross-entropy), or attention_transfer (LoLCATs' stage 1: each linear
     layer's output before o_proj is trained to match the softmax attention of the same layer and weights on
     the same inputs, which the forward passes on; the loss is the squared error summed over layers, averaged
@@ -197,17 +197,13 @@ class TrainSection:
             p.append(f"train.max_minutes must be > 0 (or null for no limit), got {self.max_minutes}")
         if not self.resume:
             p.append("train.resume must be auto, never or the path of a checkpoint, got an empty string")
-        if self.trainable not in ("all", "new", "lora"):
-            p.append(f"train.trainable must be all, new or lora, got {self.trainable!r}")
-        elif self.trainable == "new" and not self.init_from:
+        if self.trainable == "new" and not self.init_from:
             p.append("train.trainable = new needs train.init_from (the weights that stay frozen)")
         if not self.distill_weight >= 0:
             p.append(f"train.distill_weight must be >= 0 (0: no distillation), got {self.distill_weight}")
         elif self.distill_weight and self.objective != "lm":
             p.append(f"train.distill_weight ({self.distill_weight}) adds to the lm objective, not to {self.objective}")
-        if self.objective not in ("lm", "attention_transfer"):
-            p.append(f"train.objective must be lm or attention_transfer, got {self.objective!r}")
-        elif self.objective == "attention_transfer" and self.trainable != "new":
+        if self.objective == "attention_transfer" and self.trainable != "new":
             p.append(
                 f"train.objective = attention_transfer trains only the new parameters: set train.trainable "
                 f"= new (got {self.trainable!r})"
@@ -282,13 +278,92 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    train: TrainSection = field(default_factory=TrainSection)
+    train: RunConfig = field(default_factory=RunConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     @property
     def tokens_per_step(self) -> int:
         return self.data.global_batch * self.data.seq_len
+
+    def problems(self, world_size: int | None = None, broken: frozenset[str] = frozenset()) -> list[str]:
+        """Every section's own problems, then the rules across sections. A rule that reads a section in
+        `broken` (one that did not build: its problems are already reported) is skipped. `world_size` None:
+        the configured mesh (dry runs)."""
+        ok = lambda *names: not broken & set(names)
+        model = self.model if ok("model") else None
+        m, par, data, run = self.model, self.parallel, self.data, self.train
+        # every section checks itself; parallel's checks need the model, the world and the batch (below)
+        p = [q for name in SECTIONS if name != "parallel" and ok(name) for q in getattr(self, name).problems()]
+        if ok("parallel", "data"):
+            world = par.world_size if world_size is None else world_size
+            # a data.seq_len or data.global_batch below 1 is reported by both: once is enough
+            p += [q for q in par.problems(model, world, data.seq_len, data.global_batch) if q not in p]
+        if ok("model", "train") and run.checkpoint_every > m.num_layers:
+            p.append(
+                f"train.activation_checkpointing every {run.checkpoint_every} layers, but the model has {m.num_layers}"
+            )
+        if ok("parallel", "train") and par.zero_stage and run.nonfinite == "skip":
+            p.append(
+                f"train.nonfinite = skip needs parallel.zero_stage 0 (got {par.zero_stage}): DeepSpeed "
+                "applies the update inside its step; use train.nonfinite = stop"
+            )
+        if ok("model", "train") and run.trainable == "lora" and not m.lora_rank:
+            p.append("train.trainable = lora needs adapters: set model.lora_rank (and model.lora_targets)")
+        if ok("train") and run.objective == "attention_transfer":
+            if model is not None and not any(m.mixer(i) == "L" for i in range(m.num_layers)):
+                p.append(
+                    f"train.objective = attention_transfer needs linear layers, but model.layer_pattern "
+                    f"{m.layer_pattern!r} has none"
+                )
+            if ok("parallel") and par.pp != 1:
+                p.append(
+                    f"train.objective = attention_transfer runs with parallel.pp = 1 (every layer's error is "
+                    f"summed on one stage), got {par.pp}"
+                )
+        if ok("train", "parallel") and run.eval_positions:
+            why = [
+                f"parallel.{k} = {getattr(par, k)}"
+                for k, want in (("tp", 1), ("pp", 1), ("zero_stage", 0))
+                if getattr(par, k) != want
+            ]
+            why += [f"train.objective = {run.objective}"] if run.objective != "lm" else []
+            why += ["train.eval_interval = 0"] if not run.eval_interval else []
+            if why:
+                p.append(
+                    "train.eval_positions needs tp = pp = 1, zero_stage 0, the lm objective and "
+                    f"evaluations; got {', '.join(why)}"
+                )
+        if ok("train", "parallel") and run.distill_weight and par.pp != 1:
+            p.append(f"train.distill_weight runs with parallel.pp = 1 (the teacher runs the whole model), got {par.pp}")
+        return p
+
+    def preflight(self, broken: frozenset[str] = frozenset()) -> list[str]:
+        """The probes of the file system, before any process group: the dataset is there and fits the model,
+        the run and checkpoint directories can be written, train.init_from holds weights of this model's
+        shape and the data's tokenizer, train.resume is a checkpoint. Sections in `broken` are skipped."""
+        ok = lambda *names: not broken & set(names)
+        model = self.model if ok("model") else None
+        run = self.train if ok("train") else None
+        p = []
+        if ok("data"):
+            p += _data_problems(self.data, model, evaluate=run is not None and run.eval_interval > 0)
+        if ok("logging"):
+            p += writable("logging.run_dir", self.logging.run_dir, directory=True)
+            if ok("checkpoint") and self.checkpoint.dir is not None:
+                p += writable("checkpoint.dir", self.checkpoint.dir, directory=True)
+        if run is not None and run.init_from and model is not None:
+            p += _init_from_problems(run.init_from, model, self.data.path if ok("data") else None)
+        if run is not None and run.resume not in ("auto", "never", ""):
+            from lasp.train.ckpt_store import describe
+
+            what = describe(run.resume)
+            if what is not None:
+                p.append(f"train.resume: {run.resume} {what}")
+        return p
+
+
+SECTIONS = tuple(f.name for f in dataclasses.fields(TrainConfig))
 
 
 def _data_problems(data: DataConfig, model: ModelConfig | None, evaluate: bool) -> list[str]:
@@ -330,109 +405,45 @@ def _data_problems(data: DataConfig, model: ModelConfig | None, evaluate: bool) 
     return p
 
 
-def _output_problems(logging: LoggingConfig, checkpoint: CheckpointConfig | None) -> list[str]:
-    """The run directory and the checkpoint directory can be made and written (nothing is created here)."""
-    p = writable("logging.run_dir", logging.run_dir, directory=True)
-    if checkpoint is not None and checkpoint.dir is not None:
-        p += writable("checkpoint.dir", checkpoint.dir, directory=True)
-    return p
+def _init_from_problems(init_from: str, model: ModelConfig, data_path: str | None) -> list[str]:
+    """train.init_from holds weights of `model`'s shape, with token ids that mean what the data's do."""
+    from lasp.model.hf import HFImportError, mismatches, source_config
 
+    try:
+        p = [f"train.init_from: {q}" for q in mismatches(model, source_config(init_from))]
+        if data_path is not None:
+            from lasp.data.dataset import tokenizer_against
+            from lasp.model.pretrained import recorded_tokenizer
 
-def _transfer_problems(model: ModelConfig | None, par) -> list[str]:
-    p = []
-    if model is not None and not any(model.mixer(i) == "L" for i in range(model.num_layers)):
-        p.append(
-            f"train.objective = attention_transfer needs linear layers, but model.layer_pattern "
-            f"{model.layer_pattern!r} has none"
-        )
-    if par is not None and par.pp != 1:
-        p.append(
-            f"train.objective = attention_transfer runs with parallel.pp = 1 (every layer's error is summed "
-            f"on one stage), got {par.pp}"
-        )
-    return p
+            p += tokenizer_against(data_path, init_from, recorded_tokenizer(init_from))
+        return p
+    except (HFImportError, ValueError, OSError, KeyError) as e:
+        return [f"train.init_from: {e}".replace("\n", "\n  ")]
 
 
 def resolve(data: dict, source: str, world_size: int | None, check_data: bool = True) -> TrainConfig:
-    """A TrainConfig from a parsed YAML dict, or ConfigError with every problem. `world_size` None skips
-    the check against the launched world (dry runs picture the configured mesh); `check_data` False skips
-    the checks of the filesystem (the dataset, and that the run and checkpoint directories are writable)."""
+    """A TrainConfig from a parsed YAML dict, or ConfigError with every problem: each section built
+    (schema), its problems and the rules across sections (`TrainConfig.problems`), then, unless `check_data`
+    is False, the probes of the file system (`TrainConfig.preflight`). `world_size` None skips the check
+    against the launched world (dry runs picture the configured mesh)."""
     problems: list[str] = []
-    sections = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
     for key in data:
-        if key not in sections:
-            close = difflib.get_close_matches(str(key), sections, n=1)
+        if key not in SECTIONS:
+            close = difflib.get_close_matches(str(key), SECTIONS, n=1)
             problems.append(
                 f"{key}: unknown section"
-                + (f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(sections)})")
+                + (f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(SECTIONS)})")
             )
-    built = {name: schema.build(cls, data.get(name), name, problems) for name, cls in sections.items()}
-    for name in ("data", "optim", "schedule", "train", "checkpoint", "logging"):
-        if built[name] is not None:
-            problems += built[name].problems()
-    model, par, dcfg, tcfg = built["model"], built["parallel"], built["data"], built["train"]
-    if par is not None and dcfg is not None:  # model None: its own problems are in, the layout's still come
-        world = par.world_size if world_size is None else world_size
-        # a data.seq_len or data.global_batch below 1 is reported by both: once is enough
-        problems += [q for q in par.problems(model, world, dcfg.seq_len, dcfg.global_batch) if q not in problems]
-    if model is not None and tcfg is not None and tcfg.checkpoint_every > model.num_layers:
-        problems.append(
-            f"train.activation_checkpointing every {tcfg.checkpoint_every} layers, but the model has {model.num_layers}"
-        )
-    if par is not None and tcfg is not None and par.zero_stage and tcfg.nonfinite == "skip":
-        problems.append(
-            f"train.nonfinite = skip needs parallel.zero_stage 0 (got {par.zero_stage}): DeepSpeed "
-            "applies the update inside its step; use train.nonfinite = stop"
-        )
-    if tcfg is not None and model is not None and tcfg.trainable == "lora" and not model.lora_rank:
-        problems.append("train.trainable = lora needs adapters: set model.lora_rank (and model.lora_targets)")
-    if tcfg is not None and tcfg.objective == "attention_transfer":
-        problems += _transfer_problems(model, par)
-    if tcfg is not None and par is not None and tcfg.eval_positions:
-        bad = [
-            f"parallel.{k} = {getattr(par, k)}"
-            for k, ok in (("tp", 1), ("pp", 1), ("zero_stage", 0))
-            if getattr(par, k) != ok
-        ]
-        if bad or tcfg.objective != "lm" or not tcfg.eval_interval:
-            why = (
-                bad
-                + ([f"train.objective = {tcfg.objective}"] if tcfg.objective != "lm" else [])
-                + (["train.eval_interval = 0"] if not tcfg.eval_interval else [])
-            )
-            problems.append(
-                "train.eval_positions needs tp = pp = 1, zero_stage 0, the lm objective and "
-                f"evaluations; got {', '.join(why)}"
-            )
-    if tcfg is not None and par is not None and tcfg.distill_weight and par.pp != 1:
-        problems.append(
-            f"train.distill_weight runs with parallel.pp = 1 (the teacher runs the whole model), got {par.pp}"
-        )
-    if check_data and dcfg is not None:
-        problems += _data_problems(dcfg, model, evaluate=tcfg is not None and tcfg.eval_interval > 0)
-    if check_data and built["logging"] is not None:
-        problems += _output_problems(built["logging"], built["checkpoint"])
-    if check_data and tcfg is not None and tcfg.init_from and model is not None:
-        from lasp.model.hf import HFImportError, mismatches, source_config
-
-        try:
-            problems += [f"train.init_from: {q}" for q in mismatches(model, source_config(tcfg.init_from))]
-            if dcfg is not None:  # the weights' token ids must mean what the data's do
-                from lasp.data.dataset import tokenizer_against
-                from lasp.model.pretrained import recorded_tokenizer
-
-                problems += tokenizer_against(dcfg.path, tcfg.init_from, recorded_tokenizer(tcfg.init_from))
-        except (HFImportError, ValueError, OSError, KeyError) as e:
-            problems.append(f"train.init_from: {e}".replace("\n", "\n  "))
-    if check_data and tcfg is not None and tcfg.resume and tcfg.resume not in ("auto", "never"):
-        from lasp.train.ckpt_store import describe
-
-        what = describe(tcfg.resume)
-        if what is not None:
-            problems.append(f"train.resume: {tcfg.resume} {what}")
+    types = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+    built = {name: schema.build(cls, data.get(name), name, problems) for name, cls in types.items()}
+    broken = frozenset(name for name, section in built.items() if section is None)
+    cfg = TrainConfig(**{name: section for name, section in built.items() if section is not None})
+    problems += cfg.problems(world_size, broken)
+    if check_data:
+        problems += cfg.preflight(broken)
     if problems:
         raise ConfigError(source, problems)
-    return TrainConfig(**built)
+    return cfg
 
 
 def _yaml_problem(e: yaml.YAMLError) -> str:
