@@ -18,7 +18,7 @@ import torch.multiprocessing as mp
 
 from lasp import lasp2_linear_attn, linear_attn, shard_sequence
 from lasp.cli import at_least, processes, sequence, usage_error
-from lasp.distributed.events import profiled_ops
+from lasp.distributed.events import cpu_profile, profiled_ops
 
 _ELEM = {"Float": 4, "Double": 8, "Half": 2, "BFloat16": 2}
 
@@ -56,9 +56,9 @@ def _run(rank: int, args, store_path: str) -> None:
     for layout in ("contiguous", "zigzag"):
         shard = lambda x: shard_sequence(x, rank=rank, world_size=W, layout=layout)  # noqa: E731
         local = [shard(x).requires_grad_() for x in (q, k, v)]
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as pf:
+        with cpu_profile(record_shapes=True) as pf:
             o = lasp2_linear_attn(*local, layout=layout, log_decay=log_decay)
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as pb:
+        with cpu_profile(record_shapes=True) as pb:
             o.backward(shard(do))
         diffs = torch.stack(
             [(o - shard(o_ref)).abs().max()] + [(x.grad - shard(r.grad)).abs().max() for x, r in zip(local, full)]

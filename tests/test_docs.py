@@ -143,6 +143,46 @@ def test_every_relative_link_resolves():
     assert not problems, "broken links:\n" + "\n".join(problems)
 
 
+CITE = re.compile(r"docs/design\.md,\s*\"([^\"]+)\"")
+
+
+def design_citations(text: str) -> list[str]:
+    """The sections of docs/design.md a source text cites, `docs/design.md, "Section"`, also where the
+    citation runs over a line break inside a comment or a docstring."""
+    return CITE.findall(re.sub(r"\s*\n\s*(?:#\s*)?", " ", text))
+
+
+def test_every_cited_design_section_exists():
+    """Code cites the design by section name; every name cited in lasp/, tests, scripts and examples is a
+    heading of docs/design.md, and nothing cites a design document outside the repository."""
+    sections = {
+        slug(m.group(2))
+        for _, line in prose_lines((ROOT / "docs" / "design.md").read_text())
+        if (m := HEADING.match(line))
+    }
+    assert design_citations('x  # see docs/design.md,\n    # "The math" and docs/design.md, "Layouts"') == [
+        "The math",
+        "Layouts",
+    ]
+    files = [
+        p
+        for d in ("lasp", "tests", "scripts", "examples")
+        for p in (ROOT / d).rglob("*")
+        if p.suffix in (".py", ".sh") and p.name != "test_docs.py"  # this file's own examples
+    ]
+    cited, outside = {}, []
+    for path in files:
+        text = path.read_text(encoding="utf-8")
+        for name in design_citations(text):
+            cited.setdefault(name, []).append(str(path.relative_to(ROOT)))
+        if re.search(r"(?<![\w/])DESIGN\.md", text):
+            outside.append(str(path.relative_to(ROOT)))
+    assert len(cited) >= 5, cited
+    missing = {name: where for name, where in cited.items() if slug(name) not in sections}
+    assert not missing, f"cited sections that docs/design.md lacks: {missing}"
+    assert not outside, f"these cite a DESIGN.md outside the repository: {outside}"
+
+
 def test_readme_is_short():
     n = len((ROOT / "README.md").read_text(encoding="utf-8").splitlines())
     assert n <= README_MAX_LINES, f"README.md has {n} lines, at most {README_MAX_LINES}"

@@ -23,7 +23,7 @@ import torch.multiprocessing as mp
 
 from lasp.bench.common import environment, write_jsonl
 from lasp.cli import processes, sequence, usage_error, writable
-from lasp.distributed.events import profiled_ops
+from lasp.distributed.events import cpu_profile, profiled_ops
 
 B, H, HKV, D = 1, 8, 2, 64
 ALGOS = ["lasp2", "lasp1", "ulysses_linear", "lasp2h", "ring", "ulysses_softmax"]
@@ -76,10 +76,9 @@ def _run(rank: int, W: int, N: int, store: str, result_path: str) -> None:
     rows = []
     for algo in ALGOS:
         q, k, v = (local[n].clone().requires_grad_() for n in "qkv")
-        act = [torch.profiler.ProfilerActivity.CPU]
-        with torch.profiler.profile(activities=act, record_shapes=True) as pf:
+        with cpu_profile(record_shapes=True) as pf:
             o = ops[algo](q, k, v)
-        with torch.profiler.profile(activities=act, record_shapes=True) as pb:
+        with cpu_profile(record_shapes=True) as pb:
             o.backward(local["do"])
         rows.append({"algo": algo, "rank": rank, "fwd": _received(pf, W), "bwd": _received(pb, W)})
     gathered = [None] * W

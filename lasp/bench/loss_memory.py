@@ -27,10 +27,10 @@ import json
 from pathlib import Path
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 from lasp.bench.common import environment, write_jsonl
 from lasp.cli import at_least, usage_error, writable
+from lasp.distributed.events import cpu_profile
 from lasp.model import chunked_lm_loss_sum, lm_loss_sum
 
 MEASURED, FAKE = "measured", "fake-tensor tracked"
@@ -59,7 +59,7 @@ def estimated_bytes(
 
 def peak_cpu_memory(fn) -> int:
     """Highest number of bytes torch had allocated on the CPU, above the starting point, while fn() ran."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with cpu_profile(profile_memory=True) as prof:
         fn()
     events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
     now = peak = 0

@@ -15,7 +15,7 @@ import json
 import torch
 import torch.distributed as dist
 
-from lasp.distributed.events import profiled_ops
+from lasp.distributed.events import cpu_profile, profiled_ops
 
 _BYTES = {"float": 4, "double": 8, "long int": 8, "int": 4, "c10::BFloat16": 2, "c10::Half": 2, "bool": 1}
 
@@ -50,7 +50,7 @@ def main(argv=None) -> None:
         0, m.vocab_size, (cfg.data.global_batch, cfg.data.seq_len + 1), generator=torch.Generator().manual_seed(1)
     )
     train_step(stage, tokens, par, groups)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+    with cpu_profile(record_shapes=True) as prof:
         train_step(stage, tokens, par, groups)
     ops = profiled_ops(prof, "gloo:")
     moe_layers = sum(m.moe is not None and m.moe.is_moe(i) for i in range(m.num_layers))

@@ -6,7 +6,21 @@ exactness tests. The raw Kineto events carry what counting needs (name, input sh
 and duration) at a fraction of the cost.
 """
 
+import os
 from typing import NamedTuple
+
+import torch
+
+QUIET_KINETO = "6"  # above Kineto's highest log level (USDT, 5)
+
+
+def cpu_profile(**kw) -> torch.profiler.profile:
+    """torch.profiler.profile of the CPU ops (`kw`: record_shapes, profile_memory), without the two log lines
+    Kineto prints to stderr for every profiled region (`USDT: ... profiler_start` / `profiler_stop`), which
+    would bury a benchmark's own output under hundreds of them: KINETO_LOG_LEVEL is set above its highest
+    level unless the environment sets it (Kineto's errors then go unprinted too)."""
+    os.environ.setdefault("KINETO_LOG_LEVEL", QUIET_KINETO)
+    return torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], **kw)
 
 
 class Op(NamedTuple):

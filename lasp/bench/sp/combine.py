@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from lasp.distributed.events import cpu_profile
+
 METHODS = ("lasp2", "lasp1", "allscan", "logscan", "ulysses")
 STATES = {"small": dict(H=2, K=32), "large": dict(H=16, K=128)}
 # ZeCO (arXiv 2507.01004): 256 H100s, a 1B GLA model at 32K tokens per GPU
@@ -105,8 +107,7 @@ def measure_cell(group, W: int, rank: int, state: str, T: int, layout: str, reps
     rows = []
     for method in [m for m in METHODS if m != "ulysses" or H % W == 0]:  # Ulysses splits the heads
         took = _slowest(median_time(step(method), reps, before=barrier), group)
-        act = [torch.profiler.ProfilerActivity.CPU]
-        with torch.profiler.profile(activities=act, record_shapes=True) as prof, p2p_log() as hops:
+        with cpu_profile(record_shapes=True) as prof, p2p_log() as hops:
             step(method)()
         got = sum(m.nbytes for m in messages(prof, hops))
         most = torch.tensor([got], dtype=torch.float64)

@@ -15,7 +15,7 @@ import torch
 
 import lasp
 from lasp.distributed.comm import p2p_log
-from lasp.distributed.events import profiled_ops
+from lasp.distributed.events import cpu_profile, profiled_ops
 from lasp.sp.cost import Message
 from lasp.sp.layout import SeqLayout
 
@@ -125,9 +125,8 @@ def measure(case: Case, group, rank: int, reps: int, *, check_ranks: bool, barri
     times = [once() for _ in range(reps)]
     if dev.type == "cuda":  # above the inputs, as on a CPU below
         peak = (torch.cuda.max_memory_allocated() - base) / 2**30
-    act = [torch.profiler.ProfilerActivity.CPU]
     count = count or (lambda: contextlib.nullcontext([]))
-    prof = functools.partial(torch.profiler.profile, activities=act, record_shapes=True, profile_memory=True)
+    prof = functools.partial(cpu_profile, record_shapes=True, profile_memory=True)
     with prof() as pf, p2p_log() as hops_f, count() as more_f:
         o = fn(q, k, v, **kw)
     with prof() as pb, p2p_log() as hops_b, count() as more_b:

@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from lasp.bench.common import environment, write_jsonl
 from lasp.bench.sp.methods import Case, measure
+from lasp.distributed.events import cpu_profile
 from lasp.sp.layout import SeqLayout
 
 CALIBRATION_BYTES = (4 << 10, 64 << 10, 512 << 10, 2 << 20, 8 << 20)
@@ -93,8 +94,7 @@ def _hybrid_steps(args, rank: int, world: int) -> list[dict]:
                 t0 = time.perf_counter()
                 train_step(stage, tokens, pcfg, groups)
                 times.append(time.perf_counter() - t0)
-            act = [torch.profiler.ProfilerActivity.CPU]
-            with torch.profiler.profile(activities=act, record_shapes=True) as prof, p2p_log() as hops:
+            with cpu_profile(record_shapes=True) as prof, p2p_log() as hops:
                 train_step(stage, tokens, pcfg, groups)
             step = statistics.median(times)
             rows.append(
