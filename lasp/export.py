@@ -16,65 +16,7 @@ import tempfile
 
 import torch
 
-
-def read_tensors(checkpoint_dir: str, prefix: str) -> dict[str, torch.Tensor]:
-    """Every tensor of a verified DCP checkpoint whose key starts with `prefix`, whole (its shards joined),
-    keyed without the prefix. Reads only those tensors, in this one process."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.api import CheckpointException
-    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
-
-    from lasp.train.ckpt_store import CheckpointError, last_line
-
-    reader = dcp.FileSystemReader(checkpoint_dir)
-    keys = {k for k in reader.read_metadata().state_dict_metadata if k.startswith(prefix)}
-    if not keys:
-        raise CheckpointError(f"checkpoint {checkpoint_dir} holds no tensors under {prefix!r}")
-    sd: dict = {}
-    # what dcp's own _load_state_dict_from_keys does, without its collective when a process group exists
-    try:
-        _load_state_dict(sd, storage_reader=reader, planner=_EmptyStateDictLoadPlanner(keys=keys), no_dist=True)
-    except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP's own is a BaseException
-        raise CheckpointError(
-            f"checkpoint {checkpoint_dir} could not be read ({last_line(e)}): a damaged file? (a "
-            "checkpoint saved before the sha256 manifests is checked by sizes only)"
-        ) from None
-    return {k[len(prefix) :]: v for k, v in sd.items()}
-
-
-def consolidate(checkpoint_dir: str):
-    """(ModelConfig, the single-device state dict of LinearLlama, the data's tokenizer description) of a
-    trainer checkpoint. ZeRO checkpoints are consolidated with DeepSpeed's zero_to_fp32 (tp = 1 only)."""
-    from lasp.model import ModelConfig
-    from lasp.train import ckpt_store
-    from lasp.train.ckpt_store import CheckpointError
-
-    ckpt_store.verify(checkpoint_dir)
-    info = ckpt_store.read_state(checkpoint_dir)
-    cfg = ModelConfig(**info["model"])
-    if info["layout"].get("zero_stage"):
-        if info["layout"]["tp"] != 1:
-            raise CheckpointError(
-                f"{checkpoint_dir}: exporting a ZeRO checkpoint saved with tp = "
-                f"{info['layout']['tp']} is not supported (only tp = 1)"
-            )
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        sd = dict(get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag="zero"))
-    else:
-        sd = read_tensors(checkpoint_dir, "model/")
-    if cfg.tie_embeddings:
-        sd["lm_head.weight"] = sd["embed.weight"]
-    return cfg, sd, info.get("tokenizer") or {}
-
-
-def load_model(checkpoint_dir: str, device: str = "cpu", dtype: torch.dtype | None = None):
-    """A trainer checkpoint as a LinearLlama on one device, plus its tokenizer description."""
-    from lasp.model.pretrained import model_from_state_dict
-
-    cfg, sd, tokenizer = consolidate(checkpoint_dir)
-    return model_from_state_dict(cfg, sd, checkpoint_dir, device=device, dtype=dtype), tokenizer
+from lasp.artifacts import checkpoint_model
 
 
 def _tokenizer_file(checkpoint: str) -> list[str]:
@@ -127,7 +69,7 @@ def main(argv=None) -> int:
         problems += new_directory("--out", out, args.force, export_files, OWN, inputs)
     usage_error(p, problems)
     try:
-        model, tokenizer = load_model(args.checkpoint, dtype=getattr(torch, args.dtype))
+        model, tokenizer = checkpoint_model(args.checkpoint, dtype=getattr(torch, args.dtype))
         if model.cfg.lora_rank:
             from lasp.model.lora import merge_lora
 

@@ -4,7 +4,8 @@
         [--top-p 0.95] [--seed S] [--device auto|cpu|cuda] [--dtype float32|bfloat16]
 
 DIR is an export directory (model.safetensors + config.json, from `save_pretrained` / lasp.export) or a
-trainer checkpoint directory, consolidated into one single-device state dict by `lasp.export.consolidate`.
+trainer checkpoint directory, consolidated into one single-device state dict (lasp.artifacts), or a Hugging
+Face directory.
 The prompt and the generated text go to stdout as they come; a summary (tokens, tokens/s, bytes of
 decoding state) goes to stderr. Linear layers decode with a fixed-size state, softmax layers with a KV cache.
 """
@@ -12,68 +13,14 @@ decoding state) goes to stderr. Linear layers decode with a fixed-size state, so
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import torch
 
+from lasp.artifacts import load
 from lasp.cli import at_least, memory
-from lasp.data.tokenizer import ByteTokenizer, DataError, load_tokenizer
 from lasp.model.decode import DecodeState, decode_memory, forward_memory, generate
-from lasp.model.pretrained import CONFIG, TOKENIZER, WEIGHTS, from_pretrained, model_from_state_dict, read_config
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-def tokenizer_from_description(desc: dict | None, local_file: Path | None = None, source: str = "checkpoint"):
-    """The tokenizer a model was trained with, from its `describe()` dict: "byte" -> ByteTokenizer;
-    otherwise `local_file` (a copied tokenizer.json) when it exists, else the recorded path. A recorded
-    sha256 must match the file found."""
-    if not desc:
-        raise DataError(f"{source} records no tokenizer: cannot turn text into ids")
-    if desc.get("name") == "byte":
-        return ByteTokenizer()
-    path = local_file if local_file is not None and local_file.is_file() else desc.get("path")
-    if not path:
-        raise DataError(f"{source}: tokenizer {desc.get('name')!r} has no tokenizer.json beside it and no path")
-    tok = load_tokenizer(str(path))
-    if desc.get("sha256") and tok.sha256 != desc["sha256"]:
-        raise DataError(
-            f"{source}: tokenizer file {str(path)!r} is not the one the model was trained with "
-            f"(sha256 {tok.sha256[:12]}..., recorded {desc['sha256'][:12]}...)"
-        )
-    return tok
-
-
-def load_tokenizer_for(directory: str | Path):
-    """The tokenizer recorded in an export directory's config.json (its tokenizer.json copy if any)."""
-    directory = Path(directory)
-    return tokenizer_from_description(
-        read_config(directory)["tokenizer"], directory / TOKENIZER, str(directory / CONFIG)
-    )
-
-
-class UsageError(ValueError):
-    """A --checkpoint that is neither an export directory nor a readable trainer checkpoint."""
-
-
-def load_for_generation(checkpoint: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32):
-    """(model, tokenizer) from an export directory or a trainer checkpoint directory."""
-    d = Path(checkpoint)
-    if not d.is_dir():
-        raise UsageError(f"--checkpoint {str(d)!r} is not a directory")
-    if (d / WEIGHTS).is_file() or (d / CONFIG).is_file():
-        return from_pretrained(d, dtype=dtype, device=device), load_tokenizer_for(d)
-    from lasp.export import consolidate
-    from lasp.train.ckpt_store import CheckpointError
-
-    try:
-        cfg, state_dict, tok_desc = consolidate(str(d))
-    except CheckpointError as e:
-        raise UsageError(
-            f"{d} is neither an export directory (no {WEIGHTS}) nor a usable trainer checkpoint: {e}"
-        ) from e
-    model = model_from_state_dict(cfg, state_dict, str(d), device, dtype)
-    return model, tokenizer_from_description(tok_desc, None, str(d))
 
 
 class _Stream:
@@ -132,7 +79,7 @@ def main(argv=None) -> int:
         return 2
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     try:
-        model, tok = load_for_generation(args.checkpoint, device, DTYPES[args.dtype])
+        model, tok = load(args.checkpoint, dtype=DTYPES[args.dtype], device=device)
         prompt = tok.encode(args.prompt)
         held = len(prompt) + args.max_new_tokens  # the KV caches are allocated for all of them at once
         need = forward_memory(model.cfg, model.embed.weight.dtype, len(prompt), logits_tokens=1, held_tokens=held)

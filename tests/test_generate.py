@@ -3,12 +3,12 @@
 import json
 import subprocess
 import sys
-import types
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from lasp import artifacts
 from lasp import generate as cli
 from lasp.data.tokenizer import ByteTokenizer, load_tokenizer
 from lasp.model import (
@@ -252,7 +252,7 @@ def test_tokenizer_json_is_copied_and_reloaded(tmp_path):
     desc = load_tokenizer(str(_write_hf_tokenizer(tmp_path / "src.json"))).describe()
     save_pretrained(tiny(vocab_size=8, dtype=torch.float32), tmp_path / "m", tokenizer=desc)
     (tmp_path / "src.json").unlink()  # the export must not depend on the training machine's file
-    tok = cli.load_tokenizer_for(tmp_path / "m")
+    tok = artifacts.load_tokenizer_for(tmp_path / "m")
     assert tok.sha256 == desc["sha256"] and tok.encode("hello world") == [1, 2] and tok.eos_id == 3
     with pytest.raises(PretrainedError, match="tokenizer vocab_size 4 exceeds the model's vocab_size 3"):
         save_pretrained(tiny(vocab_size=3, dtype=torch.float32), tmp_path / "n", tokenizer=desc)
@@ -309,13 +309,13 @@ def test_cli_generates_text_from_an_export_and_from_a_trainer_checkpoint(tmp_pat
     expected = "def f(x):" + ByteTokenizer().decode(i for i in ids if i != 256) + "\n"
     assert out == expected and "tokens/s" in err and "per token" in err
 
-    def consolidate(checkpoint_dir):  # the contract of lasp.export.consolidate
+    def consolidate(checkpoint_dir):  # the contract of lasp.artifacts.consolidate
         assert checkpoint_dir == str(tmp_path / "ckpt")
         return model.cfg, {k: v.clone() for k, v in model.state_dict().items()}, BYTE_TOK
 
     (tmp_path / "ckpt").mkdir()
     (tmp_path / "ckpt" / "COMMITTED").write_text("{}")  # what the path check looks for; consolidate is faked
-    monkeypatch.setitem(sys.modules, "lasp.export", types.SimpleNamespace(consolidate=consolidate))
+    monkeypatch.setattr(artifacts, "consolidate", consolidate)
     assert cli.main(["--checkpoint", str(tmp_path / "ckpt"), *argv]) == 0
     assert capsys.readouterr().out == expected
 

@@ -528,7 +528,7 @@ def test_a_lora_run_exports_merged_and_transformers_gives_the_adapted_logits(hf_
     transformers' logits of the merged export equal the adapted model's."""
     import yaml
 
-    from lasp.export import load_model
+    from lasp.artifacts import checkpoint_model
     from lasp.export import main as export
     from lasp.train.__main__ import main
 
@@ -549,7 +549,7 @@ def test_a_lora_run_exports_merged_and_transformers_gives_the_adapted_logits(hf_
     step = str(tmp_path / "run" / "checkpoints" / "step-00000002")
     assert export(["--checkpoint", step, "--out", str(tmp_path / "hf_out"), "--hf"]) == 0
     assert "merged the LoRA adapters (rank 4)" in capsys.readouterr().out
-    adapted, _ = load_model(step, dtype=torch.float64)
+    adapted, _ = checkpoint_model(step, dtype=torch.float64)
     from lasp.model.hf import HFImportError, to_hf
 
     with pytest.raises(HFImportError, match="LoRA adapters .model.lora_rank 4.: merge them"):

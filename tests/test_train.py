@@ -313,14 +313,14 @@ def test_two_nodes_through_launch_torchrun_sh_give_the_sp1_losses(tmp_path, corp
     # train.eval_positions under SP = 2: the last evaluation's buckets are the final checkpoint's, on one process
     import torch
 
+    from lasp.artifacts import checkpoint_model
     from lasp.data import TokenData
-    from lasp.export import load_model
     from lasp.parallel.positions import document_rows, position_losses
 
     logged = _rows(run_dir, "eval_positions")
     assert [r["step"] for r in logged] == [3, 6] and "eval loss by position: 1-64" in outs[0]
     val = TokenData(corpus, "val")
-    model, _ = load_model(os.path.join(run_dir, "checkpoints", "step-00000006"))
+    model, _ = checkpoint_model(os.path.join(run_dir, "checkpoints", "step-00000006"))
     with torch.no_grad():
         want = position_losses(model.eval(), document_rows(val.tokens, val.doc_offsets, 64, 4))
     assert abs(logged[-1]["loss_1_64"] - want[0]["loss"]) <= 1e-5 * want[0]["loss"], (logged[-1], want)

@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
 
 
 def _parse(argv):
@@ -65,44 +64,11 @@ def _numbers(option: str, text: str, kind) -> tuple[list, list[str]]:
     return values, [] if values else [f"{option} is empty"]
 
 
-def tokenizer_of(path: str):
-    """The tokenizer a model directory or checkpoint records, without reading its weights (DataError if
-    it has none)."""
-    from lasp.data.tokenizer import load_tokenizer
-    from lasp.generate import load_tokenizer_for, tokenizer_from_description
-    from lasp.model.hf import is_hf_directory
-    from lasp.model.pretrained import CONFIG, TOKENIZER, recorded_tokenizer
-    from lasp.train import ckpt_store
-
-    if is_hf_directory(path):  # lasp.export --hf records the tokenizer beside transformers' files
-        desc = recorded_tokenizer(path)
-        return load_tokenizer(path) if desc is None else tokenizer_from_description(desc, Path(path) / TOKENIZER, path)
-    if os.path.isfile(os.path.join(path, CONFIG)):
-        return load_tokenizer_for(path)
-    return tokenizer_from_description(ckpt_store.read_state(path).get("tokenizer"), None, path)
-
-
-def recorded(path: str) -> tuple[dict | None, int]:
-    """(the description of the tokenizer a trainer checkpoint, LASP export or Hugging Face directory records,
-    None when it records none; the model's vocabulary size), without reading any weight."""
-    from lasp.data.tokenizer import directory_tokenizer
-    from lasp.model.hf import is_hf_directory, source_config
-    from lasp.model.pretrained import CONFIG, recorded_tokenizer
-    from lasp.train import ckpt_store
-
-    if os.path.isfile(os.path.join(path, CONFIG)):
-        desc = recorded_tokenizer(path)
-        if desc is None and is_hf_directory(path):
-            desc = directory_tokenizer(path)
-        return desc, source_config(path).vocab_size
-    state = ckpt_store.read_state(path)
-    return state.get("tokenizer") or None, int(state["model"]["vocab_size"])
-
-
 def against_data(paths: list[str], data, option: str, lead: bool = True) -> list[str]:
     """Each model of `paths` against the tokenizer of `data` (a TokenData): the tokenizers they record agree
     and the data's ids fit the model's vocabulary; one line per problem, naming both sides. A model that
     records no tokenizer is compared by its vocabulary size only, which is said (on stderr, by `lead`)."""
+    from lasp.artifacts import recorded
     from lasp.data.tokenizer import tokenizer_problems
 
     problems, tok = [], data.meta["tokenizer"]
@@ -129,8 +95,10 @@ def against_data(paths: list[str], data, option: str, lead: bool = True) -> list
 
 
 def fits(path: str, tok) -> list[str]:
-    """The ids of `tok` (the tokenizer a model directory or checkpoint gives, `tokenizer_of`) lie inside the
-    model's vocabulary: a Hugging Face tokenizer may add an EOS past it."""
+    """The ids of `tok` (the tokenizer a model directory or checkpoint gives, `lasp.artifacts.tokenizer_of`)
+    lie inside the model's vocabulary: a Hugging Face tokenizer may add an EOS past it."""
+    from lasp.artifacts import recorded
+
     try:
         vocab = recorded(path)[1]
     except (ValueError, OSError, KeyError, TypeError) as e:
@@ -144,26 +112,25 @@ def fits(path: str, tok) -> list[str]:
 
 
 def load(path: str, device: str = "cpu"):
-    """A LinearLlama from a trainer checkpoint, a LASP export or a Hugging Face directory."""
-    from lasp.model import from_hf
-    from lasp.model.hf import is_hf_directory
+    """A LinearLlama from a trainer checkpoint or a LASP export (in float32), or a Hugging Face directory
+    (in its weights' dtype)."""
+    import torch
 
-    if is_hf_directory(path):
-        return from_hf(path, device=device)
-    from lasp.generate import load_for_generation
+    from lasp import artifacts
 
-    return load_for_generation(path, device)[0]
+    dtype = None if artifacts.kind(path) == "hf" else torch.float32
+    return artifacts.load(path, dtype=dtype, device=device)[0]
 
 
 def _problems(a, world: int) -> tuple[list[str], dict]:
     """Every mistake in the arguments, before a model is read; and what was read to check them."""
+    from lasp.artifacts import kind, tokenizer_of
     from lasp.cli import at_least, existing, sequence, writable
-    from lasp.model.hf import is_hf_directory
     from lasp.train import ckpt_store
 
     problems, found = [], {}
     for path in a.checkpoint:
-        what = None if is_hf_directory(path) else ckpt_store.describe(path, exports=True)
+        what = None if kind(path) is not None else ckpt_store.describe(path, exports=True)
         if what is not None:
             problems.append(f"--checkpoint {path} {what}")
         elif a.command == "passkey":

@@ -36,7 +36,8 @@ class LaspLM(LM):
         **_ignored,
     ):
         super().__init__()
-        from lasp.eval.__main__ import fits, load, tokenizer_of
+        from lasp.artifacts import tokenizer_of
+        from lasp.eval.__main__ import fits, load
 
         device = str(device or "cpu")
         if device.startswith("cuda") and not torch.cuda.is_available():
