@@ -143,6 +143,118 @@ def test_every_relative_link_resolves():
     assert not problems, "broken links:\n" + "\n".join(problems)
 
 
+LAYOUT_ENTRY = re.compile(r"^( *)(\S+(?:\.py|/))(?=\s|$)")
+
+
+def first_fenced_block(text: str) -> list[tuple[int, str]]:
+    """(line number, line) of each line inside a Markdown text's first fenced code block."""
+    lines, inside = [], False
+    for n, line in enumerate(text.splitlines(), start=1):
+        if FENCE.match(line):
+            if inside:
+                break
+            inside = True
+        elif inside:
+            lines.append((n, line))
+    return lines
+
+
+def layout_paths(lines) -> tuple[list[str], list[str]]:
+    """The paths a map of the source tree (docs/code-layout.md) lists, relative to the repository, and the
+    problems of its form. `lines` are (line number, line). An entry is a line whose first word ends in `.py`
+    or `/`: at the margin a path (`lasp/sp/`, `lasp/cli.py`, `configs/`), indented two spaces more than the
+    folder above it a name inside that folder (`halo.py`, `linear_attn/`). Any other line continues a
+    description."""
+    paths: list[str] = []
+    problems: list[str] = []
+    open_: list[tuple[int, str]] = []  # (indent, path) of the entries this line may nest under
+    for n, line in lines:
+        m = LAYOUT_ENTRY.match(line)
+        if not m:
+            continue
+        indent, name = len(m.group(1)), m.group(2)
+        while open_ and open_[-1][0] >= indent:
+            open_.pop()
+        if indent == 0:
+            path = name
+        elif not open_:
+            problems.append(f"{n}: {name} is indented under nothing")
+            continue
+        else:
+            parent_indent, parent = open_[-1]
+            if not parent.endswith("/"):
+                problems.append(f"{n}: {name} is indented under {parent}, which is not a folder")
+                continue
+            if indent != parent_indent + 2:
+                problems.append(f"{n}: {name} is indented {indent - parent_indent} spaces under {parent}, not 2")
+            path = parent + name
+        if path in paths:
+            problems.append(f"{n}: {path} is listed twice")
+        paths.append(path)
+        open_.append((indent, path))
+    return paths, problems
+
+
+def test_the_code_layout_parser_finds_what_it_should():
+    block = (
+        "lasp/kernels/       single-device math; see scan.py\n"
+        "  scan.py           scans over states, and the algebra of\n"
+        "                    a chunk as an affine map (op.py uses it)\n"
+        "  linear_attn/      linear attention on one device\n"
+        "    chunk.py          the chunked kernel, beside naive.py\n"
+        "                      and gated/ words that only describe\n"
+        "  backend.py        auto | torch | triton\n"
+        "lasp/cli.py         the checks\n"
+        "                    of lasp/ tools\n"
+        "docs/               this documentation\n"
+    )
+    paths, problems = layout_paths(enumerate(block.splitlines(), start=1))
+    assert not problems, problems
+    assert paths == [
+        "lasp/kernels/",
+        "lasp/kernels/scan.py",
+        "lasp/kernels/linear_attn/",
+        "lasp/kernels/linear_attn/chunk.py",
+        "lasp/kernels/backend.py",
+        "lasp/cli.py",
+        "docs/",
+    ]
+    bad = (
+        "  orphan.py  x\nlasp/sp/  x\n   api.py  three spaces\nlasp/cli.py  x\n  core.py  under a module\nlasp/sp/  y\n"
+    )
+    paths, problems = layout_paths(enumerate(bad.splitlines(), start=1))
+    assert paths == ["lasp/sp/", "lasp/sp/api.py", "lasp/cli.py", "lasp/sp/"]
+    assert problems == [
+        "1: orphan.py is indented under nothing",
+        "3: api.py is indented 3 spaces under lasp/sp/, not 2",
+        "5: core.py is indented under lasp/cli.py, which is not a folder",
+        "6: lasp/sp/ is listed twice",
+    ]
+    text = "# Page\n\n```\nlasp/a.py  x\n```\n\n```\nlasp/b.py  y\n```\n"
+    assert first_fenced_block(text) == [(4, "lasp/a.py  x")]
+
+
+def test_the_code_layout_lists_every_module():
+    """docs/code-layout.md's map lists every package and module of lasp/ (`__init__.py` aside), and only
+    those; every other folder or file it lists exists."""
+    paths, problems = layout_paths(first_fenced_block((ROOT / "docs" / "code-layout.md").read_text(encoding="utf-8")))
+    assert not problems, "docs/code-layout.md's map:\n" + "\n".join(f"  line {p}" for p in problems)
+    listed = {p for p in paths if p.startswith("lasp/")}
+    sources = [p.relative_to(ROOT) for p in (ROOT / "lasp").rglob("*.py")]
+    modules = {p.as_posix() for p in sources if p.name != "__init__.py"}
+    packages = {f"{p.parent.as_posix()}/" for p in sources if p.parent != Path("lasp")}
+    missing = sorted((modules | packages) - listed)
+    extra = sorted(listed - (modules | packages)) + sorted(
+        p for p in paths if not p.startswith("lasp/") and not (ROOT / p).exists()
+    )
+    assert not missing and not extra, (
+        "docs/code-layout.md does not list: "
+        + (", ".join(missing) or "-")
+        + "\ndocs/code-layout.md lists what the tree lacks: "
+        + (", ".join(extra) or "-")
+    )
+
+
 CITE = re.compile(r"docs/design\.md,\s*\"([^\"]+)\"")
 
 
