@@ -1,6 +1,7 @@
 """Importing Hugging Face Llama-family directories: tiny random models built with transformers here, saved
-with save_pretrained, imported with LinearLlama.from_hf; float64 logits equal transformers' own forward.
-(Under TP, SP and PP the same model features are checked in test_parallel.py.)"""
+with save_pretrained, imported with lasp.model.from_hf; float64 logits equal transformers' own forward.
+(Under TP, SP and PP the same model features are checked in test_parallel.py; a LoRA run from imported
+weights, exported merged: test_lora.py.)"""
 
 import dataclasses
 import json
@@ -521,49 +522,6 @@ def test_only_the_new_parameters_train(dist_pool, hf_dir_and_data, tmp_path, cas
         # maps and the window's share; LoRA: A and B of 4 projections in 2 layers
         least = {"distill": 16, "lm": 8}.get(objective, 8 if "deltanet" in model["linear_variant"] else 3)
         assert r["kept"] > 10 and r["moved"] >= least, r
-
-
-def test_a_lora_run_exports_merged_and_transformers_gives_the_adapted_logits(hf_dir_and_data, tmp_path, capsys):
-    """train.trainable = lora from imported weights: only the adapters move; the export merges them, and
-    transformers' logits of the merged export equal the adapted model's."""
-    import yaml
-
-    from lasp.artifacts import checkpoint_model
-    from lasp.export import main as export
-    from lasp.train.__main__ import main
-
-    src, data = hf_dir_and_data
-    cfg = _trainer_cfg(
-        src,
-        data,
-        tmp_path / "run",
-        layer_pattern="S",
-        lora_rank=4,
-        lora_targets="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
-    )
-    cfg["train"].update(trainable="lora", steps=2)
-    cfg["optim"] = {"lr": 0.01}
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
-    assert main(["--config", str(tmp_path / "c.yaml")]) == 0
-    assert "adapter parameters train" in capsys.readouterr().out
-    step = str(tmp_path / "run" / "checkpoints" / "step-00000002")
-    assert export(["--checkpoint", step, "--out", str(tmp_path / "hf_out"), "--hf"]) == 0
-    assert "merged the LoRA adapters (rank 4)" in capsys.readouterr().out
-    adapted, _ = checkpoint_model(step, dtype=torch.float64)
-    from lasp.model.hf import HFImportError, to_hf
-
-    with pytest.raises(HFImportError, match="LoRA adapters .model.lora_rank 4.: merge them"):
-        to_hf(adapted, str(tmp_path / "unmerged"))  # never the base weights without their adapters
-    base = from_hf(str(src), dtype=torch.float64)
-    for name, p in adapted.named_parameters():
-        if not name.endswith((".lora_A", ".lora_B")):  # frozen: bit-identical to the import (trained in float32)
-            assert torch.equal(p, base.state_dict()[name].float().double()), name
-    back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf_out"), dtype=torch.float64).eval()
-    tokens = torch.randint(0, SHAPE["vocab_size"], (2, 40), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        want, got = adapted(tokens), back(tokens).logits
-        assert (want - base(tokens)).abs().max() > 1e-4  # the adapters moved
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)  # float32 weights in the export
 
 
 @pytest.mark.parametrize(

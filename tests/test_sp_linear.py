@@ -1,4 +1,5 @@
-"""LASP-2 and LASP-1 on W gloo processes reproduce single-process linear attention exactly.
+"""LASP-2, Ulysses and the Ring baselines on W gloo processes reproduce single-process linear attention
+exactly (LASP-1 and the other ways of combining the states, with every form: test_sp_methods.py).
 
 Every case runs on all ranks of a DistPool: each rank builds the full inputs from one seed, computes the
 single-process reference with `linear_attn`, runs the SP op on its shard under the profiler, and
@@ -9,12 +10,13 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from lasp import SeqLayout, lasp2_linear_attn, linear_attn, ring_linear_attn, shard_sequence
+from lasp import SeqLayout, lasp2_linear_attn, linear_attn, ring_linear_attn, shard_sequence, ulysses_linear_attn
 from lasp.distributed.agree import HEADER_BYTES
 from tests.dist import assert_close_rel, comm_events, profiled_steady_step
 
 ALGOS = {
     "lasp2": lasp2_linear_attn,
+    "ulysses": lambda *a, kernel=None, **kw: ulysses_linear_attn(*a, **kw),
     "ring_right": lambda *a, kernel=None, **kw: ring_linear_attn(*a, form="right", **kw),
     "ring_quadratic": lambda *a, kernel=None, **kw: ring_linear_attn(*a, form="quadratic", **kw),
 }
@@ -70,19 +72,32 @@ def case_sp_linear(
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
 @pytest.mark.parametrize("W", [1, 2, 3, 4])
-@pytest.mark.parametrize("algo", ["lasp2"])  # LASP-1 and the other combiners: test_sp_methods.py
+@pytest.mark.parametrize("algo", ["lasp2", "ulysses"])  # LASP-1 and the other combiners: test_sp_methods.py
 def test_sp_linear_matches_single_process(dist_pool, algo, W, layout, mode, dtype):
-    chunk_len = 13 if W % 2 else 37
+    """LASP-2: one all-gather of the [n, B, H, K, V] states each way, no T in it. Ulysses (12 query heads,
+    3 KV heads: W must divide them): four all-to-alls each way (q, k, v there, o back; their gradients)
+    after the rank check's all-gather."""
+    ulysses = algo == "ulysses"
+    chunk_len = 13 if W % 2 or ulysses else 37
     results = dist_pool(W).run(
-        "tests.test_sp_linear:case_sp_linear", algo=algo, layout=layout, mode=mode, dtype=dtype, chunk_len=chunk_len
+        "tests.test_sp_linear:case_sp_linear",
+        algo=algo,
+        layout=layout,
+        mode=mode,
+        dtype=dtype,
+        chunk_len=chunk_len,
+        **(dict(H=12, Hkv=3) if ulysses else {}),
     )
     n = SeqLayout(layout, W).chunks_per_rank
     # [n, B, H, K, V] states, no T in it, as bytes after the rank agreement header
     message = [HEADER_BYTES + n * 2 * 4 * 6 * 5 * (8 if dtype == "f64" else 4)]
-    if W == 1:
-        assert all(r["fwd"] == [] and r["bwd"] == [] for r in results)
-    else:
-        for r in results:
+    for r in results:
+        if W == 1:
+            assert r["fwd"] == [] and r["bwd"] == [], r
+        elif ulysses:
+            assert sorted(e[0] for e in r["fwd"]) == ["gloo:all_gather"] + ["gloo:all_to_all"] * 4, r["fwd"]
+            assert [e[0] for e in r["bwd"]] == ["gloo:all_to_all"] * 4, r["bwd"]
+        else:
             assert r["fwd"] == [("gloo:all_gather", [message])], r["fwd"]
             assert r["bwd"] == [("gloo:all_gather", [message])], r["bwd"]
 

@@ -1,4 +1,5 @@
-"""LASP-2H, Ring Attention and Ulysses (softmax and linear) on W gloo processes reproduce one process.
+"""LASP-2H, Ring Attention and Ulysses (softmax attention; Ulysses for linear attention: test_sp_linear.py) on
+W gloo processes reproduce one process.
 
 Each rank builds the full inputs from one seed, computes the single-process reference, runs the SP op on
 its shard under the profiler and compares its shards of the output and of the q, k, v gradients. Packed
@@ -14,11 +15,9 @@ from torch.testing import assert_close
 from lasp import (
     SeqLayout,
     lasp2h_softmax_attn,
-    linear_attn,
     ring_softmax_attn,
     shard_sequence,
     softmax_attn,
-    ulysses_linear_attn,
     ulysses_softmax_attn,
 )
 from lasp.distributed.agree import RanksDisagree
@@ -49,7 +48,7 @@ def doc_starts(N, L):
     ]
 
 
-def case_sp_attn(algo, layout, causal, dtype, heads, chunk_len, decay=False, docs=False, B=2, D=4, Dv=3):
+def case_sp_attn(algo, layout, causal, dtype, heads, chunk_len, docs=False, B=2, D=4, Dv=3):
     rank, W = dist.get_rank(), dist.get_world_size()
     dt, (Hq, Hkv) = DTYPES[dtype], HEADS[heads]
     N = chunk_len * SeqLayout(layout, W).num_chunks
@@ -57,13 +56,8 @@ def case_sp_attn(algo, layout, causal, dtype, heads, chunk_len, decay=False, doc
     gen = torch.Generator().manual_seed(4321)
     shapes = [(B, N, Hq, D), (B, N, Hkv, D), (B, N, Hkv, Dv), (B, N, Hq, Dv)]
     q, k, v, do = (torch.randn(*s, generator=gen, dtype=dt) for s in shapes)
-    if algo == "ulysses_linear":
-        log_decay = -torch.linspace(0.05, 0.8, Hq, dtype=dt) if decay else None
-        ref_fn = lambda q, k, v: linear_attn(q, k, v, log_decay=log_decay, causal=causal)  # noqa: E731
-        sp_fn = lambda q, k, v: ulysses_linear_attn(q, k, v, layout=layout, log_decay=log_decay, causal=causal)  # noqa: E731
-    else:
-        ref_fn = lambda q, k, v: softmax_attn(q, k, v, causal=causal, cu_seqlens=cu)  # noqa: E731
-        sp_fn = lambda q, k, v: SOFTMAX[algo](q, k, v, layout=layout, causal=causal, cu_seqlens=cu)  # noqa: E731
+    ref_fn = lambda q, k, v: softmax_attn(q, k, v, causal=causal, cu_seqlens=cu)  # noqa: E731
+    sp_fn = lambda q, k, v: SOFTMAX[algo](q, k, v, layout=layout, causal=causal, cu_seqlens=cu)  # noqa: E731
 
     full = [x.clone().requires_grad_() for x in (q, k, v)]
     o_ref = ref_fn(*full)
@@ -89,7 +83,6 @@ EXPECTED = {
     "lasp2h": lambda W: (["c10d::_allgather_base_"], ["c10d::_reduce_scatter_base_"]),
     "ring": lambda W: (FINGERPRINTS + ["c10d::send", "c10d::recv_"] * (W - 1), ["c10d::send", "c10d::recv_"] * W),
     "ulysses": lambda W: (FINGERPRINTS + ["c10d::alltoall_base_"] * 4, ["c10d::alltoall_base_"] * 4),
-    "ulysses_linear": lambda W: (FINGERPRINTS + ["c10d::alltoall_base_"] * 4, ["c10d::alltoall_base_"] * 4),
 }
 
 
@@ -134,24 +127,6 @@ def test_softmax_sp_matches_single_process_f32(dist_pool, algo, W, layout, causa
         chunk_len=37,
     )
     _check(res, algo, W)
-
-
-@pytest.mark.parametrize("dtype", list(DTYPES))
-@pytest.mark.parametrize("mode", ["causal", "decay", "bidirectional"])
-@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
-@pytest.mark.parametrize("W", [1, 2, 3, 4])
-def test_ulysses_linear_matches_single_process(dist_pool, W, layout, mode, dtype):
-    res = dist_pool(W).run(
-        "tests.test_sp_softmax:case_sp_attn",
-        algo="ulysses_linear",
-        layout=layout,
-        causal=mode != "bidirectional",
-        decay=mode == "decay",
-        dtype=dtype,
-        heads="gqa4",
-        chunk_len=13,
-    )
-    _check(res, "ulysses_linear", W)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
