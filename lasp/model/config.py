@@ -322,9 +322,14 @@ class ModelConfig:
         return self.layer_pattern[layer % len(self.layer_pattern)]
 
 
-def _matches(value, tp) -> bool:
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        return any(_matches(value, a) for a in typing.get_args(tp))
+def matches_type(value, tp) -> bool:
+    """`value` is of the annotated type `tp`: unions, Literals and None included; bool is no int and no
+    float here, and a float field takes an int."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(matches_type(value, a) for a in typing.get_args(tp))
+    if origin is typing.Literal:
+        return value in typing.get_args(tp)
     if tp is type(None):
         return value is None
     if isinstance(value, bool):  # bool is an int in Python, never in a config
@@ -334,9 +339,12 @@ def _matches(value, tp) -> bool:
     return isinstance(value, tp)
 
 
-def _type_name(tp) -> str:
+def type_name(tp) -> str:
+    """How a problem names the annotated type `tp`: `int or null`, `one of 'lm', 'attention_transfer'`."""
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+        return " or ".join(type_name(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
 
 
@@ -347,8 +355,8 @@ def type_problems(obj, section: str) -> dict[str, str]:
     out = {}
     for f in dataclasses.fields(obj):
         value, tp = getattr(obj, f.name), hints[f.name]
-        if not _matches(value, tp):
-            out[f.name] = f"{section}.{f.name}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}"
+        if not matches_type(value, tp):
+            out[f.name] = f"{section}.{f.name}: expected {type_name(tp)}, got {type(value).__name__} {value!r}"
         elif isinstance(value, float) and not math.isfinite(value):
             out[f.name] = f"{section}.{f.name}: {value} is not a finite number"
     return out

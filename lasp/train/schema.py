@@ -14,28 +14,7 @@ from typing import Any
 
 import yaml
 
-
-def _type_name(tp) -> str:
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if typing.get_origin(tp) is typing.Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
-
-
-def _matches(value, tp) -> bool:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        return any(_matches(value, a) for a in typing.get_args(tp))
-    if origin is typing.Literal:
-        return value in typing.get_args(tp)
-    if tp is type(None):
-        return value is None
-    if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, tp)
+from lasp.model.config import matches_type, type_name
 
 
 def _finite_as_float(value: int) -> bool:
@@ -98,14 +77,14 @@ def build(cls, data: Any, path: str, problems: list[str]):
             kwargs[key] = built = build(inner or tp, value, where, problems)
             if built is None:
                 failed.add(key)
-        elif isinstance(value, float) and not math.isfinite(value) and _matches(value, tp):
+        elif isinstance(value, float) and not math.isfinite(value) and matches_type(value, tp):
             problems.append(f"{where}: {value} is not a finite number")
-        elif _matches(value, tp) and _float_field(tp) and isinstance(value, int) and not _finite_as_float(value):
+        elif matches_type(value, tp) and _float_field(tp) and isinstance(value, int) and not _finite_as_float(value):
             problems.append(f"{where}: {value} is not a finite number (beyond a float's range)")
-        elif _matches(value, tp):
+        elif matches_type(value, tp):
             kwargs[key] = float(value) if tp is float else value
         else:
-            problems.append(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+            problems.append(f"{where}: expected {type_name(tp)}, got {type(value).__name__} {value!r}")
     for name, f in fields.items():
         if name not in kwargs and dataclasses.is_dataclass(hints[name]):
             kwargs[name] = build(hints[name], {}, f"{path}.{name}" if path else name, problems)
