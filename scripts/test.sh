@@ -3,6 +3,6 @@
 # second), then pytest (extra args are passed on).
 source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
 cd "$ROOT"
-"$VENV/bin/ruff" check --quiet .
-"$VENV/bin/ruff" format --check --quiet .
+"$PY" -m ruff check --quiet .
+"$PY" -m ruff format --check --quiet .
 exec "$PY" -m pytest "$@"

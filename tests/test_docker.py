@@ -499,7 +499,11 @@ def test_cpu_default_command_runs_the_suite_without_reinstalling(tmp_path):
     _stamp(tmp_path, CPU)
     out = _default_command(CPU, tmp_path, env)
     assert out.returncode == 0, out.stderr
-    assert (tmp_path / "python.log").read_text().splitlines() == ["-m pytest -q"]
+    assert (tmp_path / "python.log").read_text().splitlines() == [
+        "-m ruff check --quiet .",  # the linter first, then the suite
+        "-m ruff format --check --quiet .",
+        "-m pytest -q",
+    ]
 
 
 @pytest.mark.slow
