@@ -16,7 +16,7 @@ import tempfile
 
 import torch
 
-from lasp.artifacts import checkpoint_model
+from lasp.train.artifacts import checkpoint_model
 
 
 def _tokenizer_file(checkpoint: str) -> list[str]:

@@ -4,7 +4,7 @@
         [--top-p 0.95] [--seed S] [--device auto|cpu|cuda] [--dtype float32|bfloat16]
 
 DIR is an export directory (model.safetensors + config.json, from `save_pretrained` / lasp.export) or a
-trainer checkpoint directory, consolidated into one single-device state dict (lasp.artifacts), or a Hugging
+trainer checkpoint directory, consolidated into one single-device state dict (lasp.train.artifacts), or a Hugging
 Face directory.
 The prompt and the generated text go to stdout as they come; a summary (tokens, tokens/s, bytes of
 decoding state) goes to stderr. Linear layers decode with a fixed-size state, softmax layers with a KV cache.
@@ -16,9 +16,9 @@ import time
 
 import torch
 
-from lasp.artifacts import load
 from lasp.cli import at_least, memory
 from lasp.model.decode import DecodeState, decode_memory, forward_memory, generate
+from lasp.train.artifacts import load
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 

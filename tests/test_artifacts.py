@@ -6,9 +6,9 @@ import json
 import pytest
 import torch
 
-from lasp import artifacts
 from lasp.data.tokenizer import ByteTokenizer
 from lasp.model import LinearLlama, ModelConfig, save_pretrained
+from lasp.train import artifacts
 
 
 def test_what_a_path_holds_and_its_model(tmp_path):
@@ -35,3 +35,15 @@ def test_what_a_path_holds_and_its_model(tmp_path):
         artifacts.load(tmp_path / "other")
     with pytest.raises(artifacts.UsageError, match="is not a directory"):
         artifacts.load(tmp_path / "file")
+
+
+def test_init_from_takes_a_directory_of_weights_not_a_checkpoint(tmp_path):
+    cfg = ModelConfig(vocab_size=260, num_layers=2, layer_pattern="LS")
+    (tmp_path / "step").mkdir()
+    (tmp_path / "step" / "COMMITTED").write_text("{}")
+    (p,) = artifacts.init_from_problems(str(tmp_path / "step"), cfg, None)
+    assert p.startswith(f"train.init_from: {tmp_path / 'step'} is a trainer checkpoint") and "train.resume" in p
+    save_pretrained(LinearLlama(cfg), tmp_path / "export", tokenizer=ByteTokenizer().describe())
+    assert artifacts.init_from_problems(str(tmp_path / "export"), cfg, None) == []
+    other = ModelConfig(vocab_size=260, num_layers=2, layer_pattern="LS", hidden_size=32)
+    assert any("hidden_size" in q for q in artifacts.init_from_problems(str(tmp_path / "export"), other, None))

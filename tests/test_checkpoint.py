@@ -14,8 +14,8 @@ import pytest
 import torch
 import yaml
 
-from lasp.artifacts import read_tensors
 from lasp.train import ckpt_store
+from lasp.train.artifacts import read_tensors
 from lasp.train.ckpt_store import CheckpointError
 from lasp.train.config import ConfigError, resolve
 from lasp.train.distributed import Launch
@@ -567,7 +567,7 @@ def test_export_of_a_tp2_sp2_checkpoint_gives_the_distributed_logits(dist_pool, 
 
 @pytest.mark.slow
 def test_zero_checkpoints_resume_exactly_and_refuse_another_layout(dist_pool, tmp_path, big_corpus):
-    from lasp.artifacts import consolidate
+    from lasp.train.artifacts import consolidate
 
     pool = dist_pool(2)
     base = _cfg(

@@ -383,11 +383,11 @@ def test_passkey_lengths_beyond_the_memory_or_the_positions_are_refused(export_a
 
 
 def test_passkey_takes_the_tokenizer_an_export_records_and_refuses_ids_past_the_vocabulary(tmp_path, capsys):
-    from lasp.artifacts import tokenizer_of
     from lasp.data.tokenizer import ByteTokenizer, DataError
     from lasp.eval.__main__ import main
     from lasp.model.hf import to_hf
     from lasp.model.pretrained import write_export_record
+    from lasp.train.artifacts import tokenizer_of
     from tests.test_data import hf_tokenizer
 
     softmax = {**MODEL, "layer_pattern": "SS"}
@@ -425,8 +425,8 @@ def test_lm_eval_runs_a_local_task_with_the_lasp_model(export_and_data, tmp_path
     from lm_eval.tasks import TaskManager
 
     import lasp.eval.harness  # noqa: F401 - registers the `lasp` model
-    from lasp.artifacts import tokenizer_of
     from lasp.model.pretrained import from_pretrained
+    from lasp.train.artifacts import tokenizer_of
 
     data = tmp_path / "qa.jsonl"
     data.write_text(

@@ -8,7 +8,6 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lasp import artifacts
 from lasp import generate as cli
 from lasp.data.tokenizer import ByteTokenizer, load_tokenizer
 from lasp.model import (
@@ -23,6 +22,7 @@ from lasp.model import (
     sample,
     save_pretrained,
 )
+from lasp.train import artifacts
 from tests.refusals import refuse_all
 
 BYTE_TOK = ByteTokenizer().describe()
@@ -309,7 +309,7 @@ def test_cli_generates_text_from_an_export_and_from_a_trainer_checkpoint(tmp_pat
     expected = "def f(x):" + ByteTokenizer().decode(i for i in ids if i != 256) + "\n"
     assert out == expected and "tokens/s" in err and "per token" in err
 
-    def consolidate(checkpoint_dir):  # the contract of lasp.artifacts.consolidate
+    def consolidate(checkpoint_dir):  # the contract of lasp.train.artifacts.consolidate
         assert checkpoint_dir == str(tmp_path / "ckpt")
         return model.cfg, {k: v.clone() for k, v in model.state_dict().items()}, BYTE_TOK
 

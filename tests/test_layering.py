@@ -16,7 +16,6 @@ ALLOWED = {
     "data": {"sp", "cli", "kernels"},  # kernels.documents: the packed documents the loader reads
     "train": {"data", "parallel", "model", "sp", "kernels", "distributed", "cli"},
     "cli": {"sp"},  # lasp/cli.py: the argument checks every command-line tool shares
-    "artifacts": {"data", "model", "train"},  # lasp/artifacts.py: what a path holds, loaded
 }
 NO_TORCH_DISTRIBUTED = {"kernels", "model", "data", "cli"}
 

@@ -57,9 +57,9 @@ def test_a_lora_run_exports_merged_and_transformers_gives_the_adapted_logits(hf_
     transformers' logits of the merged export equal the adapted model's."""
     import yaml
 
-    from lasp.artifacts import checkpoint_model
     from lasp.export import main as export
     from lasp.train.__main__ import main
+    from lasp.train.artifacts import checkpoint_model
 
     src, data = hf_dir_and_data
     cfg = _trainer_cfg(

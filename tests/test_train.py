@@ -313,9 +313,9 @@ def test_two_nodes_through_launch_torchrun_sh_give_the_sp1_losses(tmp_path, corp
     # train.eval_positions under SP = 2: the last evaluation's buckets are the final checkpoint's, on one process
     import torch
 
-    from lasp.artifacts import checkpoint_model
     from lasp.data import TokenData
     from lasp.parallel.positions import document_rows, position_losses
+    from lasp.train.artifacts import checkpoint_model
 
     logged = _rows(run_dir, "eval_positions")
     assert [r["step"] for r in logged] == [3, 6] and "eval loss by position: 1-64" in outs[0]

@@ -68,8 +68,8 @@ def against_data(paths: list[str], data, option: str, lead: bool = True) -> list
     """Each model of `paths` against the tokenizer of `data` (a TokenData): the tokenizers they record agree
     and the data's ids fit the model's vocabulary; one line per problem, naming both sides. A model that
     records no tokenizer is compared by its vocabulary size only, which is said (on stderr, by `lead`)."""
-    from lasp.artifacts import recorded
     from lasp.data.tokenizer import tokenizer_problems
+    from lasp.train.artifacts import recorded
 
     problems, tok = [], data.meta["tokenizer"]
     for path in paths:
@@ -95,9 +95,9 @@ def against_data(paths: list[str], data, option: str, lead: bool = True) -> list
 
 
 def fits(path: str, tok) -> list[str]:
-    """The ids of `tok` (the tokenizer a model directory or checkpoint gives, `lasp.artifacts.tokenizer_of`)
+    """The ids of `tok` (the tokenizer a model directory or checkpoint gives, `lasp.train.artifacts.tokenizer_of`)
     lie inside the model's vocabulary: a Hugging Face tokenizer may add an EOS past it."""
-    from lasp.artifacts import recorded
+    from lasp.train.artifacts import recorded
 
     try:
         vocab = recorded(path)[1]
@@ -116,7 +116,7 @@ def load(path: str, device: str = "cpu"):
     (in its weights' dtype)."""
     import torch
 
-    from lasp import artifacts
+    from lasp.train import artifacts
 
     dtype = None if artifacts.kind(path) == "hf" else torch.float32
     return artifacts.load(path, dtype=dtype, device=device)[0]
@@ -124,9 +124,9 @@ def load(path: str, device: str = "cpu"):
 
 def _problems(a, world: int) -> tuple[list[str], dict]:
     """Every mistake in the arguments, before a model is read; and what was read to check them."""
-    from lasp.artifacts import kind, tokenizer_of
     from lasp.cli import at_least, existing, sequence, writable
     from lasp.train import ckpt_store
+    from lasp.train.artifacts import kind, tokenizer_of
 
     problems, found = [], {}
     for path in a.checkpoint:

@@ -36,8 +36,8 @@ class LaspLM(LM):
         **_ignored,
     ):
         super().__init__()
-        from lasp.artifacts import tokenizer_of
         from lasp.eval.__main__ import fits, load
+        from lasp.train.artifacts import tokenizer_of
 
         device = str(device or "cpu")
         if device.startswith("cuda") and not torch.cuda.is_available():

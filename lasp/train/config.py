@@ -353,7 +353,9 @@ class TrainConfig:
             if ok("checkpoint") and self.checkpoint.dir is not None:
                 p += writable("checkpoint.dir", self.checkpoint.dir, directory=True)
         if run is not None and run.init_from and model is not None:
-            p += _init_from_problems(run.init_from, model, self.data.path if ok("data") else None)
+            from lasp.train.artifacts import init_from_problems
+
+            p += init_from_problems(run.init_from, model, self.data.path if ok("data") else None)
         if run is not None and run.resume not in ("auto", "never", ""):
             from lasp.train.ckpt_store import describe
 
@@ -403,22 +405,6 @@ def _data_problems(data: DataConfig, model: ModelConfig | None, evaluate: bool) 
             f"which has {held_out} (prepare with a larger --val-fraction, or train.eval_interval=0)"
         )
     return p
-
-
-def _init_from_problems(init_from: str, model: ModelConfig, data_path: str | None) -> list[str]:
-    """train.init_from holds weights of `model`'s shape, with token ids that mean what the data's do."""
-    from lasp.model.hf import HFImportError, mismatches, source_config
-
-    try:
-        p = [f"train.init_from: {q}" for q in mismatches(model, source_config(init_from))]
-        if data_path is not None:
-            from lasp.data.dataset import tokenizer_against
-            from lasp.model.pretrained import recorded_tokenizer
-
-            p += tokenizer_against(data_path, init_from, recorded_tokenizer(init_from))
-        return p
-    except (HFImportError, ValueError, OSError, KeyError) as e:
-        return [f"train.init_from: {e}".replace("\n", "\n  ")]
 
 
 def resolve(data: dict, source: str, world_size: int | None, check_data: bool = True) -> TrainConfig:

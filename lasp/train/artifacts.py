@@ -1,5 +1,6 @@
 """What a path holds, and its model and tokenizer: the one place that tells a trainer checkpoint from a LASP
-export from a Hugging Face directory, for lasp.eval (and its lm-eval model), lasp.generate and lasp.export.
+export from a Hugging Face directory, for train.init_from, lasp.eval (and its lm-eval model), lasp.generate
+and lasp.export.
 
     kind(path)                 "checkpoint" | "export" | "hf" | None
     load(path)                 (LinearLlama on one device, its tokenizer)
@@ -8,8 +9,8 @@ export from a Hugging Face directory, for lasp.eval (and its lm-eval model), las
     consolidate(checkpoint)    a trainer checkpoint as (ModelConfig, single-device state dict, tokenizer)
 
 A Hugging Face directory may be one `lasp.export --hf` wrote (its tokenizer recorded in config.json) or
-any transformers model (its tokenizer.json beside it). train.init_from reads Hugging Face directories and
-exports too, through the same lasp.model.hf.source_config and initial_state this module's loaders use.
+any transformers model (its tokenizer.json beside it). train.init_from takes either kind of directory, not
+a checkpoint (`init_from_problems`); its weights go through lasp.model.hf.initial_state.
 """
 
 import os
@@ -145,6 +146,28 @@ def recorded(path: str) -> tuple[dict | None, int]:
         return desc, source_config(path).vocab_size
     state = ckpt_store.read_state(path)
     return state.get("tokenizer") or None, int(state["model"]["vocab_size"])
+
+
+def init_from_problems(path: str, model, data_path: str | None) -> list[str]:
+    """train.init_from: `path` is a Hugging Face directory or a LASP export (not a trainer checkpoint) whose
+    weights have `model`'s shape (a ModelConfig), with token ids that mean what the data's at `data_path`
+    do (None: not compared)."""
+    from lasp.data.dataset import tokenizer_against
+    from lasp.model.hf import HFImportError, mismatches
+
+    if kind(path) == "checkpoint":
+        return [
+            f"train.init_from: {path} is a trainer checkpoint; train.init_from takes a Hugging Face directory or "
+            "a LASP export: continue from the checkpoint with train.resume, or export it with python -m "
+            "lasp.export first"
+        ]
+    try:
+        p = [f"train.init_from: {q}" for q in mismatches(model, source_config(path))]
+        if data_path is not None:
+            p += tokenizer_against(data_path, path, recorded_tokenizer(path))
+        return p
+    except (HFImportError, ValueError, OSError, KeyError) as e:
+        return [f"train.init_from: {e}".replace("\n", "\n  ")]
 
 
 def load(path: str | Path, *, dtype: torch.dtype | None = torch.float32, device="cpu"):
