@@ -77,4 +77,3 @@ VARIANTS: dict[str, Variant] = {
 }
 # fmt: on
 LINEAR_VARIANTS = tuple(VARIANTS)
-DELTA_VARIANTS = tuple(name for name, v in VARIANTS.items() if v.delta)
