@@ -423,7 +423,8 @@ def test_gpu_base_image_has_the_cuda_of_the_torch_wheels():
     ]
     torch = str(pins[0].specifier).removeprefix("==")
     assert torch in TORCH_CUDA, f"torch {torch}: read its CUDA from its wheel's METADATA into TORCH_CUDA"
-    image = base_image(next(i for i in parse(GPU) if i.cmd == "FROM"), {})
+    instrs = parse(GPU)
+    image = base_image(next(i for i in instrs if i.cmd == "FROM"), variables(instrs))
     assert re.fullmatch(rf"nvidia/cuda:{re.escape(TORCH_CUDA[torch])}\.\d+-(devel|runtime)-ubuntu24\.04", image)
 
 
