@@ -186,7 +186,7 @@ shared_dir() {  # a host folder the image's user (uid 1000) writes, with the qui
   local d
   d=$(mktemp -d /var/tmp/lasp-check.XXXXXX)
   chown 1000:1000 "$d" 2>/dev/null || chmod 777 "$d"
-  run -v "$d:/shared" "$IMAGE" bash -c 'python -m lasp.data prepare --input "$(python -c "import sysconfig; print(sysconfig.get_paths()[\"stdlib\"])")/*.py" --output /shared/data --val-fraction 0.05 >/dev/null'
+  run -v "$d:/shared" "$IMAGE" bash -c 'python -m lasp.data prepare --input "$(python -c "import sysconfig; print(sysconfig.get_paths()[\"stdlib\"])")/*.py" --output /shared/data --val-fraction 0.05 >/dev/null 2>&1'
   echo "$d"
 }
 NODE_ARGS=(--config configs/cpu-quickstart.yaml --set data.path=/shared/data --set train.eval_interval=0
@@ -194,11 +194,12 @@ NODE_ARGS=(--config configs/cpu-quickstart.yaml --set data.path=/shared/data --s
 node() {  # node DIR RANK PORT NAME [--set ...]: one node of two, detached
   local d=$1 rank=$2 port=$3 name=$4
   shift 4
-  "${E[@]}" run -d --rm --network host --name "$name" -v "$d:/shared" \
+  "${E[@]}" rm -f "$name" >/dev/null 2>&1 || true
+  "${E[@]}" run -d --network host --name "$name" -v "$d:/shared" \
     -e NNODES=2 -e NODE_RANK="$rank" -e NPROC_PER_NODE=1 -e MASTER_ADDR=127.0.0.1 -e MASTER_PORT="$port" \
     -e RDZV_TIMEOUT=120 "$IMAGE" bash launch/torchrun.sh "${NODE_ARGS[@]}" "$@" >/dev/null
 }
-losses() { python3 -c 'import json, sys; print([round(json.loads(l)["loss"], 5) for l in open(sys.argv[1]) if "\"loss\"" in l and "eval" not in l])' "$1"; }
+losses() { python3 -c 'import json, sys; print([json.loads(l)["loss"] for l in open(sys.argv[1]) if "\"loss\"" in l and "eval" not in l])' "$1"; }
 nodes() {
   local d port
   d=$(shared_dir)
@@ -208,7 +209,13 @@ nodes() {
   node "$d" 1 "$port" lasp-node1 --set train.steps=10 --set logging.run_dir=/shared/nodes
   local s0 s1
   s0=$("${E[@]}" wait lasp-node0) s1=$("${E[@]}" wait lasp-node1)
-  (( s0 == 0 && s1 == 0 )) || { echo "docker/check.sh: the two nodes exited with $s0 and $s1" >&2; exit 1; }
+  if (( s0 != 0 || s1 != 0 )); then
+    for n in lasp-node0 lasp-node1; do echo "--- $n:" >&2; "${E[@]}" logs "$n" 2>&1 | tail -15 >&2; done
+    echo "docker/check.sh: the two nodes exited with $s0 and $s1" >&2
+    exit 1
+  fi
+  "${E[@]}" logs lasp-node0 2>&1 | grep -E '^(node|step +[0-9]+ \|)' | sed -n '1,3p;$p' >&2
+  "${E[@]}" rm lasp-node0 lasp-node1 >/dev/null
   say "the same run in one container, two processes"
   run -v "$d:/shared" -e NPROC_PER_NODE=2 "$IMAGE" bash launch/torchrun.sh "${NODE_ARGS[@]}" \
     --set train.steps=10 --set logging.run_dir=/shared/one >/dev/null
@@ -233,14 +240,16 @@ kill_one() {
   local t0=$SECONDS
   "${E[@]}" kill lasp-kill1 >/dev/null
   local s0
-  s0=$("${E[@]}" wait lasp-kill0 2>/dev/null || echo gone)
-  say "node 0 stopped $((SECONDS - t0)) s later with status $s0"
+  s0=$("${E[@]}" wait lasp-kill0)
+  say "node 0 stopped $((SECONDS - t0)) s later with status $s0; its last lines:"
+  "${E[@]}" logs lasp-kill0 2>&1 | tail -4 >&2
+  "${E[@]}" rm -f lasp-kill0 lasp-kill1 >/dev/null
   [[ $s0 != 0 ]] || { echo "docker/check.sh: node 0 finished as if nothing happened" >&2; exit 1; }
   local bad
   bad=$(find "$d/kill/checkpoints" -maxdepth 1 -name 'step-*' ! -name '*.tmp' -type d \
     -exec sh -c '[ -f "$1/COMMITTED" ] || echo "$1"' _ {} \; 2>/dev/null)
   [[ -z $bad ]] || { echo "docker/check.sh: checkpoints without COMMITTED: $bad" >&2; exit 1; }
-  echo "committed checkpoints left whole: $(ls "$d/kill/checkpoints" | tr '\n' ' ')"
+  echo "committed checkpoints left whole: $(cd "$d/kill/checkpoints" && ls -d step-* | tr '\n' ' ')"
   rm -rf "$d"
 }
 

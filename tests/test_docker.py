@@ -514,3 +514,69 @@ def test_a_stale_stamp_would_reinstall(tmp_path):
     _stamp(tmp_path, GPU)
     _default_command(CPU, tmp_path, env)
     assert any("pip install" in s for s in (tmp_path / "python.log").read_text().splitlines())
+
+
+CHECK = ROOT / "docker" / "check.sh"
+
+
+def _check(*args, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(CHECK), *args], capture_output=True, text=True, timeout=60, env=env, cwd=ROOT)
+
+
+def test_the_container_check_refuses_bad_input_before_anything_starts():
+    """Every problem at once, exit 2, before an engine is looked for: steps, engine, port; a port in use."""
+    import socket
+
+    out = _check("--steps", "build,bogus", "--engine", "rkt", "--port", "99999", "--what")
+    assert out.returncode == 2, out.stderr
+    for part in [
+        "unknown argument --what",
+        "--steps: unknown step 'bogus' (known: build,tests,quickstart,nodes,kill)",
+        "--engine must be docker or podman, got 'rkt'",
+        "--port must be a number in 1..65535, got '99999'",
+    ]:
+        assert part in out.stderr, out.stderr
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        out = _check("--steps", "nodes", "--port", str(port))
+    assert out.returncode == 2 and f"--port {port} is in use on 127.0.0.1" in out.stderr, out.stderr
+
+
+def test_the_container_check_without_an_engine_names_the_flag(tmp_path):
+    """No docker or podman on PATH: a clear error naming --install-engine, nothing run."""
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    for tool in ("bash", "python3", "sed", "git", "dirname", "mktemp"):
+        found = shutil.which(tool)
+        if found:
+            (bin_ / tool).symlink_to(found)
+    out = _check("--steps", "build", env={"PATH": str(bin_), "HOME": str(tmp_path)})
+    assert out.returncode == 2, out.stderr
+    assert "no usable container engine" in out.stderr and "--install-engine" in out.stderr, out.stderr
+
+
+def _engine() -> str | None:
+    for engine in ("docker", "podman"):
+        if shutil.which(engine) and subprocess.run([engine, "info"], capture_output=True).returncode == 0:
+            return engine
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.container
+def test_the_built_image_trains_and_two_containers_train_as_two_nodes():
+    """The container check's fast parts on an image `bash docker/check.sh` built: a 20-step quick start in
+    it, and two containers as two nodes with the per-step losses of one container (about a minute)."""
+    engine = _engine()
+    if engine is None:
+        pytest.skip("no usable container engine (docker with a running daemon, or podman): bash docker/check.sh")
+    if subprocess.run([engine, "image", "inspect", "lasp:cpu-check"], capture_output=True).returncode:
+        pytest.skip("no lasp:cpu-check image: build it with bash docker/check.sh --steps build")
+    out = subprocess.run(
+        ["bash", str(CHECK), "--steps", "quickstart,nodes"], capture_output=True, text=True, timeout=900, cwd=ROOT
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "done: 20 steps" in out.stdout
+    two, one = (line.split(":", 1)[1].strip() for line in out.stdout.splitlines() if "container" in line[:16])
+    assert two == one and two.startswith("[5.8"), out.stdout
