@@ -73,9 +73,13 @@ usable() {
     podman) command -v podman >/dev/null && podman info >/dev/null 2>&1 ;;
   esac
 }
-install_engine() {
-  say "installing podman, runc and debootstrap from Debian's packages (apt-get)"
-  apt-get install -y -q podman runc debootstrap >/dev/null
+install_engine() {  # podman, runc and debootstrap when one is missing; podman's configuration either way
+  local missing=()
+  for tool in podman runc debootstrap; do command -v $tool >/dev/null || missing+=("$tool"); done
+  if (( ${#missing[@]} )); then
+    say "installing ${missing[*]} from Debian's packages (apt-get)"
+    apt-get install -y -q podman runc debootstrap >/dev/null
+  fi
   local conf=/etc/containers/containers.conf
   if ! grep -qs '^default_ulimits' "$conf"; then
     say "writing 'default_ulimits = []' under [containers] in $conf (runc cannot raise the default ulimits here)"
@@ -90,7 +94,7 @@ install_engine() {
 if [[ -z $ENGINE ]]; then
   for e in docker podman; do usable $e && { ENGINE=$e; break; }; done
 fi
-if [[ -z $ENGINE ]] && (( INSTALL )); then
+if (( INSTALL )) && [[ -z $ENGINE || $ENGINE == podman ]]; then
   install_engine
   ENGINE=podman
 fi
