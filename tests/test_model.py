@@ -194,3 +194,78 @@ def test_packed_documents_give_each_document_alone(variant, pattern):
         bounds = row + [19]
         alone = torch.cat([model(tokens[b : b + 1, s:e]) for s, e in zip(bounds, bounds[1:])], dim=1)
         torch.testing.assert_close(logits[b : b + 1], alone, atol=1e-12, rtol=0)
+
+
+def _reference_logits(model: LinearLlama, tokens: torch.Tensor) -> torch.Tensor:
+    """A LinearLlama with simple_gla linear layers, written out from its parameters without its modules or
+    kernels: the token recurrence S_t = exp(g_t) S_{t-1} + k_t v_t^T for a linear layer, a causal softmax
+    over rotate-half RoPE'd q and k for a softmax layer (float64; the gate's logsigmoid in float32, as the
+    model takes it)."""
+    cfg, P = model.cfg, dict(model.named_parameters())
+    H, Hkv, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    B, T = tokens.shape
+
+    def norm(x, w):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + cfg.norm_eps) * w
+
+    def heads(x, n):
+        return x.view(B, T, n, D).repeat_interleave(H // n, dim=2)
+
+    inv = 1.0 / cfg.rope_theta ** (torch.arange(0, D, 2, dtype=torch.float64) / D)
+    ang = torch.arange(T, dtype=torch.float64)[:, None] * inv
+    cos, sin = torch.cat([ang.cos()] * 2, -1)[:, None], torch.cat([ang.sin()] * 2, -1)[:, None]
+
+    def rot(x):
+        return x * cos + torch.cat([-x[..., D // 2 :], x[..., : D // 2]], -1) * sin
+
+    x = P["embed.weight"][tokens]
+    for i in range(cfg.num_layers):
+        p = lambda name: P[f"layers.{i}.{name}"]  # noqa: E731
+        h = norm(x, p("attn_norm.weight"))
+        q, k, v = h @ p("mixer.q_proj.weight").T, h @ p("mixer.k_proj.weight").T, h @ p("mixer.v_proj.weight").T
+        q, k, v = heads(q, H), heads(k, Hkv), heads(v, Hkv)
+        if cfg.mixer(i) == "L":
+            g = (
+                torch.nn.functional.logsigmoid((h @ p("mixer.gate.proj.weight").T).float()) / cfg.gate_normalizer
+            ).double()
+            S, outs = torch.zeros(B, H, D, D, dtype=torch.float64), []
+            for t in range(T):
+                S = g[:, t, :, None, None].exp() * S + k[:, t, :, :, None] * v[:, t, :, None, :]
+                outs.append(torch.einsum("bhk,bhkv->bhv", q[:, t], S) * D**-0.5)
+            o = norm(torch.stack(outs, 1), p("mixer.out_norm.weight"))
+        else:
+            s = torch.einsum("bthd,bshd->bhts", rot(q), rot(k)) * D**-0.5
+            s = s.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+            o = torch.einsum("bhts,bshd->bthd", s.softmax(-1), v)
+        x = x + o.flatten(2) @ p("mixer.o_proj.weight").T
+        h = norm(x, p("mlp_norm.weight"))
+        gate, up = h @ p("mlp.gate_proj.weight").T, h @ p("mlp.up_proj.weight").T
+        x = x + (torch.nn.functional.silu(gate) * up) @ p("mlp.down_proj.weight").T
+    return norm(x, P["norm.weight"]) @ P["lm_head.weight"].T
+
+
+@pytest.mark.parametrize("pattern", ["L", "S", "LS", "SL", "LLLS"])
+def test_a_hybrid_equals_an_independent_reference(pattern):
+    """How a hybrid's layers combine (docs/evaluation.md, the retrieval benchmark): the model's logits and
+    every parameter's gradient equal a reference written out from the same parameters, for one linear layer,
+    one softmax layer, both orders, and the 3:1 hybrid the benchmark trained."""
+    cfg = ModelConfig(
+        vocab_size=64, hidden_size=32, num_heads=4, num_kv_heads=2, ffn_hidden_size=48,
+        num_layers=len(pattern), layer_pattern=pattern, linear_variant="simple_gla",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = LinearLlama(cfg).double()
+    with torch.no_grad():  # weights large enough that every layer moves the logits
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    tokens = torch.randint(0, 64, (2, 23), generator=torch.Generator().manual_seed(1))
+    got, want = model(tokens), _reference_logits(model, tokens)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+    weights = torch.randn_like(want)
+    params = [p for p in model.parameters() if p.requires_grad]
+    for a, b, (name, _) in zip(
+        torch.autograd.grad((got * weights).sum(), params),
+        torch.autograd.grad((want * weights).sum(), params),
+        model.named_parameters(),
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-9, msg=lambda m: f"d{name}: {m}")
