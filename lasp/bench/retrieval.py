@@ -8,9 +8,9 @@ Every model has the same shape (byte vocabulary, --layers layers of --hidden, 4 
 trained the same way (--steps AdamW steps of --batch sequences of --train-len bytes, one seed) on a
 synthetic passkey mixture: prompts of lasp.eval.passkey with their answers, at random lengths up to the
 training length, random depths and keys (another seed than the evaluation's), the loss on the answer. Then
-passkey accuracy (greedy
-decoding, lasp.eval.passkey) at 1x, 2x, 4x and 8x the training length, over --trials keys at 5 depths;
-4x and 8x run under SP = 2 (`torchrun --nproc-per-node 2 -m lasp.eval passkey`, LASP-2 / LASP-2H).
+passkey accuracy (greedy decoding, lasp.eval.passkey) at 1x, 2x, 4x and 8x the training length, over
+--trials keys at 5 depths; 4x and 8x run under SP = 2 (`torchrun --nproc-per-node 2 -m lasp.eval passkey`,
+LASP-2 / LASP-2H).
 
 Models: pure linear (lightning: constant decay; simple_gla: a scalar gate; gated_deltanet: the delta rule),
 a 3:1 hybrid (LLLS, simple_gla) and all softmax. Writes OUT/retrieval.jsonl (one row per model and length),
