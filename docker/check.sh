@@ -112,6 +112,8 @@ if [[ $ENGINE == podman ]]; then
 fi
 say "engine: ${E[*]} ($("$ENGINE" --version))"
 
+image_size() { "${E[@]}" image inspect --format '{{.Size}}' "$IMAGE" | awk '{printf "%.2f GB", $1 / 1e9}'; }
+
 # --- the base and the build -----------------------------------------------------------------------------
 standin_base() {
   if "${E[@]}" image exists "$STANDIN" 2>/dev/null || "${E[@]}" image inspect "$STANDIN" >/dev/null 2>&1; then
@@ -178,7 +180,7 @@ build() {
     fi
   fi
   "${E[@]}" build "${BUILD_EXTRA[@]}" "${args[@]}" -f docker/Dockerfile.cpu -t "$IMAGE" .
-  say "image $IMAGE on base $base: $("${E[@]}" image inspect --format '{{.Size}}' "$IMAGE" | awk '{printf "%.2f GB", $1 / 1e9}')"
+  say "image $IMAGE on base $base: $(image_size)"
 }
 
 # --- inside the image -----------------------------------------------------------------------------------
@@ -266,5 +268,5 @@ for s in ${STEPS//,/ }; do
     kill) timed kill kill_one ;;
   esac
 done
-echo "image $IMAGE: $("${E[@]}" image inspect --format '{{.Size}}' "$IMAGE" | awk '{printf "%.2f GB", $1 / 1e9}')"
+echo "image $IMAGE: $(image_size)"
 printf 'step %s\n' "${TIMES[@]}"

@@ -182,10 +182,9 @@ def load(path: str | Path, *, dtype: torch.dtype | None = torch.float32, device=
     if what == "export":
         return from_pretrained(d, dtype=dtype, device=device), load_tokenizer_for(d)
     try:
-        cfg, state_dict, tok_desc = consolidate(str(d))
+        model, tok_desc = checkpoint_model(str(d), dtype=dtype, device=device)
     except CheckpointError as e:
         raise UsageError(
             f"{d} is neither an export directory (no {WEIGHTS}) nor a usable trainer checkpoint: {e}"
         ) from e
-    model = model_from_state_dict(cfg, state_dict, str(d), device, dtype)
     return model, tokenizer_from_description(tok_desc, None, str(d))

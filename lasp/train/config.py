@@ -9,6 +9,7 @@ and a dataset that is missing or does not fit the model.
 
 import dataclasses
 import difflib
+import functools
 import json
 import os
 from dataclasses import dataclass, field
@@ -290,7 +291,7 @@ class TrainConfig:
         """Every section's own problems, then the rules across sections. A rule that reads a section in
         `broken` (one that did not build: its problems are already reported) is skipped. `world_size` None:
         the configured mesh (dry runs)."""
-        ok = lambda *names: not broken & set(names)
+        ok = functools.partial(_built, broken)
         model = self.model if ok("model") else None
         m, par, data, run = self.model, self.parallel, self.data, self.train
         # every section checks itself; parallel's checks need the model, the world and the batch (below)
@@ -342,7 +343,7 @@ class TrainConfig:
         """The probes of the file system, before any process group: the dataset is there and fits the model,
         the run and checkpoint directories can be written, train.init_from holds weights of this model's
         shape and the data's tokenizer, train.resume is a checkpoint. Sections in `broken` are skipped."""
-        ok = lambda *names: not broken & set(names)
+        ok = functools.partial(_built, broken)
         model = self.model if ok("model") else None
         run = self.train if ok("train") else None
         p = []
@@ -366,6 +367,11 @@ class TrainConfig:
 
 
 SECTIONS = tuple(f.name for f in dataclasses.fields(TrainConfig))
+
+
+def _built(broken: frozenset[str], *names: str) -> bool:
+    """None of the sections `names` is among the `broken` ones (those that did not build)."""
+    return not broken & set(names)
 
 
 def _data_problems(data: DataConfig, model: ModelConfig | None, evaluate: bool) -> list[str]:
