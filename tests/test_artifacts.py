@@ -1,4 +1,4 @@
-"""lasp.artifacts: what a path holds (a trainer checkpoint, a LASP export, a Hugging Face directory), and its
+"""lasp.train.artifacts: what a path holds (a trainer checkpoint, a LASP export, a Hugging Face directory), and its
 model and tokenizer, the one answer lasp.eval, lasp.generate and lasp.export share."""
 
 import json
