@@ -513,6 +513,8 @@ def test_the_retrieval_benchmark_writes_its_rows_and_plot(tmp_path, capsys):
                 "2",
                 "--models",
                 "hybrid LLLS simple_gla",
+                "--seeds",
+                "5",
                 "--trials",
                 "1",
                 "--train-len",
@@ -526,38 +528,46 @@ def test_the_retrieval_benchmark_writes_its_rows_and_plot(tmp_path, capsys):
         == 0
     )
     rows = [json.loads(line) for line in (tmp_path / "retrieval.jsonl").read_text().splitlines()]
-    assert [(r["length"], r["sp"]) for r in rows] == [(256, 1), (512, 1), (1024, 2), (2048, 2)]
+    assert [(r["length"], r["sp"], r["seed"]) for r in rows] == [(256, 1, 5), (512, 1, 5), (1024, 2, 5), (2048, 2, 5)]
     assert all(0 <= r["accuracy"] <= 1 and len(r["by_depth"]) == 5 for r in rows)
+    curve = rows[0]["loss_curve"]
+    assert [pt["step"] for pt in curve] == [1, 2] and rows[0]["final_loss"] == curve[-1]["loss"]
+    assert all(len(pt["mixer_out"]) == 4 and pt["stream"] > 0 and pt["grad_norm_max"] > 0 for pt in curve)
+    assert (tmp_path / "hybrid-LLLS-simple_gla" / "seed-5" / "config.json").is_file()
     assert (tmp_path / "retrieval.png").stat().st_size > 0 and "| hybrid LLLS simple_gla |" in capsys.readouterr().out
 
 
 def test_the_retrieval_benchmark_gathers_runs_of_a_few_models_each(tmp_path, capsys):
-    """--collect: two runs' rows in one JSONL, plot and table; a model in both runs is refused."""
+    """--collect: several runs' rows in one JSONL, plot and table, the seeds of a model as the mean and range
+    of its accuracy; a model trained from the same seed in two runs is refused."""
     from lasp.bench.retrieval import main
 
-    def run(d, *models):
+    def run(d, *models, seed=0, acc=(1.0, 0.5, 0.25, 0.0)):
         rows = [
-            {"model": m, "params": 10, "train_len": 8, "length": n, "accuracy": a, "train_seconds": 1.0}
+            {"model": m, "seed": seed, "params": 10, "train_len": 8, "length": n, "accuracy": a}
+            | {"train_seconds": 1.0 + seed, "final_loss": 0.5 + seed}
             for m in models
-            for n, a in ((8, 1.0), (16, 0.5), (32, 0.25), (64, 0.0))
+            for n, a in zip((8, 16, 32, 64), acc)
         ]
         (tmp_path / d).mkdir()
         (tmp_path / d / "retrieval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         return rows
 
-    both = run("a", "softmax") + run("b", "lightning", "simple_gla")
-    assert main(["--out", str(tmp_path / "all"), "--collect", f"{tmp_path / 'a'},{tmp_path / 'b'}"]) == 0
+    both = run("a", "softmax") + run("b", "lightning", "simple_gla") + run("s1", "softmax", seed=1, acc=(0, 0, 0, 1))
+    dirs = ",".join(str(tmp_path / d) for d in ("a", "b", "s1"))
+    assert main(["--out", str(tmp_path / "all"), "--collect", dirs]) == 0
     assert [json.loads(line) for line in (tmp_path / "all" / "retrieval.jsonl").read_text().splitlines()] == both
     out = capsys.readouterr().out
-    assert "| softmax | 10 | 1 | 1.00 | 0.50 | 0.25 | 0.00 |" in out and "| simple_gla |" in out
+    assert "| softmax | 10 | 2 | 2 | 1.00 (0.50-1.50) | 0.50 (0.00-1.00) | 0.25 (0.00-0.50) | 0.12 (0.00-0.25)" in out
+    assert "| simple_gla | 10 | 1 | 1 | 0.50 | 1.00 | 0.50 | 0.25 | 0.00 |" in out
     assert (tmp_path / "all" / "retrieval.png").stat().st_size > 0
-    run("c", "softmax")
+    run("c", "softmax", seed=1)
     refuse_all(
         main,
         [
             (
-                ["--out", str(tmp_path / "o"), "--collect", f"{tmp_path / 'a'},{tmp_path / 'c'},{tmp_path / 'x'}"],
-                "model 'softmax' is in",
+                ["--out", str(tmp_path / "o"), "--collect", f"{dirs},{tmp_path / 'c'},{tmp_path / 'x'}"],
+                "model 'softmax' seed 1 is in",
                 "x/retrieval.jsonl does not exist",
             )
         ],
@@ -573,8 +583,11 @@ def test_the_retrieval_benchmark_refuses_bad_input(tmp_path, capsys):
         main,
         [
             (
-                ["--out", str(tmp_path / "o"), "--models", "mamba", "--steps", "0", "--train-len", "100"],
+                ["--out", str(tmp_path / "o"), "--models", "mamba", "--steps", "0", "--train-len", "100"]
+                + ["--seeds", "1,x,1"],
                 "--models: unknown 'mamba'",
+                "--seeds: 'x' is not a non-negative integer",
+                "--seeds: 1 is given twice",
                 "--steps must be >= 1, got 0",
                 "--train-len must be at least 251",
             )

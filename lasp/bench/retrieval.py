@@ -1,21 +1,23 @@
 """Do hybrids keep retrieval where pure linear models lose it? Passkey retrieval of small models trained
 alike, on CPU.
 
-    python -m lasp.bench.retrieval [--out DIR] [--steps 3000] [--train-len 512] [--models lightning,...]
+    python -m lasp.bench.retrieval [--out DIR] [--models gated_deltanet,...] [--seeds 0,1,2] [--steps 1000]
     python -m lasp.bench.retrieval --out DIR --collect DIR1,DIR2      # one table and plot from several runs
 
 Every model has the same shape (byte vocabulary, --layers layers of --hidden, 4 heads, 2 KV heads) and is
-trained the same way (--steps AdamW steps of --batch sequences of --train-len bytes, one seed) on a
-synthetic passkey mixture: prompts of lasp.eval.passkey with their answers, at random lengths up to the
-training length, random depths and keys (another seed than the evaluation's), the loss on the answer. Then
-passkey accuracy (greedy decoding, lasp.eval.passkey) at 1x, 2x, 4x and 8x the training length, over
---trials keys at 5 depths; 4x and 8x run under SP = 2 (`torchrun --nproc-per-node 2 -m lasp.eval passkey`,
-LASP-2 / LASP-2H).
+trained the same way, once per seed of --seeds (--steps AdamW steps of --batch sequences of --train-len
+bytes, --lr after --warmup steps) on a synthetic passkey mixture: prompts of lasp.eval.passkey with their
+answers, at random lengths up to the training length, random depths and keys (the seed's, never the
+evaluation's), the loss on the answer. Then passkey accuracy (greedy decoding, lasp.eval.passkey) at 1x,
+2x, 4x and 8x the training length, over --trials keys at 5 depths; 4x and 8x run under SP = 2 (`torchrun
+--nproc-per-node 2 -m lasp.eval passkey`, LASP-2 / LASP-2H).
 
 Models: pure linear (lightning: constant decay; simple_gla: a scalar gate; gated_deltanet: the delta rule),
-a 3:1 hybrid (LLLS, simple_gla) and all softmax. Writes OUT/retrieval.jsonl (one row per model and length),
-OUT/retrieval.png (accuracy against length) and prints a table with the parameter counts and wall times.
-Models are independent: runs of a few models each (in parallel, one thread each) are gathered by --collect.
+all softmax, and 3:1 hybrids of simple_gla or Gated DeltaNet with the softmax layer last (LLLS) or in the
+middle (LLSL). Writes OUT/retrieval.jsonl (one row per model, seed and length, with the training loss
+curve), OUT/retrieval.png (mean accuracy against length, the seeds' range shaded) and prints a table: per
+model the mean over the seeds and their range. A progress bar per model and seed on stderr. Models are
+independent: runs of a few models each (in parallel, one thread each) are gathered by --collect.
 """
 
 import argparse
@@ -36,9 +38,14 @@ MODELS = {
     "lightning": dict(layer_pattern="L", linear_variant="lightning"),
     "simple_gla": dict(layer_pattern="L", linear_variant="simple_gla"),
     "gated_deltanet": dict(layer_pattern="L", linear_variant="gated_deltanet"),
-    "hybrid LLLS simple_gla": dict(layer_pattern="LLLS", linear_variant="simple_gla"),
     "softmax": dict(layer_pattern="S"),
+    "hybrid LLLS simple_gla": dict(layer_pattern="LLLS", linear_variant="simple_gla"),
+    "hybrid LLSL simple_gla": dict(layer_pattern="LLSL", linear_variant="simple_gla"),
+    "hybrid LLLS gated_deltanet": dict(layer_pattern="LLLS", linear_variant="gated_deltanet"),
+    "hybrid LLSL gated_deltanet": dict(layer_pattern="LLSL", linear_variant="gated_deltanet"),
 }
+"""The layer pattern repeats over --layers: with 4 layers, LLLS is the 3:1 hybrid with softmax last (every 4th
+layer, Qwen3-Next's layout with Gated DeltaNet) and LLSL the same with softmax in the middle."""
 
 
 def training_batch(tok, rng: random.Random, batch: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,29 +75,78 @@ def training_batch(tok, rng: random.Random, batch: int, length: int) -> tuple[to
     return torch.tensor(rows), torch.tensor(labels)
 
 
-def train(name: str, cfg, a, say) -> tuple[object, float]:
-    """A model of `cfg` trained on the mixture; (model, seconds)."""
+def train(name: str, cfg, a, seed: int) -> tuple[object, float, list[dict]]:
+    """A model of `cfg` trained on the mixture from `seed` (its initial weights and its batches); (model,
+    seconds, the curve). The curve has a point per twentieth of the run: the step, the labelled-token loss
+    averaged since the last point, the largest gradient norm (before clipping) since then, and at the
+    point's step the mean size (L2 norm) of what each layer's mixer adds to the residual stream at the
+    labelled tokens and of the stream there before the final norm (`mixer_out`, `stream`): how the 3:1
+    hybrid's stall was found (docs/evaluation.md, "Why the 3:1 hybrid learned nothing")."""
+    from tqdm import tqdm
+
     from lasp.data.tokenizer import ByteTokenizer
     from lasp.model import LinearLlama
 
-    torch.manual_seed(a.seed)
+    torch.manual_seed(seed)
     model = LinearLlama(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.0)
-    rng, tok = random.Random(a.seed), ByteTokenizer()
+    rng, tok = random.Random(seed), ByteTokenizer()
+    sizes: dict[str, float] = {}
+    labelled: list[torch.Tensor] = []
+
+    def measure(key: str, t: torch.Tensor) -> None:
+        sizes[key] = t.detach()[labelled[0]].norm(dim=-1).mean().item()
+
+    hooks = [
+        block.mixer.register_forward_hook(lambda m, args, out, i=i: measure(f"mixer{i}", out))
+        for i, block in enumerate(model.layers)
+    ]
+    hooks.append(model.norm.register_forward_hook(lambda m, args, out: measure("stream", args[0])))
+    every, losses, norms, curve = max(1, a.steps // 20), [], [], []
     start = time.time()
-    for step in range(a.steps):
-        lr = a.lr * min(1.0, (step + 1) / 50)
+    bar = tqdm(range(a.steps), desc=f"{name} seed {seed}", unit="step", file=sys.stderr, dynamic_ncols=True)
+    for step in bar:
         for g in opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = a.lr * min(1.0, (step + 1) / a.warmup)
         x, y = training_batch(tok, rng, a.batch, a.train_len)
+        labelled[:] = [y != -100]
         loss = F.cross_entropy(model(x[:, :-1]).flatten(0, 1), y.flatten(), ignore_index=-100)
         opt.zero_grad()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0).item())
         opt.step()
-        if (step + 1) % max(1, a.steps // 5) == 0:
-            say(f"{name}: step {step + 1}/{a.steps}, loss {loss.item():.3f}")
-    return model.eval(), time.time() - start
+        losses.append(loss.item())
+        if (step + 1) % every == 0 or step + 1 == a.steps:
+            curve.append(
+                {
+                    "step": step + 1,
+                    "loss": sum(losses) / len(losses),
+                    "grad_norm_max": max(norms),
+                    "mixer_out": [round(sizes[f"mixer{i}"], 4) for i in range(len(model.layers))],
+                    "stream": round(sizes["stream"], 4),
+                }
+            )
+            bar.set_postfix(loss=f"{curve[-1]['loss']:.3f}")
+            losses, norms = [], []
+    bar.close()
+    for h in hooks:
+        h.remove()
+    return model.eval(), time.time() - start, curve
+
+
+def _far(directory: Path, lengths: list[int], depths: list[float], trials: int, name: str) -> list[dict]:
+    """Passkey accuracy at `lengths` under SP = 2: `torchrun --nproc-per-node 2 -m lasp.eval passkey`."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    cmd += ["-m", "lasp.eval", "passkey", "--checkpoint", str(directory), "--lengths", ",".join(map(str, lengths))]
+    cmd += ["--depths", ",".join(map(str, depths)), "--trials", str(trials), "--seed", str(EVAL_SEED)]
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if done.returncode:
+        sys.exit(f"the SP = 2 evaluation of {name} failed:\n{done.stderr[-3000:]}")
+    return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+
+
+EVAL_SEED = 1234
+"""The evaluation's keys: the same prompts for every model, and none of the training seeds' batches."""
 
 
 def main(argv=None) -> int:
@@ -102,14 +158,15 @@ def main(argv=None) -> int:
     )
     p.add_argument("--out", default="runs/bench-retrieval", help="output directory (JSONL, PNG, the models)")
     p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, among: {', '.join(MODELS)}")
-    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--seeds", default="0,1,2", help="training seeds, comma-separated: one model trained per seed")
+    p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--train-len", type=int, default=512, help="training length; evaluation at 1x, 2x, 4x, 8x")
+    p.add_argument("--train-len", type=int, default=256, help="training length; evaluation at 1x, 2x, 4x, 8x")
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW's peak learning rate (constant after warm-up)")
+    p.add_argument("--warmup", type=int, default=50, help="steps of linear warm-up to --lr")
     p.add_argument("--trials", type=int, default=4, help="keys per (length, depth)")
-    p.add_argument("--seed", type=int, default=0, help="the training seed (the evaluation's keys use seed 1234)")
     p.add_argument(
         "--collect",
         default=None,
@@ -125,8 +182,15 @@ def main(argv=None) -> int:
 
     names = [m.strip() for m in a.models.split(",") if m.strip()]
     problems = [f"--models: unknown {m!r} (known: {', '.join(MODELS)})" for m in names if m not in MODELS]
+    problems += [] if names else ["--models: no model given"]
+    seeds, bad = [], []
+    for t in (t.strip() for t in a.seeds.split(",")):
+        (seeds.append(int(t)) if t.isdigit() else bad.append(t))
+    problems += [f"--seeds: {t!r} is not a non-negative integer" for t in bad]
+    problems += [] if seeds or bad else ["--seeds: no seed given"]
+    problems += [f"--seeds: {s} is given twice" for s in sorted({s for s in seeds if seeds.count(s) > 1})]
     problems += at_least("--steps", a.steps) + at_least("--batch", a.batch) + at_least("--trials", a.trials)
-    problems += at_least("--hidden", a.hidden, 8) + at_least("--layers", a.layers)
+    problems += at_least("--hidden", a.hidden, 8) + at_least("--layers", a.layers) + at_least("--warmup", a.warmup)
     from lasp.data.tokenizer import ByteTokenizer
     from lasp.eval.passkey import shortest
 
@@ -138,7 +202,6 @@ def main(argv=None) -> int:
     problems += writable("--out", a.out, directory=True)
     usage_error(p, problems)
 
-    from lasp.data.tokenizer import ByteTokenizer
     from lasp.eval.passkey import passkey_accuracy
     from lasp.model import ModelConfig, save_pretrained
 
@@ -158,66 +221,51 @@ def main(argv=None) -> int:
             ffn_hidden_size=a.hidden * 3,
             **MODELS[name],
         )
-        model, seconds = train(name, cfg, a, say)
-        params = sum(t.numel() for t in model.parameters())
-        directory = out / name.replace(" ", "-")
-        save_pretrained(model, str(directory), tokenizer={"name": "byte"})
-        start = time.time()
-        near = passkey_accuracy(model, ByteTokenizer(), [n, 2 * n], depths, a.trials, seed=1234)
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc-per-node",
-            "2",
-            "-m",
-            "lasp.eval",
-            "passkey",
-            "--checkpoint",
-            str(directory),
-            "--lengths",
-            f"{4 * n},{8 * n}",
-            "--depths",
-            ",".join(map(str, depths)),
-            "--trials",
-            str(a.trials),
-            "--seed",
-            "1234",
-        ]
-        done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        if done.returncode:
-            sys.exit(f"the SP = 2 evaluation of {name} failed:\n{done.stderr[-3000:]}")
-        far = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-        eval_seconds = time.time() - start
-        for length in (n, 2 * n, 4 * n, 8 * n):
-            cells = [r for r in near + far if r["length"] == length]
-            rows.append(
-                {
-                    "model": name,
-                    "params": params,
-                    "train_len": n,
-                    "length": length,
-                    "sp": 1 if length <= 2 * n else 2,
-                    "accuracy": sum(r["accuracy"] for r in cells) / len(cells),
-                    "by_depth": {str(r["depth"]): r["accuracy"] for r in cells},
-                    "trials": a.trials,
-                    "steps": a.steps,
-                    "train_seconds": seconds,
-                    "eval_seconds": eval_seconds,
-                    **env,
-                }
+        for seed in seeds:
+            model, seconds, curve = train(name, cfg, a, seed)
+            params = sum(t.numel() for t in model.parameters())
+            directory = out / name.replace(" ", "-") / f"seed-{seed}"
+            save_pretrained(model, str(directory), tokenizer={"name": "byte"})
+            start = time.time()
+            near = passkey_accuracy(model, ByteTokenizer(), [n, 2 * n], depths, a.trials, seed=EVAL_SEED)
+            far = _far(directory, [4 * n, 8 * n], depths, a.trials, name)
+            eval_seconds = time.time() - start
+            mine = []
+            for length in (n, 2 * n, 4 * n, 8 * n):
+                cells = [r for r in near + far if r["length"] == length]
+                mine.append(
+                    {
+                        "model": name,
+                        "seed": seed,
+                        "params": params,
+                        "train_len": n,
+                        "length": length,
+                        "sp": 1 if length <= 2 * n else 2,
+                        "accuracy": sum(r["accuracy"] for r in cells) / len(cells),
+                        "by_depth": {str(r["depth"]): r["accuracy"] for r in cells},
+                        "trials": a.trials,
+                        "steps": a.steps,
+                        "lr": a.lr,
+                        "warmup": a.warmup,
+                        "final_loss": curve[-1]["loss"],
+                        "loss_curve": curve,
+                        "train_seconds": seconds,
+                        "eval_seconds": eval_seconds,
+                        **env,
+                    }
+                )
+            rows += mine
+            say(
+                f"{name} seed {seed}: {params:,} parameters, trained in {seconds:.0f} s, final loss "
+                f"{curve[-1]['loss']:.3f}; accuracy " + ", ".join(f"{r['length']}: {r['accuracy']:.2f}" for r in mine)
             )
-        say(
-            f"{name}: {params:,} parameters, trained in {seconds:.0f} s; accuracy "
-            + ", ".join(f"{r['length']}: {r['accuracy']:.2f}" for r in rows if r["model"] == name)
-        )
-        write_jsonl(out / "retrieval.jsonl", rows)  # after each model: a long run interrupted keeps its rows
+            write_jsonl(out / "retrieval.jsonl", rows)  # after each model: an interrupted run keeps its rows
     return _report(rows, out)
 
 
 def _collect(p: argparse.ArgumentParser, a) -> int:
-    """--collect: the rows of several runs in one JSONL, plot and table (a model in two runs is refused)."""
+    """--collect: the rows of several runs in one JSONL, plot and table (a model trained from the same seed
+    in two runs is refused)."""
     from lasp.cli import usage_error, writable
 
     dirs = [Path(d.strip()) for d in a.collect.split(",") if d.strip()]
@@ -231,27 +279,48 @@ def _collect(p: argparse.ArgumentParser, a) -> int:
         for d in dirs
         if (d / "retrieval.jsonl").is_file()
     }
-    where: dict[str, list[str]] = {}
+    where: dict[tuple[str, int], list[str]] = {}
     for d, mine in runs.items():
-        for name in dict.fromkeys(r["model"] for r in mine):
-            where.setdefault(name, []).append(str(d))
-    problems += [f"--collect: model {name!r} is in {' and '.join(ds)}" for name, ds in where.items() if len(ds) > 1]
+        for model, seed in dict.fromkeys((r["model"], r.get("seed", 0)) for r in mine):
+            where.setdefault((model, seed), []).append(str(d))
+    problems += [
+        f"--collect: model {model!r} seed {seed} is in {' and '.join(ds)}"
+        for (model, seed), ds in where.items()
+        if len(ds) > 1
+    ]
     rows = [r for mine in runs.values() for r in mine]
     usage_error(p, problems + ([] if rows or problems else [f"--collect: no rows in {', '.join(map(str, dirs))}"]))
     write_jsonl(Path(a.out) / "retrieval.jsonl", rows)
     return _report(rows, Path(a.out))
 
 
+def _spread(values: list[float]) -> str:
+    """'mean (min-max)' over the seeds; the value alone for one seed."""
+    mean = sum(values) / len(values)
+    return f"{mean:.2f}" if len(values) == 1 else f"{mean:.2f} ({min(values):.2f}-{max(values):.2f})"
+
+
+def _by_model(rows: list[dict]) -> dict[str, dict[int, list[dict]]]:
+    """{model: {length: [the row of each seed]}}, in the rows' order."""
+    out: dict[str, dict[int, list[dict]]] = {}
+    for r in rows:
+        out.setdefault(r["model"], {}).setdefault(r["length"], []).append(r)
+    return out
+
+
 def _report(rows: list[dict], out: Path) -> int:
-    """The plot, and the table on stdout."""
+    """The plot, and the table on stdout: per model and length the mean accuracy over the seeds and its
+    range."""
     _plot(rows, out / "retrieval.png")
-    print(f"| model | parameters | train s | {' | '.join(f'{k}x' for k in (1, 2, 4, 8))} |")
-    print("|---|---|---|---|---|---|---|")
-    for name in dict.fromkeys(r["model"] for r in rows):
-        mine = [r for r in rows if r["model"] == name]
+    print(f"| model | parameters | seeds | train s | final loss | {' | '.join(f'{k}x' for k in (1, 2, 4, 8))} |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, lengths in _by_model(rows).items():
+        first = next(iter(lengths.values()))
+        loss = [r["final_loss"] for r in first if "final_loss" in r]
         print(
-            f"| {name} | {mine[0]['params']:,} | {mine[0]['train_seconds']:.0f} | "
-            + " | ".join(f"{r['accuracy']:.2f}" for r in mine)
+            f"| {name} | {first[0]['params']:,} | {len(first)} | "
+            f"{sum(r['train_seconds'] for r in first) / len(first):.0f} | {_spread(loss) if loss else '-'} | "
+            + " | ".join(_spread([r["accuracy"] for r in mine]) for mine in lengths.values())
             + " |"
         )
     print(f"rows: {out / 'retrieval.jsonl'}; plot: {out / 'retrieval.png'}")
@@ -259,19 +328,23 @@ def _report(rows: list[dict], out: Path) -> int:
 
 
 def _plot(rows: list[dict], path: Path) -> None:
+    """Mean accuracy against length per model, the band between the seeds' lowest and highest."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name in dict.fromkeys(r["model"] for r in rows):
-        mine = [r for r in rows if r["model"] == name]
-        ax.plot([r["length"] for r in mine], [r["accuracy"] for r in mine], marker="o", label=name)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, lengths in _by_model(rows).items():
+        x = list(lengths)
+        acc = [[r["accuracy"] for r in mine] for mine in lengths.values()]
+        (line,) = ax.plot(x, [sum(v) / len(v) for v in acc], marker="o", label=f"{name} ({len(acc[0])} seeds)")
+        if len(acc[0]) > 1:
+            ax.fill_between(x, [min(v) for v in acc], [max(v) for v in acc], color=line.get_color(), alpha=0.12)
     ax.set_xscale("log", base=2)
     ax.set_ylim(-0.05, 1.05)
-    ax.set_xlabel(f"passkey prompt length (trained at {rows[0]['train_len']})")
-    ax.set_ylabel("accuracy (greedy, 5 depths)")
+    ax.set_xlabel(f"passkey prompt length (trained at {rows[0]['train_len']}; 4x and 8x under SP = 2)")
+    ax.set_ylabel("accuracy (greedy, 5 depths): mean, seeds' range")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
