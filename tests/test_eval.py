@@ -533,6 +533,9 @@ def test_the_retrieval_benchmark_writes_its_rows_and_plot(tmp_path, capsys):
     curve = rows[0]["loss_curve"]
     assert [pt["step"] for pt in curve] == [1, 2] and rows[0]["final_loss"] == curve[-1]["loss"]
     assert all(len(pt["mixer_out"]) == 4 and pt["stream"] > 0 and pt["grad_norm_max"] > 0 for pt in curve)
+    probe = rows[0]["probe"]
+    assert len(probe["loss_without_mixer"]) == 4 and probe["loss"] > 0 and probe["grad_norm"]["lm_head"] > 0
+    assert len(probe["grad_norm"]["mixer"]) == len(probe["grad_norm"]["mlp"]) == 4
     assert (tmp_path / "hybrid-LLLS-simple_gla" / "seed-5" / "config.json").is_file()
     assert (tmp_path / "retrieval.png").stat().st_size > 0 and "| hybrid LLLS simple_gla |" in capsys.readouterr().out
 
@@ -560,6 +563,7 @@ def test_the_retrieval_benchmark_gathers_runs_of_a_few_models_each(tmp_path, cap
     out = capsys.readouterr().out
     assert "| softmax | 10 | 2 | 2 | 1.00 (0.50-1.50) | 0.50 (0.00-1.00) | 0.25 (0.00-0.50) | 0.12 (0.00-0.25)" in out
     assert "| simple_gla | 10 | 1 | 1 | 0.50 | 1.00 | 0.50 | 0.25 | 0.00 |" in out
+    assert out.index("| lightning |") < out.index("| simple_gla |") < out.index("| softmax |")  # MODELS' order
     assert (tmp_path / "all" / "retrieval.png").stat().st_size > 0
     run("c", "softmax", seed=1)
     refuse_all(

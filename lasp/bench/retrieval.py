@@ -15,9 +15,10 @@ evaluation's), the loss on the answer. Then passkey accuracy (greedy decoding, l
 Models: pure linear (lightning: constant decay; simple_gla: a scalar gate; gated_deltanet: the delta rule),
 all softmax, and 3:1 hybrids of simple_gla or Gated DeltaNet with the softmax layer last (LLLS) or in the
 middle (LLSL). Writes OUT/retrieval.jsonl (one row per model, seed and length, with the training loss
-curve), OUT/retrieval.png (mean accuracy against length, the seeds' range shaded) and prints a table: per
-model the mean over the seeds and their range. A progress bar per model and seed on stderr. Models are
-independent: runs of a few models each (in parallel, one thread each) are gathered by --collect.
+curve and a probe of what each layer contributes), OUT/retrieval.png (mean accuracy against length, the
+seeds' range shaded) and prints a table: per model the mean over the seeds and their range. A progress bar
+per model and seed on stderr. Models are independent: runs of a few models each (in parallel, one thread
+each) are gathered by --collect.
 """
 
 import argparse
@@ -134,6 +135,41 @@ def train(name: str, cfg, a, seed: int) -> tuple[object, float, list[dict]]:
     return model.eval(), time.time() - start, curve
 
 
+def probe(model, a) -> dict:
+    """What each layer contributes, on a held-out batch of the mixture (the evaluation's seed): the labelled
+    loss, the same with each layer's mixer output zeroed in turn (a mixer whose removal leaves the loss
+    unchanged carries nothing the answer uses), and the gradient's L2 norm on the embedding, each layer's
+    mixer and MLP, and the LM head."""
+    from lasp.data.tokenizer import ByteTokenizer
+
+    x, y = training_batch(ByteTokenizer(), random.Random(EVAL_SEED), a.batch, a.train_len)
+
+    def loss() -> torch.Tensor:
+        return F.cross_entropy(model(x[:, :-1]).flatten(0, 1), y.flatten(), ignore_index=-100)
+
+    without = []
+    for block in model.layers:
+        hook = block.mixer.register_forward_hook(lambda m, args, out: torch.zeros_like(out))
+        with torch.no_grad():
+            without.append(round(loss().item(), 4))
+        hook.remove()
+    model.zero_grad()
+    full = loss()
+    full.backward()
+
+    def norm(module) -> float:
+        return round(sum(p.grad.pow(2).sum().item() for p in module.parameters() if p.grad is not None) ** 0.5, 4)
+
+    grads = {
+        "embed": norm(model.embed),
+        "mixer": [norm(b.mixer) for b in model.layers],
+        "mlp": [norm(b.mlp) for b in model.layers],
+        "lm_head": norm(model.lm_head),
+    }
+    model.zero_grad()
+    return {"loss": round(full.item(), 4), "loss_without_mixer": without, "grad_norm": grads}
+
+
 def _far(directory: Path, lengths: list[int], depths: list[float], trials: int, name: str) -> list[dict]:
     """Passkey accuracy at `lengths` under SP = 2: `torchrun --nproc-per-node 2 -m lasp.eval passkey`."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
@@ -223,6 +259,7 @@ def main(argv=None) -> int:
         )
         for seed in seeds:
             model, seconds, curve = train(name, cfg, a, seed)
+            probed = probe(model, a)
             params = sum(t.numel() for t in model.parameters())
             directory = out / name.replace(" ", "-") / f"seed-{seed}"
             save_pretrained(model, str(directory), tokenizer={"name": "byte"})
@@ -249,6 +286,7 @@ def main(argv=None) -> int:
                         "warmup": a.warmup,
                         "final_loss": curve[-1]["loss"],
                         "loss_curve": curve,
+                        "probe": probed,
                         "train_seconds": seconds,
                         "eval_seconds": eval_seconds,
                         **env,
@@ -301,11 +339,12 @@ def _spread(values: list[float]) -> str:
 
 
 def _by_model(rows: list[dict]) -> dict[str, dict[int, list[dict]]]:
-    """{model: {length: [the row of each seed]}}, in the rows' order."""
+    """{model: {length: [the row of each seed]}}, the models in MODELS' order (others after, as they come)."""
     out: dict[str, dict[int, list[dict]]] = {}
     for r in rows:
         out.setdefault(r["model"], {}).setdefault(r["length"], []).append(r)
-    return out
+    order = list(MODELS)
+    return dict(sorted(out.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
 
 
 def _report(rows: list[dict], out: Path) -> int:
