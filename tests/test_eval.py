@@ -588,10 +588,11 @@ def test_the_retrieval_benchmark_refuses_bad_input(tmp_path, capsys):
         [
             (
                 ["--out", str(tmp_path / "o"), "--models", "mamba", "--steps", "0", "--train-len", "100"]
-                + ["--seeds", "1,x,1"],
+                + ["--seeds", "1,x,1,1234"],
                 "--models: unknown 'mamba'",
                 "--seeds: 'x' is not a non-negative integer",
                 "--seeds: 1 is given twice",
+                "--seeds: 1234 is the evaluation's seed",
                 "--steps must be >= 1, got 0",
                 "--train-len must be at least 251",
             )
