@@ -76,6 +76,15 @@ def training_batch(tok, rng: random.Random, batch: int, length: int) -> tuple[to
     return torch.tensor(rows), torch.tensor(labels)
 
 
+def labelled_loss(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The mean cross-entropy on the labelled tokens of a `training_batch` (x [B, T + 1], y [B, T])."""
+    return F.cross_entropy(model(x[:, :-1]).flatten(0, 1), y.flatten(), ignore_index=-100)
+
+
+EVAL_SEED = 1234
+"""The evaluation's keys: the same prompts for every model, and none of the training seeds' batches."""
+
+
 def train(name: str, cfg, a, seed: int) -> tuple[object, float, list[dict]]:
     """A model of `cfg` trained on the mixture from `seed` (its initial weights and its batches); (model,
     seconds, the curve). The curve has a point per twentieth of the run: the step, the labelled-token loss
@@ -111,7 +120,7 @@ def train(name: str, cfg, a, seed: int) -> tuple[object, float, list[dict]]:
             g["lr"] = a.lr * min(1.0, (step + 1) / a.warmup)
         x, y = training_batch(tok, rng, a.batch, a.train_len)
         labelled[:] = [y != -100]
-        loss = F.cross_entropy(model(x[:, :-1]).flatten(0, 1), y.flatten(), ignore_index=-100)
+        loss = labelled_loss(model, x, y)
         opt.zero_grad()
         loss.backward()
         norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0).item())
@@ -144,17 +153,14 @@ def probe(model, a) -> dict:
 
     x, y = training_batch(ByteTokenizer(), random.Random(EVAL_SEED), a.batch, a.train_len)
 
-    def loss() -> torch.Tensor:
-        return F.cross_entropy(model(x[:, :-1]).flatten(0, 1), y.flatten(), ignore_index=-100)
-
     without = []
     for block in model.layers:
         hook = block.mixer.register_forward_hook(lambda m, args, out: torch.zeros_like(out))
         with torch.no_grad():
-            without.append(round(loss().item(), 4))
+            without.append(round(labelled_loss(model, x, y).item(), 4))
         hook.remove()
     model.zero_grad()
-    full = loss()
+    full = labelled_loss(model, x, y)
     full.backward()
 
     def norm(module) -> float:
@@ -179,10 +185,6 @@ def _far(directory: Path, lengths: list[int], depths: list[float], trials: int, 
     if done.returncode:
         sys.exit(f"the SP = 2 evaluation of {name} failed:\n{done.stderr[-3000:]}")
     return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-
-
-EVAL_SEED = 1234
-"""The evaluation's keys: the same prompts for every model, and none of the training seeds' batches."""
 
 
 def main(argv=None) -> int:
