@@ -14,12 +14,12 @@ NPROC_PER_NODE=${NPROC_PER_NODE:-${SLURM_GPUS_ON_NODE:-$(( gpus > 0 ? gpus : 1 )
 PYTHON=${PYTHON:-$( [[ -x .venv/bin/python ]] && echo .venv/bin/python || echo python3 )}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 # Check the variables before anything starts: every problem at once, exit 2 (a usage error).
-check_launch_vars() {  # names of variables that must be whole numbers >= 1 (NODE_RANK: >= 0)
+check_launch_vars() {  # names of variables that must be whole numbers >= 1 (NODE_RANK, MAX_RESTARTS: >= 0)
   local bad=() v
   for v in "$@"; do
     if [[ ! ${!v} =~ ^[0-9]+$ ]]; then
       bad+=("$v must be a whole number, got '${!v}'")
-    elif [[ $v != NODE_RANK ]] && (( 10#${!v} < 1 )); then
+    elif [[ $v != NODE_RANK && $v != MAX_RESTARTS ]] && (( 10#${!v} < 1 )); then
       bad+=("$v must be at least 1, got ${!v}")
     fi
   done

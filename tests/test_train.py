@@ -373,6 +373,117 @@ def test_a_dead_node_ends_the_other_with_an_error_not_a_hang(tmp_path, corpus):
     procs[1].communicate()
 
 
+def _elastic_node(config, port, log):
+    """One elastic `launch/torchrun.sh` "node" of two processes (NNODES=1:2, c10d rendezvous on loopback; a
+    dead node is given up on after 3 missed heartbeats of 1 s), its output into `log`.out / .err."""
+    return subprocess.Popen(
+        ["bash", "launch/torchrun.sh", "--config", config],
+        cwd=ROOT,
+        stdout=open(f"{log}.out", "w"),
+        stderr=open(f"{log}.err", "w"),
+        env={
+            **_env(),
+            "PYTHON": sys.executable,
+            "NNODES": "1:2",
+            "NPROC_PER_NODE": "2",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "RDZV_LAST_CALL": "3",
+            "RDZV_CONF": "keep_alive_interval=1,keep_alive_max_attempt=3",
+            "MAX_RESTARTS": "1",
+        },
+    )
+
+
+def _until(what, found, procs, timeout=180):
+    """Poll `found()` until it returns something, failing with the nodes' output if a node ends first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = found()
+        if got:
+            return got
+        for p in procs:
+            if p.poll() is not None:
+                pytest.fail(f"a node ended (status {p.returncode}) before {what}")
+        time.sleep(0.05)
+    pytest.fail(f"no {what} after {timeout} s")
+
+
+@pytest.mark.slow
+def test_an_elastic_job_loses_a_node_goes_on_alone_and_grows_again_with_the_same_batches(tmp_path, corpus, dist_pool):
+    """Two elastic nodes train at sp 2 x dp 2; one is killed (agent and workers, SIGKILL): the other re-forms
+    alone at sp 2 x dp 1 (4 microbatches of one row instead of 2) from the newest checkpoint; a third node
+    joining grows it back to dp 2. Each segment equals a run resumed at its layout from the same checkpoint."""
+    steps = 300
+    config, run_dir = _config(
+        tmp_path,
+        corpus,
+        "elastic",
+        train={"steps": steps, "eval_interval": 0},
+        schedule={"warmup_steps": 2, "decay_steps": steps},  # the shorter runs below follow the same schedule
+        parallel={"sp": 2, "dp": "auto", "micro_batch_size": 1},
+        checkpoint={"interval": 10, "keep_last": 0},
+    )
+    checkpoints = os.path.join(run_dir, "checkpoints")
+
+    def layouts():
+        return _rows(run_dir, "layout") if os.path.exists(os.path.join(run_dir, "metrics.jsonl")) else []
+
+    def committed(after):
+        names = os.listdir(checkpoints) if os.path.isdir(checkpoints) else []
+        done = [int(n[5:]) for n in names if n.startswith("step-") and os.path.exists(f"{checkpoints}/{n}/COMMITTED")]
+        return [s for s in done if s > after]
+
+    port = _free_port()
+    nodes = [_elastic_node(config, port, tmp_path / "node-a")]
+    time.sleep(0.5)  # node a hosts the rendezvous store: it must outlive the test's kill
+    nodes.append(_elastic_node(config, port, tmp_path / "node-b"))
+    try:
+        # both nodes (a node that came late joins at a restart of the first: wait for the world of 4)
+        four = _until("a layout of 4 ranks", lambda: [r for r in layouts() if r["world_size"] == 4], nodes)[-1]
+        _until("a checkpoint at 4 ranks", lambda: committed(four["step"]), nodes)
+        workers = subprocess.run(["pgrep", "-P", str(nodes[1].pid)], capture_output=True, text=True).stdout.split()
+        assert len(workers) == 2, workers
+        for pid in [nodes[1].pid, *map(int, workers)]:  # node b: its torchrun agent and its workers, at once
+            os.kill(pid, signal.SIGKILL)
+        killed = time.monotonic()
+        nodes[1].wait()
+        two = _until("a layout of 2 ranks", lambda: [r for r in layouts() if r["world_size"] == 2], nodes[:1])[-1]
+        _until("a step at 2 ranks", lambda: [r for r in _rows(run_dir) if r["step"] > two["step"]], nodes[:1])
+        print(f"from the kill to the first step at 2 ranks: {time.monotonic() - killed:.1f} s", file=sys.stderr)
+        nodes.append(_elastic_node(config, port, tmp_path / "node-c"))
+        for p in (nodes[0], nodes[2]):
+            assert p.wait(timeout=240) == 0, (tmp_path / "node-a.err").read_text()[-4000:]
+    finally:
+        for p in nodes:
+            p.kill() if p.poll() is None else None
+    out = (tmp_path / "node-a.out").read_text()
+    rows = _rows(run_dir)
+    assert [r["step"] for r in rows] == list(range(1, steps + 1))  # none skipped, none repeated
+    seen = layouts()
+    assert [(r["world_size"], r["sp"], r["dp"], r["microbatches"]) for r in seen[-3:]] == [
+        (4, 2, 2, 2),
+        (2, 2, 1, 4),
+        (4, 2, 2, 2),
+    ], seen
+    shrink, grow = seen[-2]["step"], seen[-1]["step"]
+    assert four["step"] < shrink < grow < steps, seen
+    assert "dp auto = 2 / (tp x sp x pp), 4 microbatch(es) of 1 row(s) per rank" in seen[-2]["why"]
+    assert f"resuming from {checkpoints}/step-{shrink:08d}" in out and "dp 2 -> 1, microbatches 2 -> 4" in out
+    assert f"resuming from {checkpoints}/step-{grow:08d}" in out and "dp 1 -> 2, microbatches 4 -> 2" in out
+    # each segment: a run resumed at that layout from the same checkpoint (on the shared pools)
+    cfg = yaml.safe_load(open(config))
+    for world, start, end in ((2, shrink, grow), (4, grow, steps)):
+        again = {**cfg, "logging": {**cfg["logging"], "run_dir": str(tmp_path / f"again-{world}")}}
+        again["train"] = {**cfg["train"], "steps": end, "resume": f"{checkpoints}/step-{start:08d}"}
+        dist_pool(world).run("tests.test_checkpoint:case_train", cfg=again, world_size=world)
+        want = _rows(again["logging"]["run_dir"])
+        got = [r for r in rows if start < r["step"] <= end]
+        assert [r["step"] for r in want] == [r["step"] for r in got] == list(range(start + 1, end + 1))
+        for r, w in zip(got, want):
+            assert abs(r["loss"] - w["loss"]) <= 1e-5 * abs(w["loss"]), (world, r, w)
+
+
 @pytest.mark.slow
 def test_bf16_autocast_with_activation_checkpointing_follows_the_fp32_curve(tmp_path, corpus, reference):
     config, run_dir = _config(

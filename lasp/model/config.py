@@ -332,6 +332,8 @@ def matches_type(value, tp) -> bool:
         return value in typing.get_args(tp)
     if tp is type(None):
         return value is None
+    if origin is list:
+        return isinstance(value, list) and all(matches_type(v, typing.get_args(tp)[0]) for v in value)
     if isinstance(value, bool):  # bool is an int in Python, never in a config
         return tp is bool
     if tp is float:
@@ -345,6 +347,8 @@ def type_name(tp) -> str:
         return " or ".join(type_name(a) for a in typing.get_args(tp))
     if typing.get_origin(tp) is typing.Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is list:
+        return f"a list of {type_name(typing.get_args(tp)[0])}"
     return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
 
 

@@ -37,12 +37,14 @@ class ParallelConfig:
 
     tp: int = 1
     """Tensor-parallel ranks: attention heads, KV heads, MLP width and vocabulary are split across them."""
-    sp: int = 1
-    """Sequence-parallel ranks (megatron-core's context-parallel group): LASP-2 / LASP-2H."""
+    sp: int | list[int] = 1
+    """Sequence-parallel ranks (megatron-core's context-parallel group): LASP-2 / LASP-2H. A list, e.g.
+    [4, 2]: the allowed degrees, the largest that fits the world is taken (lasp.parallel.fit)."""
     pp: int = 1
     """Pipeline stages: the layers are split into this many equal stages."""
-    dp: int = 1
-    """Data-parallel replicas: the global batch is split across them."""
+    dp: int | str = 1
+    """Data-parallel replicas: the global batch is split across them. `auto`: world / (tp x sp x pp), for a
+    world whose size may change between restarts (lasp.parallel.fit)."""
     ep: int = 1
     """Expert-parallel ranks (model.moe): each MoE layer's experts are split over ep ranks carved from the
     DP x SP ranks, which send each token to its experts' rank with an all-to-all. Adds no ranks."""
@@ -58,6 +60,9 @@ class ParallelConfig:
     (nvlink4-h100, ib-ndr400, a100-nvswitch-600)."""
     microbatches: int = 1
     """Microbatches per step (the pipeline schedule runs 1F1B over them when pp > 1)."""
+    micro_batch_size: int | None = None
+    """Rows per rank per microbatch. Given, the microbatches are data.global_batch / (dp x this), so a world
+    that shrank accumulates more of them rather than putting more rows on each rank; null: parallel.microbatches."""
     zero_stage: int = 0
     """0: gradients all-reduced over the DP x SP ranks (plain data parallelism); 1-3: DeepSpeed ZeRO."""
     loss_chunk_tokens: int = 4096
@@ -75,6 +80,9 @@ class ParallelConfig:
         that is wrong is reported once; the checks that divide by it are skipped, the others still run (and
         those against the model, when `model` is None: a model config with problems of its own)."""
         bad = type_problems(self, "parallel")
+        for name in ("sp", "dp"):  # a list or auto is the world's to settle, before these checks
+            if name not in bad and not isinstance(getattr(self, name), int):
+                bad[name] = f"parallel.{name}: {getattr(self, name)!r} is settled for a world size by lasp.parallel.fit"
         p = list(bad.values())
         for name in ("tp", "sp", "pp", "dp", "microbatches"):
             if name not in bad and getattr(self, name) < 1:

@@ -32,6 +32,41 @@ def _status(code: int, message: str) -> int:
     return code
 
 
+def _sizes(text: str) -> list[int]:
+    """`--world-size 4` or `2,4,6` -> the sizes, each a whole number >= 1."""
+    parts = text.split(",")
+    if not all(part.strip().isdigit() and int(part) >= 1 for part in parts):
+        raise argparse.ArgumentTypeError(f"expected whole numbers >= 1, comma-separated, got {text!r}")
+    return [int(part) for part in parts]
+
+
+def _check_worlds(config: str, overrides: list[str], sizes: list[int]) -> int:
+    """--check-only against several world sizes (an elastic launch may form any of them): 0 when the config
+    fits every one, else 2 with every problem: those of the config and its data once, then each world
+    size's own."""
+    from lasp.train.config import ConfigError, load_config
+
+    def problems(size: int, check_data: bool) -> list[str]:
+        try:
+            load_config(config, overrides, world_size=size, check_data=check_data)
+        except ConfigError as e:
+            return e.problems
+        return []
+
+    each = {size: problems(size, False) for size in sizes}
+    shared = [q for q in problems(sizes[0], True) if all(q in each[n] for n in sizes) or q not in each[sizes[0]]]
+    own = {n: [q for q in qs if q not in shared] for n, qs in each.items()}
+    failed = [n for n in sizes if own[n]]
+    if not shared and not failed:
+        return 0
+    every = ", ".join(map(str, sizes))
+    lines = [f"error: {config}: the config must fit every world size the launch may form ({every})"]
+    lines += [f"  {q}" for q in shared]
+    lines += [f"  with {n} processes: {q}" for n in failed for q in own[n]]
+    print("\n".join(lines), file=sys.stderr)
+    return 2
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m lasp.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -60,20 +95,23 @@ def main(argv=None) -> int:
     )
     p.add_argument(
         "--world-size",
-        type=int,
-        metavar="N",
-        help="with --check-only: the processes the launcher will start (default: this launch's WORLD_SIZE)",
+        type=_sizes,
+        metavar="N[,N...]",
+        help="with --check-only: the processes the launcher will start (default: this launch's WORLD_SIZE); "
+        "several, comma-separated: every world an elastic launch may form (each must fit)",
     )
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher's
     args = p.parse_args(argv)
-    if args.world_size is not None and (not args.check_only or args.world_size < 1):
-        p.error(f"--world-size {args.world_size}: only with --check-only, and at least 1")
+    if args.world_size is not None and not args.check_only:
+        p.error("--world-size: only with --check-only")
 
     from lasp.train.config import ConfigError, load_config
     from lasp.train.distributed import launch_env
 
     launch = launch_env()
-    world_size = args.world_size if args.world_size is not None else launch.world_size
+    if args.check_only and args.world_size is not None and len(args.world_size) > 1:
+        return _check_worlds(args.config, args.overrides, args.world_size)
+    world_size = args.world_size[0] if args.world_size is not None else launch.world_size
     try:
         cfg = load_config(
             args.config, args.overrides, world_size=None if args.dry_run else world_size, check_data=not args.dry_run

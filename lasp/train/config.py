@@ -20,6 +20,7 @@ import yaml
 from lasp.cli import existing, writable
 from lasp.model.config import ModelConfig
 from lasp.parallel.config import ParallelConfig
+from lasp.parallel.fit import fit
 from lasp.train import schema
 
 
@@ -282,6 +283,9 @@ class TrainConfig:
     train: RunConfig = field(default_factory=RunConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    layout_why = ""
+    """How `resolve` settled the parallel layout for the world (lasp.parallel.fit): one line the trainer
+    prints and records. Not a field: not part of the YAML."""
 
     @property
     def tokens_per_step(self) -> int:
@@ -297,9 +301,9 @@ class TrainConfig:
         # every section checks itself; parallel's checks need the model, the world and the batch (below)
         p = [q for name in SECTIONS if name != "parallel" and ok(name) for q in getattr(self, name).problems()]
         if ok("parallel", "data"):
-            world = par.world_size if world_size is None else world_size
-            # a data.seq_len or data.global_batch below 1 is reported by both: once is enough
-            p += [q for q in par.problems(model, world, data.seq_len, data.global_batch) if q not in p]
+            # the layout for this world (lasp.parallel.fit); a data.seq_len or data.global_batch below 1 is
+            # reported by both sections: once is enough
+            p += [q for q in fit(par, model, world_size, data.seq_len, data.global_batch)[2] if q not in p]
         if ok("model", "train") and run.checkpoint_every > m.num_layers:
             p.append(
                 f"train.activation_checkpointing every {run.checkpoint_every} layers, but the model has {m.num_layers}"
@@ -435,6 +439,7 @@ def resolve(data: dict, source: str, world_size: int | None, check_data: bool = 
         problems += cfg.preflight(broken)
     if problems:
         raise ConfigError(source, problems)
+    cfg.parallel, cfg.layout_why, _ = fit(cfg.parallel, cfg.model, world_size, cfg.data.seq_len, cfg.data.global_batch)
     return cfg
 
 

@@ -324,7 +324,16 @@ def _locked(cfg: TrainConfig, device: torch.device, kernel, stop: GracefulStop) 
     )
     metrics.message(
         f"{dist.get_world_size()} rank(s) on {device.type}, tp={p.tp} sp={p.sp} ({p.sp_layout}) "
-        f"pp={p.pp} dp={p.dp}, kernel {kernel.name}, {cfg.train.dtype}"
+        f"pp={p.pp} dp={p.dp}, kernel {kernel.name}, {cfg.train.dtype}\nlayout: {cfg.layout_why}"
+    )
+    metrics.log_layout(
+        resume_step if resume else 0,
+        {
+            "world_size": dist.get_world_size(),
+            **{k: getattr(p, k) for k in ("tp", "sp", "pp", "dp", "microbatches")},
+            "restart": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)),
+            "why": cfg.layout_why,
+        },
     )
 
     val = TokenData(cfg.data.path, "val") if "val" in data.meta["splits"] and cfg.train.eval_interval else None

@@ -66,7 +66,12 @@ class Metrics:
         os.makedirs(run_dir, exist_ok=True)
         path = os.path.join(run_dir, "metrics.jsonl")
         if resume_step is not None:
-            self.rows = [r for r in _read_rows(path) if r["step"] <= resume_step]
+            # an earlier start's layout row at this very step is replaced by this start's
+            self.rows = [
+                r
+                for r in _read_rows(path)
+                if r["step"] < resume_step or (r["step"] == resume_step and r["kind"] != "layout")
+            ]
         else:
             stale = [
                 f for f in ("metrics.jsonl", "loss.png", "tensorboard") if os.path.exists(os.path.join(run_dir, f))
@@ -118,6 +123,13 @@ class Metrics:
             return
         self._write({"kind": "eval", "step": step, "eval_loss": loss})
         self.message(f"step {step:>6} | eval loss {loss:.4f}")
+
+    def log_layout(self, step: int, row: dict) -> None:
+        """The layout this start runs on (world size, tp, sp, pp, dp, microbatches, why), at the step it starts
+        from: every (re)start writes one, so a world that shrank or grew shows on the curves."""
+        if not self.enabled:
+            return
+        self._write({"kind": "layout", "step": step, **row})
 
     def log_positions(self, step: int, buckets: list[dict]) -> None:
         """The held-out loss per position bucket (lasp.parallel.positions): one row, a column per bucket."""
@@ -188,7 +200,20 @@ def plot_losses(rows: list[dict], path: str) -> None:
 
     train = [(r["step"], r["loss"]) for r in rows if r["kind"] == "train"]
     evals = [(r["step"], r["eval_loss"]) for r in rows if r["kind"] == "eval"]
+    layouts = [r for r in rows if r["kind"] == "layout"]
     fig, ax = plt.subplots(figsize=(7, 4))
+    for before, after in zip(layouts, layouts[1:]):  # a restart onto another world: a line where it resumed
+        if after["world_size"] != before["world_size"]:
+            ax.axvline(after["step"], color="grey", ls="--", lw=0.8)
+            ax.annotate(
+                f"{before['world_size']} -> {after['world_size']} ranks",
+                (after["step"], 1),
+                xycoords=("data", "axes fraction"),
+                fontsize=8,
+                rotation=90,
+                va="top",
+                ha="right",
+            )
     if train:
         ax.plot(*zip(*train), label="train", lw=1)
     if evals:
