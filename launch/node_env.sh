@@ -15,7 +15,7 @@ PYTHON=${PYTHON:-$( [[ -x .venv/bin/python ]] && echo .venv/bin/python || echo p
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 # Check the variables before anything starts: every problem at once, exit 2 (a usage error).
 check_launch_vars() {  # names of variables that must be whole numbers >= 1 (NODE_RANK, MAX_RESTARTS: >= 0)
-  local bad=() v
+  local bad=("${LAUNCH_PROBLEMS[@]+"${LAUNCH_PROBLEMS[@]}"}") v  # problems the script found itself
   for v in "$@"; do
     if [[ ! ${!v} =~ ^[0-9]+$ ]]; then
       bad+=("$v must be a whole number, got '${!v}'")

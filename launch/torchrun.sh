@@ -20,14 +20,17 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source launch/node_env.sh
 RDZV_TIMEOUT=${RDZV_TIMEOUT:-600}
 if [[ $NNODES == *:* ]]; then
-  MIN_NODES=${NNODES%%:*} MAX_NODES=${NNODES#*:} RDZV_LAST_CALL=${RDZV_LAST_CALL:-30} MAX_RESTARTS=${MAX_RESTARTS:-3}
-  RDZV_ID=${RDZV_ID:-${SLURM_JOB_ID:-lasp}}
-  check_launch_vars MIN_NODES MAX_NODES NPROC_PER_NODE MASTER_PORT RDZV_TIMEOUT RDZV_LAST_CALL MAX_RESTARTS
-  if (( 10#$MIN_NODES > 10#$MAX_NODES )); then
-    echo "error: NNODES=$NNODES: the smallest number of nodes ($MIN_NODES) is above the largest ($MAX_NODES)" >&2
-    exit 2
+  RDZV_LAST_CALL=${RDZV_LAST_CALL:-30} MAX_RESTARTS=${MAX_RESTARTS:-3} RDZV_ID=${RDZV_ID:-${SLURM_JOB_ID:-lasp}}
+  if [[ $NNODES =~ ^0*([1-9][0-9]*):0*([1-9][0-9]*)$ ]]; then
+    MIN_NODES=${BASH_REMATCH[1]} MAX_NODES=${BASH_REMATCH[2]}
+    if (( MIN_NODES > MAX_NODES )); then
+      LAUNCH_PROBLEMS=("NNODES=$NNODES: the smallest number of nodes ($MIN_NODES) is above the largest ($MAX_NODES)")
+    fi
+  else
+    LAUNCH_PROBLEMS=("NNODES must be a number of nodes or a range MIN:MAX of them (each at least 1), got '$NNODES'")
   fi
-  worlds=$(seq -s, $(( 10#$MIN_NODES * NPROC_PER_NODE )) "$NPROC_PER_NODE" $(( 10#$MAX_NODES * NPROC_PER_NODE )))
+  check_launch_vars NPROC_PER_NODE MASTER_PORT RDZV_TIMEOUT RDZV_LAST_CALL MAX_RESTARTS
+  worlds=$(seq -s, $(( MIN_NODES * NPROC_PER_NODE )) "$NPROC_PER_NODE" $(( MAX_NODES * NPROC_PER_NODE )))
   check_config "$worlds" "$@"
   # a fresh store for the workers at every restart (the rendezvous' own store outlives the rounds)
   export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1

@@ -256,7 +256,7 @@ def test_train(tmp_path, monkeypatch, capsys):
                 "model.layer_pattern must be a non-empty string of L and S, got 'LX'",
             ),
             ([*c, "--world-size", "2"], "--world-size 2: only with --check-only"),
-            ([*c, "--check-only", "--world-size", "0"], "--world-size 0: only with --check-only, and at least 1"),
+            ([*c, "--check-only", "--world-size", "0"], "--world-size: expected whole numbers >= 1"),
             ([*c, "--check-only", "--world-size", "3"], "world size 3 != tp x sp x pp x dp = 1 x 1 x 1 x 1 = 1"),
             ([*c, "--bogus"], "unrecognized arguments: --bogus"),
             ([*c, "--set", "train.trainable=new"], "train.trainable = new needs train.init_from"),

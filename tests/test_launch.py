@@ -117,6 +117,16 @@ BAD_LAUNCHES = [  # (script, environment, what the message must say): refused be
         {"NNODES": "x", "NPROC_PER_NODE": "0"},  # every problem at once
         ["NNODES must be a whole number, got 'x'", "NPROC_PER_NODE must be at least 1, got 0"],
     ),
+    (
+        "launch/torchrun.sh",
+        {"NNODES": "3:2", "MAX_RESTARTS": "-1", "RDZV_LAST_CALL": "0"},  # elastic: a range, with its own knobs
+        [
+            "NNODES=3:2: the smallest number of nodes (3) is above the largest (2)",
+            "MAX_RESTARTS must be a whole number, got '-1'",
+            "RDZV_LAST_CALL must be at least 1, got 0",
+        ],
+    ),
+    ("launch/torchrun.sh", {"NNODES": "1:"}, ["NNODES must be a number of nodes or a range MIN:MAX of them"]),
     ("launch/deepspeed.sh", {"NPROC_PER_NODE": "-1"}, ["NPROC_PER_NODE must be a whole number, got '-1'"]),
     ("launch/deepspeed.sh", {"MASTER_PORT": "port"}, ["MASTER_PORT must be a whole number, got 'port'"]),
     ("launch/deepspeed.sh", {"HOSTFILE": "/nonexistent/hostfile"}, ["HOSTFILE /nonexistent/hostfile does not exist"]),
@@ -132,6 +142,16 @@ BAD_LAUNCHES = [  # (script, environment, what the message must say): refused be
         "launch/torchrun.sh",
         {"PYTHON": sys.executable, "NPROC_PER_NODE": "1"},
         ["world size 1 != tp x sp x pp x dp = 1 x 2 x 1 x 1", "data.path: /nonexistent does not exist"],
+    ),
+    (  # elastic: every world the range may form is checked (sp = 2 x dp = 1 fits 2 processes only)
+        "launch/torchrun.sh",
+        {"PYTHON": sys.executable, "NNODES": "1:3", "NPROC_PER_NODE": "2"},
+        [
+            "the config must fit every world size the launch may form (2, 4, 6)",
+            "with 4 processes: world size 4 != tp x sp x pp x dp = 1 x 2 x 1 x 1",
+            "with 6 processes: world size 6 != tp x sp x pp x dp",
+            "data.path: /nonexistent does not exist",
+        ],
     ),
     (
         "launch/deepspeed.sh",

@@ -417,8 +417,9 @@ def test_an_int_field_of_another_type_is_named_with_its_value(value, shown):
             }
         )
     )
-    for name in ("model.num_heads", "parallel.sp", "data.seq_len", "train.steps"):
+    for name in ("model.num_heads", "data.seq_len", "train.steps"):
         assert f"{name}: expected int, got {shown}" in problems, problems
+    assert f"parallel.sp: expected int or a list of int, got {shown}" in problems, problems  # or allowed degrees
 
 
 @pytest.mark.parametrize("bad", [0, -1])
@@ -567,3 +568,61 @@ def test_eval_positions_names_what_it_needs():
         "parallel.tp = 2, train.eval_interval = 0" in q
         for q in p
     ), p
+
+
+ELASTIC = [  # (parallel section, data, world size) -> (tp, sp, pp, dp, microbatches) and a part of the why
+    ({"sp": [4, 2], "dp": "auto"}, {"global_batch": 8}, 8, (1, 4, 1, 2, 1), "sp 4, the largest of the allowed [4, 2]"),
+    (
+        {"sp": [4, 2], "dp": "auto", "micro_batch_size": 1},
+        {"global_batch": 8},
+        6,
+        None,  # sp 4 does not divide 6; sp 2 makes dp 3, which does not divide the global batch
+        "none of the allowed degrees [4, 2] fits 6 ranks: sp = 4: tp x sp x pp = 1 x 4 x 1 = 4 does not divide the 6 "
+        "ranks | sp = 2: data.global_batch 8 is not divisible by dp x micro_batch_size = 3 x 1",
+    ),
+    (
+        {"sp": [4, 2], "dp": "auto", "micro_batch_size": 2},
+        {"global_batch": 8},
+        2,
+        (1, 2, 1, 1, 4),
+        "sp 2, the largest of the allowed [4, 2] that fits (sp = 4: tp x sp x pp = 1 x 4 x 1 = 4 does not divide the "
+        "2 ranks), dp auto = 2 / (tp x sp x pp), 4 microbatch(es) of 2 row(s) per rank",
+    ),
+    # the largest degree that divides the world but not the sequence is passed over, with its reason
+    ({"sp": [4, 2], "dp": "auto"}, {"seq_len": 68}, 4, (1, 2, 1, 2, 1), "not divisible by the zigzag layout"),
+    ({"tp": 2, "sp": 2, "dp": "auto"}, {"global_batch": 4}, 8, (2, 2, 1, 2, 1), "dp auto = 8 / (tp x sp x pp)"),
+    ({"sp": 2, "dp": 1}, {}, 2, (1, 2, 1, 1, 1), "2 rank(s) = tp 1 x sp 2 x pp 1 x dp 1, as configured"),
+    ({"sp": 2, "dp": "auto"}, {}, None, (1, 2, 1, 1, 1), "dp auto = 1 (no world size given)"),  # a dry run
+    (
+        {"sp": 1, "dp": "auto", "micro_batch_size": 1, "microbatches": 3},
+        {"global_batch": 8},
+        2,
+        None,
+        "parallel.microbatches (3) disagrees with parallel.micro_batch_size (1), which makes 4",
+    ),
+    ({"sp": [], "dp": "some"}, {}, 2, None, "parallel.sp: an empty list allows no SP degree"),
+    ({"sp": [2, 2, 0], "dp": "some"}, {}, 2, None, "parallel.dp must be a whole number or auto, got 'some'"),
+    ({"sp": [2, "x"]}, {}, 2, None, "parallel.sp: expected int or a list of int, got list [2, 'x']"),
+]
+
+
+@pytest.mark.parametrize("par, data, world, want, why", ELASTIC)
+def test_an_elastic_layout_is_settled_for_the_world_or_refused_naming_each_degree(par, data, world, want, why):
+    cfg = {"parallel": par, "data": {"seq_len": 64, "global_batch": 8, **data}}
+    if want is None:
+        assert why in "\n".join(_problems(cfg, world_size=world))
+        return
+    c = resolve(cfg, "x.yaml", world, check_data=False)
+    p = c.parallel
+    assert (p.tp, p.sp, p.pp, p.dp, p.microbatches) == want and why in c.layout_why, c.layout_why
+
+
+def test_check_only_takes_every_world_an_elastic_launch_may_form(capsys):
+    args = ["--config", os.path.join(ROOT, "configs/cpu-quickstart.yaml"), "--check-only", "--set", "data.path=/no"]
+    assert main([*args, "--world-size", "2,4", "--set", "parallel.dp=auto"]) == 2
+    err = capsys.readouterr().err
+    assert "data.path: /no does not exist" in err and "processes:" not in err  # the data once; both worlds fit
+    assert main([*args, "--world-size", "2,3", "--set", "parallel.sp=[4,2]", "--set", "parallel.dp=auto"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("data.path: /no does not exist") == 1 and "with 2 processes" not in err
+    assert "with 3 processes: parallel.sp: none of the allowed degrees [4, 2] fits 3 ranks" in err

@@ -103,7 +103,7 @@ def main(argv=None) -> int:
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher's
     args = p.parse_args(argv)
     if args.world_size is not None and not args.check_only:
-        p.error("--world-size: only with --check-only")
+        p.error(f"--world-size {','.join(map(str, args.world_size))}: only with --check-only")
 
     from lasp.train.config import ConfigError, load_config
     from lasp.train.distributed import launch_env
