@@ -374,7 +374,7 @@ def test_a_size_of_another_type_is_named_with_its_value(value, shown):
 
     msg = _layout_problems(ParallelConfig(sp=value, sp_layout=3, dp_bucket_size="big"))
     for part in [
-        f"parallel.sp: expected int, got {shown}",
+        f"parallel.sp: expected int or a list of int, got {shown}",
         "parallel.sp_layout: expected str, got int 3",
         "parallel.dp_bucket_size: expected int or null, got str 'big'",
     ]:

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from lasp.distributed.timeouts import CollectiveTimeout, is_timeout, named_timeouts
+from lasp.distributed.timeouts import CollectiveTimeout, PeerGone, is_timeout, named_timeouts
 
 
 def case_absent_rank(timeout_s: float) -> tuple[str, float]:
@@ -48,3 +48,13 @@ def test_other_errors_pass_through():
             raise RuntimeError("boom")
     assert is_timeout(RuntimeError("[gloo] Timed out waiting 3000ms for send operation to complete"))
     assert is_timeout(dist.DistBackendError("Watchdog caught collective operation timeout: WorkNCCL(...)"))
+
+
+def test_a_peer_that_died_mid_collective_is_named_with_the_phase():
+    gone = "[../third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:12170"
+    with pytest.raises(PeerGone) as e:
+        with named_timeouts("step 9 (forward, backward, gradient sync)", 300, "train.collective_timeout_s"):
+            raise RuntimeError(gone)
+    text = str(e.value)
+    assert "a peer closed its connection during step 9 (forward, backward, gradient sync)" in text
+    assert "its process or its node died" in text and gone in text

@@ -577,16 +577,17 @@ ELASTIC = [  # (parallel section, data, world size) -> (tp, sp, pp, dp, microbat
         {"global_batch": 8},
         6,
         None,  # sp 4 does not divide 6; sp 2 makes dp 3, which does not divide the global batch
-        "none of the allowed degrees [4, 2] fits 6 ranks: sp = 4: tp x sp x pp = 1 x 4 x 1 = 4 does not divide the 6 "
-        "ranks | sp = 2: data.global_batch 8 is not divisible by dp x micro_batch_size = 3 x 1",
+        "none of the allowed degrees [4, 2] fits 6 ranks: sp = 4: dp auto: tp x sp x pp = 1 x 4 x 1 = 4 does not "
+        "divide the 6 ranks | sp = 2: micro_batch_size: data.global_batch 8 is not divisible by dp x "
+        "micro_batch_size = 3 x 1",
     ),
     (
         {"sp": [4, 2], "dp": "auto", "micro_batch_size": 2},
         {"global_batch": 8},
         2,
         (1, 2, 1, 1, 4),
-        "sp 2, the largest of the allowed [4, 2] that fits (sp = 4: tp x sp x pp = 1 x 4 x 1 = 4 does not divide the "
-        "2 ranks), dp auto = 2 / (tp x sp x pp), 4 microbatch(es) of 2 row(s) per rank",
+        "sp 2, the largest of the allowed [4, 2] that fits (sp = 4: dp auto: tp x sp x pp = 1 x 4 x 1 = 4 does not "
+        "divide the 2 ranks), dp auto = 2 / (tp x sp x pp), 4 microbatch(es) of 2 row(s) per rank",
     ),
     # the largest degree that divides the world but not the sequence is passed over, with its reason
     ({"sp": [4, 2], "dp": "auto"}, {"seq_len": 68}, 4, (1, 2, 1, 2, 1), "not divisible by the zigzag layout"),

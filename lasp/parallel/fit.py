@@ -60,7 +60,7 @@ def _candidate(
     dp = par.dp
     if dp == AUTO:
         if world is not None and world % per:
-            return None, f"tp x sp x pp = {tp} x {sp} x {pp} = {per} does not divide the {world} ranks", []
+            return None, f"dp auto: tp x sp x pp = {tp} x {sp} x {pp} = {per} does not divide the {world} ranks", []
         dp = 1 if world is None else world // per
         how.append("dp auto = 1 (no world size given)" if world is None else f"dp auto = {world} / (tp x sp x pp)")
     microbatches, mbs = par.microbatches, par.micro_batch_size
@@ -68,7 +68,8 @@ def _candidate(
         if global_batch % (dp * mbs):
             return (
                 None,
-                f"data.global_batch {global_batch} is not divisible by dp x micro_batch_size = {dp} x {mbs}",
+                f"micro_batch_size: data.global_batch {global_batch} is not divisible by dp x micro_batch_size = "
+                f"{dp} x {mbs}",
                 [],
             )
         derived = global_batch // (dp * mbs)
@@ -106,7 +107,7 @@ def fit(
     if layout is not None and not problems:
         return layout, _why(par, layout, world_size, how, tried[:-1]), []
     if len(tried) == 1:
-        return layout, "", problems or [f"parallel: {how}"]
+        return layout, "", problems or [f"parallel.{how}"]
     # several degrees, none fits: what every one of them hit once, then each degree's own reasons
     common = [q for q in tried[0][3] if all(q in t[3] for t in tried)]
     own = [f"sp = {s}: " + ("; ".join(q for q in qs if q not in common) or how) for s, _, how, qs in tried]

@@ -132,7 +132,7 @@ def main(argv=None) -> int:
     import logging
 
     from lasp.distributed.agree import RanksDisagree
-    from lasp.distributed.timeouts import CollectiveTimeout
+    from lasp.distributed.timeouts import CollectiveTimeout, PeerGone
     from lasp.train.checkpoint import CheckpointSaveError
     from lasp.train.ckpt_store import CheckpointError
     from lasp.train.loop import train
@@ -150,7 +150,7 @@ def main(argv=None) -> int:
         if launch.rank == 0:
             print(f"error: {e}", file=sys.stderr)
         return _status(1, f"error: {e}")
-    except (CollectiveTimeout, RanksDisagree) as e:  # every rank says what it saw
+    except (CollectiveTimeout, PeerGone, RanksDisagree) as e:  # every rank says what it saw
         print(f"error (rank {launch.rank}): {e}", file=sys.stderr)
         return _status(1, f"error (rank {launch.rank}): {e}")
     if launch.rank == 0:
