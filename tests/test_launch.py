@@ -199,8 +199,18 @@ def test_launch_scripts_refuse_bad_input_before_anything_starts(tmp_path, script
     assert "ChildFailedError" not in err
 
 
-def test_the_launcher_exits_with_the_trainers_status():
-    from lasp.train.launcher import outcome
+def test_the_launcher_exits_with_the_trainers_status(tmp_path):
+    from lasp.train.launcher import _statuses, outcome
+
+    # an elastic growth left every worker's 75; the attempt after it, one rank's error: that attempt counts
+    for name, text, when in [
+        ("attempt-0.29500-rank-0", "75\nstopped", 100),
+        ("attempt-0.29500-rank-3", "75\nstopped", 100),
+        ("attempt-0.41234-rank-0", "1\nerror (rank 0): x", 200),
+    ]:
+        (tmp_path / name).write_text(text)
+        os.utime(tmp_path / name, (when, when))
+    assert _statuses(str(tmp_path)) == {0: (1, "error (rank 0): x")}
 
     stop = "stopped by SIGTERM after step 3, with a checkpoint: start the same command again to continue"
     assert outcome({0: (75, stop), 1: (75, stop)}, 1) == (75, [stop])  # said once

@@ -107,6 +107,14 @@ def _rows(run_dir, kind="train"):
         return [r for r in map(json.loads, f) if r["kind"] == kind]
 
 
+def _rows_now(run_dir, kind="train"):
+    """The rows of a run still writing: none while the file is not there or a line is half written."""
+    try:
+        return _rows(run_dir, kind)
+    except (OSError, ValueError):
+        return []
+
+
 @pytest.mark.slow
 def test_one_process_trains_and_leaves_metrics_tensorboard_and_plot(tmp_path, corpus):
     config, run_dir = _config(tmp_path, corpus, train={"steps": 8})
@@ -191,13 +199,14 @@ def _start(config, nproc, extra=()):
 
 
 def _wait_for(proc, path, what):
-    """Wait until `path` exists (a metrics.jsonl: until it has a row; the file itself is made at start-up)."""
+    """Wait until `path` exists (a metrics.jsonl: until it has a step's row; the file itself is made at
+    start-up, with the layout's row)."""
     deadline = time.monotonic() + 120
 
     def there() -> bool:
         if not path.endswith(".jsonl"):
             return os.path.exists(path)
-        return os.path.exists(path) and os.path.getsize(path) > 0
+        return bool(_rows_now(os.path.dirname(path)))
 
     while not there() and time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -429,7 +438,7 @@ def test_an_elastic_job_loses_a_node_goes_on_alone_and_grows_again_with_the_same
     checkpoints = os.path.join(run_dir, "checkpoints")
 
     def layouts():
-        return _rows(run_dir, "layout") if os.path.exists(os.path.join(run_dir, "metrics.jsonl")) else []
+        return _rows_now(run_dir, "layout")
 
     def committed(after):
         names = os.listdir(checkpoints) if os.path.isdir(checkpoints) else []
@@ -450,7 +459,7 @@ def test_an_elastic_job_loses_a_node_goes_on_alone_and_grows_again_with_the_same
         killed = time.monotonic()
         nodes[1].wait()
         two = _until("a layout of 2 ranks", lambda: [r for r in layouts() if r["world_size"] == 2], nodes[:1])[-1]
-        _until("a step at 2 ranks", lambda: [r for r in _rows(run_dir) if r["step"] > two["step"]], nodes[:1])
+        _until("a step at 2 ranks", lambda: [r for r in _rows_now(run_dir) if r["step"] > two["step"]], nodes[:1])
         print(f"from the kill to the first step at 2 ranks: {time.monotonic() - killed:.1f} s", file=sys.stderr)
         nodes.append(_elastic_node(config, port, tmp_path / "node-c"))
         for p in (nodes[0], nodes[2]):
@@ -462,7 +471,7 @@ def test_an_elastic_job_loses_a_node_goes_on_alone_and_grows_again_with_the_same
     assert os.path.getsize(os.path.join(run_dir, "loss.png")) > 0  # with a line at each change of world
     rows = _rows(run_dir)
     assert [r["step"] for r in rows] == list(range(1, steps + 1))  # none skipped, none repeated
-    seen = layouts()
+    seen = _rows(run_dir, "layout")
     assert [(r["world_size"], r["sp"], r["dp"], r["microbatches"]) for r in seen[-3:]] == [
         (4, 2, 2, 2),
         (2, 2, 1, 4),

@@ -27,7 +27,10 @@ def _status(code: int, message: str) -> int:
     with this status rather than torchrun's 1; returns `code`."""
     where = os.environ.get(STATUS_DIR)
     if where:
-        with open(os.path.join(where, f"rank-{os.environ.get('RANK', '0')}"), "w") as f:
+        # one attempt's files apart from another's: a restart renumbers the ranks, and a growth or a shrink
+        # of an elastic job has every worker of the attempt before it leave a status (75, or the peer that went)
+        attempt = f"{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}.{os.environ.get('MASTER_PORT', '0')}"
+        with open(os.path.join(where, f"attempt-{attempt}-rank-{os.environ.get('RANK', '0')}"), "w") as f:
             f.write(f"{code}\n{message}\n")
     return code
 

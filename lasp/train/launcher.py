@@ -23,13 +23,20 @@ from lasp.train.distributed import port_problem
 
 
 def _statuses(directory: str) -> dict[int, tuple[int, str]]:
-    out = {}
+    """rank -> (status, message) of the last attempt that left any (a restart's workers write apart from the
+    attempt before: `attempt-<restart>.<port>-rank-<rank>`, see lasp.train.__main__._status)."""
+    attempts: dict[str, dict[int, tuple[int, str]]] = {}
+    newest: dict[str, float] = {}
     for name in os.listdir(directory):
-        if name.startswith("rank-"):
-            with open(os.path.join(directory, name)) as f:
-                code, _, message = f.read().partition("\n")
-            out[int(name[5:])] = (int(code), message.strip())
-    return out
+        attempt, sep, rank = name.partition("-rank-")
+        if not (sep and attempt.startswith("attempt-") and rank.isdigit()):
+            continue
+        path = os.path.join(directory, name)
+        with open(path) as f:
+            code, _, message = f.read().partition("\n")
+        attempts.setdefault(attempt, {})[int(rank)] = (int(code), message.strip())
+        newest[attempt] = max(newest.get(attempt, 0.0), os.path.getmtime(path))
+    return attempts[max(newest, key=newest.get)] if attempts else {}
 
 
 def outcome(statuses: dict[int, tuple[int, str]], fallback: int) -> tuple[int, list[str]]:
