@@ -6,8 +6,9 @@
 #   TORCH_ELASTIC_SHUTDOWN_TIMEOUT (grace after a signal, default 120 s), RDZV_TIMEOUT (how long the nodes
 #   wait for each other, default 600 s).
 # Elastic (docs/checkpoints.md, "Elastic restarts"): NNODES=MIN:MAX starts torchrun with the c10d rendezvous
-# at MASTER_ADDR:MASTER_PORT (hosted by the first node to arrive there; NODE_RANK is not used: the
-# rendezvous numbers the nodes). The job starts with the nodes that arrive within RDZV_LAST_CALL seconds
+# at MASTER_ADDR:MASTER_PORT (its store is hosted by the node at MASTER_ADDR, which must live; on one
+# machine, where every node matches, name it with RDZV_CONF=is_host=1 and is_host=0 on the others;
+# NODE_RANK is not used: the rendezvous numbers the nodes). The job starts with the nodes that arrive within RDZV_LAST_CALL seconds
 # (default 30) once MIN are there, up to MAX; when a node dies the others restart their workers on the
 # nodes that remain (at most MAX_RESTARTS times, default 3), and a node that joins later makes them restart
 # onto the larger world (not counted). Each restart resumes from the newest checkpoint; the config must fit

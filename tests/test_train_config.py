@@ -604,6 +604,8 @@ ELASTIC = [  # (parallel section, data, world size) -> (tp, sp, pp, dp, microbat
     ({"sp": [], "dp": "some"}, {}, 2, None, "parallel.sp: an empty list allows no SP degree"),
     ({"sp": [2, 2, 0], "dp": "some"}, {}, 2, None, "parallel.dp must be a whole number or auto, got 'some'"),
     ({"sp": [2, "x"]}, {}, 2, None, "parallel.sp: expected int or a list of int, got list [2, 'x']"),
+    # a problem no degree escapes is said once, without a line per degree
+    ({"tp": 3, "sp": [2, 1], "dp": "auto"}, {}, 6, None, "model.num_heads (4) is not divisible by parallel.tp (3)"),
 ]
 
 
@@ -611,7 +613,10 @@ ELASTIC = [  # (parallel section, data, world size) -> (tp, sp, pp, dp, microbat
 def test_an_elastic_layout_is_settled_for_the_world_or_refused_naming_each_degree(par, data, world, want, why):
     cfg = {"parallel": par, "data": {"seq_len": 64, "global_batch": 8, **data}}
     if want is None:
-        assert why in "\n".join(_problems(cfg, world_size=world))
+        problems = _problems(cfg, world_size=world)
+        assert why in "\n".join(problems), problems
+        if "tp" in par:
+            assert not any("none of the allowed degrees" in q for q in problems), problems
         return
     c = resolve(cfg, "x.yaml", world, check_data=False)
     p = c.parallel

@@ -20,11 +20,6 @@ from lasp.parallel.config import ParallelConfig
 AUTO = "auto"
 
 
-def elastic(par: ParallelConfig) -> bool:
-    """The layout depends on the world size (or the microbatches on dp)."""
-    return isinstance(par.sp, list) or par.dp == AUTO or par.micro_batch_size is not None
-
-
 def _spec_problems(par: ParallelConfig) -> list[str]:
     """What is wrong with the elastic fields themselves (their types are type_problems')."""
     bad = type_problems(par, "parallel")
@@ -110,6 +105,8 @@ def fit(
         return layout, "", problems or [f"parallel.{how}"]
     # several degrees, none fits: what every one of them hit once, then each degree's own reasons
     common = [q for q in tried[0][3] if all(q in t[3] for t in tried)]
+    if common and all(lay is not None and set(qs) <= set(common) for _, lay, _, qs in tried):
+        return None, "", common  # nothing that depends on the degree
     own = [f"sp = {s}: " + ("; ".join(q for q in qs if q not in common) or how) for s, _, how, qs in tried]
     where = "the configured mesh" if world_size is None else f"{world_size} ranks"
     return None, "", common + [f"parallel.sp: none of the allowed degrees {par.sp} fits {where}: " + " | ".join(own)]
