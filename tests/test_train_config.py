@@ -604,6 +604,7 @@ ELASTIC = [  # (parallel section, data, world size) -> (tp, sp, pp, dp, microbat
     ({"sp": [], "dp": "some"}, {}, 2, None, "parallel.sp: an empty list allows no SP degree"),
     ({"sp": [2, 2, 0], "dp": "some"}, {}, 2, None, "parallel.dp must be a whole number or auto, got 'some'"),
     ({"sp": [2, "x"]}, {}, 2, None, "parallel.sp: expected int or a list of int, got list [2, 'x']"),
+    ({"sp": 2, "dp": "auto", "zero_stage": 2}, {}, 4, None, "parallel.zero_stage 2 cannot follow a world that changes"),
     # a problem no degree escapes is said once, without a line per degree
     ({"tp": 3, "sp": [2, 1], "dp": "auto"}, {}, 6, None, "model.num_heads (4) is not divisible by parallel.tp (3)"),
 ]

@@ -35,6 +35,11 @@ def _spec_problems(par: ParallelConfig) -> list[str]:
         p.append(f"parallel.dp must be a whole number or auto, got {par.dp!r}")
     if "micro_batch_size" not in bad and par.micro_batch_size is not None and par.micro_batch_size < 1:
         p.append(f"parallel.micro_batch_size must be >= 1 or null, got {par.micro_batch_size}")
+    if (par.dp == AUTO or isinstance(par.sp, list)) and isinstance(par.zero_stage, int) and par.zero_stage > 0:
+        p.append(
+            f"parallel.zero_stage {par.zero_stage} cannot follow a world that changes (parallel.dp auto or a list of "
+            "parallel.sp): ZeRO checkpoints load only on the layout that saved them; use zero_stage 0"
+        )
     return p
 
 
