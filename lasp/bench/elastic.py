@@ -28,6 +28,7 @@ import yaml
 from lasp.bench.common import environment
 from lasp.cli import at_least, existing, usage_error, writable
 from lasp.train.distributed import port_problem
+from lasp.train.metrics import read_rows
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = {
@@ -54,11 +55,7 @@ def _config(a: argparse.Namespace, run_dir: str) -> dict:
 
 
 def _rows(run_dir: str, kind: str) -> list[dict]:
-    try:
-        with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-            return [r for r in map(json.loads, f) if r["kind"] == kind]
-    except (OSError, ValueError):  # not there yet, or a line being written
-        return []
+    return [r for r in read_rows(os.path.join(run_dir, "metrics.jsonl")) if r["kind"] == kind]
 
 
 def _until(what: str, found, nodes: dict, timeout: float = 300):

@@ -69,7 +69,7 @@ class Metrics:
             # an earlier start's layout row at this very step is replaced by this start's
             self.rows = [
                 r
-                for r in _read_rows(path)
+                for r in read_rows(path)
                 if r["step"] < resume_step or (r["step"] == resume_step and r["kind"] != "layout")
             ]
         else:
@@ -172,14 +172,15 @@ def keep_rows_after(run_dir: str, step: int, dest: str) -> int:
     """Copy the metrics.jsonl rows of `run_dir` past `step` into `dest`/metrics.jsonl (a roll-back's
     abandoned branch keeps its history beside its checkpoints: resuming drops them from the run's file).
     Returns how many."""
-    rows = [r for r in _read_rows(os.path.join(run_dir, "metrics.jsonl")) if r.get("step", 0) > step]
+    rows = [r for r in read_rows(os.path.join(run_dir, "metrics.jsonl")) if r.get("step", 0) > step]
     if rows:
         write_file(os.path.join(dest, "metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
     return len(rows)
 
 
-def _read_rows(path: str) -> list[dict]:
-    """The rows of a metrics.jsonl (a line cut short by a crash is dropped)."""
+def read_rows(path: str) -> list[dict]:
+    """The rows of a metrics.jsonl (a line cut short by a crash, or still being written, is dropped; none
+    while the file is not there)."""
     rows = []
     if os.path.exists(path):
         with open(path) as f:
