@@ -10,22 +10,23 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from lasp import SeqLayout, lasp1_linear_attn, lasp2_linear_attn, ring_linear_attn, shard_sequence, ulysses_linear_attn
+from lasp import SeqLayout, lasp1_linear_attn, lasp2_linear_attn, ring_linear_attn, shard_sequence, sp_linear_attn
 from lasp.distributed.agree import HEADER_BYTES
 from lasp.kernels import recurrent_linear_attn
-from lasp.kernels.linear_attn.naive import recurrent_delta_rule
+from lasp.kernels.linear_attn.naive import recurrent_delta_product, recurrent_delta_rule
 from tests.dist import assert_close_rel, c10d_ops, comm_events, profiled_steady_step
 
 ALGOS = {
     "lasp2": lasp2_linear_attn,
     "lasp1": lasp1_linear_attn,
-    "ulysses": lambda *a, kernel=None, **kw: ulysses_linear_attn(*a, **kw),
+    "ulysses": lambda *a, kernel=None, **kw: sp_linear_attn(*a, method="ulysses", **kw),
     "ring-right": lambda *a, kernel=None, gate=None, **kw: ring_linear_attn(*a, form="right", **kw),
     "ring-quadratic": lambda *a, kernel=None, gate=None, **kw: ring_linear_attn(*a, form="quadratic", **kw),
 }
 DTYPES = {"f64": torch.float64, "f32": torch.float32}
 TOL = {"f64": 1e-10, "f32": 2e-5}
-DELTA = {"deltanet": None, "gdn": "scalar", "kda": "vector"}  # the delta rule's forms -> their gate's form
+DELTA = {"deltanet": None, "gdn": "scalar", "kda": "vector", "product": "scalar"}  # -> their gate's form
+HOUSEHOLDER = {"product": 2}  # Gated DeltaProduct: two delta-rule steps per token
 GATE_FORMS = ["scalar", "vector", *DELTA]
 
 
@@ -45,17 +46,23 @@ def delta_inputs(B, N, H, Hkv, K, V, form, seed=1234):
     """The delta rule's inputs: L2-normalised k (as the layer gives it), beta in (0.05, 1.95), so above 1
     too, and the form's gate or None."""
     q, k, v, gate, do = gated_inputs(B, N, H, Hkv, K, V, form, seed)
-    beta = torch.rand(B, N, H, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64) * 1.9 + 0.05
+    n = HOUSEHOLDER.get(form, 1)
+    if n > 1:  # DeltaProduct: n keys, values and betas per token
+        _, k, v, _, _ = gated_inputs(B, N * n, H, Hkv, K, V, form, seed + 2)
+    gen = torch.Generator().manual_seed(seed + 1)
+    beta = torch.rand(B, N * n, H, generator=gen, dtype=torch.float64) * 1.9 + 0.05
     return q, torch.nn.functional.normalize(k, dim=-1), v, None if DELTA[form] is None else gate, do, beta
 
 
-def reference(q, k, v, gate, do, beta=None, cu_seqlens=None, log_decay=None):
+def reference(q, k, v, gate, do, beta=None, cu_seqlens=None, log_decay=None, householder=None):
     """The token recurrence in float64 on the whole sequence: the output and the gradients of q, k, v, the
     gate and beta (None for those not given)."""
     full = [None if x is None else x.clone().requires_grad_() for x in (q, k, v, gate, beta)]
     rep = q.shape[2] // k.shape[2]
     kx, vx = (x.repeat_interleave(rep, dim=2) for x in full[1:3])
-    if beta is None:
+    if householder is not None:
+        o, _ = recurrent_delta_product(full[0], kx, vx, full[4], householder, gate=full[3], cu_seqlens=cu_seqlens)
+    elif beta is None:
         o, _ = recurrent_linear_attn(full[0], kx, vx, gate=full[3], log_decay=log_decay, cu_seqlens=cu_seqlens)
     else:
         o, _ = recurrent_delta_rule(full[0], kx, vx, full[4], gate=full[3], cu_seqlens=cu_seqlens)
@@ -72,12 +79,14 @@ def case_sp_gated(algo, layout, form, dtype, chunk_len, B=2, H=4, Hkv=2, K=6, V=
         q, k, v, gate, do, beta = delta_inputs(B, N, H, Hkv, K, V, form)
     else:
         (q, k, v, gate, do), beta = gated_inputs(B, N, H, Hkv, K, V, form), None
-    o_ref, grads_ref = reference(q, k, v, gate, do, beta)
+    n = HOUSEHOLDER.get(form)
+    o_ref, grads_ref = reference(q, k, v, gate, do, beta, householder=n)
     dt = DTYPES[dtype]
     shard = lambda x: shard_sequence(x, rank=rank, world_size=W, layout=layout)  # noqa: E731
     local = [None if x is None else shard(x).to(dt).requires_grad_() for x in (q, k, v, gate, beta)]
     kernel = TorchChunkKernel(block=block, segment_blocks=2)
     extra = {} if beta is None else {"beta": local[4]}
+    extra.update({} if n is None else {"householder": n})
     run = lambda: ALGOS[algo](*local[:3], gate=local[3], layout=layout, kernel=kernel, **extra)  # noqa: E731
     o, pf, pb = profiled_steady_step(run, shard(do).to(dt))
     assert_close_rel(o, shard(o_ref).to(dt), TOL[dtype], "o")
@@ -176,10 +185,12 @@ def case_sp_documents(algo, layout, chunk_len, B=2, H=4, Hkv=2, K=6, V=5):
             q, k, v, gate, do = gated_inputs(B, N, H, Hkv, K, V, "vector" if form == "vector" else "scalar")
             beta, gate = None, gate if form in ("scalar", "vector") else None
         decay = -torch.linspace(0.05, 0.5, H, dtype=torch.float64) if form == "decay" else None
-        o_ref, grads = reference(q, k, v, gate, do, beta, cu_seqlens=cu, log_decay=decay)
+        n = HOUSEHOLDER.get(form)
+        o_ref, grads = reference(q, k, v, gate, do, beta, cu_seqlens=cu, log_decay=decay, householder=n)
         local = [None if x is None else shard(x).requires_grad_() for x in (q, k, v, gate, beta)]
         kernel = TorchChunkKernel(block=4, segment_blocks=2)
         extra = {} if beta is None else {"beta": local[4]}
+        extra.update({} if n is None else {"householder": n})
         run = lambda: ALGOS[algo](
             *local[:3],
             gate=local[3],

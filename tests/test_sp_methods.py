@@ -17,8 +17,8 @@ from lasp.sp.chain import ALLSCAN_BLOCKS, column_blocks
 from lasp.sp.logscan import rounds
 from tests.dist import assert_close_rel, comm_events
 
-GATE = {"scalar": "scalar", "vector": "vector", "deltanet": None, "gdn": "scalar", "kda": "vector"}
-FORMS = ["none", "decay", "bidirectional", "scalar", "vector", "deltanet", "gdn", "kda"]
+GATE = {"scalar": "scalar", "vector": "vector", "deltanet": None, "gdn": "scalar", "kda": "vector", "product": "scalar"}
+FORMS = ["none", "decay", "bidirectional", "scalar", "vector", "deltanet", "gdn", "kda", "product"]
 DOCS = ["kda"]  # this form runs a second time with documents that cross ranks
 METHODS = ["lasp2", "lasp1", "allscan", "logscan"]
 B, H, HKV, K, V = 2, 4, 2, 6, 5
@@ -32,9 +32,13 @@ def _inputs(form: str, N: int, seed: int = 7, K: int = K, V: int = V):
     args = {"causal": form != "bidirectional"}
     if form == "decay":
         args["log_decay"] = -torch.linspace(0.02, 0.9, H, dtype=torch.float64)
-    if form in ("deltanet", "gdn", "kda"):
+    if form in ("deltanet", "gdn", "kda", "product"):
+        n = 1
+        if form == "product":  # Gated DeltaProduct: three delta-rule steps per token
+            n = args["householder"] = 3
+            k, v = r(B, N * n, HKV, K), r(B, N * n, HKV, V)
         k = torch.nn.functional.normalize(k, dim=-1)
-        args["beta"] = torch.rand(B, N, H, generator=gen, dtype=torch.float64) * 1.9 + 0.05
+        args["beta"] = torch.rand(B, N * n, H, generator=gen, dtype=torch.float64) * 1.9 + 0.05
     if GATE.get(form):
         shape = (B, N, H) if GATE[form] == "scalar" else (B, N, H, K)
         args["gate"] = -torch.rand(shape, generator=gen, dtype=torch.float64) * 0.5

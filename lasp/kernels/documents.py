@@ -114,6 +114,13 @@ class Documents:
 
         return self._get("positions", device, build)
 
+    def stretched(self, n: int) -> "Documents":
+        """The same documents over n rows per token (DeltaProduct's micro-steps): every start times n."""
+        key = ("stretched", n)
+        if key not in self._cache:
+            self._cache[key] = Documents([[s * n for s in row] for row in self.starts], self.length * n)
+        return self._cache[key]
+
     @classmethod
     def from_eos(cls, tokens_BN: Tensor, eos_id: int) -> "Documents":
         """Documents of token rows [B, N]: a new one starts after every `eos_id` token."""

@@ -10,7 +10,11 @@ Softmax methods: lasp2h, ulysses, ring, auto.
 
 from torch import Tensor
 
+from lasp.distributed import group_size
 from lasp.kernels import LinearAttnKernel
+from lasp.kernels.checks import check_scale
+from lasp.kernels.documents import as_documents
+from lasp.kernels.linear_attn.product import check_householder, interleave, read_out
 from lasp.sp.chain import ALLSCAN_BLOCKS, Chain
 from lasp.sp.core import Job, sp_core
 from lasp.sp.dispatch import LinearForm, run_sp_linear_attn
@@ -63,6 +67,7 @@ def sp_linear_attn(
     output_final_state: bool = False,
     kernel: LinearAttnKernel | None = None,
     check_ranks: bool = True,
+    householder: int | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Sequence-parallel linear attention of any form over `group` (None = the default group) by `method`.
 
@@ -77,10 +82,37 @@ def sp_linear_attn(
     the whole sequence, on every rank (one broadcast more; its gradient is summed over the ranks).
     `check_ranks`: ranks that pass different arguments all raise `RanksDisagree` naming the values (lasp2
     carries the check in its own all-gather; the others exchange it first in one small all-gather).
+    `householder` n (DeltaProduct): this rank's k, v, beta with n rows per token, as `linear_attn` takes them;
+    it runs as the delta rule on the interleaved sequence, so every method serves it.
     With no process group, or a group of one rank, this is `linear_attn`.
     """
     if method not in LINEAR_METHODS:
         raise ValueError(f"method must be one of {', '.join(LINEAR_METHODS)}, got {method!r}")
+    if householder is not None:
+        check_householder(householder, q, k, v, beta, gate)
+        q, gate = interleave(q, gate, householder)
+        if cu_seqlens is not None:
+            N = q.shape[1] // householder * group_size(group)
+            cu_seqlens = as_documents(cu_seqlens, q.shape[0], N).stretched(householder)
+        out = sp_linear_attn(
+            q,
+            k,
+            v,
+            method=method,
+            group=group,
+            layout=layout,
+            log_decay=log_decay,
+            gate=gate,
+            beta=beta,
+            causal=causal,
+            scale=check_scale(scale, q.shape[-1]),
+            cu_seqlens=cu_seqlens,
+            initial_state=initial_state,
+            output_final_state=output_final_state,
+            kernel=kernel,
+            check_ranks=check_ranks,
+        )
+        return (read_out(out[0], householder), out[1]) if output_final_state else read_out(out, householder)
     if method == "auto":
         from lasp.sp.cost import choose_linear
 
@@ -205,6 +237,7 @@ def _alias(method: str, doc: str):
         kernel: LinearAttnKernel | None = None,
         check_ranks: bool = True,
         cu_seqlens=None,
+        householder: int | None = None,
     ) -> Tensor:
         return sp_linear_attn(
             q,
@@ -221,6 +254,7 @@ def _alias(method: str, doc: str):
             kernel=kernel,
             check_ranks=check_ranks,
             cu_seqlens=cu_seqlens,
+            householder=householder,
         )
 
     op.__name__ = op.__qualname__ = f"{method}_linear_attn"

@@ -87,6 +87,40 @@ def recurrent_delta_rule(
     return torch.stack(outs, dim=1).to(q.dtype), S
 
 
+def recurrent_delta_product(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    beta: Tensor,
+    householder: int,
+    gate: Tensor | None = None,
+    scale: float | None = None,
+    initial_state: Tensor | None = None,
+    cu_seqlens=None,
+) -> tuple[Tensor, Tensor]:
+    """DeltaProduct token by token -> (o [B,T,H,V], S [B,H,K,V]): for each token t, S = Diag(exp(g_t)) S (the
+    log-gate [B,T,H] or None), then for j < n: S = S + b_tj k_tj (v_tj - k_tj^T S)^T, then o_t = s q_t^T S;
+    k, v, beta with n rows per token ([B, T * n, ...]). A document start of `cu_seqlens` (over the T tokens)
+    drops S before the token."""
+    B, T, H, K = q.shape
+    n, dt = householder, state_dtype(q.dtype)
+    scale = K**-0.5 if scale is None else scale
+    qf, kf, vf, bf = q.to(dt), k.to(dt), v.to(dt), beta.to(dt)
+    S = q.new_zeros(B, H, K, v.shape[-1], dtype=dt) if initial_state is None else initial_state.to(dt)
+    keep = None if cu_seqlens is None else ~as_documents(cu_seqlens, B, T).resets(q.device)
+    outs = []
+    for t in range(T):
+        if keep is not None:
+            S = S * keep[:, t, None, None, None]
+        if gate is not None:
+            S = torch.exp(gate[:, t].to(dt))[..., None, None] * S
+        for j in range(t * n, t * n + n):
+            new = vf[:, j] - torch.einsum("bhk,bhkv->bhv", kf[:, j], S)
+            S = S + bf[:, j, :, None, None] * kf[:, j, ..., None] * new[:, :, None, :]
+        outs.append(scale * torch.einsum("bhk,bhkv->bhv", qf[:, t], S))
+    return torch.stack(outs, dim=1).to(q.dtype), S
+
+
 def quadratic_linear_attn(
     q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor | None = None, scale: float | None = None
 ) -> Tensor:

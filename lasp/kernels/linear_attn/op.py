@@ -10,6 +10,7 @@ from lasp.kernels.checks import check_causal, check_qkv, check_scale
 from lasp.kernels.documents import Documents, as_documents
 from lasp.kernels.linear_attn.chunk import TorchChunkKernel
 from lasp.kernels.linear_attn.gated import as_vector_form
+from lasp.kernels.linear_attn.product import check_householder, interleave, read_out
 from lasp.kernels.protocol import LinearAttnKernel, state_dtype
 
 DEFAULT_KERNEL: LinearAttnKernel = TorchChunkKernel()
@@ -330,6 +331,7 @@ def linear_attn(
     output_final_state: bool = False,
     kernel: LinearAttnKernel | None = None,
     cu_seqlens=None,
+    householder: int | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Linear attention on one device (docs/design.md, "The math").
 
@@ -347,10 +349,30 @@ def linear_attn(
     `cu_seqlens`: packed documents, [0, l1, l1 + l2, ..., T] for B = 1 or one such list per row, or a
     `lasp.kernels.documents.Documents`: the state resets at every document start (initial_state feeds the
     first document). It runs as a scalar gate of the decay (or 0) with -inf at the starts.
+    `householder` n (DeltaProduct, with beta): each token applies n delta-rule steps, its gate once before
+    them and its query once after; k, v, beta are [B, T * n, ...] (micro-step j of token t at row t * n + j,
+    flash-linear-attention's layout), q and the gate [B, T, ...], cu_seqlens over the T tokens
+    (lasp.kernels.linear_attn.product).
     Bidirectional (causal=False): o = s q (S0 + sum over all tokens of k v^T); no decay.
     Returns o [B, T, H, V], plus the final state [B, H, K, V] (float32, or float64 for float64
     inputs) when `output_final_state`.
     """
+    if householder is not None:
+        return _delta_product(
+            q,
+            k,
+            v,
+            householder,
+            log_decay,
+            gate,
+            beta,
+            causal,
+            scale,
+            initial_state,
+            output_final_state,
+            kernel,
+            cu_seqlens,
+        )
     k, v, scale = check_linear_attn_args(q, k, v, log_decay, causal, scale)
     if initial_state is not None:
         check_initial_state(initial_state, q, v)
@@ -367,3 +389,27 @@ def linear_attn(
     if gate is not None:
         return _GatedLinearAttnFn.apply(q, k, v, gate, scale, initial_state, output_final_state, kernel)
     return _LinearAttnFn.apply(q, k, v, log_decay, scale, causal, initial_state, output_final_state, kernel)
+
+
+def _delta_product(q, k, v, n, log_decay, gate, beta, causal, scale, initial_state, want_final, kernel, cu_seqlens):
+    """`linear_attn` with householder=n: the delta rule on the interleaved sequence, read out per token."""
+    check_householder(n, q, k, v, beta, gate)
+    qn, gn = interleave(q, gate, n)
+    if cu_seqlens is not None:
+        cu_seqlens = as_documents(cu_seqlens, q.shape[0], q.shape[1]).stretched(n)
+    scale = check_scale(scale, q.shape[-1])
+    out = linear_attn(
+        qn,
+        k,
+        v,
+        log_decay=log_decay,
+        gate=gn,
+        beta=beta,
+        causal=causal,
+        scale=scale,
+        initial_state=initial_state,
+        output_final_state=want_final,
+        kernel=kernel,
+        cu_seqlens=cu_seqlens,
+    )
+    return (read_out(out[0], n), out[1]) if want_final else read_out(out, n)
