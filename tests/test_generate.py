@@ -62,6 +62,9 @@ CASES = {
     "deltanet-neg-eigval": dict(linear_variant="deltanet", allow_neg_eigval=True),
     "gated-deltanet-hybrid": dict(linear_variant="gated_deltanet", layer_pattern="LLS"),
     "kda-mqa-conv2": dict(linear_variant="kda", num_kv_heads=1, conv_size=2),
+    "deltaproduct-3-hybrid": dict(linear_variant="deltaproduct", num_householder=3, layer_pattern="LLS"),
+    "mom-gated-deltanet-shared": dict(linear_variant="gated_deltanet", mom_num_memories=3, mom_shared_memory=True),
+    "mom-gla-mqa": dict(linear_variant="gla", mom_num_memories=4, mom_top_k=3, num_kv_heads=1),
     # linearised layers: Hedgehog features, Liger's key gate, RoPE'd q and k, a softmax window
     "window-hedgehog-key-gate": dict(
         linear_variant="simple_gla",

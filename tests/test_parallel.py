@@ -260,6 +260,34 @@ def test_one_step_matches_single_process(dist_pool, tp, sp, pp, dp):
             1,
             dict(ep=2, steps=3, moe={**MOE, "router": "sigmoid", "expert_bias": True, "bias_update_rate": 0.05}),
         ),
+        # Gated DeltaProduct (steps per token as rows of the core) and Mixture-of-Memories (memories as heads,
+        # the router's gradient summed over TP): TP 2 x SP 2, documents, two combiners
+        (2, 2, 1, 1, dict(linear_variant="deltaproduct", num_householder=3, eos_id=0)),
+        (
+            2,
+            2,
+            1,
+            1,
+            dict(
+                linear_variant="gated_deltanet",
+                mom_num_memories=3,
+                mom_top_k=2,
+                mom_shared_memory=True,
+                eos_id=0,
+                sp_method={"linear": "lasp1"},
+            ),
+        ),
+        (2, 2, 1, 1, dict(linear_variant="gla", mom_num_memories=4, mom_top_k=3, layout="contiguous")),
+        (1, 3, 1, 1, dict(linear_variant="deltaproduct", num_householder=2, sp_method={"linear": "logscan"})),
+        (
+            1,
+            4,
+            1,
+            1,
+            dict(
+                linear_variant="gla", mom_num_memories=3, layout="contiguous", eos_id=0, sp_method={"linear": "allscan"}
+            ),
+        ),
     ],
     ids=[
         "1f1b-2mb-contiguous",
@@ -286,6 +314,11 @@ def test_one_step_matches_single_process(dist_pool, tp, sp, pp, dp):
         "moe-tp2-etp2-ep2-sp2",
         "moe-pp2-ep2",
         "moe-expert-bias-3-steps",
+        "documents-deltaproduct-tp-sp",
+        "documents-mom-gated-deltanet-shared-tp-sp-lasp1",
+        "mom-gla-tp-sp-contiguous",
+        "deltaproduct-sp3-logscan",
+        "documents-mom-gla-sp4-contiguous-allscan",
     ],
 )
 def test_variants_match_single_process(dist_pool, tp, sp, pp, dp, extra):

@@ -306,6 +306,9 @@ def test_configs_exist():
         dict(linear_variant="deltanet", conv_size=3),
         dict(linear_variant="gated_deltanet"),
         dict(linear_variant="kda", layer_pattern="LLS", num_layers=3),
+        dict(linear_variant="deltaproduct", num_householder=3, num_kv_heads=1),
+        dict(linear_variant="gated_deltanet", mom_num_memories=3, mom_shared_memory=True),
+        dict(linear_variant="gla", mom_num_memories=4, mom_top_k=3),
         dict(attention_bias=True, qk_norm=True, attention_head_dim=24, layer_pattern="LS"),
         dict(feature_map="hedgehog", linear_variant="simple_gla", gate_source="key", window=4),
         dict(feature_map="elu1", linear_variant="gla", window=0),
@@ -339,6 +342,17 @@ def test_flops_per_token_knows_the_mixers():
     gdn = ModelConfig(layer_pattern="L", linear_variant="gated_deltanet")  # the chunk form, written out
     chunk = 6 * H * (5 * 64 * d + 3 * d * d + d**3 / 64) + 6 * 4 * (H + 2 * gdn.num_kv_heads) * d
     assert flops_per_token(gdn, 1000) == 6 * param_counts(gdn)["matmul"] + gdn.num_layers * chunk
+    # DeltaProduct: each of n steps a token of the chunk form; n keys and values through the convolutions
+    dp = ModelConfig(layer_pattern="L", linear_variant="deltaproduct", num_householder=3)
+    chunk = 3 * 6 * H * (5 * 64 * d + 3 * d * d + d**3 / 64) + 6 * 4 * (H + 2 * 3 * dp.num_kv_heads) * d
+    assert flops_per_token(dp, 1000) == 6 * param_counts(dp)["matmul"] + dp.num_layers * chunk
+    # MoM: the routed memories (top 2 of 4) as heads, their projections only (keys, values, the gate's up one)
+    mom = ModelConfig(layer_pattern="L", linear_variant="gla", mom_num_memories=4, mom_top_k=2)
+    c = param_counts(mom)
+    idle = 2 * (2 * mom.hidden_size * mom.num_kv_heads * d + mom.gate_low_rank * H * d)
+    assert c["total"] - c["active"] == mom.num_layers * idle
+    assert flops_per_token(mom, 1000) == 6 * c["active_matmul"] + mom.num_layers * 12 * H * 2 * d * d
+    assert hardware_flops_per_token(mom, 1000) > flops_per_token(mom, 1000) + mom.num_layers * 6 * idle
 
 
 def test_moe_flops_count_the_active_experts():

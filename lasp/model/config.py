@@ -7,7 +7,7 @@ import types
 import typing
 from dataclasses import dataclass
 
-from lasp.model.variants import FEATURE_MAPS, LINEAR_VARIANTS, VARIANTS
+from lasp.model.variants import FEATURE_MAPS, LINEAR_VARIANTS, MOM_BASES, VARIANTS
 
 ROUTERS = ("softmax", "sigmoid")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -107,7 +107,20 @@ class ModelConfig:
     data-dependent gate: simple_gla (a scalar per token and head, as simple GLA / Mamba-2), gla (a vector
     over the key dim from a low-rank projection, as GLA), or the delta rule (flash-linear-attention's layers
     of the same names: a short convolution, L2-normalised q and k, beta, an output gate): deltanet (no
-    gate), gated_deltanet (a scalar gate per token and head), kda (a vector gate over the key dim)."""
+    gate), gated_deltanet (a scalar gate per token and head), kda (a vector gate over the key dim), and
+    deltaproduct (Gated DeltaProduct: num_householder delta-rule steps per token, one scalar gate)."""
+    num_householder: int = 2
+    """deltaproduct: delta-rule steps per token (DeltaProduct's Householder factors n_h), each with its own
+    key, value and beta (n_h times the key, value and beta projections)."""
+    mom_num_memories: int = 0
+    """Mixture-of-Memories (MoM) over a gla or gated_deltanet layer: memories per head, each a state of its
+    own written only by the tokens the router sends to it (n times the key, value, beta and gate
+    projections, n times the state). 0: off."""
+    mom_top_k: int = 2
+    """MoM: memories each token is routed to (its output mixes their read-outs by the router's weights,
+    renormalised over them: at least 2, or the router gets no gradient)."""
+    mom_shared_memory: bool = False
+    """MoM: one more memory per head that every token writes and reads at weight 1."""
     allow_neg_eigval: bool = False
     """Delta rule: beta = 2 sigmoid(...) in (0, 2) instead of sigmoid(...) in (0, 1) (negative eigenvalues)."""
     conv_size: int = 4
@@ -215,6 +228,7 @@ class ModelConfig:
                     f"model.lora_targets {', '.join(on_mlp)}: LoRA on the feed-forward layers is not "
                     "supported with model.moe (the experts); adapt the attention projections"
                 )
+        p += self._memory_problems(bad)
         if "conv_size" not in bad and self.conv_size < 1:
             p.append(f"model.conv_size must be >= 1, got {self.conv_size}")
         if "gate_low_rank" not in bad and self.gate_low_rank < 1:
@@ -257,6 +271,37 @@ class ModelConfig:
                 f"model.num_heads {self.num_heads}; RoPE is used by softmax layers (model.layer_pattern "
                 f"{self.layer_pattern!r}), model.linear_rope and model.window)"
             )
+        return p
+
+    def _memory_problems(self, bad: dict) -> list[str]:
+        """DeltaProduct's steps per token and MoM's memories."""
+        p = []
+        if "num_householder" not in bad and self.num_householder < 1:
+            p.append(f"model.num_householder must be >= 1, got {self.num_householder}")
+        if {"mom_num_memories", "mom_top_k", "linear_variant"} & set(bad) or self.mom_num_memories == 0:
+            return p
+        if self.mom_num_memories < 0:
+            return p + [f"model.mom_num_memories must be >= 0 (0: no MoM), got {self.mom_num_memories}"]
+        if not 2 <= self.mom_top_k <= self.mom_num_memories:
+            p.append(
+                f"model.mom_top_k must be in [2, model.mom_num_memories = {self.mom_num_memories}], got "
+                f"{self.mom_top_k}"
+                + (
+                    " (one memory's weight is renormalised to 1, so the router would get no gradient)"
+                    if self.mom_top_k == 1
+                    else ""
+                )
+            )
+        if self.linear_variant not in MOM_BASES:
+            p.append(
+                f"model.mom_num_memories ({self.mom_num_memories}) needs model.linear_variant "
+                f"{' or '.join(MOM_BASES)} (a gate that a token not routed to a memory can leave at 1), got "
+                f"{self.linear_variant}"
+            )
+        if self.gate_source != "projection":
+            p.append(f"model.mom_num_memories needs model.gate_source projection, got {self.gate_source!r}")
+        if isinstance(self.window, int) and self.window:
+            p.append(f"model.mom_num_memories cannot be combined with model.window ({self.window})")
         return p
 
     def _lora_problems(self, bad: dict) -> list[str]:
@@ -312,6 +357,16 @@ class ModelConfig:
                     f"model.feature_map {self.feature_map}"
                 )
         return p
+
+    @property
+    def memory_heads(self) -> int:
+        """MoM's memory heads per head (the shared one included); 1 without MoM."""
+        return self.mom_num_memories + int(self.mom_shared_memory) if self.mom_num_memories else 1
+
+    @property
+    def kv_copies(self) -> int:
+        """Keys and values per key/value head and token: DeltaProduct's steps times MoM's memory heads."""
+        return (self.num_householder if self.linear_variant == "deltaproduct" else 1) * self.memory_heads
 
     @property
     def head_dim(self) -> int:

@@ -26,6 +26,7 @@ from lasp.kernels import linear_attn, state_dtype
 from lasp.kernels.softmax_attn import softmax_attn
 from lasp.model.config import ModelConfig
 from lasp.model.llama import DeltaNetAttention, LinearAttention, LinearLlama, SoftmaxAttention
+from lasp.model.mom import run_memories
 from lasp.model.variants import VARIANTS
 from lasp.model.window import window_attention
 
@@ -100,7 +101,7 @@ def _window_channels(cfg: ModelConfig) -> int:
 
 def _linear_state_shape(cfg: ModelConfig, batch: int) -> tuple[int, ...]:
     K = 2 * cfg.head_dim if cfg.feature_map == "hedgehog" else cfg.head_dim
-    return batch, cfg.num_heads, K, cfg.head_dim + (1 if cfg.window else 0)
+    return batch, cfg.num_heads * cfg.memory_heads, K, cfg.head_dim + (1 if cfg.window else 0)
 
 
 @dataclass
@@ -122,10 +123,10 @@ class DecodeState:
         layers = []
         for block in model.layers:
             if isinstance(block.mixer, DeltaNetAttention):
-                S = torch.zeros(batch, H, D, D, dtype=state_dtype(w.dtype), device=w.device)
+                S = torch.zeros(batch, H * cfg.memory_heads, D, D, dtype=state_dtype(w.dtype), device=w.device)
                 conv = [
                     torch.zeros(batch, cfg.conv_size - 1, c, dtype=w.dtype, device=w.device)
-                    for c in (H * D, Hkv * D, Hkv * D)
+                    for c in (H * D, Hkv * cfg.kv_copies * D, Hkv * cfg.kv_copies * D)
                 ]
                 layers.append(DeltaState(S, conv))
             elif isinstance(block.mixer, LinearAttention):
@@ -171,7 +172,7 @@ def decode_memory(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> Decod
     kv_item = torch.empty((), dtype=dtype).element_size()
     extra = 0
     if VARIANTS[cfg.linear_variant].delta:
-        extra = (cfg.conv_size - 1) * (cfg.num_heads + 2 * cfg.num_kv_heads) * D * kv_item
+        extra = (cfg.conv_size - 1) * (cfg.num_heads + 2 * cfg.num_kv_heads * cfg.kv_copies) * D * kv_item
     if cfg.window:
         extra = (cfg.window - 1) * _window_channels(cfg) * kv_item
     _, H, K, V = _linear_state_shape(cfg, 1)
@@ -280,6 +281,8 @@ def _linear_mixer(
             log_decay=m.log_decay,
             gate=g,
         )
+    elif m.router is not None:  # MoM: the memories as heads
+        o, S = run_memories(linear_attn, q, k, v, g, m.router(x), initial_state=S, output_final_state=True)
     elif x.shape[1] == 1:
         o, S = linear_step(q[:, 0], k[:, 0], v[:, 0], m.log_decay, S, gate=None if g is None else g[:, 0])
         o = o[:, None]
@@ -298,7 +301,7 @@ def _delta_mixer(m: DeltaNetAttention, x: Tensor, st: DeltaState, positions_BT: 
     for i, (c, y) in enumerate(zip(st.conv, ys)):
         both = torch.cat([c, y.to(c.dtype)], dim=1)
         st.conv[i] = both[:, both.shape[1] - rows :]
-    o, st.S = linear_attn(q, k, v, beta=beta, gate=gate, initial_state=st.S, output_final_state=True)
+    o, st.S = m.core(linear_attn, x, q, k, v, beta, gate, initial_state=st.S, output_final_state=True)
     return m.output(o, x)
 
 

@@ -29,6 +29,7 @@ from lasp.model.layers import (
     rope_frequencies,
 )
 from lasp.model.moe import MoE
+from lasp.model.mom import Router, run_memories
 from lasp.model.variants import VARIANTS
 from lasp.model.window import window_attention
 
@@ -148,12 +149,20 @@ class LinearAttention(_Projections):
         g = log_decay(cfg.linear_variant, cfg.num_heads, layer, cfg.num_layers)
         self.register_buffer("log_decay", None if g is None else g.float(), persistent=False)
         self.gate = self.key_gate = None
+        self.router = _router(cfg)
+        m = cfg.memory_heads  # MoM: a gate per memory head
+        _widen_kv(self, cfg)
         variant = VARIANTS[cfg.linear_variant]
         if variant.decay == "gate" and cfg.gate_source == "key":
             self.key_gate = (variant.gate == "vector", cfg.gate_normalizer)
         elif variant.decay == "gate":
             self.gate = LogGate(
-                cfg.linear_variant, cfg.hidden_size, cfg.num_heads, cfg.head_dim, cfg.gate_low_rank, cfg.gate_normalizer
+                cfg.linear_variant,
+                cfg.hidden_size,
+                cfg.num_heads * m,
+                cfg.head_dim,
+                cfg.gate_low_rank,
+                cfg.gate_normalizer,
             )
         self.window_share = None
         if cfg.window:  # LoLCATs' window factor: sigmoid(0) = 1/2, the window's and the linear branch's share
@@ -194,7 +203,9 @@ class LinearAttention(_Projections):
         kw = {} if gate is None else {"gate": gate}
         if documents is not None:
             kw["cu_seqlens"] = documents
-        if not self.window:
+        if self.router is not None:
+            o = run_memories(self.attn_fn, fq, fk, v, kw.pop("gate"), self.router(x), **kw)
+        elif not self.window:
             o = self.attn_fn(fq, fk, v, log_decay=self.log_decay, **kw)
         else:
             ones = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], -1)
@@ -214,6 +225,22 @@ class LinearAttention(_Projections):
                 gate=gate,
             )
         return o if self.out_norm is None else self.out_norm(o)
+
+
+def _router(cfg: ModelConfig) -> Router | None:
+    """MoM's router, or None without model.mom_num_memories."""
+    if not cfg.mom_num_memories:
+        return None
+    return Router(cfg.hidden_size, cfg.mom_num_memories, cfg.mom_top_k, cfg.mom_shared_memory)
+
+
+def _widen_kv(mixer: _Projections, cfg: ModelConfig) -> None:
+    """cfg.kv_copies keys and values per key/value head and token (DeltaProduct's steps, MoM's memories), in
+    (head, copy) order so that tensor parallelism's split by heads keeps each head's copies together."""
+    if cfg.kv_copies > 1:
+        width = cfg.num_kv_heads * cfg.kv_copies * cfg.head_dim
+        mixer.k_proj = nn.Linear(cfg.hidden_size, width, bias=cfg.attention_bias)
+        mixer.v_proj = nn.Linear(cfg.hidden_size, width, bias=cfg.attention_bias)
 
 
 def _inverse_softplus_dt(n: int, dt_min: float = 1e-3, dt_max: float = 0.1, floor: float = 1e-4) -> Tensor:
@@ -237,15 +264,19 @@ class DeltaNetAttention(_Projections):
         super().__init__(cfg)
         H, Hkv, D, hidden = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
         self.neg_eigval, self.conv_size = cfg.allow_neg_eigval, cfg.conv_size
-        self.q_conv, self.k_conv, self.v_conv = (ShortConv(c, cfg.conv_size) for c in (H * D, Hkv * D, Hkv * D))
-        self.b_proj = nn.Linear(hidden, H, bias=False)
+        self.householder = cfg.num_householder if cfg.linear_variant == "deltaproduct" else 1
+        self.router = _router(cfg)
+        m, c = cfg.memory_heads, cfg.kv_copies  # memory heads per head; keys, values and betas per head and token
+        _widen_kv(self, cfg)
+        self.q_conv, self.k_conv, self.v_conv = (ShortConv(n, cfg.conv_size) for n in (H * D, Hkv * c * D, Hkv * c * D))
+        self.b_proj = nn.Linear(hidden, H * c, bias=False)
         self.a_proj = self.f_down = None
         gate = VARIANTS[cfg.linear_variant].gate
-        if gate == "scalar":  # Gated DeltaNet
-            self.a_proj = nn.Linear(hidden, H, bias=False)
+        if gate == "scalar":  # Gated DeltaNet, Gated DeltaProduct
+            self.a_proj = nn.Linear(hidden, H * m, bias=False)
         elif gate == "vector":  # KDA
             self.f_down = nn.Linear(hidden, cfg.gate_low_rank, bias=False)
-            self.a_proj = nn.Linear(cfg.gate_low_rank, H * D, bias=False)
+            self.a_proj = nn.Linear(cfg.gate_low_rank, H * m * D, bias=False)
         if self.a_proj is not None:
             self.A_log = nn.Parameter(torch.log(torch.empty(H).uniform_(1, 16)))
             self.dt_bias = nn.Parameter(_inverse_softplus_dt(self.a_proj.out_features))
@@ -270,7 +301,7 @@ class DeltaNetAttention(_Projections):
         z = self.a_proj(x if self.f_down is None else self.f_down(x)).to(xf.dtype) + self.dt_bias.to(xf.dtype)
         H = self.A_log.shape[0]
         g = -torch.exp(self.A_log.to(xf.dtype)).repeat_interleave(z.shape[-1] // H) * F.softplus(z)
-        return beta.to(x.dtype), (g if self.f_down is None else g.unflatten(-1, (H, -1))).to(x.dtype)
+        return beta.to(x.dtype), (g if self.f_down is None else g.unflatten(-1, (-1, self.head_dim))).to(x.dtype)
 
     def projections(self, x: Tensor) -> list[Tensor]:
         """q, k, v before their convolutions, [B, T, channels] each."""
@@ -299,11 +330,22 @@ class DeltaNetAttention(_Projections):
         """The gated output through o_proj."""
         return self.o_proj(self.gated(o, x).flatten(2))
 
+    def core(self, fn, x: Tensor, q: Tensor, k: Tensor, v: Tensor, beta: Tensor, gate: Tensor | None, **kw):
+        """`fn` (the op, or linear_attn when decoding) on `mixed`'s outputs: DeltaProduct's steps as rows of
+        their own (k, v [B, T, Hkv x n, D] -> [B, T x n, Hkv, D]), MoM's memories as heads (lasp.model.mom)."""
+        n = self.householder
+        if n > 1:
+            k, v = (y.unflatten(2, (-1, n)).transpose(2, 3).flatten(1, 2) for y in (k, v))
+            beta = beta.unflatten(2, (-1, n)).transpose(2, 3).flatten(1, 2)
+            return fn(q, k, v, beta=beta, gate=gate, householder=n, **kw)
+        if self.router is not None:
+            return run_memories(fn, q, k, v, gate, self.router(x), beta=beta, **kw)
+        return fn(q, k, v, beta=beta, gate=gate, **kw)
+
     def attend(self, x: Tensor, positions: Tensor, documents: Documents | None = None) -> Tensor:
         """The output before o_proj, [B, T, H, D]."""
-        q, k, v, beta, gate = self.mixed(x, positions)
         kw = {} if documents is None else {"cu_seqlens": documents}
-        return self.gated(self.attn_fn(q, k, v, beta=beta, gate=gate, **kw), x)
+        return self.gated(self.core(self.attn_fn, x, *self.mixed(x, positions), **kw), x)
 
 
 class SoftmaxAttention(_Projections):

@@ -18,6 +18,8 @@ class Dims(NamedTuple):
     head_dim: int
     rank: int  # model.gate_low_rank
     projected: bool  # model.gate_source == projection (Liger's key gate has no parameters)
+    steps: int = 1  # deltaproduct: delta-rule steps per token, a beta each (model.num_householder)
+    memories: int = 1  # MoM: memory heads per head, a gate and beta each (lasp.model.mom)
 
 
 @dataclass(frozen=True)
@@ -44,20 +46,24 @@ def _none(d: Dims) -> int:
     return 0
 
 
-def _scalar_gate(d: Dims) -> int:  # hidden -> H
-    return d.hidden * d.heads * d.projected
+def _scalar_gate(d: Dims) -> int:  # hidden -> H (x memories)
+    return d.hidden * d.heads * d.memories * d.projected
 
 
-def _vector_gate(d: Dims) -> int:  # hidden -> rank -> H x D
-    return d.rank * (d.hidden + d.heads * d.head_dim) * d.projected
+def _vector_gate(d: Dims) -> int:  # hidden -> rank -> H (x memories) x D
+    return d.rank * (d.hidden + d.heads * d.memories * d.head_dim) * d.projected
 
 
-def _beta_out(d: Dims) -> int:  # beta (hidden -> H) and the output gate (hidden -> H x D)
-    return d.hidden * d.heads * (1 + d.head_dim)
+def _beta_out(d: Dims) -> int:  # beta (hidden -> H x steps x memories) and the output gate (hidden -> H x D)
+    return d.hidden * d.heads * (d.steps * d.memories + d.head_dim)
 
 
-def _a_log_dt_bias(d: Dims) -> int:  # Gated DeltaNet: A_log and dt_bias, one each per head
-    return 2 * d.heads
+def _a_log_dt_bias(d: Dims) -> int:  # Gated DeltaNet: A_log per head, dt_bias per head (and memory)
+    return d.heads + d.heads * d.memories
+
+
+def _gated_delta(d: Dims) -> int:  # beta, the output gate, and the gate's projection (hidden -> H x memories)
+    return _beta_out(d) + d.hidden * d.heads * d.memories
 
 
 # fmt: off
@@ -70,10 +76,15 @@ VARIANTS: dict[str, Variant] = {
     "gla":            Variant("gate",     "vector", False, "vector",   False, NARROW_MAPS,  _vector_gate, _none),
     "deltanet":       Variant("none",     "none",   True,  "deltanet", False, NARROW_MAPS,  _beta_out,   _none),
     "gated_deltanet": Variant("gate",     "scalar", True,  "gdn",      False, NARROW_MAPS,
-                              lambda d: _beta_out(d) + d.hidden * d.heads, _a_log_dt_bias),
+                              _gated_delta, _a_log_dt_bias),
     "kda":            Variant("gate",     "vector", True,  "kda",      False, NARROW_MAPS,
-                              lambda d: _beta_out(d) + d.rank * (d.hidden + d.heads * d.head_dim),
-                              lambda d: d.heads + d.heads * d.head_dim),
+                              lambda d: _beta_out(d) + d.rank * (d.hidden + d.heads * d.memories * d.head_dim),
+                              lambda d: d.heads + d.heads * d.memories * d.head_dim),
+    # Gated DeltaProduct: Gated DeltaNet with model.num_householder steps per token (an interleaved sequence)
+    "deltaproduct":   Variant("gate",     "scalar", True,  "gdn",      False, NARROW_MAPS,
+                              _gated_delta, _a_log_dt_bias),
 }
 # fmt: on
 LINEAR_VARIANTS = tuple(VARIANTS)
+MOM_BASES = ("gla", "gated_deltanet")
+"""The variants Mixture-of-Memories (model.mom_num_memories) runs over: each memory gets its own gate."""

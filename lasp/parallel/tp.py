@@ -9,6 +9,8 @@ Parameters whose gradient covers only the local heads (the per-head output norm)
 (`_LoRA`).
 """
 
+from functools import partial
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -171,8 +173,12 @@ def apply_tp(model: LinearLlama, cfg: ModelParallelConfig, group, rank: int, siz
         for norm in (getattr(mixer, "q_norm", None), getattr(mixer, "k_norm", None)):
             if norm is not None:  # Qwen3's per-head q/k norms: one weight shared by the local heads
                 norm.weight.tp_partial_grad = True
+        if getattr(mixer, "router", None) is not None:
+            # MoM: every rank routes alike; the weights' gradient from each rank's heads is summed
+            mixer.router.grad_sum = partial(copy_to_tensor_model_parallel_region, group=group)
         if isinstance(mixer, DeltaNetAttention):
-            # the convolutions' channels, beta, the gate and the output gate follow the heads of q, k, v
+            # the convolutions' channels, beta, the gate and the output gate follow the heads of q, k, v (each
+            # head's DeltaProduct steps and MoM memories with it: lasp.model.llama._widen_kv)
             for conv in (mixer.q_conv, mixer.k_conv, mixer.v_conv):
                 _split_parameter(conv, "weight", rank, size)
             for name in ("b_proj", "g_proj") + (("a_proj",) if mixer.a_proj is not None else ()):

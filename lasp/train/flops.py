@@ -11,14 +11,17 @@ FLOPs per token, forward + backward (docs/design.md, "The trainer"; written out 
                                           multiply-add, x3 for forward + backward, half the N x N scores
   + 12 * H * d_k * d_v     per L layer    linear attention: the state update k v^T and the read-out q^T S,
                                           2 FLOPs each, x3 for forward + backward
-  + 6 * H * (5 C d + 3 d^2 + d^3 / C)     the delta rule instead (deltanet, gated_deltanet, kda): its chunk
+  + 6 * H * (5 C d + 3 d^2 + d^3 / C)     the delta rule instead (deltanet, gated_deltanet, kda, deltaproduct
+                                          with n steps per token n times, each step a token): its chunk
         + 6 * w * (H + 2 Hkv) d           form on blocks of C = 64 tokens, per token and head q k^T and k k^T
                                           (C d each), the triangular solve for [U0 | W] (C d), P U0 and P W
                                           (C d each), Kt^T W, Kt^T U0 and Qm S0 (d^2 each), and the chain's
                                           share d^3 / C; and the short convolutions (w taps on q, k and v)
 
-N is the sequence length (tokens attended), H query heads, d the head dim. Hardware FLOPs of the chunked
-kernels (intra-chunk quadratic blocks, recomputation) are higher; MFU counts only the model's.
+N is the sequence length (tokens attended), H query heads, d the head dim. Mixture-of-Memories counts the
+memories a token is routed to (top k, plus the shared one) as heads, and their projections only; the masked
+form runs every memory, which the hardware FLOPs count. Hardware FLOPs of the chunked kernels
+(intra-chunk quadratic blocks, recomputation) are higher; MFU counts only the model's.
 """
 
 from lasp.model.config import ModelConfig
@@ -62,16 +65,20 @@ def param_counts(m: ModelConfig) -> dict[str, int]:
     attn = h * d * (2 * H + 2 * m.num_kv_heads)
     variant = VARIANTS[m.linear_variant]
     delta = variant.delta
-    sizes = Dims(h, H, d, m.gate_low_rank, m.gate_source == "projection")  # Liger's key gate: no parameters
-    gate = variant.projections(sizes)
+    sizes = _dims(m)
     linear = sum(m.mixer(i) == "L" for i in range(m.num_layers))
+    # a linear layer's own projections: the variant's, the keys and values beyond one per head (DeltaProduct's
+    # steps, MoM's memories) and MoM's router
+    gate = variant.projections(sizes) + 2 * h * m.num_kv_heads * d * (m.kv_copies - 1)
+    gate += h * m.mom_num_memories
     mlp, experts, inactive = _mlp_params(m)
+    inactive += linear * _idle_memory_params(m, variant, sizes)
     norms = m.num_layers * 2 * h + h + linear * (d if m.output_norm or delta else 0)
     norms += m.num_layers * 2 * d if m.qk_norm else 0  # Qwen3's q/k norms
     small = (H + m.num_kv_heads) * d * d if m.feature_map == "hedgehog" else 0  # its per-head maps
     small += H if m.window else 0  # the window's per-head share
     if delta:
-        small += m.conv_size * (H + 2 * m.num_kv_heads) * d
+        small += m.conv_size * (H + 2 * m.num_kv_heads * m.kv_copies) * d
     small += variant.extras(sizes)
     biases = m.num_layers * (H + 2 * m.num_kv_heads) * d if m.attention_bias else 0  # Qwen2's q/k/v biases
     dims = {
@@ -100,6 +107,24 @@ def param_counts(m: ModelConfig) -> dict[str, int]:
     }
 
 
+def _dims(m: ModelConfig) -> Dims:
+    """The sizes the variant table's parameter counts take (Liger's key gate has no parameters)."""
+    steps = m.kv_copies // m.memory_heads
+    return Dims(
+        m.hidden_size, m.num_heads, m.head_dim, m.gate_low_rank, m.gate_source == "projection", steps, m.memory_heads
+    )
+
+
+def _idle_memory_params(m: ModelConfig, variant, sizes: Dims) -> int:
+    """MoM: the projections of the memories a token is not routed to (their keys, values, beta and gate), per
+    layer; the masked form computes them, the model's FLOPs leave them out like a MoE's idle experts."""
+    if not m.mom_num_memories:
+        return 0
+    one = sizes._replace(memories=1)
+    per_memory = variant.projections(sizes._replace(memories=2)) - variant.projections(one)
+    return (m.mom_num_memories - m.mom_top_k) * (per_memory + 2 * m.hidden_size * m.num_kv_heads * m.head_dim)
+
+
 def _mlp_params(m: ModelConfig) -> tuple[int, int, int]:
     """(feed-forward matmul parameters of every layer, of which routed experts, of which a token does not
     use: the experts outside its top k). A MoE layer: the router (h x E), E routed SwiGLUs, the shared one."""
@@ -116,10 +141,19 @@ def _mlp_params(m: ModelConfig) -> tuple[int, int, int]:
     return total, experts, inactive
 
 
-def delta_flops_per_token(m: ModelConfig, block: int = BLOCK) -> float:
-    """One delta-rule layer's attention FLOPs per token, forward + backward (module doc)."""
+def active_memories(m: ModelConfig) -> int:
+    """MoM: the memory heads a token is routed to per head (top k, and the shared one); 1 without MoM."""
+    return m.mom_top_k + int(m.mom_shared_memory) if m.mom_num_memories else 1
+
+
+def delta_flops_per_token(m: ModelConfig, block: int = BLOCK, memories: int | None = None) -> float:
+    """One delta-rule layer's attention FLOPs per token, forward + backward (module doc): DeltaProduct's steps
+    each a token of the chunk form, MoM's `memories` (default: the routed ones) each a head."""
     d, H = m.head_dim, m.num_heads
-    return 6.0 * H * (5 * block * d + 3 * d * d + d**3 / block) + 6.0 * m.conv_size * (H + 2 * m.num_kv_heads) * d
+    memories = active_memories(m) if memories is None else memories
+    steps = m.kv_copies // m.memory_heads
+    chunk = 6.0 * H * steps * memories * (5 * block * d + 3 * d * d + d**3 / block)
+    return chunk + 6.0 * m.conv_size * (H + 2 * m.num_kv_heads * m.kv_copies) * d
 
 
 def flops_per_token(m: ModelConfig, seq_len: int) -> float:
@@ -133,7 +167,7 @@ def flops_per_token(m: ModelConfig, seq_len: int) -> float:
         elif VARIANTS[m.linear_variant].delta:
             f += delta_flops_per_token(m)
         else:  # Hedgehog's features are 2 d wide; a window adds its scores and values, twice (taken out)
-            f += 12.0 * m.num_heads * d * d * (2 if m.feature_map == "hedgehog" else 1)
+            f += 12.0 * m.num_heads * active_memories(m) * d * d * (2 if m.feature_map == "hedgehog" else 1)
             f += 24.0 * m.num_heads * d * m.window
     return f
 
@@ -144,11 +178,15 @@ def hardware_flops_per_token(m: ModelConfig, seq_len: int, block: int = BLOCK) -
     and its product with v, 2 * block * (d_k + d_v) per token and head forward, x3 with the backward. The
     delta rule's model FLOPs are already its chunk form's; its backward recomputes the forward, one third
     more."""
-    d = m.head_dim
+    d, M = m.head_dim, m.memory_heads
     linear_layers = sum(m.mixer(i) == "L" for i in range(m.num_layers))
-    if VARIANTS[m.linear_variant].delta:
-        return flops_per_token(m, seq_len) + linear_layers * delta_flops_per_token(m, block) / 3
-    return flops_per_token(m, seq_len) + linear_layers * 6.0 * m.num_heads * block * 2 * d
+    idle = 6.0 * _idle_memory_params(m, VARIANTS[m.linear_variant], _dims(m))
+    if VARIANTS[m.linear_variant].delta:  # MoM's masked form runs every memory head
+        every = delta_flops_per_token(m, block, M)
+        extra = every * 4 / 3 - delta_flops_per_token(m, block)
+        return flops_per_token(m, seq_len) + linear_layers * (extra + idle)
+    linear = 6.0 * m.num_heads * M * block * 2 * d + 12.0 * m.num_heads * (M - active_memories(m)) * d * d
+    return flops_per_token(m, seq_len) + linear_layers * (linear + idle)
 
 
 def memory_estimate(
