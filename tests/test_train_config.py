@@ -289,6 +289,10 @@ def test_every_config_passes_dry_run(path, capsys):
     out = capsys.readouterr().out
     for part in ("# resolved config", "# mesh", "parameters:", "model FLOPs per token", "# memory per rank"):
         assert part in out
+    if "deltaproduct" in path:
+        assert "deltaproduct: 2 delta-rule steps per token, so each linear layer's core runs 2 x the tokens" in out
+    if "mom" in path:
+        assert "4 memories per head, plus a shared one, each token routed to 2" in out
     head = open(path).read().split("\n", 1)[0]
     assert head.startswith("#") and ("GiB" in open(path).read().split("model:")[0]), "say the hardware and memory"
 

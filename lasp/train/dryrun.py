@@ -33,14 +33,15 @@ def _auto_lines(cfg: TrainConfig) -> list[str]:
     rows = d.global_batch // p.dp // p.microbatches
     itemsize = torch.empty((), dtype=getattr(torch, cfg.train.dtype)).element_size()
     heads, kv = m.num_heads // p.tp, max(1, m.num_kv_heads // p.tp)
+    steps, memories = m.kv_copies // m.memory_heads, m.memory_heads  # the core's rows per token, heads per head
     out = []
     for kind in auto:
         shape = Shape(
             p.sp,
             rows,
-            d.seq_len // p.sp,
-            heads,
-            kv,
+            d.seq_len // p.sp * (steps if kind == "linear" else 1),
+            heads * (memories if kind == "linear" else 1),
+            heads * memories if kind == "linear" and memories > 1 else kv,  # MoM's memory heads: no GQA
             m.head_dim,
             m.head_dim,
             p.sp_layout,
@@ -56,6 +57,24 @@ def _auto_lines(cfg: TrainConfig) -> list[str]:
         )
         out.append(f"sp auto, {kind} layers on {p.sp_link}: {best} (messages per layer, forward + backward: {times})")
     return out
+
+
+def _linear_core_lines(m) -> list[str]:
+    """What the sequence-parallel core sees of a DeltaProduct or MoM layer (docs/lasp2.md)."""
+    if m.linear_variant == "deltaproduct":
+        n = m.num_householder
+        return [
+            f"deltaproduct: {n} delta-rule steps per token, so each linear layer's core runs {n} x the tokens "
+            f"(state {m.head_dim} x {m.head_dim} per head)"
+        ]
+    if m.mom_num_memories:
+        shared = ", plus a shared one" if m.mom_shared_memory else ""
+        return [
+            f"mixture of memories: {m.mom_num_memories} memories per head{shared}, each token routed to "
+            f"{m.mom_top_k}; each linear layer's core runs {m.num_heads} x {m.memory_heads} memory heads "
+            f"({m.memory_heads} x the state)"
+        ]
+    return []
 
 
 def report(cfg: TrainConfig) -> str:
@@ -83,6 +102,7 @@ def report(cfg: TrainConfig) -> str:
         f"{sum(m.mixer(i) == 'L' for i in range(m.num_layers))} linear, "
         f"{sum(m.mixer(i) == 'S' for i in range(m.num_layers))} softmax), hidden {m.hidden_size}, "
         f"heads {m.num_heads} (kv {m.num_kv_heads}), head dim {m.head_dim}, vocab {m.vocab_size}",
+        *_linear_core_lines(m),
         f"parameters: {_num(counts['total'])} total, {_num(counts['total'] - counts['embedding'])} without the "
         f"embedding, {_num(counts['matmul'])} in matmuls (LM head included); about {_num(per_rank)} per rank",
         *(
