@@ -5,7 +5,9 @@
 fp32, B=1, H=4, K=V=64 (as `lasp.bench.cpu_linear_attn`): the constant per-head decay, the scalar gate
 [B, T, H] and the vector gate [B, T, H, K], every gradient (the gate's included), the constant decay and
 the scalar gate over packed documents of DOC_LEN tokens (`cu_seqlens`), and the delta rule's three forms
-(DeltaNet, Gated DeltaNet, KDA; beta's gradient included). Writes <out>.jsonl with the time and peak
+(DeltaNet, Gated DeltaNet, KDA; beta's gradient included), Gated DeltaProduct (2 steps per token) and
+Mixture-of-Memories over Gated DeltaNet (4 memories, top 2, and a shared one: 5 memory heads per head, past
+the layer's projections). Writes <out>.jsonl with the time and peak
 memory of each, and prints against the targets: the scalar gate <= 1.3x the constant decay, the vector
 gate <= 2x; Gated DeltaNet <= 3x the scalar gate in time and <= 2x in peak memory. Last, LASP-2's
 gathered bytes per layer for Gated DeltaNet at W = 8..128 (two chunks per rank, zigzag): the pair this
@@ -23,8 +25,11 @@ from lasp.cli import at_least, usage_error, writable
 from lasp.kernels import linear_attn
 
 B, H, D = 1, 4, 64
-DELTA = {"deltanet": None, "gdn": "scalar", "kda": "vector"}  # the delta rule's forms and their gates
+DELTA = {"deltanet": None, "gdn": "scalar", "kda": "vector", "deltaproduct": "scalar", "mom": "scalar"}
+"""The delta rule's forms and their gates. deltaproduct: Gated DeltaProduct, HOUSEHOLDER steps per token;
+mom: Mixture-of-Memories over Gated DeltaNet, MEMORIES memories per head (top TOP_K) plus a shared one."""
 FORMS = ("decay", "scalar", "vector", "decay-docs", "scalar-docs", *DELTA)
+HOUSEHOLDER, MEMORIES, TOP_K = 2, 4, 2
 DOC_LEN = 300  # tokens per packed document: starts fall anywhere in the 64-token blocks
 TARGETS = {("scalar", "decay"): 1.3, ("vector", "decay"): 2.0, ("gdn", "scalar"): 3.0}  # time over time
 MEMORY_TARGETS = {("gdn", "scalar"): 2.0}  # peak memory over peak memory
@@ -38,11 +43,18 @@ def _step(form: str, T: int):
     if form.startswith("decay"):
         kw = {"log_decay": -torch.linspace(0.01, 0.5, H)}
     elif form in DELTA:
+        rows, heads = (HOUSEHOLDER, 1) if form == "deltaproduct" else (1, MEMORIES + 1) if form == "mom" else (1, 1)
+        if rows * heads > 1:  # keys and values per step or memory head, as the layers give them
+            k, v = (torch.randn(B, T * rows, H * heads, D, generator=gen).requires_grad_() for _ in range(2))
         k.data = torch.nn.functional.normalize(k.data, dim=-1)  # as the layer gives it
-        kw = {"beta": torch.rand(B, T, H, generator=gen).add_(0.1).requires_grad_()}
+        kw = {"beta": torch.rand(B, T * rows, H * heads, generator=gen).add_(0.1).requires_grad_()}
         if DELTA[form] is not None:
-            shape = (B, T, H, D) if DELTA[form] == "vector" else (B, T, H)
+            shape = (B, T, H * heads, D) if DELTA[form] == "vector" else (B, T, H * heads)
             kw["gate"] = (-torch.rand(*shape, generator=gen) * 0.2).requires_grad_()
+        if form == "deltaproduct":
+            kw["householder"] = HOUSEHOLDER
+        if form == "mom":
+            return _mom_step(q, k, v, do, kw, gen)
     else:
         shape = (B, T, H, D) if form == "vector" else (B, T, H)
         kw = {"gate": (-torch.rand(*shape, generator=gen) * 0.2).requires_grad_()}
@@ -55,6 +67,27 @@ def _step(form: str, T: int):
         for name in ("gate", "beta"):
             if name in kw:
                 kw[name].grad = None
+
+    return run
+
+
+def _mom_step(q, k, v, do, kw, gen):
+    """MoM's layer math past its projections: random top-k routing, the memories as heads (lasp.model.mom)."""
+    from lasp.model.mom import run_memories
+
+    B, T = q.shape[:2]
+    scores = torch.rand(B, T, MEMORIES, generator=gen).softmax(-1)
+    top, chosen = scores.topk(TOP_K, -1)
+    weights = torch.zeros_like(scores).scatter(-1, chosen, top / top.sum(-1, keepdim=True))
+    routed = torch.zeros_like(scores, dtype=torch.bool).scatter(-1, chosen, True)
+    route = (
+        torch.cat([weights, torch.ones(B, T, 1)], -1),
+        torch.cat([routed, torch.ones(B, T, 1, dtype=torch.bool)], -1),
+    )
+
+    def run():
+        run_memories(linear_attn, q, k, v, kw["gate"], route, beta=kw["beta"]).backward(do)
+        q.grad = k.grad = v.grad = kw["gate"].grad = kw["beta"].grad = None
 
     return run
 
@@ -100,7 +133,7 @@ def main(argv=None) -> None:
                 }
             )
             print(
-                f"  {form:11s} T={T:6d}  {sec * 1e3:8.1f} ms  {sec / t['decay', T]:5.2f}x the constant decay  "
+                f"  {form:12s} T={T:6d}  {sec * 1e3:8.1f} ms  {sec / t['decay', T]:5.2f}x the constant decay  "
                 f"peak {mem[form, T] / 2**20:7.1f} MiB",
                 flush=True,
             )
