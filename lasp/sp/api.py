@@ -12,9 +12,7 @@ from torch import Tensor
 
 from lasp.distributed import group_size
 from lasp.kernels import LinearAttnKernel
-from lasp.kernels.checks import check_scale
-from lasp.kernels.documents import as_documents
-from lasp.kernels.linear_attn.product import check_householder, interleave, read_out
+from lasp.kernels.linear_attn.product import run_product
 from lasp.sp.chain import ALLSCAN_BLOCKS, Chain
 from lasp.sp.core import Job, sp_core
 from lasp.sp.dispatch import LinearForm, run_sp_linear_attn
@@ -88,16 +86,14 @@ def sp_linear_attn(
     """
     if method not in LINEAR_METHODS:
         raise ValueError(f"method must be one of {', '.join(LINEAR_METHODS)}, got {method!r}")
-    if householder is not None:
-        check_householder(householder, q, k, v, beta, gate)
-        q, gate = interleave(q, gate, householder)
-        if cu_seqlens is not None:
-            N = q.shape[1] // householder * group_size(group)
-            cu_seqlens = as_documents(cu_seqlens, q.shape[0], N).stretched(householder)
-        out = sp_linear_attn(
+    if householder is not None:  # k, v, beta hold n rows per token: the delta rule on the interleaved rows
+        return run_product(
+            sp_linear_attn,
             q,
             k,
             v,
+            householder,
+            length=q.shape[1] * group_size(group),
             method=method,
             group=group,
             layout=layout,
@@ -105,14 +101,13 @@ def sp_linear_attn(
             gate=gate,
             beta=beta,
             causal=causal,
-            scale=check_scale(scale, q.shape[-1]),
+            scale=scale,
             cu_seqlens=cu_seqlens,
             initial_state=initial_state,
             output_final_state=output_final_state,
             kernel=kernel,
             check_ranks=check_ranks,
         )
-        return (read_out(out[0], householder), out[1]) if output_final_state else read_out(out, householder)
     if method == "auto":
         from lasp.sp.cost import choose_linear
 

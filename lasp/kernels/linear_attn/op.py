@@ -10,7 +10,7 @@ from lasp.kernels.checks import check_causal, check_qkv, check_scale
 from lasp.kernels.documents import Documents, as_documents
 from lasp.kernels.linear_attn.chunk import TorchChunkKernel
 from lasp.kernels.linear_attn.gated import as_vector_form
-from lasp.kernels.linear_attn.product import check_householder, interleave, read_out
+from lasp.kernels.linear_attn.product import run_product
 from lasp.kernels.protocol import LinearAttnKernel, state_dtype
 
 DEFAULT_KERNEL: LinearAttnKernel = TorchChunkKernel()
@@ -358,20 +358,22 @@ def linear_attn(
     inputs) when `output_final_state`.
     """
     if householder is not None:
-        return _delta_product(
+        return run_product(
+            linear_attn,
             q,
             k,
             v,
             householder,
-            log_decay,
-            gate,
-            beta,
-            causal,
-            scale,
-            initial_state,
-            output_final_state,
-            kernel,
-            cu_seqlens,
+            length=q.shape[1],
+            log_decay=log_decay,
+            gate=gate,
+            beta=beta,
+            causal=causal,
+            scale=scale,
+            initial_state=initial_state,
+            output_final_state=output_final_state,
+            kernel=kernel,
+            cu_seqlens=cu_seqlens,
         )
     k, v, scale = check_linear_attn_args(q, k, v, log_decay, causal, scale)
     if initial_state is not None:
@@ -389,27 +391,3 @@ def linear_attn(
     if gate is not None:
         return _GatedLinearAttnFn.apply(q, k, v, gate, scale, initial_state, output_final_state, kernel)
     return _LinearAttnFn.apply(q, k, v, log_decay, scale, causal, initial_state, output_final_state, kernel)
-
-
-def _delta_product(q, k, v, n, log_decay, gate, beta, causal, scale, initial_state, want_final, kernel, cu_seqlens):
-    """`linear_attn` with householder=n: the delta rule on the interleaved sequence, read out per token."""
-    check_householder(n, q, k, v, beta, gate)
-    qn, gn = interleave(q, gate, n)
-    if cu_seqlens is not None:
-        cu_seqlens = as_documents(cu_seqlens, q.shape[0], q.shape[1]).stretched(n)
-    scale = check_scale(scale, q.shape[-1])
-    out = linear_attn(
-        qn,
-        k,
-        v,
-        log_decay=log_decay,
-        gate=gn,
-        beta=beta,
-        causal=causal,
-        scale=scale,
-        initial_state=initial_state,
-        output_final_state=want_final,
-        kernel=kernel,
-        cu_seqlens=cu_seqlens,
-    )
-    return (read_out(out[0], n), out[1]) if want_final else read_out(out, n)

@@ -16,7 +16,8 @@ Legend: B batch, T tokens, H heads, K key dim, n micro-steps (Householder factor
 import torch
 from torch import Tensor
 
-from lasp.kernels.checks import check_qkv
+from lasp.kernels.checks import check_qkv, check_scale
+from lasp.kernels.documents import as_documents
 
 
 def check_householder(n, q: Tensor, k: Tensor, v: Tensor, beta, gate) -> None:
@@ -55,3 +56,16 @@ def interleave(q: Tensor, gate: Tensor | None, n: int) -> tuple[Tensor, Tensor |
 def read_out(o: Tensor, n: int) -> Tensor:
     """The output [B, T * n, H, V] of the interleaved sequence -> each token's, [B, T, H, V]."""
     return o.unflatten(1, (-1, n))[:, :, -1]
+
+
+def run_product(fn, q: Tensor, k: Tensor, v: Tensor, n: int, *, length: int, **kw):
+    """`fn` (linear_attn, or an SP op on this rank's shard) with householder=n: checked, run on the interleaved
+    sequence, read out per token. `length`: the tokens `cu_seqlens` spans (the global length under SP); `kw`
+    holds fn's other arguments (beta, gate, scale, cu_seqlens, output_final_state, ...)."""
+    check_householder(n, q, k, v, kw.get("beta"), kw.get("gate"))
+    kw["scale"] = check_scale(kw.get("scale"), q.shape[-1])
+    q, kw["gate"] = interleave(q, kw.get("gate"), n)
+    if kw.get("cu_seqlens") is not None:
+        kw["cu_seqlens"] = as_documents(kw["cu_seqlens"], q.shape[0], length).stretched(n)
+    out = fn(q, k, v, **kw)
+    return (read_out(out[0], n), out[1]) if kw.get("output_final_state") else read_out(out, n)
