@@ -259,6 +259,8 @@ def test_the_gated_benchmark_writes_its_rows(tmp_path):
         "deltanet",
         "gdn",
         "kda",
+        "deltaproduct",
+        "mom",
     ] and timed[0]["over_decay"] == 1.0
     assert all(r["peak_bytes"] > 0 for r in timed)
     for line in ("scalar at T=96: ", "vector at T=96: ", "gdn at T=96: ", "the peak memory of scalar"):

@@ -537,6 +537,13 @@ def test_attention_transfer_names_what_it_needs():
         "train.objective: expected one of 'lm', 'attention_transfer', got str 'mse'" in q
         for q in _problems({"train": {"objective": "mse"}})
     )
+    # a softmax teacher has no keys for DeltaProduct's steps or MoM's memories
+    for model, n in (
+        ({"linear_variant": "deltaproduct", "num_householder": 3}, 3),
+        ({"linear_variant": "gated_deltanet", "mom_num_memories": 2}, 2),
+    ):
+        p = _problems({"model": model, "train": {"distill_weight": 0.5}})
+        assert any(f"this model's layers have {n} keys and values per head and token" in q for q in p), p
 
 
 def test_the_config_checks_itself_and_probes_apart(tmp_path):

@@ -310,7 +310,9 @@ class DeltaNetAttention(_Projections):
     def mixed(
         self, x: Tensor, positions: Tensor, halos=None, ys=None
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
-        """q, k (convolved, L2-normalised), v (convolved) as [B, T, heads, D], beta and the gate. `ys`: the
+        """q [B, T, H, D], k (convolved, L2-normalised) and v (convolved) [B, T, Hkv x copies, D], beta
+        [B, T, H x copies] and the gate [B, T, H x memories(, D)] (copies: DeltaProduct's steps times MoM's
+        memories per head, in (head, copy) order; 1 and 1 otherwise). `ys`: the
         projections if already made; `halos`: the rows before x for q, k and v's convolutions (decoding),
         else from `halo_fn`."""
         ys = self.projections(x) if ys is None else ys

@@ -341,6 +341,14 @@ class TrainConfig:
                 )
         if ok("train", "parallel") and run.distill_weight and par.pp != 1:
             p.append(f"train.distill_weight runs with parallel.pp = 1 (the teacher runs the whole model), got {par.pp}")
+        teacher = run.objective == "attention_transfer" or bool(run.distill_weight) if ok("train") else False
+        if teacher and ok("model") and m.kv_copies > 1:
+            p.append(
+                "a softmax teacher (train.objective = attention_transfer, train.distill_weight) attends with each "
+                f"layer's own q, k and v, but this model's layers have {m.kv_copies} keys and values per head and "
+                "token (model.linear_variant deltaproduct's num_householder, model.mom_num_memories), which no "
+                "softmax layer has"
+            )
         return p
 
     def preflight(self, broken: frozenset[str] = frozenset()) -> list[str]:
