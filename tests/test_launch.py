@@ -2,8 +2,10 @@
 its own; a port in use is refused before any worker starts. Training through launch/torchrun.sh (one node
 and two) and launch/deepspeed.sh (local and with a hostfile) is in test_train.py."""
 
+import glob
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -67,6 +69,36 @@ def test_dry_run_through_slurm_sbatch(tmp_path):
         "MASTER_PORT": str(_free_port()),
     }
     _assert_dry_run(_run(["bash", "launch/slurm.sbatch", *DRY], env))
+
+
+SLURM_TOOLS = ("slurmctld", "slurmd", "sbatch", "scontrol", "sinfo", "munged", "munge", "unmunge")
+SLURM_MISSING = [t for t in SLURM_TOOLS if shutil.which(t) is None] + (["root"] if os.geteuid() != 0 else [])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    bool(SLURM_MISSING),
+    reason=f"no usable SLURM here (lacks {', '.join(SLURM_MISSING)}): the check runs as root with slurm-wlm and "
+    "munge installed (scripts/slurm_check.py installs them)",
+)
+def test_a_slurm_job_requeued_mid_run_resumes_and_equals_an_uninterrupted_one(tmp_path):
+    """scripts/slurm_check.py on a private one-node SLURM: a job of launch/slurm.sbatch stopped after step 12 by
+    the time limit's signal (it requeues itself) and after step 22 by `scontrol requeue` saves each time, runs
+    again from its checkpoint and finishes with the losses of an uninterrupted job, bit for bit; a job with a
+    wrong config fails fast with the error in its log and a non-zero exit."""
+    from lasp.data import prepare
+
+    files = sorted(glob.glob(os.path.join(os.path.dirname(os.__file__), "*.py")))[:12]
+    prepare(files, str(tmp_path / "data"), val_fraction=0.0, progress=False)
+    cmd = [sys.executable, "scripts/slurm_check.py", "--no-install", "--work", str(tmp_path / "work")]
+    cmd += ["--data", str(tmp_path / "data"), "--steps", "30", "--stop-at", "12", "22"]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    figures = json.loads((tmp_path / "work" / "slurm_check.json").read_text())
+    assert figures["requeued_job"] == {"JobState": "COMPLETED", "ExitCode": "0:0", "Restarts": "2"}
+    assert figures["bad_config_job"]["JobState"] == "FAILED" and figures["bad_config_job"]["ExitCode"] != "0:0"
+    for how, at in (("time-limit", 12), ("requeue", 22)):
+        assert figures[how]["saved_step"] >= at and 0 <= figures[how]["signal_to_saved_s"] < 60, figures
 
 
 @pytest.mark.slow
