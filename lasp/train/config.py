@@ -131,8 +131,9 @@ class RunConfig:
     """auto: one CUDA GPU per process when there are any (NCCL), else the CPU (gloo)."""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Compute dtype: bfloat16 runs under autocast with float32 master weights and optimizer states."""
-    kernel: Literal["auto", "torch", "triton"] = "auto"
-    """Linear-attention kernel backend (auto: Triton on a GPU, the PyTorch path on CPU)."""
+    kernel: Literal["auto", "torch", "triton", "fla"] = "auto"
+    """Linear-attention kernel backend (auto: Triton on a GPU, or flash-linear-attention's kernels (fla) for a
+    model whose forms Triton lacks; the PyTorch path on CPU)."""
     activation_checkpointing: Literal["none", "full"] | int = "none"
     """Recompute activations in the backward: none, full (every layer), or k (every k-th layer)."""
     eval_interval: int = 50

@@ -21,6 +21,7 @@ from torch import nn
 from lasp.data import TokenData, local_microbatches
 from lasp.distributed.timeouts import named_timeouts
 from lasp.kernels import get_kernel
+from lasp.kernels.protocol import Capabilities
 from lasp.model import LinearLlama
 from lasp.model.variants import VARIANTS
 from lasp.parallel import (
@@ -57,6 +58,18 @@ class NonFiniteError(RuntimeError):
     """A non-finite loss or gradient norm with train.nonfinite = stop (raised on every rank at once)."""
 
 
+def _needs(cfg: TrainConfig) -> Capabilities:
+    """What the model's linear layers and the data ask of the kernel."""
+    variant = VARIANTS[cfg.model.linear_variant]
+    if not any(cfg.model.mixer(i) == "L" for i in range(cfg.model.num_layers)):
+        return Capabilities()
+    return Capabilities(
+        gates=() if variant.gate == "none" or variant.delta else (variant.gate,),
+        resets=cfg.data.reset_at_documents,
+        delta=variant.delta,
+    )
+
+
 def _check_kernel(cfg: TrainConfig, kernel) -> None:
     """What the model and the data ask of the linear-attention kernel, before any process group."""
     problems, gates = [], kernel.caps.gates
@@ -86,7 +99,7 @@ def train(cfg: TrainConfig, launch: Launch) -> TrainState:
     """Run `cfg` on this process (one rank of the launched world). Returns the final train state. A
     process group that already exists is used and left alone; otherwise one is made and destroyed."""
     device = pick_device(cfg.train.device, launch)
-    kernel = get_kernel(cfg.train.kernel)  # triton without a GPU fails here, before any process group
+    kernel = get_kernel(cfg.train.kernel, _needs(cfg))  # triton or fla without a GPU fail here, before any group
     _check_kernel(cfg, kernel)
     owned = not dist.is_initialized()
     init_distributed(launch, device, cfg.train.collective_timeout_s)
