@@ -22,6 +22,8 @@ SCRIPTS = [
     "launch/bench_scaling.sh",
     "launch/node_env.sh",
     "scripts/run.sh",
+    "scripts/gpu_session.sh",
+    "scripts/fetch_gpu_wheels.sh",
 ]
 DRY = ["--config", "configs/cpu-quickstart.yaml", "--dry-run"]
 
