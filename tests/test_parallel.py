@@ -278,7 +278,7 @@ def test_one_step_matches_single_process(dist_pool, tp, sp, pp, dp):
             ),
         ),
         (2, 2, 1, 1, dict(linear_variant="gla", mom_num_memories=4, mom_top_k=3, layout="contiguous")),
-        (1, 3, 1, 1, dict(linear_variant="deltaproduct", num_householder=2, sp_method={"linear": "logscan"})),
+        (1, 4, 1, 1, dict(linear_variant="deltaproduct", num_householder=2, sp_method={"linear": "logscan"})),
         (
             1,
             4,
@@ -317,7 +317,7 @@ def test_one_step_matches_single_process(dist_pool, tp, sp, pp, dp):
         "documents-deltaproduct-tp-sp",
         "documents-mom-gated-deltanet-shared-tp-sp-lasp1",
         "mom-gla-tp-sp-contiguous",
-        "deltaproduct-sp3-logscan",
+        "deltaproduct-sp4-logscan",
         "documents-mom-gla-sp4-contiguous-allscan",
     ],
 )
