@@ -71,26 +71,16 @@ def _needs(cfg: TrainConfig) -> Capabilities:
 
 
 def _check_kernel(cfg: TrainConfig, kernel) -> None:
-    """What the model and the data ask of the linear-attention kernel, before any process group."""
-    problems, gates = [], kernel.caps.gates
-    variant = VARIANTS[cfg.model.linear_variant]
-    form = None if variant.delta or variant.gate == "none" else variant.gate  # the delta rule's gate: its own
-    linear = any(cfg.model.mixer(i) == "L" for i in range(cfg.model.num_layers))
-    if linear and form is not None and form not in gates:
-        problems.append(
-            f"model.linear_variant {cfg.model.linear_variant} needs a {form} gate, which the "
-            f"{kernel.name!r} kernel lacks (train.kernel={cfg.train.kernel}); set train.kernel=torch"
-        )
-    if linear and variant.delta and not kernel.caps.delta:
-        problems.append(
-            f"model.linear_variant {cfg.model.linear_variant} needs the delta rule, which the "
-            f"{kernel.name!r} kernel lacks (train.kernel={cfg.train.kernel}); set train.kernel=torch"
-        )
-    if linear and cfg.data.reset_at_documents and not kernel.caps.resets:
-        problems.append(
-            f"data.reset_at_documents needs document resets, which the {kernel.name!r} kernel lacks "
-            f"(train.kernel={cfg.train.kernel}); set train.kernel=torch"
-        )
+    """What the model and the data ask of the linear-attention kernel (`_needs`), before any process group."""
+    problems, needs, caps = [], _needs(cfg), kernel.caps
+    lacks = f"which the {kernel.name!r} kernel lacks (train.kernel={cfg.train.kernel}); set train.kernel=torch"
+    for form in needs.gates:
+        if form not in caps.gates:
+            problems.append(f"model.linear_variant {cfg.model.linear_variant} needs a {form} gate, {lacks}")
+    if needs.delta and not caps.delta:
+        problems.append(f"model.linear_variant {cfg.model.linear_variant} needs the delta rule, {lacks}")
+    if needs.resets and not caps.resets:
+        problems.append(f"data.reset_at_documents needs document resets, {lacks}")
     if problems:
         raise ConfigError("the kernel", problems)
 
