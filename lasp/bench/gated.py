@@ -73,17 +73,12 @@ def _step(form: str, T: int):
 
 def _mom_step(q, k, v, do, kw, gen):
     """MoM's layer math past its projections: random top-k routing, the memories as heads (lasp.model.mom)."""
-    from lasp.model.mom import run_memories
+    from lasp.model.mom import Router, run_memories
 
-    B, T = q.shape[:2]
-    scores = torch.rand(B, T, MEMORIES, generator=gen).softmax(-1)
-    top, chosen = scores.topk(TOP_K, -1)
-    weights = torch.zeros_like(scores).scatter(-1, chosen, top / top.sum(-1, keepdim=True))
-    routed = torch.zeros_like(scores, dtype=torch.bool).scatter(-1, chosen, True)
-    route = (
-        torch.cat([weights, torch.ones(B, T, 1)], -1),
-        torch.cat([routed, torch.ones(B, T, 1, dtype=torch.bool)], -1),
-    )
+    torch.manual_seed(0)
+    router = Router(D, MEMORIES, TOP_K, shared=True)  # the layer's router, on random tokens: routes that vary
+    with torch.no_grad():
+        route = router(torch.randn(*q.shape[:2], D, generator=gen))
 
     def run():
         run_memories(linear_attn, q, k, v, kw["gate"], route, beta=kw["beta"]).backward(do)
